@@ -1,0 +1,122 @@
+"""Typed, frozen configuration. Built once (CLI or ``Config.from_env``) and
+passed into constructors; nothing reads the environment behind your back."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import platformdirs
+
+from .errors import ConfigError
+
+DEFAULT_CACHE_BYTES = 50 << 30
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Parse ``10G``, ``512MiB``, ``1000`` into bytes. Raises ConfigError."""
+    m = _SIZE_RE.fullmatch(text.strip())
+    if not m:
+        raise ConfigError(f"not a size: {text!r} (try 10G or 512M)")
+    unit = (m.group(2) or "").lower()[:1]
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    dir: Path
+    max_bytes: int = DEFAULT_CACHE_BYTES
+    high_watermark: float = 0.95
+    """Evict when the cache grows above this fraction of max_bytes ..."""
+    low_watermark: float = 0.80
+    """... down to this fraction."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low_watermark <= self.high_watermark <= 1:
+            raise ConfigError("cache watermarks must satisfy 0 < low <= high <= 1")
+        if self.max_bytes <= 0:
+            raise ConfigError("cache size must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    mode: str = "auto"
+    """``auto`` (zeroconf), ``none``, or ``static``."""
+    static: tuple[str, ...] = ()
+    """``host:port`` entries when mode is ``static``."""
+    token: bytes | None = None
+
+    @classmethod
+    def parse(cls, text: str, token: bytes | None = None) -> PeerConfig:
+        text = text.strip()
+        if text in ("auto", "none", ""):
+            return cls(mode=text or "none", token=token)
+        peers = tuple(p.strip() for p in text.split(",") if p.strip())
+        for p in peers:
+            host, sep, port = p.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ConfigError(f"bad peer {p!r}: expected HOST:PORT")
+        return cls(mode="static", static=peers, token=token)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    store_url: str
+    cache: CacheConfig
+    region: str = "default"
+    peers: PeerConfig = field(default_factory=PeerConfig)
+    concurrency: int = 16
+    """Chunks in flight per pull/push (bounds memory: ~concurrency x 4 MiB)."""
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, **overrides: str | None
+    ) -> Config:
+        """Build from BLOBSTORE_* variables; non-None ``overrides`` win
+        (keys: store, cache, region, peers, token_file, cache_size)."""
+        env = os.environ if env is None else env
+
+        def pick(key: str, var: str, default: str) -> str:
+            val = overrides.get(key)
+            return val if val is not None else env.get(var, default)
+
+        store = pick("store", "BLOBSTORE_STORE", default_store_url())
+        cache_dir = Path(pick("cache", "BLOBSTORE_CACHE", default_cache_dir())).expanduser()
+        cache_size = parse_size(pick("cache_size", "BLOBSTORE_CACHE_SIZE", str(DEFAULT_CACHE_BYTES)))
+        region = pick("region", "BLOBSTORE_REGION", "default")
+        token_file = pick("token_file", "BLOBSTORE_TOKEN_FILE", "")
+        token = read_token(Path(token_file)) if token_file else None
+        peers = PeerConfig.parse(pick("peers", "BLOBSTORE_PEERS", "auto"), token)
+        return cls(
+            store_url=store,
+            cache=CacheConfig(cache_dir, cache_size),
+            region=region,
+            peers=peers,
+        )
+
+    def with_peers(self, peers: PeerConfig) -> Config:
+        return replace(self, peers=peers)
+
+
+def default_store_url() -> str:
+    return "file://" + str(Path(platformdirs.user_data_dir("blobstore")) / "store")
+
+
+def default_cache_dir() -> str:
+    return str(Path(platformdirs.user_cache_dir("blobstore")) / "chunks")
+
+
+def read_token(path: Path) -> bytes:
+    """Read a cluster token file. Raises ConfigError."""
+    try:
+        token = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read token file {path}: {exc.strerror}") from exc
+    if not token:
+        raise ConfigError(f"token file {path} is empty")
+    return token

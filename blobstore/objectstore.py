@@ -1,0 +1,80 @@
+"""The object store: the global backing store (S3 or a local directory).
+
+Both back-ends share one key layout:
+
+    chunks/<id[0:2]>/<id>     chunk bytes
+    manifests/<id>            encoded manifests
+    refs/<name>               a manifest id (text), the only mutable keys
+
+``ObjectStore`` is a raw key/value interface; ``OriginSource`` (origin.py)
+turns it into a verified ``ChunkSource``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from .ids import ChunkId
+
+CHUNKS = "chunks/"
+MANIFESTS = "manifests/"
+REFS = "refs/"
+
+
+def chunk_key(chunk_id: ChunkId) -> str:
+    return f"{CHUNKS}{chunk_id[:2]}/{chunk_id}"
+
+
+def manifest_key(manifest_id: ChunkId) -> str:
+    return f"{MANIFESTS}{manifest_id}"
+
+
+def ref_key(name: str) -> str:
+    return f"{REFS}{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float
+    """Seconds since the epoch of the last write."""
+
+
+class ObjectStore(Protocol):
+    """Raw keyed blobs. Implementations translate their errors at the boundary.
+
+    All methods raise StoreUnavailable when the store cannot be reached or
+    fails, and DiskFull when a local back-end runs out of space.
+    """
+
+    url: str
+
+    async def get(self, key: str) -> bytes:
+        """Return the object's bytes. Raises ObjectMissing if absent."""
+        ...
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Write the object atomically (readers see old or new, never half)."""
+        ...
+
+    async def put_if(self, key: str, data: bytes, expected: bytes | None) -> None:
+        """Compare-and-swap: write only if the current value is ``expected``
+        (``None``: only if the key is absent). Raises Conflict otherwise."""
+        ...
+
+    async def exists(self, key: str) -> bool:
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Delete the object; deleting a missing key is not an error."""
+        ...
+
+    def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """Yield every object whose key starts with ``prefix``."""
+        ...
+
+    async def aclose(self) -> None:
+        ...
