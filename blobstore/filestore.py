@@ -1,0 +1,242 @@
+"""``FileObjectStore``: the object store in a local directory (``file:///dir``).
+
+Layout: key ``a/b/c`` is the file ``<root>/a/b/c``. Writes are atomic: a temp
+file ``.tmp-<random>`` in the key's directory is written, fsynced and renamed
+over the final name, then the directory is fsynced. Names starting with ``.``
+are never keys (``validate_key`` refuses them), so temp and lock files are
+never listed. ``put_if`` serialises writers of one key with ``fcntl.flock`` on
+``<root>/.locks/<hash of key>``, which also holds across processes on one host
+(not across hosts on NFS). Plain ``put`` does not take that lock.
+
+All file I/O runs in worker threads so the event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import stat
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import NoReturn, Self, TypeVar
+
+import anyio.to_thread
+import blake3
+
+from .errors import Conflict, DiskFull, ObjectMissing, StoreUnavailable
+from .objectstore import ObjectInfo
+from .stores import validate_key, validate_prefix
+
+T = TypeVar("T")
+
+_TMP_PREFIX = ".tmp-"
+_LOCK_DIR = ".locks"
+_FILE_MODE = 0o666  # narrowed by the umask, like any ordinary file
+_MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+
+
+class FileObjectStore:
+    """An ``ObjectStore`` in the directory ``root``.
+
+    Every method raises StoreUnavailable for I/O errors, DiskFull when the disk
+    (or quota) is full, and BadInput for a malformed key.
+    """
+
+    def __init__(self, root: Path, *, create: bool = True) -> None:
+        self.root = Path(root).absolute()
+        self.url = self.root.as_uri()
+        self._create = create
+
+    async def __aenter__(self) -> Self:
+        """Check (or create) the root directory. Raises StoreUnavailable, DiskFull."""
+        await self._run(self._open_sync, "open")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Nothing to release: every operation opens and closes its own files."""
+
+    def __repr__(self) -> str:
+        return f"FileObjectStore({str(self.root)!r})"
+
+    # -- ObjectStore ---------------------------------------------------------
+
+    async def get(self, key: str) -> bytes:
+        """Return the object's bytes. Raises ObjectMissing, StoreUnavailable, BadInput."""
+        path = self._path(key)
+        return await self._run(path.read_bytes, "read", key, missing_ok=False)
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Write atomically. Raises DiskFull, StoreUnavailable, BadInput."""
+        path = self._path(key)
+        await self._run(lambda: _write_atomic(path, data), "write", key)
+
+    async def put_if(self, key: str, data: bytes, expected: bytes | None) -> None:
+        """Write only if the current bytes equal ``expected`` (``None``: key absent).
+
+        Raises Conflict if they do not, DiskFull, StoreUnavailable, BadInput.
+        """
+        path = self._path(key)
+        lock_path = self.root / _LOCK_DIR / blake3.blake3(key.encode()).hexdigest()
+        swapped = await self._run(
+            lambda: _compare_and_swap(path, lock_path, data, expected), "write", key
+        )
+        if not swapped:
+            state = "exists" if expected is None else "changed"
+            raise Conflict(f"object {key} {state} in {self.url}; conditional write refused")
+
+    async def exists(self, key: str) -> bool:
+        """True if the key holds an object. Raises StoreUnavailable, BadInput."""
+        path = self._path(key)
+        return await self._run(lambda: _is_file(path), "stat", key)
+
+    async def delete(self, key: str) -> None:
+        """Delete the object; a missing key is not an error. Raises StoreUnavailable."""
+        path = self._path(key)
+        await self._run(lambda: _unlink_missing_ok(path), "delete", key)
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """Yield every object whose key starts with ``prefix`` (order unspecified).
+
+        Raises StoreUnavailable, BadInput.
+        """
+        validate_prefix(prefix)
+        start = prefix.rpartition("/")[0]
+        pending = [start]
+        while pending:
+            rel_dir = pending.pop()
+            files, subdirs = await self._run(partial(_scan, self.root, rel_dir), "list", rel_dir)
+            for info in files:
+                if info.key.startswith(prefix):
+                    yield info
+            for sub in subdirs:
+                # Descend only where keys can still match the prefix.
+                if sub.startswith(prefix) or prefix.startswith(sub + "/"):
+                    pending.append(sub)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def _open_sync(self) -> None:
+        if self._create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            raise StoreUnavailable(f"file store {self.root} is not a directory")
+
+    async def _run(
+        self, func: Callable[[], T], op: str, key: str = "", *, missing_ok: bool = True
+    ) -> T:
+        try:
+            return await anyio.to_thread.run_sync(func)
+        except OSError as exc:
+            _translate(exc, op, key, self.url, missing_ok=missing_ok)
+
+
+def _translate(exc: OSError, op: str, key: str, where: str, *, missing_ok: bool) -> NoReturn:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFull(f"no space left to {op} {key} in {where}") from exc
+    if not missing_ok and exc.errno in _MISSING_ERRNOS:
+        raise ObjectMissing(key, where) from exc
+    reason = exc.strerror or type(exc).__name__
+    raise StoreUnavailable(f"cannot {op} {key or '/'} in {where}: {reason}") from exc
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _compare_and_swap(path: Path, lock_path: Path, data: bytes, expected: bytes | None) -> bool:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
+        try:
+            current: bytes | None = path.read_bytes()
+        except OSError as exc:
+            if exc.errno not in _MISSING_ERRNOS:
+                raise
+            current = None
+        if current != expected:
+            return False
+        _write_atomic(path, data)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _scan(root: Path, rel_dir: str) -> tuple[list[ObjectInfo], list[str]]:
+    files: list[ObjectInfo] = []
+    subdirs: list[str] = []
+    base = f"{rel_dir}/" if rel_dir else ""
+    try:
+        entries = list(os.scandir(root / rel_dir))
+    except OSError as exc:
+        if exc.errno in _MISSING_ERRNOS:
+            return files, subdirs
+        raise
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue  # temp files, the lock dir, anything that cannot be a key
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # deleted while we listed
+        if stat.S_ISDIR(st.st_mode):
+            subdirs.append(base + entry.name)
+        elif stat.S_ISREG(st.st_mode):
+            files.append(ObjectInfo(base + entry.name, st.st_size, st.st_mtime))
+    return files, subdirs
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError as exc:
+        if exc.errno in _MISSING_ERRNOS:
+            return False
+        raise
+
+
+def _unlink_missing_ok(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError as exc:
+        if exc.errno not in _MISSING_ERRNOS:
+            raise
