@@ -12,6 +12,9 @@ predictable failure. Every message is one line.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class BlobstoreError(Exception):
     """Base class of every error blobstore raises on purpose."""
@@ -108,3 +111,29 @@ class AuthError(BlobstoreError):
 
 class Conflict(BlobstoreError):
     """A conditional update lost a race (someone else moved the ref)."""
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+@contextmanager
+def single_errors() -> Iterator[None]:
+    """Re-raise a task group's ExceptionGroup as its first meaningful error.
+
+    Parallel workers often fail together for one cause; callers want one
+    exception (and users one line), not a group of identical ones.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        for kind in (BlobstoreError, OSError, Exception, BaseException):
+            for exc in leaves:
+                if isinstance(exc, kind):
+                    raise exc from group
+        raise

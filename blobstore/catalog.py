@@ -1,0 +1,113 @@
+"""Manifests and refs in the object store.
+
+Manifests are immutable and content-addressed (``manifests/<id>``); refs are
+the only mutable names (``refs/<name>``, holding a manifest id as text).
+Loading a manifest verifies its id, then validates every field.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import Conflict, InvalidManifest, InvalidRef, ObjectMissing, RefNotFound
+from .ids import ChunkId, hash_bytes, parse_id
+from .manifest import Image, Layer, Manifest, Tree, decode, encode
+from .objectstore import REFS, ObjectStore, manifest_key, ref_key
+
+_REF_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+=-]{0,254}")
+MAX_REF_LEN = 1024
+
+
+def check_ref(name: str) -> str:
+    """Validate a ref name (``apps/llama/data``, ``images/llama:v3``). Raises InvalidRef."""
+    if not name or len(name) > MAX_REF_LEN:
+        raise InvalidRef(f"bad ref name {name[:80]!r}: empty or too long")
+    for part in name.split("/"):
+        if not _REF_PART.fullmatch(part) or part in (".", ".."):
+            raise InvalidRef(
+                f"bad ref name {name!r}: use '/'-separated parts of letters, digits and ._:@+=-"
+            )
+    return name
+
+
+class Catalog:
+    """Manifest and ref access over an ObjectStore."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    async def save(self, manifest: Manifest) -> ChunkId:
+        """Store a manifest (idempotent) and return its id."""
+        data = encode(manifest)
+        manifest_id = hash_bytes(data)
+        key = manifest_key(manifest_id)
+        if not await self.store.exists(key):
+            await self.store.put(key, data)
+        return manifest_id
+
+    async def load(self, manifest_id: ChunkId) -> Manifest:
+        """Raises NotFound, InvalidManifest (corrupt, truncated, unknown version)."""
+        try:
+            data = await self.store.get(manifest_key(manifest_id))
+        except ObjectMissing:
+            raise ObjectMissing(f"manifests/{manifest_id}", "object store") from None
+        if hash_bytes(data) != manifest_id:
+            raise InvalidManifest(f"manifest {manifest_id} is corrupt (content does not match id)")
+        return decode(data)
+
+    async def load_tree(self, manifest_id: ChunkId) -> Tree:
+        manifest = await self.load(manifest_id)
+        if not isinstance(manifest, Tree):
+            raise InvalidManifest(f"manifest {manifest_id} is a {manifest.kind}, not a tree")
+        return manifest
+
+    async def resolve(self, ref: str) -> ChunkId:
+        """The manifest id a ref points at. Raises RefNotFound, InvalidRef."""
+        try:
+            raw = await self.store.get(ref_key(check_ref(ref)))
+        except ObjectMissing:
+            raise RefNotFound(ref) from None
+        try:
+            return parse_id(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidManifest(f"ref {ref!r} holds garbage, not a manifest id") from exc
+
+    async def resolve_or_id(self, ref_or_id: str) -> ChunkId:
+        """Accept a ref name, or a manifest id given directly."""
+        if re.fullmatch(r"[0-9a-f]{64}", ref_or_id) and not await self.store.exists(
+            ref_key(ref_or_id)
+        ):
+            return ChunkId(ref_or_id)
+        return await self.resolve(ref_or_id)
+
+    async def set_ref(self, ref: str, manifest_id: ChunkId) -> None:
+        """Point ``ref`` at a manifest that must already be stored (ref last)."""
+        if not await self.store.exists(manifest_key(manifest_id)):
+            raise ObjectMissing(f"manifests/{manifest_id}", "object store")
+        await self.store.put(ref_key(check_ref(ref)), manifest_id.encode() + b"\n")
+
+    async def swap_ref(self, ref: str, expected: ChunkId | None, new: ChunkId) -> None:
+        """Compare-and-swap a ref. Raises Conflict if it no longer points at ``expected``."""
+        old = None if expected is None else expected.encode() + b"\n"
+        try:
+            await self.store.put_if(ref_key(check_ref(ref)), new.encode() + b"\n", old)
+        except Conflict:
+            raise Conflict(f"ref {ref!r} was moved by someone else") from None
+
+    async def delete_ref(self, ref: str) -> None:
+        await self.store.delete(ref_key(check_ref(ref)))
+
+    async def list_refs(self, prefix: str = "") -> list[str]:
+        """Ref names under ``prefix``, sorted."""
+        names = [info.key[len(REFS) :] async for info in self.store.list(REFS + prefix)]
+        return sorted(names)
+
+    async def children(self, manifest: Manifest) -> list[ChunkId]:
+        """Manifest ids a manifest refers to (an image's layers)."""
+        if isinstance(manifest, Image):
+            return [layer.manifest for layer in manifest.layers]
+        return []
+
+
+def chunk_ids_of(manifest: Tree | Layer) -> set[ChunkId]:
+    return {c.id for c in manifest.chunk_refs()}

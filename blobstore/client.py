@@ -1,0 +1,185 @@
+"""The client: one node's view of blobstore, wiring config into objects.
+
+``async with Client.open(config) as client`` opens the object store, the local
+cache and (through plugins) the peer tier, and composes the tier list
+local -> peers -> origin. push/pull/verify are thin calls over it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .catalog import Catalog
+from .chunker import DEFAULT_PARAMS
+from .config import Config
+from .errors import ChunkMissing, Corrupt, Unavailable, single_errors
+from .ids import ChunkId
+from .ingest import Ingestor
+from .local import LocalCache
+from .manifest import Entry, Manifest, Tree
+from .materialize import Progress, default_priority, materialize
+from .objectstore import ObjectStore
+from .origin import OriginSource
+from .plugins import load_plugins
+from .push import PushResult, push_tree
+from .source import ChunkSource
+from .stores import open_object_store
+from .tiers import TieredSource
+
+
+@dataclass(frozen=True, slots=True)
+class PullResult:
+    ref: str
+    manifest: ChunkId
+    files: int
+    bytes: int
+    kept_files: int
+    seconds: float
+    from_tier: dict[str, int]
+    """Bytes per tier: local, peer, origin."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "manifest": self.manifest,
+            "files": self.files,
+            "bytes": self.bytes,
+            "kept_files": self.kept_files,
+            "seconds": round(self.seconds, 3),
+            "from": {tier: self.from_tier.get(tier, 0) for tier in ("local", "peer", "origin")},
+        }
+
+
+class Client:
+    """A node's handle on the store, cache and tiers. Use ``Client.open``."""
+
+    def __init__(
+        self,
+        config: Config,
+        object_store: ObjectStore,
+        cache: LocalCache,
+        peer: ChunkSource | None,
+    ) -> None:
+        self.config = config
+        self.object_store = object_store
+        self.cache = cache
+        self.peer = peer
+        self.origin = OriginSource(object_store)
+        self.catalog = Catalog(object_store)
+        tiers: list[ChunkSource] = [cache] + ([peer] if peer is not None else []) + [self.origin]
+        self.source = TieredSource(tiers, cache)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: Config, *, peers: bool = True) -> AsyncIterator[Client]:
+        """Open everything ``config`` names. Raises ConfigError, Unavailable."""
+        async with AsyncExitStack() as stack:
+            store = await stack.enter_async_context(open_object_store(config.store_url))
+            cache = await stack.enter_async_context(LocalCache(config.cache))
+            peer: ChunkSource | None = None
+            if peers and config.peers.mode != "none":
+                for plugin in load_plugins():
+                    peer = await stack.enter_async_context(plugin.peer_tier(config, cache))
+                    if peer is not None:
+                        break
+            yield cls(config, store, cache, peer)
+
+    def ingestor(self) -> Ingestor:
+        return Ingestor(self.origin, DEFAULT_PARAMS, self.config.concurrency)
+
+    async def push(
+        self, root: Path, ref: str | None, *, progress: Progress | None = None
+    ) -> PushResult:
+        """Snapshot ``root`` into the store and point ``ref`` at it."""
+        return await push_tree(Path(root), ref, self.catalog, self.ingestor(), progress=progress)
+
+    async def load(self, ref_or_id: str) -> tuple[ChunkId, Manifest]:
+        manifest_id = await self.catalog.resolve_or_id(ref_or_id)
+        return manifest_id, await self.catalog.load(manifest_id)
+
+    async def pull(
+        self,
+        ref: str,
+        dest: Path,
+        *,
+        progress: Progress | None = None,
+        priority: Callable[[Entry], Any] = default_priority,
+    ) -> PullResult:
+        """Materialize ``ref`` into ``dest`` through the tiers."""
+        manifest_id = await self.catalog.resolve_or_id(ref)
+        tree = await self.catalog.load_tree(manifest_id)
+        return await self.pull_tree(ref, manifest_id, tree, dest, progress=progress,
+                                    priority=priority)
+
+    async def pull_tree(
+        self,
+        ref: str,
+        manifest_id: ChunkId,
+        tree: Tree,
+        dest: Path,
+        *,
+        progress: Progress | None = None,
+        priority: Callable[[Entry], Any] = default_priority,
+    ) -> PullResult:
+        before = dict(self.source.bytes_from)
+        with self.cache.pinned(c.id for c in tree.chunk_refs()):
+            stats = await materialize(
+                tree, Path(dest), self.source, concurrency=self.config.concurrency,
+                progress=progress, priority=priority,
+            )
+        tiers = {k: v - before.get(k, 0) for k, v in self.source.bytes_from.items()}
+        return PullResult(ref, manifest_id, stats.files, stats.bytes, stats.kept_files,
+                          stats.seconds, tiers)
+
+    async def verify(self, ref: str) -> VerifyResult:
+        """Check every chunk of ``ref`` in the object store (fetched and hashed)."""
+        started = time.monotonic()
+        manifest_id, manifest = await self.load(ref)
+        ids: set[ChunkId] = set()
+        for m in [manifest, *[await self.catalog.load(c) for c in
+                               await self.catalog.children(manifest)]]:
+            if hasattr(m, "chunk_refs"):
+                ids |= {c.id for c in m.chunk_refs()}
+        bad: list[str] = []
+        missing: list[str] = []
+        limit = anyio.Semaphore(self.config.concurrency)
+
+        async def check(chunk_id: ChunkId) -> None:
+            async with limit:
+                try:
+                    await self.origin.get(chunk_id)
+                except ChunkMissing:
+                    missing.append(chunk_id)
+                except Corrupt:
+                    bad.append(chunk_id)
+
+        with single_errors():
+            async with anyio.create_task_group() as tg:
+                for chunk_id in sorted(ids):
+                    tg.start_soon(check, chunk_id)
+        return VerifyResult(ref, manifest_id, len(ids), sorted(missing), sorted(bad),
+                            time.monotonic() - started)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    ref: str
+    manifest: ChunkId
+    chunks: int
+    missing: list[str]
+    corrupt: list[str]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.corrupt
+
+
+__all__ = ["Client", "PullResult", "PushResult", "Unavailable", "VerifyResult"]

@@ -1,0 +1,250 @@
+"""pull: materialize a tree manifest into a directory through the tiers.
+
+Every chunk comes verified from the tier list; files are assembled in temp
+files beside their final name (``pwrite`` at each chunk's offset, chunks of
+one file fetched in parallel), fsynced, checked against the whole-file BLAKE3
+and renamed into place. A crash leaves temp files, never a half file under a
+final name. Memory is bounded by the number of chunks in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import blake3
+
+from .errors import BadInput, Corrupt, DiskFull, Unavailable, UnsafePath, single_errors
+from .ids import ChunkId
+from .manifest import Entry, Tree
+from .source import ChunkSource
+
+Progress = Callable[[int, int], None]
+TMP_MARK = ".blobstore-tmp-"
+
+
+@dataclass(slots=True)
+class PullStats:
+    files: int = 0
+    bytes: int = 0
+    kept_files: int = 0
+    """Files already present and identical, left untouched."""
+    written_bytes: int = 0
+    seconds: float = 0.0
+    from_tier: dict[str, int] = field(default_factory=dict)
+
+
+class _FileJob:
+    """One file being assembled: its temp fd and chunks outstanding."""
+
+    __slots__ = ("entry", "fd", "final", "remaining", "tmp")
+
+    def __init__(self, entry: Entry, final: Path) -> None:
+        self.entry = entry
+        self.final = final
+        self.tmp = final.with_name(f".{final.name[:100]}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+        self.fd = -1
+        self.remaining = len(entry.chunks)
+
+
+def _safe_dest(root: Path, rel: str) -> Path:
+    """``root/rel``; replaces a symlink or file standing where a parent dir
+    must be (it is inside root), so nothing is ever written through a link."""
+    parts = rel.split("/")
+    cur = root
+    for part in parts[:-1]:
+        cur = cur / part
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            os.mkdir(cur, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(cur)
+            os.mkdir(cur, 0o755)
+    return cur / parts[-1]
+
+
+def _same_file(path: Path, entry: Entry) -> bool:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+        return False
+    return _blake3_file(path) == entry.digest
+
+
+def _blake3_file(path: Path) -> str:
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if os.path.getsize(path):
+        h.update_mmap(path)
+    return h.hexdigest()
+
+
+def default_priority(entry: Entry) -> Any:
+    """Small files first (config, tokenizer), then big weights."""
+    return entry.size
+
+
+async def materialize(
+    tree: Tree,
+    dest: Path,
+    source: ChunkSource,
+    *,
+    concurrency: int = 16,
+    progress: Progress | None = None,
+    priority: Callable[[Entry], Any] = default_priority,
+) -> PullStats:
+    """Write ``tree`` into ``dest``. Raises BadInput/UnsafePath (nothing
+    written), Unavailable/NotFound (a chunk could not be fetched), DiskFull."""
+    started = time.monotonic()
+    stats = PullStats()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create {dest}: {exc.strerror}") from exc
+    if not dest.is_dir():
+        raise BadInput(f"not a directory: {dest}")
+    root = dest.resolve()
+    files = sorted((e for e in tree.entries if e.kind == "file"), key=priority)
+    stats.files = len(files)
+    total = sum(e.size for e in files)
+    done = 0
+
+    jobs: list[_FileJob] = []
+    try:
+        for entry in (e for e in tree.entries if e.kind == "dir"):
+            await anyio.to_thread.run_sync(_make_dir, root, entry)
+        for entry in files:
+            final = await anyio.to_thread.run_sync(_safe_dest, root, entry.path)
+            if await anyio.to_thread.run_sync(_same_file, final, entry):
+                stats.kept_files += 1
+                done += entry.size
+                continue
+            jobs.append(_FileJob(entry, final))
+        if progress:
+            progress(done, total)
+
+        def work() -> Iterator[tuple[_FileJob, int, ChunkId, int]]:
+            for job in jobs:
+                offset = 0
+                if job.entry.chunks:
+                    # on the loop on purpose: one cheap open, and no two workers race to it
+                    job.fd = _open_tmp(job.tmp)
+                for chunk in job.entry.chunks:
+                    yield job, offset, chunk.id, chunk.size
+                    offset += chunk.size
+
+        items = work()
+
+        async def worker() -> None:
+            nonlocal done
+            for job, offset, chunk_id, size in items:
+                data = await source.get(chunk_id)
+                if len(data) != size:
+                    raise Corrupt(f"chunk {chunk_id} has {len(data)} bytes, manifest says {size}")
+                await anyio.to_thread.run_sync(_pwrite_all, job.fd, data, offset)
+                stats.written_bytes += size
+                done += size
+                job.remaining -= 1
+                if job.remaining == 0:
+                    await anyio.to_thread.run_sync(_finish, job)
+                if progress:
+                    progress(done, total)
+
+        with single_errors():
+            async with anyio.create_task_group() as tg:
+                for _ in range(concurrency):
+                    tg.start_soon(worker)
+        for job in jobs:
+            if not job.entry.chunks:  # empty file
+                job.fd = await anyio.to_thread.run_sync(_open_tmp, job.tmp)
+                await anyio.to_thread.run_sync(_finish, job)
+        for entry in (e for e in tree.entries if e.kind == "symlink"):
+            await anyio.to_thread.run_sync(_make_symlink, root, entry)
+        # Directory modes last, deepest first: a read-only dir must not block its children.
+        for entry in sorted((e for e in tree.entries if e.kind == "dir"), key=lambda e: -len(e.path)):
+            await anyio.to_thread.run_sync(os.chmod, root / entry.path, entry.mode)
+    except OSError as exc:
+        if exc.errno == 28:
+            raise DiskFull(f"no space left writing into {dest}") from exc
+        raise Unavailable(f"cannot write {exc.filename or dest}: {exc.strerror}") from exc
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_cleanup, jobs)
+    stats.bytes = total
+    stats.seconds = time.monotonic() - started
+    return stats
+
+
+def _make_dir(root: Path, entry: Entry) -> None:
+    path = _safe_dest(root, entry.path)
+    try:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.mkdir(path, 0o755)
+
+
+def _make_symlink(root: Path, entry: Entry) -> None:
+    assert entry.target is not None
+    final = _safe_dest(root, entry.path)
+    with contextlib.suppress(OSError):
+        if os.readlink(final) == entry.target:
+            return
+    tmp = final.with_name(f".{final.name[:100]}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+    os.symlink(entry.target, tmp)
+    try:
+        if os.path.isdir(final) and not os.path.islink(final):
+            raise UnsafePath(f"{entry.path}: a directory stands where the manifest has a symlink")
+        os.replace(tmp, final)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _open_tmp(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _finish(job: _FileJob) -> None:
+    """fsync, verify the whole file, set its mode, rename into place."""
+    os.fsync(job.fd)
+    os.close(job.fd)
+    job.fd = -2
+    actual = _blake3_file(job.tmp)
+    if job.entry.digest is not None and actual != job.entry.digest:
+        raise Corrupt(f"{job.entry.path}: assembled file does not match its BLAKE3")
+    os.chmod(job.tmp, job.entry.mode)
+    if os.path.isdir(job.final) and not os.path.islink(job.final):
+        raise UnsafePath(f"{job.entry.path}: a directory stands where the manifest has a file")
+    os.replace(job.tmp, job.final)
+
+
+def _cleanup(jobs: list[_FileJob]) -> None:
+    for job in jobs:
+        if job.fd >= 0:
+            os.close(job.fd)
+            job.fd = -2
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(job.tmp)
