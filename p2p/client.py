@@ -1,0 +1,178 @@
+"""One client connection to one peer daemon: handshake, then pipelined requests.
+
+Every request is answered in order, one frame per asked id, so the connection
+keeps a FIFO of futures and one reader task settles them. ``get`` calls made in
+the same loop iteration are coalesced into one many-id request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from blobstore.errors import AuthError, ChunkMissing, CorruptChunk, PeerUnavailable, ProtocolError
+from blobstore.ids import ChunkId, hash_bytes
+
+from . import messages
+from .framing import Frame
+from .wire import FrameStream, connect
+
+log = logging.getLogger(__name__)
+
+_HASH_IN_THREAD_MIN = 512 << 10
+"""BLAKE3 releases the GIL; above this size hashing moves to a worker thread."""
+
+
+class WrongRegion(PeerUnavailable):
+    """The peer serves another region; it must not be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    node: str
+    region: str
+    token: bytes | None = None
+
+
+class PeerConnection:
+    """A handshaken connection. Use ``open_connection``; run ``read_loop`` in a task group."""
+
+    def __init__(self, stream: FrameStream, address: str, node: str, region: str) -> None:
+        self.stream = stream
+        self.address = address
+        self.node = node
+        self.region = region
+        self._waiting: deque[asyncio.Future[Frame]] = deque()
+        self._batch: list[ChunkId] = []
+        self._batch_futures: list[asyncio.Future[Frame]] = []
+        self._flush_scheduled = False
+
+    @property
+    def closed(self) -> bool:
+        return self.stream.closed
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiting) + len(self._batch)
+
+    async def read_loop(self) -> None:
+        """Settle waiting futures with answers, in order, until the connection ends."""
+        try:
+            while True:
+                frame = await self.stream.recv()
+                if not self._waiting:
+                    raise ProtocolError(f"{self.address} sent an unrequested {frame.kind!r}")
+                fut = self._waiting.popleft()
+                if not fut.done():
+                    fut.set_result(frame)
+        except (PeerUnavailable, ProtocolError) as exc:
+            self._fail_all(exc)
+            self.stream.abort()
+        except asyncio.CancelledError:
+            self._fail_all(PeerUnavailable(f"connection to {self.address} closed"))
+            self.stream.abort()
+            raise
+
+    async def get(self, chunk_id: ChunkId) -> bytes:
+        """Fetch and verify one chunk.
+
+        Raises ChunkMissing, CorruptChunk, PeerUnavailable, ProtocolError.
+        """
+        fut = self._queue_get(chunk_id)
+        frame = await fut
+        if frame.kind == "missing":
+            raise ChunkMissing(chunk_id, f"peer {self.address}")
+        messages.expect(frame, "chunk")
+        payload = frame.payload
+        if len(payload) >= _HASH_IN_THREAD_MIN:
+            actual = await asyncio.to_thread(hash_bytes, payload)
+        else:
+            actual = hash_bytes(payload)
+        if actual != chunk_id:
+            raise CorruptChunk(chunk_id, f"peer {self.address}", actual)
+        return bytes(payload)
+
+    async def has(self, chunk_ids: list[ChunkId]) -> list[bool]:
+        """Which of ``chunk_ids`` the peer holds. Raises PeerUnavailable, ProtocolError."""
+        if not chunk_ids:
+            return []
+        frame = await self._request(messages.has(chunk_ids))
+        return messages.have_flags(frame, len(chunk_ids))
+
+    async def ping(self) -> dict[str, object]:
+        frame = await self._request(messages.PING)
+        return messages.expect(frame, "pong")
+
+    def _request(self, header: dict[str, object]) -> asyncio.Future[Frame]:
+        self._flush()
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self.stream.send(header)
+        self._waiting.append(fut)
+        return fut
+
+    def _queue_get(self, chunk_id: ChunkId) -> asyncio.Future[Frame]:
+        if self.stream.closed:
+            self.stream.send({})  # raises the connection's error
+        fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._batch.append(chunk_id)
+        self._batch_futures.append(fut)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._batch:
+            return
+        ids, futures = self._batch, self._batch_futures
+        self._batch, self._batch_futures = [], []
+        try:
+            self.stream.send(messages.get(ids))
+        except PeerUnavailable as exc:
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        self._waiting.extend(futures)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for fut in [*self._waiting, *self._batch_futures]:
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: a cancelled caller must not leave a warning
+        self._waiting.clear()
+        self._batch.clear()
+        self._batch_futures.clear()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def open_connection(
+    address: str, me: Identity, handshake_timeout: float = 5.0
+) -> PeerConnection:
+    """Connect and authenticate. Raises PeerUnavailable, WrongRegion, AuthError."""
+    host, _, port = address.rpartition(":")
+    stream = await connect(host.strip("[]"), int(port), connect_timeout=handshake_timeout)
+    try:
+        async with asyncio.timeout(handshake_timeout):
+            hello = messages.expect(await stream.recv(), "hello")
+            node = messages.text_field(hello, "node")
+            region = messages.text_field(hello, "region")
+            if region != me.region:
+                raise WrongRegion(f"peer {address} ({node}) is in region {region!r}")
+            our_nonce = messages.new_nonce()
+            proof = messages.mac(me.token, messages.nonce_field(hello))
+            stream.send(messages.auth(me.node, me.region, our_nonce, proof))
+            ready = messages.expect(await stream.recv(), "ready")
+            messages.check_mac(me.token, our_nonce, ready.get("mac"), f"peer {address}")
+    except TimeoutError as exc:
+        stream.abort()
+        raise PeerUnavailable(f"handshake with {address} timed out") from exc
+    except (PeerUnavailable, ProtocolError, AuthError):
+        stream.abort()
+        raise
+    return PeerConnection(stream, address, node, region)

@@ -1,0 +1,120 @@
+"""The vocabulary of the peer protocol: building and checking frame headers.
+
+Pure functions; see docs/protocol.md for the conversation they make up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from typing import Any
+
+from blobstore.errors import AuthError, ProtocolError
+from blobstore.ids import ChunkId, id_from_bytes, id_to_bytes
+
+from .framing import DEFAULT_LIMITS, Frame, Limits
+
+VERSION = 1
+_MAC_CONTEXT = b"blobstore-p2p-v1:"
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(16)
+
+
+def mac(token: bytes | None, nonce: bytes) -> bytes | None:
+    """Proof of holding the cluster token, bound to the other side's nonce."""
+    if token is None:
+        return None
+    return hmac.new(token, _MAC_CONTEXT + nonce, hashlib.sha256).digest()
+
+
+def check_mac(token: bytes | None, nonce: bytes, got: Any, who: str) -> None:
+    """Raise AuthError unless ``got`` proves ``who`` holds our token (if we have one)."""
+    if token is None:
+        return
+    want = mac(token, nonce)
+    assert want is not None
+    if not isinstance(got, bytes) or not hmac.compare_digest(want, got):
+        raise AuthError(f"cluster token mismatch with {who}")
+
+
+def hello(node: str, region: str, nonce: bytes) -> dict[str, Any]:
+    return {"t": "hello", "v": VERSION, "node": node, "region": region, "nonce": nonce}
+
+
+def auth(node: str, region: str, nonce: bytes, proof: bytes | None) -> dict[str, Any]:
+    return {"t": "auth", "v": VERSION, "node": node, "region": region, "nonce": nonce, "mac": proof}
+
+
+def ready(proof: bytes | None) -> dict[str, Any]:
+    return {"t": "ready", "mac": proof}
+
+
+def error(code: str, message: str) -> dict[str, Any]:
+    return {"t": "error", "code": code, "msg": message}
+
+
+def get(ids: list[ChunkId]) -> dict[str, Any]:
+    return {"t": "get", "ids": [id_to_bytes(i) for i in ids]}
+
+
+def has(ids: list[ChunkId]) -> dict[str, Any]:
+    return {"t": "has", "ids": [id_to_bytes(i) for i in ids]}
+
+
+PING: dict[str, Any] = {"t": "ping"}
+MISSING: dict[str, Any] = {"t": "missing"}
+CHUNK: dict[str, Any] = {"t": "chunk"}
+
+
+def have(flags: list[bool]) -> dict[str, Any]:
+    bits = bytearray((len(flags) + 7) // 8)
+    for i, flag in enumerate(flags):
+        if flag:
+            bits[i >> 3] |= 1 << (i & 7)
+    return {"t": "have", "bits": bytes(bits)}
+
+
+def have_flags(frame: Frame, count: int) -> list[bool]:
+    bits = expect(frame, "have").get("bits")
+    if not isinstance(bits, bytes) or len(bits) != (count + 7) // 8:
+        raise ProtocolError("'have' answer has the wrong size")
+    return [bool(bits[i >> 3] & (1 << (i & 7))) for i in range(count)]
+
+
+def expect(frame: Frame, kind: str) -> dict[str, Any]:
+    """Return the header if the frame is a ``kind``; raise ProtocolError/AuthError otherwise."""
+    if frame.kind == kind:
+        return frame.header
+    if frame.kind == "error":
+        msg = str(frame.header.get("msg", ""))[:200]
+        if frame.header.get("code") == "auth":
+            raise AuthError(f"peer refused us: {msg}")
+        raise ProtocolError(f"peer error: {msg}")
+    raise ProtocolError(f"expected a {kind!r} frame, got {frame.kind!r}")
+
+
+def text_field(header: dict[str, Any], key: str, limit: int = 256) -> str:
+    val = header.get(key)
+    if not isinstance(val, str) or len(val) > limit:
+        raise ProtocolError(f"field {key!r} missing or malformed")
+    return val
+
+
+def nonce_field(header: dict[str, Any]) -> bytes:
+    val = header.get("nonce")
+    if not isinstance(val, bytes) or not 8 <= len(val) <= 64:
+        raise ProtocolError("handshake nonce missing or malformed")
+    return val
+
+
+def ids_field(header: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> list[ChunkId]:
+    raw = header.get("ids")
+    if not isinstance(raw, list) or len(raw) > limits.max_ids:
+        raise ProtocolError(f"request must list at most {limits.max_ids} ids")
+    try:
+        return [id_from_bytes(r) for r in raw]
+    except Exception as exc:
+        raise ProtocolError("request lists a malformed id") from exc

@@ -1,0 +1,87 @@
+"""What a daemon answers for a chunk: its cache, or -- if it is the chunk's home
+peer -- a read-through to the object store, single-flight per chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from blobstore.errors import ChunkMissing, CorruptChunk, NotFound, Unavailable
+from blobstore.ids import ChunkId
+
+from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from blobstore.local import LocalCache
+    from blobstore.source import ChunkSource
+
+log = logging.getLogger(__name__)
+
+
+class ChunkProvider:
+    """Answers chunk lookups for the server. Fetch tasks live in ``task_group``."""
+
+    def __init__(
+        self,
+        cache: LocalCache,
+        origin: ChunkSource | None,
+        is_home: Callable[[ChunkId], bool],
+        metrics: Metrics,
+        task_group: asyncio.TaskGroup,
+    ) -> None:
+        self._cache = cache
+        self._origin = origin
+        self._is_home = is_home
+        self._metrics = metrics
+        self._tg = task_group
+        self._fetching: dict[ChunkId, asyncio.Task[bytes | None]] = {}
+
+    def holds(self, chunk_ids: list[ChunkId]) -> list[bool]:
+        return [self._cache.contains(c) for c in chunk_ids]
+
+    async def lookup(self, chunk_id: ChunkId) -> tuple[bytes | None, str]:
+        """The chunk's bytes and the tier they came from, or (None, "") if we answer missing."""
+        if self._cache.contains(chunk_id):
+            try:
+                return await self._cache.get(chunk_id), "local"
+            except CorruptChunk as exc:
+                # LocalCache already dropped the file; fall through as if absent.
+                self._metrics.corrupt_dropped += 1
+                log.warning("%s", exc)
+            except NotFound:
+                pass  # evicted in between
+        if self._origin is None or not self._is_home(chunk_id):
+            return None, ""
+        task = self._fetching.get(chunk_id)
+        if task is None:
+            task = self._tg.create_task(self._read_through(chunk_id))
+            self._fetching[chunk_id] = task
+        # Shielded: a requester going away must not cancel the fetch others wait on.
+        data = await asyncio.shield(task)
+        return data, "origin"
+
+    async def _read_through(self, chunk_id: ChunkId) -> bytes | None:
+        try:
+            if self._cache.contains(chunk_id):  # another path cached it meanwhile
+                try:
+                    return await self._cache.get(chunk_id)
+                except (NotFound, CorruptChunk):
+                    pass
+            assert self._origin is not None
+            self._metrics.origin_fetches += 1
+            try:
+                data = await self._origin.get(chunk_id)
+            except ChunkMissing:
+                return None
+            except (Unavailable, CorruptChunk) as exc:
+                log.warning("read-through of %s failed: %s", chunk_id[:16], exc)
+                return None
+            try:
+                await self._cache.put(chunk_id, data)
+            except Unavailable as exc:
+                log.warning("cannot keep chunk %s: %s", chunk_id[:16], exc)
+            return data
+        finally:
+            del self._fetching[chunk_id]

@@ -1,0 +1,201 @@
+"""The daemon's side of the peer protocol: handshake, then answer requests.
+
+Per connection, a reader starts a lookup for every requested id as soon as the
+request arrives (bounded), and a writer sends the answers strictly in request
+order -- so a slow read-through for one chunk does not stop the lookups of the
+chunks behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from blobstore.errors import AuthError, BlobstoreError, PeerUnavailable, ProtocolError
+from blobstore.ids import ChunkId
+
+from . import messages
+from .framing import DEFAULT_LIMITS, Limits
+from .metrics import Metrics
+from .provider import ChunkProvider
+from .wire import FrameStream
+
+log = logging.getLogger(__name__)
+
+_LOOKUPS_PER_CONNECTION = 32
+_HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerIdentity:
+    node: str
+    region: str
+    token: bytes | None
+    corrupt_for_tests: bool = False
+    """Flip a byte of every payload sent: lets tests prove clients verify."""
+
+
+Answer = Awaitable[tuple[bytes | None, str]] | dict[str, object]
+"""A lookup to await, or a header ready to send."""
+
+
+class PeerServer:
+    """Serves ``provider``'s chunks on a TCP port, inside ``task_group``."""
+
+    def __init__(
+        self,
+        me: ServerIdentity,
+        provider: ChunkProvider,
+        metrics: Metrics,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self._me = me
+        self._provider = provider
+        self._metrics = metrics
+        self._limits = limits
+        self._streams: set[FrameStream] = set()
+
+    @asynccontextmanager
+    async def serving(self, host: str, port: int) -> AsyncIterator[int]:
+        """Listen on host:port (port 0 picks one); yield the bound port."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as tg:
+
+            def factory() -> FrameStream:
+                stream = FrameStream(self._limits, "client")
+                tg.create_task(self._serve_connection(stream))
+                return stream
+
+            try:
+                server = await loop.create_server(factory, host, port, reuse_address=True)
+            except OSError as exc:
+                raise PeerUnavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+            try:
+                yield server.sockets[0].getsockname()[1]
+            finally:
+                server.close()
+                for stream in list(self._streams):
+                    stream.abort()
+                await server.wait_closed()
+
+    async def _serve_connection(self, stream: FrameStream) -> None:
+        self._streams.add(stream)
+        self._metrics.connections += 1
+        try:
+            await self._handshake(stream)
+            await self._serve_requests(stream)
+        except AuthError as exc:
+            self._metrics.auth_failures += 1
+            log.warning("refused peer %s: %s", stream.name, exc)
+        except (PeerUnavailable, ProtocolError) as exc:
+            log.info("connection %s ended: %s", stream.name, exc)
+        except Exception:  # one bad connection must never take the daemon down
+            log.exception("connection %s failed", stream.name)
+        finally:
+            self._metrics.connections -= 1
+            self._streams.discard(stream)
+            stream.abort()
+
+    async def _handshake(self, stream: FrameStream) -> None:
+        await asyncio.sleep(0)  # let connection_made run before we send
+        nonce = messages.new_nonce()
+        stream.send(messages.hello(self._me.node, self._me.region, nonce))
+        try:
+            async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
+                auth = messages.expect(await stream.recv(), "auth")
+        except TimeoutError as exc:
+            raise PeerUnavailable("handshake timed out") from exc
+        who = f"{messages.text_field(auth, 'node')} ({stream.name})"
+        stream.name = who
+        try:
+            messages.check_mac(self._me.token, nonce, auth.get("mac"), who)
+        except AuthError:
+            stream.send(messages.error("auth", "cluster token mismatch"))
+            raise
+        if messages.text_field(auth, "region") != self._me.region:
+            stream.send(messages.error("region", f"this peer serves region {self._me.region!r}"))
+            raise ProtocolError(f"{who} is in another region")
+        stream.send(messages.ready(messages.mac(self._me.token, messages.nonce_field(auth))))
+
+    async def _serve_requests(self, stream: FrameStream) -> None:
+        answers: asyncio.Queue[Answer | None] = asyncio.Queue(_LOOKUPS_PER_CONNECTION)
+        async with asyncio.TaskGroup() as tg:
+            writer = tg.create_task(self._write_answers(stream, answers))
+            reader = tg.create_task(self._read_requests(stream, answers, tg))
+            # If the writer stops (peer gone), the reader may wait on a full queue forever.
+            writer.add_done_callback(lambda _: reader.cancel())
+
+    async def _read_requests(
+        self, stream: FrameStream, answers: asyncio.Queue[Answer | None], tg: asyncio.TaskGroup
+    ) -> None:
+        try:
+            while True:
+                frame = await stream.recv()
+                if frame.kind == "get":
+                    for chunk_id in messages.ids_field(frame.header, self._limits):
+                        lookup = tg.create_task(self._lookup(chunk_id))
+                        await answers.put(lookup)
+                elif frame.kind == "has":
+                    ids = messages.ids_field(frame.header, self._limits)
+                    await answers.put(messages.have(self._provider.holds(ids)))
+                elif frame.kind == "ping":
+                    pong: dict[str, object] = {
+                        "t": "pong", "node": self._me.node, "region": self._me.region
+                    }
+                    await answers.put(pong)
+                else:
+                    raise ProtocolError(f"unexpected {frame.kind!r} request")
+        except ProtocolError as exc:
+            log.warning("dropping %s: %s", stream.name, exc)
+            stream.abort()
+        except PeerUnavailable:
+            pass  # client hung up: answer what is queued, then stop
+        await answers.put(None)
+
+    async def _lookup(self, chunk_id: ChunkId) -> tuple[bytes | None, str]:
+        try:
+            return await self._provider.lookup(chunk_id)
+        except BlobstoreError as exc:
+            log.warning("cannot serve %s: %s", chunk_id[:16], exc)
+            return None, ""
+
+    async def _write_answers(
+        self, stream: FrameStream, answers: asyncio.Queue[Answer | None]
+    ) -> None:
+        try:
+            await self._write_loop(stream, answers)
+        except PeerUnavailable as exc:
+            log.info("stopped answering %s: %s", stream.name, exc)
+
+    async def _write_loop(
+        self, stream: FrameStream, answers: asyncio.Queue[Answer | None]
+    ) -> None:
+        while (item := await answers.get()) is not None:
+            if isinstance(item, dict):
+                stream.send(item)
+                continue
+            self._metrics.in_flight += 1
+            try:
+                data, tier = await item
+            finally:
+                self._metrics.in_flight -= 1
+            if data is None:
+                self._metrics.misses += 1
+                stream.send(messages.MISSING)
+            else:
+                self._count(data, tier)
+                if self._me.corrupt_for_tests:
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                stream.send(messages.CHUNK, data)
+            await stream.drain()
+
+    def _count(self, data: bytes, tier: str) -> None:
+        m = self._metrics
+        m.chunks_served += 1
+        m.bytes_served += len(data)
+        m.tier_bytes[tier] = m.tier_bytes.get(tier, 0) + len(data)
+        if tier == "local":
+            m.hits += 1

@@ -1,0 +1,185 @@
+"""Thin asyncio shell around the framing core: a connection that carries frames.
+
+``FrameStream`` is an ``asyncio.BufferedProtocol``: the kernel copies payload
+bytes straight into the chunk's buffer, and sending is one ``writelines`` of
+header + payload. Socket errors are translated to PeerUnavailable here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from blobstore.errors import PeerUnavailable, ProtocolError
+
+from .framing import DEFAULT_LIMITS, Frame, FrameDecoder, Limits, encode
+
+_MAX_QUEUED_FRAMES = 64
+_WRITE_HIGH_WATER = 8 << 20
+_SOCKET_BUFFER = 4 << 20
+
+
+class FrameStream(asyncio.BufferedProtocol):
+    """One TCP connection: ``await recv()`` frames, ``send()`` + ``await drain()``."""
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS, name: str = "peer") -> None:
+        self.name = name
+        self.limits = limits
+        self._decoder = FrameDecoder(limits)
+        self._frames: deque[Frame] = deque()
+        self._transport: asyncio.Transport | None = None
+        self._error: Exception | None = None
+        self._recv_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # ------------------------------------------------------------------ protocol callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            frames = self._decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self._fail(exc)
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        if frames:
+            self._frames.extend(frames)
+            self._wake_reader()
+            if len(self._frames) > _MAX_QUEUED_FRAMES and self._transport and not self._read_paused:
+                self._read_paused = True
+                self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._fail(PeerUnavailable(f"{self.name} closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc else ""
+        self._fail(PeerUnavailable(f"connection to {self.name} lost{reason}"))
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # ------------------------------------------------------------------ API
+
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
+
+    async def recv(self) -> Frame:
+        """The next frame. Raises PeerUnavailable at the end, ProtocolError on garbage."""
+        while not self._frames:
+            if self._error is not None:
+                raise self._error
+            self._recv_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._recv_waiter
+            finally:
+                self._recv_waiter = None
+        frame = self._frames.popleft()
+        if self._read_paused and len(self._frames) <= _MAX_QUEUED_FRAMES // 2 and self._transport:
+            self._read_paused = False
+            self._transport.resume_reading()
+        return frame
+
+    def send(self, header: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
+        """Queue one frame for sending. Raises PeerUnavailable if the connection is gone."""
+        if self._error is not None or self._transport is None:
+            raise self._error or PeerUnavailable(f"{self.name} is not connected")
+        head = encode(header, len(payload), self.limits)
+        if payload:
+            parts: Sequence[bytes | bytearray | memoryview] = (head, payload)
+            self._transport.writelines(parts)
+        else:
+            self._transport.write(head)
+
+    async def drain(self) -> None:
+        """Wait while the send buffer is above its high-water mark."""
+        if self._error is not None:
+            raise self._error
+        if not self._write_paused:
+            return
+        self._drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._drain_waiter
+        finally:
+            self._drain_waiter = None
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def aclose(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            await asyncio.shield(self._lost)
+
+    def _fail(self, exc: Exception) -> None:
+        if self._error is None:
+            self._error = exc
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        if self._recv_waiter is not None and not self._recv_waiter.done():
+            self._recv_waiter.set_result(None)
+
+
+async def connect(
+    host: str, port: int, limits: Limits = DEFAULT_LIMITS, connect_timeout: float = 5.0
+) -> FrameStream:
+    """Open a frame connection. Raises PeerUnavailable if it cannot be made in time."""
+    loop = asyncio.get_running_loop()
+    name = f"{host}:{port}"
+    try:
+        async with asyncio.timeout(connect_timeout):
+            _, proto = await loop.create_connection(lambda: FrameStream(limits, name), host, port)
+    except (OSError, TimeoutError) as exc:
+        raise PeerUnavailable(f"cannot connect to {name}: {exc or 'timed out'}") from exc
+    return proto
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def install_uvloop() -> bool:
+    """Use uvloop for loops created from now on, where it is available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at runtime
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
