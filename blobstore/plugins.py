@@ -7,6 +7,7 @@ adds CLI commands (``daemon``, ``peers``) and a peer tier for pulls.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from importlib.metadata import entry_points
@@ -40,5 +41,8 @@ def load_plugins() -> list[Plugin]:
     """Every installed plugin, in name order."""
     found: list[Plugin] = []
     for ep in sorted(entry_points(group="blobstore.plugins"), key=lambda e: e.name):
-        found.append(ep.load())
+        try:
+            found.append(ep.load())
+        except Exception as exc:  # a broken plugin must not take the core CLI down
+            logging.getLogger(__name__).warning("plugin %s failed to load: %s", ep.name, exc)
     return found

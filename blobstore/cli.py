@@ -1,0 +1,304 @@
+"""The ``blobstore`` command line: the one place that wires config into objects.
+
+Exit status: 0 success, 1 a failure explained in one line on stderr, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import re
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .client import Client
+from .config import Config
+from .errors import BlobstoreError, ConfigError
+from .gc import DEFAULT_GRACE_SECONDS, collect
+from .manifest import Image, Layer, Tree
+from .plugins import load_plugins
+from .progress import ProgressLine, human_bytes
+
+log = logging.getLogger("blobstore")
+
+# Core modules that contribute sub-commands with ``add_commands(subparsers)``.
+_COMMAND_MODULES = ("blobstore.image.commands", "blobstore.dedup", "blobstore.syncdir")
+
+Command = Callable[[argparse.Namespace, Any], Awaitable[int]]
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    d: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {"default": None}
+    g = parser.add_argument_group("global options")
+    g.add_argument("--store", metavar="URL", help="object store: s3://bucket/prefix or "
+                   "file:///dir (env BLOBSTORE_STORE; default: a file store in the data dir)", **d)
+    g.add_argument("--cache", metavar="DIR", help="local chunk cache (env BLOBSTORE_CACHE)", **d)
+    g.add_argument("--cache-size", metavar="SIZE",
+                   help="cache byte limit, e.g. 50G (env BLOBSTORE_CACHE_SIZE)", **d)
+    g.add_argument("--region", metavar="NAME", help="region (env BLOBSTORE_REGION)", **d)
+    g.add_argument("--peers", metavar="auto|none|HOST:PORT[,...]",
+                   help="peer discovery (env BLOBSTORE_PEERS; default auto)", **d)
+    g.add_argument("--token-file", metavar="FILE",
+                   help="cluster token for peers (env BLOBSTORE_TOKEN_FILE)", **d)
+    g.add_argument("-v", "--verbose", action="count", **({"default": argparse.SUPPRESS}
+                   if suppress else {"default": 0}), help="more logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+    parser = argparse.ArgumentParser(
+        prog="blobstore",
+        description="Content-addressed blob store with peer-to-peer fetching.",
+    )
+    _global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.set_defaults(_wants="client", _parents=[common])
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common])
+
+    p = add("push", "chunk DIR, upload what the store lacks, point REF at it")
+    p.add_argument("dir", type=Path)
+    p.add_argument("ref")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_push, _wants="client_nopeers")
+
+    p = add("pull", "materialize REF into DIR through local cache, peers, object store")
+    p.add_argument("ref")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pull)
+
+    p = add("ls", "list refs")
+    p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ls, _wants="client_nopeers")
+
+    p = add("show", "describe the manifest REF points at")
+    p.add_argument("ref")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show, _wants="client_nopeers")
+
+    p = add("verify", "fetch and check every chunk of REF in the object store")
+    p.add_argument("ref")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify, _wants="client_nopeers")
+
+    p = add("gc", "evict the cache to its limits; sweep unreferenced objects")
+    p.add_argument("--grace", default=f"{DEFAULT_GRACE_SECONDS}s", metavar="DURATION",
+                   help="only sweep objects older than this (e.g. 30m, 6h; default 6h)")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_gc, _wants="client_nopeers")
+
+    for module_name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        before = set(sub.choices)
+        module.add_commands(sub)
+        for name in set(sub.choices) - before:
+            _adopt(sub.choices[name], common, "client")
+    for plugin in load_plugins():
+        before = set(sub.choices)
+        plugin.add_commands(sub)
+        for name in set(sub.choices) - before:
+            _adopt(sub.choices[name], common, "config")
+    return parser
+
+
+def _adopt(p: argparse.ArgumentParser, common: argparse.ArgumentParser, wants: str) -> None:
+    """Give a contributed sub-command the global options and how to call it."""
+    existing = {a.dest for a in p._actions}
+    for action in common._actions:
+        if action.dest not in existing and action.option_strings:
+            p._add_action(action)
+    p.set_defaults(_wants=wants)
+    # nested command groups (``image import``)
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _adopt(child, common, wants)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _emit(args: argparse.Namespace, doc: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(doc, indent=2, sort_keys=False))
+    else:
+        print(text)
+
+
+async def cmd_push(args: argparse.Namespace, client: Client) -> int:
+    bar = ProgressLine("push")
+    try:
+        r = await client.push(args.dir, args.ref, progress=bar)
+    finally:
+        bar.close()
+    doc = {
+        "ref": r.ref, "manifest": r.manifest, "files": r.files, "bytes": r.bytes,
+        "chunks": r.chunks, "new_chunks": r.new_chunks, "new_bytes": r.new_bytes,
+        "seconds": round(r.seconds, 3), "skipped": list(r.skipped),
+    }
+    for path in r.skipped:
+        log.warning("skipped special file %s", path)
+    _emit(args, doc, f"pushed {r.ref} -> {r.manifest[:16]}: {r.files} files, "
+          f"{human_bytes(r.bytes)}, {r.chunks} chunks, uploaded {r.new_chunks} "
+          f"({human_bytes(r.new_bytes)}) in {r.seconds:.2f}s")
+    return 0
+
+
+async def cmd_pull(args: argparse.Namespace, client: Client) -> int:
+    bar = ProgressLine("pull")
+    try:
+        r = await client.pull(args.ref, args.dir, progress=bar)
+    finally:
+        bar.close()
+    doc = r.to_json()
+    tiers = ", ".join(f"{k} {human_bytes(v)}" for k, v in doc["from"].items())
+    _emit(args, doc, f"pulled {r.ref} -> {args.dir}: {r.files} files, {human_bytes(r.bytes)} "
+          f"in {r.seconds:.2f}s ({r.kept_files} already up to date; from {tiers})")
+    return 0
+
+
+async def cmd_ls(args: argparse.Namespace, client: Client) -> int:
+    refs = await client.catalog.list_refs(args.prefix)
+    rows = [{"ref": ref, "manifest": await client.catalog.resolve(ref)} for ref in refs]
+    _emit(args, rows, "\n".join(f"{r['manifest'][:16]}  {r['ref']}" for r in rows))
+    return 0
+
+
+async def cmd_show(args: argparse.Namespace, client: Client) -> int:
+    manifest_id, manifest = await client.load(args.ref)
+    doc: dict[str, Any] = {"ref": args.ref, "manifest": manifest_id, "kind": manifest.kind}
+    if isinstance(manifest, Tree | Layer):
+        refs = list(manifest.chunk_refs())
+        unique = {c.id: c.size for c in refs}
+        doc.update(
+            bytes=sum(c.size for c in refs), chunks=len(refs), unique_chunks=len(unique),
+            unique_bytes=sum(unique.values()),
+            chunker={"name": manifest.chunker.name, "min": manifest.chunker.min_size,
+                     "avg": manifest.chunker.avg_size, "max": manifest.chunker.max_size},
+        )
+    if isinstance(manifest, Tree):
+        kinds = [e.kind for e in manifest.entries]
+        doc.update(files=kinds.count("file"), dirs=kinds.count("dir"),
+                   symlinks=kinds.count("symlink"))
+        biggest = sorted((e for e in manifest.entries if e.kind == "file"),
+                         key=lambda e: -e.size)[:10]
+        doc["largest_files"] = [{"path": e.path, "bytes": e.size} for e in biggest]
+        text = (f"{args.ref}: tree {manifest_id}\n  {doc['files']} files, {doc['dirs']} dirs, "
+                f"{doc['symlinks']} symlinks, {human_bytes(doc['bytes'])} "
+                f"({human_bytes(doc['unique_bytes'])} unique) in {doc['chunks']} chunks\n"
+                + "\n".join(f"  {human_bytes(e.size):>10}  {e.path}" for e in biggest))
+    elif isinstance(manifest, Layer):
+        doc.update(digest=manifest.digest, media_type=manifest.media_type)
+        text = f"{args.ref}: layer {manifest.digest} {human_bytes(manifest.size)}"
+    else:
+        doc.update(await _image_doc(client, args.ref, manifest))
+        text = json.dumps(doc, indent=2)
+    _emit(args, doc, text)
+    return 0
+
+
+async def _image_doc(client: Client, ref: str, manifest: Image) -> dict[str, Any]:
+    try:
+        sharing = importlib.import_module("blobstore.image.sharing")
+    except ModuleNotFoundError:
+        return {"layers": [layer.digest for layer in manifest.layers]}
+    result: dict[str, Any] = await sharing.image_sharing_doc(client.catalog, ref)
+    return result
+
+
+async def cmd_verify(args: argparse.Namespace, client: Client) -> int:
+    r = await client.verify(args.ref)
+    doc = {"ref": r.ref, "manifest": r.manifest, "chunks": r.chunks, "missing": r.missing,
+           "corrupt": r.corrupt, "ok": r.ok, "seconds": round(r.seconds, 3)}
+    if r.ok:
+        _emit(args, doc, f"{r.ref}: all {r.chunks} chunks present and intact")
+        return 0
+    if getattr(args, "json", False):
+        print(json.dumps(doc, indent=2))
+    print(f"blobstore: error: {r.ref}: {len(r.missing)} chunks missing, {len(r.corrupt)} corrupt"
+          f" of {r.chunks}", file=sys.stderr)
+    return 1
+
+
+def parse_duration(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip())
+    if not m:
+        raise ConfigError(f"not a duration: {text!r} (try 30m or 6h)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+async def cmd_gc(args: argparse.Namespace, client: Client) -> int:
+    r = await collect(client.object_store, client.cache, grace_seconds=parse_duration(args.grace),
+                      dry_run=args.dry_run)
+    doc = {k: getattr(r, k) for k in r.__dataclass_fields__}
+    verb = "would sweep" if r.dry_run else "swept"
+    _emit(args, doc, f"cache: evicted {human_bytes(r.cache_evicted_bytes)}, holds "
+          f"{human_bytes(r.cache_bytes)}; store: {r.refs} refs, {verb} {r.swept_chunks} chunks "
+          f"and {r.swept_manifests} manifests ({human_bytes(r.swept_bytes)})")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    return Config.from_env(
+        store=getattr(args, "store", None),
+        cache=getattr(args, "cache", None),
+        cache_size=getattr(args, "cache_size", None),
+        region=getattr(args, "region", None),
+        peers=getattr(args, "peers", None),
+        token_file=getattr(args, "token_file", None),
+    )
+
+
+async def _run(args: argparse.Namespace) -> int:
+    config = make_config(args)
+    func: Command = args.func
+    if args._wants == "config":
+        return await func(args, config)
+    async with Client.open(config, peers=args._wants == "client") as client:
+        return await func(args, client)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(getattr(args, "verbose", 0) or 0, 2)
+    logging.basicConfig(level=level, format="blobstore: %(levelname)s: %(message)s")
+    try:
+        code: int = anyio.run(_run, args, backend_options={"use_uvloop": True})
+    except BlobstoreError as exc:
+        print(f"blobstore: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"blobstore: error: {exc.strerror or exc} ({exc.filename or ''})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("blobstore: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

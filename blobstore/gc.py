@@ -1,0 +1,110 @@
+"""gc: evict the local cache to its limits and sweep unreferenced objects.
+
+Mark: every ref's manifest, the manifests it names (an image's layers) and
+their chunks. Sweep: chunks and manifests nobody reaches *and* older than a
+grace period. A concurrent push uploads its chunks, then the manifest, then
+the ref, all within the grace period, so it is never broken; push re-checks
+the chunks it reused from before just before writing its ref. Refs are marked
+again right before deleting, to catch refs written while we listed.
+If any ref cannot be read, nothing is swept.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import anyio
+
+from .catalog import Catalog
+from .errors import single_errors
+from .ids import ChunkId, is_id
+from .local import LocalCache
+from .manifest import Image
+from .objectstore import CHUNKS, MANIFESTS, ObjectStore
+
+DEFAULT_GRACE_SECONDS = 6 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class GcResult:
+    cache_evicted_bytes: int
+    cache_bytes: int
+    refs: int
+    live_manifests: int
+    live_chunks: int
+    swept_manifests: int
+    swept_chunks: int
+    swept_bytes: int
+    dry_run: bool
+
+
+async def mark(catalog: Catalog) -> tuple[int, set[ChunkId], set[ChunkId]]:
+    """(ref count, live manifest ids, live chunk ids). Raises on any unreadable ref."""
+    manifests: set[ChunkId] = set()
+    chunks: set[ChunkId] = set()
+    refs = await catalog.list_refs()
+    pending = [await catalog.resolve(ref) for ref in refs]
+    while pending:
+        manifest_id = pending.pop()
+        if manifest_id in manifests:
+            continue
+        manifests.add(manifest_id)
+        manifest = await catalog.load(manifest_id)
+        if isinstance(manifest, Image):
+            pending.extend(layer.manifest for layer in manifest.layers)
+        else:
+            chunks.update(c.id for c in manifest.chunk_refs())
+    return len(refs), manifests, chunks
+
+
+async def collect(
+    store: ObjectStore,
+    cache: LocalCache | None,
+    *,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    dry_run: bool = False,
+) -> GcResult:
+    """Run a full gc. Raises Unavailable, InvalidManifest (then nothing is swept)."""
+    evicted = await cache.evict() if cache is not None and not dry_run else 0
+    catalog = Catalog(store)
+    ref_count, live_manifests, live_chunks = await mark(catalog)
+    cutoff = time.time() - grace_seconds
+    candidates: list[tuple[str, int]] = []
+    async for info in store.list(MANIFESTS):
+        name = info.key.rsplit("/", 1)[-1]
+        if info.mtime < cutoff and is_id(name) and name not in live_manifests:
+            candidates.append((info.key, info.size))
+    async for info in store.list(CHUNKS):
+        name = info.key.rsplit("/", 1)[-1]
+        if info.mtime < cutoff and is_id(name) and name not in live_chunks:
+            candidates.append((info.key, info.size))
+    if candidates:
+        _, again_manifests, again_chunks = await mark(catalog)
+        live = again_manifests | again_chunks
+        candidates = [(k, s) for k, s in candidates if k.rsplit("/", 1)[-1] not in live]
+    if not dry_run:
+        limit = anyio.Semaphore(32)
+
+        async def delete(key: str) -> None:
+            async with limit:
+                await store.delete(key)
+
+        with single_errors():
+            async with anyio.create_task_group() as tg:
+                for key, _ in candidates:
+                    tg.start_soon(delete, key)
+    return GcResult(
+        cache_evicted_bytes=evicted,
+        cache_bytes=cache.used_bytes if cache is not None else 0,
+        refs=ref_count,
+        live_manifests=len(live_manifests),
+        live_chunks=len(live_chunks),
+        swept_manifests=sum(1 for k, _ in candidates if k.startswith(MANIFESTS)),
+        swept_chunks=sum(1 for k, _ in candidates if k.startswith(CHUNKS)),
+        swept_bytes=sum(s for _, s in candidates),
+        dry_run=dry_run,
+    )
+
+
+__all__ = ["GcResult", "collect", "mark"]
