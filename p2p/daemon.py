@@ -1,0 +1,112 @@
+"""The peer daemon of a node: wires cache, object store, server, discovery,
+liveness and the HTTP ops side together, and runs until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import sys
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+from blobstore.config import Config
+from blobstore.errors import ConfigError
+from blobstore.ids import ChunkId
+from blobstore.local import LocalCache
+from blobstore.origin import OriginSource
+from blobstore.stores import open_object_store
+
+from . import placement
+from .client import Identity
+from .discovery import zeroconf_session
+from .http import http_serving, make_app
+from .liveness import PeerDirectory, Timing
+from .metrics import Metrics
+from .provider import ChunkProvider
+from .server import PeerServer, ServerIdentity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonOptions:
+    listen: str
+    http: str | None = None
+    node: str | None = None
+    timing: Timing = field(default_factory=Timing)
+    corrupt_for_tests: bool = False
+
+
+def parse_hostport(text: str, what: str) -> tuple[str, int]:
+    """Raises ConfigError unless ``text`` is HOST:PORT."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"bad {what} address {text!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def run_daemon(config: Config, opts: DaemonOptions) -> int:
+    """Serve until SIGTERM/SIGINT. Raises ConfigError, Unavailable on start-up failures."""
+    host, port = parse_hostport(opts.listen, "--listen")
+    http_addr = parse_hostport(opts.http, "--http") if opts.http else None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with AsyncExitStack() as stack:
+            store = await stack.enter_async_context(open_object_store(config.store_url))
+            cache = await stack.enter_async_context(LocalCache(config.cache))
+            # The port is only known after binding, and the node id defaults to it.
+            server_tg = await stack.enter_async_context(asyncio.TaskGroup())
+            metrics = Metrics()
+            node_box: list[str] = [opts.node or ""]
+            me = Identity(node_box[0] or "pending", config.region, config.peers.token)
+            directory = PeerDirectory(me, opts.timing)
+
+            def is_home(chunk_id: ChunkId) -> bool:
+                nodes = [p.node for p in directory.live()] + [node_box[0]]
+                return placement.home(nodes, chunk_id) == node_box[0]
+
+            provider = ChunkProvider(cache, OriginSource(store), is_home, metrics, server_tg)
+            # Pre-bind to learn the port, so node id and handshakes agree from the start.
+            sock = socket.create_server((host, port), reuse_port=False)
+            bound = sock.getsockname()[1]
+            sock.close()
+            node = opts.node or f"{socket.gethostname()}:{bound}"
+            node_box[0] = node
+            directory.me = Identity(node, config.region, config.peers.token)
+            server = PeerServer(
+                ServerIdentity(node, config.region, config.peers.token, opts.corrupt_for_tests),
+                provider,
+                metrics,
+            )
+            await stack.enter_async_context(server.serving(host, bound))
+            await stack.enter_async_context(directory)
+            metrics.peers = lambda: len(directory.live())
+            http_port = None
+            if http_addr is not None:
+                app = make_app(node, config.region, metrics, provider, directory)
+                http_port = await stack.enter_async_context(http_serving(app, *http_addr))
+            if config.peers.mode == "static":
+                for address in config.peers.static:
+                    directory.add(address, "static")
+            elif config.peers.mode == "auto":
+                await stack.enter_async_context(
+                    zeroconf_session(node, config.region, host, bound, directory)
+                )
+            ready = {"event": "ready", "node": node, "region": config.region,
+                     "listen": f"{host}:{bound}",
+                     "http": f"{http_addr[0]}:{http_port}" if http_addr else None}
+            print(json.dumps(ready), flush=True)
+            log.warning("daemon %s serving region %r on %s:%d", node, config.region, host, bound)
+            await stop.wait()
+            log.warning("daemon %s stopping", node)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,213 @@
+"""The peers a node knows, whether each is alive, and one connection to each.
+
+Liveness comes from our own checks, never from mDNS TTLs (which keep a crashed
+peer listed for ~19 minutes): a broken connection marks a peer down at once,
+an idle peer is pinged every ``interval``, and a down peer is retried with
+exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from blobstore.errors import AuthError, PeerUnavailable, ProtocolError
+
+from .client import Identity, PeerConnection, WrongRegion, open_connection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    interval: float = 1.0
+    """Ping a peer that has been quiet this long."""
+    timeout: float = 3.0
+    """Connect/handshake/ping deadline."""
+    backoff_min: float = 0.25
+    backoff_max: float = 30.0
+
+
+@dataclass(slots=True, eq=False)
+class Peer:
+    address: str
+    source: str
+    """"static" or "mdns"."""
+    node: str = ""
+    region: str = ""
+    up: bool = False
+    status: str = "new"
+    failures: int = 0
+    retry_at: float = 0.0
+    last_ok: float = 0.0
+    conn: PeerConnection | None = field(default=None, repr=False)
+
+    def describe(self) -> dict[str, object]:
+        return {"address": self.address, "node": self.node, "region": self.region,
+                "up": self.up, "status": self.status, "source": self.source}
+
+
+class PeerDirectory:
+    """Known peers and their liveness. Use as an async context manager."""
+
+    def __init__(self, me: Identity, timing: Timing | None = None) -> None:
+        self.me = me
+        self.timing = timing or Timing()
+        self._peers: dict[str, Peer] = {}
+        self._wake = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self.checked = asyncio.Event()
+        """Set after every known peer has been checked at least once."""
+        self.peer_up = asyncio.Event()
+        """Set once any peer has come up."""
+
+    async def __aenter__(self) -> PeerDirectory:
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._monitor = self._tg.create_task(self._monitor_loop())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._tg is not None
+        self._monitor.cancel()
+        for peer in self._peers.values():
+            self._drop_connection(peer)
+        await self._tg.__aexit__(None, None, None)
+
+    # ------------------------------------------------------------------ membership
+
+    def add(self, address: str, source: str, node: str = "", region: str = "") -> None:
+        peer = self._peers.get(address)
+        if peer is None:
+            peer = self._peers[address] = Peer(address, source, node, region)
+            self._wake.set()
+            self.checked.clear()
+        elif peer.status == "down":
+            peer.retry_at = 0.0  # re-announced: worth trying now
+            self._wake.set()
+
+    def remove(self, address: str) -> None:
+        peer = self._peers.pop(address, None)
+        if peer is not None:
+            self._drop_connection(peer)
+            log.info("peer %s (%s) left", peer.node or "?", address)
+
+    def all(self) -> list[Peer]:
+        return list(self._peers.values())
+
+    def live(self) -> list[Peer]:
+        """Peers that are up, in our region, and not us (one entry per node)."""
+        by_node: dict[str, Peer] = {}
+        for p in self._peers.values():
+            if p.up and p.conn is not None:
+                by_node.setdefault(p.node, p)
+        return list(by_node.values())
+
+    def connection(self, peer: Peer) -> PeerConnection:
+        """Raises PeerUnavailable if the peer is not connected."""
+        conn = peer.conn
+        if not peer.up or conn is None or conn.closed:
+            raise PeerUnavailable(f"peer {peer.address} is down")
+        return conn
+
+    # ------------------------------------------------------------------ state changes
+
+    def mark_ok(self, peer: Peer) -> None:
+        peer.last_ok = time.monotonic()
+
+    def mark_down(self, peer: Peer, reason: str) -> None:
+        if peer.up:
+            log.warning("peer %s (%s) is down: %s", peer.node, peer.address, reason)
+        peer.up = False
+        peer.status = "down"
+        peer.failures += 1
+        delay = min(self.timing.backoff_max, self.timing.backoff_min * 2 ** (peer.failures - 1))
+        peer.retry_at = time.monotonic() + delay
+        self._drop_connection(peer)
+
+    def _exclude(self, peer: Peer, status: str, reason: str) -> None:
+        if peer.status != status:
+            log.warning("ignoring peer %s: %s", peer.address, reason)
+        peer.up = False
+        peer.status = status
+        peer.retry_at = time.monotonic() + self.timing.backoff_max
+        self._drop_connection(peer)
+
+    def _drop_connection(self, peer: Peer) -> None:
+        if peer.conn is not None:
+            peer.conn.stream.abort()
+            peer.conn = None
+
+    # ------------------------------------------------------------------ checking
+
+    async def _monitor_loop(self) -> None:
+        assert self._tg is not None
+        while True:
+            now = time.monotonic()
+            due = [
+                p for p in self._peers.values()
+                if now >= p.retry_at and (not p.up or now - p.last_ok >= self.timing.interval)
+            ]
+            if due:
+                async with asyncio.TaskGroup() as checks:
+                    for peer in due:
+                        checks.create_task(self._check(peer))
+            if all(p.status != "new" for p in self._peers.values()):
+                self.checked.set()
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(self.timing.interval / 4):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _check(self, peer: Peer) -> None:
+        try:
+            async with asyncio.timeout(self.timing.timeout):
+                conn = await self._connect(peer)
+                pong = await conn.ping()
+        except WrongRegion as exc:
+            self._exclude(peer, "foreign", str(exc))
+            return
+        except AuthError as exc:
+            self._exclude(peer, "refused", str(exc))
+            return
+        except (PeerUnavailable, ProtocolError, TimeoutError, OSError) as exc:
+            self.mark_down(peer, str(exc) or type(exc).__name__)
+            return
+        if pong.get("node") == self.me.node:
+            self._exclude(peer, "self", "it is this node")
+            return
+        if not peer.up:
+            log.info("peer %s (%s) is up", peer.node, peer.address)
+            self.peer_up.set()
+        peer.up, peer.status, peer.failures = True, "up", 0
+        peer.last_ok = time.monotonic()
+
+    async def _connect(self, peer: Peer) -> PeerConnection:
+        if peer.conn is not None and not peer.conn.closed:
+            return peer.conn
+        conn = await open_connection(peer.address, self.me, self.timing.timeout)
+        peer.conn, peer.node, peer.region = conn, conn.node, conn.region
+        assert self._tg is not None
+        self._tg.create_task(self._read(peer, conn))
+        return conn
+
+    async def _read(self, peer: Peer, conn: PeerConnection) -> None:
+        await conn.read_loop()
+        if peer.conn is conn and peer.address in self._peers:
+            self.mark_down(peer, "connection lost")
+
+
+@asynccontextmanager
+async def static_directory(
+    me: Identity, addresses: tuple[str, ...], timing: Timing | None = None
+) -> AsyncIterator[PeerDirectory]:
+    async with PeerDirectory(me, timing) as directory:
+        for address in addresses:
+            directory.add(address, "static")
+        yield directory

@@ -1,0 +1,134 @@
+"""The p2p plugin: ``daemon`` and ``peers`` commands and the peer tier for pulls."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING
+
+from .client import Identity
+from .liveness import PeerDirectory, Timing
+
+if TYPE_CHECKING:
+    from blobstore.config import Config
+    from blobstore.local import LocalCache
+    from blobstore.source import ChunkSource
+
+DEFAULT_LISTEN = "0.0.0.0:7411"
+_FIRST_PEER_WAIT = 1.0
+"""How long a pull waits for mDNS to find a first peer before starting."""
+
+
+@asynccontextmanager
+async def open_directory(
+    config: Config, timing: Timing | None = None
+) -> AsyncIterator[PeerDirectory]:
+    """A directory of this region's peers, fed by the static list or zeroconf."""
+    me = Identity(f"client-{socket.gethostname()}-{os.getpid()}", config.region, config.peers.token)
+    async with AsyncExitStack() as stack:
+        directory = await stack.enter_async_context(PeerDirectory(me, timing or Timing()))
+        if config.peers.mode == "static":
+            for address in config.peers.static:
+                directory.add(address, "static")
+        elif config.peers.mode == "auto":
+            from .discovery import zeroconf_session
+
+            await stack.enter_async_context(
+                zeroconf_session(me.node, config.region, "", None, directory)
+            )
+        yield directory
+
+
+async def settle(directory: PeerDirectory, mdns_wait: float, deadline: float) -> None:
+    """Wait until discovery had ``mdns_wait`` seconds and every found peer was checked."""
+    if mdns_wait > 0:
+        await asyncio.sleep(mdns_wait)
+    try:
+        async with asyncio.timeout(deadline):
+            await directory.checked.wait()
+    except TimeoutError:
+        pass
+
+
+class P2PPlugin:
+    name = "p2p"
+
+    def add_commands(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        p = subparsers.add_parser(
+            "daemon", help="the peer daemon of a node",
+            description="Serve this node's cache to same-region peers; home chunks read "
+                        "through to the object store.",
+        )
+        p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                       help=f"peer protocol address (default {DEFAULT_LISTEN}; port 0 picks one)")
+        p.add_argument("--http", metavar="HOST:PORT",
+                       help="ops HTTP address: /healthz, /metrics, /chunks/<id>")
+        p.add_argument("--node-id", help="stable node name (default HOSTNAME:PORT)")
+        p.add_argument("--health-interval", type=float, default=1.0, metavar="SECONDS",
+                       help="ping quiet peers this often (default 1)")
+        p.add_argument("--corrupt-for-tests", action="store_true", help=argparse.SUPPRESS)
+        p.set_defaults(func=_cmd_daemon)
+
+        p = subparsers.add_parser("peers", help="list the live peers this node sees",
+                                  description="Discover and check this region's peers.")
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
+                       help="how long to listen for mDNS announcements (default 2)")
+        p.add_argument("--all", action="store_true", help="also list down/ignored peers")
+        p.set_defaults(func=_cmd_peers)
+
+    def peer_tier(
+        self, config: Config, cache: LocalCache
+    ) -> AbstractAsyncContextManager[ChunkSource | None]:
+        return _peer_tier(config)
+
+
+@asynccontextmanager
+async def _peer_tier(config: Config) -> AsyncIterator[ChunkSource | None]:
+    if config.peers.mode == "none":
+        yield None
+        return
+    from .peertier import PeerTier
+
+    timing = Timing()
+    async with open_directory(config, timing) as directory:
+        try:
+            async with asyncio.timeout(_FIRST_PEER_WAIT if config.peers.mode == "auto" else
+                                       timing.timeout):
+                if config.peers.mode == "auto":
+                    await directory.peer_up.wait()
+                await directory.checked.wait()
+        except TimeoutError:
+            pass
+        yield PeerTier(directory)
+
+
+async def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
+    from .daemon import DaemonOptions, run_daemon
+
+    timing = Timing(interval=args.health_interval, timeout=max(1.0, 3 * args.health_interval))
+    opts = DaemonOptions(args.listen, args.http, args.node_id, timing, args.corrupt_for_tests)
+    return await run_daemon(config, opts)
+
+
+async def _cmd_peers(args: argparse.Namespace, config: Config) -> int:
+    async with open_directory(config) as directory:
+        await settle(directory, args.wait if config.peers.mode == "auto" else 0, 5.0)
+        peers = directory.all() if args.all else directory.live()
+        rows = sorted((p.describe() for p in peers), key=lambda r: str(r["node"]))
+    if args.json:
+        print(json.dumps({"region": config.region, "peers": rows}, indent=2))
+    elif not rows:
+        print(f"no live peers in region {config.region!r}")
+    else:
+        for r in rows:
+            print(f"{r['node']}\t{r['address']}\t{r['status']}\t{r['source']}")
+    return 0
+
+
+PLUGIN = P2PPlugin()
