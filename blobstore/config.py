@@ -87,7 +87,9 @@ class Config:
 
         store = pick("store", "BLOBSTORE_STORE", default_store_url())
         cache_dir = Path(pick("cache", "BLOBSTORE_CACHE", default_cache_dir())).expanduser()
-        cache_size = parse_size(pick("cache_size", "BLOBSTORE_CACHE_SIZE", str(DEFAULT_CACHE_BYTES)))
+        cache_size = parse_size(
+            pick("cache_size", "BLOBSTORE_CACHE_SIZE", str(DEFAULT_CACHE_BYTES))
+        )
         region = pick("region", "BLOBSTORE_REGION", "default")
         token_file = pick("token_file", "BLOBSTORE_TOKEN_FILE", "")
         token = read_token(Path(token_file)) if token_file else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -113,7 +114,7 @@ class Ingestor:
         batch: list[Span] = []
         pos = 0
         with open(path, "rb", buffering=0) as f:
-            reader: object = f
+            reader: Any = f
             if offset or length is not None:
                 f.seek(offset)
                 reader = _Window(f, length if length is not None else 1 << 62)

@@ -108,6 +108,10 @@ class Image:
     config_json: bytes
     layers: tuple[ImageLayer, ...]
     tags: tuple[str, ...] = ()
+    layout: bytes = b""
+    """Opaque record (owned by ``blobstore.image.layout``) of the archive the image
+    came from, so export can rebuild it byte for byte; empty when there is none.
+    Encoded only when non-empty, so older image manifests keep their ids."""
     kind: Literal["image"] = field(default="image", init=False)
 
 
@@ -177,6 +181,8 @@ def encode(manifest: Manifest) -> bytes:
             layers=[[lay.digest, id_to_bytes(lay.manifest)] for lay in manifest.layers],
             tags=list(manifest.tags),
         )
+        if manifest.layout:
+            body["layout"] = manifest.layout
     packed: bytes = msgpack.packb(_sorted(body), use_bin_type=True)
     return packed
 
@@ -219,20 +225,20 @@ class _Reader:
             raise InvalidManifest(f"{self.where}: field {key!r} has the wrong type")
         return val
 
-    def str(self, key: str, optional: bool = False) -> Any:
+    def text(self, key: str, optional: bool = False) -> Any:
         return self._get(key, str, optional)
 
-    def bytes(self, key: str) -> bytes:
+    def blob(self, key: str) -> bytes:
         val: bytes = self._get(key, bytes)
         return val
 
-    def int(self, key: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    def integer(self, key: str, lo: int = 0, hi: int = 1 << 62) -> int:
         val: int = self._get(key, int)
         if not lo <= val <= hi:
             raise InvalidManifest(f"{self.where}: field {key!r} out of range")
         return val
 
-    def list(self, key: str) -> list[Any]:
+    def array(self, key: str) -> list[Any]:
         val: list[Any] = self._get(key, list)
         return val
 
@@ -246,10 +252,10 @@ def _id(raw: Any, where: str) -> ChunkId:
 def _chunker(obj: Any) -> ChunkerInfo:
     r = _Reader(obj, "chunker")
     return ChunkerInfo(
-        name=r.str("name"),
-        min_size=r.int("min", 1, MAX_CHUNK_BYTES),
-        avg_size=r.int("avg", 1, MAX_CHUNK_BYTES),
-        max_size=r.int("max", 1, MAX_CHUNK_BYTES),
+        name=r.text("name"),
+        min_size=r.integer("min", 1, MAX_CHUNK_BYTES),
+        avg_size=r.integer("avg", 1, MAX_CHUNK_BYTES),
+        max_size=r.integer("max", 1, MAX_CHUNK_BYTES),
     )
 
 
@@ -267,23 +273,23 @@ def _chunks(items: list[Any], where: str) -> tuple[ChunkRef, ...]:
 
 def _entry(obj: Any) -> Entry:
     r = _Reader(obj, "entry")
-    path = check_relpath(r.str("p"))
+    path = check_relpath(r.text("p"))
     where = f"entry {path!r}"
     r.where = where
-    kind = r.str("t")
-    mode = r.int("m", 0, 0o7777)
+    kind = r.text("t")
+    mode = r.integer("m", 0, 0o7777)
     if kind == "file":
-        size = r.int("s")
+        size = r.integer("s")
         raw_digest = r.obj.get("h")
         digest = _id(raw_digest, where) if raw_digest is not None else None
-        chunks = _chunks(r.list("c"), where)
+        chunks = _chunks(r.array("c"), where)
         if sum(c.size for c in chunks) != size:
             raise InvalidManifest(f"{where}: chunk sizes do not add up to the file size")
         return Entry(path, "file", mode, size, digest, chunks)
     if kind == "dir":
         return Entry(path, "dir", mode)
     if kind == "symlink":
-        target = r.str("l")
+        target = r.text("l")
         if not target or "\x00" in target or len(target) > MAX_PATH_BYTES:
             raise InvalidManifest(f"{where}: bad symlink target")
         return Entry(path, "symlink", mode, target=target)
@@ -325,39 +331,43 @@ def decode(data: bytes) -> Manifest:
     r = _Reader(obj, "manifest")
     version = r._get("v", int)
     if version != VERSION:
-        raise InvalidManifest(f"unsupported manifest version {version} (this build reads {VERSION})")
-    kind = r.str("kind")
+        raise InvalidManifest(
+            f"unsupported manifest version {version} (this build reads {VERSION})"
+        )
+    kind = r.text("kind")
     if kind == "tree":
-        entries = tuple(_entry(e) for e in r.list("entries"))
+        entries = tuple(_entry(e) for e in r.array("entries"))
         _check_tree_paths(entries)
         return Tree(_chunker(r.obj.get("chunker")), entries)
     if kind == "layer":
-        chunks = _chunks(r.list("chunks"), "layer")
-        size = r.int("size")
+        chunks = _chunks(r.array("chunks"), "layer")
+        size = r.integer("size")
         if sum(c.size for c in chunks) != size:
             raise InvalidManifest("layer: chunk sizes do not add up to the blob size")
         return Layer(
-            digest=_sha256_digest(r.str("digest"), "layer"),
-            media_type=r.str("media_type"),
+            digest=_sha256_digest(r.text("digest"), "layer"),
+            media_type=r.text("media_type"),
             size=size,
             chunker=_chunker(r.obj.get("chunker")),
             chunks=chunks,
         )
     if kind == "image":
         layers = []
-        for item in r.list("layers"):
+        for item in r.array("layers"):
             if not isinstance(item, list) or len(item) != 2:
                 raise InvalidManifest("image: bad layer entry")
             layers.append(ImageLayer(_sha256_digest(item[0], "image"), _id(item[1], "image")))
-        tags = r.list("tags")
+        tags = r.array("tags")
         if not all(isinstance(t, str) for t in tags):
             raise InvalidManifest("image: bad tag")
+        layout = r.blob("layout") if "layout" in r.obj else b""
         return Image(
-            manifest_json=r.bytes("manifest"),
-            manifest_media_type=r.str("media_type"),
-            config_json=r.bytes("config"),
+            manifest_json=r.blob("manifest"),
+            manifest_media_type=r.text("media_type"),
+            config_json=r.blob("config"),
             layers=tuple(layers),
             tags=tuple(tags),
+            layout=layout,
         )
     raise InvalidManifest(f"unknown manifest kind {kind!r}")
 

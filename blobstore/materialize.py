@@ -108,13 +108,7 @@ async def materialize(
     written), Unavailable/NotFound (a chunk could not be fetched), DiskFull."""
     started = time.monotonic()
     stats = PullStats()
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"cannot create {dest}: {exc.strerror}") from exc
-    if not dest.is_dir():
-        raise BadInput(f"not a directory: {dest}")
-    root = dest.resolve()
+    root = await anyio.to_thread.run_sync(_prepare_dest, dest)
     files = sorted((e for e in tree.entries if e.kind == "file"), key=priority)
     stats.files = len(files)
     total = sum(e.size for e in files)
@@ -172,7 +166,8 @@ async def materialize(
         for entry in (e for e in tree.entries if e.kind == "symlink"):
             await anyio.to_thread.run_sync(_make_symlink, root, entry)
         # Directory modes last, deepest first: a read-only dir must not block its children.
-        for entry in sorted((e for e in tree.entries if e.kind == "dir"), key=lambda e: -len(e.path)):
+        dirs = [e for e in tree.entries if e.kind == "dir"]
+        for entry in sorted(dirs, key=lambda e: -len(e.path)):
             await anyio.to_thread.run_sync(os.chmod, root / entry.path, entry.mode)
     except OSError as exc:
         if exc.errno == 28:
@@ -184,6 +179,16 @@ async def materialize(
     stats.bytes = total
     stats.seconds = time.monotonic() - started
     return stats
+
+
+def _prepare_dest(dest: Path) -> Path:
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create {dest}: {exc.strerror}") from exc
+    if not dest.is_dir():
+        raise BadInput(f"not a directory: {dest}")
+    return dest.resolve()
 
 
 def _make_dir(root: Path, entry: Entry) -> None:

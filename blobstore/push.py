@@ -93,7 +93,7 @@ async def push_tree(
     started = time.monotonic()
     if ref is not None:
         check_ref(ref)
-    if not root.is_dir():
+    if not await anyio.to_thread.run_sync(root.is_dir):
         raise BadInput(f"not a directory: {root}")
     try:
         scan = await anyio.to_thread.run_sync(scan_tree, root)
