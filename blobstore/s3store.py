@@ -38,6 +38,7 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     EndpointConnectionError,
     NoCredentialsError,
+    PartialCredentialsError,
     ProfileNotFound,
     ReadTimeoutError,
 )
@@ -132,7 +133,7 @@ class S3ObjectStore:
         await self._stack.aclose()
 
     async def _open(self) -> None:
-        with self._translate("connect to"):
+        with self._translate("open"):
             session = AioSession(profile=self._profile)
             region = (
                 self._region
@@ -285,6 +286,8 @@ class S3ObjectStore:
             ) from exc
         except ProfileNotFound as exc:
             raise ConfigError(_one_line(str(exc))) from exc
+        except PartialCredentialsError as exc:
+            raise ConfigError(f"incomplete AWS credentials: {_one_line(str(exc))}") from exc
         except NoCredentialsError as exc:
             raise ConfigError(
                 "no AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"

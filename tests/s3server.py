@@ -1,7 +1,7 @@
 """A real SeaweedFS S3 server (``weed mini``) on free loopback ports, for tests and benchmarks.
 
     with SeaweedS3Server.start(tmp_dir) as s3:
-        url = s3.bucket_url()          # s3://test-<uuid>/prefix (bucket not created)
+        url = s3.bucket_url()          # s3://test-<uuid>/prefix, bucket created
         env = s3.client_env()          # AWS_* variables that reach it
 
 ``weed mini`` opens ~12 listening sockets (master, volume, filer, s3, admin and
@@ -28,6 +28,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import botocore.config
+import botocore.session
 
 ACCESS_KEY = "blobstore-test"
 SECRET_KEY = "blobstore-test-secret"
@@ -147,11 +150,28 @@ class SeaweedS3Server:
                     os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
 
-    def bucket_url(self, prefix: str = "prefix") -> str:
-        """A fresh ``s3://test-<uuid>/prefix`` URL; the bucket does not exist yet."""
+    def bucket_url(self, prefix: str = "prefix", *, create: bool = True) -> str:
+        """A fresh ``s3://test-<uuid>/prefix`` URL, its bucket created unless ``create=False``."""
         bucket = f"test-{uuid.uuid4().hex[:20]}"
-        self.buckets.append(bucket)
+        if create:
+            self.create_bucket(bucket)
         return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+
+    def create_bucket(self, bucket: str) -> None:
+        """Create ``bucket`` with a short-lived synchronous botocore client."""
+        client = botocore.session.get_session().create_client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            config=botocore.config.Config(s3={"addressing_style": "path"}),
+        )
+        try:
+            client.create_bucket(Bucket=bucket)
+        finally:
+            client.close()
+        self.buckets.append(bucket)
 
     def client_env(self) -> dict[str, str]:
         """AWS environment variables that point a client at this server."""
