@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .errors import BadInput, Unavailable
 from .ids import ChunkId
 from .manifest import ChunkerInfo, ChunkRef, Entry, Image, Layer, Manifest, Tree
+from .progress import human_bytes
 
 if TYPE_CHECKING:
     from .client import Client
@@ -322,15 +323,6 @@ async def load_trees(
 
 
 # --------------------------------------------------------------------------- text output
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``1.5 KiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def render_table(report: DedupReport) -> str:
