@@ -26,6 +26,8 @@ from blobstore.stores import open_object_store, parse_file_url, parse_s3_url
 
 pytestmark = pytest.mark.anyio
 
+# SeaweedFS queues conditional writes on one key with ~1 s steps, so keep the race small.
+RACERS = 8
 BAD_KEYS = ["", "/abs", "a/../b", "..", "a//b", "a/", "./a", "a/.hidden", "a\\b", "a\x00b"]
 
 
@@ -119,10 +121,10 @@ async def test_concurrent_put_if_exactly_one_wins(object_store_url: str) -> None
                     losers.append(value)
 
             async with anyio.create_task_group() as tg:
-                for i in range(20):
+                for i in range(RACERS):
                     tg.start_soon(contend, f"writer-{i}".encode())
             assert len(winners) == 1, winners
-            assert len(losers) == 19
+            assert len(losers) == RACERS - 1
             assert await store.get(key) == winners[0]
 
 
