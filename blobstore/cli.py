@@ -218,7 +218,7 @@ async def _image_doc(client: Client, ref: str, manifest: Image) -> dict[str, Any
         sharing = importlib.import_module("blobstore.image.sharing")
     except ModuleNotFoundError:
         return {"layers": [layer.digest for layer in manifest.layers]}
-    result: dict[str, Any] = await sharing.image_sharing_doc(client.catalog, ref)
+    result: dict[str, Any] = (await sharing.image_sharing(client.catalog, ref)).to_json()
     return result
 
 
