@@ -161,7 +161,7 @@ async def cmd_push(args: argparse.Namespace, client: Client) -> int:
 
 
 async def cmd_pull(args: argparse.Namespace, client: Client) -> int:
-    bar = ProgressLine("pull")
+    bar = ProgressLine("pull", tiers=lambda: client.source.bytes_from)
     try:
         r = await client.pull(args.ref, args.dir, progress=bar)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import TextIO
 
 
@@ -18,8 +19,15 @@ def human_bytes(n: float) -> str:
 class ProgressLine:
     """Callable ``(done, total)`` that redraws one status line, ~10 times a second."""
 
-    def __init__(self, label: str, stream: TextIO | None = None, enabled: bool | None = None):
+    def __init__(
+        self,
+        label: str,
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+        tiers: Callable[[], Mapping[str, int]] | None = None,
+    ):
         self.label = label
+        self.tiers = tiers
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.started = time.monotonic()
@@ -40,7 +48,13 @@ class ProgressLine:
         bar = "█" * filled + "░" * (width - filled)
         self.stream.write(
             f"\r{self.label} {bar} {pct:5.1f}%  {human_bytes(done)}/{human_bytes(total)}"
-            f"  {human_bytes(done / elapsed)}/s "
+            f"  {human_bytes(done / elapsed)}/s"
+            + (
+                "  [" + " ".join(f"{k} {human_bytes(v)}" for k, v in self.tiers().items()) + "]"
+                if self.tiers
+                else ""
+            )
+            + " \x1b[K"
         )
         self.stream.flush()
         self._drawn = True
