@@ -1,0 +1,124 @@
+"""Writing one image's blobs out of the store, each checked against its sha256.
+
+``StoredImage`` is an Image manifest with its Layer manifests loaded and
+cross-checked; ``write_layer`` streams one layer through the tiers into a file
+(optionally gunzipped, for docker-archive); ``write_bytes`` writes a small
+blob (config, manifest) after checking it. Everything raises DigestMismatch on
+a mismatch, so a caller writing to a temp name simply never renames it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import anyio
+
+from ..catalog import Catalog
+from ..errors import BadInput
+from ..ids import ChunkId
+from ..manifest import Image, Layer
+from ..source import ChunkSource
+from . import oci
+from .errors import BadImage, DigestMismatch
+from .layout import SourceLayout, decode_layout
+from .stream import HashingWriter, copy_chunks
+
+_OUT_STEP = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    id: ChunkId
+    image: Image
+    manifest: oci.ImageManifest
+    layers: tuple[Layer, ...]
+    layout: SourceLayout | None
+
+    @property
+    def digest(self) -> str:
+        return oci.sha256_digest(self.image.manifest_json)
+
+
+async def load_image(catalog: Catalog, ref: str) -> StoredImage:
+    """Resolve ``ref`` to an Image and load its layers. Raises NotFound, BadInput."""
+    image_id = await catalog.resolve_or_id(ref)
+    image = await catalog.load(image_id)
+    if not isinstance(image, Image):
+        raise BadInput(f"{ref} is a {image.kind}, not an image")
+    manifest = oci.parse_manifest(image.manifest_json, image.manifest_media_type)
+    layers = []
+    for entry in image.layers:
+        layer = await catalog.load(entry.manifest)
+        if not isinstance(layer, Layer) or layer.digest != entry.digest:
+            raise BadImage(f"{ref}: layer {entry.digest} does not match its layer manifest")
+        layers.append(layer)
+    if [d.digest for d in manifest.layers] != [layer.digest for layer in layers]:
+        raise BadImage(f"{ref}: the image manifest and the stored layers disagree")
+    layout = decode_layout(image.layout) if image.layout else None
+    return StoredImage(image_id, image, manifest, tuple(layers), layout)
+
+
+def check_bytes(what: str, data: bytes, digest: str) -> None:
+    actual = oci.sha256_digest(data)
+    if actual != digest:
+        raise DigestMismatch(what, digest, actual)
+
+
+async def write_bytes(out: BinaryIO, what: str, data: bytes, digest: str) -> None:
+    check_bytes(what, data, digest)
+    await anyio.to_thread.run_sync(out.write, data)
+
+
+async def write_layer(source: ChunkSource, layer: Layer, out: BinaryIO) -> None:
+    """Stream ``layer`` into ``out``, verifying its sha256 and size."""
+    writer = HashingWriter(out)
+    await copy_chunks(source, layer.chunks, writer)
+    writer.check(f"layer {layer.digest}", layer.digest, layer.size)
+
+
+async def write_layer_gunzipped(
+    source: ChunkSource, layer: Layer, diff_id: str, out: BinaryIO
+) -> int:
+    """Stream a gzip layer into ``out`` uncompressed; check both digests. Returns bytes written."""
+    raw = HashingWriter(None)
+    plain = HashingWriter(out)
+    gunzip = _Gunzip(plain)
+
+    def sink(data: bytes) -> None:
+        raw(data)
+        gunzip.feed(data)
+
+    await copy_chunks(source, layer.chunks, sink)
+    raw.check(f"layer {layer.digest}", layer.digest, layer.size)
+    gunzip.finish()
+    plain.check(f"layer {layer.digest} uncompressed", diff_id)
+    return plain.size
+
+
+class _Gunzip:
+    """Incremental gzip (multi-member) decoder with bounded output per step."""
+
+    def __init__(self, sink: HashingWriter) -> None:
+        self.sink = sink
+        self.dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def feed(self, data: bytes) -> None:
+        try:
+            while data:
+                out = self.dec.decompress(data, _OUT_STEP)
+                self.sink(out)
+                data = self.dec.unconsumed_tail
+                if self.dec.eof:
+                    data = self.dec.unused_data + data
+                    self.dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise BadImage(f"gzip layer cannot be decompressed ({exc})") from exc
+
+    def finish(self) -> None:
+        self.sink(self.dec.flush())
+
+
+def sha256_hex(digest: str) -> str:
+    return digest.split(":", 1)[1]

@@ -1,0 +1,96 @@
+"""Stream a layer's bytes out of the tiers, in order, in bounded memory.
+
+Chunks are fetched ahead through ``source.get`` (verified by the source),
+at most ``window`` at a time (~window x 4 MiB of memory), and handed in order
+to a sink that runs in a worker thread. The sha256 of the blob is computed on
+the way (in the same worker thread) and checked against the layer's digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import BinaryIO
+
+import anyio
+
+from ..ids import ChunkId
+from ..manifest import ChunkRef
+from ..source import ChunkSource
+from .errors import DigestMismatch
+
+WINDOW = 8
+
+Sink = Callable[[bytes], None]
+"""Receives the blob's bytes in order; runs in a worker thread."""
+
+
+async def copy_chunks(
+    source: ChunkSource, chunks: tuple[ChunkRef, ...], sink: Sink, window: int = WINDOW
+) -> None:
+    """Feed every chunk's bytes, in order, to ``sink``.
+
+    Raises what ``source.get`` raises (NotFound, Corrupt, Unavailable) and what
+    ``sink`` raises.
+    """
+    if not chunks:
+        return
+    slots: list[bytes | None] = [None] * len(chunks)
+    ready = [anyio.Event() for _ in chunks]
+    room = anyio.Semaphore(window)
+
+    async def fetch(i: int, chunk_id: ChunkId) -> None:
+        slots[i] = await source.get(chunk_id)
+        ready[i].set()
+
+    async def feed() -> None:
+        for i in range(len(chunks)):
+            await ready[i].wait()
+            data, slots[i] = slots[i], None
+            assert data is not None
+            await anyio.to_thread.run_sync(sink, data)
+            room.release()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(feed)
+        for i, chunk in enumerate(chunks):
+            await room.acquire()
+            tg.start_soon(fetch, i, chunk.id)
+
+
+class HashingWriter:
+    """A sink that writes to a file and hashes what it wrote (sha256)."""
+
+    def __init__(self, out: BinaryIO | None) -> None:
+        self.out = out
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def __call__(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.size += len(data)
+        if self.out is not None:
+            self.out.write(data)
+
+    def check(self, what: str, digest: str, size: int | None = None) -> None:
+        """Raise DigestMismatch if the bytes seen do not match ``digest`` (and ``size``)."""
+        actual = "sha256:" + self.sha.hexdigest()
+        if actual != digest or (size is not None and size != self.size):
+            raise DigestMismatch(what, digest, f"{actual} ({self.size} bytes)")
+
+
+def file_sha256(path: str, offset: int, size: int) -> str:
+    """sha256 of ``size`` bytes of ``path`` at ``offset``, streamed. Raises OSError."""
+    sha = hashlib.sha256()
+    left = size
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while left > 0:
+            n = f.readinto(view[: min(left, len(buf))])
+            if not n:
+                raise EOFError(f"{path} is truncated")
+            sha.update(view[:n])
+            left -= n
+    return "sha256:" + sha.hexdigest()
