@@ -1,0 +1,234 @@
+"""Start-up API: a runner's cold start and warm start, priorities, locality."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+from blobstore.client import Client
+from blobstore.errors import BadInput, RefNotFound, Unavailable
+from blobstore.ids import ChunkId
+from blobstore.manifest import Entry
+from blobstore.runner import (
+    MARKER,
+    download_model_weights,
+    is_complete,
+    locality,
+    open_client,
+    priority_order,
+    pull_refs,
+)
+
+MIB = 1 << 20
+REF = "apps/llama/data"
+
+
+def write_random(path: Path, size: int, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, MIB)
+            f.write(rng.randbytes(n))
+            left -= n
+
+
+def make_app(root: Path, seed: int = 1) -> int:
+    """An app's /data: small config files and a big weights file. Returns its bytes."""
+    (root / "tokenizer").mkdir(parents=True)
+    (root / "config.json").write_text('{"layers": 32}')
+    (root / "tokenizer" / "tokenizer.json").write_text('{"vocab": []}' * 100)
+    write_random(root / "model.safetensors", 5 * MIB + 123, seed)
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def env_for(tmp_path: Path, node: str) -> dict[str, str]:
+    return {
+        "BLOBSTORE_STORE": (tmp_path / "store").as_uri(),
+        "BLOBSTORE_CACHE": str(tmp_path / node / "cache"),
+        "BLOBSTORE_PEERS": "none",
+    }
+
+
+class FakePeers:
+    """A peer tier that holds a fixed set of chunks."""
+
+    name = "peer"
+
+    def __init__(self, held: set[ChunkId], fail: bool = False) -> None:
+        self.held = held
+        self.fail = fail
+
+    async def get(self, chunk_id: ChunkId) -> bytes:
+        raise Unavailable("fake peers serve no bytes")
+
+    async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
+        if self.fail:
+            raise Unavailable("peers are down")
+        return self.held & set(chunk_ids)
+
+
+@pytest.fixture
+def app_ref(tmp_path: Path) -> int:
+    """Push the app once from a build machine; return its size."""
+    import anyio
+
+    size = make_app(tmp_path / "build")
+
+    async def push() -> None:
+        async with open_client(env=env_for(tmp_path, "builder")) as client:
+            await client.push(tmp_path / "build", REF)
+
+    anyio.run(push)
+    return size
+
+
+def test_priority_puts_listed_and_small_files_first() -> None:
+    def f(path: str, size: int) -> Entry:
+        return Entry(path, "file", 0o644, size)
+
+    entries = [
+        f("model-00001.safetensors", 5_000_000_000),
+        f("a/tokenizer.model", 2_000_000),
+        f("small.bin", 10),
+        f("config.json", 900),
+        f("notes.txt", 50),
+        f("model.safetensors.index.json", 30_000),
+    ]
+    order = [e.path for e in sorted(entries, key=priority_order())]
+    assert order == [
+        "config.json",
+        "a/tokenizer.model",
+        "model.safetensors.index.json",
+        "notes.txt",
+        "small.bin",
+        "model-00001.safetensors",
+    ]
+    custom = sorted(entries, key=priority_order(["*.bin"]))
+    assert custom[0].path == "small.bin"
+
+
+@pytest.mark.anyio
+async def test_cold_then_warm_start(tmp_path: Path, app_ref: int) -> None:
+    data = tmp_path / "node-a" / "data"
+    events: list[tuple[str, int, int]] = []
+
+    # Cold start: nothing local, everything from the object store.
+    async with open_client(env=env_for(tmp_path, "node-a")) as client:
+        before = await locality(client, REF)
+        assert before.total_bytes == app_ref
+        assert (before.local_fraction, before.region_fraction) == (0.0, 0.0)
+        assert not before.peers_checked
+
+        cold = await download_model_weights(client, REF, data, progress=lambda *e: events.append(e))
+        assert cold.pulled
+        assert cold.pull is not None
+        assert cold.pull.from_tier.get("origin") == app_ref
+        assert events[-1] == (REF, app_ref, app_ref)
+        assert is_complete(data, cold.manifest)
+        assert (data / "model.safetensors").stat().st_size == 5 * MIB + 123
+
+        after = await locality(client, REF)
+        assert after.local_fraction == 1.0
+
+    # Warm restart on the same node with /data intact: no bytes move.
+    async with open_client(env=env_for(tmp_path, "node-a")) as client:
+        warm = await download_model_weights(client, REF, data)
+        assert not warm.pulled
+        assert warm.manifest == cold.manifest
+
+        # A damaged file is noticed by the stat check and repaired from the node cache.
+        os.truncate(data / "model.safetensors", 1000)
+        repaired = await download_model_weights(client, REF, data)
+        assert repaired.pulled
+        assert repaired.pull is not None
+        assert repaired.pull.from_tier.get("origin", 0) == 0
+        assert (data / "model.safetensors").stat().st_size == 5 * MIB + 123
+
+        # A fresh /data on a node with a warm cache: served locally.
+        fresh = await download_model_weights(client, REF, tmp_path / "node-a" / "data2")
+        assert fresh.pull is not None
+        assert fresh.pull.from_tier.get("local") == app_ref
+        assert fresh.pull.from_tier.get("origin", 0) == 0
+
+
+@pytest.mark.anyio
+async def test_new_version_is_pulled_and_offline_uses_complete_copy(
+    tmp_path: Path, app_ref: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    async with open_client(env=env_for(tmp_path, "node-b")) as client:
+        first = await download_model_weights(client, REF, data)
+        (tmp_path / "build" / "config.json").write_text('{"layers": 40}')
+        await client.push(tmp_path / "build", REF)
+        second = await download_model_weights(client, REF, data)
+        assert second.pulled
+        assert second.manifest != first.manifest
+        assert (data / "config.json").read_text() == '{"layers": 40}'
+
+        async def down(ref: str) -> ChunkId:
+            raise Unavailable("store is down")
+
+        monkeypatch.setattr(client.catalog, "resolve_or_id", down)
+        offline = await download_model_weights(client, REF, data)
+        assert offline.offline
+        assert not offline.pulled
+        assert offline.manifest == second.manifest
+        (data / MARKER).unlink()
+        with pytest.raises(Unavailable):
+            await download_model_weights(client, REF, data)
+
+
+@pytest.mark.anyio
+async def test_pull_refs_in_order_with_progress(tmp_path: Path, app_ref: int) -> None:
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "settings.json").write_text("{}")
+    order: list[str] = []
+    async with open_client(env=env_for(tmp_path, "node-c")) as client:
+        await client.push(tmp_path / "cfg", "apps/llama/config")
+        results = await pull_refs(
+            client,
+            [("apps/llama/config", tmp_path / "d" / "cfg"), (REF, tmp_path / "d" / "data")],
+            progress=lambda ref, done, total: order.append(ref),
+        )
+        assert [r.ref for r in results] == ["apps/llama/config", REF]
+        assert order.index(REF) > max(i for i, r in enumerate(order) if r != REF)
+        assert (tmp_path / "d" / "cfg" / "settings.json").read_text() == "{}"
+        with pytest.raises(RefNotFound):
+            await pull_refs(client, {"apps/missing": tmp_path / "x"})
+
+
+@pytest.mark.anyio
+async def test_locality_counts_region_peers(tmp_path: Path, app_ref: int) -> None:
+    async with open_client(env=env_for(tmp_path, "node-d")) as client:
+        tree = await client.catalog.load_tree(await client.catalog.resolve(REF))
+        chunks = sorted({c.id: c.size for c in tree.chunk_refs()}.items())
+        held = {cid for cid, _ in chunks[: len(chunks) // 2]}
+        client.peer = FakePeers(held)
+        loc = await locality(client, REF)
+        assert loc.peers_checked
+        assert loc.local_bytes == 0
+        assert loc.region_bytes == sum(size for cid, size in chunks if cid in held)
+        assert 0 < loc.region_fraction < 1
+        assert loc.to_json()["region_fraction"] == round(loc.region_fraction, 4)
+
+        client.peer = FakePeers(held, fail=True)
+        down = await locality(client, REF)
+        assert not down.peers_checked
+        assert down.region_bytes == 0
+
+
+@pytest.mark.anyio
+async def test_open_client_takes_a_config_or_env(tmp_path: Path) -> None:
+    async with open_client(env=env_for(tmp_path, "n"), region="eu") as client:
+        assert isinstance(client, Client)
+        assert client.config.region == "eu"
+        with pytest.raises(BadInput):
+            async with open_client(client.config, region="us"):
+                pass
+    assert (tmp_path / "n" / "cache").is_dir()
