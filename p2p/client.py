@@ -28,6 +28,11 @@ _HASH_IN_THREAD_MIN = 512 << 10
 class WrongRegion(PeerUnavailable):
     """The peer serves another region; it must not be used."""
 
+    def __init__(self, address: str, node: str, region: str) -> None:
+        self.node = node
+        self.region = region
+        super().__init__(f"peer {address} ({node}) is in region {region!r}")
+
 
 @dataclass(frozen=True, slots=True)
 class Identity:
@@ -163,7 +168,7 @@ async def open_connection(
             node = messages.text_field(hello, "node")
             region = messages.text_field(hello, "region")
             if region != me.region:
-                raise WrongRegion(f"peer {address} ({node}) is in region {region!r}")
+                raise WrongRegion(address, node, region)
             our_nonce = messages.new_nonce()
             proof = messages.mac(me.token, messages.nonce_field(hello))
             stream.send(messages.auth(me.node, me.region, our_nonce, proof))

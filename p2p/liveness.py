@@ -171,6 +171,7 @@ class PeerDirectory:
                 conn = await self._connect(peer)
                 pong = await conn.ping()
         except WrongRegion as exc:
+            peer.node, peer.region = exc.node, exc.region
             self._exclude(peer, "foreign", str(exc))
             return
         except AuthError as exc:

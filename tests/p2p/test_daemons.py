@@ -1,0 +1,178 @@
+"""Several real daemons on loopback with static peers: pulls, failures, lies, regions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.error
+from pathlib import Path
+
+import pytest
+from daemons import cluster, daemon, wait_until
+from helpers import cli_env, make_big_tree, run_cli, snapshot
+from pulling import pull
+
+from blobstore.ids import hash_bytes
+
+pytestmark = pytest.mark.anyio
+
+DATA_BYTES = 48 << 20
+
+
+@pytest.fixture
+def pushed(tmp_path: Path) -> tuple[str, Path]:
+    """A file store holding ref ``apps/demo``; returns (store url, source dir)."""
+    store = (tmp_path / "store").as_uri()
+    src = tmp_path / "src"
+    make_big_tree(src, DATA_BYTES, seed=7)
+    proc = run_cli(["push", src, "apps/demo"], cli_env(store, tmp_path / "pusher-cache"))
+    assert proc.returncode == 0, proc.stderr
+    return store, src
+
+
+def _peers(daemons: list) -> str:  # type: ignore[type-arg]
+    return ",".join(d.listen for d in daemons)
+
+
+def _total(daemons: list, metric: str) -> float:  # type: ignore[type-arg]
+    return sum(d.metrics()[f"blobstore_peer_{metric}"] for d in daemons)
+
+
+def _chunk_count(store: str, tmp_path: Path) -> int:
+    return sum(1 for _ in Path(store.removeprefix("file://"), "chunks").rglob("*") if _.is_file())
+
+
+async def test_pull_comes_from_peers_and_origin_is_read_once(
+    pushed: tuple[str, Path], tmp_path: Path
+) -> None:
+    store, src = pushed
+    with cluster(store, tmp_path, 3) as daemons:
+        first = await pull(store, tmp_path / "c1", _peers(daemons), "apps/demo", tmp_path / "o1")
+        assert snapshot(tmp_path / "o1") == snapshot(src)
+        # (the tree repeats some content: those chunks come from the local cache)
+        assert first.from_tier["peer"] > 0
+        assert first.from_tier["origin"] == 0
+        # Each chunk was read through by its home peer only.
+        unique = _chunk_count(store, tmp_path)
+        assert _total(daemons, "origin_fetches_total") == unique
+        # Every daemon served a share: chunks spread over the home peers.
+        assert all(d.metrics()["blobstore_peer_chunks_served_total"] > 0 for d in daemons)
+
+        proc = run_cli(["pull", "apps/demo", tmp_path / "o2", "--json"],
+                       cli_env(store, tmp_path / "c2", {"BLOBSTORE_PEERS": _peers(daemons)}))
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        assert doc["from"]["peer"] > 0
+        assert doc["from"]["origin"] == 0
+        assert snapshot(tmp_path / "o2") == snapshot(src)
+        assert _total(daemons, "origin_fetches_total") == unique  # second node: all cached
+
+
+async def test_daemon_killed_mid_pull(pushed: tuple[str, Path], tmp_path: Path) -> None:
+    store, src = pushed
+    with cluster(store, tmp_path, 3) as daemons:
+        victim = daemons[1]
+
+        def kill_after(n: int) -> None:
+            if n == 5:
+                os.kill(victim.proc.pid, signal.SIGKILL)
+
+        outcome = await pull(store, tmp_path / "c1", _peers(daemons), "apps/demo", tmp_path / "o",
+                             after=kill_after)
+        assert victim.proc.wait(10) == -signal.SIGKILL
+        assert snapshot(tmp_path / "o") == snapshot(src)
+        assert outcome.from_tier["peer"] > 0
+        # The survivors noticed, independently of mDNS.
+        wait_until(lambda: all(d.health()["peers"] == 1 for d in (daemons[0], daemons[2])),
+                   "survivors to drop the dead peer")
+
+
+async def test_corrupted_cache_files_are_detected(
+    pushed: tuple[str, Path], tmp_path: Path
+) -> None:
+    store, src = pushed
+    with cluster(store, tmp_path, 2) as daemons:
+        await pull(store, tmp_path / "c1", _peers(daemons), "apps/demo", tmp_path / "o1")
+        flipped = 0
+        for d in daemons:
+            for f in d.cache.rglob("*"):
+                if f.is_file() and len(f.name) == 64:
+                    data = bytearray(f.read_bytes())
+                    data[len(data) // 2] ^= 0xFF
+                    f.write_bytes(bytes(data))
+                    flipped += 1
+        assert flipped > 0
+        await pull(store, tmp_path / "c2", _peers(daemons), "apps/demo", tmp_path / "o2")
+        assert snapshot(tmp_path / "o2") == snapshot(src)
+        assert _total(daemons, "corrupt_dropped_total") > 0
+
+
+async def test_lying_peer_is_detected_and_pull_stays_correct(
+    pushed: tuple[str, Path], tmp_path: Path
+) -> None:
+    store, src = pushed
+    with cluster(store, tmp_path, 3, args_for={0: ["--corrupt-for-tests"]}) as daemons:
+        outcome = await pull(store, tmp_path / "c1", _peers(daemons), "apps/demo", tmp_path / "o")
+        assert snapshot(tmp_path / "o") == snapshot(src)
+        assert outcome.tier_stats["corrupt"] > 0
+
+
+async def test_node_in_another_region_is_ignored(
+    pushed: tuple[str, Path], tmp_path: Path
+) -> None:
+    store, src = pushed
+    with (
+        daemon(store, tmp_path / "far-cache", listen="127.0.0.1:0", peers="none",
+               region="far", node="far-node") as far,
+        cluster(store, tmp_path, 2, extra_peers=[far.listen]) as daemons,
+    ):
+        env = cli_env(store, tmp_path / "c0", {"BLOBSTORE_PEERS": _peers([*daemons, far])})
+        proc = run_cli(["peers", "--json", "--all"], env)
+        assert proc.returncode == 0, proc.stderr
+        seen = {p["node"]: p["status"] for p in json.loads(proc.stdout)["peers"]}
+        assert seen == {"default-node-0": "up", "default-node-1": "up", "far-node": "foreign"}
+        live = json.loads(run_cli(["peers", "--json"], env).stdout)["peers"]
+        assert {p["node"] for p in live} == {"default-node-0", "default-node-1"}
+
+        await pull(store, tmp_path / "c1", _peers([*daemons, far]), "apps/demo", tmp_path / "o")
+        assert snapshot(tmp_path / "o") == snapshot(src)
+        assert far.metrics()["blobstore_peer_chunks_served_total"] == 0
+        assert all(d.health()["peers"] == 1 for d in daemons)  # they ignore it too
+
+
+async def test_token_mismatch_is_refused(pushed: tuple[str, Path], tmp_path: Path) -> None:
+    store, src = pushed
+    good, bad = tmp_path / "good.token", tmp_path / "bad.token"
+    good.write_text("cluster-secret\n")
+    bad.write_text("not-the-secret\n")
+    with cluster(store, tmp_path, 2, env={"BLOBSTORE_TOKEN_FILE": str(good)}) as daemons:
+        outcome = await pull(store, tmp_path / "c1", _peers(daemons), "apps/demo", tmp_path / "o1",
+                             token=b"cluster-secret")
+        assert outcome.from_tier["peer"] > 0
+        outcome = await pull(store, tmp_path / "c2", _peers(daemons), "apps/demo", tmp_path / "o2",
+                             token=b"not-the-secret")
+        assert outcome.from_tier["peer"] == 0
+        assert snapshot(tmp_path / "o2") == snapshot(src)
+        wait_until(lambda: "token mismatch" in daemons[0].log_text(), "the refusal to be logged")
+        assert daemons[0].metrics()["blobstore_peer_auth_failures_total"] > 0
+
+
+async def test_http_ops_side_and_clean_sigterm(pushed: tuple[str, Path], tmp_path: Path) -> None:
+    store, _ = pushed
+    with cluster(store, tmp_path, 2) as daemons:
+        await pull(store, tmp_path / "c1", _peers(daemons), "apps/demo", tmp_path / "o1")
+        d = daemons[0]
+        health = d.health()
+        assert health["ok"] is True
+        assert health["node"] == "default-node-0"
+        text = d.get("/metrics").decode()
+        assert "# TYPE blobstore_peer_bytes_served_total counter" in text
+        held = next(f.name for f in d.cache.rglob("*") if f.is_file() and len(f.name) == 64)
+        body = d.get(f"/chunks/{held}")
+        assert hash_bytes(body) == held
+        with pytest.raises(urllib.error.HTTPError) as err:
+            d.get("/chunks/" + "0" * 64)
+        assert err.value.code == 404
+        assert d.stop(signal.SIGTERM) == 0
+        assert "Traceback" not in d.log_text()
