@@ -313,7 +313,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument("ref", metavar="REF")
     p.add_argument("dir", metavar="DIR", type=Path)
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="command to run")
+    p.add_argument("cmd", nargs="*", metavar="CMD", help="command to run, after --")
     p.add_argument("--push-on-failure", action="store_true", help="push even if CMD fails")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_sync)
