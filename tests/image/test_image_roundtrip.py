@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tarfile
 from pathlib import Path
 
@@ -122,3 +123,47 @@ async def test_export_single_layer(client: Client, oci_layout: Path, tmp_path: P
     assert size == out.stat().st_size
     assert sha256_file(out) == digest
     assert out.read_bytes() == (oci_layout / "blobs" / "sha256" / digest[7:]).read_bytes()
+
+
+def docker25_archive(layout: Path, out: Path) -> Path:
+    """What ``docker save`` 25+ writes: an OCI layout plus manifest.json, in a tar."""
+    index = json.loads((layout / "index.json").read_bytes())
+    digest = index["manifests"][0]["digest"]
+    manifest = json.loads((layout / "blobs" / "sha256" / digest[7:]).read_bytes())
+    doc = [
+        {
+            "Config": "blobs/sha256/" + manifest["config"]["digest"][7:],
+            "RepoTags": ["demo:v1"],
+            "Layers": ["blobs/sha256/" + d["digest"][7:] for d in manifest["layers"]],
+        }
+    ]
+    (layout / "manifest.json").write_text(json.dumps(doc))
+    with tarfile.open(out, "w") as tf:
+        tf.add(layout, arcname=".")
+    return out
+
+
+async def test_docker25_archive_round_trip(
+    client: Client, oci_layout: Path, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain"
+    skopeo_copy(f"oci:{oci_layout}:v1", f"docker-archive:{tmp_path / 'd.tar'}")
+    skopeo_copy(
+        f"docker-archive:{tmp_path / 'd.tar'}",
+        f"oci:{plain}:v1",
+        "--dest-oci-accept-uncompressed-layers",
+    )
+    src = docker25_archive(plain, tmp_path / "docker25.tar")
+    result = await import_image(str(src), "images/d25", client.catalog, client.ingestor())
+    assert (
+        result.digest == json.loads((plain / "index.json").read_bytes())["manifests"][0]["digest"]
+    )
+
+    out = tmp_path / "out.tar"
+    await export_image(client.catalog, client.source, "images/d25", out, "docker-archive")
+    assert sha256_file(out) == sha256_file(src)
+    assert len(skopeo_inspect(f"docker-archive:{out}")["Layers"]) == 2  # type: ignore[arg-type]
+    oci_out = tmp_path / "oci"
+    await export_image(client.catalog, client.source, "images/d25", oci_out, "oci")
+    assert (oci_out / "index.json").read_bytes() == (plain / "index.json").read_bytes()
+    assert skopeo_inspect(f"oci:{oci_out}:v1")["Digest"] == result.digest
