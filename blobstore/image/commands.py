@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..progress import ProgressLine, human_bytes
 from .exporter import FORMATS, export_image, export_layer
 from .importer import import_image
 from .sharing import ImageSharing, image_sharing
@@ -55,7 +56,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 async def run_import(args: argparse.Namespace, client: Client) -> int:
-    result = await import_image(args.src, args.ref, client.catalog, client.ingestor(), tag=args.tag)
+    bar = ProgressLine("import")
+    try:
+        result = await import_image(
+            args.src, args.ref, client.catalog, client.ingestor(), tag=args.tag, progress=bar
+        )
+    finally:
+        bar.close()
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -67,7 +74,13 @@ async def run_import(args: argparse.Namespace, client: Client) -> int:
 
 
 async def run_export(args: argparse.Namespace, client: Client) -> int:
-    stored = await export_image(client.catalog, client.source, args.ref, args.out, args.format)
+    bar = ProgressLine("export", tiers=lambda: client.source.bytes_from)
+    try:
+        stored = await export_image(
+            client.catalog, client.source, args.ref, args.out, args.format, progress=bar
+        )
+    finally:
+        bar.close()
     print(f"{args.out}: {args.format}, {len(stored.layers)} layers, image {stored.digest}")
     return 0
 
@@ -103,10 +116,4 @@ def format_sharing(s: ImageSharing) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+_human = human_bytes

@@ -20,7 +20,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -41,6 +41,10 @@ from .blobs import (
     write_layer_gunzipped,
 )
 from .errors import BadImage
+from .stream import MeteredSource
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes done, bytes total)."""
 
 FORMATS = ("docker-archive", "oci")
 _BLOCK = 512
@@ -70,6 +74,17 @@ async def _staged(out: Path, directory: bool) -> AsyncIterator[Path]:
         raise
 
 
+def _metered(source: ChunkSource, total: int, progress: Progress) -> ChunkSource:
+    done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, total)
+
+    return MeteredSource(source, report)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -78,13 +93,20 @@ def _remove(path: Path) -> None:
 
 
 async def export_image(
-    catalog: Catalog, source: ChunkSource, ref: str, out: Path, fmt: str
+    catalog: Catalog,
+    source: ChunkSource,
+    ref: str,
+    out: Path,
+    fmt: str,
+    progress: Progress | None = None,
 ) -> StoredImage:
     """Write image ``ref`` to ``out`` as ``fmt``. Raises NotFound, BadInput,
     DigestMismatch, Unavailable; on any error ``out`` is not created."""
     if fmt not in FORMATS:
         raise BadInput(f"unknown image format {fmt!r} (use {' or '.join(FORMATS)})")
     stored = await load_image(catalog, ref)
+    if progress is not None:
+        source = _metered(source, sum(layer.size for layer in stored.layers), progress)
     if fmt == "oci":
         async with _staged(out, directory=True) as tmp:
             await _write_oci(stored, source, tmp)

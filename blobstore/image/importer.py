@@ -12,6 +12,7 @@ The ref is written last: a failure leaves at most unreferenced chunks, which
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +55,13 @@ class ImportResult:
 
 
 async def import_image(
-    src: str, ref: str, catalog: Catalog, ingestor: Ingestor, *, tag: str | None = None
+    src: str,
+    ref: str,
+    catalog: Catalog,
+    ingestor: Ingestor,
+    *,
+    tag: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ImportResult:
     """Import the image at ``src`` and point ``ref`` at it.
 
@@ -67,12 +74,17 @@ async def import_image(
     spec = await anyio.to_thread.run_sync(_read_spec, src, tag)
     stored: dict[str, tuple[ChunkId, Layer]] = {}
     layer_rows: list[tuple[str, str, int]] = []
+    total = sum(layer.extent.size for layer in spec.layers)
     for i, layer in enumerate(spec.layers):
+        if progress is not None:
+            progress(sum(row[2] for row in layer_rows), total)
         key = f"{layer.extent.path}:{layer.extent.offset}"
         if key not in stored:
             stored[key] = await _import_layer(i, layer, catalog, ingestor)
         saved = stored[key][1]
         layer_rows.append((layer.media_type, saved.digest, saved.size))
+    if progress is not None:
+        progress(total, total)
     manifest_json = spec.manifest_json or oci.synthesize_manifest(spec.config_json, layer_rows)
     image = Image(
         manifest_json=manifest_json,

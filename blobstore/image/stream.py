@@ -9,7 +9,7 @@ the way (in the same worker thread) and checked against the layer's digest.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 import anyio
@@ -77,6 +77,23 @@ class HashingWriter:
         actual = "sha256:" + self.sha.hexdigest()
         if actual != digest or (size is not None and size != self.size):
             raise DigestMismatch(what, digest, f"{actual} ({self.size} bytes)")
+
+
+class MeteredSource:
+    """A ChunkSource wrapper that reports the bytes it hands out (for progress)."""
+
+    def __init__(self, inner: ChunkSource, report: Callable[[int], None]) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.report = report
+
+    async def get(self, chunk_id: ChunkId) -> bytes:
+        data = await self.inner.get(chunk_id)
+        self.report(len(data))
+        return data
+
+    async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
+        return await self.inner.has(chunk_ids)
 
 
 def file_sha256(path: str, offset: int, size: int) -> str:

@@ -66,9 +66,17 @@ async def assert_refused(client: Client, src: Path, kind: type[Exception], match
 
 async def test_minimal_classic_archive_imports(client: Client, tmp_path: Path) -> None:
     src = make_tar(tmp_path / "ok.tar", classic())
-    await import_image(str(src), "images/ok", client.catalog, client.ingestor())
+    seen: list[tuple[int, int]] = []
+    await import_image(
+        str(src), "images/ok", client.catalog, client.ingestor(), progress=lambda *a: seen.append(a)
+    )
+    assert seen[-1] == (1024, 1024)
     out = tmp_path / "out.tar"
-    await export_image(client.catalog, client.source, "images/ok", out, "docker-archive")
+    seen.clear()
+    await export_image(
+        client.catalog, client.source, "images/ok", out, "docker-archive", lambda *a: seen.append(a)
+    )
+    assert seen[-1] == (1024, 1024)
     assert out.read_bytes() == src.read_bytes()
 
 
