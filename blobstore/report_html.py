@@ -15,6 +15,7 @@ _STORED = "#6366f1"
 _MUTED = "#64748b"
 _GRID = "#e2e8f0"
 _FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
+_SIDE_BY_SIDE = 8  # more apps than this: charts get the full width
 _CHAR_PX = 7.0  # average glyph width of 12px text, to size label gutters
 
 _CSS = f"""
@@ -92,19 +93,19 @@ def render_html(
         ),
         _card("Dedup ratio", f"{report.ratio:.2f}×", "logical ÷ stored"),
         "</section>",
-        '<div class="grid">',
+        '<div class="grid">' if len(refs) <= _SIDE_BY_SIDE else "<div>",
         _panel(
             "Savings per app",
             "Each bar is an app's logical size, split into what it costs in storage (its "
             "chunks; shared ones divided between the apps holding them) and what sharing saves.",
             _legend([(_STORED, "stored (attributed)"), (_SAVED, "saved by sharing")])
-            + _savings_svg(report, labels),
+            + _savings_svg(report, labels, wide=len(refs) > _SIDE_BY_SIDE),
         ),
         _panel(
             "Shared bytes between apps",
             "Bytes of distinct chunks both apps hold. Colour: share of the row app's "
             "unique bytes; the diagonal is each app's unique bytes.",
-            _heatmap_svg(report, labels),
+            _heatmap_svg(report, labels, wide=len(refs) > _SIDE_BY_SIDE),
         ),
         "</div>",
         _panel(
@@ -182,7 +183,11 @@ def display_names(names: list[str]) -> tuple[list[str], str]:
 
 
 def _short(name: str, limit: int) -> str:
-    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+    """Shorten in the middle: both the start and the end of a name tell apps apart."""
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) * 3 // 5
+    return name[: limit - 1 - tail] + "…" + name[-tail:]
 
 
 def _label(name: str, shown: str, limit: int) -> str:
@@ -197,13 +202,13 @@ def _empty(msg: str) -> str:
 # --------------------------------------------------------------------------- charts
 
 
-def _savings_svg(report: DedupReport, labels: list[str]) -> str:
+def _savings_svg(report: DedupReport, labels: list[str], *, wide: bool = False) -> str:
     refs = report.refs
     if not refs:
         return _empty("No refs.")
     limit = 26
     gutter = min(limit, max(len(t) for t in labels)) * _CHAR_PX + 16
-    width, bar_h, gap, right = 560, 26, 16, 104
+    width, bar_h, gap, right = (1100 if wide else 560), 26, 16, 104
     plot = width - gutter - right
     top = max(r.logical_bytes for r in refs) or 1
     height = len(refs) * (bar_h + gap) + 8
@@ -250,16 +255,17 @@ def _heat_colour(frac: float) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
-def _heatmap_svg(report: DedupReport, labels: list[str]) -> str:
+def _heatmap_svg(report: DedupReport, labels: list[str], *, wide: bool = False) -> str:
     refs = report.refs
     n = len(refs)
     if n == 0:
         return _empty("No refs.")
     limit = 22
     label_w = min(limit, max(len(t) for t in labels)) * _CHAR_PX + 12
-    cell = max(28.0, min(72.0, 420 / n))
+    cell = max(28.0, min(72.0, (820 if wide else 420) / n))
     top = label_w * 0.72 + 8  # rotated column labels
-    width = label_w + n * cell + label_w * 0.72 + 8
+    lw = 200.0  # legend width
+    width = max(label_w + n * cell + label_w * 0.72 + 8, label_w + lw + 16)
     height = top + n * cell + 44
     out = [_svg_open(width, height, "Shared bytes between apps")]
     for j, r in enumerate(refs):
@@ -300,7 +306,6 @@ def _heatmap_svg(report: DedupReport, labels: list[str]) -> str:
     # Legend: a gradient bar 0% .. 100% of the row app's unique bytes.
     ly = top + n * cell + 18
     lx = label_w
-    lw = min(220.0, n * cell)
     steps = 20
     for s in range(steps):
         out.append(

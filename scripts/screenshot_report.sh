@@ -10,6 +10,9 @@ size="${3:-1400x1000}"
 if [[ -z "$html" ]]; then
     html="$(mktemp --suffix=.html)"
     "$py" "$here/examples/dedup_demo.py" "$html"
+elif [[ ! -f "$html" ]]; then
+    echo "screenshot_report.sh: no such file: $html" >&2
+    exit 1
 fi
 chrome="$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)"
 if [[ -z "$chrome" ]]; then
