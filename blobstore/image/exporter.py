@@ -48,6 +48,17 @@ Progress = Callable[[int, int], None]
 
 FORMATS = ("docker-archive", "oci")
 _BLOCK = 512
+_PUBLIC_MODE = 0o666
+"""Temp files are created private (0600); the result gets the usual umask'd mode."""
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 @asynccontextmanager
@@ -67,6 +78,7 @@ async def _staged(out: Path, directory: bool) -> AsyncIterator[Path]:
         raise BadInput(f"cannot write beside {out}: {exc.strerror}") from exc
     try:
         yield tmp
+        tmp.chmod(_PUBLIC_MODE & ~_UMASK | (0o111 if directory else 0))
         tmp.rename(out)
     except BaseException:
         with anyio.CancelScope(shield=True):

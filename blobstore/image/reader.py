@@ -68,7 +68,11 @@ def _read_oci(archive: ImageArchive, tag: str | None) -> ImageSpec:
     manifest_bytes = _read_blob(archive, chosen, "image manifest")
     if chosen.media_type in oci.INDEX_TYPES:
         inner = oci.parse_index(manifest_bytes)
-        images = [d for d in inner if d.media_type in oci.MANIFEST_TYPES]
+        images = [
+            d
+            for d in inner
+            if d.media_type in oci.MANIFEST_TYPES and oci.ATTESTATION not in d.annotations
+        ]
         if len(images) != 1:
             raise BadImage(f"{archive.path}: a multi-platform index is not supported")
         chosen = images[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 from pathlib import Path
@@ -167,3 +168,58 @@ async def test_docker25_archive_round_trip(
     await export_image(client.catalog, client.source, "images/d25", oci_out, "oci")
     assert (oci_out / "index.json").read_bytes() == (plain / "index.json").read_bytes()
     assert skopeo_inspect(f"oci:{oci_out}:v1")["Digest"] == result.digest
+
+
+def wrap_in_index(layout: Path) -> str:
+    """Point index.json at an image index holding the image and an attestation manifest,
+    as BuildKit / Docker 25 with the containerd store write it."""
+    blobs = layout / "blobs" / "sha256"
+    top = json.loads((layout / "index.json").read_bytes())["manifests"][-1]
+    top.pop("annotations", None)
+    attestation = b'{"schemaVersion":2,"config":{},"layers":[]}'
+    att_digest = "sha256:" + hashlib.sha256(attestation).hexdigest()
+    (blobs / att_digest[7:]).write_bytes(attestation)
+    inner = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            top,
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": att_digest,
+                "size": len(attestation),
+                "annotations": {"vnd.docker.reference.type": "attestation-manifest"},
+            },
+        ],
+    }
+    raw = json.dumps(inner).encode()
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    (blobs / digest[7:]).write_bytes(raw)
+    outer = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": digest,
+                "size": len(raw),
+                "annotations": {"org.opencontainers.image.ref.name": "v1"},
+            }
+        ],
+    }
+    (layout / "index.json").write_text(json.dumps(outer))
+    return str(top["digest"])
+
+
+async def test_index_with_attestation_manifest(
+    client: Client, oci_layout: Path, tmp_path: Path
+) -> None:
+    image_digest = wrap_in_index(oci_layout)
+    archive = tmp_path / "nested.tar"
+    with tarfile.open(archive, "w") as tf:
+        tf.add(oci_layout, arcname=".")
+    result = await import_image(str(archive), "images/n", client.catalog, client.ingestor())
+    assert result.digest == image_digest
+    out = tmp_path / "out"
+    await export_image(client.catalog, client.source, "images/n", out, "oci")
+    check_layout_blobs(out)
+    assert skopeo_inspect(f"oci:{out}:v1")["Digest"] == image_digest
