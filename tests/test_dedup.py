@@ -311,3 +311,31 @@ def _distinct_colours(png: bytes) -> int:
             seen.update(bytes(cur[i : i + channels]) for i in range(0, stride, channels * 4))
         prev = cur
     return len(seen)
+
+
+def test_cli_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``blobstore dedup-report`` through the real CLI parser and exit codes."""
+    from blobstore.cli import main
+
+    common = [
+        "--store",
+        (tmp_path / "store").as_uri(),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--peers",
+        "none",
+    ]
+    write_random(tmp_path / "a" / "m", 400_000, seed=3)
+    assert main(["push", str(tmp_path / "a"), "apps/a/data", *common]) == 0
+    assert main(["push", str(tmp_path / "a"), "apps/b/data", *common]) == 0
+    capsys.readouterr()
+    assert main(["dedup-report", "--prefix", "apps/", "--json", *common]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["shared"]["apps/a/data"]["apps/b/data"] == 400_000
+    out = tmp_path / "r.html"
+    assert (
+        main(["dedup-report", "apps/a/data", "--format", "html", "--out", str(out), *common]) == 0
+    )
+    assert out.read_text().startswith("<!DOCTYPE html>")
+    assert main(["dedup-report", "apps/missing", *common]) == 1
+    assert "not found" in capsys.readouterr().err

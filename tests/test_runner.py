@@ -7,6 +7,8 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
 
 from blobstore.client import Client
@@ -47,9 +49,9 @@ def make_app(root: Path, seed: int = 1) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def env_for(tmp_path: Path, node: str) -> dict[str, str]:
+def env_for(tmp_path: Path, node: str, store_url: str | None = None) -> dict[str, str]:
     return {
-        "BLOBSTORE_STORE": (tmp_path / "store").as_uri(),
+        "BLOBSTORE_STORE": store_url or (tmp_path / "store").as_uri(),
         "BLOBSTORE_CACHE": str(tmp_path / node / "cache"),
         "BLOBSTORE_PEERS": "none",
     }
@@ -76,12 +78,16 @@ class FakePeers:
 @pytest.fixture
 def app_ref(tmp_path: Path) -> int:
     """Push the app once from a build machine; return its size."""
+    return _push_app(tmp_path, None)
+
+
+def _push_app(tmp_path: Path, store_url: str | None) -> int:
     import anyio
 
     size = make_app(tmp_path / "build")
 
     async def push() -> None:
-        async with open_client(env=env_for(tmp_path, "builder")) as client:
+        async with open_client(env=env_for(tmp_path, "builder", store_url)) as client:
             await client.push(tmp_path / "build", REF)
 
     anyio.run(push)
@@ -114,12 +120,15 @@ def test_priority_puts_listed_and_small_files_first() -> None:
 
 
 @pytest.mark.anyio
-async def test_cold_then_warm_start(tmp_path: Path, app_ref: int) -> None:
+async def test_cold_then_warm_start(tmp_path: Path, object_store_url: str) -> None:
+    """Against a file:// store and S3 (SeaweedFS)."""
+    app_ref = await anyio.to_thread.run_sync(_push_app, tmp_path, object_store_url)
+    env = env_for(tmp_path, "node-a", object_store_url)
     data = tmp_path / "node-a" / "data"
     events: list[tuple[str, int, int]] = []
 
     # Cold start: nothing local, everything from the object store.
-    async with open_client(env=env_for(tmp_path, "node-a")) as client:
+    async with open_client(env=env) as client:
         before = await locality(client, REF)
         assert before.total_bytes == app_ref
         assert (before.local_fraction, before.region_fraction) == (0.0, 0.0)
@@ -137,7 +146,7 @@ async def test_cold_then_warm_start(tmp_path: Path, app_ref: int) -> None:
         assert after.local_fraction == 1.0
 
     # Warm restart on the same node with /data intact: no bytes move.
-    async with open_client(env=env_for(tmp_path, "node-a")) as client:
+    async with open_client(env=env) as client:
         warm = await download_model_weights(client, REF, data)
         assert not warm.pulled
         assert warm.manifest == cold.manifest

@@ -125,6 +125,13 @@ def store_url(tmp_path: Path) -> str:
     return (tmp_path / "store").as_uri()
 
 
+@pytest.fixture
+async def s3_or_file_runners(tmp_path: Path, object_store_url: str) -> AsyncIterator[list[Client]]:
+    """Four runners on a file:// store, then on S3 (SeaweedFS)."""
+    async with AsyncExitStack() as stack:
+        yield [await _client(stack, tmp_path, object_store_url, f"r{k}") for k in range(4)]
+
+
 async def _client(stack: AsyncExitStack, tmp_path: Path, store_url: str, name: str) -> Client:
     config = Config(
         store_url=store_url,
@@ -187,8 +194,10 @@ async def test_only_changed_files_are_rehashed(runners: list[Client], tmp_path: 
 
 
 @pytest.mark.anyio
-async def test_two_runners_race_and_lose_nothing(runners: list[Client], tmp_path: Path) -> None:
-    a, b, c = runners[:3]
+async def test_two_runners_race_and_lose_nothing(
+    s3_or_file_runners: list[Client], tmp_path: Path
+) -> None:
+    a, b, c = s3_or_file_runners[:3]
     async with synchronized_directory(c, REF, tmp_path / "seed"):
         (tmp_path / "seed" / "base.bin").write_text("base")
         (tmp_path / "seed" / "shared.json").write_text("v1")
@@ -223,7 +232,10 @@ async def test_two_runners_race_and_lose_nothing(runners: list[Client], tmp_path
 
 
 @pytest.mark.anyio
-async def test_concurrent_runners_all_land(runners: list[Client], tmp_path: Path) -> None:
+async def test_concurrent_runners_all_land(
+    s3_or_file_runners: list[Client], tmp_path: Path
+) -> None:
+    runners = s3_or_file_runners
     async with synchronized_directory(runners[0], REF, tmp_path / "seed"):
         (tmp_path / "seed" / "base").write_text("base")
 
