@@ -83,10 +83,18 @@ def _same_file(path: Path, entry: Entry) -> bool:
     return _blake3_file(path) == entry.digest
 
 
+_HASH_BUF = 1 << 20
+
+
 def _blake3_file(path: Path) -> str:
+    # Read through one reused buffer, not mmap: mapped pages count toward the
+    # pull's RSS, which then grows with the largest file instead of staying bounded.
     h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    if os.path.getsize(path):
-        h.update_mmap(path)
+    buf = bytearray(_HASH_BUF)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
