@@ -65,13 +65,16 @@ class TieredSource:
 
     async def _fetch(self, chunk_id: ChunkId) -> bytes:
         unavailable: Unavailable | None = None
+        corrupt: Corrupt | None = None
         for source in self.sources:
             try:
                 data = await source.get(chunk_id)
             except NotFound:
                 continue
             except Corrupt as exc:
-                log.warning("%s: %s; trying the next tier", source.name, exc)
+                if source is not self.sources[-1]:
+                    log.warning("%s: %s; trying the next tier", source.name, exc)
+                corrupt = exc
                 continue
             except Unavailable as exc:
                 log.info("%s unavailable: %s", source.name, exc)
@@ -86,6 +89,8 @@ class TieredSource:
             return data
         if unavailable is not None:
             raise unavailable
+        if corrupt is not None:  # say "corrupt", not "not found", when that is the reason
+            raise corrupt
         raise ChunkMissing(chunk_id, "any tier")
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
