@@ -236,9 +236,10 @@ async def _tar_layer(
 async def _write_oci(stored: StoredImage, source: ChunkSource, root: Path) -> None:
     image = stored.image
     blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
+    await anyio.to_thread.run_sync(lambda: blobs.mkdir(parents=True))
     kept = stored.layout.files if stored.layout else {}
-    (root / oci.OCI_LAYOUT).write_bytes(kept.get(oci.OCI_LAYOUT, oci.OCI_LAYOUT_BYTES))
+    layout_marker = kept.get(oci.OCI_LAYOUT, oci.OCI_LAYOUT_BYTES)
+    await anyio.to_thread.run_sync((root / oci.OCI_LAYOUT).write_bytes, layout_marker)
     written: set[str] = set()
 
     async def small(what: str, data: bytes, digest: str) -> None:
@@ -259,7 +260,7 @@ async def _write_oci(stored: StoredImage, source: ChunkSource, root: Path) -> No
     index = kept.get("index.json")
     if index is None or not _describes_only(index, stored.digest):
         index = oci.synthesize_index(manifest_desc, image.tags)
-    (root / "index.json").write_bytes(index)
+    await anyio.to_thread.run_sync((root / "index.json").write_bytes, index)
 
 
 def _describes_only(index: bytes, digest: str) -> bool:
