@@ -305,15 +305,17 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     """Register ``sync REF DIR [-- CMD…]``."""
     p = subparsers.add_parser(
         "sync",
+        usage="blobstore sync [OPTIONS] REF DIR [-- CMD ARG…]",
         help="pull REF into DIR, run CMD, push what changed (merging with other runners)",
         description="Pull REF into DIR, run CMD (if given) and push what changed, moving "
         "REF with compare-and-swap and merging with concurrent pushes. Without CMD: pull "
-        "then push. Exits with CMD's status; pushes only if CMD succeeded "
-        "(unless --push-on-failure).",
+        "then push. Exits with CMD's status; pushes only if CMD succeeded (unless "
+        "--push-on-failure). Like docker run, options go before REF: everything after "
+        "DIR is the command.",
     )
     p.add_argument("ref", metavar="REF")
     p.add_argument("dir", metavar="DIR", type=Path)
-    p.add_argument("cmd", nargs="*", metavar="CMD", help="command to run, after --")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="command to run")
     p.add_argument("--push-on-failure", action="store_true", help="push even if CMD fails")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_sync)
@@ -327,6 +329,8 @@ async def run_sync(args: argparse.Namespace, client: Client) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
+    elif cmd and cmd[0].startswith("-"):
+        raise BadInput(f"sync: put {cmd[0]} before REF DIR (everything after DIR is the command)")
     session = await sync_pull(client, args.ref, args.dir)
     status = 0
     if cmd:

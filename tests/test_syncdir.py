@@ -288,3 +288,21 @@ async def test_cli_runs_the_command_between_pull_and_push(
     failing = "import pathlib,sys; pathlib.Path(sys.argv[1], 'bad').write_text('x'); exit(3)"
     assert await run_sync(args(sys.executable, "-c", failing, str(work)), a) == 3
     assert await a.catalog.resolve(REF) == before
+
+
+def test_sync_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``blobstore sync [OPTIONS] REF DIR -- CMD`` through the real parser."""
+    from blobstore.cli import main
+
+    opts = ["--store", (tmp_path / "store").as_uri(), "--cache", str(tmp_path / "cache")]
+    opts += ["--peers", "none"]
+    work = tmp_path / "w"
+    make = "import pathlib,sys; pathlib.Path(sys.argv[1], 'k.so').write_text('k')"
+    cmd = [sys.executable, "-c", make, str(work)]
+    assert main(["sync", "--json", *opts, REF, str(work), "--", *cmd]) == 0
+    assert '"pushed": true' in capsys.readouterr().out
+    assert main(["sync", *opts, REF, str(tmp_path / "w2")]) == 0
+    assert (tmp_path / "w2" / "k.so").read_text() == "k"
+    assert main(["sync", *opts, REF, str(work), sys.executable, "-c", "exit(5)"]) == 5
+    assert main(["sync", *opts, REF, str(work), "--json"]) == 1
+    assert "before REF DIR" in capsys.readouterr().err
