@@ -40,6 +40,7 @@ from .errors import BadInput, Conflict, DiskFull, RefNotFound, single_errors
 from .ids import ChunkId
 from .manifest import Entry, Tree
 from .push import scan_tree
+from .runner import MARKER
 
 if TYPE_CHECKING:
     from .client import Client
@@ -262,6 +263,8 @@ async def _snapshot(client: Client, session: SyncSession) -> tuple[Tree, int]:
     entries: list[Entry] = list(scan.entries)
     todo: list[tuple[str, int]] = []
     for path, mode, _size in scan.files:
+        if path == MARKER:
+            continue  # download_model_weights' bookkeeping, never shared
         old = base.get(path)
         if old is not None and session.stamps.get(path) == stats[path]:
             entries.append(old)

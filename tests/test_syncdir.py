@@ -306,3 +306,13 @@ def test_sync_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["sync", *opts, REF, str(work), sys.executable, "-c", "exit(5)"]) == 5
     assert main(["sync", *opts, REF, str(work), "--json"]) == 1
     assert "before REF DIR" in capsys.readouterr().err
+
+
+@pytest.mark.anyio
+async def test_download_marker_is_never_pushed(runners: list[Client], tmp_path: Path) -> None:
+    from blobstore.runner import MARKER
+
+    async with synchronized_directory(runners[0], REF, tmp_path / "a"):
+        (tmp_path / "a" / MARKER).write_text("{}")
+        (tmp_path / "a" / "k.so").write_text("k")
+    assert await pulled(runners[1], tmp_path / "b") == {"k.so": "k"}
