@@ -241,3 +241,22 @@ async def test_open_client_takes_a_config_or_env(tmp_path: Path) -> None:
             async with open_client(client.config, region="us"):
                 pass
     assert (tmp_path / "n" / "cache").is_dir()
+
+
+@pytest.mark.anyio
+async def test_locality_command(
+    tmp_path: Path, app_ref: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+    import json
+
+    from blobstore.runner import run_locality
+
+    async with open_client(env=env_for(tmp_path, "node-e")) as client:
+        await download_model_weights(client, REF, tmp_path / "data")
+        assert await run_locality(argparse.Namespace(refs=[REF], json=True), client) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc[0]["local_fraction"] == 1.0
+        assert doc[0]["total_bytes"] == app_ref
+        assert await run_locality(argparse.Namespace(refs=[REF], json=False), client) == 0
+        assert "100.0% local" in capsys.readouterr().out
