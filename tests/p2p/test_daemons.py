@@ -174,5 +174,6 @@ async def test_http_ops_side_and_clean_sigterm(pushed: tuple[str, Path], tmp_pat
         with pytest.raises(urllib.error.HTTPError) as err:
             d.get("/chunks/" + "0" * 64)
         assert err.value.code == 404
+        err.value.close()
         assert d.stop(signal.SIGTERM) == 0
         assert "Traceback" not in d.log_text()
