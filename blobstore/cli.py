@@ -28,7 +28,12 @@ from .progress import ProgressLine, human_bytes
 log = logging.getLogger("blobstore")
 
 # Core modules that contribute sub-commands with ``add_commands(subparsers)``.
-_COMMAND_MODULES = ("blobstore.image.commands", "blobstore.dedup", "blobstore.syncdir")
+_COMMAND_MODULES = (
+    "blobstore.image.commands",
+    "blobstore.dedup",
+    "blobstore.syncdir",
+    "blobstore.runner",
+)
 
 Command = Callable[[argparse.Namespace, Any], Awaitable[int]]
 

@@ -21,10 +21,20 @@ from .errors import BadInput, DiskFull, Unavailable, single_errors
 from .ids import ChunkId
 from .ingest import Ingestor
 from .manifest import Entry, Tree
+from .materialize import TMP_MARK
 from .objectstore import chunk_key
 
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total)."""
+
+
+# Local bookkeeping that must never be published: the runner's completeness
+# marker (runner.MARKER) and temp files of a pull in progress.
+_LOCAL_ONLY = frozenset({".blobstore-complete.json"})
+
+
+def _local_only(name: str) -> bool:
+    return name in _LOCAL_ONLY or TMP_MARK in name
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,8 @@ def scan_tree(root: Path) -> _Scan:
         rel = stack.pop()
         with os.scandir(root / rel if rel else root) as it:
             for de in it:
+                if _local_only(de.name):
+                    continue
                 path = f"{rel}/{de.name}" if rel else de.name
                 try:
                     path.encode("utf-8")
