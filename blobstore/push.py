@@ -7,6 +7,7 @@ them), never a ref to something missing.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -112,30 +113,12 @@ async def push_tree(
     except OSError as exc:
         raise BadInput(f"cannot read {exc.filename or root}: {exc.strerror}") from exc
 
-    total = sum(size for _, _, size in scan.files)
-    done = 0
     entries = list(scan.entries)
-    limit = anyio.Semaphore(file_concurrency)
-
-    async def one(path: str, mode: int) -> None:
-        nonlocal done
-        async with limit:
-            try:
-                got = await ingestor.ingest_file(str(root / path))
-            except OSError as exc:
-                if exc.errno == 28:
-                    raise DiskFull(f"no space left while reading {path}") from exc
-                raise BadInput(f"cannot read {path}: {exc.strerror}") from exc
-        entries.append(Entry(path, "file", mode, got.size, got.digest, got.chunks))
-        done += got.size
-        if progress:
-            progress(done, total)
-
-    with single_errors():
-        async with anyio.create_task_group() as tg:
-            for path, mode, _ in sorted(scan.files, key=lambda f: -f[2]):  # big files start first
-                tg.start_soon(one, path, mode)
-
+    big_first = sorted(scan.files, key=lambda f: -f[2])  # the longest jobs start first
+    entries += await ingest_files(
+        root, [(path, mode) for path, mode, _ in big_first], ingestor, progress=progress,
+        total=sum(size for _, _, size in scan.files), file_concurrency=file_concurrency,
+    )
     tree = Tree(ingestor.params.info(), tuple(sorted(entries, key=lambda e: e.path)))
     await _recheck_reused(ingestor)
     manifest_id = await catalog.save(tree)
@@ -146,13 +129,52 @@ async def push_tree(
         ref=ref or "",
         manifest=manifest_id,
         files=len(scan.files),
-        bytes=total,
+        bytes=sum(size for _, _, size in scan.files),
         chunks=sum(len(e.chunks) for e in tree.entries),
         new_chunks=stats.new_chunks,
         new_bytes=stats.new_bytes,
         seconds=time.monotonic() - started,
         skipped=tuple(scan.skipped),
     )
+
+
+async def ingest_files(
+    root: Path,
+    files: list[tuple[str, int]],
+    ingestor: Ingestor,
+    *,
+    progress: Progress | None = None,
+    total: int = 0,
+    file_concurrency: int = 4,
+) -> list[Entry]:
+    """Ingest ``(relpath, mode)`` files under ``root`` (a few at a time; each
+    file's chunks upload in parallel) and return their entries.
+
+    Raises BadInput (unreadable file), DiskFull, Unavailable.
+    """
+    entries: list[Entry] = []
+    limit = anyio.Semaphore(file_concurrency)
+    done = 0
+
+    async def one(path: str, mode: int) -> None:
+        nonlocal done
+        async with limit:
+            try:
+                got = await ingestor.ingest_file(str(root / path))
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise DiskFull(f"no space left while reading {path}") from exc
+                raise BadInput(f"cannot read {path}: {exc.strerror}") from exc
+        entries.append(Entry(path, "file", mode, got.size, got.digest, got.chunks))
+        done += got.size
+        if progress:
+            progress(done, total)
+
+    with single_errors():
+        async with anyio.create_task_group() as tg:
+            for path, mode in files:
+                tg.start_soon(one, path, mode)
+    return entries
 
 
 async def _recheck_reused(ingestor: Ingestor) -> None:

@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .chunker import DEFAULT_PARAMS
-from .errors import BadInput, Conflict, DiskFull, RefNotFound, single_errors
+from .errors import BadInput, Conflict, RefNotFound
 from .ids import ChunkId
 from .manifest import Entry, Tree
-from .push import scan_tree
+from .push import ingest_files, scan_tree
 from .runner import MARKER
 
 if TYPE_CHECKING:
@@ -271,22 +271,7 @@ async def _snapshot(client: Client, session: SyncSession) -> tuple[Tree, int]:
         else:
             todo.append((path, mode))
     ingestor = client.ingestor()
-    limit = anyio.Semaphore(_FILE_CONCURRENCY)
-
-    async def one(path: str, mode: int) -> None:
-        async with limit:
-            try:
-                got = await ingestor.ingest_file(str(root / path))
-            except OSError as exc:
-                if exc.errno == 28:
-                    raise DiskFull(f"no space left while reading {path}") from exc
-                raise BadInput(f"cannot read {path}: {exc.strerror}") from exc
-        entries.append(Entry(path, "file", mode, got.size, got.digest, got.chunks))
-
-    with single_errors():
-        async with anyio.create_task_group() as tg:
-            for path, mode in todo:
-                tg.start_soon(one, path, mode)
+    entries += await ingest_files(root, todo, ingestor, file_concurrency=_FILE_CONCURRENCY)
     chunker = session.base.chunker if session.base is not None else DEFAULT_PARAMS.info()
     if todo:
         chunker = ingestor.params.info()
