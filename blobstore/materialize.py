@@ -15,7 +15,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from .manifest import Entry, Tree
 from .source import ChunkSource
 
 Progress = Callable[[int, int], None]
+"""Called with (bytes done, bytes total)."""
 TMP_MARK = ".blobstore-tmp-"
 
 
@@ -39,7 +40,6 @@ class PullStats:
     """Files already present and identical, left untouched."""
     written_bytes: int = 0
     seconds: float = 0.0
-    from_tier: dict[str, int] = field(default_factory=dict)
 
 
 class _FileJob:

@@ -11,7 +11,6 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +21,8 @@ from .errors import BadInput, DiskFull, Unavailable, single_errors
 from .ids import ChunkId
 from .ingest import Ingestor
 from .manifest import Entry, Tree
-from .materialize import TMP_MARK
+from .materialize import TMP_MARK, Progress
 from .objectstore import chunk_key
-
-Progress = Callable[[int, int], None]
-"""Called with (bytes done, bytes total)."""
-
 
 # Local bookkeeping that must never be published: the runner's completeness
 # marker (runner.MARKER) and temp files of a pull in progress.
