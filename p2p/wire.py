@@ -20,7 +20,6 @@ from .framing import DEFAULT_LIMITS, Frame, FrameDecoder, Limits, encode
 
 _MAX_QUEUED_FRAMES = 64
 _WRITE_HIGH_WATER = 8 << 20
-_SOCKET_BUFFER = 4 << 20
 
 
 class FrameStream(asyncio.BufferedProtocol):
@@ -49,8 +48,6 @@ class FrameStream(asyncio.BufferedProtocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._decoder.get_buffer()
