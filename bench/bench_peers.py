@@ -82,7 +82,8 @@ async def peer_fetch(store: str, peers: str, cache: Path, concurrency: int) -> t
             async def worker() -> None:
                 nonlocal total
                 for chunk_id in queue:
-                    total += len(await tier.get(chunk_id))
+                    data = await tier.get(chunk_id)  # (not `total += len(await ...)`: that
+                    total += len(data)  # reads `total` before the await and loses updates)
 
             started = time.perf_counter()
             async with asyncio.TaskGroup() as tg:
