@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import Conflict, InvalidManifest, InvalidRef, ObjectMissing, RefNotFound
+from .errors import BadInput, Conflict, InvalidManifest, InvalidRef, ObjectMissing, RefNotFound
 from .ids import ChunkId, hash_bytes, parse_id
 from .manifest import Image, Layer, Manifest, Tree, decode, encode
 from .objectstore import REFS, ObjectStore, manifest_key, ref_key
@@ -69,7 +69,7 @@ class Catalog:
             raise RefNotFound(ref) from None
         try:
             return parse_id(raw.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, BadInput) as exc:
             raise InvalidManifest(f"ref {ref!r} holds garbage, not a manifest id") from exc
 
     async def resolve_or_id(self, ref_or_id: str) -> ChunkId:
