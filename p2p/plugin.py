@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from blobstore.source import ChunkSource
 
 DEFAULT_LISTEN = "0.0.0.0:7411"
-_FIRST_PEER_WAIT = 1.0
+_FIRST_PEER_WAIT = 1.5
 """How long a pull waits for mDNS to find a first peer before starting."""
+_MDNS_SETTLE = 0.3
 
 
 @asynccontextmanager
@@ -102,6 +103,8 @@ async def _peer_tier(config: Config) -> AsyncIterator[ChunkSource | None]:
                                        timing.timeout):
                 if config.peers.mode == "auto":
                     await directory.peer_up.wait()
+                    # One mDNS answer usually brings every peer; give the rest a moment.
+                    await asyncio.sleep(_MDNS_SETTLE)
                 await directory.checked.wait()
         except TimeoutError:
             pass
