@@ -1,0 +1,143 @@
+"""Server + client in one loop, with in-memory fakes for the cache and the origin."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from blobstore.errors import AuthError, ChunkMissing, CorruptChunk
+from blobstore.ids import ChunkId, hash_bytes
+from p2p.client import Identity, PeerConnection, WrongRegion, open_connection
+from p2p.metrics import Metrics
+from p2p.provider import ChunkProvider
+from p2p.server import PeerServer, ServerIdentity
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeCache:
+    name = "local"
+
+    def __init__(self) -> None:
+        self.chunks: dict[ChunkId, bytes] = {}
+
+    def contains(self, chunk_id: ChunkId) -> bool:
+        return chunk_id in self.chunks
+
+    async def get(self, chunk_id: ChunkId) -> bytes:
+        if chunk_id not in self.chunks:
+            raise ChunkMissing(chunk_id)
+        return self.chunks[chunk_id]
+
+    async def put(self, chunk_id: ChunkId, data: bytes) -> None:
+        self.chunks[chunk_id] = data
+
+    async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
+        return {c for c in chunk_ids if c in self.chunks}
+
+
+class SlowOrigin(FakeCache):
+    name = "origin"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fetches = 0
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def get(self, chunk_id: ChunkId) -> bytes:
+        self.fetches += 1
+        self.started.set()
+        await self.gate.wait()
+        return await super().get(chunk_id)
+
+
+def blob(i: int, size: int = 100_000) -> tuple[ChunkId, bytes]:
+    data = bytes([i % 256]) * size
+    return hash_bytes(data), data
+
+
+@asynccontextmanager
+async def serving(
+    cache: FakeCache, origin: FakeCache | None, home: bool = True, token: bytes | None = None,
+) -> AsyncIterator[tuple[int, Metrics]]:
+    metrics = Metrics()
+    async with asyncio.TaskGroup() as tg:
+        provider = ChunkProvider(cache, origin, lambda _: home, metrics, tg)  # type: ignore[arg-type]
+        server = PeerServer(ServerIdentity("srv", "r1", token), provider, metrics)
+        async with server.serving("127.0.0.1", 0) as port:
+            yield port, metrics
+
+
+@asynccontextmanager
+async def connected(port: int, token: bytes | None = None) -> AsyncIterator[PeerConnection]:
+    conn = await open_connection(f"127.0.0.1:{port}", Identity("cli", "r1", token))
+    async with asyncio.TaskGroup() as tg:
+        reader = tg.create_task(conn.read_loop())
+        try:
+            yield conn
+        finally:
+            reader.cancel()
+
+
+async def test_get_has_ping_pipelined() -> None:
+    cache = FakeCache()
+    chunks = dict(blob(i) for i in range(20))
+    cache.chunks.update(chunks)
+    absent, _ = blob(99)
+    async with serving(cache, None, home=False) as (port, metrics), connected(port) as conn:
+        got = await asyncio.gather(*(conn.get(c) for c in chunks))
+        assert got == list(chunks.values())
+        with pytest.raises(ChunkMissing):
+            await conn.get(absent)  # not home, not held: "missing", never forwarded
+        assert await conn.has([*list(chunks)[:3], absent]) == [True, True, True, False]
+        assert (await conn.ping())["node"] == "srv"
+    assert metrics.chunks_served == 20
+    assert metrics.misses == 1
+
+
+async def test_home_reads_through_once_however_many_ask() -> None:
+    origin = SlowOrigin()
+    chunk_id, data = blob(7)
+    origin.chunks[chunk_id] = data
+    cache = FakeCache()
+    async with serving(cache, origin) as (port, metrics):
+        async with connected(port) as a, connected(port) as b:
+            waiting = [asyncio.ensure_future(c.get(chunk_id)) for c in (a, b, a, b)]
+            await origin.started.wait()
+            await asyncio.sleep(0.05)  # let the other requests arrive and join the flight
+            origin.gate.set()
+            assert await asyncio.gather(*waiting) == [data] * 4
+    assert origin.fetches == 1
+    assert metrics.origin_fetches == 1
+    assert cache.chunks[chunk_id] == data  # kept
+
+
+async def test_token_mismatch_and_wrong_region_are_refused() -> None:
+    async with serving(FakeCache(), None, token=b"right") as (port, metrics):
+        with pytest.raises(AuthError):
+            await open_connection(f"127.0.0.1:{port}", Identity("cli", "r1", b"wrong"))
+        with pytest.raises(AuthError):
+            await open_connection(f"127.0.0.1:{port}", Identity("cli", "r1", None))
+        with pytest.raises(WrongRegion):
+            await open_connection(f"127.0.0.1:{port}", Identity("cli", "r2", b"right"))
+        async with connected(port, b"right") as conn:
+            assert (await conn.ping())["region"] == "r1"
+    assert metrics.auth_failures == 2
+
+
+async def test_lying_server_is_caught_by_the_client() -> None:
+    cache = FakeCache()
+    chunk_id, data = blob(3)
+    cache.chunks[chunk_id] = data
+    metrics = Metrics()
+    async with asyncio.TaskGroup() as tg:
+        provider = ChunkProvider(cache, None, lambda _: False, metrics, tg)  # type: ignore[arg-type]
+        server = PeerServer(ServerIdentity("srv", "r1", None, corrupt_for_tests=True),
+                            provider, metrics)
+        async with server.serving("127.0.0.1", 0) as port, connected(port) as conn:
+            with pytest.raises(CorruptChunk):
+                await conn.get(chunk_id)
