@@ -1,0 +1,112 @@
+"""The peer tier over in-process servers: ranking, fallback, hedging, down-marking."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import anyio
+import pytest
+from test_server import FakeCache, blob
+
+from blobstore.errors import ChunkMissing
+from blobstore.ids import ChunkId
+from p2p import placement
+from p2p.client import Identity
+from p2p.liveness import PeerDirectory, Timing
+from p2p.metrics import Metrics
+from p2p.peertier import PeerTier, TierTuning
+from p2p.provider import ChunkProvider
+from p2p.server import PeerServer, ServerIdentity
+
+pytestmark = pytest.mark.anyio
+
+FAST = Timing(interval=0.1, timeout=1.0, backoff_min=0.05, backoff_max=0.5)
+
+
+class StallingCache(FakeCache):
+    """Holds its chunks but never answers (until released)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def get(self, chunk_id: ChunkId) -> bytes:
+        await self.release.wait()
+        return await super().get(chunk_id)
+
+
+@asynccontextmanager
+async def peers(
+    *caches: FakeCache, corrupt: int | None = None, first: int = 0
+) -> AsyncIterator[list[str]]:
+    """Serve each cache as node ``n<i>``; yield their addresses."""
+    async with AsyncExitStack() as stack:
+        tg = await stack.enter_async_context(asyncio.TaskGroup())
+        addresses = []
+        for i, cache in enumerate(caches, start=first):
+            provider = ChunkProvider(cache, None, lambda _: False, Metrics(), tg)  # type: ignore[arg-type]
+            me = ServerIdentity(f"n{i}", "r", None, corrupt_for_tests=(i == corrupt))
+            port = await stack.enter_async_context(
+                PeerServer(me, provider, Metrics()).serving("127.0.0.1", 0)
+            )
+            addresses.append(f"127.0.0.1:{port}")
+        yield addresses
+
+
+@asynccontextmanager
+async def tier(
+    addresses: list[str], tuning: TierTuning | None = None
+) -> AsyncIterator[PeerTier]:
+    async with PeerDirectory(Identity("client", "r"), FAST) as directory:
+        for address in addresses:
+            directory.add(address, "static")
+        await directory.checked.wait()
+        yield PeerTier(directory, tuning or TierTuning())
+
+
+async def test_misses_and_lies_fall_through_to_a_peer_that_has_it() -> None:
+    chunk_id, data = blob(1)
+    holder, liar, empty = FakeCache(), FakeCache(), FakeCache()
+    holder.chunks[chunk_id] = data
+    liar.chunks[chunk_id] = data
+    # Make the liar (n1) and the empty peer (n2) rank before the holder (n0).
+    async with peers(holder, liar, empty, corrupt=1) as addrs, tier(addrs) as t:
+        order = placement.rank(["n0", "n1", "n2"], chunk_id)
+        assert await t.get(chunk_id) == data
+        if order.index("n1") < order.index("n0"):
+            assert t.stats["corrupt"] == 1
+        absent, _ = blob(2)
+        with pytest.raises(ChunkMissing):
+            await t.get(absent)
+
+
+async def test_slow_peer_is_hedged() -> None:
+    chunk_id, data = blob(3)
+    slow, fast = StallingCache(), FakeCache()
+    slow.chunks[chunk_id] = fast.chunks[chunk_id] = data
+    caches: list[FakeCache] = [slow, fast]
+    # node n0 is the stalling one; order them so it is asked first.
+    if placement.rank(["n0", "n1"], chunk_id)[0] != "n0":
+        caches.reverse()
+    async with peers(*caches) as addrs, tier(addrs, TierTuning(hedge_min=0.05)) as t:
+        assert await t.get(chunk_id) == data
+        assert t.stats["hedges"] >= 1
+        slow.release.set()
+
+
+async def test_dead_peer_is_marked_down_and_skipped() -> None:
+    chunk_id, data = blob(4)
+    async with AsyncExitStack() as stack:
+        a, b = FakeCache(), FakeCache()
+        a.chunks[chunk_id] = b.chunks[chunk_id] = data
+        addrs_b = await stack.enter_async_context(peers(b, first=1))
+        async with peers(a) as addrs_a:
+            t = await stack.enter_async_context(tier([*addrs_a, *addrs_b]))
+            assert len(t._directory.live()) == 2
+        # peer a is gone: its connection broke, so it is no longer live
+        with anyio.fail_after(10):
+            while len(t._directory.live()) != 1:  # noqa: ASYNC110 - polling a test condition
+                await asyncio.sleep(0.01)
+        assert await t.get(chunk_id) == data
