@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from blobstore.source import ChunkSource
 
 DEFAULT_LISTEN = "0.0.0.0:7411"
-_FIRST_PEER_WAIT = 1.5
+_FIRST_PEER_WAIT = 1.0
 """How long a pull waits for mDNS to find a first peer before starting."""
 _MDNS_SETTLE = 0.3
 

@@ -57,6 +57,7 @@ def test_four_nodes_pull_at_once_and_s3_sends_each_chunk_once(
             sent = proxy.bytes_to_client
             fetches = sum(d.metrics()["blobstore_peer_origin_fetches_total"] for d in daemons)
 
+    print(f"S3 sent {sent} bytes for {unique} unique bytes: {sent / unique:.3f}x")
     expected = snapshot(src)
     for i in range(NODES):
         assert snapshot(tmp_path / f"out-{i}") == expected
