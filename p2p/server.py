@@ -26,7 +26,12 @@ from .wire import FrameStream
 log = logging.getLogger(__name__)
 
 _LOOKUPS_PER_CONNECTION = 32
+_LOOKUPS_PER_DAEMON = 96
+"""Chunks being looked up or waiting to be sent, across all connections: bounds memory
+(~96 x chunk size) however many nodes connect at once."""
 _HANDSHAKE_TIMEOUT = 10.0
+_STALLED_CLIENT_TIMEOUT = 30.0
+"""A client that reads nothing for this long is dropped, freeing its share of the budget."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,7 @@ class PeerServer:
         self._metrics = metrics
         self._limits = limits
         self._streams: set[FrameStream] = set()
+        self._budget = asyncio.Semaphore(_LOOKUPS_PER_DAEMON)
 
     @asynccontextmanager
     async def serving(self, host: str, port: int) -> AsyncIterator[int]:
@@ -122,11 +128,16 @@ class PeerServer:
 
     async def _serve_requests(self, stream: FrameStream) -> None:
         answers: asyncio.Queue[Answer | None] = asyncio.Queue(_LOOKUPS_PER_CONNECTION)
-        async with asyncio.TaskGroup() as tg:
-            writer = tg.create_task(self._write_answers(stream, answers))
-            reader = tg.create_task(self._read_requests(stream, answers, tg))
-            # If the writer stops (peer gone), the reader may wait on a full queue forever.
-            writer.add_done_callback(lambda _: reader.cancel())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(self._write_answers(stream, answers))
+                reader = tg.create_task(self._read_requests(stream, answers, tg))
+                # If the writer stops (peer gone), the reader may wait on a full queue forever.
+                writer.add_done_callback(lambda _: reader.cancel())
+        finally:
+            while not answers.empty():  # lookups nobody will send: return their budget
+                if isinstance(answers.get_nowait(), asyncio.Task):
+                    self._budget.release()
 
     async def _read_requests(
         self, stream: FrameStream, answers: asyncio.Queue[Answer | None], tg: asyncio.TaskGroup
@@ -136,8 +147,14 @@ class PeerServer:
                 frame = await stream.recv()
                 if frame.kind == "get":
                     for chunk_id in messages.ids_field(frame.header, self._limits):
+                        await self._budget.acquire()
                         lookup = tg.create_task(self._lookup(chunk_id))
-                        await answers.put(lookup)
+                        try:
+                            await answers.put(lookup)
+                        except BaseException:
+                            lookup.cancel()
+                            self._budget.release()
+                            raise
                 elif frame.kind == "has":
                     ids = messages.ids_field(frame.header, self._limits)
                     await answers.put(messages.have(self._provider.holds(ids)))
@@ -179,18 +196,28 @@ class PeerServer:
                 continue
             self._metrics.in_flight += 1
             try:
-                data, tier = await item
+                await self._send_answer(stream, item)
             finally:
                 self._metrics.in_flight -= 1
-            if data is None:
-                self._metrics.misses += 1
-                stream.send(messages.MISSING)
-            else:
-                self._count(data, tier)
-                if self._me.corrupt_for_tests:
-                    data = bytes([data[0] ^ 0xFF]) + data[1:]
-                stream.send(messages.CHUNK, data)
-            await stream.drain()
+                self._budget.release()
+
+    async def _send_answer(
+        self, stream: FrameStream, lookup: Awaitable[tuple[bytes | None, str]]
+    ) -> None:
+        data, tier = await lookup
+        if data is None:
+            self._metrics.misses += 1
+            stream.send(messages.MISSING)
+        else:
+            self._count(data, tier)
+            if self._me.corrupt_for_tests:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+            stream.send(messages.CHUNK, data)
+        try:
+            async with asyncio.timeout(_STALLED_CLIENT_TIMEOUT):
+                await stream.drain()
+        except TimeoutError as exc:
+            raise PeerUnavailable("client stopped reading") from exc
 
     def _count(self, data: bytes, tier: str) -> None:
         m = self._metrics

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
+import anyio
 import pytest
 
 from blobstore.errors import AuthError, ChunkMissing, CorruptChunk
@@ -141,3 +142,27 @@ async def test_lying_server_is_caught_by_the_client() -> None:
         async with server.serving("127.0.0.1", 0) as port, connected(port) as conn:
             with pytest.raises(CorruptChunk):
                 await conn.get(chunk_id)
+
+
+async def test_budget_is_returned_when_a_client_vanishes_mid_request() -> None:
+    cache = FakeCache()
+    chunks = dict(blob(i, 1_000_000) for i in range(40))
+    cache.chunks.update(chunks)
+    metrics = Metrics()
+    async with asyncio.TaskGroup() as tg:
+        provider = ChunkProvider(cache, None, lambda _: False, metrics, tg)  # type: ignore[arg-type]
+        server = PeerServer(ServerIdentity("srv", "r1", None), provider, metrics)
+        full = server._budget._value
+        async with server.serving("127.0.0.1", 0) as port:
+            for _ in range(3):
+                conn = await open_connection(f"127.0.0.1:{port}", Identity("cli", "r1"))
+                for chunk_id in list(chunks) * 5:
+                    conn._queue_get(chunk_id)
+                await asyncio.sleep(0.05)  # let the server start answering
+                conn.stream.abort()
+            with anyio.fail_after(10):
+                while metrics.connections:  # noqa: ASYNC110 - polling a test condition
+                    await asyncio.sleep(0.01)
+            assert server._budget._value == full
+            async with connected(port) as conn:  # still serving
+                assert await conn.get(next(iter(chunks))) == next(iter(chunks.values()))
