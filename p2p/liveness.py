@@ -180,6 +180,10 @@ class PeerDirectory:
         except (PeerUnavailable, ProtocolError, TimeoutError, OSError) as exc:
             self.mark_down(peer, str(exc) or type(exc).__name__)
             return
+        except Exception as exc:  # a bug in one check must not stop liveness for all
+            log.exception("checking peer %s failed", peer.address)
+            self.mark_down(peer, type(exc).__name__)
+            return
         if pong.get("node") == self.me.node:
             self._exclude(peer, "self", "it is this node")
             return
