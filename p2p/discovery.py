@@ -107,25 +107,30 @@ class _Browser:
 
     async def resolve_loop(self) -> None:
         while (item := await self._queue.get()) is not None:
-            name, change = item
-            if change is ServiceStateChange.Removed:
-                for address in self._addresses.pop(name, []):
-                    self._directory.remove(address)
-                continue
-            info = AsyncServiceInfo(SERVICE_TYPE, name)
-            if not await info.async_request(self._azc.zeroconf, 3000):
-                log.debug("could not resolve %s", name)
-                continue
-            node, region = _txt(info, "node"), _txt(info, "region")
-            if node == self._node:
-                continue
-            if region != self._region:
-                log.info("ignoring %s: region %r is not ours (%r)", node, region, self._region)
-                continue
-            addresses = [f"{ip}:{info.port}" for ip in info.parsed_addresses(version=_V4)]
-            self._addresses[name] = addresses
-            for address in addresses:
-                self._directory.add(address, "mdns", node, region)
+            try:
+                await self._handle(*item)
+            except Exception:  # one odd announcement must not stop discovery
+                log.exception("cannot handle mDNS record %s", item[0])
+
+    async def _handle(self, name: str, change: ServiceStateChange) -> None:
+        if change is ServiceStateChange.Removed:
+            for address in self._addresses.pop(name, []):
+                self._directory.remove(address)
+            return
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(self._azc.zeroconf, 3000):
+            log.debug("could not resolve %s", name)
+            return
+        node, region = _txt(info, "node"), _txt(info, "region")
+        if node == self._node:
+            return
+        if region != self._region:
+            log.info("ignoring %s: region %r is not ours (%r)", node, region, self._region)
+            return
+        addresses = [f"{ip}:{info.port}" for ip in info.parsed_addresses(version=_V4)]
+        self._addresses[name] = addresses
+        for address in addresses:
+            self._directory.add(address, "mdns", node, region)
 
     async def aclose(self) -> None:
         await self._browser.async_cancel()
