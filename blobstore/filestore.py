@@ -18,7 +18,7 @@ import fcntl
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -100,6 +100,14 @@ class FileObjectStore:
         """True if the key holds an object. Raises StoreUnavailable, BadInput."""
         path = self._path(key)
         return await self._run(lambda: _is_file(path), "stat", key)
+
+    async def exists_many(self, keys: Collection[str]) -> set[str]:
+        """The keys that hold objects, stat'ed in one worker-thread call.
+
+        Raises StoreUnavailable, BadInput.
+        """
+        paths = [(key, self._path(key)) for key in keys]
+        return await self._run(lambda: {k for k, p in paths if _is_file(p)}, "stat")
 
     async def delete(self, key: str) -> None:
         """Delete the object; a missing key is not an error. Raises StoreUnavailable."""

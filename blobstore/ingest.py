@@ -24,6 +24,9 @@ from .manifest import ChunkRef
 from .source import ChunkStore
 
 _BATCH = 32
+# Files up to this size are read whole and cut in one thread call: the
+# streaming machinery costs ~1 ms per file, which dominates trees of small files.
+_WHOLE_FILE_MAX = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,9 @@ class Ingestor:
     async def ingest_file(self, path: str, offset: int = 0, length: int | None = None) -> Ingested:
         """Chunk ``path`` (or ``length`` bytes of it at ``offset``) and upload
         missing chunks. Raises OSError (callers translate), Unavailable."""
+        small = await anyio.to_thread.run_sync(self._cut_small, path, offset, length)
+        if small is not None:
+            return await self._ingest_buffer(*small)
         send, receive = anyio.create_memory_object_stream[list[Span]](4)
         spans: list[Span] = []
         digest: list[ChunkId] = []
@@ -106,6 +112,55 @@ class Ingestor:
                 await anyio.to_thread.run_sync(self._cut, path, offset, length, send)
             )
 
+    def _cut_small(
+        self, path: str, offset: int, length: int | None
+    ) -> tuple[bytes, list[Span], ChunkId] | None:
+        """Read and cut a small file (or window) whole; None if it is too big."""
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size - offset if length is None else length
+            if size > _WHOLE_FILE_MAX:
+                return None
+            data = os.pread(f.fileno(), size, offset)
+        if len(data) != size:
+            raise BadInput(f"{path} is shorter than expected (truncated?)")
+        return data, Chunker(self.params).cut_and_hash(data), hash_bytes(data)
+
+    async def _ingest_buffer(self, data: bytes, spans: list[Span], digest: ChunkId) -> Ingested:
+        view = memoryview(data)
+        with single_errors():
+            async with anyio.create_task_group() as tg:
+                for span in await self._claim_missing(spans):
+                    await self._limit.acquire()
+                    chunk = bytes(view[span.offset : span.offset + span.length])
+                    tg.start_soon(self._put, span, chunk)
+        self.stats.bytes += len(data)
+        return Ingested(tuple(ChunkRef(s.id, s.length) for s in spans), len(data), digest)
+
+    async def _claim_missing(self, batch: list[Span]) -> list[Span]:
+        """Spans whose chunks the store lacks and no other upload of this run
+        has claimed; claims them."""
+        stats = self.stats
+        stats.chunks += len(batch)
+        fresh = {s.id for s in batch} - stats.known
+        if fresh:
+            present = await self.store.has(fresh)
+            stats.known |= present
+            stats.found |= present
+        claimed = []
+        for span in batch:
+            if span.id not in stats.known:
+                stats.known.add(span.id)  # so a duplicate span is not uploaded twice
+                claimed.append(span)
+        return claimed
+
+    async def _put(self, span: Span, data: bytes) -> None:
+        try:
+            await self.store.put(span.id, data)
+            self.stats.new_chunks += 1
+            self.stats.new_bytes += span.length
+        finally:
+            self._limit.release()
+
     def _cut(
         self, path: str, offset: int, length: int | None, send: MemoryObjectSendStream[list[Span]]
     ) -> ChunkId:
@@ -132,29 +187,17 @@ class Ingestor:
     async def _upload_missing(
         self, tg: anyio.abc.TaskGroup, path: str, base: int, batch: list[Span]
     ) -> None:
-        stats = self.stats
-        stats.chunks += len(batch)
-        fresh = {s.id for s in batch} - stats.known
-        if not fresh:
-            return
-        present = await self.store.has(fresh)
-        stats.known |= present
-        stats.found |= present
-        for span in batch:
-            if span.id in stats.known:
-                continue
-            stats.known.add(span.id)  # claim it so a duplicate span is not uploaded twice
+        for span in await self._claim_missing(batch):
             await self._limit.acquire()  # back-pressure: bounded uploads in flight
             tg.start_soon(self._upload, path, base + span.offset, span)
 
     async def _upload(self, path: str, offset: int, span: Span) -> None:
         try:
             data = await anyio.to_thread.run_sync(_pread_verified, path, offset, span)
-            await self.store.put(span.id, data)
-            self.stats.new_chunks += 1
-            self.stats.new_bytes += span.length
-        finally:
+        except BaseException:
             self._limit.release()
+            raise
+        await self._put(span, data)
 
 
 def _pread_verified(path: str, offset: int, span: Span) -> bytes:

@@ -12,7 +12,7 @@ turns it into a verified ``ChunkSource``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,6 +66,10 @@ class ObjectStore(Protocol):
         ...
 
     async def exists(self, key: str) -> bool:
+        ...
+
+    async def exists_many(self, keys: Collection[str]) -> set[str]:
+        """The subset of ``keys`` that hold objects, checked in bulk/in parallel."""
         ...
 
     async def delete(self, key: str) -> None:

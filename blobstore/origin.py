@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import anyio
 
-from .errors import ChunkMissing, ObjectMissing, single_errors
+from .errors import ChunkMissing, ObjectMissing
 from .ids import ChunkId, verify
 from .objectstore import ObjectStore, chunk_key
 
@@ -34,19 +34,9 @@ class OriginSource:
         return data
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
-        """Which of ``chunk_ids`` the store holds, checked in parallel."""
-        found: set[ChunkId] = set()
-
-        async def check(chunk_id: ChunkId) -> None:
-            async with self._limit:
-                if await self.store.exists(chunk_key(chunk_id)):
-                    found.add(chunk_id)
-
-        with single_errors():
-            async with anyio.create_task_group() as tg:
-                for chunk_id in set(chunk_ids):
-                    tg.start_soon(check, chunk_id)
-        return found
+        """Which of ``chunk_ids`` the store holds, checked in bulk."""
+        keys = {chunk_key(c): c for c in chunk_ids}
+        return {keys[k] for k in await self.store.exists_many(keys.keys())}
 
     async def put(self, chunk_id: ChunkId, data: bytes) -> None:
         async with self._limit:

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from types import TracebackType
 from typing import Any, Self
 
+import anyio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore.exceptions import (
@@ -46,9 +47,12 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from .errors import ConfigError, Conflict, ObjectMissing, StoreUnavailable
+from .errors import ConfigError, Conflict, ObjectMissing, StoreUnavailable, single_errors
 from .objectstore import ObjectInfo
 from .stores import validate_key, validate_prefix
+
+# Parallel HEADs of one exists_many call; below the connection pool size.
+_HEAD_CONCURRENCY = 48
 
 DEFAULT_REGION = "us-east-1"
 CONNECT_ATTEMPTS = 2
@@ -223,6 +227,25 @@ class S3ObjectStore:
         except ObjectMissing:
             return False
         return True
+
+    async def exists_many(self, keys: Collection[str]) -> set[str]:
+        """The keys that hold objects: parallel HEADs, bounded by the pool size.
+
+        Raises StoreUnavailable, BadInput.
+        """
+        found: set[str] = set()
+        limit = anyio.Semaphore(_HEAD_CONCURRENCY)
+
+        async def check(key: str) -> None:
+            async with limit:
+                if await self.exists(key):
+                    found.add(key)
+
+        with single_errors():
+            async with anyio.create_task_group() as tg:
+                for key in keys:
+                    tg.start_soon(check, key)
+        return found
 
     async def delete(self, key: str) -> None:
         """Delete the object; a missing key is not an error. Raises StoreUnavailable."""

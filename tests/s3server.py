@@ -105,6 +105,10 @@ class SeaweedS3Server:
             weed, "mini", f"-dir={run_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
+            # Every test bucket claims several volume slots; the automatic limit
+            # (free disk / 128 MB) ran out mid-suite ("No writable volumes").
+            # Volumes are not preallocated, so a high cap costs no disk.
+            "-volume.max=4000",
             f"-filer.localSocket={run_dir}/filer.sock", f"-s3.localSocket={run_dir}/s3.sock",
             *(f"-{flag}={port}" for flag, port in ports.items()),
         ]
