@@ -8,10 +8,11 @@ Loading a manifest verifies its id, then validates every field.
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 
 from .errors import BadInput, Conflict, InvalidManifest, InvalidRef, ObjectMissing, RefNotFound
 from .ids import ChunkId, hash_bytes, parse_id
-from .manifest import Image, Layer, Manifest, Tree, decode, encode
+from .manifest import Image, Manifest, Tree, decode, encode
 from .objectstore import REFS, ObjectStore, manifest_key, ref_key
 
 _REF_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+=-]{0,254}")
@@ -102,12 +103,17 @@ class Catalog:
         names = [info.key[len(REFS) :] async for info in self.store.list(REFS + prefix)]
         return sorted(names)
 
-    async def children(self, manifest: Manifest) -> list[ChunkId]:
-        """Manifest ids a manifest refers to (an image's layers)."""
-        if isinstance(manifest, Image):
-            return [layer.manifest for layer in manifest.layers]
-        return []
-
-
-def chunk_ids_of(manifest: Tree | Layer) -> set[ChunkId]:
-    return {c.id for c in manifest.chunk_refs()}
+    async def walk(self, manifest_id: ChunkId) -> AsyncIterator[tuple[ChunkId, Manifest]]:
+        """Yield the manifest and every manifest it refers to (an image's layers),
+        each once. Raises NotFound, InvalidManifest."""
+        seen: set[ChunkId] = set()
+        pending = [manifest_id]
+        while pending:
+            current = pending.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            manifest = await self.load(current)
+            if isinstance(manifest, Image):
+                pending.extend(layer.manifest for layer in manifest.layers)
+            yield current, manifest

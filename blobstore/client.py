@@ -7,6 +7,7 @@ local -> peers -> origin. push/pull/verify are thin calls over it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -14,24 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from .catalog import Catalog
 from .chunker import DEFAULT_PARAMS
 from .config import Config
-from .errors import ChunkMissing, Corrupt, Unavailable, single_errors
+from .errors import ChunkMissing, Corrupt, Unavailable
 from .ids import ChunkId
 from .ingest import Ingestor
 from .local import LocalCache
-from .manifest import Entry, Manifest, Tree
+from .manifest import Entry, Image, Manifest, Tree
 from .materialize import Progress, default_priority, materialize
 from .objectstore import ObjectStore
 from .origin import OriginSource
+from .parallel import for_each
 from .plugins import load_plugins
 from .push import PushResult, push_tree
 from .source import ChunkSource
 from .stores import open_object_store
 from .tiers import TieredSource
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +131,7 @@ class Client:
         priority: Callable[[Entry], Any] = default_priority,
     ) -> PullResult:
         before = dict(self.source.bytes_from)
+        await self._probe_peers(tree)
         with self.cache.pinned(c.id for c in tree.chunk_refs()):
             stats = await materialize(
                 tree, Path(dest), self.source, concurrency=self.config.concurrency,
@@ -138,32 +141,39 @@ class Client:
         return PullResult(ref, manifest_id, stats.files, stats.bytes, stats.kept_files,
                           stats.seconds, tiers)
 
+    async def _probe_peers(self, tree: Tree) -> None:
+        """Ask the peers which of the chunks we lack they hold, so the peer tier
+        prefers peers that already have them (a peer with the whole manifest
+        ranks first for every chunk). Best effort: a failure only loses ranking."""
+        if self.peer is None:
+            return
+        wanted = {c.id for c in tree.chunk_refs() if not self.cache.contains(c.id)}
+        if wanted:
+            try:
+                await self.peer.has(wanted)
+            except Unavailable as exc:
+                log.info("peer probe failed: %s", exc)
+
     async def verify(self, ref: str) -> VerifyResult:
         """Check every chunk of ``ref`` in the object store (fetched and hashed)."""
         started = time.monotonic()
-        manifest_id, manifest = await self.load(ref)
+        manifest_id = await self.catalog.resolve_or_id(ref)
         ids: set[ChunkId] = set()
-        for m in [manifest, *[await self.catalog.load(c) for c in
-                               await self.catalog.children(manifest)]]:
-            if hasattr(m, "chunk_refs"):
-                ids |= {c.id for c in m.chunk_refs()}
+        async for _, manifest in self.catalog.walk(manifest_id):
+            if not isinstance(manifest, Image):
+                ids.update(c.id for c in manifest.chunk_refs())
         bad: list[str] = []
         missing: list[str] = []
-        limit = anyio.Semaphore(self.config.concurrency)
 
         async def check(chunk_id: ChunkId) -> None:
-            async with limit:
-                try:
-                    await self.origin.get(chunk_id)
-                except ChunkMissing:
-                    missing.append(chunk_id)
-                except Corrupt:
-                    bad.append(chunk_id)
+            try:
+                await self.origin.get(chunk_id)
+            except ChunkMissing:
+                missing.append(chunk_id)
+            except Corrupt:
+                bad.append(chunk_id)
 
-        with single_errors():
-            async with anyio.create_task_group() as tg:
-                for chunk_id in sorted(ids):
-                    tg.start_soon(check, chunk_id)
+        await for_each(sorted(ids), check, self.config.concurrency)
         return VerifyResult(ref, manifest_id, len(ids), sorted(missing), sorted(bad),
                             time.monotonic() - started)
 

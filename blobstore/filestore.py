@@ -77,7 +77,7 @@ class FileObjectStore:
         path = self._path(key)
         return await self._run(path.read_bytes, "read", key, missing_ok=False)
 
-    async def put(self, key: str, data: bytes) -> None:
+    async def put(self, key: str, data: bytes | bytearray) -> None:
         """Write atomically. Raises DiskFull, StoreUnavailable, BadInput."""
         path = self._path(key)
         await self._run(lambda: _write_atomic(path, data), "write", key)
@@ -162,7 +162,7 @@ def _translate(exc: OSError, op: str, key: str, where: str, *, missing_ok: bool)
     raise StoreUnavailable(f"cannot {op} {key or '/'} in {where}: {reason}") from exc
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes | bytearray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)

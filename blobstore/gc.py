@@ -14,14 +14,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import anyio
-
 from .catalog import Catalog
-from .errors import single_errors
 from .ids import ChunkId, is_id
 from .local import LocalCache
 from .manifest import Image
 from .objectstore import CHUNKS, MANIFESTS, ObjectStore
+from .parallel import for_each
 
 DEFAULT_GRACE_SECONDS = 6 * 3600
 
@@ -44,17 +42,11 @@ async def mark(catalog: Catalog) -> tuple[int, set[ChunkId], set[ChunkId]]:
     manifests: set[ChunkId] = set()
     chunks: set[ChunkId] = set()
     refs = await catalog.list_refs()
-    pending = [await catalog.resolve(ref) for ref in refs]
-    while pending:
-        manifest_id = pending.pop()
-        if manifest_id in manifests:
-            continue
-        manifests.add(manifest_id)
-        manifest = await catalog.load(manifest_id)
-        if isinstance(manifest, Image):
-            pending.extend(layer.manifest for layer in manifest.layers)
-        else:
-            chunks.update(c.id for c in manifest.chunk_refs())
+    for ref in refs:
+        async for manifest_id, manifest in catalog.walk(await catalog.resolve(ref)):
+            manifests.add(manifest_id)
+            if not isinstance(manifest, Image):
+                chunks.update(c.id for c in manifest.chunk_refs())
     return len(refs), manifests, chunks
 
 
@@ -84,16 +76,7 @@ async def collect(
         live = again_manifests | again_chunks
         candidates = [(k, s) for k, s in candidates if k.rsplit("/", 1)[-1] not in live]
     if not dry_run:
-        limit = anyio.Semaphore(32)
-
-        async def delete(key: str) -> None:
-            async with limit:
-                await store.delete(key)
-
-        with single_errors():
-            async with anyio.create_task_group() as tg:
-                for key, _ in candidates:
-                    tg.start_soon(delete, key)
+        await for_each([key for key, _ in candidates], store.delete, 32)
     return GcResult(
         cache_evicted_bytes=evicted,
         cache_bytes=cache.used_bytes if cache is not None else 0,

@@ -27,6 +27,7 @@ import anyio
 from .config import CacheConfig
 from .errors import ChunkMissing, CorruptChunk, DiskFull, Unavailable
 from .ids import ChunkId, hash_bytes, is_id
+from .source import ChunkData
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class LocalCache:
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         return {c for c in chunk_ids if c in self._index}
 
-    async def get(self, chunk_id: ChunkId) -> bytes:
+    async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Return the verified chunk. Raises ChunkMissing, or CorruptChunk after
         dropping a damaged file."""
         if chunk_id not in self._index:
@@ -122,7 +123,7 @@ class LocalCache:
         self._index.move_to_end(chunk_id)
         return data
 
-    async def put(self, chunk_id: ChunkId, data: bytes) -> None:
+    async def put(self, chunk_id: ChunkId, data: ChunkData) -> None:
         """Store a verified chunk. Raises DiskFull (after evicting what it can)."""
         if chunk_id in self._index:
             self._index.move_to_end(chunk_id)
@@ -140,7 +141,7 @@ class LocalCache:
         if self.used_bytes > self.config.high_watermark * self.config.max_bytes:
             await self.evict()
 
-    def _write(self, chunk_id: ChunkId, data: bytes) -> None:
+    def _write(self, chunk_id: ChunkId, data: ChunkData) -> None:
         # No fsync: every read is verified, so a chunk torn by a power loss is
         # detected and refetched. The rename keeps half files off final names.
         final = self.path_of(chunk_id)

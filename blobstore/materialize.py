@@ -22,10 +22,11 @@ from typing import Any
 import anyio
 import blake3
 
-from .errors import BadInput, Corrupt, DiskFull, Unavailable, UnsafePath, single_errors
+from .errors import BadInput, Corrupt, DiskFull, Unavailable, UnsafePath
 from .ids import ChunkId
 from .manifest import Entry, Tree
-from .source import ChunkSource
+from .parallel import for_each
+from .source import ChunkData, ChunkSource
 
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total)."""
@@ -146,27 +147,22 @@ async def materialize(
                     yield job, offset, chunk.id, chunk.size
                     offset += chunk.size
 
-        items = work()
-
-        async def worker() -> None:
+        async def fetch(item: tuple[_FileJob, int, ChunkId, int]) -> None:
             nonlocal done
-            for job, offset, chunk_id, size in items:
-                data = await source.get(chunk_id)
-                if len(data) != size:
-                    raise Corrupt(f"chunk {chunk_id} has {len(data)} bytes, manifest says {size}")
-                await anyio.to_thread.run_sync(_pwrite_all, job.fd, data, offset)
-                stats.written_bytes += size
-                done += size
-                job.remaining -= 1
-                if job.remaining == 0:
-                    await anyio.to_thread.run_sync(_finish, job)
-                if progress:
-                    progress(done, total)
+            job, offset, chunk_id, size = item
+            data = await source.get(chunk_id)
+            if len(data) != size:
+                raise Corrupt(f"chunk {chunk_id} has {len(data)} bytes, manifest says {size}")
+            await anyio.to_thread.run_sync(_pwrite_all, job.fd, data, offset)
+            stats.written_bytes += size
+            done += size
+            job.remaining -= 1
+            if job.remaining == 0:
+                await anyio.to_thread.run_sync(_finish, job)
+            if progress:
+                progress(done, total)
 
-        with single_errors():
-            async with anyio.create_task_group() as tg:
-                for _ in range(concurrency):
-                    tg.start_soon(worker)
+        await for_each(work(), fetch, concurrency)
         for job in jobs:
             if not job.entry.chunks:  # empty file
                 job.fd = await anyio.to_thread.run_sync(_open_tmp, job.tmp)
@@ -232,7 +228,7 @@ def _open_tmp(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: ChunkData, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)

@@ -56,7 +56,7 @@ class ObjectStore(Protocol):
         """Return the object's bytes. Raises ObjectMissing if absent."""
         ...
 
-    async def put(self, key: str, data: bytes) -> None:
+    async def put(self, key: str, data: bytes | bytearray) -> None:
         """Write the object atomically (readers see old or new, never half)."""
         ...
 

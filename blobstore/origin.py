@@ -9,6 +9,7 @@ import anyio
 from .errors import ChunkMissing, ObjectMissing
 from .ids import ChunkId, verify
 from .objectstore import ObjectStore, chunk_key
+from .source import ChunkData
 
 # Verifying a chunk takes ~0.25 ms/MiB; only large ones are worth a thread hop.
 _THREAD_VERIFY_MIN = 256 << 10
@@ -23,7 +24,7 @@ class OriginSource:
         self.store = store
         self._limit = anyio.Semaphore(concurrency)
 
-    async def get(self, chunk_id: ChunkId) -> bytes:
+    async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Raises ChunkMissing, CorruptChunk, StoreUnavailable."""
         async with self._limit:
             try:
@@ -38,12 +39,12 @@ class OriginSource:
         keys = {chunk_key(c): c for c in chunk_ids}
         return {keys[k] for k in await self.store.exists_many(keys.keys())}
 
-    async def put(self, chunk_id: ChunkId, data: bytes) -> None:
+    async def put(self, chunk_id: ChunkId, data: ChunkData) -> None:
         async with self._limit:
             await self.store.put(chunk_key(chunk_id), data)
 
 
-async def verify_off_loop(chunk_id: ChunkId, data: bytes, where: str) -> None:
+async def verify_off_loop(chunk_id: ChunkId, data: ChunkData, where: str) -> None:
     """``ids.verify`` in a worker thread for big buffers. Raises CorruptChunk."""
     if len(data) >= _THREAD_VERIFY_MIN:
         await anyio.to_thread.run_sync(verify, chunk_id, data, where)

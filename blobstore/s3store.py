@@ -32,7 +32,6 @@ from contextlib import AsyncExitStack, contextmanager
 from types import TracebackType
 from typing import Any, Self
 
-import anyio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore.exceptions import (
@@ -47,8 +46,9 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from .errors import ConfigError, Conflict, ObjectMissing, StoreUnavailable, single_errors
+from .errors import ConfigError, Conflict, ObjectMissing, StoreUnavailable
 from .objectstore import ObjectInfo
+from .parallel import for_each
 from .stores import validate_key, validate_prefix
 
 # Parallel HEADs of one exists_many call; below the connection pool size.
@@ -184,7 +184,7 @@ class S3ObjectStore:
         data, _etag = await self._get(key)
         return data
 
-    async def put(self, key: str, data: bytes) -> None:
+    async def put(self, key: str, data: bytes | bytearray) -> None:
         """Write the object (S3 PUTs are atomic). Raises StoreUnavailable, BadInput."""
         full = self._key(key)
         with self._translate("write", key):
@@ -234,17 +234,12 @@ class S3ObjectStore:
         Raises StoreUnavailable, BadInput.
         """
         found: set[str] = set()
-        limit = anyio.Semaphore(_HEAD_CONCURRENCY)
 
         async def check(key: str) -> None:
-            async with limit:
-                if await self.exists(key):
-                    found.add(key)
+            if await self.exists(key):
+                found.add(key)
 
-        with single_errors():
-            async with anyio.create_task_group() as tg:
-                for key in keys:
-                    tg.start_soon(check, key)
+        await for_each(keys, check, _HEAD_CONCURRENCY)
         return found
 
     async def delete(self, key: str) -> None:

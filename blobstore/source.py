@@ -12,6 +12,11 @@ from typing import Protocol, runtime_checkable
 
 from .ids import ChunkId
 
+ChunkData = bytes | bytearray
+"""Chunk bytes as a source hands them out (a peer's receive buffer is a
+bytearray; copying it into ``bytes`` would cost a pass over every byte).
+Consumers must not mutate it: single-flight shares one buffer."""
+
 
 @runtime_checkable
 class ChunkSource(Protocol):
@@ -20,7 +25,7 @@ class ChunkSource(Protocol):
     name: str
     """Tier label used in statistics: "local", "peer" or "origin"."""
 
-    async def get(self, chunk_id: ChunkId) -> bytes:
+    async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Return the chunk's bytes, verified against ``chunk_id``.
 
         Raises ChunkMissing if the source does not hold it, CorruptChunk if the
@@ -37,7 +42,7 @@ class ChunkSource(Protocol):
 class ChunkStore(ChunkSource, Protocol):
     """A chunk source that can also store chunks."""
 
-    async def put(self, chunk_id: ChunkId, data: bytes) -> None:
+    async def put(self, chunk_id: ChunkId, data: ChunkData) -> None:
         """Store ``data`` under ``chunk_id`` (the caller has verified it).
 
         Idempotent. Raises Unavailable (DiskFull included) on failure.

@@ -15,7 +15,7 @@ import anyio
 
 from .errors import ChunkMissing, Corrupt, NotFound, Unavailable
 from .ids import ChunkId
-from .source import ChunkSource, ChunkStore
+from .source import ChunkData, ChunkSource, ChunkStore
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class _Flight:
 
     def __init__(self) -> None:
         self.done = anyio.Event()
-        self.data: bytes | None = None
+        self.data: ChunkData | None = None
         self.error: BaseException | None = None
 
 
@@ -40,7 +40,7 @@ class TieredSource:
         self.bytes_from: Counter[str] = Counter({s.name: 0 for s in self.sources})
         self._flights: dict[ChunkId, _Flight] = {}
 
-    async def get(self, chunk_id: ChunkId) -> bytes:
+    async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Raises ChunkMissing if no tier holds it, or the last Unavailable if
         a tier that might have held it could not answer."""
         while (flight := self._flights.get(chunk_id)) is not None:
@@ -63,7 +63,7 @@ class TieredSource:
             del self._flights[chunk_id]
             flight.done.set()
 
-    async def _fetch(self, chunk_id: ChunkId) -> bytes:
+    async def _fetch(self, chunk_id: ChunkId) -> ChunkData:
         unavailable: Unavailable | None = None
         corrupt: Corrupt | None = None
         for source in self.sources:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from blobstore.errors import AuthError, ChunkMissing, CorruptChunk, PeerUnavailable, ProtocolError
 from blobstore.ids import ChunkId, hash_bytes
+from blobstore.source import ChunkData
 
 from . import messages
 from .framing import Frame
@@ -80,7 +81,7 @@ class PeerConnection:
             self.stream.abort()
             raise
 
-    async def get(self, chunk_id: ChunkId) -> bytes:
+    async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Fetch and verify one chunk.
 
         Raises ChunkMissing, CorruptChunk, PeerUnavailable, ProtocolError.
@@ -97,7 +98,7 @@ class PeerConnection:
             actual = hash_bytes(payload)
         if actual != chunk_id:
             raise CorruptChunk(chunk_id, f"peer {self.address}", actual)
-        return bytes(payload)
+        return payload
 
     async def has(self, chunk_ids: list[ChunkId]) -> list[bool]:
         """Which of ``chunk_ids`` the peer holds. Raises PeerUnavailable, ProtocolError."""

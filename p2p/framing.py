@@ -144,7 +144,7 @@ class FrameDecoder:
                 raise ProtocolError(f"frame payload of {size} bytes exceeds the limit")
             payload = bytearray(size)
             have = min(size, self._end - self._start)
-            payload[:have] = self._scratch[self._start : self._start + have]
+            payload[:have] = memoryview(self._scratch)[self._start : self._start + have]
             self._start += have
             if have == size:
                 frames.append(Frame(header, payload))

@@ -22,6 +22,7 @@ from blobstore.errors import (
     ProtocolError,
 )
 from blobstore.ids import ChunkId
+from blobstore.source import ChunkData
 
 from . import placement
 from .framing import MAX_IDS_PER_REQUEST
@@ -54,12 +55,12 @@ class PeerTier:
         self._latency = 0.1
         self.stats = {"hits": 0, "misses": 0, "corrupt": 0, "errors": 0, "hedges": 0}
 
-    async def get(self, chunk_id: ChunkId) -> bytes:
+    async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Fetch a verified chunk from a peer. Raises ChunkMissing when no peer delivers it."""
         peers = self._order(chunk_id, self._directory.live())
         if not peers:
             raise ChunkMissing(chunk_id, "peers (none live)")
-        pending: set[asyncio.Task[bytes]] = set()
+        pending: set[asyncio.Task[ChunkData]] = set()
         queue = list(peers)
         try:
             while queue or pending:
@@ -108,7 +109,7 @@ class PeerTier:
     def _hedge_delay(self) -> float:
         return min(self._tuning.hedge_max, max(self._tuning.hedge_min, 4 * self._latency))
 
-    async def _attempt(self, peer: Peer, chunk_id: ChunkId) -> bytes:
+    async def _attempt(self, peer: Peer, chunk_id: ChunkId) -> ChunkData:
         slots = self._slots.setdefault(peer.node, asyncio.Semaphore(self._tuning.per_peer))
         async with slots:
             started = time.monotonic()

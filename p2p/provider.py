@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from blobstore.errors import ChunkMissing, CorruptChunk, NotFound, Unavailable
 from blobstore.ids import ChunkId
+from blobstore.source import ChunkData
 
 from .metrics import Metrics
 
@@ -36,12 +37,12 @@ class ChunkProvider:
         self._is_home = is_home
         self._metrics = metrics
         self._tg = task_group
-        self._fetching: dict[ChunkId, asyncio.Task[bytes | None]] = {}
+        self._fetching: dict[ChunkId, asyncio.Task[ChunkData | None]] = {}
 
     def holds(self, chunk_ids: list[ChunkId]) -> list[bool]:
         return [self._cache.contains(c) for c in chunk_ids]
 
-    async def lookup(self, chunk_id: ChunkId) -> tuple[bytes | None, str]:
+    async def lookup(self, chunk_id: ChunkId) -> tuple[ChunkData | None, str]:
         """The chunk's bytes and the tier they came from, or (None, "") if we answer missing."""
         if self._cache.contains(chunk_id):
             try:
@@ -62,7 +63,7 @@ class ChunkProvider:
         data = await asyncio.shield(task)
         return data, "origin"
 
-    async def _read_through(self, chunk_id: ChunkId) -> bytes | None:
+    async def _read_through(self, chunk_id: ChunkId) -> ChunkData | None:
         try:
             if self._cache.contains(chunk_id):  # another path cached it meanwhile
                 try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from blobstore.errors import AuthError, BlobstoreError, PeerUnavailable, ProtocolError
 from blobstore.ids import ChunkId
+from blobstore.source import ChunkData
 
 from . import messages
 from .framing import DEFAULT_LIMITS, Limits
@@ -43,7 +44,7 @@ class ServerIdentity:
     """Flip a byte of every payload sent: lets tests prove clients verify."""
 
 
-Answer = Awaitable[tuple[bytes | None, str]] | dict[str, object]
+Answer = Awaitable[tuple[ChunkData | None, str]] | dict[str, object]
 """A lookup to await, or a header ready to send."""
 
 
@@ -172,7 +173,7 @@ class PeerServer:
             pass  # client hung up: answer what is queued, then stop
         await answers.put(None)
 
-    async def _lookup(self, chunk_id: ChunkId) -> tuple[bytes | None, str]:
+    async def _lookup(self, chunk_id: ChunkId) -> tuple[ChunkData | None, str]:
         try:
             return await self._provider.lookup(chunk_id)
         except BlobstoreError as exc:
@@ -202,7 +203,7 @@ class PeerServer:
                 self._budget.release()
 
     async def _send_answer(
-        self, stream: FrameStream, lookup: Awaitable[tuple[bytes | None, str]]
+        self, stream: FrameStream, lookup: Awaitable[tuple[ChunkData | None, str]]
     ) -> None:
         data, tier = await lookup
         if data is None:
@@ -219,7 +220,7 @@ class PeerServer:
         except TimeoutError as exc:
             raise PeerUnavailable("client stopped reading") from exc
 
-    def _count(self, data: bytes, tier: str) -> None:
+    def _count(self, data: ChunkData, tier: str) -> None:
         m = self._metrics
         m.chunks_served += 1
         m.bytes_served += len(data)

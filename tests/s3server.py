@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -53,17 +54,42 @@ def find_weed() -> str | None:
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports the kernel considers free right now (held open together so they differ)."""
+    """Ports free right now, below the kernel's ephemeral range.
+
+    Ports handed out by binding to port 0 come from the ephemeral range, where
+    the next outgoing connection may take them before the server we start
+    binds them ("Address already in use", seen in this suite). Listening ports
+    are therefore drawn at random from below that range and checked by binding.
+    """
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    chosen: list[int] = []
     socks = []
     try:
-        for _ in range(count):
+        while len(chosen) < count:
+            port = rng.randrange(max(1024, low - 12000), low)
+            if port in chosen:
+                continue
             s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            chosen.append(port)
+        return chosen
     finally:
         for s in socks:
             s.close()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 @dataclass

@@ -15,6 +15,8 @@ from typing import BinaryIO
 
 import anyio
 
+from blobstore.source import ChunkData
+
 from ..catalog import Catalog
 from ..errors import BadInput
 from ..ids import ChunkId
@@ -86,7 +88,7 @@ async def write_layer_gunzipped(
     plain = HashingWriter(out)
     gunzip = _Gunzip(plain)
 
-    def sink(data: bytes) -> None:
+    def sink(data: ChunkData) -> None:
         raw(data)
         gunzip.feed(data)
 
@@ -104,7 +106,7 @@ class _Gunzip:
         self.sink = sink
         self.dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: ChunkData) -> None:
         try:
             while data:
                 out = self.dec.decompress(data, _OUT_STEP)

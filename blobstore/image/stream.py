@@ -14,6 +14,8 @@ from typing import BinaryIO
 
 import anyio
 
+from blobstore.source import ChunkData
+
 from ..ids import ChunkId
 from ..manifest import ChunkRef
 from ..source import ChunkSource
@@ -21,7 +23,7 @@ from .errors import DigestMismatch
 
 WINDOW = 8
 
-Sink = Callable[[bytes], None]
+Sink = Callable[[ChunkData], None]
 """Receives the blob's bytes in order; runs in a worker thread."""
 
 
@@ -35,7 +37,7 @@ async def copy_chunks(
     """
     if not chunks:
         return
-    slots: list[bytes | None] = [None] * len(chunks)
+    slots: list[ChunkData | None] = [None] * len(chunks)
     ready = [anyio.Event() for _ in chunks]
     room = anyio.Semaphore(window)
 
@@ -66,7 +68,7 @@ class HashingWriter:
         self.sha = hashlib.sha256()
         self.size = 0
 
-    def __call__(self, data: bytes) -> None:
+    def __call__(self, data: ChunkData) -> None:
         self.sha.update(data)
         self.size += len(data)
         if self.out is not None:
@@ -87,7 +89,7 @@ class MeteredSource:
         self.name = inner.name
         self.report = report
 
-    async def get(self, chunk_id: ChunkId) -> bytes:
+    async def get(self, chunk_id: ChunkId) -> ChunkData:
         data = await self.inner.get(chunk_id)
         self.report(len(data))
         return data
