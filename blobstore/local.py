@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
@@ -31,6 +32,8 @@ from .source import ChunkData
 
 log = logging.getLogger(__name__)
 
+TOUCH_SECONDS = 60.0
+
 
 class LocalCache:
     """A ``ChunkStore`` on local disk with a byte limit and LRU eviction."""
@@ -42,6 +45,7 @@ class LocalCache:
         self.root = Path(config.dir)
         self._tmp = self.root / "tmp"
         self._index: OrderedDict[ChunkId, int] = OrderedDict()  # oldest first
+        self._touched: dict[ChunkId, float] = {}  # mtime we last gave each file
         self._pins: Counter[ChunkId] = Counter()
         self.used_bytes = 0
         self.evicted_bytes = 0
@@ -67,8 +71,9 @@ class LocalCache:
         except OSError as exc:
             raise Unavailable(f"cannot open cache {self.root}: {exc.strerror}") from exc
         entries.sort(key=lambda e: e[2])
-        for chunk_id, size, _ in entries:
+        for chunk_id, size, mtime in entries:
             self._index[chunk_id] = size
+            self._touched[chunk_id] = mtime
         self.used_bytes = sum(size for _, size, _ in entries)
 
     async def aclose(self) -> None:
@@ -108,8 +113,13 @@ class LocalCache:
         if chunk_id not in self._index:
             raise ChunkMissing(chunk_id, "local cache")
         path = self.path_of(chunk_id)
+        # Refreshing the mtime (the LRU order a restart sees) dirties the inode;
+        # doing it on every hit cost a journal write per chunk served. The
+        # in-memory order is exact; the on-disk one is exact to TOUCH_SECONDS.
+        now = time.time()
+        touch = now - self._touched.get(chunk_id, 0.0) > TOUCH_SECONDS
         try:
-            data, actual = await anyio.to_thread.run_sync(_read_and_hash, path)
+            data, actual = await anyio.to_thread.run_sync(_read_and_hash, path, touch)
         except FileNotFoundError:
             self._forget(chunk_id)
             raise ChunkMissing(chunk_id, "local cache") from None
@@ -121,6 +131,8 @@ class LocalCache:
             await anyio.to_thread.run_sync(_unlink, path)
             raise CorruptChunk(chunk_id, "local cache", actual)
         self._index.move_to_end(chunk_id)
+        if touch:
+            self._touched[chunk_id] = now
         return data
 
     async def put(self, chunk_id: ChunkId, data: ChunkData) -> None:
@@ -137,6 +149,7 @@ class LocalCache:
             raise Unavailable(f"cannot write cache {self.root}: {exc.strerror}") from exc
         if chunk_id not in self._index:
             self._index[chunk_id] = len(data)
+            self._touched[chunk_id] = time.time()
             self.used_bytes += len(data)
         if self.used_bytes > self.config.high_watermark * self.config.max_bytes:
             await self.evict()
@@ -193,6 +206,7 @@ class LocalCache:
 
     def _forget(self, chunk_id: ChunkId) -> None:
         size = self._index.pop(chunk_id, None)
+        self._touched.pop(chunk_id, None)
         if size is not None:
             self.used_bytes -= size
 
@@ -200,10 +214,11 @@ class LocalCache:
         return len(self._index)
 
 
-def _read_and_hash(path: Path) -> tuple[bytes, ChunkId]:
+def _read_and_hash(path: Path, touch: bool) -> tuple[bytes, ChunkId]:
     with open(path, "rb") as f:
         data = f.read()
-    os.utime(path)  # LRU order survives restarts
+        if touch:
+            os.utime(f.fileno())  # LRU order survives restarts
     return data, hash_bytes(data)
 
 
