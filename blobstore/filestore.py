@@ -21,14 +21,14 @@ import stat
 from collections.abc import AsyncIterator, Callable, Collection
 from functools import partial
 from pathlib import Path
-from types import TracebackType
-from typing import NoReturn, Self, TypeVar
+from typing import NoReturn, TypeVar
 
 import anyio.to_thread
 import blake3
 
 from .errors import Conflict, DiskFull, ObjectMissing, StoreUnavailable
 from .objectstore import ObjectInfo
+from .resource import AsyncResource
 from .stores import validate_key, validate_prefix
 
 T = TypeVar("T")
@@ -39,7 +39,7 @@ _FILE_MODE = 0o666  # narrowed by the umask, like any ordinary file
 _MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
 
 
-class FileObjectStore:
+class FileObjectStore(AsyncResource):
     """An ``ObjectStore`` in the directory ``root``.
 
     Every method raises StoreUnavailable for I/O errors, DiskFull when the disk
@@ -51,18 +51,9 @@ class FileObjectStore:
         self.url = self.root.as_uri()
         self._create = create
 
-    async def __aenter__(self) -> Self:
+    async def open(self) -> None:
         """Check (or create) the root directory. Raises StoreUnavailable, DiskFull."""
         await self._run(self._open_sync, "open")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Nothing to release: every operation opens and closes its own files."""

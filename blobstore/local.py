@@ -21,13 +21,13 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 
 import anyio
 
 from .config import CacheConfig
 from .errors import ChunkMissing, CorruptChunk, DiskFull, Unavailable
 from .ids import ChunkId, hash_bytes, is_id
+from .resource import AsyncResource
 from .source import ChunkData
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 TOUCH_SECONDS = 60.0
 
 
-class LocalCache:
+class LocalCache(AsyncResource):
     """A ``ChunkStore`` on local disk with a byte limit and LRU eviction."""
 
     name = "local"
@@ -52,15 +52,6 @@ class LocalCache:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def __aenter__(self) -> LocalCache:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
     async def open(self) -> None:
         """Create the directory and rebuild the index from disk.
 
@@ -75,9 +66,6 @@ class LocalCache:
             self._index[chunk_id] = size
             self._touched[chunk_id] = mtime
         self.used_bytes = sum(size for _, size, _ in entries)
-
-    async def aclose(self) -> None:
-        return None
 
     def _scan(self) -> list[tuple[ChunkId, int, float]]:
         self.root.mkdir(parents=True, exist_ok=True)

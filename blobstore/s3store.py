@@ -29,8 +29,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import AsyncExitStack, contextmanager
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
@@ -49,6 +48,7 @@ from botocore.exceptions import (
 from .errors import ConfigError, Conflict, ObjectMissing, StoreUnavailable
 from .objectstore import ObjectInfo
 from .parallel import for_each
+from .resource import AsyncResource
 from .stores import validate_key, validate_prefix
 
 # Parallel HEADs of one exists_many call; below the connection pool size.
@@ -63,7 +63,7 @@ _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
 
 
-class S3ObjectStore:
+class S3ObjectStore(AsyncResource):
     """An ``ObjectStore`` in ``bucket`` under ``prefix``. Use as ``async with``.
 
     Every method raises StoreUnavailable when S3 cannot be reached or answers
@@ -113,33 +113,17 @@ class S3ObjectStore:
     def __repr__(self) -> str:
         return f"S3ObjectStore({self.url!r}, endpoint={self.endpoint!r})"
 
-    async def __aenter__(self) -> Self:
-        """Connect and check the bucket (creating it if ``create_bucket``).
-
-        Raises StoreUnavailable (endpoint unreachable, bucket missing, access
-        denied) or ConfigError (unknown profile, no credentials).
-        """
-        try:
-            await self._open()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
     async def aclose(self) -> None:
         """Close the HTTP connection pool. Idempotent."""
         self._client = None
         await self._stack.aclose()
 
-    async def _open(self) -> None:
+    async def open(self) -> None:
+        """Connect and check the bucket (creating it if ``create_bucket``).
+
+        Raises StoreUnavailable (endpoint unreachable, bucket missing, access
+        denied) or ConfigError (unknown profile, no credentials).
+        """
         with self._translate("open"):
             session = AioSession(profile=self._profile)
             region = (
