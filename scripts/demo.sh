@@ -27,20 +27,36 @@ $B pull apps/llama-chat/data "$WORK/node1/runner2" --cache "$WORK/node1/cache" -
 diff -r "$WORK/src/llama-chat" "$WORK/node1/runner2" && echo "  byte-identical"
 
 if $B daemon --help >/dev/null 2>&1; then
-  PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  HTTP=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  echo "== node1: start its peer daemon on 127.0.0.1:$PORT"
-  $B daemon --listen "127.0.0.1:$PORT" --http "127.0.0.1:$HTTP" --cache "$WORK/node1/cache" \
-     --peers none >"$WORK/node1/daemon.log" 2>&1 &
-  DAEMON=$!
-  trap 'kill $DAEMON 2>/dev/null || true' EXIT
-  for _ in $(seq 50); do curl -fs "http://127.0.0.1:$HTTP/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
-  for node in node2 node3; do
-    echo "== $node: runner pulls (cold local cache: from node1's daemon)"
-    $B pull apps/llama-chat/data "$WORK/$node/runner1" --cache "$WORK/$node/cache" \
-       --peers "127.0.0.1:$PORT" --json | tiers
-  done
-  kill -TERM $DAEMON; wait $DAEMON || true
+  free_port() { .venv/bin/python -c 'import random, socket
+while True:
+    p = random.randrange(20000, 32000)  # below the ephemeral range
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); print(p); break
+    except OSError:
+        pass'; }
+  DAEMONS=()
+  trap 'kill "${DAEMONS[@]}" 2>/dev/null || true' EXIT
+  start_daemon() {  # NODE -> prints its peer address
+    local port http; port=$(free_port); http=$(free_port)
+    $B daemon --listen "127.0.0.1:$port" --http "127.0.0.1:$http" --cache "$WORK/$1/cache" \
+       --peers none >"$WORK/$1/daemon.log" 2>&1 &
+    DAEMONS+=($!)
+    for _ in $(seq 50); do curl -fs "http://127.0.0.1:$http/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+    PEER="127.0.0.1:$port"
+  }
+  start_daemon node1; P1=$PEER
+  echo "== node1: peer daemon on $P1"
+  echo "== node2: runner pulls (cold local cache: from node1's daemon)"
+  $B pull apps/llama-chat/data "$WORK/node2/runner1" --cache "$WORK/node2/cache" \
+     --peers "$P1" --json | tiers
+  start_daemon node2; P2=$PEER
+  echo "== node2: peer daemon on $P2"
+  echo "== node3: runner pulls (cold local cache: from node1 and node2 in parallel)"
+  $B pull apps/llama-chat/data "$WORK/node3/runner1" --cache "$WORK/node3/cache" \
+     --peers "$P1,$P2" --json | tiers
+  diff -r "$WORK/src/llama-chat" "$WORK/node3/runner1" && echo "  byte-identical"
+  kill -TERM "${DAEMONS[@]}"; wait "${DAEMONS[@]}" || true
   trap - EXIT
 fi
 echo "== refs in the store"
