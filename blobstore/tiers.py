@@ -39,6 +39,8 @@ class TieredSource:
         self.cache = cache
         self.bytes_from: Counter[str] = Counter({s.name: 0 for s in self.sources})
         self._flights: dict[ChunkId, _Flight] = {}
+        self.cache_failures = 0
+        """Chunks served but not written back (cache disk full or failing)."""
 
     async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Raises ChunkMissing if no tier holds it, or the last Unavailable if
@@ -85,7 +87,9 @@ class TieredSource:
                 try:
                     await self.cache.put(chunk_id, data)
                 except Unavailable as exc:  # a full cache must not fail the pull
-                    log.warning("not caching %s: %s", chunk_id, exc)
+                    self.cache_failures += 1
+                    if self.cache_failures == 1:  # once, not once per chunk
+                        log.warning("not caching fetched chunks: %s", exc)
             return data
         if unavailable is not None:
             raise unavailable
