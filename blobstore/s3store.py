@@ -56,8 +56,11 @@ _HEAD_CONCURRENCY = 48
 
 DEFAULT_REGION = "us-east-1"
 CONNECT_ATTEMPTS = 2
-"""Attempts for a request whose TCP connect fails (throttling/5xx get ``max_attempts``)."""
+"""Attempts for a request whose TCP connect fails or whose server stays silent
+for ``read_timeout`` (throttling/5xx get ``max_attempts``): a dead endpoint
+must fail in well under a minute, not after five full timeouts."""
 _CONNECT_ERRORS = (EndpointConnectionError, ConnectTimeoutError)
+_FAIL_FAST = (*_CONNECT_ERRORS, ReadTimeoutError)
 _NETWORK_ERRORS = (*_CONNECT_ERRORS, ReadTimeoutError, ConnectionClosedError)
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
@@ -82,7 +85,7 @@ class S3ObjectStore(AsyncResource):
         sign_payload: bool = False,
         max_pool_connections: int = 64,
         connect_timeout: float = 2.5,
-        read_timeout: float = 60.0,
+        read_timeout: float = 20.0,
         max_attempts: int = 5,
     ) -> None:
         self.bucket = bucket
@@ -314,7 +317,7 @@ def _fail_fast_on_connect(
 
     Raising here ends botocore's retry loop with the original error.
     """
-    if isinstance(caught_exception, _CONNECT_ERRORS) and attempts >= CONNECT_ATTEMPTS:
+    if isinstance(caught_exception, _FAIL_FAST) and attempts >= CONNECT_ATTEMPTS:
         raise caught_exception
 
 
