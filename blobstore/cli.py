@@ -255,7 +255,9 @@ async def cmd_gc(args: argparse.Namespace, client: Client) -> int:
     verb = "would sweep" if r.dry_run else "swept"
     _emit(args, doc, f"cache: evicted {human_bytes(r.cache_evicted_bytes)}, holds "
           f"{human_bytes(r.cache_bytes)}; store: {r.refs} refs, {verb} {r.swept_chunks} chunks "
-          f"and {r.swept_manifests} manifests ({human_bytes(r.swept_bytes)})")
+          f"and {r.swept_manifests} manifests ({human_bytes(r.swept_bytes)})"
+          + (f"; {r.skipped_for_writers} writers active, sweep skipped"
+             if r.skipped_for_writers else ""))
     return 0
 
 

@@ -21,6 +21,7 @@ from .config import Config
 from .errors import ChunkMissing, Corrupt, Unavailable
 from .ids import ChunkId
 from .ingest import Ingestor
+from .leases import Leases
 from .local import LocalCache
 from .manifest import Entry, Image, Manifest, Tree
 from .materialize import Progress, default_priority, materialize
@@ -93,14 +94,20 @@ class Client:
                         break
             yield cls(config, store, cache, peer)
 
-    def ingestor(self) -> Ingestor:
-        return Ingestor(self.origin, DEFAULT_PARAMS, self.config.concurrency)
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[Ingestor]:
+        """An Ingestor under a writer lease (see leases.py): upload chunks and
+        write manifests and refs inside this block, so gc cannot sweep a chunk
+        the writer decided to reuse."""
+        async with Leases(self.object_store).writing():
+            yield Ingestor(self.origin, DEFAULT_PARAMS, self.config.concurrency)
 
     async def push(
         self, root: Path, ref: str | None, *, progress: Progress | None = None
     ) -> PushResult:
         """Snapshot ``root`` into the store and point ``ref`` at it."""
-        return await push_tree(Path(root), ref, self.catalog, self.ingestor(), progress=progress)
+        async with self.writing() as ingestor:
+            return await push_tree(Path(root), ref, self.catalog, ingestor, progress=progress)
 
     async def load(self, ref_or_id: str) -> tuple[ChunkId, Manifest]:
         manifest_id = await self.catalog.resolve_or_id(ref_or_id)

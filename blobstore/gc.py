@@ -3,9 +3,10 @@
 Mark: every ref's manifest, the manifests it names (an image's layers) and
 their chunks. Sweep: chunks and manifests nobody reaches *and* older than a
 grace period. A concurrent push uploads its chunks, then the manifest, then
-the ref, all within the grace period, so it is never broken; push re-checks
-the chunks it reused from before just before writing its ref. Refs are marked
-again right before deleting, to catch refs written while we listed.
+the ref, all within the grace period, so it is never broken; a writer that
+reuses an old chunk is protected by the lease handshake in leases.py (gc
+sweeps nothing while writers run; writers wait while gc sweeps). Refs are
+marked again under the gc lease, to catch refs written while we listed.
 If any ref cannot be read, nothing is swept.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from .catalog import Catalog
 from .ids import ChunkId, is_id
+from .leases import Leases
 from .local import LocalCache
 from .manifest import Image
 from .objectstore import CHUNKS, MANIFESTS, ObjectStore
@@ -35,6 +37,8 @@ class GcResult:
     swept_chunks: int
     swept_bytes: int
     dry_run: bool
+    skipped_for_writers: int = 0
+    """Writers (push, import, sync) were running, so nothing was swept."""
 
 
 async def mark(catalog: Catalog) -> tuple[int, set[ChunkId], set[ChunkId]]:
@@ -71,12 +75,19 @@ async def collect(
         name = info.key.rsplit("/", 1)[-1]
         if info.mtime < cutoff and is_id(name) and name not in live_chunks:
             candidates.append((info.key, info.size))
-    if candidates:
-        _, again_manifests, again_chunks = await mark(catalog)
-        live = again_manifests | again_chunks
-        candidates = [(k, s) for k, s in candidates if k.rsplit("/", 1)[-1] not in live]
-    if not dry_run:
-        await for_each([key for key, _ in candidates], store.delete, 32)
+    skipped_for_writers = 0
+    async with Leases(store).collecting() as writers:
+        if writers:
+            # A writer may be reusing one of these chunks for a ref we have not
+            # seen yet: sweep nothing this time (see leases.py).
+            skipped_for_writers, candidates = writers, []
+        elif candidates:
+            # Refs written by writers that finished before we took our lease.
+            _, again_manifests, again_chunks = await mark(catalog)
+            live = again_manifests | again_chunks
+            candidates = [(k, s) for k, s in candidates if k.rsplit("/", 1)[-1] not in live]
+        if not dry_run:
+            await for_each([key for key, _ in candidates], store.delete, 32)
     return GcResult(
         cache_evicted_bytes=evicted,
         cache_bytes=cache.used_bytes if cache is not None else 0,
@@ -87,6 +98,7 @@ async def collect(
         swept_chunks=sum(1 for k, _ in candidates if k.startswith(CHUNKS)),
         swept_bytes=sum(s for _, s in candidates),
         dry_run=dry_run,
+        skipped_for_writers=skipped_for_writers,
     )
 
 

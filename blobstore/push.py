@@ -17,12 +17,11 @@ from pathlib import Path
 import anyio
 
 from .catalog import Catalog, check_ref
-from .errors import BadInput, DiskFull, Unavailable, single_errors
+from .errors import BadInput, DiskFull, single_errors
 from .ids import ChunkId
 from .ingest import Ingestor
 from .manifest import Entry, Tree
 from .materialize import TMP_MARK, Progress
-from .objectstore import chunk_key
 
 # Local bookkeeping that must never be published: the runner's completeness
 # marker (runner.MARKER) and temp files of a pull in progress.
@@ -115,7 +114,6 @@ async def push_tree(
         total=sum(size for _, _, size in scan.files), file_concurrency=file_concurrency,
     )
     tree = Tree(ingestor.params.info(), tuple(sorted(entries, key=lambda e: e.path)))
-    await _recheck_reused(ingestor)
     manifest_id = await catalog.save(tree)
     if ref is not None:
         await catalog.set_ref(ref, manifest_id)
@@ -170,16 +168,3 @@ async def ingest_files(
             for path, mode in files:
                 tg.start_soon(one, path, mode)
     return entries
-
-
-async def _recheck_reused(ingestor: Ingestor) -> None:
-    """Chunks we did not upload were found in the store; make sure a gc did
-    not sweep them meanwhile, so the ref never points at missing data."""
-    reused = ingestor.stats.found
-    missing = reused - await ingestor.store.has(reused)
-    if missing:
-        some = next(iter(missing))
-        raise Unavailable(
-            f"{len(missing)} chunks vanished from the store during the push "
-            f"(e.g. {chunk_key(some)}); run push again"
-        )

@@ -38,6 +38,7 @@ import anyio
 from .chunker import DEFAULT_PARAMS
 from .errors import BadInput, Conflict, RefNotFound
 from .ids import ChunkId
+from .ingest import Ingestor
 from .manifest import Entry, Tree
 from .push import ingest_files, scan_tree
 from .runner import MARKER
@@ -201,8 +202,15 @@ async def sync_pull(client: Client, ref: str, directory: str | os.PathLike[str])
 
 async def sync_push(client: Client, session: SyncSession) -> SyncResult:
     """The leaving half: snapshot the directory (re-reading only changed files),
-    then compare-and-swap the ref, merging on conflict."""
-    ours, changed = await _snapshot(client, session)
+    then compare-and-swap the ref, merging on conflict (under a writer lease)."""
+    async with client.writing() as ingestor:
+        return await _push_under_lease(client, session, ingestor)
+
+
+async def _push_under_lease(
+    client: Client, session: SyncSession, ingestor: Ingestor
+) -> SyncResult:
+    ours, changed = await _snapshot(session, ingestor)
     if session.base is not None and ours == session.base:
         result = SyncResult(session.ref, session.base_id, False, 0, 0, False)
         session.result = result
@@ -251,7 +259,7 @@ def _stamps(root: Path, base: Tree | None) -> dict[str, _Stamp]:
     return out
 
 
-async def _snapshot(client: Client, session: SyncSession) -> tuple[Tree, int]:
+async def _snapshot(session: SyncSession, ingestor: Ingestor) -> tuple[Tree, int]:
     """The directory as a tree; files unchanged since the pull reuse their base entry."""
     root = session.directory
     try:
@@ -270,7 +278,6 @@ async def _snapshot(client: Client, session: SyncSession) -> tuple[Tree, int]:
             entries.append(old)
         else:
             todo.append((path, mode))
-    ingestor = client.ingestor()
     entries += await ingest_files(root, todo, ingestor, file_concurrency=_FILE_CONCURRENCY)
     chunker = session.base.chunker if session.base is not None else DEFAULT_PARAMS.info()
     if todo:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .errors import BadImage, DigestMismatch, UnsafeMember
 from .exporter import export_image, export_layer
-from .importer import ImportResult, import_image
+from .importer import ImportResult, import_image, import_into
 from .sharing import ImageSharing, LayerShare, image_sharing
 
 __all__ = [
@@ -27,4 +27,5 @@ __all__ = [
     "export_layer",
     "image_sharing",
     "import_image",
+    "import_into",
 ]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..progress import ProgressLine, human_bytes
 from .exporter import FORMATS, export_image, export_layer
-from .importer import import_image
+from .importer import import_into
 from .sharing import ImageSharing, image_sharing
 
 if TYPE_CHECKING:
@@ -58,9 +58,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 async def run_import(args: argparse.Namespace, client: Client) -> int:
     bar = ProgressLine("import")
     try:
-        result = await import_image(
-            args.src, args.ref, client.catalog, client.ingestor(), tag=args.tag, progress=bar
-        )
+        result = await import_into(client, args.src, args.ref, tag=args.tag, progress=bar)
     finally:
         bar.close()
     if args.json:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -29,6 +29,9 @@ from .errors import BadImage, DigestMismatch
 from .layout import encode_layout
 from .reader import ImageSpec, LayerSpec, read_image
 from .stream import file_sha256
+
+if TYPE_CHECKING:
+    from ..client import Client
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,19 @@ class ImportResult:
             "new_bytes": self.new_bytes,
             "seconds": round(self.seconds, 3),
         }
+
+
+async def import_into(
+    client: Client,
+    src: str,
+    ref: str,
+    *,
+    tag: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ImportResult:
+    """``import_image`` through ``client`` under a writer lease (the normal entry)."""
+    async with client.writing() as ingestor:
+        return await import_image(src, ref, client.catalog, ingestor, tag=tag, progress=progress)
 
 
 async def import_image(

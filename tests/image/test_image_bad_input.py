@@ -13,7 +13,7 @@ from imagetools import Umoci, random_bytes, skopeo_copy, write_tree
 
 from blobstore.client import Client
 from blobstore.errors import BadInput, NotFound, UnsafePath
-from blobstore.image import BadImage, DigestMismatch, UnsafeMember, export_image, import_image
+from blobstore.image import BadImage, DigestMismatch, UnsafeMember, export_image, import_into
 from blobstore.image.blobs import load_image
 from blobstore.image.oci import MAX_JSON_BYTES
 from blobstore.manifest import Image, Layer
@@ -57,7 +57,7 @@ def classic(layer: bytes = b"x" * 1024, manifest: bytes | None = None) -> list: 
 
 async def assert_refused(client: Client, src: Path, kind: type[Exception], match: str) -> str:
     with pytest.raises(kind, match=match) as info:
-        await import_image(str(src), "images/bad", client.catalog, client.ingestor())
+        await import_into(client, str(src), "images/bad")
     message = str(info.value)
     assert "\n" not in message
     assert await client.catalog.list_refs() == []  # ref last: nothing points anywhere
@@ -67,8 +67,8 @@ async def assert_refused(client: Client, src: Path, kind: type[Exception], match
 async def test_minimal_classic_archive_imports(client: Client, tmp_path: Path) -> None:
     src = make_tar(tmp_path / "ok.tar", classic())
     seen: list[tuple[int, int]] = []
-    await import_image(
-        str(src), "images/ok", client.catalog, client.ingestor(), progress=lambda *a: seen.append(a)
+    await import_into(client,
+        str(src), "images/ok", progress=lambda *a: seen.append(a)
     )
     assert seen[-1] == (1024, 1024)
     out = tmp_path / "out.tar"
@@ -140,7 +140,7 @@ async def test_not_an_archive(client: Client, tmp_path: Path) -> None:
     empty = make_tar(tmp_path / "e.tar", [("hello", b"x")])
     await assert_refused(client, empty, BadImage, "no index.json or manifest.json")
     with pytest.raises(BadImage, match="cannot open"):
-        await import_image(str(tmp_path / "nope"), "r", client.catalog, client.ingestor())
+        await import_into(client, str(tmp_path / "nope"), "r")
 
 
 @pytest.fixture
@@ -194,7 +194,7 @@ async def test_corrupt_oci_manifest_blob(client: Client, tmp_path: Path, umoci: 
 
 async def test_export_digest_mismatch_leaves_nothing(client: Client, tmp_path: Path) -> None:
     src = make_tar(tmp_path / "ok.tar", classic())
-    await import_image(str(src), "images/ok", client.catalog, client.ingestor())
+    await import_into(client, str(src), "images/ok")
     stored = await load_image(client.catalog, "images/ok")
     # A layer manifest that lies about its digest (a bug or a tampered store).
     wrong = "sha256:" + "0" * 64
@@ -225,7 +225,7 @@ async def test_export_digest_mismatch_leaves_nothing(client: Client, tmp_path: P
 
 async def test_export_refuses_existing_out_and_unknown_ref(client: Client, tmp_path: Path) -> None:
     src = make_tar(tmp_path / "ok.tar", classic())
-    await import_image(str(src), "images/ok", client.catalog, client.ingestor())
+    await import_into(client, str(src), "images/ok")
     with pytest.raises(BadInput, match="already exists"):
         await export_image(client.catalog, client.source, "images/ok", src, "docker-archive")
     with pytest.raises(NotFound):

@@ -19,7 +19,7 @@ from imagetools import (
 )
 
 from blobstore.client import Client
-from blobstore.image import export_image, export_layer, import_image, oci
+from blobstore.image import export_image, export_layer, import_into, oci
 from blobstore.image.blobs import load_image
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("umoci", "skopeo")]
@@ -45,7 +45,7 @@ async def test_docker_archive_round_trip_is_byte_identical(
 ) -> None:
     src = tmp_path / "app.tar"
     skopeo_copy(f"oci:{oci_layout}:v1", f"docker-archive:{src}:example.com/app:v1")
-    result = await import_image(str(src), "images/app:v1", client.catalog, client.ingestor())
+    result = await import_into(client, str(src), "images/app:v1")
     assert result.layers == 2
 
     out = tmp_path / "out.tar"
@@ -62,7 +62,7 @@ async def test_docker_archive_round_trip_is_byte_identical(
 
 
 async def test_oci_layout_round_trip(client: Client, oci_layout: Path, tmp_path: Path) -> None:
-    result = await import_image(str(oci_layout), "images/app:v1", client.catalog, client.ingestor())
+    result = await import_into(client, str(oci_layout), "images/app:v1")
     source_index = (oci_layout / "index.json").read_bytes()
 
     out = tmp_path / "out-oci"
@@ -100,8 +100,8 @@ async def test_oci_archive_and_uncompressed_layers(
     )
     archive = tmp_path / "app-oci.tar"
     skopeo_copy(f"oci:{oci_layout}:v1", f"oci-archive:{archive}:v1")
-    await import_image(str(archive), "images/a", client.catalog, client.ingestor())
-    await import_image(str(plain), "images/p", client.catalog, client.ingestor())
+    await import_into(client, str(archive), "images/a")
+    await import_into(client, str(plain), "images/p")
     stored = await load_image(client.catalog, "images/p")
     diff_ids = oci.config_diff_ids(stored.image.config_json)
     assert [layer.digest for layer in stored.layers] == list(diff_ids)  # plain tars
@@ -116,7 +116,7 @@ async def test_oci_archive_and_uncompressed_layers(
 
 
 async def test_export_single_layer(client: Client, oci_layout: Path, tmp_path: Path) -> None:
-    await import_image(str(oci_layout), "images/app", client.catalog, client.ingestor())
+    await import_into(client, str(oci_layout), "images/app")
     stored = await load_image(client.catalog, "images/app")
     digest = stored.layers[0].digest
     out = tmp_path / "layer.blob"
@@ -155,7 +155,7 @@ async def test_docker25_archive_round_trip(
         "--dest-oci-accept-uncompressed-layers",
     )
     src = docker25_archive(plain, tmp_path / "docker25.tar")
-    result = await import_image(str(src), "images/d25", client.catalog, client.ingestor())
+    result = await import_into(client, str(src), "images/d25")
     assert (
         result.digest == json.loads((plain / "index.json").read_bytes())["manifests"][0]["digest"]
     )
@@ -217,7 +217,7 @@ async def test_index_with_attestation_manifest(
     archive = tmp_path / "nested.tar"
     with tarfile.open(archive, "w") as tf:
         tf.add(oci_layout, arcname=".")
-    result = await import_image(str(archive), "images/n", client.catalog, client.ingestor())
+    result = await import_into(client, str(archive), "images/n")
     assert result.digest == image_digest
     out = tmp_path / "out"
     await export_image(client.catalog, client.source, "images/n", out, "oci")

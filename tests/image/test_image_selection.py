@@ -10,7 +10,7 @@ from imagetools import Umoci, check_layout_blobs, random_bytes, skopeo_copy, wri
 
 from blobstore.client import Client
 from blobstore.errors import BadInput
-from blobstore.image import BadImage, export_image, import_image
+from blobstore.image import BadImage, export_image, import_into
 from blobstore.image.blobs import load_image
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("umoci", "skopeo")]
@@ -27,13 +27,13 @@ def two_images(tmp_path: Path) -> Path:
 
 async def test_tag_picks_one_of_several(client: Client, two_images: Path) -> None:
     with pytest.raises(BadImage, match=r"holds 2 images.*'one', 'two'"):
-        await import_image(str(two_images), "images/x", client.catalog, client.ingestor())
+        await import_into(client, str(two_images), "images/x")
     with pytest.raises(BadImage, match="no image tagged three"):
-        await import_image(
-            str(two_images), "images/x", client.catalog, client.ingestor(), tag="three"
+        await import_into(client,
+            str(two_images), "images/x", tag="three"
         )
     assert await client.catalog.list_refs() == []
-    await import_image(str(two_images), "images/two", client.catalog, client.ingestor(), tag="two")
+    await import_into(client, str(two_images), "images/two", tag="two")
     assert (await load_image(client.catalog, "images/two")).image.tags == ("two",)
 
 
@@ -50,7 +50,7 @@ async def test_zstd_layers_round_trip_as_oci_only(
         "--dest-compress-format",
         "zstd",
     )
-    await import_image(str(zstd), "images/z", client.catalog, client.ingestor())
+    await import_into(client, str(zstd), "images/z")
     stored = await load_image(client.catalog, "images/z")
     assert stored.layers[0].media_type.endswith("+zstd")
     out = tmp_path / "out"

@@ -9,7 +9,7 @@ import pytest
 from imagetools import Umoci, random_bytes, skopeo_copy, write_tree
 
 from blobstore.client import Client
-from blobstore.image import image_sharing, import_image
+from blobstore.image import image_sharing, import_into
 from blobstore.image.blobs import load_image
 from blobstore.objectstore import CHUNKS
 
@@ -32,9 +32,9 @@ async def test_two_images_sharing_a_base_layer_store_it_once(
         img.insert(name, write_tree(tmp_path / name, {f"{name}/data": random_bytes(MiB, seed)}))
     layout = str(img.layout)
 
-    r1 = await import_image(layout, "images/app1", client.catalog, client.ingestor(), tag="app1")
+    r1 = await import_into(client, layout, "images/app1", tag="app1")
     before = await stored_chunk_bytes(client)
-    r2 = await import_image(layout, "images/app2", client.catalog, client.ingestor(), tag="app2")
+    r2 = await import_into(client, layout, "images/app2", tag="app2")
     added = await stored_chunk_bytes(client) - before
 
     app1 = await load_image(client.catalog, "images/app1")
@@ -71,9 +71,9 @@ async def test_new_version_with_one_changed_file_adds_about_that_file(
         archives[tag] = tmp_path / f"{tag}.tar"  # docker-archive: plain tar layers
         skopeo_copy(f"oci:{img.layout}:{tag}", f"docker-archive:{archives[tag]}")
 
-    await import_image(str(archives["v1"]), "images/m:v1", client.catalog, client.ingestor())
+    await import_into(client, str(archives["v1"]), "images/m:v1")
     before = await stored_chunk_bytes(client)
-    r2 = await import_image(str(archives["v2"]), "images/m:v2", client.catalog, client.ingestor())
+    r2 = await import_into(client, str(archives["v2"]), "images/m:v2")
     added = await stored_chunk_bytes(client) - before
 
     v2 = await load_image(client.catalog, "images/m:v2")
