@@ -90,7 +90,7 @@ _HASH_BUF = 1 << 20
 def _blake3_file(path: Path) -> str:
     # Read through one reused buffer, not mmap: mapped pages count toward the
     # pull's RSS, which then grows with the largest file instead of staying bounded.
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    h = blake3.blake3()
     buf = bytearray(_HASH_BUF)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
