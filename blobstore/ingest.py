@@ -45,8 +45,6 @@ class IngestStats:
     bytes: int = 0
     known: set[ChunkId] = field(default_factory=set)
     """Chunks known to be in the store (uploaded or found) during this run."""
-    found: set[ChunkId] = field(default_factory=set)
-    """Chunks the store already held (not uploaded by this run)."""
 
 
 class _Window:
@@ -145,7 +143,6 @@ class Ingestor:
         if fresh:
             present = await self.store.has(fresh)
             stats.known |= present
-            stats.found |= present
         claimed = []
         for span in batch:
             if span.id not in stats.known:

@@ -39,7 +39,6 @@ class PullStats:
     bytes: int = 0
     kept_files: int = 0
     """Files already present and identical, left untouched."""
-    written_bytes: int = 0
     seconds: float = 0.0
 
 
@@ -154,7 +153,6 @@ async def materialize(
             if len(data) != size:
                 raise Corrupt(f"chunk {chunk_id} has {len(data)} bytes, manifest says {size}")
             await anyio.to_thread.run_sync(_pwrite_all, job.fd, data, offset)
-            stats.written_bytes += size
             done += size
             job.remaining -= 1
             if job.remaining == 0:

@@ -19,14 +19,15 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Iterator
-from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit
+
+from blobstore.resource import AsyncResource
 
 _BUFFER = 256 * 1024
 
 
-class CountingProxy:
+class CountingProxy(AsyncResource):
     def __init__(self, upstream_host: str, upstream_port: int, listen_host: str = "127.0.0.1"):
         self.upstream = (upstream_host, upstream_port)
         self.listen_host = listen_host
@@ -53,18 +54,9 @@ class CountingProxy:
         """Zero the counters (e.g. after uploading test data)."""
         self.bytes_to_client = self.bytes_to_server = self.connections = 0
 
-    async def __aenter__(self) -> Self:
+    async def open(self) -> None:
         self._server = await asyncio.start_server(self._accept, self.listen_host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         if self._server is not None:
