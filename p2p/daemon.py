@@ -83,6 +83,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                 ServerIdentity(node, config.region, config.peers.token, opts.corrupt_for_tests),
                 provider,
                 metrics,
+                peers=lambda: [p.address for p in directory.live()],
             )
             await stack.enter_async_context(server.serving(host, bound))
             await stack.enter_async_context(directory)

@@ -4,6 +4,11 @@ Liveness comes from our own checks, never from mDNS TTLs (which keep a crashed
 peer listed for ~19 minutes): a broken connection marks a peer down at once,
 an idle peer is pinged every ``interval``, and a down peer is retried with
 exponential backoff.
+
+Membership comes from a static list, mDNS, the node's own daemon, and gossip:
+every pong lists the live peers its sender sees, and unknown ones are added
+(source "gossip"). So one reachable daemon is enough to find the whole region,
+and a gossiped peer that keeps failing is forgotten again.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field
 
 from blobstore.errors import AuthError, PeerUnavailable, ProtocolError
 
+from . import messages
 from .client import Identity, PeerConnection, WrongRegion, open_connection
 
 log = logging.getLogger(__name__)
@@ -30,13 +36,15 @@ class Timing:
     """Connect/handshake/ping deadline."""
     backoff_min: float = 0.25
     backoff_max: float = 30.0
+    forget_after: int = 5
+    """Failed checks in a row after which a gossiped peer is dropped."""
 
 
 @dataclass(slots=True, eq=False)
 class Peer:
     address: str
     source: str
-    """"static" or "mdns"."""
+    """"static", "mdns", "local" (this node's daemon) or "gossip" (named by a peer)."""
     node: str = ""
     region: str = ""
     up: bool = False
@@ -86,9 +94,12 @@ class PeerDirectory:
             peer = self._peers[address] = Peer(address, source, node, region)
             self._wake.set()
             self.checked.clear()
-        elif peer.status == "down":
-            peer.retry_at = 0.0  # re-announced: worth trying now
-            self._wake.set()
+        else:
+            if peer.source == "gossip":
+                peer.source = source  # heard first-hand now: no longer forgettable
+            if peer.status == "down":
+                peer.retry_at = 0.0  # re-announced: worth trying now
+                self._wake.set()
 
     def remove(self, address: str) -> None:
         peer = self._peers.pop(address, None)
@@ -125,13 +136,17 @@ class PeerDirectory:
         peer.up = False
         peer.status = "down"
         peer.failures += 1
+        if peer.source == "gossip" and peer.failures >= self.timing.forget_after:
+            self.remove(peer.address)  # whoever named it will name it again if it returns
+            return
         delay = min(self.timing.backoff_max, self.timing.backoff_min * 2 ** (peer.failures - 1))
         peer.retry_at = time.monotonic() + delay
         self._drop_connection(peer)
 
     def _exclude(self, peer: Peer, status: str, reason: str) -> None:
         if peer.status != status:
-            log.warning("ignoring peer %s: %s", peer.address, reason)
+            level = logging.DEBUG if status == "self" else logging.WARNING
+            log.log(level, "ignoring peer %s: %s", peer.address, reason)
         peer.up = False
         peer.status = status
         peer.retry_at = time.monotonic() + self.timing.backoff_max
@@ -187,6 +202,14 @@ class PeerDirectory:
         if pong.get("node") == self.me.node:
             self._exclude(peer, "self", "it is this node")
             return
+        try:
+            named = messages.peers_field(pong)
+        except ProtocolError as exc:
+            self.mark_down(peer, str(exc))
+            return
+        for address in named:
+            if address not in self._peers:
+                self.add(address, "gossip")
         if not peer.up:
             log.info("peer %s (%s) is up", peer.node, peer.address)
             self.peer_up.set()

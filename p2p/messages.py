@@ -65,6 +65,27 @@ def has(ids: list[ChunkId]) -> dict[str, Any]:
 
 
 PING: dict[str, Any] = {"t": "ping"}
+MAX_GOSSIP_PEERS = 1024
+"""Addresses one pong may list; a region is far smaller."""
+
+
+def pong(node: str, region: str, peers: list[str]) -> dict[str, Any]:
+    """A ping's answer; ``peers`` are the addresses of the live peers the daemon sees."""
+    return {"t": "pong", "node": node, "region": region, "peers": peers[:MAX_GOSSIP_PEERS]}
+
+
+def peers_field(header: dict[str, Any]) -> list[str]:
+    """The HOST:PORT addresses a pong lists (none if it lists none)."""
+    raw = header.get("peers", [])
+    if not isinstance(raw, list) or len(raw) > MAX_GOSSIP_PEERS:
+        raise ProtocolError("'peers' must be a list of at most 1024 addresses")
+    for address in raw:
+        if not isinstance(address, str) or len(address) > 256:
+            raise ProtocolError("'peers' lists a malformed address")
+        host, sep, port = address.rpartition(":")
+        if not host or not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ProtocolError(f"'peers' lists a malformed address {address[:64]!r}")
+    return raw
 MISSING: dict[str, Any] = {"t": "missing"}
 CHUNK: dict[str, Any] = {"t": "chunk"}
 

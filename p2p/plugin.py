@@ -19,9 +19,13 @@ if TYPE_CHECKING:
     from blobstore.local import LocalCache
     from blobstore.source import ChunkSource
 
-DEFAULT_LISTEN = "0.0.0.0:7411"
+DEFAULT_PORT = 7411
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+LOCAL_DAEMON = f"127.0.0.1:{DEFAULT_PORT}"
+"""Where ``--peers auto`` looks for this node's own daemon: it answers at once and
+names the region's live peers, so a pull need not wait for mDNS."""
 _FIRST_PEER_WAIT = 1.0
-"""How long a pull waits for mDNS to find a first peer before starting."""
+"""How long a pull waits for a first peer (local daemon or mDNS) before starting."""
 _MDNS_SETTLE = 0.3
 
 
@@ -39,6 +43,7 @@ async def open_directory(
         elif config.peers.mode == "auto":
             from .discovery import zeroconf_session
 
+            directory.add(LOCAL_DAEMON, "local")
             await stack.enter_async_context(
                 zeroconf_session(me.node, config.region, "", None, directory)
             )
@@ -103,8 +108,10 @@ async def _peer_tier(config: Config) -> AsyncIterator[ChunkSource | None]:
                                        timing.timeout):
                 if config.peers.mode == "auto":
                     await directory.peer_up.wait()
-                    # One mDNS answer usually brings every peer; give the rest a moment.
-                    await asyncio.sleep(_MDNS_SETTLE)
+                    if not any(p.source == "local" for p in directory.live()):
+                        # One mDNS answer usually brings every peer; give the rest a moment.
+                        await asyncio.sleep(_MDNS_SETTLE)
+                # The local daemon's pong named the region's peers: check them too.
                 await directory.checked.wait()
         except TimeoutError:
             pass

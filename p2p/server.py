@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -57,8 +57,11 @@ class PeerServer:
         provider: ChunkProvider,
         metrics: Metrics,
         limits: Limits = DEFAULT_LIMITS,
+        peers: Callable[[], list[str]] = list,
     ) -> None:
+        """``peers`` gives the addresses of the live peers this daemon sees; pongs list them."""
         self._me = me
+        self._peers = peers
         self._provider = provider
         self._metrics = metrics
         self._limits = limits
@@ -160,9 +163,7 @@ class PeerServer:
                     ids = messages.ids_field(frame.header, self._limits)
                     await answers.put(messages.have(self._provider.holds(ids)))
                 elif frame.kind == "ping":
-                    pong: dict[str, object] = {
-                        "t": "pong", "node": self._me.node, "region": self._me.region
-                    }
+                    pong = messages.pong(self._me.node, self._me.region, self._peers())
                     await answers.put(pong)
                 else:
                     raise ProtocolError(f"unexpected {frame.kind!r} request")

@@ -69,6 +69,26 @@ async def test_pull_comes_from_peers_and_origin_is_read_once(
         assert _total(daemons, "origin_fetches_total") == unique  # second node: all cached
 
 
+async def test_one_seed_address_finds_the_whole_region(
+    pushed: tuple[str, Path], tmp_path: Path
+) -> None:
+    store, src = pushed
+    with cluster(store, tmp_path, 3) as daemons:
+        env = cli_env(store, tmp_path / "c1", {"BLOBSTORE_PEERS": daemons[0].listen})
+        proc = run_cli(["peers", "--json"], env)
+        assert proc.returncode == 0, proc.stderr
+        rows = json.loads(proc.stdout)["peers"]
+        assert {(p["node"], p["source"]) for p in rows} == {
+            ("default-node-0", "static"), ("default-node-1", "gossip"),
+            ("default-node-2", "gossip")}
+        proc = run_cli(["pull", "apps/demo", tmp_path / "o1", "--json"], env)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["from"]["origin"] == 0
+        assert snapshot(tmp_path / "o1") == snapshot(src)
+        # Chunks went to their home peers, not all to the seed.
+        assert all(d.metrics()["blobstore_peer_chunks_served_total"] > 0 for d in daemons)
+
+
 async def test_daemon_killed_mid_pull(pushed: tuple[str, Path], tmp_path: Path) -> None:
     store, src = pushed
     with cluster(store, tmp_path, 3) as daemons:

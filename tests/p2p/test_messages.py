@@ -41,3 +41,13 @@ def test_error_frames_are_translated() -> None:
         messages.expect(Frame(messages.error("auth", "no"), bytearray()), "ready")
     with pytest.raises(ProtocolError):
         messages.expect(Frame({"t": "pong"}, bytearray()), "ready")
+
+
+def test_pong_names_peers_and_malformed_lists_are_refused() -> None:
+    header = messages.pong("n", "r", ["10.0.0.2:7411", "[::1]:7411"])
+    assert messages.peers_field(header) == ["10.0.0.2:7411", "[::1]:7411"]
+    assert messages.peers_field({"t": "pong"}) == []  # an older daemon names nobody
+    for bad in ("10.0.0.2", ["x"], [7411], ["h:0"], ["h:99999"], [":1"], ["a" * 300 + ":1"],
+                ["h:1"] * (messages.MAX_GOSSIP_PEERS + 1)):
+        with pytest.raises(ProtocolError):
+            messages.peers_field({"t": "pong", "peers": bad})

@@ -60,7 +60,7 @@ class Node:
 
 @pytest.fixture
 def lab() -> Iterator[list[Node]]:
-    """Three node namespaces on one bridge; removed however the test ends."""
+    """Four node namespaces on one bridge; removed however the test ends."""
     _need_root()
     tag = uuid.uuid4().hex[:6]
     subnet = f"10.{100 + int(tag[:2], 16) % 100}.{int(tag[2:4], 16)}"
@@ -73,7 +73,7 @@ def lab() -> Iterator[list[Node]]:
         _ip("-n", bridge_ns, "link", "set", "br0", "type", "bridge", "mcast_snooping", "0")
         _ip("-n", bridge_ns, "link", "set", "br0", "up")
         nodes = []
-        for i in range(3):
+        for i in range(4):
             ns = f"bsn{i}-{tag}"
             _ip("netns", "add", ns)
             created.append(ns)
@@ -99,15 +99,16 @@ def test_mdns_discovery_and_region_filtering(lab: list[Node], tmp_path: Path) ->
     store = (tmp_path / "store").as_uri()
     src = make_tree(tmp_path / "src")
     assert run_cli(["push", src, "apps/ns"], cli_env(store, tmp_path / "pc")).returncode == 0
+    # Nodes 0-2 run a daemon on the default address; node 3 runs none (a client only).
     regions = ["east", "east", "west"]
     with ExitStack() as stack:
         daemons = [
             stack.enter_context(daemon(
-                store, tmp_path / f"cache-{i}", listen=f"{node.addr}:7411", peers="auto",
+                store, tmp_path / f"cache-{i}", listen="0.0.0.0:7411", peers="auto",
                 region=regions[i], node=f"{regions[i]}-{i}",
                 prefix=["ip", "netns", "exec", node.ns],
             ))
-            for i, node in enumerate(lab)
+            for i, node in enumerate(lab[:3])
         ]
         assert len(daemons) == 3
 
@@ -120,16 +121,24 @@ def test_mdns_discovery_and_region_filtering(lab: list[Node], tmp_path: Path) ->
 
         env = cli_env(store, tmp_path / "client-cache",
                       {"BLOBSTORE_PEERS": "auto", "BLOBSTORE_REGION": "east"})
-        proc = lab[0].run(BLOBSTORE, "peers", "--json", "--all", "--wait", "2", env=env)
+        # Node 3 has no daemon of its own: it finds the region by mDNS alone.
+        proc = lab[3].run(BLOBSTORE, "peers", "--json", "--all", "--wait", "2", env=env)
         assert proc.returncode == 0, proc.stderr
-        seen = {p["node"]: (p["status"], p["source"]) for p in json.loads(proc.stdout)["peers"]}
+        rows = json.loads(proc.stdout)["peers"]
+        seen = {p["node"]: (p["status"], p["source"]) for p in rows if p["source"] != "local"}
         # The west node announces itself on the same link but is never used.
         assert seen == {"east-0": ("up", "mdns"), "east-1": ("up", "mdns")}
+        [local] = [p for p in rows if p["source"] == "local"]
+        assert local["status"] == "down"  # nothing listens on this node's 127.0.0.1:7411
 
+        # Node 0's pull asks its own daemon, which names east-1: no wait for mDNS.
         proc = lab[0].run(BLOBSTORE, "pull", "apps/ns", tmp_path / "out", "--json", env=env)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["from"]["peer"] > 0
         assert snapshot(tmp_path / "out") == snapshot(src)
+        proc = lab[0].run(BLOBSTORE, "peers", "--json", "--wait", "0", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert {p["node"] for p in json.loads(proc.stdout)["peers"]} == {"east-0", "east-1"}
 
         west = lab[2].http_json(f"http://{daemons[2].http}/healthz")
         assert isinstance(west, dict)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
@@ -39,9 +40,11 @@ class StallingCache(FakeCache):
 
 @asynccontextmanager
 async def peers(
-    *caches: FakeCache, corrupt: int | None = None, first: int = 0
+    *caches: FakeCache, corrupt: int | None = None, first: int = 0,
+    named: list[str] | None = None,
 ) -> AsyncIterator[list[str]]:
-    """Serve each cache as node ``n<i>``; yield their addresses."""
+    """Serve each cache as node ``n<i>``; yield their addresses. Their pongs name
+    the addresses in ``named``."""
     async with AsyncExitStack() as stack:
         tg = await stack.enter_async_context(asyncio.TaskGroup())
         addresses = []
@@ -49,7 +52,8 @@ async def peers(
             provider = ChunkProvider(cache, None, lambda _: False, Metrics(), tg)  # type: ignore[arg-type]
             me = ServerIdentity(f"n{i}", "r", None, corrupt_for_tests=(i == corrupt))
             port = await stack.enter_async_context(
-                PeerServer(me, provider, Metrics()).serving("127.0.0.1", 0)
+                PeerServer(me, provider, Metrics(), peers=lambda: list(named or ())
+                           ).serving("127.0.0.1", 0)
             )
             addresses.append(f"127.0.0.1:{port}")
         yield addresses
@@ -110,3 +114,33 @@ async def test_dead_peer_is_marked_down_and_skipped() -> None:
             while len(t._directory.live()) != 1:  # noqa: ASYNC110 - polling a test condition
                 await asyncio.sleep(0.01)
         assert await t.get(chunk_id) == data
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    with anyio.fail_after(10):
+        while not predicate():  # noqa: ASYNC110 - polling a test condition
+            await asyncio.sleep(0.01)
+
+
+async def test_one_seed_names_the_region_and_dead_names_are_forgotten() -> None:
+    named: list[str] = []
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    async with (
+        peers(FakeCache(), FakeCache(), FakeCache(), named=named) as addrs,
+        PeerDirectory(Identity("client", "r"), FAST) as directory,
+    ):
+        named[:] = [*addrs[1:], dead]
+        directory.add(addrs[0], "static")
+        await _until(lambda: {p.node for p in directory.live()} == {"n0", "n1", "n2"})
+        sources = {p.address: p.source for p in directory.all()}
+        assert sources == {addrs[0]: "static", addrs[1]: "gossip", addrs[2]: "gossip",
+                           dead: "gossip"}
+        # Heard first-hand (mDNS, say), a gossiped peer is no longer forgettable.
+        directory.add(addrs[1], "mdns")
+        assert {p.address: p.source for p in directory.all()}[addrs[1]] == "mdns"
+        # Nobody names the dead address any more: after a few failed checks it is gone.
+        named.remove(dead)
+        await _until(lambda: dead not in {p.address for p in directory.all()})
+        assert {p.node for p in directory.live()} == {"n0", "n1", "n2"}
