@@ -19,7 +19,7 @@ import anyio
 
 from .client import Client
 from .config import Config
-from .errors import BlobstoreError, ConfigError
+from .errors import BlobstoreError, ConfigError, single_errors
 from .gc import DEFAULT_GRACE_SECONDS, collect
 from .manifest import Image, Layer, Tree
 from .plugins import load_plugins
@@ -290,12 +290,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(getattr(args, "verbose", 0) or 0, 2)
     logging.basicConfig(level=level, format="blobstore: %(levelname)s: %(message)s")
     try:
-        code: int = anyio.run(_run, args, backend_options={"use_uvloop": True})
+        with single_errors():  # whatever task group it escaped from: one line
+            code: int = anyio.run(_run, args, backend_options={"use_uvloop": True})
     except BlobstoreError as exc:
         print(f"blobstore: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"blobstore: error: {exc.strerror or exc} ({exc.filename or ''})", file=sys.stderr)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"blobstore: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("blobstore: interrupted", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -13,7 +14,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from blobstore.config import Config
-from blobstore.errors import ConfigError
+from blobstore.errors import ConfigError, PeerUnavailable
 from blobstore.ids import ChunkId
 from blobstore.local import LocalCache
 from blobstore.origin import OriginSource
@@ -72,10 +73,14 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                 return placement.home(nodes, chunk_id) == node_box[0]
 
             provider = ChunkProvider(cache, OriginSource(store), is_home, metrics, server_tg)
-            # Pre-bind to learn the port, so node id and handshakes agree from the start.
-            sock = socket.create_server((host, port), reuse_port=False)
+            # Bind first to learn the port, so node id and handshakes agree from the start.
+            try:
+                sock = socket.create_server((host, port))
+            except OSError as exc:
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise PeerUnavailable(f"cannot listen on {host}:{port}: {reason}") from exc
+            stack.callback(sock.close)
             bound = sock.getsockname()[1]
-            sock.close()
             node = opts.node or f"{socket.gethostname()}:{bound}"
             node_box[0] = node
             directory.me = Identity(node, config.region, config.peers.token)
@@ -85,7 +90,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                 metrics,
                 peers=lambda: [p.address for p in directory.live()],
             )
-            await stack.enter_async_context(server.serving(host, bound))
+            await stack.enter_async_context(server.serving(host, bound, sock))
             await stack.enter_async_context(directory)
             metrics.peers = lambda: len(directory.live())
             http_port = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -69,8 +70,11 @@ class PeerServer:
         self._budget = asyncio.Semaphore(_LOOKUPS_PER_DAEMON)
 
     @asynccontextmanager
-    async def serving(self, host: str, port: int) -> AsyncIterator[int]:
-        """Listen on host:port (port 0 picks one); yield the bound port."""
+    async def serving(
+        self, host: str, port: int, sock: socket.socket | None = None
+    ) -> AsyncIterator[int]:
+        """Listen on host:port (port 0 picks one), or on ``sock`` if given (already
+        bound: the caller learns the port before serving); yield the bound port."""
         loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
 
@@ -80,7 +84,10 @@ class PeerServer:
                 return stream
 
             try:
-                server = await loop.create_server(factory, host, port, reuse_address=True)
+                if sock is not None:
+                    server = await loop.create_server(factory, sock=sock)
+                else:
+                    server = await loop.create_server(factory, host, port, reuse_address=True)
             except OSError as exc:
                 raise PeerUnavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import urllib.error
 from pathlib import Path
 
@@ -197,3 +198,13 @@ async def test_http_ops_side_and_clean_sigterm(pushed: tuple[str, Path], tmp_pat
         err.value.close()
         assert d.stop(signal.SIGTERM) == 0
         assert "Traceback" not in d.log_text()
+
+
+def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = run_cli(["daemon", "--listen", f"127.0.0.1:{port}", "--peers", "none"],
+                       cli_env((tmp_path / "store").as_uri(), tmp_path / "cache"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"blobstore: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
