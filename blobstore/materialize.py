@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -45,14 +46,35 @@ class PullStats:
 class _FileJob:
     """One file being assembled: its temp fd and chunks outstanding."""
 
-    __slots__ = ("entry", "fd", "final", "remaining", "tmp")
+    __slots__ = ("entry", "fd", "final", "lock", "remaining", "tmp")
 
     def __init__(self, entry: Entry, final: Path) -> None:
         self.entry = entry
         self.final = final
         self.tmp = final.with_name(f".{final.name[:100]}{TMP_MARK}{uuid.uuid4().hex[:8]}")
         self.fd = -1
+        """-1 before the first write opens it (in a worker thread), -2 after closing."""
+        self.lock = threading.Lock()
         self.remaining = len(entry.chunks)
+
+    @property
+    def whole_chunk(self) -> bool:
+        """The file is one chunk whose (verified) id is the file's BLAKE3: checking the
+        written file again would hash the same bytes twice."""
+        chunks = self.entry.chunks
+        return len(chunks) == 1 and chunks[0].id == self.entry.digest
+
+    def write(self, data: ChunkData, offset: int) -> None:
+        """pwrite a chunk at ``offset``; the first write creates the temp file."""
+        with self.lock:
+            if self.fd == -1:
+                self.fd = _open_tmp(self.tmp)
+        _pwrite_all(self.fd, data, offset)
+
+
+_PLAN_BATCH = 256
+"""Files looked at per worker-thread hop before the pull: one hop per file cost
+more than the look itself for thousands of small files."""
 
 
 def _safe_dest(root: Path, rel: str) -> Path:
@@ -124,24 +146,22 @@ async def materialize(
 
     jobs: list[_FileJob] = []
     try:
-        for entry in (e for e in tree.entries if e.kind == "dir"):
-            await anyio.to_thread.run_sync(_make_dir, root, entry)
-        for entry in files:
-            final = await anyio.to_thread.run_sync(_safe_dest, root, entry.path)
-            if await anyio.to_thread.run_sync(_same_file, final, entry):
-                stats.kept_files += 1
-                done += entry.size
-                continue
-            jobs.append(_FileJob(entry, final))
+        await anyio.to_thread.run_sync(_make_dirs, root, [e for e in tree.entries
+                                                          if e.kind == "dir"])
+        for start in range(0, len(files), _PLAN_BATCH):
+            batch = files[start : start + _PLAN_BATCH]
+            for entry, final, same in await anyio.to_thread.run_sync(_plan, root, batch):
+                if same:
+                    stats.kept_files += 1
+                    done += entry.size
+                else:
+                    jobs.append(_FileJob(entry, final))
         if progress:
             progress(done, total)
 
         def work() -> Iterator[tuple[_FileJob, int, ChunkId, int]]:
             for job in jobs:
                 offset = 0
-                if job.entry.chunks:
-                    # on the loop on purpose: one cheap open, and no two workers race to it
-                    job.fd = _open_tmp(job.tmp)
                 for chunk in job.entry.chunks:
                     yield job, offset, chunk.id, chunk.size
                     offset += chunk.size
@@ -152,7 +172,7 @@ async def materialize(
             data = await source.get(chunk_id)
             if len(data) != size:
                 raise Corrupt(f"chunk {chunk_id} has {len(data)} bytes, manifest says {size}")
-            await anyio.to_thread.run_sync(_pwrite_all, job.fd, data, offset)
+            await anyio.to_thread.run_sync(job.write, data, offset)
             done += size
             job.remaining -= 1
             if job.remaining == 0:
@@ -181,6 +201,20 @@ async def materialize(
     stats.bytes = total
     stats.seconds = time.monotonic() - started
     return stats
+
+
+def _plan(root: Path, entries: list[Entry]) -> list[tuple[Entry, Path, bool]]:
+    """Each file's destination, and whether an identical file is already there."""
+    out = []
+    for entry in entries:
+        final = _safe_dest(root, entry.path)
+        out.append((entry, final, _same_file(final, entry)))
+    return out
+
+
+def _make_dirs(root: Path, entries: list[Entry]) -> None:
+    for entry in entries:
+        _make_dir(root, entry)
 
 
 def _prepare_dest(dest: Path) -> Path:
@@ -237,11 +271,16 @@ def _pwrite_all(fd: int, data: ChunkData, offset: int) -> None:
 def _finish(job: _FileJob) -> None:
     """fsync, verify the whole file, set its mode, rename into place."""
     os.fsync(job.fd)
+    size = os.fstat(job.fd).st_size
     os.close(job.fd)
     job.fd = -2
-    actual = _blake3_file(job.tmp)
-    if job.entry.digest is not None and actual != job.entry.digest:
-        raise Corrupt(f"{job.entry.path}: assembled file does not match its BLAKE3")
+    if size != job.entry.size:
+        raise Corrupt(f"{job.entry.path}: assembled file has {size} bytes, manifest says "
+                      f"{job.entry.size}")
+    if not job.whole_chunk:
+        actual = _blake3_file(job.tmp)
+        if job.entry.digest is not None and actual != job.entry.digest:
+            raise Corrupt(f"{job.entry.path}: assembled file does not match its BLAKE3")
     os.chmod(job.tmp, job.entry.mode)
     if os.path.isdir(job.final) and not os.path.islink(job.final):
         raise UnsafePath(f"{job.entry.path}: a directory stands where the manifest has a file")
