@@ -2,7 +2,8 @@
 # The blobstore demo on the embedded default (a file:// store, no servers):
 # node 1 pushes a model directory and pulls it back through its cache; then
 # nodes 2 and 3 pull the same ref from node 1's peer daemon instead of the
-# object store. Prints bytes per tier for every pull.
+# object store. Prints bytes per tier for every pull. The workspace (~2.3 GiB
+# at the default 256 MiB) is removed at the end unless DEMO_KEEP=1 or DEMO_DIR is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -61,4 +62,9 @@ while True:
 fi
 echo "== refs in the store"
 $B ls
-echo "demo done: $WORK"
+if [ -z "${DEMO_DIR:-}${DEMO_KEEP:-}" ]; then
+  rm -rf "$WORK"
+  echo "demo done (workspace removed; DEMO_KEEP=1 keeps it)"
+else
+  echo "demo done: $WORK"
+fi
