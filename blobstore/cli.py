@@ -128,7 +128,8 @@ def _adopt(p: argparse.ArgumentParser, common: argparse.ArgumentParser, wants: s
     for action in common._actions:
         if action.dest not in existing and action.option_strings:
             p._add_action(action)
-    p.set_defaults(_wants=wants)
+    if p.get_default("_wants") is None:  # a module may say it needs no peers
+        p.set_defaults(_wants=wants)
     # nested command groups (``image import``)
     for action in p._actions:
         if isinstance(action, argparse._SubParsersAction):

@@ -380,7 +380,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--out", type=Path, help="write the report here (default: stdout)")
     p.add_argument("--top", type=int, default=DEFAULT_TOP_FILES, help="files to list")
     p.add_argument("--title", default="blobstore dedup report", help="HTML title")
-    p.set_defaults(func=run_dedup_report)
+    p.set_defaults(func=run_dedup_report, _wants="client_nopeers")  # manifests only
 
 
 async def run_dedup_report(args: argparse.Namespace, client: Client) -> int:

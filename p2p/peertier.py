@@ -47,8 +47,16 @@ class PeerTier:
 
     name = "peer"
 
-    def __init__(self, directory: PeerDirectory, tuning: TierTuning = TierTuning()) -> None:
+    def __init__(
+        self,
+        directory: PeerDirectory,
+        tuning: TierTuning = TierTuning(),
+        settled: asyncio.Future[None] | None = None,
+    ) -> None:
+        """``settled`` completes when discovery has had its chance (see plugin.py);
+        the first request of the pull waits for it."""
         self._directory = directory
+        self._settled = settled
         self._tuning = tuning
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._held: dict[str, set[ChunkId]] = {}
@@ -57,6 +65,7 @@ class PeerTier:
 
     async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Fetch a verified chunk from a peer. Raises ChunkMissing when no peer delivers it."""
+        await self._discovered()
         peers = self._order(chunk_id, self._directory.live())
         if not peers:
             raise ChunkMissing(chunk_id, "peers (none live)")
@@ -90,6 +99,7 @@ class PeerTier:
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         """Ask every live peer which of ``chunk_ids`` it holds; remember it for ranking."""
         ids = list(dict.fromkeys(chunk_ids))
+        await self._discovered()
         peers = self._directory.live()
         results = await asyncio.gather(*(self._probe(p, ids) for p in peers))
         found: set[ChunkId] = set()
@@ -98,6 +108,10 @@ class PeerTier:
                 self._held[peer.node] = held
             found |= held
         return found
+
+    async def _discovered(self) -> None:
+        if self._settled is not None and not self._settled.done():
+            await asyncio.wait([self._settled])  # never raises, even if it was cancelled
 
     def _order(self, chunk_id: ChunkId, peers: list[Peer]) -> list[Peer]:
         def key(peer: Peer) -> tuple[bool, int]:

@@ -102,20 +102,26 @@ async def _peer_tier(config: Config) -> AsyncIterator[ChunkSource | None]:
     from .peertier import PeerTier
 
     timing = Timing()
-    async with open_directory(config, timing) as directory:
-        try:
-            async with asyncio.timeout(_FIRST_PEER_WAIT if config.peers.mode == "auto" else
-                                       timing.timeout):
-                if config.peers.mode == "auto":
-                    await directory.peer_up.wait()
-                    if not any(p.source == "local" for p in directory.live()):
-                        # One mDNS answer usually brings every peer; give the rest a moment.
-                        await asyncio.sleep(_MDNS_SETTLE)
-                # The local daemon's pong named the region's peers: check them too.
-                await directory.checked.wait()
-        except TimeoutError:
-            pass
-        yield PeerTier(directory)
+    async with open_directory(config, timing) as directory, asyncio.TaskGroup() as tg:
+        # Discovery runs while the pull looks in the local cache; the tier waits for
+        # it only when a chunk is first asked of peers, so a warm pull never waits.
+        settled = tg.create_task(_settle_for_pull(directory, config.peers.mode, timing))
+        yield PeerTier(directory, settled=settled)
+        settled.cancel()
+
+
+async def _settle_for_pull(directory: PeerDirectory, mode: str, timing: Timing) -> None:
+    try:
+        async with asyncio.timeout(_FIRST_PEER_WAIT if mode == "auto" else timing.timeout):
+            if mode == "auto":
+                await directory.peer_up.wait()
+                if not any(p.source == "local" for p in directory.live()):
+                    # One mDNS answer usually brings every peer; give the rest a moment.
+                    await asyncio.sleep(_MDNS_SETTLE)
+            # The local daemon's pong named the region's peers: check them too.
+            await directory.checked.wait()
+    except TimeoutError:
+        pass
 
 
 async def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:

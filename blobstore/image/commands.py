@@ -34,7 +34,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("ref", metavar="REF")
     p.add_argument("--tag", help="which image, when SRC holds several")
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=run_import)
+    p.set_defaults(func=run_import, _wants="client_nopeers")  # writes to the store
 
     p = sub.add_parser("export", help="rebuild a docker-archive tar or an OCI layout dir")
     p.add_argument("ref", metavar="REF")
@@ -52,7 +52,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("ref", metavar="REF")
     p.add_argument("--prefix", default="", help="compare only with refs under this prefix")
     p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=run_show)
+    p.set_defaults(func=run_show, _wants="client_nopeers")  # manifests only
 
 
 async def run_import(args: argparse.Namespace, client: Client) -> int:

@@ -144,3 +144,23 @@ async def test_one_seed_names_the_region_and_dead_names_are_forgotten() -> None:
         named.remove(dead)
         await _until(lambda: dead not in {p.address for p in directory.all()})
         assert {p.node for p in directory.live()} == {"n0", "n1", "n2"}
+
+
+async def test_first_request_waits_for_discovery_to_settle() -> None:
+    chunk_id, data = blob(5)
+    cache = FakeCache()
+    cache.chunks[chunk_id] = data
+    async with (
+        peers(cache) as addrs,
+        PeerDirectory(Identity("client", "r"), FAST) as directory,
+    ):
+        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        t = PeerTier(directory, settled=settled)
+        fetch = asyncio.create_task(t.get(chunk_id))
+        await asyncio.sleep(0.05)
+        assert not fetch.done()  # no peer known yet, but discovery has not had its chance
+        directory.add(addrs[0], "static")
+        await directory.checked.wait()
+        settled.set_result(None)
+        assert await fetch == data
+        assert t.stats["hits"] == 1
