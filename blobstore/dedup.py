@@ -23,18 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .errors import BadInput, Unavailable
 from .ids import ChunkId
-from .manifest import ChunkerInfo, ChunkRef, Entry, Image, Layer, Manifest, Tree
+from .manifest import ChunkerInfo, Entry, Image, Layer, Manifest, Tree
 from .progress import human_bytes
 
 if TYPE_CHECKING:
     from .client import Client
+
+T = TypeVar("T")
 
 DEFAULT_TOP_FILES = 20
 _IMAGE_CHUNKER = ChunkerInfo("image-layers", 1, 1, 1)
@@ -158,7 +160,7 @@ def compute(trees: Mapping[str, Tree], *, top_files: int = DEFAULT_TOP_FILES) ->
             content = contents.get(key)
             if content is None:
                 content = contents[key] = _Content(entry.size)
-                for c in _distinct(entry.chunks):
+                for c in _first_by(entry.chunks, lambda c: c.id):
                     sizes[c.id] = c.size
                     placements[c.id] = placements.get(c.id, 0) + 1
             content.locations.append((name, entry.path))
@@ -219,12 +221,14 @@ class _Content:
         self.refs = 0
 
 
-def _distinct(chunks: Iterable[ChunkRef]) -> Iterable[ChunkRef]:
-    seen: set[ChunkId] = set()
-    for c in chunks:
-        if c.id not in seen:
-            seen.add(c.id)
-            yield c
+def _first_by(items: Iterable[T], key: Callable[[T], Hashable]) -> Iterator[T]:
+    """``items`` without those whose key an earlier item had."""
+    seen: set[Hashable] = set()
+    for item in items:
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            yield item
 
 
 def _top_files(
@@ -281,21 +285,14 @@ async def as_tree(manifest: Manifest, catalog: _ManifestLoader) -> Tree:
                 raise BadInput(f"image layer {layer_ref.digest} is not a layer manifest")
             layers.append(layer)
         chunker = layers[0].chunker if layers else _IMAGE_CHUNKER
-        return Tree(chunker, tuple(_unique_paths(_layer_entry(lay) for lay in layers)))
+        entries = _first_by((_layer_entry(lay) for lay in layers), lambda e: e.path)
+        return Tree(chunker, tuple(entries))
     raise BadInput(f"cannot report on a {type(manifest).__name__}")
 
 
 def _layer_entry(layer: Layer) -> Entry:
     name = "layers/" + layer.digest.replace(":", "-")
     return Entry(name, "file", 0o644, layer.size, None, layer.chunks)
-
-
-def _unique_paths(entries: Iterable[Entry]) -> Iterable[Entry]:
-    seen: set[str] = set()
-    for e in entries:
-        if e.path not in seen:
-            seen.add(e.path)
-            yield e
 
 
 class _Catalog(_ManifestLoader, Protocol):

@@ -25,7 +25,7 @@ LOCAL_DAEMON = f"127.0.0.1:{DEFAULT_PORT}"
 """Where ``--peers auto`` looks for this node's own daemon: it answers at once and
 names the region's live peers, so a pull need not wait for mDNS."""
 _FIRST_PEER_WAIT = 1.0
-"""How long a pull waits for a first peer (local daemon or mDNS) before starting."""
+"""How long a pull's first peer request waits for a first peer (local daemon or mDNS)."""
 _MDNS_SETTLE = 0.3
 
 
@@ -118,7 +118,7 @@ async def _settle_for_pull(directory: PeerDirectory, mode: str, timing: Timing) 
                 if not any(p.source == "local" for p in directory.live()):
                     # One mDNS answer usually brings every peer; give the rest a moment.
                     await asyncio.sleep(_MDNS_SETTLE)
-            # The local daemon's pong named the region's peers: check them too.
+            # Peers named in pongs (the local daemon's, a seed's) are checked too.
             await directory.checked.wait()
     except TimeoutError:
         pass
