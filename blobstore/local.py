@@ -18,7 +18,7 @@ import os
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,8 +27,9 @@ import anyio
 from .config import CacheConfig
 from .errors import ChunkMissing, CorruptChunk, DiskFull, Unavailable
 from .ids import ChunkId, hash_bytes, is_id
+from .manifest import ChunkRef
 from .resource import AsyncResource
-from .source import ChunkData
+from .source import ChunkData, Sink, fetch_each
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ class LocalCache(AsyncResource):
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         return {c for c in chunk_ids if c in self._index}
+
+    async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
+        return await fetch_each(self.get, refs, sink)
 
     async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Return the verified chunk. Raises ChunkMissing, or CorruptChunk after

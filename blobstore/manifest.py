@@ -37,6 +37,10 @@ EntryKind = Literal["file", "dir", "symlink"]
 class ChunkRef:
     id: ChunkId
     size: int
+    pack: ChunkId | None = None
+    """Pack object holding the chunk (manifest v2), or None: look it up (v1 manifests)."""
+    offset: int = 0
+    """Byte offset of the chunk inside ``pack``."""
 
 
 @dataclass(frozen=True, slots=True)

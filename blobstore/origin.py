@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import anyio
 
 from .errors import ChunkMissing, ObjectMissing
 from .ids import ChunkId, verify
+from .manifest import ChunkRef
 from .objectstore import ObjectStore, chunk_key
-from .source import ChunkData
+from .source import ChunkData, Sink, fetch_each
 
 # Verifying a chunk takes ~0.25 ms/MiB; only large ones are worth a thread hop.
 _THREAD_VERIFY_MIN = 256 << 10
@@ -38,6 +39,9 @@ class OriginSource:
         """Which of ``chunk_ids`` the store holds, checked in bulk."""
         keys = {chunk_key(c): c for c in chunk_ids}
         return {keys[k] for k in await self.store.exists_many(keys.keys())}
+
+    async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
+        return await fetch_each(self.get, refs, sink)
 
     async def put(self, chunk_id: ChunkId, data: ChunkData) -> None:
         async with self._limit:

@@ -1,21 +1,40 @@
 """The small protocols every tier implements.
 
-A ``ChunkSource`` answers ``get`` and ``has``; a ``ChunkStore`` adds ``put``.
-The local cache, peers, the object store and test fakes all satisfy them, and
-the tier order local -> peers -> origin is a list of sources (see tiers.py).
+A ``ChunkSource`` answers ``get``, ``has`` and ``fetch``; a ``ChunkStore`` adds
+``put``. The local node store, peers, the object store and test fakes all
+satisfy them, and the tier order local -> peers -> origin is a list of sources
+(see tiers.py).
+
+``get`` moves one chunk (a peer daemon answering a request). ``fetch`` moves
+many: the source delivers each verified chunk it can to a *sink* as it arrives
+(any order, several at once) and returns the refs it could not deliver, which
+the tier list then asks the next source for. Pulls use ``fetch``: it lets the
+origin coalesce neighbouring chunks of a pack into one ranged read, and lets
+the caller write each chunk straight to its final place (each byte written
+once) instead of handing buffers back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from .errors import Corrupt, NotFound, Unavailable
 from .ids import ChunkId
+from .parallel import for_each
+
+if TYPE_CHECKING:
+    from .manifest import ChunkRef
 
 ChunkData = bytes | bytearray
 """Chunk bytes as a source hands them out (a peer's receive buffer is a
 bytearray; copying it into ``bytes`` would cost a pass over every byte).
 Consumers must not mutate it: single-flight shares one buffer."""
+
+Sink = Callable[["ChunkRef", ChunkData], Awaitable[None]]
+"""Receives one verified chunk. May be awaited concurrently for different refs;
+its back-pressure (awaiting) bounds how many chunks a source holds in memory.
+An exception it raises aborts the whole fetch."""
 
 
 @runtime_checkable
@@ -37,6 +56,16 @@ class ChunkSource(Protocol):
         """Return the subset of ``chunk_ids`` this source holds (best effort)."""
         ...
 
+    async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
+        """Deliver every ref this source can, verified, to ``sink``; return the
+        refs it could not (missing, corrupt or unavailable here).
+
+        Raises only what ``sink`` raises, or Unavailable when the source as a
+        whole cannot be used (the caller then treats every undelivered ref as
+        not delivered).
+        """
+        ...
+
 
 @runtime_checkable
 class ChunkStore(ChunkSource, Protocol):
@@ -48,3 +77,29 @@ class ChunkStore(ChunkSource, Protocol):
         Idempotent. Raises Unavailable (DiskFull included) on failure.
         """
         ...
+
+
+async def fetch_each(
+    get: Callable[[ChunkId], Awaitable[ChunkData]],
+    refs: Sequence[ChunkRef],
+    sink: Sink,
+    concurrency: int = 16,
+) -> list[ChunkRef]:
+    """``fetch`` for a source that only knows ``get``: one chunk at a time per
+    worker, ``concurrency`` workers. NotFound/Unavailable (Corrupt included)
+    leave a ref undelivered; a sink failure propagates."""
+    undelivered: list[ChunkRef] = []
+
+    async def one(ref: ChunkRef) -> None:
+        try:
+            data = await get(ref.id)
+        except (NotFound, Corrupt, Unavailable):
+            undelivered.append(ref)
+            return
+        if len(data) != ref.size:
+            undelivered.append(ref)
+            return
+        await sink(ref, data)
+
+    await for_each(refs, one, concurrency)
+    return undelivered

@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
 from .errors import ChunkMissing, Corrupt, NotFound, Unavailable
 from .ids import ChunkId
-from .source import ChunkData, ChunkSource, ChunkStore
+from .source import ChunkData, ChunkSource, ChunkStore, Sink, fetch_each
+
+if TYPE_CHECKING:
+    from .manifest import ChunkRef
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,9 @@ class TieredSource:
         if corrupt is not None:  # say "corrupt", not "not found", when that is the reason
             raise corrupt
         raise ChunkMissing(chunk_id, "any tier")
+
+    async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
+        return await fetch_each(self.get, refs, sink)
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         wanted = set(chunk_ids)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from blobstore.errors import (
@@ -22,7 +22,8 @@ from blobstore.errors import (
     ProtocolError,
 )
 from blobstore.ids import ChunkId
-from blobstore.source import ChunkData
+from blobstore.manifest import ChunkRef
+from blobstore.source import ChunkData, Sink, fetch_each
 
 from . import placement
 from .framing import MAX_IDS_PER_REQUEST
@@ -95,6 +96,9 @@ class PeerTier:
                 await asyncio.gather(*pending, return_exceptions=True)
         self.stats["misses"] += 1
         raise ChunkMissing(chunk_id, "peers")
+
+    async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
+        return await fetch_each(self.get, refs, sink)
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         """Ask every live peer which of ``chunk_ids`` it holds; remember it for ranking."""

@@ -9,7 +9,7 @@ the way (in the same worker thread) and checked against the layer's digest.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import BinaryIO
 
 import anyio
@@ -18,7 +18,8 @@ from blobstore.source import ChunkData
 
 from ..ids import ChunkId
 from ..manifest import ChunkRef
-from ..source import ChunkSource
+from ..source import ChunkSource, fetch_each
+from ..source import Sink as RefSink
 from .errors import DigestMismatch
 
 WINDOW = 8
@@ -93,6 +94,9 @@ class MeteredSource:
         data = await self.inner.get(chunk_id)
         self.report(len(data))
         return data
+
+    async def fetch(self, refs: Sequence[ChunkRef], sink: RefSink) -> list[ChunkRef]:
+        return await fetch_each(self.get, refs, sink)
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         return await self.inner.has(chunk_ids)
