@@ -76,9 +76,13 @@ class Ingestor:
         self.stats = IngestStats()
         self._limit = anyio.Semaphore(concurrency)
 
-    async def ingest_file(self, path: str, offset: int = 0, length: int | None = None) -> Ingested:
+    async def ingest_file(
+        self, path: str | int, offset: int = 0, length: int | None = None
+    ) -> Ingested:
         """Chunk ``path`` (or ``length`` bytes of it at ``offset``) and upload
-        missing chunks. Raises OSError (callers translate), Unavailable."""
+        missing chunks. ``path`` may be an open file descriptor: it is read as
+        it is (never re-opened by name nor closed; its file offset moves).
+        Raises OSError (callers translate), Unavailable."""
         small = await anyio.to_thread.run_sync(self._cut_small, path, offset, length)
         if small is not None:
             return await self._ingest_buffer(*small)
@@ -99,7 +103,7 @@ class Ingestor:
 
     async def _cut_worker(
         self,
-        path: str,
+        path: str | int,
         offset: int,
         length: int | None,
         send: MemoryObjectSendStream[list[Span]],
@@ -111,10 +115,10 @@ class Ingestor:
             )
 
     def _cut_small(
-        self, path: str, offset: int, length: int | None
+        self, path: str | int, offset: int, length: int | None
     ) -> tuple[bytes, list[Span], ChunkId] | None:
         """Read and cut a small file (or window) whole; None if it is too big."""
-        with open(path, "rb", buffering=0) as f:
+        with open(path, "rb", buffering=0, closefd=isinstance(path, str)) as f:
             size = os.fstat(f.fileno()).st_size - offset if length is None else length
             if size > _WHOLE_FILE_MAX:
                 return None
@@ -159,13 +163,17 @@ class Ingestor:
             self._limit.release()
 
     def _cut(
-        self, path: str, offset: int, length: int | None, send: MemoryObjectSendStream[list[Span]]
+        self,
+        path: str | int,
+        offset: int,
+        length: int | None,
+        send: MemoryObjectSendStream[list[Span]],
     ) -> ChunkId:
         cdc = Chunker(self.params)._cdc
         whole = blake3.blake3()
         batch: list[Span] = []
         pos = 0
-        with open(path, "rb", buffering=0) as f:
+        with open(path, "rb", buffering=0, closefd=isinstance(path, str)) as f:
             reader: Any = f
             if offset or length is not None:
                 f.seek(offset)
@@ -182,13 +190,13 @@ class Ingestor:
         return ChunkId(whole.hexdigest())
 
     async def _upload_missing(
-        self, tg: anyio.abc.TaskGroup, path: str, base: int, batch: list[Span]
+        self, tg: anyio.abc.TaskGroup, path: str | int, base: int, batch: list[Span]
     ) -> None:
         for span in await self._claim_missing(batch):
             await self._limit.acquire()  # back-pressure: bounded uploads in flight
             tg.start_soon(self._upload, path, base + span.offset, span)
 
-    async def _upload(self, path: str, offset: int, span: Span) -> None:
+    async def _upload(self, path: str | int, offset: int, span: Span) -> None:
         try:
             data = await anyio.to_thread.run_sync(_pread_verified, path, offset, span)
         except BaseException:
@@ -197,12 +205,13 @@ class Ingestor:
         await self._put(span, data)
 
 
-def _pread_verified(path: str, offset: int, span: Span) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
+def _pread_verified(path: str | int, offset: int, span: Span) -> bytes:
+    fd = path if isinstance(path, int) else os.open(path, os.O_RDONLY)
     try:
         data = os.pread(fd, span.length, offset)
     finally:
-        os.close(fd)
+        if isinstance(path, str):
+            os.close(fd)
     if hash_bytes(data) != span.id:
         raise BadInput(f"{path} changed while it was being pushed")
     return data
