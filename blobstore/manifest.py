@@ -4,6 +4,18 @@ Pure codec: ``encode`` returns canonical bytes, ``decode`` validates every
 field and raises ``InvalidManifest`` (one line) on anything unexpected. The id
 of a manifest is the BLAKE3 of its canonical encoding.
 
+Versions (``decode`` reads both, ``encode`` writes v2):
+
+- v1: a chunk is ``[id, size]`` and lives in its own object (``chunks/``); a
+  file's ``digest`` is the BLAKE3 of its bytes.
+- v2: a chunk is ``[id, size, pack, offset]``: where it lives (a pack object,
+  see packs.py), so a pull needs no lookups. ``[id, size]`` is still allowed
+  and means the per-chunk layout (an entry carried over from a v1 manifest,
+  e.g. by sync, until ``blobstore migrate`` moves it). A file's ``digest`` is
+  ``file_key(entry)``: BLAKE3 over its chunk list (ids and sizes), as Xet
+  does: chunks are verified as they arrive, so checking the file costs no
+  second pass over its bytes. The encoder derives it, the decoder checks it.
+
 Kinds:
 - ``Tree``:  a directory snapshot (files, dirs, symlinks).
 - ``Layer``: an OCI/Docker layer blob (sha256 digest, media type, chunks).
@@ -15,19 +27,25 @@ from __future__ import annotations
 
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import blake3
 import msgpack
 
 from .errors import InvalidManifest, UnsafePath
 from .ids import ChunkId, hash_bytes, id_from_bytes, id_to_bytes
 
-VERSION = 1
+VERSION = 2
+"""The version ``encode`` writes."""
+READ_VERSIONS = (1, 2)
 MAX_MANIFEST_BYTES = 512 << 20
 MAX_PATH_BYTES = 4096
 MAX_CHUNK_BYTES = 64 << 20
+MAX_PACK_BYTES = 1 << 32
+"""No chunk may end beyond this offset of its pack (packs are tens of MiB)."""
+_FILE_KEY_DOMAIN = b"blobstore file v2\x00"
 _SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 EntryKind = Literal["file", "dir", "symlink"]
@@ -62,7 +80,8 @@ class Entry:
     """Permission bits (``0o7777`` mask)."""
     size: int = 0
     digest: ChunkId | None = None
-    """Whole-file BLAKE3 (files only)."""
+    """Files only: ``file_key(entry)`` in v2 manifests, the BLAKE3 of the
+    file's bytes in v1 ones (``file_key`` works for both)."""
     chunks: tuple[ChunkRef, ...] = ()
     target: str | None = None
     """Symlink target (symlinks only)."""
@@ -148,15 +167,21 @@ def _chunker_obj(c: ChunkerInfo) -> dict[str, Any]:
     return {"name": c.name, "min": c.min_size, "avg": c.avg_size, "max": c.max_size}
 
 
+def _chunk_obj(c: ChunkRef) -> list[Any]:
+    if c.pack is None:
+        return [id_to_bytes(c.id), c.size]
+    return [id_to_bytes(c.id), c.size, id_to_bytes(c.pack), c.offset]
+
+
 def _chunks_obj(chunks: tuple[ChunkRef, ...]) -> list[list[Any]]:
-    return [[id_to_bytes(c.id), c.size] for c in chunks]
+    return [_chunk_obj(c) for c in chunks]
 
 
 def _entry_obj(e: Entry) -> dict[str, Any]:
     obj: dict[str, Any] = {"p": e.path, "t": e.kind, "m": e.mode}
     if e.kind == "file":
         obj["s"] = e.size
-        obj["h"] = id_to_bytes(e.digest) if e.digest else None
+        obj["h"] = id_to_bytes(file_key(e))
         obj["c"] = _chunks_obj(e.chunks)
     elif e.kind == "symlink":
         obj["l"] = e.target
@@ -164,7 +189,8 @@ def _entry_obj(e: Entry) -> dict[str, Any]:
 
 
 def encode(manifest: Manifest) -> bytes:
-    """Canonical msgpack encoding (sorted keys, bin type for ids)."""
+    """Canonical v2 msgpack encoding (sorted keys, bin type for ids). A file's
+    digest is written as ``file_key(entry)``, whatever ``entry.digest`` holds."""
     body: dict[str, Any] = {"v": VERSION, "kind": manifest.kind}
     if isinstance(manifest, Tree):
         body["chunker"] = _chunker_obj(manifest.chunker)
@@ -201,6 +227,22 @@ def _sorted(obj: Any) -> Any:
 
 def manifest_id(data: bytes) -> ChunkId:
     return hash_bytes(data)
+
+
+def chunks_key(chunks: Iterable[ChunkRef]) -> ChunkId:
+    """BLAKE3 over a chunk list (ids and sizes; locations do not count)."""
+    h = blake3.blake3(_FILE_KEY_DOMAIN)
+    for c in chunks:
+        h.update(id_to_bytes(c.id))
+        h.update(c.size.to_bytes(8, "little"))
+    return ChunkId(h.hexdigest())
+
+
+def file_key(entry: Entry) -> ChunkId:
+    """The v2 file digest of ``entry``, computed from its chunk list, for a
+    manifest of any version: two files have the same key iff they have the
+    same chunks, i.e. the same bytes cut the same way."""
+    return chunks_key(entry.chunks)
 
 
 # --------------------------------------------------------------------------- decode
@@ -263,19 +305,30 @@ def _chunker(obj: Any) -> ChunkerInfo:
     )
 
 
-def _chunks(items: list[Any], where: str) -> tuple[ChunkRef, ...]:
+def _chunks(items: list[Any], where: str, version: int) -> tuple[ChunkRef, ...]:
     out = []
+    shapes = (2, 4) if version >= 2 else (2,)
     for item in items:
-        if not isinstance(item, list) or len(item) != 2:
+        if not isinstance(item, list) or len(item) not in shapes:
             raise InvalidManifest(f"{where}: bad chunk entry")
         size = item[1]
         if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_CHUNK_BYTES:
             raise InvalidManifest(f"{where}: bad chunk size")
-        out.append(ChunkRef(_id(item[0], where), size))
+        if len(item) == 2:
+            out.append(ChunkRef(_id(item[0], where), size))
+            continue
+        offset = item[3]
+        if (
+            not isinstance(offset, int)
+            or isinstance(offset, bool)
+            or not 0 <= offset <= MAX_PACK_BYTES - size
+        ):
+            raise InvalidManifest(f"{where}: bad chunk offset")
+        out.append(ChunkRef(_id(item[0], where), size, _id(item[2], f"{where} pack"), offset))
     return tuple(out)
 
 
-def _entry(obj: Any) -> Entry:
+def _entry(obj: Any, version: int) -> Entry:
     r = _Reader(obj, "entry")
     path = check_relpath(r.text("p"))
     where = f"entry {path!r}"
@@ -286,9 +339,11 @@ def _entry(obj: Any) -> Entry:
         size = r.integer("s")
         raw_digest = r.obj.get("h")
         digest = _id(raw_digest, where) if raw_digest is not None else None
-        chunks = _chunks(r.array("c"), where)
+        chunks = _chunks(r.array("c"), where, version)
         if sum(c.size for c in chunks) != size:
             raise InvalidManifest(f"{where}: chunk sizes do not add up to the file size")
+        if version >= 2 and digest != chunks_key(chunks):
+            raise InvalidManifest(f"{where}: digest does not match the chunk list")
         return Entry(path, "file", mode, size, digest, chunks)
     if kind == "dir":
         return Entry(path, "dir", mode)
@@ -334,17 +389,18 @@ def decode(data: bytes) -> Manifest:
         raise InvalidManifest(f"manifest is not valid msgpack ({type(exc).__name__})") from exc
     r = _Reader(obj, "manifest")
     version = r._get("v", int)
-    if version != VERSION:
+    if version not in READ_VERSIONS:
         raise InvalidManifest(
-            f"unsupported manifest version {version} (this build reads {VERSION})"
+            f"unsupported manifest version {version} (this build reads "
+            f"{', '.join(map(str, READ_VERSIONS))})"
         )
     kind = r.text("kind")
     if kind == "tree":
-        entries = tuple(_entry(e) for e in r.array("entries"))
+        entries = tuple(_entry(e, version) for e in r.array("entries"))
         _check_tree_paths(entries)
         return Tree(_chunker(r.obj.get("chunker")), entries)
     if kind == "layer":
-        chunks = _chunks(r.array("chunks"), "layer")
+        chunks = _chunks(r.array("chunks"), "layer", version)
         size = r.integer("size")
         if sum(c.size for c in chunks) != size:
             raise InvalidManifest("layer: chunk sizes do not add up to the blob size")

@@ -24,8 +24,8 @@ import anyio
 import blake3
 
 from .errors import BadInput, Corrupt, DiskFull, Unavailable, UnsafePath
-from .ids import ChunkId
-from .manifest import Entry, Tree
+from .ids import ChunkId, hash_bytes
+from .manifest import Entry, Tree, file_key
 from .parallel import for_each
 from .source import ChunkData, ChunkSource
 
@@ -102,7 +102,25 @@ def _same_file(path: Path, entry: Entry) -> bool:
         return False
     if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
         return False
+    if entry.digest == file_key(entry):  # a v2 digest: check chunk by chunk
+        return _chunks_match(path, entry)
     return _blake3_file(path) == entry.digest
+
+
+def _chunks_match(path: Path, entry: Entry) -> bool:
+    with open(path, "rb", buffering=0) as f:
+        return all(
+            hash_bytes(os.pread(f.fileno(), c.size, offset)) == c.id
+            for c, offset in zip(entry.chunks, _offsets(entry), strict=True)
+        )
+
+
+def _offsets(entry: Entry) -> list[int]:
+    out, pos = [], 0
+    for c in entry.chunks:
+        out.append(pos)
+        pos += c.size
+    return out
 
 
 _HASH_BUF = 1 << 20
@@ -277,7 +295,8 @@ def _finish(job: _FileJob) -> None:
     if size != job.entry.size:
         raise Corrupt(f"{job.entry.path}: assembled file has {size} bytes, manifest says "
                       f"{job.entry.size}")
-    if not job.whole_chunk:
+    # A v2 digest is the file key: every chunk was verified as it arrived.
+    if not job.whole_chunk and job.entry.digest != file_key(job.entry):
         actual = _blake3_file(job.tmp)
         if job.entry.digest is not None and actual != job.entry.digest:
             raise Corrupt(f"{job.entry.path}: assembled file does not match its BLAKE3")

@@ -1,5 +1,6 @@
-"""Manifest codec: round trips, canonical ids, and refusal of every malformed or
-malicious manifest (InvalidManifest / UnsafePath) before anything is written."""
+"""Manifest codec: round trips, canonical ids, v1 still read, file keys, and
+refusal of every malformed or malicious manifest (InvalidManifest / UnsafePath)
+before anything is written."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from blobstore.chunker import DEFAULT_PARAMS
 from blobstore.errors import BadInput, Corrupt, InvalidManifest, UnsafePath
 from blobstore.ids import hash_bytes, id_to_bytes
 from blobstore.manifest import (
+    MAX_PACK_BYTES,
     VERSION,
     ChunkRef,
     Entry,
@@ -34,6 +36,7 @@ from blobstore.manifest import (
     check_relpath,
     decode,
     encode,
+    file_key,
     manifest_id,
 )
 from blobstore.objectstore import chunk_key
@@ -42,15 +45,24 @@ CONTENT = b"hello, world\n"
 CONTENT_ID = hash_bytes(CONTENT)
 
 
+PACK = hash_bytes(b"a pack")
+
+
+def v2_file(path: str, mode: int, chunks: tuple[ChunkRef, ...]) -> Entry:
+    entry = Entry(path, "file", mode, sum(c.size for c in chunks), None, chunks)
+    return Entry(path, "file", mode, entry.size, file_key(entry), chunks)
+
+
 def sample_tree() -> Tree:
     cid = hash_bytes(b"chunk")
     return Tree(
         DEFAULT_PARAMS.info(),
         (
-            Entry("b/file", "file", 0o644, 5, hash_bytes(b"chunk"), (ChunkRef(cid, 5),)),
+            v2_file("b/file", 0o644, (ChunkRef(cid, 5, PACK, 0), ChunkRef(cid, 5, PACK, 0))),
             Entry("a", "dir", 0o755),
             Entry("b", "dir", 0o700),
-            Entry("b/empty", "file", 0o600, 0, hash_bytes(b""), ()),
+            v2_file("b/empty", 0o600, ()),
+            v2_file("b/loose", 0o600, (ChunkRef(cid, 5),)),  # still in the per-chunk layout
             Entry("link", "symlink", 0o777, target="b/file"),
         ),
     )
@@ -67,7 +79,37 @@ def test_tree_round_trip_and_canonical_id() -> None:
     shuffled = Tree(tree.chunker, tuple(reversed(tree.entries)))
     assert encode(shuffled) == data
     assert manifest_id(data) == hash_bytes(data)
-    assert back.size == 5
+    assert back.size == 15
+
+
+def test_file_key_is_over_the_chunk_list() -> None:
+    a, b = hash_bytes(b"a"), hash_bytes(b"b")
+    key = file_key(v2_file("f", 0o644, (ChunkRef(a, 1, PACK, 0), ChunkRef(b, 1, PACK, 1))))
+    # Where the chunks live does not count; their ids, sizes and order do.
+    assert key == file_key(v2_file("g", 0o600, (ChunkRef(a, 1), ChunkRef(b, 1))))
+    assert key != file_key(v2_file("f", 0o644, (ChunkRef(b, 1), ChunkRef(a, 1))))
+    assert key != file_key(v2_file("f", 0o644, (ChunkRef(a, 1),)))
+    # Not the BLAKE3 of the bytes, nor of an empty input: a domain of its own.
+    assert file_key(v2_file("e", 0o644, ())) != hash_bytes(b"")
+
+
+def test_encode_derives_the_v2_digest() -> None:
+    cid = hash_bytes(b"x")
+    stale = Entry("f", "file", 0o644, 1, hash_bytes(b"x"), (ChunkRef(cid, 1, PACK, 7),))
+    back = decode(encode(Tree(DEFAULT_PARAMS.info(), (stale,))))
+    assert isinstance(back, Tree)
+    assert back.entries[0].digest == file_key(stale)
+    assert back.entries[0].chunks == (ChunkRef(cid, 1, PACK, 7),)
+
+
+def test_v1_manifest_still_decodes() -> None:
+    tree = decode(pack(good_obj()))
+    assert isinstance(tree, Tree)
+    good = tree.entries[0]
+    assert good.digest == CONTENT_ID  # v1: the BLAKE3 of the bytes
+    assert good.chunks == (ChunkRef(CONTENT_ID, len(CONTENT)),)
+    assert good.chunks[0].pack is None  # v1 chunks live under chunks/
+    assert file_key(good) != good.digest
 
 
 def test_chunker_params_are_recorded() -> None:
@@ -84,7 +126,7 @@ def test_chunker_params_are_recorded() -> None:
 def test_layer_and_image_round_trip() -> None:
     cid = hash_bytes(b"x")
     layer = Layer("sha256:" + "ab" * 32, "application/vnd.oci.image.layer.v1.tar", 1,
-                  DEFAULT_PARAMS.info(), (ChunkRef(cid, 1),))
+                  DEFAULT_PARAMS.info(), (ChunkRef(cid, 1, PACK, 3),))
     assert decode(encode(layer)) == layer
     image = Image(b'{"schemaVersion": 2}', "application/vnd.oci.image.manifest.v1+json",
                   b"{}", (ImageLayer("sha256:" + "cd" * 32, cid),), ("v1",))
@@ -95,9 +137,9 @@ def test_layer_and_image_round_trip() -> None:
 
 
 def good_obj() -> dict[str, Any]:
-    """A valid tree manifest as plain msgpack data, to be broken by each case."""
+    """A valid v1 tree manifest as plain msgpack data, to be broken by each case."""
     return {
-        "v": VERSION,
+        "v": 1,
         "kind": "tree",
         "chunker": {"name": "fastcdc2020-pyfastcdc", "min": 1, "avg": 2, "max": 4},
         "entries": [
@@ -141,9 +183,35 @@ def _del(key: str) -> Callable[[dict[str, Any]], None]:
     return mutate
 
 
+_PACK_RAW = id_to_bytes(PACK)
+
+
+def _c() -> list[Any]:
+    return [id_to_bytes(CONTENT_ID), len(CONTENT)]
+
+
+def _v2(
+    chunks: list[list[Any]] | None = None, digest: bytes | str | None = "whole-file"
+) -> Callable[[dict[str, Any]], None]:
+    """Make the good manifest v2 (its file keeps the v1 whole-file digest unless
+    ``digest`` says otherwise), with ``chunks`` as the good file's chunk list."""
+
+    def mutate(obj: dict[str, Any]) -> None:
+        obj["v"] = 2
+        entry = obj["entries"][0]
+        if chunks is not None:
+            entry["c"] = chunks
+            ok = v2_file("x", 0o644, (ChunkRef(CONTENT_ID, len(CONTENT)),))
+            entry["h"] = id_to_bytes(file_key(ok))  # so only the chunk list is wrong
+        if digest != "whole-file":
+            entry["h"] = digest
+
+    return mutate
+
+
 # (id, mutation, error type, message fragment)
 BAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], type[Exception], str]] = [
-    ("wrong-version", _set("v", 2), InvalidManifest, "unsupported manifest version 2"),
+    ("wrong-version", _set("v", 3), InvalidManifest, "unsupported manifest version 3"),
     ("version-as-string", _set("v", "1"), InvalidManifest, "'v' has the wrong type"),
     ("missing-version", _del("v"), InvalidManifest, "missing field 'v'"),
     ("unknown-kind", _set("kind", "blob"), InvalidManifest, "unknown manifest kind"),
@@ -178,6 +246,17 @@ BAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], type[Exception], st
     ("below-a-file", _with_entry(_file("good.txt/child")), InvalidManifest, "below file"),
     ("symlink-empty-target", _with_entry({"p": "l", "t": "symlink", "m": 0o777, "l": ""}),
      InvalidManifest, "bad symlink target"),
+    ("v1-located-chunk", _set_entry(0, "c", [[*_c(), _PACK_RAW, 0]]), InvalidManifest,
+     "bad chunk entry"),
+    ("v2-whole-file-digest", _v2(), InvalidManifest, "digest does not match the chunk list"),
+    ("v2-short-pack-id", _v2([[*_c(), b"\x01" * 31, 0]]), InvalidManifest, "pack: bad id"),
+    ("v2-pack-id-as-text", _v2([[*_c(), "ab" * 32, 0]]), InvalidManifest, "pack: bad id"),
+    ("v2-negative-offset", _v2([[*_c(), _PACK_RAW, -1]]), InvalidManifest, "bad chunk offset"),
+    ("v2-offset-as-bool", _v2([[*_c(), _PACK_RAW, True]]), InvalidManifest, "bad chunk offset"),
+    ("v2-offset-past-pack", _v2([[*_c(), _PACK_RAW, MAX_PACK_BYTES]]), InvalidManifest,
+     "bad chunk offset"),
+    ("v2-three-fields", _v2([[*_c(), _PACK_RAW]]), InvalidManifest, "bad chunk entry"),
+    ("v2-no-digest", _v2(digest=None), InvalidManifest, "digest does not match"),
 ]
 
 
@@ -200,6 +279,13 @@ def test_good_obj_is_valid() -> None:
     tree = decode(pack(good_obj()))
     assert isinstance(tree, Tree)
     assert [e.path for e in tree.entries] == ["good.txt", "sub"]
+    v2 = copy.deepcopy(good_obj())
+    v2["v"] = VERSION
+    v2["entries"][0]["c"] = [[*_c(), _PACK_RAW, 5]]
+    v2["entries"][0]["h"] = id_to_bytes(file_key(tree.entries[0]))
+    back = decode(pack(v2))
+    assert isinstance(back, Tree)
+    assert back.entries[0].chunks == (ChunkRef(CONTENT_ID, len(CONTENT), PACK, 5),)
 
 
 @pytest.mark.parametrize(("mutate", "error", "match"),
