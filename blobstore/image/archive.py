@@ -8,16 +8,25 @@ followed only *inside* the archive, to a regular member (``docker save`` and
 skopeo write ``<id>/layer.tar -> ../<digest>.tar``); any other link is refused.
 A layout directory may contain no symlinks at all below its root.
 
+Every file is opened exactly once and then read only through that descriptor
+(an ``Extent`` carries it): the tar itself, or each blob of a layout, opened
+relative to the layout's directory descriptor with ``O_NOFOLLOW`` at every
+component and checked to be a regular file. Swapping a blob for a symlink (or
+the archive for another file) after it was checked changes nothing that is
+read. An archive owns its descriptors: use it as a context manager.
+
 Synchronous (runs in a worker thread); raises ``BadImage`` / ``UnsafeMember``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import stat
 import tarfile
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Protocol
 
 from .errors import BadImage, UnsafeMember
@@ -26,13 +35,21 @@ MAX_MEMBERS = 100_000
 _MAX_LINK_HOPS = 8
 
 
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+"""O_NONBLOCK: a FIFO swapped in never blocks the open (it is then refused)."""
+_DIR_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_DIRECTORY
+
+
 @dataclass(frozen=True, slots=True)
 class Extent:
-    """Where a member's bytes sit on disk."""
+    """Where a member's bytes sit: ``size`` bytes at ``offset`` of the open file ``fd``."""
 
     path: str
+    """For messages (and as an identity of the member within one archive)."""
     offset: int
     size: int
+    fd: int
+    """Owned by the archive; read it with ``pread`` (its file offset is not ours)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +71,26 @@ class ImageArchive(Protocol):
     def extent(self, name: str) -> Extent:
         """Where member ``name`` (links resolved) lies. Raises BadImage if absent."""
         ...
+
+    def close(self) -> None: ...
+
+
+class _Closing:
+    """Context-manager shape shared by both archives."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> _Closing:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def clean_name(name: str) -> str:
@@ -77,24 +114,29 @@ def read_member(archive: ImageArchive, name: str, limit: int) -> bytes:
 
 
 def pread_exact(ext: Extent, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` within ``ext``, from its open descriptor."""
+    parts: list[bytes] = []
+    done = 0
     try:
-        fd = os.open(ext.path, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            data = os.pread(fd, size, ext.offset + offset)
-        finally:
-            os.close(fd)
+        while done < size:
+            part = os.pread(ext.fd, size - done, ext.offset + offset + done)
+            if not part:
+                raise BadImage(f"{ext.path} is truncated")
+            parts.append(part)
+            done += len(part)
     except OSError as exc:
         raise BadImage(f"cannot read {ext.path}: {exc.strerror}") from exc
-    if len(data) != size:
-        raise BadImage(f"{ext.path} is truncated")
-    return data
+    return b"".join(parts)
 
 
-class TarArchive:
-    """An uncompressed tar (``docker save`` output, or an OCI layout in a tar)."""
+class TarArchive(_Closing):
+    """An uncompressed tar (``docker save`` output, or an OCI layout in a tar).
 
-    def __init__(self, path: str) -> None:
+    Takes ownership of ``fd``, the archive opened once by ``open_archive``."""
+
+    def __init__(self, path: str, fd: int) -> None:
         self.path = path
+        self.fd = fd
         self.entries: list[TarEntry] = []
         self._links: dict[str, str] = {}
         self._regular: dict[str, TarEntry] = {}
@@ -102,10 +144,15 @@ class TarArchive:
         self.file_size = 0
         self._scan()
 
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
     def _scan(self) -> None:
         try:
-            self.file_size = os.stat(self.path).st_size
-            with open(self.path, "rb") as f:
+            self.file_size = os.fstat(self.fd).st_size
+            with open(self.fd, "rb", closefd=False) as f:
                 head = f.read(6)
                 if head.startswith(b"\x1f\x8b") or head.startswith(b"\x28\xb5\x2f\xfd"):
                     raise BadImage(f"{self.path} is compressed; decompress it first")
@@ -163,10 +210,10 @@ class TarArchive:
 
     def extent(self, name: str) -> Extent:
         entry = self._regular[self.resolve(name)]
-        return Extent(self.path, entry.data_offset, entry.size)
+        return Extent(self.path, entry.data_offset, entry.size, self.fd)
 
     def read_raw(self, start: int, end: int) -> bytes:
-        return pread_exact(Extent(self.path, 0, self.file_size), start, end - start)
+        return pread_exact(Extent(self.path, 0, self.file_size, self.fd), start, end - start)
 
 
 def _normalize_link(target: str, name: str, path: str) -> str:
@@ -176,47 +223,118 @@ def _normalize_link(target: str, name: str, path: str) -> str:
     return norm
 
 
-class DirArchive:
-    """An OCI image layout directory; no symlinks allowed below its root."""
+class DirArchive(_Closing):
+    """An OCI image layout directory; no symlinks allowed below its root.
 
-    def __init__(self, path: str) -> None:
-        self.path = os.path.realpath(path)
+    Takes ownership of ``fd``, the directory opened once by ``open_archive``;
+    each member is opened once, relative to it, and kept open until ``close``."""
 
-    def _lookup(self, name: str) -> os.stat_result | None:
-        current = self.path
-        st: os.stat_result | None = None
-        for part in clean_name(name).split("/"):
-            current = os.path.join(current, part)
-            try:
-                st = os.lstat(current)
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                raise BadImage(f"cannot read {current}: {exc.strerror}") from exc
-            if stat.S_ISLNK(st.st_mode):
-                raise UnsafeMember(f"{current} is a symlink; refusing to follow it")
-        return st
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self._members: dict[str, Extent | None] = {}
+
+    def close(self) -> None:
+        for ext in self._members.values():
+            if ext is not None:
+                os.close(ext.fd)
+        self._members.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _member(self, name: str) -> Extent | None:
+        """The open member ``name``, or None if it does not exist."""
+        name = clean_name(name)
+        if name not in self._members:
+            self._members[name] = self._open(name)
+        return self._members[name]
+
+    def _open(self, name: str) -> Extent | None:
+        where = os.path.join(self.path, name)
+        *dirs, leaf = name.split("/")
+        opened: list[int] = []
+        try:
+            parent = self.fd
+            for part in dirs:
+                parent = _open_at(part, _DIR_FLAGS, parent, where)
+                if parent < 0:
+                    return None
+                opened.append(parent)
+            # Checked before opening too: never open a device or a FIFO.
+            _check_regular(os.stat(leaf, dir_fd=parent, follow_symlinks=False), where)
+            fd = _open_at(leaf, _READ_FLAGS, parent, where)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise BadImage(f"cannot read {where}: {exc.strerror}") from exc
+        finally:
+            for dir_fd in opened:
+                os.close(dir_fd)
+        if fd < 0:
+            return None
+        try:
+            st = os.fstat(fd)
+            _check_regular(st, where)  # what was opened, whatever the name points to now
+        except BaseException:
+            os.close(fd)
+            raise
+        return Extent(where, 0, st.st_size, fd)
 
     def has(self, name: str) -> bool:
-        return self._lookup(name) is not None
+        return self._member(name) is not None
 
     def extent(self, name: str) -> Extent:
-        st = self._lookup(name)
-        if st is None:
+        ext = self._member(name)
+        if ext is None:
             raise BadImage(f"{self.path}: missing {name!r}")
-        if not stat.S_ISREG(st.st_mode):
-            raise BadImage(f"{self.path}: {name!r} is not a regular file")
-        return Extent(os.path.join(self.path, clean_name(name)), 0, st.st_size)
+        return ext
+
+
+def _open_at(name: str, flags: int, dir_fd: int, where: str) -> int:
+    """``openat(dir_fd, name)`` without following a symlink; -1 if absent."""
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return -1
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(name, dir_fd):
+            raise UnsafeMember(f"{where} is a symlink; refusing to follow it") from exc
+        if exc.errno == errno.ENOTDIR:
+            raise BadImage(f"{where}: a path component is not a directory") from exc
+        raise
+
+
+def _is_symlink(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _check_regular(st: os.stat_result, where: str) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeMember(f"{where} is a symlink; refusing to follow it")
+    if not stat.S_ISREG(st.st_mode):
+        raise BadImage(f"{where} is not a regular file")
 
 
 def open_archive(path: str) -> TarArchive | DirArchive:
-    """Open ``path`` as a layout directory or a tar archive. Raises BadImage."""
+    """Open ``path`` (once) as a layout directory or a tar archive. Raises BadImage.
+
+    ``path`` itself may be a symlink (the caller named it); nothing below it may."""
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise BadImage(f"cannot open {path}: {exc.strerror}") from exc
-    if stat.S_ISDIR(st.st_mode):
-        return DirArchive(path)
-    if stat.S_ISREG(st.st_mode):
-        return TarArchive(path)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            return DirArchive(os.path.realpath(path), fd)
+        if stat.S_ISREG(mode):
+            return TarArchive(path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
     raise BadImage(f"{path} is neither a directory nor a file")

@@ -7,6 +7,11 @@ Uncompressed layers are chunked as they are, so identical files in different
 layers (or image versions) share chunks; compressed layers are stored as-is.
 The ref is written last: a failure leaves at most unreferenced chunks, which
 ``gc`` sweeps.
+
+Each blob is opened once, when the image is read (archive.py: ``O_NOFOLLOW``
+relative to the layout's directory descriptor, regular files only), and its
+size, sha256 and chunks all come from that descriptor: a blob swapped for a
+symlink mid-import cannot make the import read (and upload) another file.
 """
 
 from __future__ import annotations
@@ -86,8 +91,21 @@ async def import_image(
     """
     started = time.monotonic()
     check_ref(ref)  # refuse a bad name before uploading anything
+    archive = await anyio.to_thread.run_sync(open_archive, src)
+    with archive:  # every blob is read through the one descriptor the reader opened
+        spec = await anyio.to_thread.run_sync(read_image, archive, tag)
+        return await _import_spec(spec, ref, catalog, ingestor, progress, started)
+
+
+async def _import_spec(
+    spec: ImageSpec,
+    ref: str,
+    catalog: Catalog,
+    ingestor: Ingestor,
+    progress: Callable[[int, int], None] | None,
+    started: float,
+) -> ImportResult:
     new_before = ingestor.stats.new_bytes
-    spec = await anyio.to_thread.run_sync(_read_spec, src, tag)
     stored: dict[str, tuple[ChunkId, Layer]] = {}
     layer_rows: list[tuple[str, str, int]] = []
     total = sum(layer.extent.size for layer in spec.layers)
@@ -126,10 +144,6 @@ async def import_image(
     )
 
 
-def _read_spec(src: str, tag: str | None) -> ImageSpec:
-    return read_image(open_archive(src), tag)
-
-
 async def _import_layer(
     index: int, layer: LayerSpec, catalog: Catalog, ingestor: Ingestor
 ) -> tuple[ChunkId, Layer]:
@@ -137,11 +151,11 @@ async def _import_layer(
     result: dict[str, Any] = {}
 
     async def ingest() -> None:
-        result["ingested"] = await ingestor.ingest_file(ext.path, ext.offset, ext.size)
+        result["ingested"] = await ingestor.ingest_file(ext.fd, ext.offset, ext.size)
 
     async def digest() -> None:
         result["sha256"] = await anyio.to_thread.run_sync(
-            file_sha256, ext.path, ext.offset, ext.size
+            file_sha256, ext.fd, ext.offset, ext.size
         )
 
     try:

@@ -192,7 +192,7 @@ def _layout(
             if entry.size > MAX_KEPT_FILE or kept > MAX_LAYOUT_BYTES // 2:
                 return SourceLayout(source, {})  # too much unrelated data to keep: synthesize
             files[entry.name] = pread_exact(
-                Extent(archive.path, entry.data_offset, entry.size), 0, entry.size
+                Extent(archive.path, entry.data_offset, entry.size, archive.fd), 0, entry.size
             )
             members.append(Member(header, entry.size, ("file", 0), entry.name))
         else:

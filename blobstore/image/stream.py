@@ -9,6 +9,7 @@ the way (in the same worker thread) and checked against the layer's digest.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import BinaryIO
 
@@ -102,18 +103,17 @@ class MeteredSource:
         return await self.inner.has(chunk_ids)
 
 
-def file_sha256(path: str, offset: int, size: int) -> str:
-    """sha256 of ``size`` bytes of ``path`` at ``offset``, streamed. Raises OSError."""
+def file_sha256(fd: int, offset: int, size: int) -> str:
+    """sha256 of ``size`` bytes at ``offset`` of the open file ``fd``, streamed with
+    ``pread`` (the file offset is left alone). Raises OSError, EOFError."""
     sha = hashlib.sha256()
-    left = size
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        while left > 0:
-            n = f.readinto(view[: min(left, len(buf))])
-            if not n:
-                raise EOFError(f"{path} is truncated")
-            sha.update(view[:n])
-            left -= n
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [view[: min(size - done, len(buf))]], offset + done)
+        if not n:
+            raise EOFError("truncated")
+        sha.update(view[:n])
+        done += n
     return "sha256:" + sha.hexdigest()

@@ -6,14 +6,16 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from imagetools import Umoci, random_bytes, skopeo_copy, write_tree
 
 from blobstore.client import Client
+from blobstore.config import Config
 from blobstore.errors import BadInput, NotFound, UnsafePath
-from blobstore.image import BadImage, DigestMismatch, UnsafeMember, export_image, import_into
+from blobstore.image import BadImage, DigestMismatch, UnsafeMember, export_image, import_into, oci
 from blobstore.image.blobs import load_image
 from blobstore.image.oci import MAX_JSON_BYTES
 from blobstore.manifest import Image, Layer
@@ -230,3 +232,137 @@ async def test_export_refuses_existing_out_and_unknown_ref(client: Client, tmp_p
         await export_image(client.catalog, client.source, "images/ok", src, "docker-archive")
     with pytest.raises(NotFound):
         await export_image(client.catalog, client.source, "images/nope", tmp_path / "x", "oci")
+
+
+# --- blobs swapped while an import runs (issue 10 item 9) -------------------------------------
+
+
+def sha256_hex(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def oci_layout(root: Path, layer: bytes) -> Path:
+    """A minimal OCI layout directory holding one image with one uncompressed layer."""
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes, media_type: str) -> dict[str, object]:
+        (blobs / sha256_hex(data)).write_bytes(data)
+        return {"mediaType": media_type, "digest": "sha256:" + sha256_hex(data), "size": len(data)}
+
+    layer_desc = put(layer, oci.OCI_LAYER)
+    config = json.dumps({"rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"]]}})
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": oci.OCI_MANIFEST,
+        "config": put(config.encode(), oci.OCI_CONFIG),
+        "layers": [layer_desc],
+    }
+    top = put(json.dumps(manifest).encode(), oci.OCI_MANIFEST)
+    top["annotations"] = {oci.REF_NAME: "v1"}
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
+    (root / "oci-layout").write_bytes(oci.OCI_LAYOUT_BYTES)
+    return root
+
+
+def store_holds(store: Path, secret: bytes) -> bool:
+    """True if any object in a file:// store contains a piece of ``secret``."""
+    probes = [secret[i : i + 64] for i in range(0, len(secret) - 64, 64 << 10)]
+    for path in store.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            if any(p in data for p in probes):
+                return True
+    return False
+
+
+def swap_once(action: Callable[[], None]) -> Callable[[int, int], None]:
+    """A progress callback that runs ``action`` on its first call: after the image was
+    read and checked, before the first layer is chunked."""
+    done: list[bool] = []
+
+    def progress(sent: int, total: int) -> None:
+        if not done:
+            done.append(True)
+            action()
+
+    return progress
+
+
+def replace_with_symlink(path: Path, target: Path) -> None:
+    link = path.with_name(path.name + ".swap")
+    link.symlink_to(target)
+    os.replace(link, path)
+
+
+@pytest.mark.parametrize("size", [MiB, 17 * MiB], ids=["whole", "streamed"])
+async def test_blob_swapped_for_symlink_during_import(
+    client: Client, config: Config, tmp_path: Path, size: int
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(random_bytes(size, 7))
+    secret.chmod(0o600)
+    layer = random_bytes(size, 8)
+    layout = oci_layout(tmp_path / "layout", layer)
+    blob = layout / "blobs" / "sha256" / sha256_hex(layer)
+    swap = swap_once(lambda: replace_with_symlink(blob, secret))
+    result = await import_into(client, str(layout), "images/x", progress=swap)
+    assert blob.is_symlink()  # the swap did happen, mid-import
+    assert result.digest != ""
+    stored = await load_image(client.catalog, "images/x")
+    assert stored.layers[0].digest == "sha256:" + sha256_hex(layer)  # the blob that was opened
+    assert not store_holds(Path(config.store_url.removeprefix("file://")), secret.read_bytes())
+
+
+async def test_archive_replaced_during_import(
+    client: Client, config: Config, tmp_path: Path
+) -> None:
+    layer = random_bytes(MiB, 9)
+    src = make_tar(tmp_path / "ok.tar", classic(layer))
+    secret = tmp_path / "secret"
+    secret.write_bytes(random_bytes(src.stat().st_size, 10))
+    secret.chmod(0o600)
+    swap = swap_once(lambda: os.replace(secret, src))
+    await import_into(client, str(src), "images/x", progress=swap)
+    stored = await load_image(client.catalog, "images/x")
+    assert stored.layers[0].digest == "sha256:" + sha256_hex(layer)
+    assert not store_holds(Path(config.store_url.removeprefix("file://")), src.read_bytes())
+
+
+async def test_blob_rewritten_in_place_during_import_publishes_nothing(
+    client: Client, tmp_path: Path
+) -> None:
+    layer = random_bytes(MiB, 11)
+    layout = oci_layout(tmp_path / "layout", layer)
+    blob = layout / "blobs" / "sha256" / sha256_hex(layer)
+    swap = swap_once(lambda: blob.write_bytes(random_bytes(MiB, 12)))  # same inode, new bytes
+    with pytest.raises(DigestMismatch, match="layer 0"):
+        await import_into(client, str(layout), "images/x", progress=swap)
+    assert await client.catalog.list_refs() == []
+
+
+async def test_layout_blob_that_is_a_symlink(client: Client, tmp_path: Path) -> None:
+    layer = random_bytes(MiB, 13)
+    layout = oci_layout(tmp_path / "layout", layer)
+    secret = tmp_path / "secret"
+    secret.write_bytes(layer)  # even the right bytes: a link is never followed
+    replace_with_symlink(layout / "blobs" / "sha256" / sha256_hex(layer), secret)
+    await assert_refused(client, layout, UnsafeMember, "symlink")
+
+
+async def test_layout_directory_that_is_a_symlink(client: Client, tmp_path: Path) -> None:
+    layout = oci_layout(tmp_path / "layout", random_bytes(MiB, 14))
+    os.rename(layout / "blobs", tmp_path / "elsewhere")
+    (layout / "blobs").symlink_to(tmp_path / "elsewhere")
+    await assert_refused(client, layout, UnsafeMember, "symlink")
+
+
+async def test_layout_blob_that_is_a_fifo(client: Client, tmp_path: Path) -> None:
+    layer = random_bytes(MiB, 15)
+    layout = oci_layout(tmp_path / "layout", layer)
+    blob = layout / "blobs" / "sha256" / sha256_hex(layer)
+    blob.unlink()
+    os.mkfifo(blob)  # opening it for reading would block forever
+    await assert_refused(client, layout, BadImage, "not a regular file")
