@@ -2,9 +2,13 @@
 
 Both back-ends share one key layout:
 
-    chunks/<id[0:2]>/<id>     chunk bytes
-    manifests/<id>            encoded manifests
-    refs/<name>               a manifest id (text), the only mutable keys
+    packs/<id[0:2]>/<id>        pack: the raw concatenation of chunks (packs.py)
+    packs/<id[0:2]>/<id>.index  its index: (chunk id, offset, length) per chunk
+    chunks/<id[0:2]>/<id>       one chunk (the v1 layout; still read)
+    manifests/<id>              encoded manifests
+    refs/<name>                 a manifest id (text), the only mutable keys
+
+Pack and index share a prefix so one LIST of ``packs/`` shows both.
 
 ``ObjectStore`` is a raw key/value interface; ``OriginSource`` (origin.py)
 turns it into a verified ``ChunkSource``.
@@ -25,6 +29,14 @@ REFS = "refs/"
 
 def chunk_key(chunk_id: ChunkId) -> str:
     return f"{CHUNKS}{chunk_id[:2]}/{chunk_id}"
+
+
+def pack_key(pack_id: ChunkId) -> str:
+    return f"{PACKS}{pack_id[:2]}/{pack_id}"
+
+
+def index_key(pack_id: ChunkId) -> str:
+    return f"{PACKS}{pack_id[:2]}/{pack_id}{INDEX_SUFFIX}"
 
 
 def manifest_key(manifest_id: ChunkId) -> str:
