@@ -16,7 +16,7 @@ turns it into a verified ``ChunkSource``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,6 +75,15 @@ class ObjectStore(Protocol):
     async def put_if(self, key: str, data: bytes, expected: bytes | None) -> None:
         """Compare-and-swap: write only if the current value is ``expected``
         (``None``: only if the key is absent). Raises Conflict otherwise."""
+        ...
+
+    def get_range(
+        self, key: str, offset: int, length: int
+    ) -> AsyncGenerator[bytes, None]:
+        """Stream bytes ``offset .. offset+length`` of the object as blocks, in
+        order (one ranged read; block sizes are the back-end's). Stops early,
+        without error, where the object ends. Close it (``aclosing``) when
+        leaving before the end. Raises ObjectMissing if the key is absent."""
         ...
 
     async def exists(self, key: str) -> bool:

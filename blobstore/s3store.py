@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from typing import Any
 
@@ -64,6 +64,9 @@ _FAIL_FAST = (*_CONNECT_ERRORS, ReadTimeoutError)
 _NETWORK_ERRORS = (*_CONNECT_ERRORS, ReadTimeoutError, ConnectionClosedError)
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
+_RANGE_PAST_END_CODES = frozenset({"InvalidRange", "416"})
+_RANGE_BLOCK = 1 << 20
+"""Largest block ``get_range`` yields (aiohttp hands out what it has buffered)."""
 
 
 class S3ObjectStore(AsyncResource):
@@ -204,6 +207,28 @@ class S3ObjectStore(AsyncResource):
             raise Conflict(
                 f"object {key} {state} in {self.url}; conditional write refused"
             ) from None
+
+    async def get_range(
+        self, key: str, offset: int, length: int
+    ) -> AsyncGenerator[bytes, None]:
+        """Stream ``length`` bytes from ``offset`` with one ranged GET, in blocks as
+        they arrive (nothing buffers the whole range). Stops early where the object
+        ends. Raises ObjectMissing, StoreUnavailable (also mid-stream), BadInput."""
+        full = self._key(key)
+        if length <= 0:
+            return
+        with self._translate("read", key):
+            try:
+                response = await self._live.get_object(
+                    Bucket=self.bucket, Key=full, Range=f"bytes={offset}-{offset + length - 1}"
+                )
+            except ClientError as exc:
+                if _code(exc) in _RANGE_PAST_END_CODES:
+                    return
+                raise
+            async with response["Body"] as body:
+                while block := await body.read(_RANGE_BLOCK):
+                    yield block
 
     async def exists(self, key: str) -> bool:
         """True if the key holds an object. Raises StoreUnavailable, BadInput."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from .errors import Corrupt, NotFound, Unavailable
+from .errors import BlobstoreError, Corrupt, NotFound, Unavailable
 from .ids import ChunkId
 from .parallel import for_each
 
@@ -35,6 +35,24 @@ Sink = Callable[["ChunkRef", ChunkData], Awaitable[None]]
 """Receives one verified chunk. May be awaited concurrently for different refs;
 its back-pressure (awaiting) bounds how many chunks a source holds in memory.
 An exception it raises aborts the whole fetch."""
+
+
+class Undelivered(list["ChunkRef"]):
+    """What ``fetch`` may return: the undelivered refs, plus why where known
+    (``reasons[id]`` is the NotFound, Corrupt or Unavailable a ``get`` would
+    have raised), so the tier list reports "corrupt" or "unavailable", not
+    "not found", when that is the cause."""
+
+    __slots__ = ("reasons",)
+
+    def __init__(self, refs: Iterable[ChunkRef] = ()) -> None:
+        super().__init__(refs)
+        self.reasons: dict[ChunkId, BlobstoreError] = {}
+
+    def add(self, ref: ChunkRef, reason: BlobstoreError | None = None) -> None:
+        self.append(ref)
+        if reason is not None:
+            self.reasons[ref.id] = reason
 
 
 @runtime_checkable
@@ -88,16 +106,16 @@ async def fetch_each(
     """``fetch`` for a source that only knows ``get``: one chunk at a time per
     worker, ``concurrency`` workers. NotFound/Unavailable (Corrupt included)
     leave a ref undelivered; a sink failure propagates."""
-    undelivered: list[ChunkRef] = []
+    undelivered = Undelivered()
 
     async def one(ref: ChunkRef) -> None:
         try:
             data = await get(ref.id)
-        except (NotFound, Corrupt, Unavailable):
-            undelivered.append(ref)
+        except (NotFound, Corrupt, Unavailable) as exc:
+            undelivered.add(ref, exc)
             return
         if len(data) != ref.size:
-            undelivered.append(ref)
+            undelivered.add(ref, Corrupt(f"chunk {ref.id} has {len(data)} bytes, not {ref.size}"))
             return
         await sink(ref, data)
 

@@ -1,0 +1,387 @@
+"""Span reads from pack objects: the planner, the cutter, and ``OriginSource.fetch``
+against real stores (a directory and SeaweedFS S3), packs built by the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import textwrap
+from collections.abc import AsyncGenerator, Collection
+from pathlib import Path
+
+import anyio
+import pytest
+from helpers import random_bytes
+
+from blobstore.errors import (
+    ChunkMissing,
+    CorruptChunk,
+    DiskFull,
+    ObjectMissing,
+    StoreUnavailable,
+)
+from blobstore.ids import ChunkId, hash_bytes
+from blobstore.manifest import ChunkRef
+from blobstore.objectstore import ObjectInfo, ObjectStore, pack_key
+from blobstore.origin import OriginSource, SpanTuning
+from blobstore.source import ChunkData, Undelivered
+from blobstore.spans import SpanCutter, plan_spans
+from blobstore.stores import open_object_store
+
+pytestmark = pytest.mark.anyio
+
+REPO = Path(__file__).resolve().parent.parent
+PACK = ChunkId("ab" * 32)
+OTHER = ChunkId("cd" * 32)
+
+
+def ref(offset: int, size: int, pack: ChunkId = PACK, seed: object = None) -> ChunkRef:
+    return ChunkRef(hash_bytes(f"{pack}{offset}{seed}".encode()), size, pack, offset)
+
+
+def build_pack(sizes: list[int], gap: int = 0, seed: str = "p") -> tuple[ChunkId, bytes,
+                                                                          list[ChunkRef]]:
+    """A pack of chunks of ``sizes`` with ``gap`` unrelated bytes between them."""
+    parts: list[bytes] = []
+    refs: list[ChunkRef] = []
+    offset = 0
+    chunks = [random_bytes(size, f"{seed}-{i}") for i, size in enumerate(sizes)]
+    pack_id = hash_bytes(b"".join(chunks))
+    for data in chunks:
+        refs.append(ChunkRef(hash_bytes(data), len(data), pack_id, offset))
+        parts.append(data + b"\xee" * gap)
+        offset += len(data) + gap
+    return pack_id, b"".join(parts), refs
+
+
+class Collect:
+    """A sink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.got: dict[ChunkRef, bytes] = {}
+        self.calls = 0
+
+    async def __call__(self, r: ChunkRef, data: ChunkData) -> None:
+        self.calls += 1
+        self.got[r] = bytes(data)
+
+
+# -- planning ---------------------------------------------------------------------
+
+
+def test_neighbours_coalesce_and_gaps_or_size_split() -> None:
+    a, b, c = ref(0, 100), ref(100, 100), ref(250, 100)  # b->c: gap of 50
+    far = ref(10_000, 100)
+    spans = plan_spans([far, c, a, b], max_gap=50, max_span=1000)
+    assert [(s.offset, s.length, s.refs) for s in spans] == [
+        (0, 350, [a, b, c]),
+        (10_000, 100, [far]),
+    ]
+    assert len(plan_spans([a, b, c], max_gap=49, max_span=1000)) == 2
+    # max_span caps a span; a chunk bigger than the cap is read alone
+    assert [s.refs for s in plan_spans([a, b, c], max_gap=50, max_span=200)] == [[a, b], [c]]
+    huge = ref(400, 5000)
+    assert [s.refs for s in plan_spans([c, huge], max_gap=50, max_span=1000)] == [[c], [huge]]
+
+
+def test_packs_are_planned_in_order_of_first_appearance() -> None:
+    x, y, z = ref(0, 10, OTHER), ref(0, 10), ref(10, 10, OTHER)
+    spans = plan_spans([x, y, z], max_gap=0, max_span=100)
+    assert [(s.pack, s.refs) for s in spans] == [(OTHER, [x, z]), (PACK, [y])]
+
+
+def test_same_chunk_twice_is_read_once_and_overlaps_never_share_a_span() -> None:
+    a = ref(0, 100)
+    twin = ChunkRef(a.id, a.size, a.pack, a.offset)
+    liar = ref(50, 100, seed="liar")  # claims bytes inside a
+    spans = plan_spans([a, twin, liar], max_gap=1000, max_span=1000)
+    assert [[len(p.refs) for p in s.pieces] for s in spans] == [[2], [1]]
+    assert spans[1].refs == [liar]
+    with pytest.raises(ValueError, match="no pack"):
+        plan_spans([ChunkRef(a.id, 1)], max_gap=0, max_span=1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cutter_rebuilds_every_chunk_from_any_block_sizes(seed: int) -> None:
+    sizes = [random.Random(seed).randrange(1, 5000) for _ in range(30)]
+    _, data, refs = build_pack(sizes, gap=7)
+    (span,) = plan_spans(refs, max_gap=7, max_span=1 << 30)
+    blocks = random.Random(seed)
+    cutter = SpanCutter(span)
+    out: list[tuple[ChunkRef, bytes]] = []
+    stream = data[span.offset : span.offset + span.length] + b"trailing bytes are ignored"
+    pos = 0
+    while pos < len(stream):
+        step = blocks.choice([1, 3, 100, 4999, 20_000])
+        for piece, chunk in cutter.feed(stream[pos : pos + step]):
+            out.extend((r, bytes(chunk)) for r in piece.refs)
+        pos += step
+    assert [r for r, _ in out] == refs
+    assert all(hash_bytes(chunk) == r.id for r, chunk in out)
+    assert not cutter.pending
+    assert cutter.remaining() is None
+
+
+def test_cutter_resumes_from_the_first_chunk_not_cut() -> None:
+    _, data, refs = build_pack([100, 100, 100])
+    (span,) = plan_spans(refs, max_gap=0, max_span=1000)
+    cutter = SpanCutter(span)
+    assert [p.refs for p, _ in cutter.feed(data[:150])] == [(refs[0],)]  # half of the 2nd
+    rest = cutter.remaining()
+    assert rest is not None
+    assert (rest.offset, rest.length, rest.refs) == (100, 200, refs[1:])
+    done = cutter.feed(data[100:300])
+    assert [p.refs for p, _ in done] == [(refs[1],), (refs[2],)]
+    assert [bytes(chunk) for _, chunk in done] == [data[100:200], data[200:300]]
+
+
+# -- ObjectStore.get_range ----------------------------------------------------------
+
+
+async def test_get_range_streams_the_asked_bytes(object_store_url: str) -> None:
+    data = random_bytes(3 << 20, "range")
+    async with open_object_store(object_store_url) as store:
+        await store.put("packs/ab/x", data)
+
+        async def read(offset: int, length: int) -> bytes:
+            return b"".join([b async for b in store.get_range("packs/ab/x", offset, length)])
+
+        assert await read(5, (2 << 20) + 3) == data[5 : (2 << 20) + 8]
+        assert await read(len(data) - 10, 100) == data[-10:]  # stops where the object ends
+        assert await read(len(data) + 10, 100) == b""
+        assert await read(7, 0) == b""
+        with pytest.raises(ObjectMissing):
+            await _drain(store.get_range("packs/ab/y", 0, 10))
+        with pytest.raises(ObjectMissing):
+            await _drain(store.get_range("packs/ab", 0, 10))  # a "directory" is not an object
+
+
+async def _drain(blocks: AsyncGenerator[bytes, None]) -> None:
+    async for _ in blocks:
+        pass
+
+
+# -- OriginSource.fetch against real stores ----------------------------------------
+
+
+async def test_fetch_reads_each_span_with_one_ranged_get(object_store_url: str) -> None:
+    p1, d1, r1 = build_pack([300 << 10, 5000, 700 << 10, 1], gap=0, seed="a")
+    p2, d2, r2 = build_pack([2000] * 10, gap=3000, seed="b")  # gaps too big to coalesce
+    async with open_object_store(object_store_url) as store:
+        await store.put(pack_key(p1), d1)
+        await store.put(pack_key(p2), d2)
+        origin = OriginSource(store, tuning=SpanTuning(max_gap=1000))
+        sink = Collect()
+        wanted = [*r1, *r2, r1[1]]  # r1[1] twice: delivered twice, read once
+        left = await origin.fetch(wanted, sink)
+        assert left == []
+        assert sink.got == {r: random_bytes(r.size, s) for r, s in _seeds(r1, "a", r2, "b")}
+        assert sink.calls == len(wanted)
+        assert origin.requests == 1 + 10
+        # a subset of a pack reads only what it needs
+        origin.requests = 0
+        sink = Collect()
+        assert await origin.fetch([r1[2], r1[0]], sink) == []
+        assert set(sink.got) == {r1[0], r1[2]}
+        assert origin.requests == 2  # r1[1] (5000 B) is a gap above max_gap
+
+
+def _seeds(*args: object) -> list[tuple[ChunkRef, str]]:
+    out: list[tuple[ChunkRef, str]] = []
+    for refs, seed in zip(args[::2], args[1::2], strict=True):
+        assert isinstance(refs, list)
+        assert isinstance(seed, str)
+        out += [(r, f"{seed}-{i}") for i, r in enumerate(refs)]
+    return out
+
+
+async def test_corrupt_chunk_in_a_span_is_undelivered_alone(object_store_url: str) -> None:
+    pack_id, data, refs = build_pack([400 << 10, 100, 400 << 10, 100], seed="c")
+    bad = bytearray(data)
+    bad[refs[2].offset + 17] ^= 1  # a flipped bit in the third chunk
+    async with open_object_store(object_store_url) as store:
+        await store.put(pack_key(pack_id), bytes(bad))
+        origin = OriginSource(store)
+        sink = Collect()
+        left = await origin.fetch(refs, sink)
+        assert left == [refs[2]]
+        assert isinstance(left, Undelivered)
+        assert isinstance(left.reasons[refs[2].id], CorruptChunk)
+        assert set(sink.got) == {refs[0], refs[1], refs[3]}
+        assert origin.requests == 1
+
+
+async def test_missing_or_short_pack_and_v1_refs(object_store_url: str) -> None:
+    pack_id, data, refs = build_pack([1000, 2000, 3000], seed="d")
+    loose_data = random_bytes(300 << 10, "loose")
+    loose = ChunkRef(hash_bytes(loose_data), len(loose_data))  # a v1 ref: its own object
+    gone = ChunkRef(hash_bytes(b"gone"), 4)
+    absent_pack = ref(0, 10, OTHER)
+    async with open_object_store(object_store_url) as store:
+        await store.put(pack_key(pack_id), data[:2500])  # ends inside the 2nd chunk
+        await OriginSource(store).put(loose.id, loose_data)
+        origin = OriginSource(store)
+        sink = Collect()
+        left = await origin.fetch([*refs, loose, gone, absent_pack], sink)
+        assert isinstance(left, Undelivered)
+        assert sorted(left, key=str) == sorted([refs[1], refs[2], gone, absent_pack], key=str)
+        assert sink.got == {refs[0]: data[:1000], loose: loose_data}
+        assert isinstance(left.reasons[refs[2].id], CorruptChunk)
+        assert "shorter than its manifest" in str(left.reasons[refs[1].id])
+        assert isinstance(left.reasons[gone.id], ChunkMissing)
+        assert isinstance(left.reasons[absent_pack.id], ChunkMissing)
+
+
+class BreakingStore:
+    """A real store whose ranged reads break after ``after`` bytes, ``times`` times."""
+
+    def __init__(self, store: ObjectStore, after: int, times: int) -> None:
+        self.store = store
+        self.url = store.url
+        self.after = after
+        self.times = times
+        self.reads: list[tuple[int, int]] = []
+
+    async def get_range(
+        self, key: str, offset: int, length: int
+    ) -> AsyncGenerator[bytes, None]:
+        self.reads.append((offset, length))
+        sent = 0
+        async for block in self.store.get_range(key, offset, length):
+            if self.times and sent + len(block) > self.after:
+                self.times -= 1
+                yield block[: self.after - sent]
+                raise StoreUnavailable("connection reset mid-body")
+            sent += len(block)
+            yield block
+
+    async def get(self, key: str) -> bytes:
+        return await self.store.get(key)
+
+    async def exists_many(self, keys: Collection[str]) -> set[str]:
+        return await self.store.exists_many(keys)
+
+    async def put(self, key: str, data: bytes | bytearray) -> None:
+        await self.store.put(key, data)
+
+    async def put_if(self, key: str, data: bytes, expected: bytes | None) -> None:
+        await self.store.put_if(key, data, expected)
+
+    async def exists(self, key: str) -> bool:
+        return await self.store.exists(key)
+
+    async def delete(self, key: str) -> None:
+        await self.store.delete(key)
+
+    def list(self, prefix: str) -> AsyncGenerator[ObjectInfo, None]:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+
+async def test_broken_stream_resumes_at_first_undelivered_chunk(tmp_path: Path) -> None:
+    pack_id, data, refs = build_pack([1000] * 5, seed="e")
+    async with open_object_store((tmp_path / "s").as_uri()) as real:
+        await real.put(pack_key(pack_id), data)
+        store = BreakingStore(real, after=2500, times=1)
+        origin = OriginSource(store, tuning=SpanTuning(retry_delay=0))  # type: ignore[arg-type]
+        sink = Collect()
+        assert await origin.fetch(refs, sink) == []
+        assert set(sink.got) == set(refs)
+        assert sink.calls == 5  # nothing delivered twice
+        assert store.reads == [(0, 5000), (2000, 3000)]
+        # a stream that keeps breaking gives up: what is left is reported unavailable
+        store = BreakingStore(real, after=1500, times=99)
+        origin = OriginSource(store, tuning=SpanTuning(retry_delay=0, attempts=3))  # type: ignore[arg-type]
+        left = await origin.fetch(refs, Collect())
+        assert isinstance(left, Undelivered)
+        assert left == refs[3:]
+        assert isinstance(left.reasons[refs[4].id], StoreUnavailable)
+
+
+async def test_sink_failure_aborts_the_fetch_and_is_not_retried(tmp_path: Path) -> None:
+    pack_id, data, refs = build_pack([1000] * 3, seed="f")
+    calls = 0
+
+    async def full_disk(r: ChunkRef, chunk: ChunkData) -> None:
+        nonlocal calls
+        calls += 1
+        raise DiskFull("no space left on the sink's disk")
+
+    async with open_object_store((tmp_path / "s").as_uri()) as store:
+        await store.put(pack_key(pack_id), data)
+        origin = OriginSource(store)
+        with pytest.raises(DiskFull, match="sink's disk"):
+            await origin.fetch(refs, full_disk)
+        assert calls == 1
+        assert origin.requests == 1
+
+
+# -- memory: a big pull holds a few chunks, never a span or the file ----------------
+
+_RSS_CHILD = textwrap.dedent(
+    """
+    import asyncio, json, os, resource, sys
+    from blobstore.ids import hash_bytes
+    from blobstore.manifest import ChunkRef
+    from blobstore.origin import OriginSource
+    from blobstore.stores import open_object_store
+
+    url, total = sys.argv[1], int(sys.argv[2])
+    CHUNK = 1 << 20
+    base = bytearray(os.urandom(CHUNK))
+
+    def chunk(i):
+        base[:8] = i.to_bytes(8, "little")
+        return bytes(base)
+
+    async def main():
+        async with open_object_store(url) as store:
+            count = total // CHUNK
+            pack = "ef" * 32
+            key = f"packs/{pack[:2]}/{pack}"
+            if url.startswith("file:"):   # written chunk by chunk: no copy in memory
+                path = url[len("file://"):] + "/" + key
+                os.makedirs(os.path.dirname(path))
+                with open(path, "wb") as f:
+                    for i in range(count):
+                        f.write(chunk(i))
+            else:
+                await store.put(key, b"".join(chunk(i) for i in range(count)))
+            refs = [ChunkRef(hash_bytes(chunk(i)), CHUNK, pack, i * CHUNK) for i in range(count)]
+            got = 0
+            async def discard(ref, data):
+                nonlocal got
+                got += len(data)
+            origin = OriginSource(store)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            left = await origin.fetch(refs, discard)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            print(json.dumps({"before_kib": before, "peak_kib": peak, "got": got,
+                              "left": len(left), "requests": origin.requests}))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.slow
+async def test_fetch_of_a_large_file_holds_a_few_chunks(tmp_path: Path) -> None:
+    total = 768 << 20
+    url = (tmp_path / "store").as_uri()
+    proc = await anyio.run_process(
+        [sys.executable, "-c", _RSS_CHILD, url, str(total)],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    result = json.loads(proc.stdout)
+    assert result["got"] == total
+    assert result["left"] == 0
+    assert result["requests"] == total // (16 << 20)
+    grown_mib = (result["peak_kib"] - result["before_kib"]) / 1024
+    assert result["peak_kib"] / 1024 <= 256
+    # 8 spans in flight x (one chunk filling + one being verified): ~16 MiB, not 16 MiB spans
+    assert grown_mib <= 64, result
