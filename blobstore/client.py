@@ -22,6 +22,7 @@ from .errors import ChunkMissing, Corrupt, Unavailable
 from .ids import ChunkId
 from .ingest import Ingestor
 from .leases import Leases
+from .linking import LinkMode
 from .local import LocalCache
 from .manifest import Entry, Image, Manifest, Tree
 from .materialize import Progress, default_priority, materialize
@@ -120,12 +121,15 @@ class Client:
         *,
         progress: Progress | None = None,
         priority: Callable[[Entry], Any] = default_priority,
+        link_mode: LinkMode = "auto",
+        keep_special_modes: bool = False,
     ) -> PullResult:
-        """Materialize ``ref`` into ``dest`` through the tiers."""
+        """Materialize ``ref`` into ``dest`` through the tiers (see pull_tree)."""
         manifest_id = await self.catalog.resolve_or_id(ref)
         tree = await self.catalog.load_tree(manifest_id)
         return await self.pull_tree(ref, manifest_id, tree, dest, progress=progress,
-                                    priority=priority)
+                                    priority=priority, link_mode=link_mode,
+                                    keep_special_modes=keep_special_modes)
 
     async def pull_tree(
         self,
@@ -136,17 +140,32 @@ class Client:
         *,
         progress: Progress | None = None,
         priority: Callable[[Entry], Any] = default_priority,
+        link_mode: LinkMode = "auto",
+        keep_special_modes: bool = False,
     ) -> PullResult:
+        """Materialize ``tree`` into ``dest``: files already there are kept (on a
+        stat, when this node's pull marker vouches for them), the rest placed
+        from the node store by ``link_mode`` (auto|reflink|hardlink|copy) or
+        fetched through the tiers. setuid/setgid/sticky bits are dropped unless
+        ``keep_special_modes``. Raises BadInput/UnsafePath, NotFound, Corrupt,
+        Unavailable, DiskFull."""
         before = dict(self.source.bytes_from)
         await self._probe_peers(tree)
         with self.cache.pinned(c.id for c in tree.chunk_refs()):
             stats = await materialize(
                 tree, Path(dest), self.source, concurrency=self.config.concurrency,
-                progress=progress, priority=priority,
+                progress=progress, priority=priority, link_mode=link_mode,
+                keep_special_modes=keep_special_modes, state_dir=self.pull_state_dir,
             )
         tiers = {k: v - before.get(k, 0) for k, v in self.source.bytes_from.items()}
+        tiers["local"] = tiers.get("local", 0) + stats.placed_bytes
         return PullResult(ref, manifest_id, stats.files, stats.bytes, stats.kept_files,
                           stats.seconds, tiers)
+
+    @property
+    def pull_state_dir(self) -> Path:
+        """Where pull markers live (beside the node store, not in destinations)."""
+        return Path(self.config.cache.dir).parent / "pulls"
 
     async def _probe_peers(self, tree: Tree) -> None:
         """Ask the peers which of the chunks we lack they hold, so the peer tier

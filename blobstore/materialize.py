@@ -1,37 +1,118 @@
-"""pull: materialize a tree manifest into a directory through the tiers.
+"""pull: materialize a tree manifest into a directory.
 
-Every chunk comes verified from the tier list; files are assembled in temp
-files beside their final name (``pwrite`` at each chunk's offset, chunks of
-one file fetched in parallel), fsynced, checked against the whole-file BLAKE3
-and renamed into place. A crash leaves temp files, never a half file under a
-final name. Memory is bounded by the number of chunks in flight.
+Per file, cheapest first:
+1. **Already there**: the destination file matches the pull marker (its size,
+   mtime_ns, inode and ctime_ns, and the content key, as recorded after the
+   last pull's sync) -> kept on one ``stat``. A file the marker does not vouch
+   for but of the right size is checked chunk by chunk against the manifest
+   (read, never rewritten, when it is intact).
+2. **In the node store** (``store.open_file(file_key)``) -> placed by the link
+   mode (linking.py: reflink, hardlink or an in-kernel copy).
+3. **Otherwise** assembled: in the node store when there is one
+   (``begin_file``; the tier list's ``fetch`` delivers each verified chunk to a
+   sink that pwrites it at every offset where it occurs, so each pulled byte is
+   written once), committed, then placed; without a node store, straight into
+   a temp file beside its final name, renamed into place.
+The whole-file check is the chunks verified on arrival: nothing is read back.
+
+Every step inside the destination goes through directory fds (linking.DestDir).
+Two pulls into one destination take turns (``flock`` on the destination), so
+the second one finds the first one's work and keeps it.
+
+**Durability policy.** No fsync per file. Files are written to temp names and
+renamed into place; at the end of the pull one ``syncfs`` of the destination
+(and ``store.sync()`` for the node store) makes every byte durable, and only
+*then* is the marker written, recording each file's (size, mtime_ns, ino,
+ctime_ns) as stat'ed right after it was placed or checked. So:
+- SIGKILL at any moment: the page cache survives, every final name holds a
+  whole file (renames are atomic; temp files are removed by the next pull).
+- Power loss before the syncfs: a file renamed into place may come back torn
+  (zeroes, short). The marker was not rewritten, so it does not vouch for it:
+  a new file has a new inode and ctime, and the next pull checks it chunk by
+  chunk and repairs it. Files the marker *does* vouch for were durable before
+  it was written, and any later change moves their ctime.
+- Power loss after the syncfs: everything the marker lists is on disk.
+The runner's completeness marker is written after ``materialize`` returns,
+i.e. after the syncfs, so a runner never starts on a torn file either. The
+one thing no stat can see is an in-place write by someone else whose data
+reached the disk but whose inode update did not; blobstore never writes in
+place. The marker lives beside the node store (``state_dir``), keyed by the
+destination's device and inode, so the destination holds only the tree.
+
+Memory: chunks in flight are bounded by the sources' concurrency; files
+assembled at once by ``_ROUND_FILES``/``_ROUND_BYTES``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import logging
 import os
 import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import anyio
-import blake3
 
-from .errors import BadInput, Corrupt, DiskFull, Unavailable, UnsafePath
+from .errors import ChunkMissing, Corrupt, DiskFull, Unavailable
 from .ids import ChunkId, hash_bytes
-from .manifest import Entry, Tree, file_key
-from .parallel import for_each
+from .linking import (
+    TMP_MARK,
+    DestDir,
+    LinkMode,
+    Placer,
+    open_tmp,
+    replace_into,
+    split,
+    tmp_name,
+    unlink_quietly,
+)
+from .manifest import ChunkRef, Entry, Tree, file_key
 from .source import ChunkData, ChunkSource
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total)."""
-TMP_MARK = ".blobstore-tmp-"
+
+MARKER_VERSION = 1
+_HOP_FILES = 256
+"""Files handled per worker-thread hop (check, place, finish): one hop per
+file cost more than the work itself for thousands of small files."""
+_ROUND_FILES = 1024
+_ROUND_BYTES = 512 << 20
+"""Files assembled per fetch round: bounds open temp files, not memory (the
+source bounds chunks in flight)."""
+_LOCK_POLL = 0.05
+
+__all__ = ["TMP_MARK", "FileStore", "FileWriter", "Progress", "PullStats", "default_priority",
+           "materialize"]
+
+
+class FileWriter(Protocol):
+    """A file being assembled in the node store."""
+
+    def write(self, data: ChunkData, offset: int) -> None: ...
+    async def commit(self, chunks: Sequence[ChunkRef]) -> Path: ...
+    async def abort(self) -> None: ...
+
+
+class FileStore(Protocol):
+    """What a pull needs of the node store (blobstore.nodestore.NodeStore)."""
+
+    def open_file(self, key: ChunkId) -> Path | None: ...
+    def begin_file(self, key: ChunkId, size: int) -> FileWriter: ...
+    async def sync(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -40,102 +121,12 @@ class PullStats:
     bytes: int = 0
     kept_files: int = 0
     """Files already present and identical, left untouched."""
+    checked_files: int = 0
+    """Of those, files the marker did not vouch for, verified chunk by chunk."""
+    placed_bytes: int = 0
+    """Bytes placed from the node store's whole files (counted as local)."""
     seconds: float = 0.0
-
-
-class _FileJob:
-    """One file being assembled: its temp fd and chunks outstanding."""
-
-    __slots__ = ("entry", "fd", "final", "lock", "remaining", "tmp")
-
-    def __init__(self, entry: Entry, final: Path) -> None:
-        self.entry = entry
-        self.final = final
-        self.tmp = final.with_name(f".{final.name[:100]}{TMP_MARK}{uuid.uuid4().hex[:8]}")
-        self.fd = -1
-        """-1 before the first write opens it (in a worker thread), -2 after closing."""
-        self.lock = threading.Lock()
-        self.remaining = len(entry.chunks)
-
-    @property
-    def whole_chunk(self) -> bool:
-        """The file is one chunk whose (verified) id is the file's BLAKE3: checking the
-        written file again would hash the same bytes twice."""
-        chunks = self.entry.chunks
-        return len(chunks) == 1 and chunks[0].id == self.entry.digest
-
-    def write(self, data: ChunkData, offset: int) -> None:
-        """pwrite a chunk at ``offset``; the first write creates the temp file."""
-        with self.lock:
-            if self.fd == -1:
-                self.fd = _open_tmp(self.tmp)
-        _pwrite_all(self.fd, data, offset)
-
-
-_PLAN_BATCH = 256
-"""Files looked at per worker-thread hop before the pull: one hop per file cost
-more than the look itself for thousands of small files."""
-
-
-def _safe_dest(root: Path, rel: str) -> Path:
-    """``root/rel``; replaces a symlink or file standing where a parent dir
-    must be (it is inside root), so nothing is ever written through a link."""
-    parts = rel.split("/")
-    cur = root
-    for part in parts[:-1]:
-        cur = cur / part
-        try:
-            st = os.lstat(cur)
-        except FileNotFoundError:
-            os.mkdir(cur, 0o755)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            os.unlink(cur)
-            os.mkdir(cur, 0o755)
-    return cur / parts[-1]
-
-
-def _same_file(path: Path, entry: Entry) -> bool:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
-        return False
-    if entry.digest == file_key(entry):  # a v2 digest: check chunk by chunk
-        return _chunks_match(path, entry)
-    return _blake3_file(path) == entry.digest
-
-
-def _chunks_match(path: Path, entry: Entry) -> bool:
-    with open(path, "rb", buffering=0) as f:
-        return all(
-            hash_bytes(os.pread(f.fileno(), c.size, offset)) == c.id
-            for c, offset in zip(entry.chunks, _offsets(entry), strict=True)
-        )
-
-
-def _offsets(entry: Entry) -> list[int]:
-    out, pos = [], 0
-    for c in entry.chunks:
-        out.append(pos)
-        pos += c.size
-    return out
-
-
-_HASH_BUF = 1 << 20
-
-
-def _blake3_file(path: Path) -> str:
-    # Read through one reused buffer, not mmap: mapped pages count toward the
-    # pull's RSS, which then grows with the largest file instead of staying bounded.
-    h = blake3.blake3()
-    buf = bytearray(_HASH_BUF)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+    link_modes: dict[str, int] = field(default_factory=dict)
 
 
 def default_priority(entry: Entry) -> Any:
@@ -143,139 +134,419 @@ def default_priority(entry: Entry) -> Any:
     return entry.size
 
 
+def special_bits_dropped(mode: int, keep: bool) -> int:
+    """setuid, setgid and sticky are dropped unless asked for (as tar does
+    for a non-root user): a manifest must not make setuid binaries on a node."""
+    return mode & 0o7777 if keep else mode & 0o777
+
+
+class _Item:
+    """One manifest file and where it goes."""
+
+    __slots__ = ("entry", "key", "mode", "name", "parent")
+
+    def __init__(self, entry: Entry, mode: int) -> None:
+        self.entry = entry
+        self.parent, self.name = split(entry.path)
+        self.key = file_key(entry)
+        self.mode = mode
+
+
+Record = list[Any]
+"""[size, mtime_ns, ino, ctime_ns, file key] of a file the marker vouches for."""
+
+
+def _record(st: os.stat_result, key: ChunkId) -> Record:
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, key]
+
+
 async def materialize(
     tree: Tree,
     dest: Path,
     source: ChunkSource,
     *,
+    store: FileStore | None = None,
+    link_mode: LinkMode = "auto",
+    keep_special_modes: bool = False,
+    state_dir: Path | None = None,
     concurrency: int = 16,
     progress: Progress | None = None,
     priority: Callable[[Entry], Any] = default_priority,
 ) -> PullStats:
-    """Write ``tree`` into ``dest``. Raises BadInput/UnsafePath (nothing
-    written), Unavailable/NotFound (a chunk could not be fetched), DiskFull."""
+    """Write ``tree`` into ``dest``. Raises BadInput/UnsafePath, Unavailable or
+    NotFound/Corrupt (a chunk could not be fetched), DiskFull."""
+    del concurrency  # the sources bound their own concurrency
     started = time.monotonic()
-    stats = PullStats()
-    root = await anyio.to_thread.run_sync(_prepare_dest, dest)
-    files = sorted((e for e in tree.entries if e.kind == "file"), key=priority)
-    stats.files = len(files)
-    total = sum(e.size for e in files)
-    done = 0
-
-    jobs: list[_FileJob] = []
+    root = await anyio.to_thread.run_sync(DestDir.open, Path(dest))
     try:
-        await anyio.to_thread.run_sync(_make_dirs, root, [e for e in tree.entries
-                                                          if e.kind == "dir"])
-        for start in range(0, len(files), _PLAN_BATCH):
-            batch = files[start : start + _PLAN_BATCH]
-            for entry, final, same in await anyio.to_thread.run_sync(_plan, root, batch):
-                if same:
-                    stats.kept_files += 1
-                    done += entry.size
-                else:
-                    jobs.append(_FileJob(entry, final))
-        if progress:
-            progress(done, total)
-
-        def work() -> Iterator[tuple[_FileJob, int, ChunkId, int]]:
-            for job in jobs:
-                offset = 0
-                for chunk in job.entry.chunks:
-                    yield job, offset, chunk.id, chunk.size
-                    offset += chunk.size
-
-        async def fetch(item: tuple[_FileJob, int, ChunkId, int]) -> None:
-            nonlocal done
-            job, offset, chunk_id, size = item
-            data = await source.get(chunk_id)
-            if len(data) != size:
-                raise Corrupt(f"chunk {chunk_id} has {len(data)} bytes, manifest says {size}")
-            await anyio.to_thread.run_sync(job.write, data, offset)
-            done += size
-            job.remaining -= 1
-            if job.remaining == 0:
-                await anyio.to_thread.run_sync(_finish, job)
-            if progress:
-                progress(done, total)
-
-        await for_each(work(), fetch, concurrency)
-        for job in jobs:
-            if not job.entry.chunks:  # empty file
-                job.fd = await anyio.to_thread.run_sync(_open_tmp, job.tmp)
-                await anyio.to_thread.run_sync(_finish, job)
-        for entry in (e for e in tree.entries if e.kind == "symlink"):
-            await anyio.to_thread.run_sync(_make_symlink, root, entry)
-        # Directory modes last, deepest first: a read-only dir must not block its children.
-        dirs = [e for e in tree.entries if e.kind == "dir"]
-        for entry in sorted(dirs, key=lambda e: -len(e.path)):
-            await anyio.to_thread.run_sync(os.chmod, root / entry.path, entry.mode)
-    except OSError as exc:
-        if exc.errno == 28:
-            raise DiskFull(f"no space left writing into {dest}") from exc
-        raise Unavailable(f"cannot write {exc.filename or dest}: {exc.strerror}") from exc
+        await _lock(root)
+        pull = _Pull(tree, root, source, store, link_mode, keep_special_modes, state_dir,
+                     progress, priority)
+        try:
+            await pull.run()
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DiskFull(f"no space left writing into {dest}") from exc
+            raise Unavailable(f"cannot write {exc.filename or dest}: {exc.strerror}") from exc
     finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_cleanup, jobs)
-    stats.bytes = total
-    stats.seconds = time.monotonic() - started
-    return stats
+        await anyio.to_thread.run_sync(root.close)  # closing the fd drops the lock
+    pull.stats.seconds = time.monotonic() - started
+    return pull.stats
 
 
-def _plan(root: Path, entries: list[Entry]) -> list[tuple[Entry, Path, bool]]:
-    """Each file's destination, and whether an identical file is already there."""
-    out = []
-    for entry in entries:
-        final = _safe_dest(root, entry.path)
-        out.append((entry, final, _same_file(final, entry)))
-    return out
-
-
-def _make_dirs(root: Path, entries: list[Entry]) -> None:
-    for entry in entries:
-        _make_dir(root, entry)
-
-
-def _prepare_dest(dest: Path) -> Path:
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"cannot create {dest}: {exc.strerror}") from exc
-    if not dest.is_dir():
-        raise BadInput(f"not a directory: {dest}")
-    return dest.resolve()
-
-
-def _make_dir(root: Path, entry: Entry) -> None:
-    path = _safe_dest(root, entry.path)
-    try:
-        st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode):
+async def _lock(root: DestDir) -> None:
+    """Take the destination's lock, waiting for another pull into it."""
+    waited = False
+    while True:
+        try:
+            fcntl.flock(root.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    os.mkdir(path, 0o755)
-
-
-def _make_symlink(root: Path, entry: Entry) -> None:
-    assert entry.target is not None
-    final = _safe_dest(root, entry.path)
-    with contextlib.suppress(OSError):
-        if os.readlink(final) == entry.target:
+        except BlockingIOError:
+            if not waited:
+                log.info("waiting for another pull into %s", root.path)
+                waited = True
+        except OSError as exc:  # a filesystem without flock: go on unlocked
+            log.info("cannot lock %s (%s); not guarding against concurrent pulls",
+                     root.path, exc.strerror)
             return
-    tmp = final.with_name(f".{final.name[:100]}{TMP_MARK}{uuid.uuid4().hex[:8]}")
-    os.symlink(entry.target, tmp)
-    try:
-        if os.path.isdir(final) and not os.path.islink(final):
-            raise UnsafePath(f"{entry.path}: a directory stands where the manifest has a symlink")
-        os.replace(tmp, final)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        await anyio.sleep(_LOCK_POLL)
 
 
-def _open_tmp(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+class _Pull:
+    """State of one pull (see the module docstring for the steps)."""
+
+    def __init__(
+        self,
+        tree: Tree,
+        root: DestDir,
+        source: ChunkSource,
+        store: FileStore | None,
+        link_mode: LinkMode,
+        keep_special: bool,
+        state_dir: Path | None,
+        progress: Progress | None,
+        priority: Callable[[Entry], Any],
+    ) -> None:
+        self.tree = tree
+        self.root = root
+        self.source = source
+        self.store = store
+        self.placer = Placer(link_mode)
+        self.keep_special = keep_special
+        self.progress = progress
+        files = sorted((e for e in tree.entries if e.kind == "file"), key=priority)
+        self.items = [_Item(e, special_bits_dropped(e.mode, keep_special)) for e in files]
+        self.stats = PullStats(files=len(files), bytes=sum(e.size for e in files))
+        self.done = 0
+        self.marker_path = _marker_path(state_dir, root) if state_dir is not None else None
+        self.old: dict[str, Record] = {}
+        self.records: dict[str, Record] = {}
+        self.changed = False
+        """Anything written or checked that the marker did not vouch for."""
+        self._done_lock = threading.Lock()
+
+    def _advance(self, n: int) -> None:
+        with self._done_lock:
+            self.done += n
+        if self.progress is not None:
+            self.progress(self.done, self.stats.bytes)
+
+    async def run(self) -> None:
+        run = anyio.to_thread.run_sync
+        if self.marker_path is not None:
+            self.old = await run(_load_marker, self.marker_path)
+        dirs = [e for e in self.tree.entries if e.kind == "dir"]
+        await run(self._make_dirs, dirs)
+        need: list[_Item] = []
+        for batch in _chunked(self.items, _HOP_FILES):
+            need += await run(self._check, batch)
+        if self.progress is not None:
+            self.progress(self.done, self.stats.bytes)
+        empty = [i for i in need if i.entry.size == 0]
+        for batch in _chunked(empty, _HOP_FILES):
+            await run(self._create_empty, batch)
+        need = [i for i in need if i.entry.size > 0]
+        if self.store is not None:
+            need = await self._place_from_store(need)
+        for round_items in _rounds(need):
+            if self.store is not None:
+                await self._assemble_in_store(round_items)
+            else:
+                await self._assemble_in_dest(round_items)
+        links = [e for e in self.tree.entries if e.kind == "symlink"]
+        for some_links in _chunked(links, _HOP_FILES):
+            await run(self._make_symlinks, some_links)
+        await run(self._dir_modes, dirs)
+        self.stats.link_modes = dict(self.placer.used)
+        if self.changed or set(self.old) != set(self.records):
+            dest = await run(os.path.abspath, self.root.path)
+            if self.store is not None:
+                await self.store.sync()
+            await run(_syncfs, self.root.fd)
+            if self.marker_path is not None:
+                await run(_write_marker, self.marker_path, dest, self.records)
+
+    # ------------------------------------------------------------------ dirs
+
+    def _make_dirs(self, dirs: list[Entry]) -> None:
+        """Create every directory (and parents of files); remove temp files a
+        killed pull left in them (we hold the lock: no live pull owns them)."""
+        wanted = {""} | {e.path for e in dirs} | {i.parent for i in self.items}
+        for rel in sorted(wanted):
+            self.root.remove_tmp_leftovers(self.root.dir_fd(rel))
+
+    def _dir_modes(self, dirs: list[Entry]) -> None:
+        # Deepest first: a read-only directory must not block its children.
+        for entry in sorted(dirs, key=lambda e: -e.path.count("/")):
+            fd = self.root.dir_fd(entry.path)
+            mode = special_bits_dropped(entry.mode, self.keep_special)
+            if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+                os.fchmod(fd, mode)
+
+    # ------------------------------------------------------------------ files already there
+
+    def _check(self, items: list[_Item]) -> list[_Item]:
+        """Keep what is already right; return the items that need writing."""
+        need = []
+        for item in items:
+            dfd = self.root.dir_fd(item.parent)
+            try:
+                st = os.stat(item.name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                need.append(item)
+                continue
+            if stat.S_ISDIR(st.st_mode) or not stat.S_ISREG(st.st_mode) \
+                    or st.st_size != item.entry.size:
+                need.append(item)  # replace_into refuses to replace a directory
+                continue
+            if self.old.get(item.entry.path) != _record(st, item.key):
+                if not _chunks_match(dfd, item.name, item.entry):
+                    need.append(item)
+                    continue
+                self.changed = True
+                self.stats.checked_files += 1
+            st = self._fix_mode(dfd, item, st)
+            self.records[item.entry.path] = _record(st, item.key)
+            self.stats.kept_files += 1
+            self._advance(item.entry.size)
+        return need
+
+    def _fix_mode(self, dfd: int, item: _Item, st: os.stat_result) -> os.stat_result:
+        mode = stat.S_IMODE(st.st_mode)
+        if mode == item.mode or (st.st_nlink > 1 and mode == item.mode & 0o555):
+            return st  # (a hardlinked file is read-only)
+        fd = os.open(item.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            os.fchmod(fd, item.mode)
+            self.changed = True
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def _create_empty(self, items: list[_Item]) -> None:
+        for item in items:
+            dfd = self.root.dir_fd(item.parent)
+            tmp, fd = open_tmp(dfd, item.name)
+            try:
+                os.fchmod(fd, item.mode)
+                ino = os.fstat(fd).st_ino
+            finally:
+                os.close(fd)
+            self._commit_tmp(dfd, tmp, item, ino)
+
+    def _commit_tmp(self, dfd: int, tmp: str, item: _Item, ino: int) -> None:
+        try:
+            replace_into(dfd, tmp, item.name)
+        except BaseException:
+            unlink_quietly(dfd, tmp)
+            raise
+        self.changed = True
+        st = os.stat(item.name, dir_fd=dfd, follow_symlinks=False)
+        if st.st_ino == ino:
+            self.records[item.entry.path] = _record(st, item.key)
+
+    # ------------------------------------------------------------------ node store
+
+    async def _place_from_store(self, items: list[_Item]) -> list[_Item]:
+        """Place every item the node store holds; return the rest."""
+        assert self.store is not None
+        missing: list[_Item] = []
+        found: list[tuple[_Item, Path]] = []
+        for item in items:
+            path = self.store.open_file(item.key)
+            if path is None:
+                missing.append(item)
+            else:
+                found.append((item, path))
+        for batch in _chunked(found, _HOP_FILES):
+            await anyio.to_thread.run_sync(self._place, batch)
+        return missing
+
+    def _place(self, batch: Sequence[tuple[_Item, Path]]) -> None:
+        for item, path in batch:
+            dfd = self.root.dir_fd(item.parent)
+            st = self.placer.place(path, dfd, item.name, item.mode)
+            self.changed = True
+            if st is not None:
+                self.records[item.entry.path] = _record(st, item.key)
+            self.stats.placed_bytes += item.entry.size
+            self._advance(item.entry.size)
+
+    async def _assemble_in_store(self, items: list[_Item]) -> None:
+        assert self.store is not None
+        by_key: dict[ChunkId, list[_Item]] = {}
+        for item in items:
+            by_key.setdefault(item.key, []).append(item)
+        writers: dict[ChunkId, FileWriter] = {}
+        try:
+            for key, same in by_key.items():
+                writers[key] = self.store.begin_file(key, same[0].entry.size)
+            targets = [(writers[key], same[0].entry) for key, same in by_key.items()]
+            await self._fetch_into(targets, [len(s) for s in by_key.values()])
+            placed: list[tuple[_Item, Path]] = []
+            for key in list(writers):
+                path = await writers.pop(key).commit(by_key[key][0].entry.chunks)
+                placed += [(item, path) for item in by_key[key]]
+            for batch in _chunked(placed, _HOP_FILES):
+                await anyio.to_thread.run_sync(self._place_fetched, batch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for writer in writers.values():
+                    await writer.abort()
+
+    def _place_fetched(self, batch: Sequence[tuple[_Item, Path]]) -> None:
+        for item, path in batch:
+            dfd = self.root.dir_fd(item.parent)
+            st = self.placer.place(path, dfd, item.name, item.mode)
+            self.changed = True
+            if st is not None:
+                self.records[item.entry.path] = _record(st, item.key)
+
+    # ------------------------------------------------------------------ no node store
+
+    async def _assemble_in_dest(self, items: list[_Item]) -> None:
+        targets = [_DestFile(self.root, item) for item in items]
+        try:
+            await self._fetch_into([(t, t.item.entry) for t in targets], [1] * len(targets))
+            for batch in _chunked(targets, _HOP_FILES):
+                await anyio.to_thread.run_sync(self._finish_in_dest, batch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_discard, targets)
+
+    def _finish_in_dest(self, targets: list[_DestFile]) -> None:
+        for t in targets:
+            fd, t.fd = t.fd, -1
+            try:
+                size = os.fstat(fd).st_size
+                if size != t.item.entry.size:
+                    raise Corrupt(f"{t.item.entry.path}: assembled {size} bytes, the manifest "
+                                  f"says {t.item.entry.size}")
+                os.fchmod(fd, t.item.mode)
+                ino = os.fstat(fd).st_ino
+            finally:
+                os.close(fd)
+            tmp, t.tmp = t.tmp, ""
+            self._commit_tmp(t.dir_fd, tmp, t.item, ino)
+
+    # ------------------------------------------------------------------ fetching
+
+    async def _fetch_into(self, targets: Sequence[tuple[_Target, Entry]],
+                          copies: Sequence[int]) -> None:
+        """Fetch each distinct chunk of ``targets`` once through the tiers and
+        write it at every offset where it occurs. ``copies`` counts the files
+        each target stands for (progress)."""
+        places: dict[ChunkId, list[tuple[_Target, int, int]]] = {}
+        refs: list[ChunkRef] = []
+        for (target, entry), n in zip(targets, copies, strict=True):
+            offset = 0
+            for ref in entry.chunks:
+                at = places.get(ref.id)
+                if at is None:
+                    at = places[ref.id] = []
+                    refs.append(ref)
+                at.append((target, offset, n))
+                offset += ref.size
+        pending = {ref.id for ref in refs}
+
+        async def sink(ref: ChunkRef, data: ChunkData) -> None:
+            if len(data) != ref.size:
+                raise Corrupt(f"chunk {ref.id} has {len(data)} bytes, the manifest says "
+                              f"{ref.size}")
+            if ref.id not in pending:
+                return  # delivered twice: written already
+            pending.discard(ref.id)
+            at = places[ref.id]
+            await anyio.to_thread.run_sync(_write_at, at, data)
+            self.changed = True
+            self._advance(len(data) * sum(n for _, _, n in at))
+
+        undelivered = await self.source.fetch(refs, sink)
+        for ref in undelivered:
+            if ref.id in pending:  # ask once more, for the data or the precise error
+                data = await self.source.get(ref.id)
+                await sink(ref, data)
+        if pending:
+            raise ChunkMissing(next(iter(pending)), "any tier")
+
+    # ------------------------------------------------------------------ symlinks
+
+    def _make_symlinks(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            assert entry.target is not None
+            parent, name = split(entry.path)
+            dfd = self.root.dir_fd(parent)
+            with contextlib.suppress(OSError):
+                if os.readlink(name, dir_fd=dfd) == entry.target:
+                    continue
+            tmp = tmp_name(name)
+            os.symlink(entry.target, tmp, dir_fd=dfd)
+            try:
+                replace_into(dfd, tmp, name)
+            except BaseException:
+                unlink_quietly(dfd, tmp)
+                raise
+            self.changed = True
+
+
+class _Target(Protocol):
+    def write(self, data: ChunkData, offset: int) -> None: ...
+
+
+class _DestFile:
+    """A file assembled straight into a temp file in the destination."""
+
+    __slots__ = ("dir_fd", "fd", "item", "lock", "root", "tmp")
+
+    def __init__(self, root: DestDir, item: _Item) -> None:
+        self.root = root
+        self.item = item
+        self.dir_fd = -1
+        self.fd = -1
+        self.tmp = ""
+        self.lock = threading.Lock()
+
+    def write(self, data: ChunkData, offset: int) -> None:
+        with self.lock:
+            if self.fd == -1:  # opened by the first write, in a worker thread
+                self.dir_fd = self.root.dir_fd(self.item.parent)
+                self.tmp, self.fd = open_tmp(self.dir_fd, self.item.name)
+        _pwrite_all(self.fd, data, offset)
+
+
+def _discard(targets: list[_DestFile]) -> None:
+    for t in targets:
+        if t.fd >= 0:
+            os.close(t.fd)
+            t.fd = -1
+        if t.tmp:
+            unlink_quietly(t.dir_fd, t.tmp)
+            t.tmp = ""
+
+
+def _write_at(places: list[tuple[_Target, int, int]], data: ChunkData) -> None:
+    for target, offset, _ in places:
+        target.write(data, offset)
 
 
 def _pwrite_all(fd: int, data: ChunkData, offset: int) -> None:
@@ -286,30 +557,89 @@ def _pwrite_all(fd: int, data: ChunkData, offset: int) -> None:
         offset += n
 
 
-def _finish(job: _FileJob) -> None:
-    """fsync, verify the whole file, set its mode, rename into place."""
-    os.fsync(job.fd)
-    size = os.fstat(job.fd).st_size
-    os.close(job.fd)
-    job.fd = -2
-    if size != job.entry.size:
-        raise Corrupt(f"{job.entry.path}: assembled file has {size} bytes, manifest says "
-                      f"{job.entry.size}")
-    # A v2 digest is the file key: every chunk was verified as it arrived.
-    if not job.whole_chunk and job.entry.digest != file_key(job.entry):
-        actual = _blake3_file(job.tmp)
-        if job.entry.digest is not None and actual != job.entry.digest:
-            raise Corrupt(f"{job.entry.path}: assembled file does not match its BLAKE3")
-    os.chmod(job.tmp, job.entry.mode)
-    if os.path.isdir(job.final) and not os.path.islink(job.final):
-        raise UnsafePath(f"{job.entry.path}: a directory stands where the manifest has a file")
-    os.replace(job.tmp, job.final)
+def _chunks_match(dir_fd: int, name: str, entry: Entry) -> bool:
+    """Whether the file holds exactly the entry's chunks (each read and hashed)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        offset = 0
+        for ref in entry.chunks:
+            data = os.pread(fd, ref.size, offset)
+            if len(data) != ref.size or hash_bytes(data) != ref.id:
+                return False
+            offset += ref.size
+        return os.fstat(fd).st_size == offset
+    finally:
+        os.close(fd)
 
 
-def _cleanup(jobs: list[_FileJob]) -> None:
-    for job in jobs:
-        if job.fd >= 0:
-            os.close(job.fd)
-            job.fd = -2
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(job.tmp)
+def _chunked(items: Sequence[T], n: int) -> Iterable[list[T]]:
+    for start in range(0, len(items), n):
+        yield list(items[start : start + n])
+
+
+def _rounds(items: list[_Item]) -> Iterable[list[_Item]]:
+    batch: list[_Item] = []
+    size = 0
+    for item in items:
+        batch.append(item)
+        size += item.entry.size
+        if len(batch) >= _ROUND_FILES or size >= _ROUND_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------- durability
+
+
+_libc: Any = None
+
+
+def _syncfs(fd: int) -> None:
+    """Flush the filesystem holding ``fd`` (all of it: one call per pull)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        failed = _libc.syncfs(fd) != 0
+    except AttributeError:  # no syncfs in this libc
+        failed = True
+    if failed:
+        os.sync()
+
+
+def _marker_path(state_dir: Path, root: DestDir) -> Path:
+    st = os.fstat(root.fd)
+    return state_dir / f"{st.st_dev:x}-{st.st_ino:x}.json"
+
+
+def _load_marker(path: Path) -> dict[str, Record]:
+    try:
+        doc = json.loads(path.read_bytes())
+        if doc.get("version") != MARKER_VERSION:
+            return {}
+        files = doc["files"]
+        if not isinstance(files, dict):
+            return {}
+        return files
+    except (OSError, ValueError, KeyError, AttributeError):
+        return {}
+
+
+def _write_marker(path: Path, dest: str, records: dict[str, Record]) -> None:
+    """Atomically replace the marker. Not fsynced: losing it only costs the
+    next pull a check of each file; it never vouches for unsynced data."""
+    doc = {"version": MARKER_VERSION, "dest": dest, "files": records}
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:  # the pull itself succeeded: warn, do not fail it
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        log.warning("cannot record the pull of %s in %s: %s", dest, path, exc.strerror)

@@ -1,0 +1,337 @@
+"""Placing files into a pull's destination, safely and cheaply.
+
+``DestDir`` is the destination opened once (``O_DIRECTORY``); every path below
+it is reached component by component through directory file descriptors with
+``O_NOFOLLOW`` (``dir_fd=``/``follow_symlinks=False`` for mkdir, open, unlink,
+rename, readlink). Nothing is ever done through a path string checked earlier,
+so a directory swapped for a symlink while a pull runs cannot send a write or
+a chmod outside the destination: the swap is seen at the next ``openat`` (a
+symlink or file standing where a directory belongs is replaced by a directory,
+inside the destination), and a directory fd already held keeps pointing at the
+directory it was opened on.
+
+``Placer`` puts a finished file (the node store's copy) under a name in such a
+directory, always through a temp name and an atomic rename:
+
+- ``reflink``: ``ioctl(FICLONE)`` — shares extents, microseconds per file
+  (XFS with reflink=1, btrfs, bcachefs). Fails when the filesystem cannot.
+- ``copy``: ``copy_file_range`` in the kernel (no bytes through user space;
+  falls back to ``sendfile`` across filesystems where the kernel refuses).
+- ``hardlink``: ``link()``: no bytes at all, but the destination file *is* the
+  store's file. It is made read-only; a writer that ignores that (root does)
+  changes the node's copy — the node store sees the changed ctime and never
+  serves it, and the next pull re-checks the file. Special bits and the write
+  bits are dropped; every hardlinked name of one content shares one mode.
+- ``auto``: reflink where the filesystem supports it, copy otherwise
+  (remembered per (source device, destination device) pair).
+
+Names are cut by bytes, never characters: a temp name stays within NAME_MAX
+(255 bytes) whatever the final name's encoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import Literal, get_args
+
+from .errors import BadInput, ConfigError, UnsafePath
+
+LinkMode = Literal["auto", "reflink", "hardlink", "copy"]
+LINK_MODES: tuple[str, ...] = get_args(LinkMode)
+TMP_MARK = ".blobstore-tmp-"
+NAME_MAX = 255
+_FICLONE = 0x40049409
+_NOT_CLONABLE = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EXDEV,
+                           errno.ENOSYS, errno.EPERM})
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FDS = 256
+"""Directory fds kept open per pull (a tree with more directories re-opens
+the rest from their nearest open ancestor, still one ``openat`` per level)."""
+
+
+def parse_link_mode(text: str) -> LinkMode:
+    """``auto|reflink|hardlink|copy``. Raises ConfigError."""
+    value = text.strip().lower()
+    if value not in LINK_MODES:
+        raise ConfigError(f"not a link mode: {text!r} (choose {'|'.join(LINK_MODES)})")
+    return value  # type: ignore[return-value]
+
+
+def tmp_name(name: str) -> str:
+    """A unique hidden temp name beside ``name``, at most 255 bytes, its prefix
+    cut on a UTF-8 character boundary."""
+    # The prefix is only a hint for humans: dropping a cut (or undecodable)
+    # character is fine, a name over NAME_MAX is not.
+    prefix = os.fsencode(name)[:100].decode("utf-8", "ignore")
+    return f".{prefix}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
+def is_tmp_name(name: str) -> bool:
+    return TMP_MARK in name
+
+
+class DestDir:
+    """A pull destination held open; paths below it resolved through dir fds.
+
+    Thread-safe: workers of one pull share it."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path) -> DestDir:
+        """Create ``path`` (parents too) and open it. Following a symlink here is
+        fine: the caller named it. Raises BadInput."""
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileExistsError as exc:
+            raise BadInput(f"not a directory: {path}") from exc
+        except NotADirectoryError as exc:
+            raise BadInput(f"not a directory: {path}") from exc
+        except OSError as exc:
+            raise BadInput(f"cannot create {path}: {exc.strerror}") from exc
+        return cls(path, fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    def dir_fd(self, rel_dir: str) -> int:
+        """The fd of directory ``rel_dir`` ("" is the root), creating it and any
+        missing parent; a symlink or file in the way (inside DEST) is replaced.
+        The fd stays owned by this object."""
+        if not rel_dir:
+            return self.fd
+        with self._lock:
+            fd = self._fds.get(rel_dir)
+            if fd is not None:
+                self._fds.move_to_end(rel_dir)
+                return fd
+            parts = rel_dir.split("/")
+            start, parent = 0, self.fd
+            for i in range(len(parts) - 1, 0, -1):  # nearest open ancestor
+                cached = self._fds.get("/".join(parts[:i]))
+                if cached is not None:
+                    start, parent = i, cached
+                    break
+            for i in range(start, len(parts)):
+                fd = _open_subdir(parent, parts[i])
+                self._remember("/".join(parts[: i + 1]), fd)
+                parent = fd
+            return parent
+
+    def _remember(self, rel: str, fd: int) -> None:
+        old = self._fds.pop(rel, None)
+        if old is not None:
+            os.close(old)
+        self._fds[rel] = fd
+        while len(self._fds) > _DIR_FDS:
+            # Never close an ancestor of what we just opened while walking: the
+            # oldest entries are far from the current walk in practice, and a
+            # closed fd is only re-opened later, never used after close.
+            _, victim = self._fds.popitem(last=False)
+            os.close(victim)
+
+    def remove_tmp_leftovers(self, dir_fd: int) -> int:
+        """Unlink temp files a killed pull left in this directory. Call only
+        while holding the destination lock (no live pull owns them)."""
+        removed = 0
+        for name in os.listdir(dir_fd):
+            if is_tmp_name(name):
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(name, dir_fd=dir_fd)
+                    removed += 1
+        return removed
+
+
+def split(rel: str) -> tuple[str, str]:
+    """(parent dir, name) of a manifest path."""
+    parent, _, name = rel.rpartition("/")
+    return parent, name
+
+
+def _open_subdir(parent: int, name: str) -> int:
+    for _ in range(8):  # another pull may be replacing the same entry
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            pass
+        except (NotADirectoryError, OSError) as exc:
+            if isinstance(exc, NotADirectoryError) or exc.errno == errno.ELOOP:
+                # a file or symlink inside DEST where a directory belongs
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=parent)
+            else:
+                raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=parent)
+    raise UnsafePath(f"{name}: keeps changing while the pull creates it")
+
+
+def replace_into(dir_fd: int, tmp: str, name: str) -> None:
+    """Rename ``tmp`` over ``name`` in one directory. Raises UnsafePath if a
+    directory stands there (a manifest file never replaces a directory)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsafePath(f"{name}: a directory stands where the manifest has a file")
+    except FileNotFoundError:
+        pass
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def open_tmp(dir_fd: int, name: str) -> tuple[str, int]:
+    """Create a new temp file for ``name``: (temp name, writable fd)."""
+    tmp = tmp_name(name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dir_fd)
+    return tmp, fd
+
+
+def unlink_quietly(dir_fd: int, name: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def copy_fd(src: int, dst: int, size: int) -> None:
+    """Copy ``size`` bytes from ``src`` to ``dst`` in the kernel."""
+    offset = 0
+    use_sendfile = False
+    while offset < size:
+        want = min(size - offset, 1 << 30)
+        if not use_sendfile:
+            try:
+                n = os.copy_file_range(src, dst, want, offset, offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                use_sendfile = True
+                continue
+        else:
+            os.lseek(dst, offset, os.SEEK_SET)
+            n = os.sendfile(dst, src, offset, want)
+        if n == 0:
+            raise OSError(errno.EIO, f"source ended after {offset} of {size} bytes")
+        offset += n
+
+
+def clone_fd(src: int, dst: int) -> bool:
+    """FICLONE ``src`` into ``dst``; False when the filesystem cannot."""
+    try:
+        fcntl.ioctl(dst, _FICLONE, src)
+    except OSError as exc:
+        if exc.errno in _NOT_CLONABLE:
+            return False
+        raise
+    return True
+
+
+class Placer:
+    """Puts node-store files into destination directories by ``mode``."""
+
+    def __init__(self, mode: LinkMode) -> None:
+        self.mode = mode
+        self._can_clone: dict[tuple[int, int], bool] = {}
+        self._lock = threading.Lock()
+        self.used: dict[str, int] = {}
+        """Files placed per method actually used (reflink, copy, hardlink)."""
+
+    def place(self, src: Path, dir_fd: int, name: str, mode: int) -> os.stat_result | None:
+        """Make ``name`` in ``dir_fd`` hold ``src``'s bytes with ``mode``; returns
+        the placed file's stat (taken after the rename; None if it was replaced
+        meanwhile). Raises BadInput when an
+        explicit link mode is impossible here, UnsafePath, OSError."""
+        if self.mode == "hardlink":
+            return self._hardlink(src, dir_fd, name, mode)
+        sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            sst = os.fstat(sfd)
+            tmp, dfd = open_tmp(dir_fd, name)
+            try:
+                how = self._fill(sfd, dfd, sst, dir_fd)
+                os.fchmod(dfd, mode)
+                placed = os.fstat(dfd).st_ino
+            except BaseException:
+                os.close(dfd)
+                unlink_quietly(dir_fd, tmp)
+                raise
+            os.close(dfd)
+        finally:
+            os.close(sfd)
+        try:
+            replace_into(dir_fd, tmp, name)
+        except BaseException:
+            unlink_quietly(dir_fd, tmp)
+            raise
+        self._count(how)
+        return _stat_placed(dir_fd, name, placed)
+
+    def _fill(self, sfd: int, dfd: int, sst: os.stat_result, dir_fd: int) -> str:
+        if self.mode in ("auto", "reflink") and sst.st_size:
+            devs = (sst.st_dev, os.fstat(dir_fd).st_dev)
+            if self._can_clone.get(devs, True):
+                if clone_fd(sfd, dfd):
+                    self._can_clone[devs] = True
+                    return "reflink"
+                self._can_clone[devs] = False
+            if self.mode == "reflink":
+                raise BadInput("--link-mode reflink: the filesystem cannot clone files from "
+                               "the node store into the destination (try auto or copy)")
+        copy_fd(sfd, dfd, sst.st_size)
+        return "copy"
+
+    def _hardlink(self, src: Path, dir_fd: int, name: str, mode: int) -> os.stat_result | None:
+        tmp = tmp_name(name)
+        try:
+            os.link(src, tmp, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise BadInput(f"--link-mode hardlink: cannot link from the node store into "
+                               f"the destination ({exc.strerror}; try auto or copy)") from exc
+            raise
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                read_only = mode & 0o555
+                if stat.S_IMODE(os.fstat(fd).st_mode) != read_only:
+                    os.fchmod(fd, read_only)
+                placed = os.fstat(fd).st_ino
+            finally:
+                os.close(fd)
+            replace_into(dir_fd, tmp, name)
+        except BaseException:
+            unlink_quietly(dir_fd, tmp)
+            raise
+        self._count("hardlink")
+        return _stat_placed(dir_fd, name, placed)
+
+    def _count(self, how: str) -> None:
+        with self._lock:
+            self.used[how] = self.used.get(how, 0) + 1
+
+
+def _stat_placed(dir_fd: int, name: str, ino: int) -> os.stat_result | None:
+    """The placed file's stat, or None if something else replaced it meanwhile
+    (then it is not ours to vouch for in the marker)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    return st if st.st_ino == ino else None
