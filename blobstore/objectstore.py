@@ -23,6 +23,8 @@ from typing import Protocol
 from .ids import ChunkId
 
 CHUNKS = "chunks/"
+PACKS = "packs/"
+INDEX_SUFFIX = ".index"
 MANIFESTS = "manifests/"
 REFS = "refs/"
 
