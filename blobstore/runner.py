@@ -33,6 +33,7 @@ from .config import Config
 from .dedup import as_tree
 from .errors import BadInput, Unavailable
 from .ids import ChunkId
+from .linking import LinkMode
 from .manifest import Entry, Tree
 
 log = logging.getLogger(__name__)
@@ -129,13 +130,15 @@ async def _pull(
     dest: Path,
     progress: RefProgress | None,
     first: Sequence[str],
+    link_mode: LinkMode = "auto",
 ) -> PullResult:
     def per_ref(done: int, total: int) -> None:
         if progress is not None:
             progress(ref, done, total)
 
     return await client.pull_tree(
-        ref, manifest_id, tree, dest, progress=per_ref, priority=priority_order(first)
+        ref, manifest_id, tree, dest, progress=per_ref, priority=priority_order(first),
+        link_mode=link_mode,
     )
 
 
@@ -165,9 +168,12 @@ async def download_model_weights(
     *,
     progress: RefProgress | None = None,
     first: Sequence[str] = DEFAULT_FIRST,
+    link_mode: LinkMode = "auto",
 ) -> WeightsResult:
     """Make ``dest`` hold ``ref``, pulling only if it is not already complete
     (see the module docstring for the check). Returns where the bytes are.
+    ``link_mode`` (auto|reflink|hardlink|copy) says how files come from the
+    node store; with ``hardlink`` the files are read-only and must stay so.
 
     Raises RefNotFound, Unavailable (store unreachable and no complete local
     copy), DiskFull, BadInput."""
@@ -184,7 +190,7 @@ async def download_model_weights(
         return WeightsResult(ref, manifest_id, path, pulled=False)
     tree = await _load_tree(client, manifest_id)
     await anyio.to_thread.run_sync(_remove_marker, path)
-    result = await _pull(client, ref, manifest_id, tree, path, progress, first)
+    result = await _pull(client, ref, manifest_id, tree, path, progress, first, link_mode)
     await anyio.to_thread.run_sync(_write_marker, path, ref, manifest_id, tree)
     return WeightsResult(ref, manifest_id, path, pulled=True, pull=result)
 
