@@ -3,6 +3,8 @@
 - Pulling into a destination that fills up: exit 1 with one line, no temp
   files and no partial file under a final name.
 - A full cache disk must not fail the pull: the chunk is served, not cached.
+- The node store on a full disk: a failed write leaves no temp file, evicts a
+  little (not everything), raises DiskFull, and the store keeps serving.
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ from pathlib import Path
 
 import pytest
 from helpers import assert_one_line_error, cli_env, random_bytes, run_cli, temp_leftovers, write
+
+from blobstore.config import CacheConfig
+from blobstore.errors import DiskFull
+from blobstore.ids import ChunkId, hash_bytes
+from blobstore.manifest import ChunkRef
+from blobstore.nodestore import NodeStore
 
 
 @pytest.fixture
@@ -64,3 +72,58 @@ def test_full_cache_disk_does_not_fail_the_pull(tmp_path: Path, small_disk: Path
     assert (dest / "weights.bin").read_bytes() == random_bytes(12 << 20, "full-disk")
     warnings = [ln for ln in proc.stderr.splitlines() if "no space left for the cache" in ln]
     assert len(warnings) == 1, proc.stderr  # said once, not once per chunk
+
+
+def _store_files(root: Path) -> list[Path]:
+    """Every file under the store but its own bookkeeping (index, locks)."""
+    own = {"index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "lock", ".lock"}
+    return [p for p in root.rglob("*") if p.is_file() and p.name not in own]
+
+
+@pytest.mark.anyio
+async def test_node_store_on_a_full_disk_keeps_serving(small_disk: Path) -> None:
+    root = small_disk / "cache"
+    piece = 256 << 10
+    held: dict[ChunkId, bytes] = {}
+    async with NodeStore(CacheConfig(root)) as store:
+
+        async def fill() -> None:
+            for i in range(64):  # 16 MiB into 4 MiB
+                data = random_bytes(piece, f"loose-{i}")
+                await store.put(hash_bytes(data), data)
+                held[hash_bytes(data)] = data
+
+        with pytest.raises(DiskFull, match="no space left for the cache"):
+            await fill()
+        # no temp file left behind, the accounting matches the disk
+        assert [p for p in (root / "tmp").rglob("*") if p.is_file() and p.name != ".lock"] == []
+        assert sum(p.stat().st_size for p in _store_files(root)) == store.used_bytes
+        # it evicted a little to make room, not everything, and serves the rest
+        kept = [c for c in held if store.contains(c)]
+        assert len(kept) >= len(held) // 2
+        for chunk_id in kept:
+            assert await store.get(chunk_id) == held[chunk_id]
+
+        # A whole file that cannot fit: the write fails, the temp file goes at once.
+        big = random_bytes(8 << 20, "too-big")
+        refs = [ChunkRef(hash_bytes(big[o : o + piece]), piece) for o in range(0, len(big), piece)]
+        writer = store.begin_file(ChunkId("a" * 64), len(big))
+
+        def write_all() -> None:
+            for n in range(len(refs)):
+                writer.write(big[n * piece : (n + 1) * piece], n * piece)
+
+        with pytest.raises(DiskFull):
+            write_all()
+        assert not writer.tmp.exists()
+        with pytest.raises(DiskFull):
+            await writer.commit(refs)
+        assert [p for p in (root / "tmp").rglob("*") if p.is_file() and p.name != ".lock"] == []
+        kept = [c for c in held if store.contains(c)]
+        assert kept
+        for chunk_id in kept:
+            assert await store.get(chunk_id) == held[chunk_id]
+        # and after the failures, a write that fits succeeds again
+        data = random_bytes(piece, "after")
+        await store.put(hash_bytes(data), data)
+        assert await store.get(hash_bytes(data)) == data

@@ -1,0 +1,916 @@
+"""The node store: whole files by content plus loose chunks, one LRU, written once.
+
+Layout under ``CacheConfig.dir``:
+
+- ``files/<key[0:2]>/<key>``: whole files keyed by ``manifest.file_key``, written
+  once by a ``FileWriter`` (chunks ``pwrite`` at their offsets as they arrive),
+  read-only (0444). A pull places them into its destination by reflink, hardlink
+  or copy; peers are served chunks from them by (file, offset).
+- ``<id[0:2]>/<id>``: loose chunks (a daemon's read-through for its peers). This
+  is the old cache layout, so an existing cache keeps its chunks.
+- ``tmp/<pid>.<rand>/``: the temp files of one open store, guarded by an flock on
+  its ``.lock``; a directory whose lock is free belonged to a dead process and is
+  removed when a store opens. A failed write removes its temp file at once.
+- ``index.sqlite``: the whole files whose bytes are known durable, with the
+  (size, ino, mtime_ns, ctime_ns, nlink) recorded for each and its chunk list.
+
+Why a small sqlite database (WAL) and not an append-only journal or a scan: a
+whole file's chunk list (needed to serve its chunks by offset) cannot be
+recovered from its bytes, so it must be recorded somewhere; sqlite commits many
+rows atomically (one transaction per ``sync``, not per file), lets the daemon and
+pulls of one node share the index, and deletes rows without a compaction step,
+which a journal would need. Loose chunks need no index: every read of one is
+verified, and a scan at open rebuilds them (LRU order from mtimes).
+
+Crash safety with one fsync per pull, not per file: ``FileWriter.commit``
+renames the file into place and indexes it in memory only. ``sync()`` stats the
+files committed since the last sync, runs one ``syncfs`` on the store's
+filesystem, then writes their rows (recording those stats) in one fsynced
+transaction. On open, a file is trusted only if its row exists and it still
+matches the row. A file without a row was committed by a process that died
+before syncing (its bytes may be torn by a power loss): it is deleted. A clean
+``aclose`` syncs, so only crashes cost re-fetches.
+
+A file changed behind our back (a runner writing into a hardlinked copy) shows in
+its mtime, size, inode or ctime and is dropped on its next use: never served,
+never linked again. One ctime change is expected and accepted: adding or removing
+a hard link (a pull placing the file by hardlink, or a user deleting that copy)
+moves the ctime and the link count, nothing else; a file whose link count changed
+while its size, inode and mtime did not and which is still read-only is re-recorded.
+Chunks served from files are verified on every read anyway.
+
+Several processes may open one store (the daemon and the pulls of a node). Each
+keeps its own in-memory view; the recovery above runs only when no other process
+has the store open (an flock), and a file is unlinked only if it is still the inode
+we recorded, so one process never deletes what another just wrote.
+
+Sizes: ``used_bytes`` counts loose chunks and whole files (not temp files being
+assembled). Eviction runs whenever it passes the high watermark, and when the
+store opens. Index bookkeeping happens on the event loop; file I/O in workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import sqlite3
+import stat
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from .config import CacheConfig
+from .errors import ChunkMissing, Corrupt, CorruptChunk, DiskFull, Unavailable
+from .ids import ChunkId, hash_bytes, id_from_bytes, id_to_bytes, is_id
+from .manifest import ChunkRef
+from .resource import AsyncResource
+from .source import ChunkData, Sink, fetch_each
+
+log = logging.getLogger(__name__)
+
+TOUCH_SECONDS = 60.0
+"""How stale the on-disk LRU time of a unit may get (refreshing it costs a write)."""
+
+_FILE = "f"
+_LOOSE = "c"
+_Unit = tuple[str, ChunkId]
+"""An eviction unit: a loose chunk (``_LOOSE``, id) or a whole file (``_FILE``, key)."""
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS files (
+    key TEXT PRIMARY KEY, size INTEGER NOT NULL, ino INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, nlink INTEGER NOT NULL,
+    used REAL NOT NULL, chunks BLOB NOT NULL)"""
+_COLUMNS = "key, size, ino, mtime_ns, ctime_ns, nlink, used, chunks"
+
+
+@dataclass(slots=True)
+class _File:
+    """A whole file in the store, as recorded when it was committed or synced."""
+
+    key: ChunkId
+    size: int
+    ino: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int
+    used: float
+    chunks: tuple[tuple[ChunkId, int, int], ...]
+    """(chunk id, offset, size) of every chunk, in file order."""
+
+    def check(self, st: os.stat_result) -> bool | None:
+        """True: unchanged. None: only its link count (and so its ctime) moved;
+        the caller re-records it. False: changed, never to be used again."""
+        if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_size, st.st_mtime_ns) != (
+            self.ino, self.size, self.mtime_ns
+        ):
+            return False
+        if st.st_ctime_ns == self.ctime_ns:
+            return True
+        if st.st_nlink != self.nlink and (st.st_mode & 0o222) == 0:
+            return None
+        return False
+
+    def record(self, st: os.stat_result) -> None:
+        self.ino, self.size = st.st_ino, st.st_size
+        self.mtime_ns, self.ctime_ns, self.nlink = st.st_mtime_ns, st.st_ctime_ns, st.st_nlink
+
+    def row(self) -> tuple[str, int, int, int, int, int, float, bytes]:
+        blob = b"".join(id_to_bytes(c) + s.to_bytes(8, "big") for c, _, s in self.chunks)
+        return (self.key, self.size, self.ino, self.mtime_ns, self.ctime_ns, self.nlink,
+                self.used, blob)
+
+    @classmethod
+    def from_row(cls, row: tuple[str, int, int, int, int, int, float, bytes]) -> _File:
+        key, size, ino, mtime_ns, ctime_ns, nlink, used, blob = row
+        chunks = []
+        offset = 0
+        for i in range(0, len(blob), 40):
+            chunk_size = int.from_bytes(blob[i + 32 : i + 40], "big")
+            chunks.append((id_from_bytes(blob[i : i + 32]), offset, chunk_size))
+            offset += chunk_size
+        return cls(ChunkId(key), size, ino, mtime_ns, ctime_ns, nlink, used, tuple(chunks))
+
+
+@dataclass(slots=True)
+class _Loaded:
+    """What ``open`` found on disk."""
+
+    files: list[_File]
+    loose: list[tuple[ChunkId, int, float]]
+
+
+class NodeStore(AsyncResource):
+    """A ``ChunkStore`` of loose chunks and whole files on local disk, with a
+    byte limit, LRU eviction and pins. Replaces the old chunk-only cache."""
+
+    name = "local"
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self.root = Path(config.dir)
+        self.used_bytes = 0
+        self.evicted_bytes = 0
+        self._files_dir = self.root / "files"
+        self._tmp = self.root / "tmp" / f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self._lru: OrderedDict[_Unit, int] = OrderedDict()  # oldest first; value: bytes
+        self._touched: dict[ChunkId, float] = {}  # mtime we last gave each loose chunk
+        self._files: dict[ChunkId, _File] = {}
+        self._in_files: dict[ChunkId, dict[ChunkId, tuple[int, int]]] = {}
+        """chunk id -> {file key: (offset, size)}."""
+        self._pins: Counter[ChunkId] = Counter()
+        self._file_pins: Counter[ChunkId] = Counter()
+        self._unsynced: set[ChunkId] = set()
+        self._rows_dirty: set[ChunkId] = set()  # synced files whose row changed
+        self._rows_dead: set[ChunkId] = set()
+        self._writers: set[FileWriter] = set()
+        self._db: sqlite3.Connection | None = None
+        """Written from worker threads, under ``_db_lock``."""
+        self._reader: sqlite3.Connection | None = None
+        """Read on the event loop only."""
+        self._db_lock = threading.Lock()
+        self._lock_fds: list[int] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Create or recover the store, then enforce its size limit.
+
+        Raises Unavailable if the directory or its index cannot be opened.
+        """
+        try:
+            loaded = await anyio.to_thread.run_sync(self._open_sync)
+        except (OSError, sqlite3.Error) as exc:
+            raise Unavailable(f"cannot open cache {self.root}: {_reason(exc)}") from exc
+        units: list[tuple[float, _Unit, int]] = []
+        for rec in loaded.files:
+            self._index_file(rec)
+            units.append((rec.used, (_FILE, rec.key), rec.size))
+        for chunk_id, size, mtime in loaded.loose:
+            self._touched[chunk_id] = mtime
+            units.append((mtime, (_LOOSE, chunk_id), size))
+        units.sort(key=lambda u: u[0])
+        for _, unit, size in units:
+            self._lru[unit] = size
+        self.used_bytes = sum(size for _, _, size in units)
+        if self.used_bytes > self._high_bytes:
+            await self.evict()
+
+    def _open_sync(self) -> _Loaded:
+        self._files_dir.mkdir(parents=True, exist_ok=True)
+        # The store lock first: exclusive (we are alone, so we recover) or shared.
+        store_lock = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._lock_fds.append(store_lock)
+        try:
+            fcntl.flock(store_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except BlockingIOError:
+            fcntl.flock(store_lock, fcntl.LOCK_SH)  # waits out another's recovery
+            alone = False
+        self._tmp.mkdir(parents=True)
+        self._lock_fds.append(_lock(self._tmp / ".lock", fcntl.LOCK_EX))
+        _clean_tmp(self._tmp.parent, self._tmp.name, alone)
+        db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False)
+        self._db = db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(_SCHEMA)
+        files = self._load_files(alone)
+        self._reader = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False)
+        if alone:
+            fcntl.flock(store_lock, fcntl.LOCK_SH)  # recovery done: others may join
+        return _Loaded(files, _scan_loose(self.root))
+
+    def _load_files(self, alone: bool) -> list[_File]:
+        """Trusted files: rows whose file still matches. Alone, delete the rest
+        (and any file without a row: committed but never synced)."""
+        assert self._db is not None
+        trusted: list[_File] = []
+        untrusted: list[str] = []
+        for row in self._db.execute(f"SELECT {_COLUMNS} FROM files"):
+            rec = _File.from_row(row)
+            try:
+                st = os.lstat(self.file_path(rec.key))
+            except FileNotFoundError:
+                untrusted.append(rec.key)
+                continue
+            verdict = rec.check(st)
+            if verdict is False:
+                untrusted.append(rec.key)
+                continue
+            if verdict is None:
+                rec.record(st)
+                self._rows_dirty.add(rec.key)
+            trusted.append(rec)
+        if alone:
+            with self._db:
+                self._db.executemany("DELETE FROM files WHERE key = ?",
+                                     [(k,) for k in untrusted])
+            keep = {rec.key for rec in trusted}
+            with os.scandir(self._files_dir) as shards:
+                for shard in shards:
+                    if not shard.is_dir(follow_symlinks=False):
+                        continue
+                    with os.scandir(shard.path) as entries:
+                        for entry in entries:
+                            if entry.name not in keep:
+                                log.info("dropping unsynced store file %s", entry.name)
+                                _remove(entry.path)
+        return trusted
+
+    async def aclose(self) -> None:
+        """Sync what was committed, remove our temp files, release the index."""
+        if self._db is None:
+            await anyio.to_thread.run_sync(self._release)
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.sync()
+            except Unavailable as exc:
+                log.warning("cache not synced at close: %s", exc)
+            for writer in list(self._writers):
+                await writer.abort()
+            await anyio.to_thread.run_sync(self._release)
+
+    def _release(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._db is not None:
+            with self._db_lock:
+                self._db.close()
+            self._db = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        for fd in self._lock_fds:
+            os.close(fd)
+        self._lock_fds.clear()
+
+    # ------------------------------------------------------------------ ChunkStore
+
+    def path_of(self, chunk_id: ChunkId) -> Path:
+        """Where the loose copy of ``chunk_id`` lives."""
+        return self.root / chunk_id[:2] / chunk_id
+
+    def file_path(self, key: ChunkId) -> Path:
+        return self._files_dir / key[:2] / key
+
+    def contains(self, chunk_id: ChunkId) -> bool:
+        return (_LOOSE, chunk_id) in self._lru or chunk_id in self._in_files
+
+    async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
+        return {c for c in chunk_ids if self.contains(c)}
+
+    async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
+        held = [r for r in refs if self.contains(r.id)]
+        missing = [r for r in refs if not self.contains(r.id)]
+        return missing + await fetch_each(self.get, held, sink)
+
+    async def get(self, chunk_id: ChunkId) -> ChunkData:
+        """Return the verified chunk, from a loose copy or a whole file. Raises
+        ChunkMissing, or CorruptChunk after dropping the damaged copy."""
+        if (_LOOSE, chunk_id) in self._lru:
+            with contextlib.suppress(ChunkMissing):
+                return await self._get_loose(chunk_id)
+        for key, (offset, size) in list(self._in_files.get(chunk_id, {}).items()):
+            rec = self._files.get(key)
+            if rec is None:
+                continue
+            path = self.file_path(key)
+            try:
+                data, st, actual = await anyio.to_thread.run_sync(_pread_and_hash, path,
+                                                                  offset, size)
+            except FileNotFoundError:
+                self._forget((_FILE, key))
+                continue
+            except OSError as exc:
+                raise Unavailable(f"cannot read {path}: {exc.strerror}") from exc
+            if not self._still_good(rec, st):
+                await self._drop_file(rec)
+                continue
+            if actual != chunk_id:
+                log.warning("dropping corrupt store file %s (chunk %s)", key, chunk_id)
+                await self._drop_file(rec)
+                raise CorruptChunk(chunk_id, "local cache", actual)
+            self._use(rec)
+            return data
+        raise ChunkMissing(chunk_id, "local cache")
+
+    async def _get_loose(self, chunk_id: ChunkId) -> ChunkData:
+        path = self.path_of(chunk_id)
+        # Refreshing the mtime (the LRU order a restart sees) dirties the inode;
+        # doing it on every hit cost a journal write per chunk served. The
+        # in-memory order is exact; the on-disk one is exact to TOUCH_SECONDS.
+        now = time.time()
+        touch = now - self._touched.get(chunk_id, 0.0) > TOUCH_SECONDS
+        try:
+            data, actual = await anyio.to_thread.run_sync(_read_and_hash, path, touch)
+        except FileNotFoundError:
+            self._forget((_LOOSE, chunk_id))
+            raise ChunkMissing(chunk_id, "local cache") from None
+        except OSError as exc:
+            raise Unavailable(f"cannot read cached chunk {chunk_id}: {exc.strerror}") from exc
+        if actual != chunk_id:
+            log.warning("dropping corrupt cached chunk %s", chunk_id)
+            self._forget((_LOOSE, chunk_id))
+            await anyio.to_thread.run_sync(_remove, path)
+            raise CorruptChunk(chunk_id, "local cache", actual)
+        self._lru.move_to_end((_LOOSE, chunk_id))
+        if touch:
+            self._touched[chunk_id] = now
+        return data
+
+    async def put(self, chunk_id: ChunkId, data: ChunkData) -> None:
+        """Keep a verified chunk as a loose copy. Raises DiskFull (after evicting
+        some), Unavailable."""
+        if (_LOOSE, chunk_id) in self._lru:
+            self._lru.move_to_end((_LOOSE, chunk_id))
+            return
+        if chunk_id in self._in_files:
+            for key in self._in_files[chunk_id]:
+                self._use(self._files[key])
+            return
+        try:
+            await anyio.to_thread.run_sync(self._write_loose, chunk_id, data)
+        except OSError as exc:
+            raise await self._write_failed(exc, len(data)) from exc
+        if (_LOOSE, chunk_id) not in self._lru:
+            self._lru[(_LOOSE, chunk_id)] = len(data)
+            self._touched[chunk_id] = time.time()
+            self.used_bytes += len(data)
+        if self.used_bytes > self._high_bytes:
+            await self.evict()
+
+    def _write_loose(self, chunk_id: ChunkId, data: ChunkData) -> None:
+        # No fsync: every read is verified, so a chunk torn by a power loss is
+        # detected and refetched. The rename keeps half files off final names.
+        final = self.path_of(chunk_id)
+        tmp = self._tmp / f"{chunk_id}.{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:
+                final.parent.mkdir(exist_ok=True)
+                os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    async def _write_failed(self, exc: OSError, size: int) -> Unavailable:
+        """The error to raise for a failed write, after making room on a full disk."""
+        if exc.errno == errno.ENOSPC:
+            await self._make_room(size)
+        return _translate(exc, self.root)
+
+    async def _make_room(self, size: int) -> None:
+        """After ENOSPC: evict the failed write's size plus an eighth of what we
+        hold, at most half of it, so the next write may fit while the store keeps
+        most of what it serves (halving on every failure, with temp files left
+        behind, emptied a daemon's cache)."""
+        used = self.used_bytes
+        await self.evict(target=used - min(size + used // 8, used // 2))
+
+    # ------------------------------------------------------------------ whole files
+
+    def open_file(self, key: ChunkId) -> Path | None:
+        """The committed, unchanged store file for ``key`` (refreshed in LRU), or
+        None if absent or changed (a changed one is dropped). Raises Unavailable.
+
+        Synchronous on purpose: a pull asks this once per file, and one lstat of
+        a hot inode costs far less than the thread hop an ``await`` would take.
+        """
+        rec = self._files.get(key)
+        path = self.file_path(key)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if rec is not None:
+                self._forget((_FILE, key))
+            return None
+        except OSError as exc:
+            raise Unavailable(f"cannot read {path}: {exc.strerror}") from exc
+        if rec is None:  # another process may have committed and synced it
+            rec = self._adopt(key, st)
+            if rec is None:
+                return None
+            self._index_file(rec)
+            self._lru[(_FILE, key)] = rec.size
+            self.used_bytes += rec.size
+        if not self._still_good(rec, st):
+            self._forget((_FILE, key))
+            log.warning("dropping store file %s: changed on disk", key)
+            _remove_if_inode(path, rec.ino)
+            return None
+        self._use(rec)
+        return path
+
+    def _adopt(self, key: ChunkId, st: os.stat_result) -> _File | None:
+        """The row another process synced for ``key``, if it matches ``st``.
+        Reads through its own connection: WAL readers never wait for a writer."""
+        if self._reader is None:
+            return None
+        try:
+            row = self._reader.execute(f"SELECT {_COLUMNS} FROM files WHERE key = ?",
+                                       (key,)).fetchone()
+        except sqlite3.Error as exc:
+            log.info("cannot read the cache index: %s", exc)
+            return None
+        if row is None:
+            return None
+        rec = _File.from_row(row)
+        return rec if rec.check(st) is True else None
+
+    def begin_file(self, key: ChunkId, size: int) -> FileWriter:
+        """A temp file inside the store to assemble ``key`` in (see FileWriter)."""
+        writer = FileWriter(self, key, size,
+                            self._tmp / f"{key}.{uuid.uuid4().hex[:8]}")
+        self._writers.add(writer)
+        return writer
+
+    async def sync(self) -> None:
+        """Make committed files durable: one syncfs on the store's filesystem,
+        then the index rows that say they are good. Raises Unavailable."""
+        pending = [self._files[k] for k in self._unsynced if k in self._files]
+        if pending:
+            try:
+                stats = await anyio.to_thread.run_sync(_stat_all, [
+                    self.file_path(rec.key) for rec in pending])
+                for rec, st in zip(pending, stats, strict=True):
+                    if st is None or not self._still_good(rec, st):
+                        await self._drop_file(rec)
+                pending = [rec for rec in pending if rec.key in self._files]
+                await anyio.to_thread.run_sync(_syncfs, self.root)
+            except OSError as exc:
+                raise Unavailable(f"cannot sync cache {self.root}: {_reason(exc)}") from exc
+            self._unsynced.difference_update(rec.key for rec in pending)
+        rows = [self._files[k].row() for k in self._rows_dirty if k in self._files]
+        rows += [rec.row() for rec in pending]
+        dead = [(str(k),) for k in self._rows_dead]
+        self._rows_dirty.clear()
+        self._rows_dead.clear()
+        if rows or dead:
+            try:
+                await anyio.to_thread.run_sync(self._write_rows, rows, dead)
+            except sqlite3.Error as exc:
+                raise Unavailable(f"cannot write cache index: {exc}") from exc
+
+    def _write_rows(self, rows: list[tuple[str, int, int, int, int, int, float, bytes]],
+                    dead: list[tuple[str]]) -> None:
+        with self._db_lock:
+            if self._db is None:
+                return
+            with self._db:
+                self._db.executemany("DELETE FROM files WHERE key = ?", dead)
+                self._db.executemany(
+                    f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
+
+    @contextlib.contextmanager
+    def pinned_files(self, keys: Iterable[ChunkId]) -> Iterator[None]:
+        """Whole files a pull is placing: never evicted while the block runs."""
+        with _pinning(self._file_pins, keys):
+            yield
+
+    def _committed(self, rec: _File) -> None:
+        """Index a file a writer just renamed into place (replacing any older copy)."""
+        if rec.key in self._files:
+            self._forget((_FILE, rec.key))  # its path now holds the new inode
+        self._index_file(rec)
+        self._lru[(_FILE, rec.key)] = rec.size
+        self.used_bytes += rec.size
+        self._unsynced.add(rec.key)
+
+    def _index_file(self, rec: _File) -> None:
+        self._files[rec.key] = rec
+        for chunk_id, offset, size in rec.chunks:
+            self._in_files.setdefault(chunk_id, {})[rec.key] = (offset, size)
+
+    def _still_good(self, rec: _File, st: os.stat_result) -> bool:
+        verdict = rec.check(st)
+        if verdict is None:
+            rec.record(st)
+            if rec.key not in self._unsynced:
+                self._rows_dirty.add(rec.key)
+        return verdict is not False
+
+    def _use(self, rec: _File) -> None:
+        self._lru.move_to_end((_FILE, rec.key))
+        now = time.time()
+        if now - rec.used > TOUCH_SECONDS:
+            rec.used = now
+            if rec.key not in self._unsynced:
+                self._rows_dirty.add(rec.key)
+
+    async def _drop_file(self, rec: _File) -> None:
+        log.warning("dropping store file %s: changed or damaged on disk", rec.key)
+        self._forget((_FILE, rec.key))
+        await anyio.to_thread.run_sync(_remove_if_inode, self.file_path(rec.key), rec.ino)
+
+    # ------------------------------------------------------------------ eviction
+
+    @contextlib.contextmanager
+    def pinned(self, chunk_ids: Iterable[ChunkId]) -> Iterator[None]:
+        """Chunks of an in-progress pull: never evicted (nor the files holding
+        them) while the block runs."""
+        with _pinning(self._pins, chunk_ids):
+            yield
+
+    def _is_pinned(self, unit: _Unit) -> bool:
+        kind, ident = unit
+        if kind == _LOOSE:
+            return self._pins[ident] > 0
+        if self._file_pins[ident] > 0:
+            return True
+        return bool(self._pins) and any(self._pins[c] > 0 for c, _, _ in self._files[ident].chunks)
+
+    async def evict(self, target: int | None = None, *, keep: ChunkId | None = None) -> int:
+        """Evict least-recently-used, unpinned loose chunks and whole files until
+        ``used_bytes`` is at most ``target`` (default: the low watermark).
+        ``keep`` names a file not to evict (the one being committed). Returns
+        bytes freed."""
+        if target is None:
+            target = int(self.config.low_watermark * self.config.max_bytes)
+        victims: list[_Unit] = []
+        freed = 0
+        for unit, size in self._lru.items():
+            if self.used_bytes - freed <= target:
+                break
+            if unit == (_FILE, keep) or self._is_pinned(unit):
+                continue
+            victims.append(unit)
+            freed += size
+        doomed: list[tuple[Path, int | None]] = []
+        for unit in victims:
+            kind, ident = unit
+            if kind == _FILE:
+                doomed.append((self.file_path(ident), self._files[ident].ino))
+            else:
+                doomed.append((self.path_of(ident), None))
+            self._forget(unit)
+        self.evicted_bytes += freed
+        await anyio.to_thread.run_sync(_remove_all, doomed)
+        return freed
+
+    def _forget(self, unit: _Unit) -> None:
+        size = self._lru.pop(unit, None)
+        if size is not None:
+            self.used_bytes -= size
+        kind, ident = unit
+        if kind == _LOOSE:
+            self._touched.pop(ident, None)
+            return
+        rec = self._files.pop(ident, None)
+        if rec is None:
+            return
+        for chunk_id, _, _ in rec.chunks:
+            where = self._in_files.get(chunk_id)
+            if where is not None:
+                where.pop(ident, None)
+                if not where:
+                    del self._in_files[chunk_id]
+        if ident in self._unsynced:
+            self._unsynced.discard(ident)
+        else:
+            self._rows_dead.add(ident)
+        self._rows_dirty.discard(ident)
+
+    @property
+    def _high_bytes(self) -> float:
+        return self.config.high_watermark * self.config.max_bytes
+
+    def __len__(self) -> int:
+        """Eviction units held: loose chunks plus whole files."""
+        return len(self._lru)
+
+
+class FileWriter:
+    """One whole file being assembled inside the store.
+
+    ``write`` may be called from several worker threads at once (each chunk at
+    its offset); then exactly one of ``commit`` or ``abort`` on the event loop.
+    """
+
+    def __init__(self, store: NodeStore, key: ChunkId, size: int, tmp: Path) -> None:
+        self.tmp = tmp
+        self.key = key
+        self.size = size
+        self._store = store
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._written: dict[int, int] = {}  # offset -> bytes
+        self._error: OSError | None = None
+
+    def write(self, data: ChunkData, offset: int) -> None:
+        """pwrite ``data`` at ``offset``; the first call creates the temp file.
+        Raises DiskFull (the temp file is removed at once) or Unavailable."""
+        try:
+            with self._lock:
+                if self._error is not None:
+                    raise self._error
+                if self._fd == -1:
+                    self._fd = os.open(self.tmp, _CREATE, 0o600)
+                fd = self._fd
+            _pwrite_all(fd, data, offset)
+        except OSError as exc:
+            with self._lock:
+                if self._error is None:
+                    self._error = exc
+                    if self._fd >= 0:
+                        # Free the blocks now; the fd is closed by abort, once no
+                        # other thread can still be writing through it.
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(self._fd, 0)
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.tmp)
+            raise _translate(exc, self._store.root) from exc
+        with self._lock:
+            self._written[offset] = len(data)
+
+    async def commit(self, chunks: Sequence[ChunkRef]) -> Path:
+        """Check the file is whole, make it read-only, rename it into place and
+        index its chunks (this may evict others). Returns the store path.
+
+        Raises Corrupt if a chunk was not written or the size is wrong, DiskFull
+        or Unavailable; the temp file is gone in every case.
+        """
+        store = self._store
+        final = store.file_path(self.key)
+        try:
+            if self._error is not None:
+                raise self._error
+            self._check_whole(chunks)
+            st = await anyio.to_thread.run_sync(self._finish, final)
+        except OSError as exc:
+            self._error = self._error or exc  # abort evicts after a full disk
+            with anyio.CancelScope(shield=True):
+                await self.abort()
+            raise _translate(exc, store.root) from exc
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.abort()
+            raise
+        store._writers.discard(self)
+        offsets = []
+        offset = 0
+        for ref in chunks:
+            offsets.append((ref.id, offset, ref.size))
+            offset += ref.size
+        rec = _File(self.key, 0, 0, 0, 0, 0, time.time(), tuple(offsets))
+        rec.record(st)
+        store._committed(rec)
+        if store.used_bytes > store._high_bytes:
+            await store.evict(keep=self.key)
+        return final
+
+    def _check_whole(self, chunks: Sequence[ChunkRef]) -> None:
+        offset = 0
+        for ref in chunks:
+            if self._written.get(offset) != ref.size:
+                raise Corrupt(f"store file {self.key}: chunk {ref.id} at offset {offset} "
+                              "was not written")
+            offset += ref.size
+        if offset != self.size:
+            raise Corrupt(f"store file {self.key}: chunks sum to {offset} bytes, "
+                          f"expected {self.size}")
+
+    def _finish(self, final: Path) -> os.stat_result:
+        with self._lock:
+            if self._fd == -1:  # an empty file: nothing was written
+                self._fd = os.open(self.tmp, _CREATE, 0o600)
+            fd = self._fd
+        size = os.fstat(fd).st_size
+        if size != self.size:
+            raise Corrupt(f"store file {self.key} has {size} bytes, expected {self.size}")
+        os.fchmod(fd, 0o444)
+        self._close()
+        try:
+            os.replace(self.tmp, final)
+        except FileNotFoundError:
+            final.parent.mkdir(exist_ok=True)
+            os.replace(self.tmp, final)
+        return os.lstat(final)
+
+    def _close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -2
+        if fd >= 0:
+            os.close(fd)
+
+    async def abort(self) -> None:
+        """Remove the temp file (and, after a full disk, evict some)."""
+        self._store._writers.discard(self)
+
+        def cleanup() -> None:
+            self._close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+
+        await anyio.to_thread.run_sync(cleanup)
+        if self._error is not None and self._error.errno == errno.ENOSPC:
+            self._error = OSError(errno.ECANCELED, "aborted")  # make room once, not per call
+            await self._store._make_room(self.size)
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@contextlib.contextmanager
+def _pinning(pins: Counter[ChunkId], ids: Iterable[ChunkId]) -> Iterator[None]:
+    held = list(ids)
+    pins.update(held)
+    try:
+        yield
+    finally:
+        pins.subtract(held)
+        for ident in held:
+            if pins[ident] <= 0:
+                pins.pop(ident, None)
+
+
+def _translate(exc: OSError, root: Path) -> Unavailable:
+    if exc.errno == errno.ENOSPC:
+        return DiskFull(f"no space left for the cache in {root}")
+    return Unavailable(f"cannot write cache {root}: {_reason(exc)}")
+
+
+def _reason(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def _lock(path: Path, how: int) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(fd, how)
+    return fd
+
+
+def _clean_tmp(tmp: Path, mine: str, alone: bool) -> None:
+    """Remove temp dirs of dead processes (their lock is free); alone, also
+    loose temp files of the old cache layout."""
+    with os.scandir(tmp) as entries:
+        leftovers = [e for e in entries if e.name != mine]
+    for entry in leftovers:
+        if not entry.is_dir(follow_symlinks=False):
+            if alone:
+                _remove(entry.path)
+            continue
+        try:
+            fd = os.open(os.path.join(entry.path, ".lock"), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = -1  # a writer dies before creating its lock only if it died at once
+        try:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live store owns it
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if fd >= 0 or alone:
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _scan_loose(root: Path) -> list[tuple[ChunkId, int, float]]:
+    found: list[tuple[ChunkId, int, float]] = []
+    with os.scandir(root) as shards:
+        for shard in shards:
+            if len(shard.name) != 2 or not shard.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(shard.path) as files:
+                for f in files:
+                    if is_id(f.name) and f.name.startswith(shard.name):
+                        st = f.stat(follow_symlinks=False)
+                        found.append((ChunkId(f.name), st.st_size, st.st_mtime))
+    return found
+
+
+def _read_and_hash(path: Path, touch: bool) -> tuple[bytes, ChunkId]:
+    with open(path, "rb") as f:
+        data = f.read()
+        if touch:
+            os.utime(f.fileno())  # LRU order survives restarts
+    return data, hash_bytes(data)
+
+
+def _pread_and_hash(path: Path, offset: int, size: int) -> tuple[bytes, os.stat_result, ChunkId]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        parts = []
+        done = 0
+        while done < size:
+            part = os.pread(fd, size - done, offset + done)
+            if not part:
+                break  # truncated: the hash below says so
+            parts.append(part)
+            done += len(part)
+    finally:
+        os.close(fd)
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    return data, st, hash_bytes(data)
+
+
+def _pwrite_all(fd: int, data: ChunkData, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _stat_all(paths: list[Path]) -> list[os.stat_result | None]:
+    out: list[os.stat_result | None] = []
+    for path in paths:
+        try:
+            out.append(os.lstat(path))
+        except FileNotFoundError:
+            out.append(None)
+    return out
+
+
+def _remove(path: str | Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _remove_if_inode(path: Path, ino: int | None) -> None:
+    """Unlink ``path`` unless it now names another inode (another process's
+    newer copy, renamed over ours)."""
+    try:
+        if ino is None or os.lstat(path).st_ino == ino:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_all(paths: list[tuple[Path, int | None]]) -> None:
+    for path, ino in paths:
+        _remove_if_inode(path, ino)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(path: Path) -> None:
+    """Flush every dirty page of the filesystem holding ``path`` (one call per
+    pull instead of one fsync per file)."""
+    syncfs = getattr(_libc, "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
