@@ -23,9 +23,9 @@ from .ids import ChunkId
 from .ingest import Ingestor
 from .leases import Leases
 from .linking import LinkMode
-from .local import LocalCache
 from .manifest import Entry, Image, Manifest, Tree
 from .materialize import Progress, default_priority, materialize
+from .nodestore import NodeStore
 from .objectstore import ObjectStore
 from .origin import OriginSource
 from .parallel import for_each
@@ -68,7 +68,7 @@ class Client:
         self,
         config: Config,
         object_store: ObjectStore,
-        cache: LocalCache,
+        cache: NodeStore,
         peer: ChunkSource | None,
     ) -> None:
         self.config = config
@@ -86,7 +86,7 @@ class Client:
         """Open everything ``config`` names. Raises ConfigError, Unavailable."""
         async with AsyncExitStack() as stack:
             store = await stack.enter_async_context(open_object_store(config.store_url))
-            cache = await stack.enter_async_context(LocalCache(config.cache))
+            cache = await stack.enter_async_context(NodeStore(config.cache))
             peer: ChunkSource | None = None
             if peers and config.peers.mode != "none":
                 for plugin in load_plugins():

@@ -14,17 +14,38 @@ import platformdirs
 from .errors import ConfigError
 
 DEFAULT_CACHE_BYTES = 50 << 30
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MIN_CACHE_BYTES = 1 << 20
+"""A smaller cache cannot hold even one chunk: ``--cache-size 50`` meant 50G, not 50 bytes."""
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]i?b?|b)?", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 
-def parse_size(text: str) -> int:
-    """Parse ``10G``, ``512MiB``, ``1000`` into bytes. Raises ConfigError."""
+def parse_size(text: str, *, minimum: int = 0, what: str = "size") -> int:
+    """Parse ``10G``, ``512MiB``, ``1.5T``, ``1000`` into bytes. Units are binary
+    (K = 1024, G = 2**30, with or without ``i``/``B``); a bare number is bytes.
+
+    Raises ConfigError, in one line: not a size, or below ``minimum`` (a bare
+    number below it is almost surely a missing unit, so the hint says so).
+    """
     m = _SIZE_RE.fullmatch(text.strip())
     if not m:
-        raise ConfigError(f"not a size: {text!r} (try 10G or 512M)")
+        raise ConfigError(f"{what} {text!r} is not a size (try 10G or 512M)")
     unit = (m.group(2) or "").lower()[:1]
-    return int(float(m.group(1)) * _UNITS[unit])
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size < minimum:
+        missing_unit = not m.group(2) and 0 < float(m.group(1)) <= 1 << 16
+        hint = f": did you mean {m.group(1)}G?" if missing_unit else ""
+        raise ConfigError(
+            f"{what} {text.strip()!r} is {size} bytes, below the {_human(minimum)} minimum{hint}"
+        )
+    return size
+
+
+def _human(size: int) -> str:
+    for unit in "PTGMK":
+        if size >= _UNITS[unit.lower()] and size % _UNITS[unit.lower()] == 0:
+            return f"{size // _UNITS[unit.lower()]}{unit}"
+    return f"{size}B"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +109,9 @@ class Config:
         store = pick("store", "BLOBSTORE_STORE", default_store_url())
         cache_dir = Path(pick("cache", "BLOBSTORE_CACHE", default_cache_dir())).expanduser()
         cache_size = parse_size(
-            pick("cache_size", "BLOBSTORE_CACHE_SIZE", str(DEFAULT_CACHE_BYTES))
+            pick("cache_size", "BLOBSTORE_CACHE_SIZE", "").strip() or str(DEFAULT_CACHE_BYTES),
+            minimum=MIN_CACHE_BYTES,
+            what="cache size",
         )
         region = pick("region", "BLOBSTORE_REGION", "default")
         token_file = pick("token_file", "BLOBSTORE_TOKEN_FILE", "")

@@ -1,14 +1,23 @@
 """Open an ``ObjectStore`` from its URL, and the key rules every back-end shares.
 
-Accepted URLs:
+Accepted forms, and nothing else:
 
-- ``file:///abs/dir`` (also ``file://localhost/abs/dir``), or a bare path
-  (``/abs/dir``, ``./rel/dir``, ``~/dir``): a directory, created if missing;
 - ``s3://bucket`` or ``s3://bucket/prefix``: endpoint, credentials and region
   follow the AWS conventions (``AWS_ENDPOINT_URL``, keys, ``AWS_PROFILE``,
-  ``AWS_REGION``, default ``us-east-1``).
+  ``AWS_REGION``, default ``us-east-1``);
+- ``file:///abs/dir`` (also ``file://localhost/abs/dir``): a directory, created
+  if missing;
+- an explicit path to a directory: ``/abs/dir``, ``./rel/dir``, ``../rel/dir``,
+  ``~/dir`` (or ``~user/dir``), ``.`` or ``..``.
 
-``file://relative/dir`` is refused: in a URL the first component is a host.
+Everything else is a ConfigError naming the likely fix, because a typo must
+never silently become a new directory that a push then fills: other schemes
+(``http://…``), ``file://relative/dir`` (in a URL the first component is a
+host), a first component that looks like a scheme (``s3:/bucket/x``,
+``s3:bucket``, ``file:/dir`` — "did you mean s3://bucket/x?"), and a bare
+relative path (``bucket/x``: write ``./bucket/x`` or ``s3://bucket/x``). A
+directory whose name has a colon is still reachable as ``./s3:x``.
+Schemes are case-insensitive (``S3://bucket`` is ``s3://bucket``).
 """
 
 from __future__ import annotations
@@ -27,7 +36,12 @@ if TYPE_CHECKING:
 MAX_KEY_BYTES = 1024
 # S3 bucket naming rules (lowercase, 3-63 chars, no leading/trailing dot or dash).
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_URL_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_URL_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_SCHEME_LIKE_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):/*(.*)", re.DOTALL)
+"""A first path component such as ``s3:`` or ``http:`` (a URL with a typo)."""
+_TYPO_SCHEMES = ("s3", "file")
+"""``s3//bucket`` or ``file//dir``: a URL missing its colon."""
+_EXPLICIT_PATH = ("/", "./", "../", "~")
 
 
 def validate_key(key: str) -> str:
@@ -61,13 +75,14 @@ def validate_prefix(prefix: str) -> str:
 def open_object_store(url: str) -> AbstractAsyncContextManager[ObjectStore]:
     """Return an async context manager yielding the store at ``url``.
 
-    Raises ConfigError for a malformed or unsupported URL; entering the S3 store
-    raises StoreUnavailable when the endpoint or bucket cannot be reached.
+    Raises ConfigError for a malformed or unsupported URL (at once, before
+    anything is touched); entering the S3 store raises StoreUnavailable when
+    the endpoint or bucket cannot be reached.
     """
     text = url.strip()
     if not text:
-        raise ConfigError("empty object store URL")
-    if text.startswith("s3://"):
+        raise ConfigError("empty object store URL (use s3://bucket/prefix, file:///dir or ./dir)")
+    if url_scheme(text) == "s3":
         bucket, prefix = parse_s3_url(text)
         from .s3store import S3ObjectStore  # aiobotocore is only imported when needed
 
@@ -75,6 +90,12 @@ def open_object_store(url: str) -> AbstractAsyncContextManager[ObjectStore]:
     from .filestore import FileObjectStore
 
     return FileObjectStore(parse_file_url(text), create=True)
+
+
+def url_scheme(url: str) -> str | None:
+    """The lowercased scheme of ``scheme://…``, or None for anything else."""
+    match = _URL_SCHEME_RE.match(url)
+    return match.group(1).lower() if match else None
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -95,8 +116,9 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 def parse_file_url(url: str) -> Path:
-    """Turn ``file:///dir`` or a bare path into an absolute Path. Raises ConfigError."""
-    if url.startswith("file://"):
+    """Turn ``file:///dir`` or an explicit path into an absolute Path. Raises ConfigError."""
+    scheme = url_scheme(url)
+    if scheme == "file":
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
             raise ConfigError(
@@ -108,7 +130,32 @@ def parse_file_url(url: str) -> Path:
         if not path.is_absolute():
             raise ConfigError(f"file URL must hold an absolute path: {url!r}")
         return path
-    if _URL_SCHEME_RE.match(url) or url.startswith("file:"):
-        scheme = url.split(":", 1)[0]
-        raise ConfigError(f"unsupported object store URL scheme {scheme!r} (use file:// or s3://)")
-    return Path(url).expanduser().absolute()
+    if scheme is not None:
+        raise ConfigError(
+            f"unsupported object store URL scheme {scheme!r} in {url!r} "
+            "(use s3://bucket/prefix, file:///abs/dir or a path like ./dir)"
+        )
+    if url.startswith(_EXPLICIT_PATH) or url in (".", ".."):
+        return Path(url).expanduser().absolute()
+    raise ConfigError(_not_a_store(url))
+
+
+def _not_a_store(url: str) -> str:
+    """The one-line refusal of a store that is neither a URL nor an explicit path."""
+    first, _, rest = url.partition("/")
+    typo = _SCHEME_LIKE_RE.fullmatch(first + "/" + rest) if ":" in first else None
+    if typo is None and first.lower() in _TYPO_SCHEMES and rest.startswith("/"):
+        typo = _SCHEME_LIKE_RE.fullmatch(f"{first}:{rest}")
+    if typo is not None:
+        scheme, tail = typo.group(1).lower(), typo.group(2)
+        if scheme == "s3":
+            hint = f"did you mean s3://{tail}?"
+        elif scheme == "file":
+            hint = f"did you mean file:///{tail}?"
+        else:
+            hint = "use s3://bucket/prefix or file:///abs/dir"
+        return f"object store {url!r} looks like a mistyped URL: {hint} (a directory: ./{url})"
+    return (
+        f"object store {url!r} is neither a URL nor an explicit path: "
+        f"write ./{url} for a directory here, or s3://{url} for a bucket"
+    )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from blobstore.config import Config
 from blobstore.errors import ConfigError, PeerUnavailable
 from blobstore.ids import ChunkId
-from blobstore.local import LocalCache
+from blobstore.nodestore import NodeStore
 from blobstore.origin import OriginSource
 from blobstore.stores import open_object_store
 
@@ -60,7 +60,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
     try:
         async with AsyncExitStack() as stack:
             store = await stack.enter_async_context(open_object_store(config.store_url))
-            cache = await stack.enter_async_context(LocalCache(config.cache))
+            cache = await stack.enter_async_context(NodeStore(config.cache))
             # The port is only known after binding, and the node id defaults to it.
             server_tg = await stack.enter_async_context(asyncio.TaskGroup())
             metrics = Metrics()

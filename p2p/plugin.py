@@ -16,7 +16,7 @@ from .liveness import PeerDirectory, Timing
 
 if TYPE_CHECKING:
     from blobstore.config import Config
-    from blobstore.local import LocalCache
+    from blobstore.nodestore import NodeStore
     from blobstore.source import ChunkSource
 
 DEFAULT_PORT = 7411
@@ -89,7 +89,7 @@ class P2PPlugin:
         p.set_defaults(func=_cmd_peers)
 
     def peer_tier(
-        self, config: Config, cache: LocalCache
+        self, config: Config, cache: NodeStore
     ) -> AbstractAsyncContextManager[ChunkSource | None]:
         return _peer_tier(config)
 

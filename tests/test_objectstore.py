@@ -254,4 +254,4 @@ def test_url_parsing() -> None:
     assert parse_s3_url("s3://my-bucket") == ("my-bucket", "")
     assert parse_file_url("file:///var/x") == Path("/var/x")
     assert parse_file_url("file://localhost/var/x") == Path("/var/x")
-    assert parse_file_url("rel/dir") == Path.cwd() / "rel/dir"
+    assert parse_file_url("./rel/dir") == Path.cwd() / "rel/dir"

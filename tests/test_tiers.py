@@ -18,7 +18,7 @@ from blobstore.errors import (
     StoreUnavailable,
 )
 from blobstore.ids import ChunkId, hash_bytes
-from blobstore.local import LocalCache
+from blobstore.nodestore import NodeStore
 from blobstore.objectstore import chunk_key
 from blobstore.origin import OriginSource
 from blobstore.stores import open_object_store
@@ -175,7 +175,7 @@ async def test_single_flight_shares_errors_then_retries_fresh() -> None:
 async def test_corrupt_local_chunk_refetched_transparently(tmp_path: Path) -> None:
     cid, data = chunk(1, 300 << 10)
     origin = FakeSource("origin", {cid: data})
-    async with LocalCache(CacheConfig(tmp_path / "cache")) as cache:
+    async with NodeStore(CacheConfig(tmp_path / "cache")) as cache:
         await cache.put(cid, data)
         cache.path_of(cid).write_bytes(b"\0" * len(data))  # bit rot on disk
         tiers = TieredSource([cache, origin], cache)
