@@ -38,7 +38,7 @@ from s3server import SeaweedS3Server, find_weed  # noqa: E402
 from blobstore.catalog import Catalog  # noqa: E402
 from blobstore.config import CacheConfig, Config, PeerConfig, parse_size  # noqa: E402
 from blobstore.ids import ChunkId  # noqa: E402
-from blobstore.local import LocalCache  # noqa: E402
+from blobstore.nodestore import NodeStore  # noqa: E402
 from blobstore.origin import OriginSource  # noqa: E402
 from blobstore.source import ChunkSource  # noqa: E402
 from blobstore.stores import open_object_store  # noqa: E402
@@ -94,7 +94,7 @@ async def tier_fetch(
 ) -> tuple[int, float]:
     """Fetch every chunk of the ref through the peer tier, or the origin when ``peers`` is none."""
     config = Config(store, CacheConfig(cache), peers=PeerConfig.parse(peers))
-    async with open_object_store(store) as object_store, LocalCache(config.cache) as local:
+    async with open_object_store(store) as object_store, NodeStore(config.cache) as local:
         tree = await Catalog(object_store).load_tree(
             await Catalog(object_store).resolve_or_id("bench/data")
         )

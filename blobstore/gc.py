@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from .catalog import Catalog
 from .ids import ChunkId, is_id
 from .leases import Leases
-from .local import LocalCache
 from .manifest import Image
+from .nodestore import NodeStore
 from .objectstore import CHUNKS, MANIFESTS, ObjectStore
 from .parallel import for_each
 
@@ -56,7 +56,7 @@ async def mark(catalog: Catalog) -> tuple[int, set[ChunkId], set[ChunkId]]:
 
 async def collect(
     store: ObjectStore,
-    cache: LocalCache | None,
+    cache: NodeStore | None,
     *,
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
     dry_run: bool = False,

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .config import Config
-    from .local import LocalCache
+    from .nodestore import NodeStore
     from .source import ChunkSource
 
 PeerTierFactory = Callable[
-    ["Config", "LocalCache"], AbstractAsyncContextManager["ChunkSource | None"]
+    ["Config", "NodeStore"], AbstractAsyncContextManager["ChunkSource | None"]
 ]
 
 
@@ -31,7 +31,7 @@ class Plugin(Protocol):
         ...
 
     def peer_tier(
-        self, config: Config, cache: LocalCache
+        self, config: Config, cache: NodeStore
     ) -> AbstractAsyncContextManager[ChunkSource | None]:
         """Yield a ChunkSource for the peer tier (or None when peers are off)."""
         ...

@@ -15,7 +15,7 @@ from blobstore.source import ChunkData
 from .metrics import Metrics
 
 if TYPE_CHECKING:
-    from blobstore.local import LocalCache
+    from blobstore.nodestore import NodeStore
     from blobstore.source import ChunkSource
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class ChunkProvider:
 
     def __init__(
         self,
-        cache: LocalCache,
+        cache: NodeStore,
         origin: ChunkSource | None,
         is_home: Callable[[ChunkId], bool],
         metrics: Metrics,
@@ -48,7 +48,7 @@ class ChunkProvider:
             try:
                 return await self._cache.get(chunk_id), "local"
             except CorruptChunk as exc:
-                # LocalCache already dropped the file; fall through as if absent.
+                # NodeStore already dropped the bad copy; fall through as if absent.
                 self._metrics.corrupt_dropped += 1
                 log.warning("%s", exc)
             except NotFound:

@@ -10,8 +10,8 @@ from pathlib import Path
 from blobstore.catalog import Catalog
 from blobstore.config import CacheConfig, Config, PeerConfig
 from blobstore.ids import ChunkId
-from blobstore.local import LocalCache
 from blobstore.materialize import materialize
+from blobstore.nodestore import NodeStore
 from blobstore.origin import OriginSource
 from blobstore.stores import open_object_store
 from blobstore.tiers import TieredSource
@@ -53,7 +53,7 @@ async def pull(
     config = Config(store, CacheConfig(cache), region, PeerConfig.parse(peers, token))
     async with (
         open_object_store(store) as object_store,
-        LocalCache(config.cache) as local,
+        NodeStore(config.cache) as local,
         PLUGIN.peer_tier(config, local) as tier,
     ):
         assert isinstance(tier, PeerTier)
