@@ -18,6 +18,13 @@ Why the client is configured the way it is:
   man in the middle could still alter a ref, so pass ``sign_payload=True`` on
   untrusted networks.
 - Flexible checksums (CRC on every PUT/GET) only "when required", for the same reason.
+- An overall deadline per request (``request_deadline`` + size / ``min_bytes_per_second``,
+  default 120 s + 1 s per 64 KiB): ``read_timeout`` only bounds the silence between
+  two packets, so a body trickling at 2 KiB/s would otherwise never end. A GET learns
+  the size from its response headers and extends its deadline then.
+- A response body cut short (the connection dropped mid-body) is a StoreUnavailable,
+  and ``get`` repeats the request up to ``_BODY_ATTEMPTS`` times first (reads are
+  idempotent; ``get_range`` callers resume where the body broke).
 
 ``put_if`` uses S3 conditional writes (``If-None-Match: *`` to create, ``If-Match:
 <etag>`` to replace); AWS S3 and SeaweedFS (tested, 4.x) honour both atomically.
@@ -30,7 +37,10 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
+import anyio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore.exceptions import (
@@ -39,10 +49,12 @@ from botocore.exceptions import (
     ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
     ProfileNotFound,
     ReadTimeoutError,
+    ResponseStreamingError,
 )
 
 from .errors import ConfigError, Conflict, ObjectMissing, StoreUnavailable
@@ -62,6 +74,13 @@ must fail in well under a minute, not after five full timeouts."""
 _CONNECT_ERRORS = (EndpointConnectionError, ConnectTimeoutError)
 _FAIL_FAST = (*_CONNECT_ERRORS, ReadTimeoutError)
 _NETWORK_ERRORS = (*_CONNECT_ERRORS, ReadTimeoutError, ConnectionClosedError)
+# A body that ends early: aiohttp's own error, or botocore's wrappers of it.
+_CUT_SHORT = (aiohttp.ClientPayloadError, ResponseStreamingError, IncompleteReadError)
+_BODY_ATTEMPTS = 3
+"""Requests ``get`` makes for an object whose body keeps being cut short."""
+DEFAULT_REQUEST_DEADLINE = 120.0
+DEFAULT_MIN_BYTES_PER_SECOND = 64 << 10
+_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
 _RANGE_PAST_END_CODES = frozenset({"InvalidRange", "416"})
@@ -90,13 +109,16 @@ class S3ObjectStore(AsyncResource):
         connect_timeout: float = 2.5,
         read_timeout: float = 20.0,
         max_attempts: int = 5,
+        request_deadline: float = DEFAULT_REQUEST_DEADLINE,
+        min_bytes_per_second: float = DEFAULT_MIN_BYTES_PER_SECOND,
     ) -> None:
+        """Raises ConfigError for a malformed endpoint (argument or AWS_ENDPOINT_URL[_S3])."""
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self.endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-            "AWS_ENDPOINT_URL"
-        )
+        self.endpoint = _endpoint(endpoint_url)
+        self._request_deadline = request_deadline
+        self._min_rate = min_bytes_per_second
         self._region = region
         self._profile = profile
         self._create_bucket = create_bucket
@@ -178,7 +200,8 @@ class S3ObjectStore(AsyncResource):
         """Write the object (S3 PUTs are atomic). Raises StoreUnavailable, BadInput."""
         full = self._key(key)
         with self._translate("write", key):
-            await self._live.put_object(Bucket=self.bucket, Key=full, Body=data)
+            with self._deadline("write", key, len(data)):
+                await self._live.put_object(Bucket=self.bucket, Key=full, Body=data)
 
     async def put_if(self, key: str, data: bytes, expected: bytes | None) -> None:
         """Write only if the current bytes equal ``expected`` (``None``: key absent).
@@ -200,7 +223,7 @@ class S3ObjectStore(AsyncResource):
                 raise Conflict(f"object {key} changed in {self.url}; conditional write refused")
             conditions = {"IfMatch": etag}
         try:
-            with self._translate("write", key):
+            with self._translate("write", key), self._deadline("write", key, len(data)):
                 await self._live.put_object(Bucket=self.bucket, Key=full, Body=data, **conditions)
         except _ConditionFailed:
             state = "exists" if expected is None else "changed"
@@ -219,22 +242,34 @@ class S3ObjectStore(AsyncResource):
             return
         with self._translate("read", key):
             try:
-                response = await self._live.get_object(
-                    Bucket=self.bucket, Key=full, Range=f"bytes={offset}-{offset + length - 1}"
-                )
+                with self._deadline("read", key):
+                    response = await self._live.get_object(
+                        Bucket=self.bucket, Key=full, Range=f"bytes={offset}-{offset + length - 1}"
+                    )
             except ClientError as exc:
                 if _code(exc) in _RANGE_PAST_END_CODES:
                     return
                 raise
+            # The body's deadline counts only time spent waiting for the server (a
+            # cancel scope must not span a yield, and a slow consumer is not its fault).
+            budget = self._request_deadline + length / self._min_rate
             async with response["Body"] as body:
-                while block := await body.read(_RANGE_BLOCK):
+                while True:
+                    started = anyio.current_time()
+                    with anyio.move_on_after(budget) as scope:
+                        block = await body.read(_RANGE_BLOCK)
+                    if scope.cancelled_caught:
+                        raise self._too_slow("read", key)
+                    budget -= anyio.current_time() - started
+                    if not block:
+                        break
                     yield block
 
     async def exists(self, key: str) -> bool:
         """True if the key holds an object. Raises StoreUnavailable, BadInput."""
         full = self._key(key)
         try:
-            with self._translate("stat", key):
+            with self._translate("stat", key), self._deadline("stat", key):
                 await self._live.head_object(Bucket=self.bucket, Key=full)
         except ObjectMissing:
             return False
@@ -257,7 +292,7 @@ class S3ObjectStore(AsyncResource):
     async def delete(self, key: str) -> None:
         """Delete the object; a missing key is not an error. Raises StoreUnavailable."""
         full = self._key(key)
-        with self._translate("delete", key):
+        with self._translate("delete", key), self._deadline("delete", key):
             await self._live.delete_object(Bucket=self.bucket, Key=full)
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
@@ -289,11 +324,39 @@ class S3ObjectStore(AsyncResource):
 
     async def _get(self, key: str) -> tuple[bytes, str]:
         full = self._key(key)
-        with self._translate("read", key):
-            response = await self._live.get_object(Bucket=self.bucket, Key=full)
-            async with response["Body"] as body:
-                data: bytes = await body.read()
-        return data, str(response["ETag"])
+        for attempt in range(1, _BODY_ATTEMPTS + 1):
+            try:
+                with self._translate("read", key), self._deadline("read", key) as scope:
+                    response = await self._live.get_object(Bucket=self.bucket, Key=full)
+                    self._extend(scope, int(response.get("ContentLength") or 0))
+                    async with response["Body"] as body:
+                        data: bytes = await body.read()
+                return data, str(response["ETag"])
+            except _CutShort:
+                if attempt == _BODY_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def _deadline(self, op: str, key: str = "", size: int = 0) -> Iterator[anyio.CancelScope]:
+        """Bound a whole request (retries and body included): ``request_deadline`` plus
+        ``size`` at ``min_bytes_per_second``; ``_extend`` adds a size learnt later.
+        Never spans a ``yield`` of an async generator. Raises StoreUnavailable."""
+        scope = anyio.CancelScope(deadline=anyio.current_time() + self._request_deadline)
+        self._extend(scope, size)
+        with scope:
+            yield scope
+        if scope.cancelled_caught:
+            raise self._too_slow(op, key)
+
+    def _extend(self, scope: anyio.CancelScope, size: int) -> None:
+        scope.deadline += size / self._min_rate
+
+    def _too_slow(self, op: str, key: str) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"S3 {op} {key} at {self.endpoint} did not finish within its deadline "
+            f"({self._request_deadline:.0f} s + 1 s per {self._min_rate / 1024:.0f} KiB)"
+        )
 
     @contextmanager
     def _translate(self, op: str, key: str = "") -> Iterator[None]:
@@ -313,6 +376,10 @@ class S3ObjectStore(AsyncResource):
                 ) from exc
             message = _one_line(exc.response.get("Error", {}).get("Message", ""))
             raise StoreUnavailable(f"S3 error {code} on {what} in {self.url}: {message}") from exc
+        except _CUT_SHORT as exc:
+            raise _CutShort(
+                f"S3 {what}: response body cut short by {self.endpoint}: {_reason(exc)}"
+            ) from exc
         except _NETWORK_ERRORS as exc:
             raise StoreUnavailable(
                 f"cannot reach S3 endpoint {self.endpoint} ({op}): {_reason(exc)}"
@@ -325,7 +392,7 @@ class S3ObjectStore(AsyncResource):
             raise ConfigError(
                 "no AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
             ) from exc
-        except (BotoCoreError, OSError, TimeoutError) as exc:
+        except (BotoCoreError, OSError, TimeoutError, aiohttp.ClientError) as exc:
             raise StoreUnavailable(
                 f"S3 {what} failed at {self.endpoint}: {_one_line(str(exc)) or type(exc).__name__}"
             ) from exc
@@ -333,6 +400,34 @@ class S3ObjectStore(AsyncResource):
 
 class _ConditionFailed(StoreUnavailable):
     """Internal: a conditional write's precondition failed (put_if turns it into Conflict)."""
+
+
+class _CutShort(StoreUnavailable):
+    """A response body ended before its Content-Length (safe to repeat a GET)."""
+
+
+def _endpoint(explicit: str | None) -> str | None:
+    """The endpoint URL to use: the argument, else the first AWS_ENDPOINT_URL_S3 /
+    AWS_ENDPOINT_URL that is set. Raises ConfigError if it is not http(s)://host[:port]."""
+    if explicit is not None:
+        name, value = "endpoint URL", explicit
+    else:
+        found = [(var, os.environ[var]) for var in _ENDPOINT_VARS if var in os.environ]
+        if not found:
+            return None
+        name, value = found[0]
+    expected = "expected http://host[:port] or https://host[:port]"
+    if not value.strip():
+        raise ConfigError(f"{name} is set but empty: unset it, or {expected}")
+    try:
+        parts = urlsplit(value.strip())
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # raises ValueError for a bad port
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError(f"{name}={value!r} is not an endpoint URL: {expected}")
+    return value.strip()
 
 
 def _fail_fast_on_connect(
@@ -356,7 +451,7 @@ def _reason(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
     text = str(cause) if cause is not None and str(cause) else str(exc)
     # aiohttp says "Cannot connect to host 127.0.0.1:1 ssl:default [Connect call failed ...]".
-    match = re.search(r"\[([^\]]+)\]", text)
+    match = re.search(r"\[(?!Errno)([^\]]+)\]", text)
     return _one_line(match.group(1) if match else text)
 
 
