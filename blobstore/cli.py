@@ -51,6 +51,12 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                    help="peer discovery (env BLOBSTORE_PEERS; default auto)", **d)
     g.add_argument("--token-file", metavar="FILE",
                    help="cluster token for peers (env BLOBSTORE_TOKEN_FILE)", **d)
+    g.add_argument("--tls-cert", metavar="PEM", help="this node's certificate for mutual TLS "
+                   "with peers; needs --tls-key and --tls-ca (env BLOBSTORE_TLS_CERT)", **d)
+    g.add_argument("--tls-key", metavar="PEM", help="its private key (env BLOBSTORE_TLS_KEY)",
+                   **d)
+    g.add_argument("--tls-ca", metavar="PEM", help="the CA that signs every peer's certificate "
+                   "(env BLOBSTORE_TLS_CA)", **d)
     g.add_argument("-v", "--verbose", action="count", **({"default": argparse.SUPPRESS}
                    if suppress else {"default": 0}), help="more logging")
 
@@ -273,6 +279,9 @@ def make_config(args: argparse.Namespace) -> Config:
         region=getattr(args, "region", None),
         peers=getattr(args, "peers", None),
         token_file=getattr(args, "token_file", None),
+        tls_cert=getattr(args, "tls_cert", None),
+        tls_key=getattr(args, "tls_key", None),
+        tls_ca=getattr(args, "tls_ca", None),
     )
 
 

@@ -65,12 +65,34 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for mutual TLS between peers: this node's certificate chain and
+    key, and the CA that signs every cluster member's certificate."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def parse(cls, cert: str, key: str, ca: str) -> TlsFiles | None:
+        """None if no file is named. Raises ConfigError unless all three are."""
+        if not (cert or key or ca):
+            return None
+        if not (cert and key and ca):
+            raise ConfigError("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca "
+                              "(env BLOBSTORE_TLS_CERT, BLOBSTORE_TLS_KEY, BLOBSTORE_TLS_CA)")
+        return cls(Path(cert).expanduser(), Path(key).expanduser(), Path(ca).expanduser())
+
+
+@dataclass(frozen=True, slots=True)
 class PeerConfig:
     mode: str = "auto"
     """``auto`` (zeroconf), ``none``, or ``static``."""
     static: tuple[str, ...] = ()
     """``host:port`` entries when mode is ``static``."""
     token: bytes | None = None
+    tls: TlsFiles | None = None
+    """Mutual TLS for the peer wire and the daemon's HTTP side; None: plain TCP."""
 
     @classmethod
     def parse(cls, text: str, token: bytes | None = None) -> PeerConfig:
@@ -99,7 +121,8 @@ class Config:
         cls, env: Mapping[str, str] | None = None, **overrides: str | None
     ) -> Config:
         """Build from BLOBSTORE_* variables; non-None ``overrides`` win
-        (keys: store, cache, region, peers, token_file, cache_size)."""
+        (keys: store, cache, region, peers, token_file, cache_size, tls_cert, tls_key,
+        tls_ca)."""
         env = os.environ if env is None else env
 
         def pick(key: str, var: str, default: str) -> str:
@@ -117,6 +140,11 @@ class Config:
         token_file = pick("token_file", "BLOBSTORE_TOKEN_FILE", "")
         token = read_token(Path(token_file)) if token_file else None
         peers = PeerConfig.parse(pick("peers", "BLOBSTORE_PEERS", "auto"), token)
+        tls = TlsFiles.parse(pick("tls_cert", "BLOBSTORE_TLS_CERT", ""),
+                             pick("tls_key", "BLOBSTORE_TLS_KEY", ""),
+                             pick("tls_ca", "BLOBSTORE_TLS_CA", ""))
+        if tls is not None:
+            peers = replace(peers, tls=tls)
         return cls(
             store_url=store,
             cache=CacheConfig(cache_dir, cache_size),

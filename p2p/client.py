@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
 from dataclasses import dataclass
 
@@ -35,11 +36,20 @@ class WrongRegion(PeerUnavailable):
         super().__init__(f"peer {address} ({node}) is in region {region!r}")
 
 
+class SelfConnection(PeerUnavailable):
+    """The peer is this very node (it found its own address)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"peer {address} is this node")
+
+
 @dataclass(frozen=True, slots=True)
 class Identity:
     node: str
     region: str
     token: bytes | None = None
+    tls: ssl.SSLContext | None = None
+    """Dial peers over mutual TLS with this context (p2p.tls); None: plain TCP."""
 
 
 class PeerConnection:
@@ -160,21 +170,36 @@ class PeerConnection:
 async def open_connection(
     address: str, me: Identity, handshake_timeout: float = 5.0
 ) -> PeerConnection:
-    """Connect and authenticate. Raises PeerUnavailable, WrongRegion, AuthError."""
+    """Connect and authenticate (docs/protocol.md, Handshake).
+
+    Raises PeerUnavailable, SelfConnection, WrongRegion, AuthError, ProtocolError.
+    """
     host, _, port = address.rpartition(":")
-    stream = await connect(host.strip("[]"), int(port), connect_timeout=handshake_timeout)
+    stream = await connect(host.strip("[]"), int(port), connect_timeout=handshake_timeout,
+                           tls=me.tls)
     try:
         async with asyncio.timeout(handshake_timeout):
             hello = messages.expect(await stream.recv(), "hello")
+            messages.version_field(hello)
             node = messages.text_field(hello, "node")
             region = messages.text_field(hello, "region")
             if region != me.region:
                 raise WrongRegion(address, node, region)
-            our_nonce = messages.new_nonce()
-            proof = messages.mac(me.token, messages.nonce_field(hello))
-            stream.send(messages.auth(me.node, me.region, our_nonce, proof))
+            if node == me.node:
+                # Also what a reflection looks like: our own challenge shown back to us.
+                raise SelfConnection(address)
+            reached = messages.endpoint(stream.extra_info("peername"))
+            transcript = messages.Transcript(
+                server_node=node, client_node=me.node, region=me.region,
+                server_endpoint="" if me.tls else reached,
+                server_nonce=messages.nonce_field(hello), client_nonce=messages.new_nonce(),
+            )
+            stream.send(messages.auth(
+                me.node, me.region, transcript.client_nonce,
+                messages.proof(me.token, transcript, messages.CLIENT), reached))
             ready = messages.expect(await stream.recv(), "ready")
-            messages.check_mac(me.token, our_nonce, ready.get("mac"), f"peer {address}")
+            messages.check_proof(me.token, transcript, messages.SERVER, ready.get("mac"),
+                                 f"peer {address}")
     except TimeoutError as exc:
         stream.abort()
         raise PeerUnavailable(f"handshake with {address} timed out") from exc

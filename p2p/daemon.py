@@ -28,6 +28,7 @@ from .liveness import PeerDirectory, Timing
 from .metrics import Metrics
 from .provider import ChunkProvider
 from .server import PeerServer, ServerIdentity
+from .tls import TlsContexts, load_contexts
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,17 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with AsyncExitStack() as stack:
+            tls: TlsContexts | None = None
+            if config.peers.tls is not None:
+                tls = await asyncio.to_thread(load_contexts, config.peers.tls)
             store = await stack.enter_async_context(open_object_store(config.store_url))
             cache = await stack.enter_async_context(NodeStore(config.cache))
             # The port is only known after binding, and the node id defaults to it.
             server_tg = await stack.enter_async_context(asyncio.TaskGroup())
             metrics = Metrics()
             node_box: list[str] = [opts.node or ""]
-            me = Identity(node_box[0] or "pending", config.region, config.peers.token)
+            client_tls = tls.client if tls else None
+            me = Identity(node_box[0] or "pending", config.region, config.peers.token, client_tls)
             directory = PeerDirectory(me, opts.timing)
 
             def is_home(chunk_id: ChunkId) -> bool:
@@ -83,9 +88,10 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             bound = sock.getsockname()[1]
             node = opts.node or f"{socket.gethostname()}:{bound}"
             node_box[0] = node
-            directory.me = Identity(node, config.region, config.peers.token)
+            directory.me = Identity(node, config.region, config.peers.token, client_tls)
             server = PeerServer(
-                ServerIdentity(node, config.region, config.peers.token, opts.corrupt_for_tests),
+                ServerIdentity(node, config.region, config.peers.token, opts.corrupt_for_tests,
+                               tls.wire_server if tls else None),
                 provider,
                 metrics,
                 peers=lambda: [p.address for p in directory.live()],
@@ -95,8 +101,10 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             metrics.peers = lambda: len(directory.live())
             http_port = None
             if http_addr is not None:
-                app = make_app(node, config.region, metrics, provider, directory)
-                http_port = await stack.enter_async_context(http_serving(app, *http_addr))
+                app = make_app(node, config.region, metrics, provider, directory,
+                               config.peers.token, tls is not None)
+                http_port = await stack.enter_async_context(
+                    http_serving(app, *http_addr, tls.http if tls else None))
             if config.peers.mode == "static":
                 for address in config.peers.static:
                     directory.add(address, "static")
@@ -105,7 +113,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                     zeroconf_session(node, config.region, host, bound, directory)
                 )
             ready = {"event": "ready", "node": node, "region": config.region,
-                     "listen": f"{host}:{bound}",
+                     "listen": f"{host}:{bound}", "tls": tls is not None,
                      "http": f"{http_addr[0]}:{http_port}" if http_addr else None}
             print(json.dumps(ready), flush=True)
             log.warning("daemon %s serving region %r on %s:%d", node, config.region, host, bound)

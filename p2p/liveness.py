@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from blobstore.errors import AuthError, PeerUnavailable, ProtocolError
 
 from . import messages
-from .client import Identity, PeerConnection, WrongRegion, open_connection
+from .client import Identity, PeerConnection, SelfConnection, WrongRegion, open_connection
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +185,9 @@ class PeerDirectory:
             async with asyncio.timeout(self.timing.timeout):
                 conn = await self._connect(peer)
                 pong = await conn.ping()
+        except SelfConnection:
+            self._exclude(peer, "self", "it is this node")
+            return
         except WrongRegion as exc:
             peer.node, peer.region = exc.node, exc.region
             self._exclude(peer, "foreign", str(exc))

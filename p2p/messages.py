@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from blobstore.errors import AuthError, ProtocolError
@@ -15,41 +16,91 @@ from blobstore.ids import ChunkId, id_from_bytes, id_to_bytes
 
 from .framing import DEFAULT_LIMITS, Frame, Limits
 
-VERSION = 1
-_MAC_CONTEXT = b"blobstore-p2p-v1:"
+VERSION = 2
+"""v2 binds both nonces, the role, both node ids, the region and the endpoint into
+each proof (v1 proved one nonce the same way in both directions: reflectable)."""
+_PROOF_CONTEXT = b"blobstore-p2p-v2 handshake\x00"
+CLIENT = b"client"
+SERVER = b"server"
 
 
 def new_nonce() -> bytes:
     return secrets.token_bytes(16)
 
 
-def mac(token: bytes | None, nonce: bytes) -> bytes | None:
-    """Proof of holding the cluster token, bound to the other side's nonce."""
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    """Everything both sides' proofs are bound to; both sides build the same one."""
+
+    server_node: str
+    client_node: str
+    region: str
+    server_endpoint: str
+    """``HOST:PORT`` where the client reached the server, as each side sees it
+    (client: peer address; server: local address). A relay sees other ones.
+    Empty over TLS, where the certificates authenticate the channel."""
+    server_nonce: bytes
+    client_nonce: bytes
+
+    def message(self, role: bytes) -> bytes:
+        """The MAC input for ``role``'s proof: context, role, then length-prefixed fields."""
+        fields = (role, self.server_node.encode(), self.client_node.encode(),
+                  self.region.encode(), self.server_endpoint.encode(),
+                  self.server_nonce, self.client_nonce)
+        return _PROOF_CONTEXT + b"".join(len(f).to_bytes(4, "big") + f for f in fields)
+
+
+def proof(token: bytes | None, transcript: Transcript, role: bytes) -> bytes | None:
+    """``role``'s proof of holding the cluster token, for this handshake only."""
     if token is None:
         return None
-    return hmac.new(token, _MAC_CONTEXT + nonce, hashlib.sha256).digest()
+    return hmac.new(token, transcript.message(role), hashlib.sha256).digest()
 
 
-def check_mac(token: bytes | None, nonce: bytes, got: Any, who: str) -> None:
-    """Raise AuthError unless ``got`` proves ``who`` holds our token (if we have one)."""
+def check_proof(
+    token: bytes | None, transcript: Transcript, role: bytes, got: Any, who: str
+) -> None:
+    """Raise AuthError unless ``got`` is ``role``'s proof of ``transcript`` (with a token)."""
     if token is None:
         return
-    want = mac(token, nonce)
+    want = proof(token, transcript, role)
     assert want is not None
     if not isinstance(got, bytes) or not hmac.compare_digest(want, got):
         raise AuthError(f"cluster token mismatch with {who}")
+
+
+def endpoint(sockaddr: Any) -> str:
+    """``HOST:PORT`` of a socket address; IPv4-mapped IPv6 addresses read as IPv4."""
+    if not isinstance(sockaddr, tuple) or len(sockaddr) < 2:
+        return ""
+    host, port = str(sockaddr[0]), int(sockaddr[1])
+    host = host.removeprefix("::ffff:") if "." in host else host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def version_field(header: dict[str, Any]) -> None:
+    """Raise ProtocolError unless the peer speaks our protocol version."""
+    version = header.get("v")
+    if version != VERSION:
+        raise ProtocolError(f"peer speaks protocol v{version}, this node v{VERSION}: "
+                            "upgrade both to the same release")
 
 
 def hello(node: str, region: str, nonce: bytes) -> dict[str, Any]:
     return {"t": "hello", "v": VERSION, "node": node, "region": region, "nonce": nonce}
 
 
-def auth(node: str, region: str, nonce: bytes, proof: bytes | None) -> dict[str, Any]:
-    return {"t": "auth", "v": VERSION, "node": node, "region": region, "nonce": nonce, "mac": proof}
+def auth(
+    node: str, region: str, nonce: bytes, mac: bytes | None, reached: str
+) -> dict[str, Any]:
+    """``reached``: where the client reached the server (for the server's error message;
+    the proof binds the server's own view of it)."""
+    return {"t": "auth", "v": VERSION, "node": node, "region": region, "nonce": nonce,
+            "mac": mac, "to": reached}
 
 
-def ready(proof: bytes | None) -> dict[str, Any]:
-    return {"t": "ready", "mac": proof}
+def ready(mac: bytes | None) -> dict[str, Any]:
+    return {"t": "ready", "mac": mac}
 
 
 def error(code: str, message: str) -> dict[str, Any]:

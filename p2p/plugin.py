@@ -34,7 +34,13 @@ async def open_directory(
     config: Config, timing: Timing | None = None
 ) -> AsyncIterator[PeerDirectory]:
     """A directory of this region's peers, fed by the static list or zeroconf."""
-    me = Identity(f"client-{socket.gethostname()}-{os.getpid()}", config.region, config.peers.token)
+    tls = None
+    if config.peers.tls is not None and config.peers.mode != "none":
+        from .tls import client_context
+
+        tls = await asyncio.to_thread(client_context, config.peers.tls)
+    me = Identity(f"client-{socket.gethostname()}-{os.getpid()}", config.region,
+                  config.peers.token, tls)
     async with AsyncExitStack() as stack:
         directory = await stack.enter_async_context(PeerDirectory(me, timing or Timing()))
         if config.peers.mode == "static":
@@ -73,7 +79,9 @@ class P2PPlugin:
         p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                        help=f"peer protocol address (default {DEFAULT_LISTEN}; port 0 picks one)")
         p.add_argument("--http", metavar="HOST:PORT",
-                       help="ops HTTP address: /healthz, /metrics, /chunks/<id>")
+                       help="ops HTTP address: /healthz, /metrics, /chunks/<id> (HTTPS with "
+                            "--tls-cert; chunk reads need the token or a client certificate, "
+                            "see docs/security.md)")
         p.add_argument("--node-id", help="stable node name (default HOSTNAME:PORT)")
         p.add_argument("--health-interval", type=float, default=1.0, metavar="SECONDS",
                        help="ping quiet peers this often (default 1)")

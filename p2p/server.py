@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ class ServerIdentity:
     token: bytes | None
     corrupt_for_tests: bool = False
     """Flip a byte of every payload sent: lets tests prove clients verify."""
+    tls: ssl.SSLContext | None = None
+    """Serve over mutual TLS with this context (p2p.tls); None: plain TCP."""
 
 
 Answer = Awaitable[tuple[ChunkData | None, str]] | dict[str, object]
@@ -84,10 +87,15 @@ class PeerServer:
                 return stream
 
             try:
+                tls = self._me.tls
+                tls_timeout = _HANDSHAKE_TIMEOUT if tls else None
                 if sock is not None:
-                    server = await loop.create_server(factory, sock=sock)
+                    server = await loop.create_server(
+                        factory, sock=sock, ssl=tls, ssl_handshake_timeout=tls_timeout)
                 else:
-                    server = await loop.create_server(factory, host, port, reuse_address=True)
+                    server = await loop.create_server(
+                        factory, host, port, reuse_address=True, ssl=tls,
+                        ssl_handshake_timeout=tls_timeout)
             except OSError as exc:
                 raise PeerUnavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
             try:
@@ -117,25 +125,47 @@ class PeerServer:
             stream.abort()
 
     async def _handshake(self, stream: FrameStream) -> None:
-        await asyncio.sleep(0)  # let connection_made run before we send
-        nonce = messages.new_nonce()
-        stream.send(messages.hello(self._me.node, self._me.region, nonce))
+        """hello -> auth -> ready (docs/protocol.md). Raises AuthError, ProtocolError,
+        PeerUnavailable."""
+        me = self._me
         try:
             async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
+                await stream.connected()  # over TLS: once its handshake is done
+                nonce = messages.new_nonce()
+                stream.send(messages.hello(me.node, me.region, nonce))
                 auth = messages.expect(await stream.recv(), "auth")
         except TimeoutError as exc:
             raise PeerUnavailable("handshake timed out") from exc
-        who = f"{messages.text_field(auth, 'node')} ({stream.name})"
+        client_node = messages.text_field(auth, "node")
+        who = f"{client_node} ({stream.name})"
         stream.name = who
         try:
-            messages.check_mac(self._me.token, nonce, auth.get("mac"), who)
-        except AuthError:
-            stream.send(messages.error("auth", "cluster token mismatch"))
+            messages.version_field(auth)
+        except ProtocolError as exc:
+            stream.send(messages.error("version", str(exc)))
             raise
-        if messages.text_field(auth, "region") != self._me.region:
-            stream.send(messages.error("region", f"this peer serves region {self._me.region!r}"))
+        here = messages.endpoint(stream.extra_info("sockname"))
+        transcript = messages.Transcript(
+            server_node=me.node, client_node=client_node, region=me.region,
+            server_endpoint="" if me.tls else here,
+            server_nonce=nonce, client_nonce=messages.nonce_field(auth),
+        )
+        try:
+            if client_node == me.node:
+                # A reflection, or two nodes sharing an id: either way not a peer.
+                raise AuthError(f"{who} claims this node's id {me.node!r}")
+            messages.check_proof(me.token, transcript, messages.CLIENT, auth.get("mac"), who)
+        except AuthError as exc:
+            stream.send(messages.error("auth", "peer authentication failed"))
+            reached = auth.get("to")
+            if me.token is None or me.tls or not isinstance(reached, str) or reached == here:
+                raise
+            raise AuthError(f"{who} reached {reached[:300]!r}, but this is {here!r}: a relay, "
+                            "or NAT between peers (run peers over TLS then)") from exc
+        if messages.text_field(auth, "region") != me.region:
+            stream.send(messages.error("region", f"this peer serves region {me.region!r}"))
             raise ProtocolError(f"{who} is in another region")
-        stream.send(messages.ready(messages.mac(self._me.token, messages.nonce_field(auth))))
+        stream.send(messages.ready(messages.proof(me.token, transcript, messages.SERVER)))
 
     async def _serve_requests(self, stream: FrameStream) -> None:
         answers: asyncio.Queue[Answer | None] = asyncio.Queue(_LOOKUPS_PER_CONNECTION)

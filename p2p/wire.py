@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from blobstore.errors import PeerUnavailable, ProtocolError
+from blobstore.errors import AuthError, PeerUnavailable, ProtocolError
 
 from .framing import DEFAULT_LIMITS, Frame, FrameDecoder, Limits, encode
 
@@ -37,6 +38,7 @@ class FrameStream(asyncio.BufferedProtocol):
         self._write_paused = False
         self._read_paused = False
         self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._made: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # ------------------------------------------------------------------ protocol callbacks
 
@@ -48,6 +50,8 @@ class FrameStream(asyncio.BufferedProtocol):
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self._made.done():
+            self._made.set_result(None)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._decoder.get_buffer()
@@ -78,6 +82,8 @@ class FrameStream(asyncio.BufferedProtocol):
             self._drain_waiter.set_result(None)
         if not self._lost.done():
             self._lost.set_result(None)
+        if not self._made.done():
+            self._made.set_result(None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -92,6 +98,18 @@ class FrameStream(asyncio.BufferedProtocol):
     @property
     def closed(self) -> bool:
         return self._error is not None
+
+    async def connected(self) -> None:
+        """Wait until the connection is made (over TLS: after its handshake).
+
+        Raises PeerUnavailable if it was lost first."""
+        await asyncio.shield(self._made)
+        if self._transport is None or self._error is not None:
+            raise self._error or PeerUnavailable(f"{self.name} is not connected")
+
+    def extra_info(self, name: str) -> Any:
+        """The transport's ``get_extra_info(name)`` ("sockname", "peername", "peercert")."""
+        return None if self._transport is None else self._transport.get_extra_info(name)
 
     async def recv(self) -> Frame:
         """The next frame. Raises PeerUnavailable at the end, ProtocolError on garbage."""
@@ -154,14 +172,25 @@ class FrameStream(asyncio.BufferedProtocol):
 
 
 async def connect(
-    host: str, port: int, limits: Limits = DEFAULT_LIMITS, connect_timeout: float = 5.0
+    host: str, port: int, limits: Limits = DEFAULT_LIMITS, connect_timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
 ) -> FrameStream:
-    """Open a frame connection. Raises PeerUnavailable if it cannot be made in time."""
+    """Open a frame connection (over TLS if ``tls`` is given).
+
+    Raises PeerUnavailable if it cannot be made in time, AuthError if the peer's
+    TLS certificate does not verify."""
     loop = asyncio.get_running_loop()
     name = f"{host}:{port}"
+    tls_args: dict[str, Any] = (
+        {"ssl": tls, "server_hostname": host, "ssl_handshake_timeout": connect_timeout}
+        if tls is not None else {}
+    )
     try:
         async with asyncio.timeout(connect_timeout):
-            _, proto = await loop.create_connection(lambda: FrameStream(limits, name), host, port)
+            _, proto = await loop.create_connection(
+                lambda: FrameStream(limits, name), host, port, **tls_args)
+    except ssl.SSLCertVerificationError as exc:
+        raise AuthError(f"TLS certificate of {name} refused: {exc.verify_message}") from exc
     except (OSError, TimeoutError) as exc:
         raise PeerUnavailable(f"cannot connect to {name}: {exc or 'timed out'}") from exc
     return proto

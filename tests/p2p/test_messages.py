@@ -8,17 +8,46 @@ from p2p import messages
 from p2p.framing import Frame, Limits
 
 
-def test_mac_binds_token_and_nonce() -> None:
-    nonce = messages.new_nonce()
-    proof = messages.mac(b"secret", nonce)
-    messages.check_mac(b"secret", nonce, proof, "x")
+def _transcript(**changes: object) -> messages.Transcript:
+    fields: dict[str, object] = {
+        "server_node": "srv", "client_node": "cli", "region": "r1",
+        "server_endpoint": "10.0.0.1:7411", "server_nonce": b"s" * 16, "client_nonce": b"c" * 16}
+    fields.update(changes)
+    return messages.Transcript(**fields)  # type: ignore[arg-type]
+
+
+def test_proof_binds_token_role_nodes_region_endpoint_and_both_nonces() -> None:
+    t = _transcript()
+    proof = messages.proof(b"secret", t, messages.CLIENT)
+    messages.check_proof(b"secret", t, messages.CLIENT, proof, "x")
     with pytest.raises(AuthError, match="token mismatch"):
-        messages.check_mac(b"other", nonce, proof, "x")
+        messages.check_proof(b"other", t, messages.CLIENT, proof, "x")
+    with pytest.raises(AuthError):  # a client's proof never passes as the server's
+        messages.check_proof(b"secret", t, messages.SERVER, proof, "x")
+    for change in ({"server_node": "cli", "client_node": "srv"}, {"client_node": "evil"},
+                   {"server_node": "evil"}, {"region": "r2"}, {"server_endpoint": "10.0.0.9:1"},
+                   {"server_nonce": b"x" * 16}, {"client_nonce": b"x" * 16}):
+        with pytest.raises(AuthError):
+            messages.check_proof(b"secret", _transcript(**change), messages.CLIENT, proof, "x")
+    # Fields are length-prefixed: moving bytes from one field into the next changes the proof.
+    shifted = _transcript(server_node="srvc", client_node="li")
+    assert messages.proof(b"secret", shifted, messages.CLIENT) != proof
     with pytest.raises(AuthError):
-        messages.check_mac(b"secret", messages.new_nonce(), proof, "x")
-    with pytest.raises(AuthError):
-        messages.check_mac(b"secret", nonce, None, "x")
-    messages.check_mac(None, nonce, None, "x")  # no token configured: open cluster
+        messages.check_proof(b"secret", t, messages.CLIENT, None, "x")
+    messages.check_proof(None, t, messages.CLIENT, None, "x")  # no token: open cluster
+
+
+def test_endpoint_normalizes_socket_addresses() -> None:
+    assert messages.endpoint(("127.0.0.1", 7411)) == "127.0.0.1:7411"
+    assert messages.endpoint(("::ffff:10.0.0.2", 7411, 0, 0)) == "10.0.0.2:7411"
+    assert messages.endpoint(("fe80::1", 7411, 0, 2)) == "[fe80::1]:7411"
+    assert messages.endpoint(None) == ""
+
+
+def test_other_protocol_versions_are_refused() -> None:
+    messages.version_field(messages.hello("n", "r", b"n" * 16))
+    with pytest.raises(ProtocolError, match="v1"):
+        messages.version_field({"t": "hello", "v": 1})
 
 
 def test_have_bitmap_round_trip() -> None:
