@@ -116,26 +116,37 @@ class DestDir:
     def dir_fd(self, rel_dir: str) -> int:
         """The fd of directory ``rel_dir`` ("" is the root), creating it and any
         missing parent; a symlink or file in the way (inside DEST) is replaced.
-        The fd stays owned by this object."""
+        The fd stays owned by this object, which may close it at its next
+        ``dir_fd`` call: use it only until then, from one thread at a time
+        (``own_dir_fd`` otherwise)."""
+        with self._lock:
+            return self._dir_fd(rel_dir)
+
+    def own_dir_fd(self, rel_dir: str) -> int:
+        """Like ``dir_fd``, but a duplicate the caller owns (and closes): it stays
+        valid whatever this object closes meanwhile."""
+        with self._lock:
+            return os.dup(self._dir_fd(rel_dir))
+
+    def _dir_fd(self, rel_dir: str) -> int:
         if not rel_dir:
             return self.fd
-        with self._lock:
-            fd = self._fds.get(rel_dir)
-            if fd is not None:
-                self._fds.move_to_end(rel_dir)
-                return fd
-            parts = rel_dir.split("/")
-            start, parent = 0, self.fd
-            for i in range(len(parts) - 1, 0, -1):  # nearest open ancestor
-                cached = self._fds.get("/".join(parts[:i]))
-                if cached is not None:
-                    start, parent = i, cached
-                    break
-            for i in range(start, len(parts)):
-                fd = _open_subdir(parent, parts[i])
-                self._remember("/".join(parts[: i + 1]), fd)
-                parent = fd
-            return parent
+        fd = self._fds.get(rel_dir)
+        if fd is not None:
+            self._fds.move_to_end(rel_dir)
+            return fd
+        parts = rel_dir.split("/")
+        start, parent = 0, self.fd
+        for i in range(len(parts) - 1, 0, -1):  # nearest open ancestor
+            cached = self._fds.get("/".join(parts[:i]))
+            if cached is not None:
+                start, parent = i, cached
+                break
+        for i in range(start, len(parts)):
+            fd = _open_subdir(parent, parts[i])
+            self._remember("/".join(parts[: i + 1]), fd)
+            parent = fd
+        return parent
 
     def _remember(self, rel: str, fd: int) -> None:
         old = self._fds.pop(rel, None)
@@ -143,9 +154,8 @@ class DestDir:
             os.close(old)
         self._fds[rel] = fd
         while len(self._fds) > _DIR_FDS:
-            # Never close an ancestor of what we just opened while walking: the
-            # oldest entries are far from the current walk in practice, and a
-            # closed fd is only re-opened later, never used after close.
+            # The oldest: never the directory just opened (the walk goes on
+            # from it); a caller needing an fd for longer holds a dup.
             _, victim = self._fds.popitem(last=False)
             os.close(victim)
 

@@ -89,10 +89,11 @@ MARKER_VERSION = 1
 _HOP_FILES = 256
 """Files handled per worker-thread hop (check, place, finish): one hop per
 file cost more than the work itself for thousands of small files."""
-_ROUND_FILES = 1024
+_ROUND_FILES = 128
 _ROUND_BYTES = 512 << 20
-"""Files assembled per fetch round: bounds open temp files, not memory (the
-source bounds chunks in flight)."""
+"""Files assembled per fetch round: bounds open fds (a temp file and its
+directory each, well under the usual 1,024), not memory (the source bounds
+chunks in flight)."""
 _LOCK_POLL = 0.05
 
 __all__ = ["TMP_MARK", "FileStore", "FileWriter", "Progress", "PullStats", "default_priority",
@@ -448,6 +449,8 @@ class _Pull:
                 os.close(fd)
             tmp, t.tmp = t.tmp, ""
             self._commit_tmp(t.dir_fd, tmp, t.item, ino)
+            os.close(t.dir_fd)
+            t.dir_fd = -1
 
     # ------------------------------------------------------------------ fetching
 
@@ -529,7 +532,7 @@ class _DestFile:
     def write(self, data: ChunkData, offset: int) -> None:
         with self.lock:
             if self.fd == -1:  # opened by the first write, in a worker thread
-                self.dir_fd = self.root.dir_fd(self.item.parent)
+                self.dir_fd = self.root.own_dir_fd(self.item.parent)
                 self.tmp, self.fd = open_tmp(self.dir_fd, self.item.name)
         _pwrite_all(self.fd, data, offset)
 
@@ -542,6 +545,9 @@ def _discard(targets: list[_DestFile]) -> None:
         if t.tmp:
             unlink_quietly(t.dir_fd, t.tmp)
             t.tmp = ""
+        if t.dir_fd >= 0:
+            os.close(t.dir_fd)
+            t.dir_fd = -1
 
 
 def _write_at(places: list[tuple[_Target, int, int]], data: ChunkData) -> None:
