@@ -9,6 +9,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,6 +22,7 @@ from .client import Client
 from .config import Config
 from .errors import BlobstoreError, ConfigError, single_errors
 from .gc import DEFAULT_GRACE_SECONDS, collect
+from .linking import LinkMode, parse_link_mode
 from .manifest import Image, Layer, Tree
 from .plugins import load_plugins
 from .progress import ProgressLine, human_bytes
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref")
     p.add_argument("dir", type=Path)
     p.add_argument("--json", action="store_true")
+    add_pull_options(p)
     p.set_defaults(func=cmd_pull)
 
     p = add("ls", "list refs")
@@ -126,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
         for name in set(sub.choices) - before:
             _adopt(sub.choices[name], common, "config")
     return parser
+
+
+def add_pull_options(p: argparse.ArgumentParser) -> None:
+    """--link-mode and --keep-special-modes, for every command that pulls."""
+    p.add_argument("--link-mode", metavar="auto|reflink|hardlink|copy", default=None,
+                   help="how files get from the node store into DIR: auto clones where the "
+                   "filesystem can and copies otherwise; hardlink shares the node's copy "
+                   "(files made read-only; never write into them) (env BLOBSTORE_LINK_MODE)")
+    p.add_argument("--keep-special-modes", action="store_true",
+                   help="keep setuid/setgid/sticky bits from the manifest (dropped by default)")
+
+
+def link_mode_of(args: argparse.Namespace) -> LinkMode:
+    """The --link-mode option, else BLOBSTORE_LINK_MODE, else auto. Raises ConfigError."""
+    return parse_link_mode(getattr(args, "link_mode", None)
+                           or os.environ.get("BLOBSTORE_LINK_MODE") or "auto")
 
 
 def _adopt(p: argparse.ArgumentParser, common: argparse.ArgumentParser, wants: str) -> None:
@@ -175,7 +194,8 @@ async def cmd_push(args: argparse.Namespace, client: Client) -> int:
 async def cmd_pull(args: argparse.Namespace, client: Client) -> int:
     bar = ProgressLine("pull", tiers=lambda: client.source.bytes_from)
     try:
-        r = await client.pull(args.ref, args.dir, progress=bar)
+        r = await client.pull(args.ref, args.dir, progress=bar, link_mode=link_mode_of(args),
+                              keep_special_modes=args.keep_special_modes)
     finally:
         bar.close()
     doc = r.to_json()
