@@ -15,23 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 from .catalog import Catalog
 from .chunker import DEFAULT_PARAMS
 from .config import Config
-from .errors import ChunkMissing, Corrupt, Unavailable
+from .errors import Corrupt, Unavailable
 from .ids import ChunkId
 from .ingest import Ingestor
 from .leases import Leases
 from .linking import LinkMode
-from .manifest import Entry, Image, Manifest, Tree
+from .manifest import ChunkRef, Entry, Image, Manifest, Tree
 from .materialize import Progress, default_priority, materialize
 from .nodestore import NodeStore
 from .objectstore import ObjectStore
 from .origin import OriginSource
-from .parallel import for_each
+from .packs import IndexCache, PackConfig, PackWriter, StoreIndex
 from .plugins import load_plugins
-from .push import PushResult, push_tree
-from .source import ChunkSource
+from .push import PushResult, RepairResult, push_tree, repair_tree
+from .source import ChunkData, ChunkSource
 from .stores import open_object_store
 from .tiers import TieredSource
 
@@ -76,6 +78,8 @@ class Client:
         self.cache = cache
         self.peer = peer
         self.origin = OriginSource(object_store)
+        self.packs = PackConfig()
+        """How pushes pack chunks (target size, uploads in flight)."""
         self.catalog = Catalog(object_store)
         tiers: list[ChunkSource] = [cache] + ([peer] if peer is not None else []) + [self.origin]
         self.source = TieredSource(tiers, cache)
@@ -97,11 +101,26 @@ class Client:
 
     @asynccontextmanager
     async def writing(self) -> AsyncIterator[Ingestor]:
-        """An Ingestor under a writer lease (see leases.py): upload chunks and
-        write manifests and refs inside this block, so gc cannot sweep a chunk
-        the writer decided to reuse."""
+        """An Ingestor under a writer lease (see leases.py): pack chunks and
+        write manifests and refs inside this block, so gc cannot sweep a pack
+        the writer decided to reuse. What the store holds is learnt once, from
+        the pack indexes (LIST + the local index cache, see packs.py); call
+        ``ingestor.flush()`` before saving a manifest."""
         async with Leases(self.object_store).writing():
-            yield Ingestor(self.origin, DEFAULT_PARAMS, self.config.concurrency)
+            cache = self.index_cache
+            index = await StoreIndex.load(self.object_store, cache, self.packs)
+
+            async def sealed(pack: ChunkId, refs: tuple[ChunkRef, ...], data: bytes) -> None:
+                index.add_pack(pack, refs)
+                await anyio.to_thread.run_sync(cache.write, pack, data)
+
+            async with PackWriter(self.object_store, self.packs, sealed) as writer:
+                yield Ingestor(writer, index, DEFAULT_PARAMS)
+
+    @property
+    def index_cache(self) -> IndexCache:
+        """This node's copies of the store's pack indexes and its known-bad list."""
+        return IndexCache.for_store(self.config.cache.dir, self.object_store.url)
 
     async def push(
         self, root: Path, ref: str | None, *, progress: Progress | None = None
@@ -181,28 +200,51 @@ class Client:
                 log.info("peer probe failed: %s", exc)
 
     async def verify(self, ref: str) -> VerifyResult:
-        """Check every chunk of ``ref`` in the object store (fetched and hashed)."""
+        """Check every chunk of ``ref`` in the object store (read and hashed; packed
+        chunks in coalesced ranged reads). Chunks found missing or corrupt are added
+        to this node's known-bad list, so pushes never reuse them from there.
+        Raises NotFound, InvalidManifest, Unavailable (nothing could be checked)."""
         started = time.monotonic()
         manifest_id = await self.catalog.resolve_or_id(ref)
-        ids: set[ChunkId] = set()
+        refs: dict[tuple[ChunkId, ChunkId | None, int], ChunkRef] = {}
         async for _, manifest in self.catalog.walk(manifest_id):
             if not isinstance(manifest, Image):
-                ids.update(c.id for c in manifest.chunk_refs())
-        bad: list[str] = []
-        missing: list[str] = []
+                for c in manifest.chunk_refs():
+                    refs.setdefault((c.id, c.pack, c.offset), c)
 
-        async def check(chunk_id: ChunkId) -> None:
-            try:
-                await self.origin.get(chunk_id)
-            except ChunkMissing:
-                missing.append(chunk_id)
-            except Corrupt:
-                bad.append(chunk_id)
+        async def sink(ref: ChunkRef, data: ChunkData) -> None:
+            """The origin verified the bytes; nothing to keep."""
 
-        await for_each(sorted(ids), check, self.config.concurrency)
-        return VerifyResult(ref, manifest_id, len(ids), sorted(missing), sorted(bad),
-                            time.monotonic() - started)
+        undelivered = await self.origin.fetch(list(refs.values()), sink)
+        reasons = getattr(undelivered, "reasons", {})
+        missing: list[ChunkRef] = []
+        corrupt: list[ChunkRef] = []
+        for r in undelivered:
+            reason = reasons.get(r.id)
+            if isinstance(reason, Unavailable):
+                raise reason
+            (corrupt if isinstance(reason, Corrupt) else missing).append(r)
+        bad = tuple(missing + corrupt)
+        if bad:
+            await anyio.to_thread.run_sync(
+                self.index_cache.add_bad, [(r.id, r.pack) for r in bad]
+            )
+        return VerifyResult(ref, manifest_id, len({c.id for c in refs.values()}),
+                            sorted({r.id for r in missing}), sorted({r.id for r in corrupt}),
+                            time.monotonic() - started, bad)
 
+    async def repair(self, ref: str, source: Path) -> RepairResult:
+        """Verify ``ref``; if chunks are bad, pack them again from the files in
+        ``source`` (a copy of the tree) and point ``ref`` (compare-and-swap) at a
+        tree naming the new copies. Raises BadInput (an image, or not a
+        directory), Conflict (the ref moved), NotFound, Unavailable."""
+        checked = await self.verify(ref)
+        if checked.ok:
+            return RepairResult(ref, checked.manifest, checked.manifest, 0, ())
+        bad = {(r.id, r.pack) for r in checked.bad}
+        async with self.writing() as ingestor:
+            return await repair_tree(self.catalog, ref, checked.manifest, bad, Path(source),
+                                     ingestor)
 
 @dataclass(frozen=True, slots=True)
 class VerifyResult:
@@ -212,10 +254,12 @@ class VerifyResult:
     missing: list[str]
     corrupt: list[str]
     seconds: float
+    bad: tuple[ChunkRef, ...] = ()
+    """Every bad location (missing or corrupt), for ``repair``."""
 
     @property
     def ok(self) -> bool:
         return not self.missing and not self.corrupt
 
 
-__all__ = ["Client", "PullResult", "PushResult", "Unavailable", "VerifyResult"]
+__all__ = ["Client", "PullResult", "PushResult", "RepairResult", "Unavailable", "VerifyResult"]

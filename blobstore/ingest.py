@@ -1,27 +1,34 @@
-"""Turning bytes on disk into chunks in the object store.
+"""Turning bytes on disk into chunks in packs in the object store.
 
 A worker thread cuts and hashes the file (streamed, bounded memory) and hands
-batches of spans to the event loop through a bounded stream; the loop asks the
-store which chunks it lacks (in parallel) and uploads only those, re-reading
-their bytes with ``pread`` (the page cache still holds them).
+batches of spans to the event loop through a bounded stream; the loop looks
+each chunk up in the ``StoreIndex`` (what the store's packs hold, loaded once
+per writer, see packs.py) and hands the new ones to the ``PackWriter``, which
+re-reads their bytes with ``pread`` (the page cache still holds them),
+verifies them, and packs them in file order. No request per chunk: a chunk
+the store holds is referenced where it is.
+
+A file's digest is ``chunks_key`` of its chunk list (manifest v2), so there is
+no whole-file hash pass. Call ``flush`` before writing a manifest that names
+the chunks (packs and indexes first, then the manifest, then the ref).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import anyio.from_thread
-import blake3
 from anyio.streams.memory import MemoryObjectSendStream
 
 from .chunker import DEFAULT_PARAMS, Chunker, ChunkerParams, Span
 from .errors import BadInput, single_errors
 from .ids import ChunkId, hash_bytes
-from .manifest import ChunkRef
-from .source import ChunkStore
+from .manifest import ChunkRef, chunks_key
+from .packs import PackWriter, StoreIndex
 
 _BATCH = 32
 # Files up to this size are read whole and cut in one thread call: the
@@ -32,9 +39,10 @@ _WHOLE_FILE_MAX = 16 << 20
 @dataclass(frozen=True, slots=True)
 class Ingested:
     chunks: tuple[ChunkRef, ...]
+    """Every chunk, located in a pack (v2)."""
     size: int
     digest: ChunkId
-    """Whole-content BLAKE3."""
+    """``chunks_key(chunks)``: the v2 file digest."""
 
 
 @dataclass(slots=True)
@@ -43,8 +51,6 @@ class IngestStats:
     new_chunks: int = 0
     new_bytes: int = 0
     bytes: int = 0
-    known: set[ChunkId] = field(default_factory=set)
-    """Chunks known to be in the store (uploaded or found) during this run."""
 
 
 class _Window:
@@ -66,40 +72,92 @@ class _Window:
 
 
 class Ingestor:
-    """Uploads content to ``store`` (an origin ChunkStore), only what it lacks."""
+    """Packs content into the store, only chunks ``index`` does not locate.
+
+    ``writer`` must be open (``async with``) for as long as the ingestor is used.
+    """
 
     def __init__(
-        self, store: ChunkStore, params: ChunkerParams = DEFAULT_PARAMS, concurrency: int = 16
+        self, writer: PackWriter, index: StoreIndex, params: ChunkerParams = DEFAULT_PARAMS
     ) -> None:
-        self.store = store
+        self.writer = writer
+        self.index = index
         self.params = params
         self.stats = IngestStats()
-        self._limit = anyio.Semaphore(concurrency)
+        self._placed: dict[ChunkId, ChunkRef] = {}
+        self._claims: dict[ChunkId, anyio.Event] = {}
 
     async def ingest_file(
         self, path: str | int, offset: int = 0, length: int | None = None
     ) -> Ingested:
-        """Chunk ``path`` (or ``length`` bytes of it at ``offset``) and upload
-        missing chunks. ``path`` may be an open file descriptor: it is read as
-        it is (never re-opened by name nor closed; its file offset moves).
-        Raises OSError (callers translate), Unavailable."""
+        """Chunk ``path`` (or ``length`` bytes of it at ``offset``) and pack the
+        chunks the store lacks. ``path`` may be an open file descriptor: it is
+        read as it is (never re-opened by name nor closed; its file offset moves).
+        Raises OSError (callers translate), BadInput (file changed), Unavailable."""
         small = await anyio.to_thread.run_sync(self._cut_small, path, offset, length)
         if small is not None:
-            return await self._ingest_buffer(*small)
+            data, spans = small
+            refs = await self._place(spans, lambda new: self.writer.add_bytes(data, new))
+            return self._done(refs)
         send, receive = anyio.create_memory_object_stream[list[Span]](4)
-        spans: list[Span] = []
-        digest: list[ChunkId] = []
+        refs = []
         with single_errors():
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._cut_worker, path, offset, length, send, digest)
+                tg.start_soon(self._cut_worker, path, offset, length, send)
                 async with receive:
                     async for batch in receive:
-                        spans.extend(batch)
-                        await self._upload_missing(tg, path, offset, batch)
-        self.stats.bytes += sum(s.length for s in spans)
-        return Ingested(
-            tuple(ChunkRef(s.id, s.length) for s in spans), sum(s.length for s in spans), digest[0]
-        )
+                        refs += await self._place(
+                            batch, lambda new: self.writer.add_file(path, offset, new)
+                        )
+        return self._done(refs)
+
+    async def flush(self) -> None:
+        """Store every pack written so far (and its index). Raises Unavailable."""
+        await self.writer.flush()
+
+    def locate(self, chunk_id: ChunkId) -> ChunkRef | None:
+        """Where the store (or this run's packs) holds ``chunk_id``."""
+        return self.index.locate(chunk_id) or self._placed.get(chunk_id)
+
+    def _done(self, refs: list[ChunkRef]) -> Ingested:
+        size = sum(r.size for r in refs)
+        self.stats.bytes += size
+        return Ingested(tuple(refs), size, chunks_key(refs))
+
+    async def _place(self, spans: list[Span], add: _Add) -> list[ChunkRef]:
+        """Locate every span; pack the ones nobody holds or is packing (claiming
+        them, so two files with the same chunk pack it once)."""
+        self.stats.chunks += len(spans)
+        mine: list[Span] = []
+        waits: list[anyio.Event] = []
+        for span in spans:
+            if self.locate(span.id) is not None:
+                continue
+            claim = self._claims.get(span.id)
+            if claim is None:
+                self._claims[span.id] = anyio.Event()
+                mine.append(span)
+            else:
+                waits.append(claim)
+        if mine:
+            try:
+                for ref in await add(mine):
+                    self._placed[ref.id] = ref
+                    self.stats.new_chunks += 1
+                    self.stats.new_bytes += ref.size
+            finally:
+                for span in mine:
+                    if (claim := self._claims.pop(span.id, None)) is not None:
+                        claim.set()
+        for claim in waits:
+            await claim.wait()
+        out = []
+        for span in spans:
+            found = self.locate(span.id)
+            if found is None:  # the run that claimed it failed (and raises)
+                raise BadInput(f"chunk {span.id} could not be packed")
+            out.append(found)
+        return out
 
     async def _cut_worker(
         self,
@@ -107,16 +165,13 @@ class Ingestor:
         offset: int,
         length: int | None,
         send: MemoryObjectSendStream[list[Span]],
-        digest: list[ChunkId],
     ) -> None:
         async with send:
-            digest.append(
-                await anyio.to_thread.run_sync(self._cut, path, offset, length, send)
-            )
+            await anyio.to_thread.run_sync(self._cut, path, offset, length, send)
 
     def _cut_small(
         self, path: str | int, offset: int, length: int | None
-    ) -> tuple[bytes, list[Span], ChunkId] | None:
+    ) -> tuple[bytes, list[Span]] | None:
         """Read and cut a small file (or window) whole; None if it is too big."""
         with open(path, "rb", buffering=0, closefd=isinstance(path, str)) as f:
             size = os.fstat(f.fileno()).st_size - offset if length is None else length
@@ -125,42 +180,7 @@ class Ingestor:
             data = os.pread(f.fileno(), size, offset)
         if len(data) != size:
             raise BadInput(f"{path} is shorter than expected (truncated?)")
-        return data, Chunker(self.params).cut_and_hash(data), hash_bytes(data)
-
-    async def _ingest_buffer(self, data: bytes, spans: list[Span], digest: ChunkId) -> Ingested:
-        view = memoryview(data)
-        with single_errors():
-            async with anyio.create_task_group() as tg:
-                for span in await self._claim_missing(spans):
-                    await self._limit.acquire()
-                    chunk = bytes(view[span.offset : span.offset + span.length])
-                    tg.start_soon(self._put, span, chunk)
-        self.stats.bytes += len(data)
-        return Ingested(tuple(ChunkRef(s.id, s.length) for s in spans), len(data), digest)
-
-    async def _claim_missing(self, batch: list[Span]) -> list[Span]:
-        """Spans whose chunks the store lacks and no other upload of this run
-        has claimed; claims them."""
-        stats = self.stats
-        stats.chunks += len(batch)
-        fresh = {s.id for s in batch} - stats.known
-        if fresh:
-            present = await self.store.has(fresh)
-            stats.known |= present
-        claimed = []
-        for span in batch:
-            if span.id not in stats.known:
-                stats.known.add(span.id)  # so a duplicate span is not uploaded twice
-                claimed.append(span)
-        return claimed
-
-    async def _put(self, span: Span, data: bytes) -> None:
-        try:
-            await self.store.put(span.id, data)
-            self.stats.new_chunks += 1
-            self.stats.new_bytes += span.length
-        finally:
-            self._limit.release()
+        return data, Chunker(self.params).cut_and_hash(data)
 
     def _cut(
         self,
@@ -168,9 +188,8 @@ class Ingestor:
         offset: int,
         length: int | None,
         send: MemoryObjectSendStream[list[Span]],
-    ) -> ChunkId:
+    ) -> None:
         cdc = Chunker(self.params)._cdc
-        whole = blake3.blake3()
         batch: list[Span] = []
         pos = 0
         with open(path, "rb", buffering=0, closefd=isinstance(path, str)) as f:
@@ -179,7 +198,6 @@ class Ingestor:
                 f.seek(offset)
                 reader = _Window(f, length if length is not None else 1 << 62)
             for chunk in cdc.cut_stream(reader):
-                whole.update(chunk.data)
                 batch.append(Span(pos, chunk.length, hash_bytes(chunk.data)))
                 pos += chunk.length
                 if len(batch) >= _BATCH:
@@ -187,31 +205,8 @@ class Ingestor:
                     batch = []
         if batch:
             anyio.from_thread.run(send.send, batch)
-        return ChunkId(whole.hexdigest())
-
-    async def _upload_missing(
-        self, tg: anyio.abc.TaskGroup, path: str | int, base: int, batch: list[Span]
-    ) -> None:
-        for span in await self._claim_missing(batch):
-            await self._limit.acquire()  # back-pressure: bounded uploads in flight
-            tg.start_soon(self._upload, path, base + span.offset, span)
-
-    async def _upload(self, path: str | int, offset: int, span: Span) -> None:
-        try:
-            data = await anyio.to_thread.run_sync(_pread_verified, path, offset, span)
-        except BaseException:
-            self._limit.release()
-            raise
-        await self._put(span, data)
+        if length is not None and pos != length:
+            raise BadInput(f"{path} is shorter than expected (truncated?)")
 
 
-def _pread_verified(path: str | int, offset: int, span: Span) -> bytes:
-    fd = path if isinstance(path, int) else os.open(path, os.O_RDONLY)
-    try:
-        data = os.pread(fd, span.length, offset)
-    finally:
-        if isinstance(path, str):
-            os.close(fd)
-    if hash_bytes(data) != span.id:
-        raise BadInput(f"{path} changed while it was being pushed")
-    return data
+_Add = Callable[[list[Span]], Awaitable[list[ChunkRef]]]

@@ -1,27 +1,35 @@
 """push: snapshot a directory tree into the object store.
 
-Order matters for crash safety: chunks first, then the manifest, then the
-ref. A crash at any point leaves at worst unreferenced objects (gc sweeps
-them), never a ref to something missing.
+Order matters for crash safety: packs (and their indexes) first, then the
+manifest, then the ref. A crash at any point leaves at worst unreferenced
+objects (gc sweeps them), never a ref to something missing.
+
+Dedup needs no request per chunk: the writer's ``StoreIndex`` (pack indexes,
+cached locally) and the ref's previous manifest say where chunks already are.
+A push whose tree did not change rewrites nothing (the ref already names it).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
 
 from .catalog import Catalog, check_ref
-from .errors import BadInput, DiskFull, single_errors
+from .errors import BadInput, DiskFull, InvalidManifest, NotFound, single_errors
 from .ids import ChunkId
 from .ingest import Ingestor
-from .manifest import Entry, Tree
+from .manifest import Entry, Tree, encode, manifest_id
 from .materialize import TMP_MARK, Progress
+from .packs import BadLocation
+
+log = logging.getLogger(__name__)
 
 # Local bookkeeping that must never be published: the runner's completeness
 # marker (runner.MARKER) and temp files of a pull in progress.
@@ -107,6 +115,7 @@ async def push_tree(
     except OSError as exc:
         raise BadInput(f"cannot read {exc.filename or root}: {exc.strerror}") from exc
 
+    previous = await _previous(catalog, ref, ingestor) if ref is not None else None
     entries = list(scan.entries)
     big_first = sorted(scan.files, key=lambda f: -f[2])  # the longest jobs start first
     entries += await ingest_files(
@@ -114,13 +123,15 @@ async def push_tree(
         total=sum(size for _, _, size in scan.files), file_concurrency=file_concurrency,
     )
     tree = Tree(ingestor.params.info(), tuple(sorted(entries, key=lambda e: e.path)))
-    manifest_id = await catalog.save(tree)
-    if ref is not None:
-        await catalog.set_ref(ref, manifest_id)
+    new_id = manifest_id(encode(tree))
+    if new_id != previous:  # else the ref already names exactly this tree
+        await catalog.save(tree)
+        if ref is not None:
+            await catalog.set_ref(ref, new_id)
     stats = ingestor.stats
     return PushResult(
         ref=ref or "",
-        manifest=manifest_id,
+        manifest=new_id,
         files=len(scan.files),
         bytes=sum(size for _, _, size in scan.files),
         chunks=sum(len(e.chunks) for e in tree.entries),
@@ -129,6 +140,93 @@ async def push_tree(
         seconds=time.monotonic() - started,
         skipped=tuple(scan.skipped),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RepairResult:
+    ref: str
+    old_manifest: ChunkId
+    manifest: ChunkId
+    """What ``ref`` names now (``old_manifest`` if nothing was bad)."""
+    repaired: int
+    """Bad chunks that now have a good copy the ref's tree names."""
+    unrepaired: tuple[ChunkId, ...]
+    """Bad chunks ``source`` did not hold (the ref still names the bad copy)."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.unrepaired
+
+
+async def repair_tree(
+    catalog: Catalog,
+    ref: str,
+    manifest_id: ChunkId,
+    bad: set[BadLocation],
+    source: Path,
+    ingestor: Ingestor,
+) -> RepairResult:
+    """Pack again, from ``source``, the chunks of tree ``manifest_id`` stored at
+    ``bad`` locations (the ingestor's index never offers those), then swap
+    ``ref`` from ``manifest_id`` to a tree naming the new copies. Files at the
+    same paths are read first; the whole of ``source`` only if that was not
+    enough. Raises BadInput, Conflict (the ref moved meanwhile), Unavailable."""
+    check_ref(ref)
+    manifest = await catalog.load(manifest_id)
+    if not isinstance(manifest, Tree):
+        raise BadInput(
+            f"{ref} is an {manifest.kind}: repair it by importing it again "
+            "(a writer never reuses a chunk verify found bad)"
+        )
+    if not await anyio.to_thread.run_sync(source.is_dir):
+        raise BadInput(f"not a directory: {source}")
+    ingestor.index.distrust(bad)
+
+    def wanted() -> set[ChunkId]:
+        return {c.id for c in manifest.chunk_refs()
+                if (c.id, c.pack) in bad and ingestor.locate(c.id) is None}
+
+    damaged = [e for e in manifest.entries if any((c.id, c.pack) in bad for c in e.chunks)]
+    same_paths = await anyio.to_thread.run_sync(
+        lambda: [(e.path, e.mode) for e in damaged if (source / e.path).is_file()]
+    )
+    await ingest_files(source, same_paths, ingestor)
+    if wanted():
+        try:
+            scan = await anyio.to_thread.run_sync(scan_tree, source)
+        except OSError as exc:
+            raise BadInput(f"cannot read {exc.filename or source}: {exc.strerror}") from exc
+        done = {p for p, _ in same_paths}
+        await ingest_files(source, [(p, m) for p, m, _ in scan.files if p not in done], ingestor)
+    entries = []
+    for entry in manifest.entries:
+        chunks = tuple(
+            (ingestor.locate(c.id) or c) if (c.id, c.pack) in bad else c for c in entry.chunks
+        )
+        entries.append(replace(entry, chunks=chunks))
+    tree = Tree(manifest.chunker, tuple(entries))
+    unrepaired = tuple(sorted(wanted()))
+    repaired = len({c.id for c in manifest.chunk_refs() if (c.id, c.pack) in bad}) - len(
+        unrepaired
+    )
+    new_id = await catalog.save(tree)
+    if new_id != manifest_id:
+        await catalog.swap_ref(ref, manifest_id, new_id)
+    return RepairResult(ref, manifest_id, new_id, repaired, unrepaired)
+
+
+async def _previous(catalog: Catalog, ref: str, ingestor: Ingestor) -> ChunkId | None:
+    """The manifest ``ref`` names now, its chunks taught to the ingestor (those
+    in packs that exist); None if there is none or it cannot be read."""
+    try:
+        previous = await catalog.resolve(ref)
+        async for _, manifest in catalog.walk(previous):
+            if isinstance(manifest, Tree):
+                ingestor.index.add(manifest.chunk_refs())
+    except (NotFound, InvalidManifest) as exc:
+        log.info("not reusing the previous manifest of %s: %s", ref, exc)
+        return None
+    return previous
 
 
 async def ingest_files(
@@ -140,8 +238,8 @@ async def ingest_files(
     total: int = 0,
     file_concurrency: int = 4,
 ) -> list[Entry]:
-    """Ingest ``(relpath, mode)`` files under ``root`` (a few at a time; each
-    file's chunks upload in parallel) and return their entries.
+    """Ingest ``(relpath, mode)`` files under ``root`` (a few at a time) and
+    return their entries, once their packs are stored (manifest may follow).
 
     Raises BadInput (unreadable file), DiskFull, Unavailable.
     """
@@ -167,4 +265,5 @@ async def ingest_files(
         async with anyio.create_task_group() as tg:
             for path, mode in files:
                 tg.start_soon(one, path, mode)
+    await ingestor.flush()
     return entries

@@ -4,6 +4,13 @@ For each chunk, live peers are ranked by rendezvous hashing (peers known to
 hold it first); the first is asked, a slow answer is hedged by asking the next,
 and any miss, error or corrupt answer falls through to the next peer. When all
 fail, ChunkMissing sends the tier list on to the object store.
+
+``fetch`` does the same for many refs at once: each ref goes to the queue of
+its first-ranked peer, and one worker per peer keeps up to ``fetch_window``
+chunks requested, topping up in batches (refills issued in one loop iteration
+share one many-id request on the connection). A miss or failure moves the ref
+to its next peer's queue; a peer that answers nothing for the hedge delay has
+its oldest outstanding chunk asked of the next peer too.
 """
 
 from __future__ import annotations
@@ -11,19 +18,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from blobstore.errors import (
     AuthError,
+    BlobstoreError,
     ChunkMissing,
     CorruptChunk,
     PeerUnavailable,
     ProtocolError,
+    single_errors,
 )
 from blobstore.ids import ChunkId
 from blobstore.manifest import ChunkRef
-from blobstore.source import ChunkData, Sink, fetch_each
+from blobstore.source import ChunkData, Sink, Undelivered
 
 from . import placement
 from .framing import MAX_IDS_PER_REQUEST
@@ -41,6 +51,9 @@ class TierTuning:
     request_timeout: float = 30.0
     hedge_min: float = 0.05
     hedge_max: float = 2.0
+    fetch_window: int = 32
+    """Chunks one ``fetch`` keeps requested from one peer (memory: at most this
+    many received chunks per peer wait for the sink)."""
 
 
 class PeerTier:
@@ -98,7 +111,22 @@ class PeerTier:
         raise ChunkMissing(chunk_id, "peers")
 
     async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
-        return await fetch_each(self.get, refs, sink)
+        """Deliver what the peers hold, verified, to ``sink``; return the rest
+        (an ``Undelivered``: ChunkMissing, CorruptChunk or PeerUnavailable per
+        chunk). Raises only what ``sink`` raises."""
+        await self._discovered()
+        live = self._directory.live()
+        batch = _BatchFetch(self, sink)
+        if not live:
+            for ref in refs:
+                batch.left.add(ref, ChunkMissing(ref.id, "peers (none live)"))
+            return batch.left
+        with single_errors():
+            async with asyncio.TaskGroup() as tg:
+                batch.task_group = tg
+                for ref in refs:
+                    batch.route(_Want(ref, self._order(ref.id, live)))
+        return batch.left
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         """Ask every live peer which of ``chunk_ids`` it holds; remember it for ranking."""
@@ -130,22 +158,25 @@ class PeerTier:
     async def _attempt(self, peer: Peer, chunk_id: ChunkId) -> ChunkData:
         slots = self._slots.setdefault(peer.node, asyncio.Semaphore(self._tuning.per_peer))
         async with slots:
-            started = time.monotonic()
-            try:
-                conn = self._directory.connection(peer)
-                async with asyncio.timeout(self._tuning.request_timeout):
-                    data = await conn.get(chunk_id)
-            except ChunkMissing:
-                raise
-            except CorruptChunk as exc:
-                self.stats["corrupt"] += 1
-                log.warning("%s; trying elsewhere", exc)
-                self._directory.mark_down(peer, "served a corrupt chunk")
-                raise
-            except (PeerUnavailable, ProtocolError, AuthError, TimeoutError) as exc:
-                self.stats["errors"] += 1
-                self._directory.mark_down(peer, str(exc) or type(exc).__name__)
-                raise PeerUnavailable(f"peer {peer.address}: {exc}") from exc
+            return await self._ask(peer, chunk_id)
+
+    async def _ask(self, peer: Peer, chunk_id: ChunkId) -> ChunkData:
+        started = time.monotonic()
+        try:
+            conn = self._directory.connection(peer)
+            async with asyncio.timeout(self._tuning.request_timeout):
+                data = await conn.get(chunk_id)
+        except ChunkMissing:
+            raise
+        except CorruptChunk as exc:
+            self.stats["corrupt"] += 1
+            log.warning("%s; trying elsewhere", exc)
+            self._directory.mark_down(peer, "served a corrupt chunk")
+            raise
+        except (PeerUnavailable, ProtocolError, AuthError, TimeoutError) as exc:
+            self.stats["errors"] += 1
+            self._directory.mark_down(peer, str(exc) or type(exc).__name__)
+            raise PeerUnavailable(f"peer {peer.address}: {exc}") from exc
         self._directory.mark_ok(peer)
         self._latency = 0.9 * self._latency + 0.1 * (time.monotonic() - started)
         return data
@@ -162,3 +193,121 @@ class PeerTier:
         except (PeerUnavailable, ProtocolError, TimeoutError) as exc:
             self._directory.mark_down(peer, str(exc) or type(exc).__name__)
         return held
+
+
+class _Want:
+    """One ref on its way from the peers: the peers not asked yet, in rank order."""
+
+    __slots__ = ("asking", "done", "hedged", "peers", "reason", "ref")
+
+    def __init__(self, ref: ChunkRef, peers: list[Peer]) -> None:
+        self.ref = ref
+        self.peers = peers
+        self.asking = 0
+        """Attempts queued or running (two while hedged)."""
+        self.done = False
+        self.hedged = False
+        self.reason: BlobstoreError | None = None
+
+
+class _BatchFetch:
+    """One ``PeerTier.fetch``: a queue and a worker per peer, wants moving from
+    peer to peer until delivered or out of peers."""
+
+    def __init__(self, tier: PeerTier, sink: Sink) -> None:
+        self.tier = tier
+        self.sink = sink
+        self.left = Undelivered()
+        self.task_group: asyncio.TaskGroup | None = None
+        self.queues: dict[str, deque[_Want]] = {}
+        self.wake: dict[str, asyncio.Event] = {}
+
+    def route(self, want: _Want) -> None:
+        """Queue ``want`` at its next peer, or give it up when none is left."""
+        if not want.peers:
+            if want.asking == 0 and not want.done:
+                self.tier.stats["misses"] += 1
+                self.left.add(want.ref, want.reason or ChunkMissing(want.ref.id, "peers"))
+            return
+        peer = want.peers.pop(0)
+        want.asking += 1
+        self.queues.setdefault(peer.node, deque()).append(want)
+        if peer.node in self.wake:
+            self.wake[peer.node].set()
+        else:
+            assert self.task_group is not None
+            self.wake[peer.node] = asyncio.Event()
+            self.task_group.create_task(self._worker(peer))
+
+    async def _worker(self, peer: Peer) -> None:
+        node = peer.node
+        queue, wake = self.queues[node], self.wake[node]
+        window = self.tier._tuning.fetch_window
+        running: deque[tuple[_Want, asyncio.Task[None]]] = deque()
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                for want, task in running:
+                    if want.done and not task.done():  # its hedged twin delivered it
+                        task.cancel()
+                if any(task.done() for _, task in running):
+                    running = deque([item for item in running if not item[1].done()])
+                # Top up in batches: what starts in one loop iteration is one request.
+                if queue and len(running) <= window // 2:
+                    while queue and len(running) < window:
+                        want = queue.popleft()
+                        running.append((want, tg.create_task(self._one(peer, want))))
+                if not queue and not running:
+                    del self.wake[node]  # before any await: a later route starts a new worker
+                    return
+                wake.clear()
+                woken = asyncio.ensure_future(wake.wait())
+                done, _ = await asyncio.wait(
+                    [woken, *(task for _, task in running)],
+                    timeout=self.tier._hedge_delay(),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                woken.cancel()
+                if not done:
+                    self._hedge(running, queue)
+
+    def _hedge(self, running: deque[tuple[_Want, asyncio.Task[None]]], queue: deque[_Want]) -> None:
+        """The peer answered nothing for the hedge delay: ask the next peers for
+        what it has outstanding too, and move what waits in its queue there."""
+        for want, task in running:
+            if not task.done() and not want.done and not want.hedged and want.peers:
+                want.hedged = True
+                self.tier.stats["hedges"] += 1
+                self.route(want)
+        stay: list[_Want] = []
+        while queue:
+            want = queue.popleft()
+            if want.peers:
+                want.asking -= 1
+                self.route(want)
+            else:
+                stay.append(want)
+        queue.extend(stay)
+
+    async def _one(self, peer: Peer, want: _Want) -> None:
+        ref = want.ref
+        try:
+            if want.done:  # a hedged twin delivered it meanwhile
+                return
+            try:
+                data = await self.tier._ask(peer, ref.id)
+            except (ChunkMissing, CorruptChunk, PeerUnavailable) as exc:
+                if not isinstance(exc, ChunkMissing) or want.reason is None:
+                    want.reason = exc
+            else:
+                if len(data) == ref.size and not want.done:
+                    want.done = True
+                    self.tier.stats["hits"] += 1
+                    await self.sink(ref, data)
+                elif len(data) != ref.size:
+                    want.reason = CorruptChunk(ref.id, f"peer {peer.address} (wrong size)")
+        finally:
+            want.asking -= 1
+        # Next peer when nothing else is asking, or when the other ask is one
+        # already found slow (hedged): keep going down the list meanwhile.
+        if not want.done and (want.asking == 0 or (want.hedged and want.peers)):
+            self.route(want)

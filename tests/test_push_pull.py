@@ -27,8 +27,8 @@ from blobstore.client import Client
 from blobstore.config import CacheConfig, Config, PeerConfig
 from blobstore.errors import BadInput, ChunkMissing, CorruptChunk, InvalidRef, RefNotFound
 from blobstore.ids import hash_bytes
-from blobstore.manifest import Tree, decode, file_key
-from blobstore.objectstore import chunk_key
+from blobstore.manifest import ChunkRef, Tree, decode, file_key
+from blobstore.objectstore import ObjectStore, pack_key
 
 pytestmark = pytest.mark.anyio
 
@@ -160,7 +160,7 @@ async def test_corrupt_store_object_fails_clean(client: Client, src: Path, tmp_p
     assert isinstance(tree, Tree)
     weights = next(e for e in tree.entries if e.path == "weights.bin")
     bad = weights.chunks[1].id
-    await client.object_store.put(chunk_key(bad), b"garbage" * 1000)
+    await damage(client.object_store, weights.chunks[1])
     dst = tmp_path / "dst"
     with pytest.raises(CorruptChunk, match=bad):
         await client.pull("t", dst)
@@ -178,9 +178,12 @@ async def test_missing_chunk_in_store(client: Client, src: Path, tmp_path: Path)
     _, tree = await client.load("t")
     assert isinstance(tree, Tree)
     leaf = next(e for e in tree.entries if e.path.endswith("leaf.txt"))
-    await client.object_store.delete(chunk_key(leaf.chunks[0].id))
-    with pytest.raises(ChunkMissing, match=leaf.chunks[0].id):
+    pack = leaf.chunks[0].pack
+    assert pack is not None
+    await client.object_store.delete(pack_key(pack))
+    with pytest.raises(ChunkMissing) as info:
         await client.pull("t", tmp_path / "dst")
+    assert info.value.chunk_id in {c.id for c in tree.chunk_refs() if c.pack == pack}
     assert temp_leftovers(tmp_path / "dst") == []
     assert not (tmp_path / "dst" / leaf.path).exists()
 
@@ -211,10 +214,13 @@ def test_cli_corrupt_store_object_one_line_error(
     show = json.loads(run_cli(["show", "t", "--json"], env).stdout)
     assert show["manifest"] == pushed["manifest"]
     manifest = get_object(object_store_url, f"manifests/{pushed['manifest']}")
-    tree_chunks = _chunk_ids(manifest, "weights.bin")
-    put_objects(object_store_url, {chunk_key(tree_chunks[0]): b"evil bytes"})
+    first = _chunks(manifest, "weights.bin")[0]
+    assert first.pack is not None
+    pack = bytearray(get_object(object_store_url, pack_key(first.pack)))
+    pack[first.offset : first.offset + 10] = b"evil bytes"
+    put_objects(object_store_url, {pack_key(first.pack): bytes(pack)})
     proc = run_cli(["pull", "t", tmp_path / "dst"], env)
-    assert_one_line_error(proc, "corrupt", tree_chunks[0])
+    assert_one_line_error(proc, "corrupt", first.id)
     assert not (tmp_path / "dst" / "weights.bin").exists()
     assert temp_leftovers(tmp_path / "dst") == []
 
@@ -239,8 +245,15 @@ def test_cli_corrupt_cache_chunk_refetched(
     assert victim.read_bytes() != b"\x00" * size  # healed
 
 
-def _chunk_ids(manifest_bytes: bytes, path: str) -> list[str]:
+def _chunks(manifest_bytes: bytes, path: str) -> tuple[ChunkRef, ...]:
     tree = decode(manifest_bytes)
     assert isinstance(tree, Tree)
-    entry = next(e for e in tree.entries if e.path == path)
-    return [c.id for c in entry.chunks]
+    return next(e for e in tree.entries if e.path == path).chunks
+
+
+async def damage(store: ObjectStore, ref: ChunkRef, data: bytes = b"garbage") -> None:
+    """Overwrite ``ref``'s bytes inside its pack (the pack keeps its size)."""
+    assert ref.pack is not None
+    pack = bytearray(await store.get(pack_key(ref.pack)))
+    pack[ref.offset : ref.offset + ref.size] = (data * ref.size)[: ref.size]
+    await store.put(pack_key(ref.pack), bytes(pack))

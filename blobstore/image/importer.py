@@ -178,4 +178,5 @@ async def _import_layer(
         chunker=ingestor.params.info(),
         chunks=ingested.chunks,
     )
+    await ingestor.flush()  # the packs and their indexes before the manifest naming them
     return await catalog.save(manifest), manifest

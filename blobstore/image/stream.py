@@ -1,6 +1,6 @@
 """Stream a layer's bytes out of the tiers, in order, in bounded memory.
 
-Chunks are fetched ahead through ``source.get`` (verified by the source),
+Chunks are fetched ahead through ``source.fetch`` (verified by the source),
 at most ``window`` at a time (~window x 4 MiB of memory), and handed in order
 to a sink that runs in a worker thread. The sha256 of the blob is computed on
 the way (in the same worker thread) and checked against the layer's digest.
@@ -19,7 +19,7 @@ from blobstore.source import ChunkData
 
 from ..ids import ChunkId
 from ..manifest import ChunkRef
-from ..source import ChunkSource, fetch_each
+from ..source import ChunkSource
 from ..source import Sink as RefSink
 from .errors import DigestMismatch
 
@@ -43,8 +43,13 @@ async def copy_chunks(
     ready = [anyio.Event() for _ in chunks]
     room = anyio.Semaphore(window)
 
-    async def fetch(i: int, chunk_id: ChunkId) -> None:
-        slots[i] = await source.get(chunk_id)
+    async def fetch(i: int, chunk: ChunkRef) -> None:
+        async def keep(ref: ChunkRef, data: ChunkData) -> None:
+            slots[i] = data
+
+        # fetch, not get: a packed chunk is found by its (pack, offset)
+        if await source.fetch([chunk], keep) or slots[i] is None:
+            slots[i] = await source.get(chunk.id)  # for the precise error
         ready[i].set()
 
     async def feed() -> None:
@@ -59,7 +64,7 @@ async def copy_chunks(
         tg.start_soon(feed)
         for i, chunk in enumerate(chunks):
             await room.acquire()
-            tg.start_soon(fetch, i, chunk.id)
+            tg.start_soon(fetch, i, chunk)
 
 
 class HashingWriter:
@@ -97,7 +102,11 @@ class MeteredSource:
         return data
 
     async def fetch(self, refs: Sequence[ChunkRef], sink: RefSink) -> list[ChunkRef]:
-        return await fetch_each(self.get, refs, sink)
+        async def metered(ref: ChunkRef, data: ChunkData) -> None:
+            self.report(len(data))
+            await sink(ref, data)
+
+        return await self.inner.fetch(refs, metered)
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         return await self.inner.has(chunk_ids)

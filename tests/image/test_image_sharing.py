@@ -11,14 +11,17 @@ from imagetools import Umoci, random_bytes, skopeo_copy, write_tree
 from blobstore.client import Client
 from blobstore.image import image_sharing, import_into
 from blobstore.image.blobs import load_image
-from blobstore.objectstore import CHUNKS
+from blobstore.objectstore import CHUNKS, INDEX_SUFFIX, PACKS
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("umoci", "skopeo")]
 MiB = 1 << 20
 
 
 async def stored_chunk_bytes(client: Client) -> int:
-    return sum([info.size async for info in client.object_store.list(CHUNKS)])
+    """Bytes of chunk data in the store: loose chunks and packs (not pack indexes)."""
+    infos = [info async for info in client.object_store.list(CHUNKS)]
+    infos += [info async for info in client.object_store.list(PACKS)]
+    return sum(info.size for info in infos if not info.key.endswith(INDEX_SUFFIX))
 
 
 async def test_two_images_sharing_a_base_layer_store_it_once(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -13,7 +14,9 @@ from test_server import FakeCache, blob
 
 from blobstore.errors import ChunkMissing
 from blobstore.ids import ChunkId
-from p2p import placement
+from blobstore.manifest import ChunkRef
+from blobstore.source import ChunkData, Undelivered
+from p2p import messages, placement
 from p2p.client import Identity
 from p2p.liveness import PeerDirectory, Timing
 from p2p.metrics import Metrics
@@ -164,3 +167,83 @@ async def test_first_request_waits_for_discovery_to_settle() -> None:
         settled.set_result(None)
         assert await fetch == data
         assert t.stats["hits"] == 1
+
+
+# -- fetch: many refs, grouped by peer, many ids per request -------------------------
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.got: dict[ChunkRef, bytes] = {}
+
+    async def __call__(self, ref: ChunkRef, data: ChunkData) -> None:
+        self.got[ref] = bytes(data)
+
+
+def refs_for(count: int, size: int = 3000) -> list[tuple[ChunkRef, bytes]]:
+    out = []
+    for i in range(count):  # blob(i) repeats after 256; vary the size instead
+        chunk_id, data = blob(i % 200, size + i // 200)
+        out.append((ChunkRef(chunk_id, len(data)), data))
+    return out
+
+
+async def test_fetch_batches_ids_per_peer_and_falls_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    requests: list[int] = []
+    real_get = messages.get
+
+    def counting_get(ids: list[ChunkId]) -> dict[str, object]:
+        requests.append(len(ids))
+        return real_get(ids)
+
+    monkeypatch.setattr(messages, "get", counting_get)
+    wanted = refs_for(400)
+    caches = [FakeCache(), FakeCache(), FakeCache()]
+    rng = random.Random(7)
+    held, absent = wanted[:380], wanted[380:]
+    for ref, data in held:  # each chunk on one or two peers, none on the others
+        for cache in rng.sample(caches, rng.choice([1, 2])):
+            cache.chunks[ref.id] = data
+    async with peers(*caches) as addrs, tier(addrs, TierTuning(hedge_min=5.0)) as t:
+        sink = Collect()
+        left = await t.fetch([ref for ref, _ in wanted], sink)
+        assert sink.got == dict(held)
+        assert isinstance(left, Undelivered)
+        assert sorted(left, key=str) == sorted((ref for ref, _ in absent), key=str)
+        assert all(isinstance(left.reasons[ref.id], ChunkMissing) for ref, _ in absent)
+        assert t.stats["hits"] == len(held)
+        # a miss at one peer is asked of the next: more asks than chunks, far fewer requests
+        assert sum(requests) >= len(wanted)
+        assert len(requests) * 8 <= sum(requests)
+
+
+async def test_fetch_survives_a_lying_peer_and_hedges_a_stalled_one() -> None:
+    wanted = refs_for(60)
+    liar, stalled, good = FakeCache(), StallingCache(), FakeCache()
+    for cache in (liar, stalled, good):
+        cache.chunks.update({ref.id: data for ref, data in wanted})
+    async with (
+        peers(liar, stalled, good, corrupt=0) as addrs,
+        tier(addrs, TierTuning(hedge_min=0.05, hedge_max=0.2)) as t,
+    ):
+        sink = Collect()
+        assert await t.fetch([ref for ref, _ in wanted], sink) == []
+        assert sink.got == dict(wanted)  # every byte verified: the liar's never got through
+        ranked_first = {placement.rank(["n0", "n1", "n2"], ref.id)[0] for ref, _ in wanted}
+        if "n0" in ranked_first:
+            assert t.stats["corrupt"] >= 1
+        if "n1" in ranked_first:
+            assert t.stats["hedges"] >= 1
+        stalled.release.set()
+
+
+async def test_fetch_with_no_live_peer_returns_everything_missing() -> None:
+    async with PeerDirectory(Identity("client", "r"), FAST) as directory:
+        t = PeerTier(directory)
+        wanted = [ref for ref, _ in refs_for(3)]
+        left = await t.fetch(wanted, Collect())
+        assert left == wanted
+        assert isinstance(left, Undelivered)
+        assert all("none live" in str(left.reasons[ref.id]) for ref in wanted)

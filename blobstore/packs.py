@@ -1,0 +1,445 @@
+"""Packs: many chunks in one object, so the object store sees few, big requests.
+
+A push writes its *new* chunks, in file order, into packs of about
+``PackConfig.target_bytes``: a pack is the raw concatenation of its chunks
+(``packs/<id[0:2]>/<id>``), and beside it an index (``<id>.index``) lists
+``(chunk id, offset, length)`` for each chunk. Manifests (v2) name every
+chunk's pack and offset, so a pull needs no index; the indexes are for push
+dedup and gc, and are read in bulk.
+
+Pack ids are 32 random bytes, not a hash of the content: two pushes never
+produce the same pack key, so a pack is written exactly once and never
+overwritten (nor deleted by a gc that listed an older pack of the same name).
+The index carries its pack id and a BLAKE3 of itself, so a damaged index is
+detected; chunk bytes are verified against their ids whenever they are read.
+
+Write order (the crash rule): a pack, then its index, then (after
+``PackWriter.flush``) the manifests naming it, then the ref. A crash leaves at
+worst a pack without an index or a pack nobody names; gc sweeps both.
+
+Memory: one pack being filled plus ``uploads`` packs in flight, i.e. about
+``(uploads + 1) x target_bytes``.
+
+Dedup without a HEAD per chunk: ``StoreIndex.load`` LISTs ``packs/`` once (one
+request per ~500 packs), fetches only the indexes not already in the local
+``IndexCache`` (under the cache dir), drops cached indexes of packs that are
+gone, and maps chunk id -> a location in a pack that exists. Chunks that
+``verify`` found bad at a location are listed in the cache's ``bad`` file and
+never reused from there (they are uploaded again into a new pack).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import struct
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import anyio
+import anyio.abc
+import blake3
+
+from .chunker import Span
+from .errors import BadInput, Corrupt, ObjectMissing, single_errors
+from .ids import ChunkId, hash_bytes, id_from_bytes, id_to_bytes, is_id
+from .manifest import MAX_CHUNK_BYTES, MAX_PACK_BYTES, ChunkRef
+from .objectstore import INDEX_SUFFIX, PACKS, ObjectInfo, ObjectStore, index_key, pack_key
+from .parallel import for_each
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACK_BYTES = 32 << 20
+"""Measured on a 1 GiB push to SeaweedFS (16/32/64 MiB): see bench/README.md."""
+
+
+@dataclass(frozen=True, slots=True)
+class PackConfig:
+    target_bytes: int = DEFAULT_PACK_BYTES
+    """A pack is sealed when the next chunk would take it past this size."""
+    uploads: int = 3
+    """Sealed packs uploading at once (memory: (uploads + 1) x target_bytes)."""
+    index_fetches: int = 16
+    """Index GETs at once when the local index cache is cold."""
+
+    def __post_init__(self) -> None:
+        if not 1 << 20 <= self.target_bytes <= MAX_PACK_BYTES // 2:
+            raise BadInput("pack size must be between 1 MiB and 2 GiB")
+        if self.uploads < 1 or self.index_fetches < 1:
+            raise BadInput("pack upload and index fetch concurrency must be at least 1")
+
+
+def new_pack_id() -> ChunkId:
+    return ChunkId(secrets.token_hex(32))
+
+
+# --------------------------------------------------------------------------- index codec
+
+_MAGIC = b"BSPACKIX"
+_FORMAT = 1
+_HEADER = struct.Struct("<8sB32sI")  # magic, format, pack id, count
+_ENTRY = struct.Struct("<32sQI")  # chunk id, offset, length
+_SUM = 32
+
+
+def encode_index(pack_id: ChunkId, refs: Sequence[ChunkRef]) -> bytes:
+    """The index object of a pack holding ``refs`` (in pack order)."""
+    parts = [_HEADER.pack(_MAGIC, _FORMAT, id_to_bytes(pack_id), len(refs))]
+    parts += [_ENTRY.pack(id_to_bytes(r.id), r.offset, r.size) for r in refs]
+    body = b"".join(parts)
+    return body + blake3.blake3(body).digest()
+
+
+def decode_index(pack_id: ChunkId, data: bytes) -> tuple[ChunkRef, ...]:
+    """Decode and check an index: checksum, pack id, chunks laid end to end
+    from offset 0. Raises Corrupt (one line)."""
+    where = f"pack index {pack_id[:16]}…"
+    if len(data) < _HEADER.size + _SUM:
+        raise Corrupt(f"{where} is truncated")
+    body, checksum = data[:-_SUM], data[-_SUM:]
+    if blake3.blake3(body).digest() != checksum:
+        raise Corrupt(f"{where} is corrupt (checksum mismatch)")
+    magic, fmt, raw_pack, count = _HEADER.unpack_from(body)
+    if magic != _MAGIC or fmt != _FORMAT:
+        raise Corrupt(f"{where} has an unknown format")
+    if raw_pack != id_to_bytes(pack_id):
+        raise Corrupt(f"{where} belongs to another pack")
+    if len(body) != _HEADER.size + count * _ENTRY.size:
+        raise Corrupt(f"{where} has the wrong length for {count} chunks")
+    refs = []
+    expected = 0
+    for raw_id, offset, length in _ENTRY.iter_unpack(body[_HEADER.size :]):
+        if offset != expected or not 0 < length <= MAX_CHUNK_BYTES:
+            raise Corrupt(f"{where} has a bad chunk extent")
+        expected += length
+        refs.append(ChunkRef(id_from_bytes(raw_id), length, pack_id, offset))
+    if expected > MAX_PACK_BYTES:
+        raise Corrupt(f"{where} describes a pack that is too large")
+    return tuple(refs)
+
+
+# --------------------------------------------------------------------------- writer
+
+Sealed = Callable[[ChunkId, tuple[ChunkRef, ...], bytes], Awaitable[None]]
+"""Called after a pack and its index are stored: (pack id, its chunks, index bytes)."""
+
+
+class PackWriter:
+    """Appends chunks to packs and uploads each sealed pack, then its index.
+
+    ``async with PackWriter(...)``: uploads run in the writer's task group; an
+    upload failure cancels the block and is raised from it. Chunks are placed
+    in the order ``add_*`` calls are made (one call's chunks stay together).
+    Nothing is stored until a pack is sealed: call ``flush`` before writing a
+    manifest that names its chunks.
+    """
+
+    def __init__(
+        self, store: ObjectStore, config: PackConfig = PackConfig(), on_sealed: Sealed | None = None
+    ) -> None:
+        self.store = store
+        self.config = config
+        self._on_sealed = on_sealed
+        self._lock = anyio.Lock()
+        self._slots = anyio.Semaphore(config.uploads)
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._pack = new_pack_id()
+        self._buf = bytearray()
+        self._refs: list[ChunkRef] = []
+        self.packs = 0
+        self.bytes = 0
+
+    async def __aenter__(self) -> Self:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._tg is not None
+        if exc is None:
+            try:
+                await self._seal()
+            except BaseException as err:  # handed to the task group like a body error
+                exc_type, exc, tb = type(err), err, err.__traceback__
+        tg, self._tg = self._tg, None
+        with single_errors():
+            return await tg.__aexit__(exc_type, exc, tb)
+
+    async def add_bytes(self, data: bytes | memoryview, spans: Sequence[Span]) -> list[ChunkRef]:
+        """Place ``spans`` of ``data`` (their ids already computed from these bytes)."""
+        view = memoryview(data)
+        out: list[ChunkRef] = []
+        async with self._lock:
+            for span in spans:
+                await self._make_room(span.length)
+                out.append(self._append(span, view[span.offset : span.offset + span.length]))
+        return out
+
+    async def add_file(self, src: str | int, base: int, spans: Sequence[Span]) -> list[ChunkRef]:
+        """Place ``spans`` read from ``src`` (a path or an open fd) at ``base +
+        span.offset``, each verified against its id as it is read.
+        Raises BadInput if the file changed, OSError."""
+        out: list[ChunkRef] = []
+        async with self._lock:
+            i = 0
+            while i < len(spans):
+                await self._make_room(spans[i].length)
+                room = self.config.target_bytes - len(self._buf)
+                got = await anyio.to_thread.run_sync(_read_spans, src, base, spans[i:], room)
+                for span, data in zip(spans[i:], got, strict=False):
+                    out.append(self._append(span, data))
+                i += len(got)
+        return out
+
+    async def flush(self) -> None:
+        """Seal the pack being filled and wait until every sealed pack and its
+        index are stored. Raises what an upload raised (StoreUnavailable…)."""
+        async with self._lock:
+            await self._seal()
+            for _ in range(self.config.uploads):
+                await self._slots.acquire()
+            for _ in range(self.config.uploads):
+                self._slots.release()
+
+    # -- helpers -------------------------------------------------------------
+
+    def _append(self, span: Span, data: bytes | memoryview) -> ChunkRef:
+        ref = ChunkRef(span.id, span.length, self._pack, len(self._buf))
+        self._buf += data
+        self._refs.append(ref)
+        return ref
+
+    async def _make_room(self, length: int) -> None:
+        if self._buf and len(self._buf) + length > self.config.target_bytes:
+            await self._seal()
+
+    async def _seal(self) -> None:
+        if not self._refs:
+            return
+        if self._tg is None:
+            raise RuntimeError("PackWriter used outside 'async with'")
+        pack, buf, refs = self._pack, self._buf, tuple(self._refs)
+        self._pack, self._buf, self._refs = new_pack_id(), bytearray(), []
+        await self._slots.acquire()  # back-pressure: at most `uploads` packs in memory
+        self._tg.start_soon(self._upload, pack, buf, refs)
+
+    async def _upload(self, pack: ChunkId, buf: bytearray, refs: tuple[ChunkRef, ...]) -> None:
+        try:
+            index = encode_index(pack, refs)
+            await self.store.put(pack_key(pack), buf)
+            await self.store.put(index_key(pack), index)
+            self.packs += 1
+            self.bytes += len(buf)
+            if self._on_sealed is not None:
+                await self._on_sealed(pack, refs, index)
+        finally:
+            self._slots.release()
+
+
+def _read_spans(src: str | int, base: int, spans: Sequence[Span], room: int) -> list[bytes]:
+    """Read (and verify) the leading spans that fit in ``room`` bytes; at least one."""
+    fd = src if isinstance(src, int) else os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    out: list[bytes] = []
+    try:
+        for span in spans:
+            if out and span.length > room:
+                break
+            data = os.pread(fd, span.length, base + span.offset)
+            if len(data) != span.length or hash_bytes(data) != span.id:
+                raise BadInput(f"{src} changed while it was being pushed")
+            out.append(data)
+            room -= span.length
+    finally:
+        if not isinstance(src, int):
+            os.close(fd)
+    return out
+
+
+# --------------------------------------------------------------------------- what the store holds
+
+
+@dataclass(frozen=True, slots=True)
+class PackListing:
+    """One LIST of ``packs/``: every pack object and every index object."""
+
+    packs: dict[ChunkId, ObjectInfo]
+    indexes: dict[ChunkId, ObjectInfo]
+
+
+async def list_packs(store: ObjectStore) -> PackListing:
+    """LIST ``packs/`` (one request per ~500 packs). Raises StoreUnavailable."""
+    packs: dict[ChunkId, ObjectInfo] = {}
+    indexes: dict[ChunkId, ObjectInfo] = {}
+    async for info in store.list(PACKS):
+        name = info.key.rsplit("/", 1)[-1]
+        if name.endswith(INDEX_SUFFIX) and is_id(name[: -len(INDEX_SUFFIX)]):
+            indexes[ChunkId(name[: -len(INDEX_SUFFIX)])] = info
+        elif is_id(name):
+            packs[ChunkId(name)] = info
+    return PackListing(packs, indexes)
+
+
+BadLocation = tuple[ChunkId, ChunkId | None]
+"""(chunk id, pack id or None for the per-chunk layout) that verify found bad."""
+
+
+class IndexCache:
+    """Local copies of pack indexes of one store, and its known-bad list:
+    ``<dir>/<pack id>`` and ``<dir>/bad``. Every method does file I/O: call
+    them in a worker thread. A damaged or unreadable copy is just a miss."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def for_store(cls, cache_dir: Path, store_url: str) -> IndexCache:
+        name = hash_bytes(store_url.encode())[:24]
+        return cls(Path(cache_dir) / ".pack-indexes" / name)
+
+    def read(self, pack_id: ChunkId) -> tuple[ChunkRef, ...] | None:
+        try:
+            return decode_index(pack_id, (self.root / pack_id).read_bytes())
+        except (OSError, Corrupt):
+            return None
+
+    def write(self, pack_id: ChunkId, index: bytes) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f".tmp-{secrets.token_hex(6)}"
+            tmp.write_bytes(index)
+            os.replace(tmp, self.root / pack_id)
+        except OSError as exc:  # only a cache: the next push fetches it again
+            log.info("cannot cache pack index %s: %s", pack_id, exc.strerror)
+
+    def prune(self, keep: Iterable[ChunkId]) -> None:
+        """Drop copies of packs that no longer exist (and stray temp files)."""
+        wanted = set(keep)
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return
+        for name in names:
+            if (is_id(name) and name not in wanted) or name.startswith(".tmp-"):
+                (self.root / name).unlink(missing_ok=True)
+
+    def read_bad(self) -> set[BadLocation]:
+        try:
+            text = (self.root / "bad").read_text()
+        except OSError:
+            return set()
+        bad: set[BadLocation] = set()
+        for line in text.splitlines():
+            chunk, _, pack = line.partition(" ")
+            if is_id(chunk) and (is_id(pack) or pack == "-"):
+                bad.add((ChunkId(chunk), ChunkId(pack) if pack != "-" else None))
+        return bad
+
+    def add_bad(self, locations: Iterable[BadLocation]) -> None:
+        """Remember locations verify found bad. Raises OSError (this must stick)."""
+        bad = self.read_bad() | set(locations)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{secrets.token_hex(6)}"
+        tmp.write_text("".join(f"{c} {p or '-'}\n" for c, p in sorted(bad, key=str)))
+        os.replace(tmp, self.root / "bad")
+
+
+class StoreIndex:
+    """chunk id -> where the store holds it, for push dedup. ``load`` builds it."""
+
+    def __init__(self, packs: set[ChunkId], bad: set[BadLocation]) -> None:
+        self.packs = packs
+        """Packs that exist with their index (as listed when loaded, plus ours)."""
+        self.bad = bad
+        self._where: dict[ChunkId, ChunkRef] = {}
+        self.index_fetches = 0
+
+    @classmethod
+    async def load(
+        cls, store: ObjectStore, cache: IndexCache | None, config: PackConfig = PackConfig()
+    ) -> StoreIndex:
+        """LIST the packs, read the indexes not cached locally. A pack without
+        an index (a crashed push) is ignored; an unreadable index too (logged).
+        Raises StoreUnavailable."""
+        listing = await list_packs(store)
+        live = sorted(set(listing.packs) & set(listing.indexes))
+        bad = await anyio.to_thread.run_sync(cache.read_bad) if cache is not None else set()
+        index = cls(set(live), bad)
+        cached: dict[ChunkId, tuple[ChunkRef, ...] | None] = {}
+        if cache is not None:
+            cached = await anyio.to_thread.run_sync(
+                lambda: {p: cache.read(p) for p in live}
+            )
+            await anyio.to_thread.run_sync(cache.prune, live)
+        missing = [p for p in live if cached.get(p) is None]
+
+        async def fetch(pack_id: ChunkId) -> None:
+            try:
+                data = await store.get(index_key(pack_id))
+                refs = decode_index(pack_id, data)
+            except (ObjectMissing, Corrupt) as exc:
+                log.warning("ignoring pack %s: %s", pack_id, exc)
+                index.packs.discard(pack_id)
+                return
+            index.index_fetches += 1
+            cached[pack_id] = refs
+            if cache is not None:
+                await anyio.to_thread.run_sync(cache.write, pack_id, data)
+
+        await for_each(missing, fetch, config.index_fetches)
+        for pack_id in live:
+            refs = cached.get(pack_id)
+            if refs is not None:
+                index.add(refs)
+        return index
+
+    def add(self, refs: Iterable[ChunkRef]) -> None:
+        """Learn locations (a pack just written, or a previous manifest's chunks
+        in packs known to exist). Bad locations and unknown packs are skipped."""
+        for ref in refs:
+            if (
+                ref.pack is not None
+                and ref.pack in self.packs
+                and ref.id not in self._where
+                and (ref.id, ref.pack) not in self.bad
+            ):
+                self._where[ref.id] = ref
+
+    def distrust(self, locations: Iterable[BadLocation]) -> None:
+        """Never offer these locations again (verify found them bad)."""
+        for chunk_id, pack_id in locations:
+            self.bad.add((chunk_id, pack_id))
+            where = self._where.get(chunk_id)
+            if where is not None and where.pack == pack_id:
+                del self._where[chunk_id]
+
+    def add_pack(self, pack_id: ChunkId, refs: Iterable[ChunkRef]) -> None:
+        self.packs.add(pack_id)
+        self.add(refs)
+
+    def locate(self, chunk_id: ChunkId) -> ChunkRef | None:
+        return self._where.get(chunk_id)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+__all__ = [
+    "DEFAULT_PACK_BYTES",
+    "IndexCache",
+    "PackConfig",
+    "PackListing",
+    "PackWriter",
+    "StoreIndex",
+    "decode_index",
+    "encode_index",
+    "list_packs",
+]
