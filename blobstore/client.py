@@ -34,7 +34,7 @@ from .packs import IndexCache, PackConfig, PackWriter, StoreIndex
 from .plugins import load_plugins
 from .push import PushResult, RepairResult, push_tree, repair_tree
 from .source import ChunkData, ChunkSource
-from .stores import open_object_store
+from .stores import LazyObjectStore, open_object_store
 from .tiers import TieredSource
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,19 @@ class Client:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, config: Config, *, peers: bool = True) -> AsyncIterator[Client]:
-        """Open everything ``config`` names. Raises ConfigError, Unavailable."""
+    async def open(
+        cls, config: Config, *, peers: bool = True, lazy_store: bool = False
+    ) -> AsyncIterator[Client]:
+        """Open everything ``config`` names. With ``lazy_store``, a store that cannot
+        be reached now is opened when first needed (stores.LazyObjectStore): a node
+        can start, and use complete local copies, while its store is down.
+        Raises ConfigError, Unavailable."""
         async with AsyncExitStack() as stack:
-            store = await stack.enter_async_context(open_object_store(config.store_url))
+            store = await stack.enter_async_context(
+                LazyObjectStore(config.store_url)
+                if lazy_store
+                else open_object_store(config.store_url)
+            )
             cache = await stack.enter_async_context(NodeStore(config.cache))
             peer: ChunkSource | None = None
             if peers and config.peers.mode != "none":

@@ -31,7 +31,7 @@ import anyio
 from .client import Client, PullResult
 from .config import Config
 from .dedup import as_tree
-from .errors import BadInput, Unavailable
+from .errors import BadInput, StoreUnavailable, Unavailable
 from .ids import ChunkId
 from .linking import LinkMode
 from .manifest import Entry, Tree
@@ -69,12 +69,18 @@ async def open_client(
 ) -> AsyncIterator[Client]:
     """Open a Client from ``config``, or from ``BLOBSTORE_*`` variables (``env``,
     default ``os.environ``) with ``overrides`` (store, cache, region, peers,
-    token_file, cache_size) winning. Raises ConfigError, Unavailable."""
+    token_file, cache_size) winning.
+
+    An object store that cannot be reached does not stop the client from
+    opening: it is opened when something first needs it, so
+    ``download_model_weights`` can still use a complete local copy (the
+    offline fallback); whatever needs the store raises StoreUnavailable then.
+    Raises ConfigError, Unavailable."""
     if config is None:
         config = Config.from_env(env, **overrides)
     elif overrides or env is not None:
         raise BadInput("give either a Config or env/overrides, not both")
-    async with Client.open(config, peers=peers) as client:
+    async with Client.open(config, peers=peers, lazy_store=True) as client:
         yield client
 
 
@@ -180,10 +186,11 @@ async def download_model_weights(
     path = Path(dest)
     try:
         manifest_id = await client.catalog.resolve_or_id(ref)
-    except Unavailable:
+    except Unavailable as exc:
         recorded = await anyio.to_thread.run_sync(_complete_marker, path, None)
         if recorded is None:
-            raise
+            kind = StoreUnavailable if isinstance(exc, StoreUnavailable) else Unavailable
+            raise kind(f"{exc}; and {path} holds no complete copy of {ref}") from exc
         log.warning("store unreachable; using the complete local copy of %s in %s", ref, path)
         return WeightsResult(ref, recorded, path, pulled=False, offline=True)
     if await anyio.to_thread.run_sync(_complete_marker, path, manifest_id) is not None:

@@ -18,20 +18,32 @@ host), a first component that looks like a scheme (``s3:/bucket/x``,
 relative path (``bucket/x``: write ``./bucket/x`` or ``s3://bucket/x``). A
 directory whose name has a colon is still reachable as ``./s3:x``.
 Schemes are case-insensitive (``S3://bucket`` is ``s3://bucket``).
+
+``LazyObjectStore`` opens a store on first use when it cannot be opened at
+once, for a node that must start while its store is down (the runner's
+offline fallback: a complete local copy needs no store).
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from contextlib import AbstractAsyncContextManager
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, aclosing
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from .errors import BadInput, ConfigError
+import anyio
+
+from .errors import BadInput, ConfigError, StoreUnavailable
+from .resource import AsyncResource
 
 if TYPE_CHECKING:
-    from .objectstore import ObjectStore
+    from .objectstore import ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
 
 MAX_KEY_BYTES = 1024
 # S3 bucket naming rules (lowercase, 3-63 chars, no leading/trailing dot or dash).
@@ -159,3 +171,81 @@ def _not_a_store(url: str) -> str:
         f"object store {url!r} is neither a URL nor an explicit path: "
         f"write ./{url} for a directory here, or s3://{url} for a bucket"
     )
+
+
+class LazyObjectStore(AsyncResource):
+    """The store at ``url``, opened when first needed if it cannot be opened at once.
+
+    Entering tries to open the store; when it is unreachable (StoreUnavailable)
+    entering still succeeds, with a warning. Every operation then tries to open
+    it again — at most once per ``retry_seconds``; in between it fails at once
+    — and raises that StoreUnavailable until the store answers. A bad URL or
+    configuration (ConfigError) still raises at once, when built or entered.
+    """
+
+    def __init__(self, url: str, retry_seconds: float = 5.0) -> None:
+        open_object_store(url)  # refuse a bad URL now, not on first use
+        self.url = url
+        self._retry_seconds = retry_seconds
+        self._stack = AsyncExitStack()
+        self._store: ObjectStore | None = None
+        self._failure: StoreUnavailable | None = None
+        self._next_try = 0.0
+        self._lock = anyio.Lock()
+
+    async def open(self) -> None:
+        try:
+            await self._ready()
+        except StoreUnavailable as exc:
+            log.warning("object store unreachable; it is opened when first needed: %s", exc)
+
+    async def aclose(self) -> None:
+        self._store = None
+        await self._stack.aclose()
+
+    async def _ready(self) -> ObjectStore:
+        """The open store. Raises StoreUnavailable (from this attempt or a recent one)."""
+        if self._store is not None:
+            return self._store
+        async with self._lock:
+            if self._store is not None:
+                return self._store
+            if self._failure is not None and time.monotonic() < self._next_try:
+                raise StoreUnavailable(str(self._failure)) from self._failure
+            stack = AsyncExitStack()
+            try:
+                store = await stack.enter_async_context(open_object_store(self.url))
+            except StoreUnavailable as exc:
+                self._failure, self._next_try = exc, time.monotonic() + self._retry_seconds
+                raise
+            self._stack, self._store, self._failure = stack, store, None
+            self.url = store.url
+            return store
+
+    async def get(self, key: str) -> bytes:
+        return await (await self._ready()).get(key)
+
+    async def put(self, key: str, data: bytes | bytearray) -> None:
+        await (await self._ready()).put(key, data)
+
+    async def put_if(self, key: str, data: bytes, expected: bytes | None) -> None:
+        await (await self._ready()).put_if(key, data, expected)
+
+    async def get_range(self, key: str, offset: int, length: int) -> AsyncGenerator[bytes, None]:
+        store = await self._ready()
+        async with aclosing(store.get_range(key, offset, length)) as blocks:
+            async for block in blocks:
+                yield block
+
+    async def exists(self, key: str) -> bool:
+        return await (await self._ready()).exists(key)
+
+    async def exists_many(self, keys: Collection[str]) -> set[str]:
+        return await (await self._ready()).exists_many(keys)
+
+    async def delete(self, key: str) -> None:
+        await (await self._ready()).delete(key)
+
+    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        async for info in (await self._ready()).list(prefix):
+            yield info

