@@ -165,8 +165,7 @@ class OriginSource:
         chunk_id = piece.refs[0].id
         try:
             await verify_off_loop(chunk_id, data, "object store")
-        except CorruptChunk as exc:
-            log.warning("%s", exc)
+        except CorruptChunk as exc:  # reported by the caller (the tier list)
             for ref in piece.refs:
                 undelivered.add(ref, exc)
             return

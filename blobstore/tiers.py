@@ -1,8 +1,12 @@
 """The tier list: local -> peers -> origin, as a composition of ChunkSources.
 
-``TieredSource`` asks each source in order; whatever came from farther away
-is written back into the local cache. Concurrent requests for one chunk share
-one fetch (single-flight). Bytes served are counted per tier name.
+``get`` asks each source in order for one chunk; whatever came from farther
+away is written back into the local cache (a daemon serving its peers).
+``fetch`` hands all refs to the first source, what it could not deliver to the
+next, and so on; each chunk goes straight to the caller's sink, which is the
+node's copy (no cache write-back). Concurrent requests for one chunk share one
+fetch (single-flight), between ``get``s and ``fetch``es alike. Bytes served
+are counted per tier name.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .errors import ChunkMissing, Corrupt, NotFound, Unavailable
+from .errors import BlobstoreError, ChunkMissing, Corrupt, NotFound, Unavailable
 from .ids import ChunkId
-from .source import ChunkData, ChunkSource, ChunkStore, Sink, fetch_each
+from .source import ChunkData, ChunkSource, ChunkStore, Sink, Undelivered
 
 if TYPE_CHECKING:
     from .manifest import ChunkRef
@@ -25,12 +29,30 @@ log = logging.getLogger(__name__)
 
 
 class _Flight:
-    __slots__ = ("data", "done", "error")
+    """One chunk being fetched; others wanting it wait here. Finished with
+    ``data``, or ``error`` (shared with the waiters), or neither (the leader
+    was cancelled or could not deliver it: waiters then fetch it themselves).
+    The event is made only when someone waits, so a fetch can hold a flight
+    for each of its chunks cheaply."""
+
+    __slots__ = ("_event", "data", "error", "finished")
 
     def __init__(self) -> None:
-        self.done = anyio.Event()
+        self._event: anyio.Event | None = None
         self.data: ChunkData | None = None
         self.error: BaseException | None = None
+        self.finished = False
+
+    async def wait(self) -> None:
+        if not self.finished:
+            if self._event is None:
+                self._event = anyio.Event()
+            await self._event.wait()
+
+    def finish(self) -> None:
+        self.finished = True
+        if self._event is not None:
+            self._event.set()
 
 
 class TieredSource:
@@ -50,7 +72,7 @@ class TieredSource:
         """Raises ChunkMissing if no tier holds it, or the last Unavailable if
         a tier that might have held it could not answer."""
         while (flight := self._flights.get(chunk_id)) is not None:
-            await flight.done.wait()
+            await flight.wait()
             if flight.error is not None:
                 raise flight.error
             if flight.data is not None:
@@ -67,7 +89,7 @@ class TieredSource:
             raise
         finally:
             del self._flights[chunk_id]
-            flight.done.set()
+            flight.finish()
 
     async def _fetch(self, chunk_id: ChunkId) -> ChunkData:
         unavailable: Unavailable | None = None
@@ -102,7 +124,45 @@ class TieredSource:
         raise ChunkMissing(chunk_id, "any tier")
 
     async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
-        return await fetch_each(self.get, refs, sink)
+        """Deliver every ref to ``sink``, each chunk from the nearest tier that
+        delivers it. A chunk wanted by several refs is fetched once and handed
+        to each (the extra copies count as the nearest tier's bytes: they are
+        the node's own copy, as the cache hits they used to be). A chunk that
+        another ``get`` or ``fetch`` is fetching is waited for, not fetched again.
+
+        Returns ``[]``. Raises what ``sink`` raises; for a chunk no tier
+        delivered, the last Unavailable a tier gave for it, else its Corrupt,
+        else ChunkMissing (the errors ``get`` raises).
+        """
+        wanted: dict[ChunkId, list[ChunkRef]] = {}
+        for ref in refs:
+            wanted.setdefault(ref.id, []).append(ref)
+        joined: dict[ChunkId, _Flight] = {}
+        owned: dict[ChunkId, _Flight] = {}
+        for chunk_id in wanted:
+            flight = self._flights.get(chunk_id)
+            if flight is not None:
+                joined[chunk_id] = flight
+            else:
+                owned[chunk_id] = self._flights[chunk_id] = _Flight()
+        try:
+            await _TierPass(self, wanted, owned, sink).run()
+        finally:
+            for chunk_id, flight in owned.items():
+                if not flight.finished:  # not delivered: waiters fetch it themselves
+                    del self._flights[chunk_id]
+                    flight.finish()
+        again: list[ChunkRef] = []
+        for chunk_id, flight in joined.items():
+            await flight.wait()
+            if flight.data is None:
+                again += wanted[chunk_id]
+                continue
+            for ref in wanted[chunk_id]:
+                await sink(ref, flight.data)
+        if again:
+            await self.fetch(again, sink)
+        return []
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         wanted = set(chunk_ids)
@@ -112,3 +172,90 @@ class TieredSource:
                 break
             found |= await source.has(wanted - found)
         return found
+
+
+class _TierPass:
+    """One ``TieredSource.fetch``: the sources in order, each given what the
+    ones before it could not deliver."""
+
+    def __init__(
+        self,
+        tiers: TieredSource,
+        wanted: dict[ChunkId, list[ChunkRef]],
+        owned: dict[ChunkId, _Flight],
+        sink: Sink,
+    ) -> None:
+        self.tiers = tiers
+        self.wanted = wanted
+        self.owned = owned
+        self.sink = sink
+        self.delivered: set[ChunkId] = set()
+        self.unavailable: dict[ChunkId, Unavailable] = {}
+        self.corrupt: dict[ChunkId, Corrupt] = {}
+
+    async def run(self) -> None:
+        pending = [self.wanted[chunk_id][0] for chunk_id in self.owned]
+        sources = self.tiers.sources
+        for source in sources:
+            if not pending:
+                return
+            try:
+                left = await source.fetch(pending, self._sink_for(source.name))
+            except Unavailable as exc:  # the whole source: nothing more from it
+                log.info("%s unavailable: %s", source.name, exc)
+                for ref in pending:
+                    self.unavailable[ref.id] = exc
+            else:
+                self._note_reasons(source, left, last=source is sources[-1])
+            # Whatever was not delivered, whether returned or not (a wrong size).
+            pending = [ref for ref in pending if ref.id not in self.delivered]
+        if pending:
+            raise self._error_for(pending[0].id)
+
+    def _sink_for(self, tier: str) -> Sink:
+        async def deliver(ref: ChunkRef, data: ChunkData) -> None:
+            chunk_id = ref.id
+            if chunk_id in self.delivered or chunk_id not in self.owned:
+                return  # delivered twice, or never asked for
+            refs = self.wanted[chunk_id]
+            if len(data) != ref.size:
+                self.corrupt[chunk_id] = Corrupt(
+                    f"chunk {chunk_id} has {len(data)} bytes, the manifest says {ref.size}"
+                )
+                return
+            self.delivered.add(chunk_id)
+            bytes_from = self.tiers.bytes_from
+            bytes_from[tier] += len(data)
+            if len(refs) > 1:
+                bytes_from[self.tiers.sources[0].name] += len(data) * (len(refs) - 1)
+            flight = self.owned[chunk_id]
+            flight.data = data
+            del self.tiers._flights[chunk_id]
+            flight.finish()
+            for each in refs:
+                await self.sink(each, data)
+
+        return deliver
+
+    def _note_reasons(self, source: ChunkSource, left: list[ChunkRef], *, last: bool) -> None:
+        reasons = left.reasons if isinstance(left, Undelivered) else {}
+        logged = False
+        for ref in left:
+            reason = reasons.get(ref.id)
+            if isinstance(reason, Unavailable):
+                self.unavailable[ref.id] = reason
+                if not logged:
+                    log.info("%s unavailable: %s", source.name, reason)
+                    logged = True
+            elif isinstance(reason, Corrupt):
+                self.corrupt[ref.id] = reason
+                if not last:
+                    log.warning("%s: %s; trying the next tier", source.name, reason)
+
+    def _error_for(self, chunk_id: ChunkId) -> BlobstoreError:
+        # "might have had it" beats "corrupt" beats "not found", as in ``get``
+        if chunk_id in self.unavailable:
+            return self.unavailable[chunk_id]
+        if chunk_id in self.corrupt:
+            return self.corrupt[chunk_id]
+        return ChunkMissing(chunk_id, "any tier")

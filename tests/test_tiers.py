@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import anyio
@@ -12,15 +12,18 @@ from helpers import random_bytes
 from blobstore.config import CacheConfig
 from blobstore.errors import (
     ChunkMissing,
+    Corrupt,
     CorruptChunk,
     DiskFull,
     PeerUnavailable,
     StoreUnavailable,
 )
 from blobstore.ids import ChunkId, hash_bytes
+from blobstore.manifest import ChunkRef
 from blobstore.nodestore import NodeStore
-from blobstore.objectstore import chunk_key
+from blobstore.objectstore import chunk_key, pack_key
 from blobstore.origin import OriginSource
+from blobstore.source import ChunkData, Sink, Undelivered
 from blobstore.stores import open_object_store
 from blobstore.tiers import TieredSource
 
@@ -43,9 +46,29 @@ class FakeSource:
         self.full = False
         self.gate: anyio.Event | None = None
         self.gets: list[ChunkId] = []
+        self.fetches: list[list[ChunkId]] = []
+        self.whole_down = False
+        """fetch raises Unavailable for the whole batch."""
 
     async def get(self, chunk_id: ChunkId) -> bytes:
         self.gets.append(chunk_id)
+        return await self._read(chunk_id)
+
+    async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
+        self.fetches.append([r.id for r in refs])
+        if self.whole_down:
+            raise PeerUnavailable(f"{self.name} is down")
+        left = Undelivered()
+        for ref in refs:
+            try:
+                data = await self._read(ref.id)
+            except (ChunkMissing, CorruptChunk, PeerUnavailable) as exc:
+                left.add(ref, exc)
+                continue
+            await sink(ref, data)
+        return left
+
+    async def _read(self, chunk_id: ChunkId) -> bytes:
         if self.gate is not None:
             await self.gate.wait()
         if self.down:
@@ -207,3 +230,159 @@ async def test_unreachable_store_is_store_unavailable(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable):
         async with open_object_store(blocker.as_uri()):
             pass
+
+
+# -- fetch: many refs through the tiers, each chunk to the caller's sink -------------
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.got: list[tuple[ChunkRef, bytes]] = []
+
+    async def __call__(self, ref: ChunkRef, data: ChunkData) -> None:
+        self.got.append((ref, bytes(data)))
+
+
+def refs_of(*chunks: tuple[ChunkId, bytes]) -> list[ChunkRef]:
+    return [ChunkRef(cid, len(data)) for cid, data in chunks]
+
+
+async def test_fetch_hands_each_tier_what_the_nearer_ones_could_not_deliver() -> None:
+    (a, da), (b, db), (c, dc) = chunk(1), chunk(2), chunk(3, 5000)
+    local = FakeSource("local", {a: da})
+    peer = FakeSource("peer", {b: db})
+    origin = FakeSource("origin", {b: db, c: dc})
+    tiers = TieredSource([local, peer, origin], local)
+    ra, rb, rc = refs_of((a, da), (b, db), (c, dc))
+    sink = Collect()
+    assert await tiers.fetch([ra, rb, rc, ra], sink) == []
+    assert sorted(sink.got, key=str) == sorted([(ra, da), (rb, db), (rc, dc), (ra, da)], key=str)
+    assert local.fetches == [[a, b, c]]  # a chunk wanted twice is asked for once
+    assert peer.fetches == [[b, c]]
+    assert origin.fetches == [[c]]
+    # the second copy of a is the node's own copy: counted as local, as a cache hit was
+    assert tiers.bytes_from == {"local": 2 * len(da), "peer": len(db), "origin": len(dc)}
+    assert local.chunks == {a: da}  # no write-back: the sink's write is the node's copy
+
+
+async def test_fetch_reports_what_get_would_when_no_tier_delivers() -> None:
+    (a, da), (b, _), (c, dc) = chunk(1), chunk(2), chunk(3)
+    ra, rb, rc = refs_of((a, da), (b, b"x"), (c, dc))
+    origin = FakeSource("origin", {a: da, b: b"x"})
+    origin.lies.add(b)
+    tiers = TieredSource([FakeSource("local"), origin])
+    sink = Collect()
+    with pytest.raises(ChunkMissing, match=f"{c} not found in any tier"):
+        await tiers.fetch([ra, rc], sink)
+    assert sink.got == [(ra, da)]  # the rest is delivered before the error
+    with pytest.raises(CorruptChunk, match=b):
+        await tiers.fetch([rb], Collect())
+    peer = FakeSource("peer")
+    peer.down = True  # every chunk unavailable there
+    tiers = TieredSource([FakeSource("local"), peer, origin])
+    with pytest.raises(PeerUnavailable):  # "might have had it" beats "not found"
+        await tiers.fetch([rc], Collect())
+    peer.down, peer.whole_down = False, True  # the peer tier as a whole fails
+    sink = Collect()
+    with pytest.raises(PeerUnavailable):
+        await tiers.fetch([ra, rc], sink)
+    assert sink.got == [(ra, da)]  # the origin still delivered what it had
+    assert origin.fetches[-1] == [a, c]
+
+
+async def test_fetch_retries_a_chunk_of_the_wrong_size_farther_away() -> None:
+    cid, data = chunk(1)
+    (ref,) = refs_of((cid, data))
+    liar = FakeSource("peer", {cid: data + b"!"})  # the right id, a wrong length
+    origin = FakeSource("origin", {cid: data})
+    tiers = TieredSource([FakeSource("local"), liar, origin])
+    sink = Collect()
+    await tiers.fetch([ref], sink)
+    assert sink.got == [(ref, data)]
+    assert origin.fetches == [[cid]]
+    with pytest.raises(Corrupt, match="manifest says"):
+        await TieredSource([liar]).fetch([ref], Collect())
+
+
+async def test_fetch_and_get_share_one_flight_per_chunk() -> None:
+    (a, da), (b, db) = chunk(1), chunk(2)
+    ra, rb = refs_of((a, da), (b, db))
+    origin = FakeSource("origin", {a: da, b: db})
+    origin.gate = anyio.Event()
+    tiers = TieredSource([FakeSource("local"), origin])
+    sink = Collect()
+    got: list[bytes] = []
+
+    async def get(chunk_id: ChunkId) -> None:
+        got.append(bytes(await tiers.get(chunk_id)))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(get, a)  # a get in flight before the fetch: the fetch waits for it
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(tiers.fetch, [ra, rb], sink)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(get, b)  # a get during the fetch waits for the fetch
+        await anyio.wait_all_tasks_blocked()
+        origin.gate.set()
+    assert origin.gets == [a]
+    assert origin.fetches == [[b]]
+    assert sorted(got) == sorted([da, db])
+    assert sorted(sink.got, key=str) == sorted([(ra, da), (rb, db)], key=str)
+    assert tiers.bytes_from["origin"] == len(da) + len(db)
+    assert not tiers._flights
+
+
+class FailsFirstGet(FakeSource):
+    async def get(self, chunk_id: ChunkId) -> bytes:
+        data = await super().get(chunk_id)
+        if len(self.gets) == 1:
+            raise PeerUnavailable("first get fails")
+        return data
+
+
+async def test_fetch_waiting_on_a_failed_get_fetches_itself() -> None:
+    cid, data = chunk(1)
+    (ref,) = refs_of((cid, data))
+    flaky = FailsFirstGet("origin", {cid: data})
+    flaky.gate = anyio.Event()
+    tiers = TieredSource([flaky])
+    sink = Collect()
+
+    async def failing_get() -> None:
+        with pytest.raises(PeerUnavailable):
+            await tiers.get(cid)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(failing_get)
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(tiers.fetch, [ref], sink)
+        await anyio.wait_all_tasks_blocked()
+        flaky.gate.set()
+    assert sink.got == [(ref, data)]
+    assert flaky.fetches == [[cid]]
+
+
+async def test_fetch_through_real_tiers_reads_packs_and_skips_what_is_local(
+    object_store_url: str, tmp_path: Path
+) -> None:
+    chunks = [chunk(i, 300_000 + i) for i in range(6)]  # > max_gap each
+    pack_id = hash_bytes(b"pack")
+    refs, offset = [], 0
+    for cid, data in chunks:
+        refs.append(ChunkRef(cid, len(data), pack_id, offset))
+        offset += len(data)
+    async with (
+        open_object_store(object_store_url) as store,
+        NodeStore(CacheConfig(tmp_path / "cache")) as cache,
+    ):
+        await store.put(pack_key(pack_id), b"".join(d for _, d in chunks))
+        await cache.put(*chunks[2])
+        origin = OriginSource(store)
+        tiers = TieredSource([cache, origin], cache)
+        sink = Collect()
+        assert await tiers.fetch(refs, sink) == []
+        expected = zip(refs, (d for _, d in chunks), strict=True)
+        assert sorted(sink.got, key=str) == sorted(expected, key=str)
+        assert tiers.bytes_from == {"local": len(chunks[2][1]),
+                                    "origin": sum(len(d) for _, d in chunks) - len(chunks[2][1])}
+        assert origin.requests == 2  # two spans: the local chunk splits the pack
