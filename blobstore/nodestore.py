@@ -81,6 +81,9 @@ log = logging.getLogger(__name__)
 
 TOUCH_SECONDS = 60.0
 """How stale the on-disk LRU time of a unit may get (refreshing it costs a write)."""
+REFRESH_SECONDS = 1.0
+"""How often a store looks for files other processes synced (a daemon serving
+what the node's pulls placed)."""
 
 _FILE = "f"
 _LOOSE = "c"
@@ -178,6 +181,9 @@ class NodeStore(AsyncResource):
         """Written from worker threads, under ``_db_lock``."""
         self._reader: sqlite3.Connection | None = None
         """Read on the event loop only."""
+        self._seen_rowid = 0
+        self._data_version: int | None = None
+        self._refreshed_at = 0.0
         self._db_lock = threading.Lock()
         self._lock_fds: list[int] = []
 
@@ -227,6 +233,7 @@ class NodeStore(AsyncResource):
         db.execute(_SCHEMA)
         files = self._load_files(alone)
         self._reader = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False)
+        (self._data_version,) = self._reader.execute("PRAGMA data_version").fetchone()
         if alone:
             fcntl.flock(store_lock, fcntl.LOCK_SH)  # recovery done: others may join
         return _Loaded(files, _scan_loose(self.root))
@@ -237,8 +244,9 @@ class NodeStore(AsyncResource):
         assert self._db is not None
         trusted: list[_File] = []
         untrusted: list[str] = []
-        for row in self._db.execute(f"SELECT {_COLUMNS} FROM files"):
-            rec = _File.from_row(row)
+        for rowid, *row in self._db.execute(f"SELECT rowid, {_COLUMNS} FROM files"):
+            self._seen_rowid = max(self._seen_rowid, rowid)
+            rec = _File.from_row(tuple(row))
             try:
                 st = os.lstat(self.file_path(rec.key))
             except FileNotFoundError:
@@ -305,14 +313,46 @@ class NodeStore(AsyncResource):
         return self._files_dir / key[:2] / key
 
     def contains(self, chunk_id: ChunkId) -> bool:
-        return (_LOOSE, chunk_id) in self._lru or chunk_id in self._in_files
+        if (_LOOSE, chunk_id) in self._lru or chunk_id in self._in_files:
+            return True
+        self._refresh()
+        return chunk_id in self._in_files
+
+    def _refresh(self) -> None:
+        """Adopt the files other processes synced since we last looked, at most
+        once per REFRESH_SECONDS and only when the index changed. Their rows are
+        trusted as they stand: every use stats the file (and verifies chunks)."""
+        now = time.monotonic()
+        if self._reader is None or now - self._refreshed_at < REFRESH_SECONDS:
+            return
+        self._refreshed_at = now
+        try:
+            (version,) = self._reader.execute("PRAGMA data_version").fetchone()
+            if version == self._data_version:
+                return
+            self._data_version = version
+            rows = self._reader.execute(f"SELECT rowid, {_COLUMNS} FROM files WHERE rowid > ?",
+                                        (self._seen_rowid,)).fetchall()
+        except sqlite3.Error as exc:
+            log.info("cannot read the cache index: %s", exc)
+            return
+        for rowid, *row in rows:
+            self._seen_rowid = max(self._seen_rowid, rowid)
+            rec = _File.from_row(tuple(row))
+            if rec.key in self._files or rec.key in self._rows_dead:
+                continue  # ours, or one we just evicted
+            self._index_file(rec)
+            self._lru[(_FILE, rec.key)] = rec.size
+            self.used_bytes += rec.size
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         return {c for c in chunk_ids if self.contains(c)}
 
     async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
-        held = [r for r in refs if self.contains(r.id)]
-        missing = [r for r in refs if not self.contains(r.id)]
+        held: list[ChunkRef] = []
+        missing: list[ChunkRef] = []
+        for ref in refs:
+            (held if self.contains(ref.id) else missing).append(ref)
         return missing + await fetch_each(self.get, held, sink)
 
     async def get(self, chunk_id: ChunkId) -> ChunkData:
@@ -321,6 +361,8 @@ class NodeStore(AsyncResource):
         if (_LOOSE, chunk_id) in self._lru:
             with contextlib.suppress(ChunkMissing):
                 return await self._get_loose(chunk_id)
+        elif chunk_id not in self._in_files:
+            self._refresh()
         for key, (offset, size) in list(self._in_files.get(chunk_id, {}).items()):
             rec = self._files.get(key)
             if rec is None:

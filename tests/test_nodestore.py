@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from helpers import random_bytes
 
+from blobstore import nodestore
 from blobstore.config import CacheConfig
 from blobstore.errors import ChunkMissing, Corrupt, CorruptChunk
 from blobstore.ids import ChunkId, hash_bytes
@@ -145,6 +146,24 @@ async def test_a_live_stores_temp_files_survive_another_opening(tmp_path: Path) 
             assert third.open_file(key) == path  # synced: adopted from the index
         await writer.abort()
         assert not writer.tmp.exists()
+
+
+async def test_a_daemon_sees_the_files_a_pull_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nodestore, "REFRESH_SECONDS", 0.0)
+    root = tmp_path / "c"
+    data = random_bytes(40 * KIB, "shared")
+    async with NodeStore(CacheConfig(root)) as daemon_store:
+        async with NodeStore(CacheConfig(root)) as pull_store:
+            key, path, refs = await add_file(pull_store, data)
+            assert not daemon_store.contains(refs[0].id)  # not trusted before a sync
+            await pull_store.sync()
+        assert daemon_store.contains(refs[0].id)
+        assert await daemon_store.has(r.id for r in refs) == {r.id for r in refs}
+        assert await daemon_store.get(refs[2].id) == data[16 * KIB : 24 * KIB]
+        assert daemon_store.used_bytes == len(data)
+        assert daemon_store.open_file(key) == path
 
 
 async def test_size_accounting_survives_reopen(tmp_path: Path) -> None:
@@ -421,6 +440,7 @@ from pathlib import Path
 from test_nodestore import add_file
 from helpers import random_bytes
 from blobstore.config import CacheConfig
+from blobstore import nodestore
 from blobstore.nodestore import NodeStore
 
 async def main():
