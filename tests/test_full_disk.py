@@ -11,18 +11,34 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
-from helpers import assert_one_line_error, cli_env, random_bytes, run_cli, temp_leftovers, write
+from helpers import (
+    BLOBSTORE,
+    assert_one_line_error,
+    cli_env,
+    random_bytes,
+    run_cli,
+    temp_leftovers,
+    write,
+)
+from s3server import free_ports
 
 from blobstore.config import CacheConfig
 from blobstore.errors import DiskFull
 from blobstore.ids import ChunkId, hash_bytes
 from blobstore.manifest import ChunkRef
 from blobstore.nodestore import NodeStore
+from blobstore.objectstore import chunk_key
+from blobstore.stores import open_object_store
 
 
 @pytest.fixture
@@ -72,7 +88,68 @@ def test_full_cache_disk_does_not_fail_the_pull(tmp_path: Path, small_disk: Path
     assert (dest / "weights.bin").read_bytes() == random_bytes(12 << 20, "full-disk")
     warnings = [ln for ln in proc.stderr.splitlines() if "no space left for the cache" in ln]
     assert len(warnings) == 1, proc.stderr  # said once, not once per chunk
+    assert _temp_files(small_disk / "cache") == []  # failed cache writes leave nothing
 
+
+def _temp_files(cache: Path) -> list[Path]:
+    return [p for p in (cache / "tmp").rglob("*") if p.is_file() and p.name != ".lock"]
+
+
+@pytest.fixture
+def daemon_on_small_disk(tmp_path: Path, small_disk: Path) -> Iterator[tuple[str, str, Path]]:
+    """A real daemon whose cache is the full-to-be tmpfs: (listen, http, cache)."""
+    store = f"file://{tmp_path / 'store'}"
+    write(tmp_path / "store" / "README", b"a file store\n")
+    cache = small_disk / "cache"
+    http = f"127.0.0.1:{free_ports(1)[0]}"
+    with open(tmp_path / "daemon.log", "w") as log:
+        proc = subprocess.Popen(
+            [BLOBSTORE, "daemon", "--listen", "127.0.0.1:0", "--http", http, "--peers", "none"],
+            env=cli_env(store, cache), stdout=subprocess.PIPE, stderr=log, text=True)
+    assert proc.stdout is not None
+    try:
+        ready: dict[str, str] = {}
+        deadline = time.monotonic() + 30
+        while not ready and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 0.1)[0]:
+                ready = json.loads(proc.stdout.readline() or "{}")
+        assert ready.get("event") == "ready", (tmp_path / "daemon.log").read_text()
+        yield ready["listen"], http, cache
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+
+def test_daemon_with_a_full_cache_disk_keeps_serving(
+    tmp_path: Path, daemon_on_small_disk: tuple[str, str, Path]
+) -> None:
+    _, http, cache = daemon_on_small_disk
+    # 12 MiB of chunks the daemon reads through by id (it is every chunk's home)
+    ids = anyio.run(_store_chunks, f"file://{tmp_path / 'store'}", 48, 256 << 10)
+    for _attempt in range(2):  # into a cache disk that holds under 4 MiB, twice
+        for chunk_id in ids:
+            with urllib.request.urlopen(f"http://{http}/chunks/{chunk_id}", timeout=30) as resp:
+                assert hash_bytes(resp.read()) == chunk_id
+        # no partial temp files filling the disk, and the daemon still holds chunks
+        assert _temp_files(cache) == []
+        held = [p for p in cache.glob("??/*") if p.is_file()]
+        assert len(held) >= 4
+    with urllib.request.urlopen(f"http://{http}/chunks/{held[0].name}", timeout=10) as resp:
+        assert resp.read() == held[0].read_bytes()
+
+
+async def _store_chunks(store_url: str, count: int, size: int) -> list[ChunkId]:
+    ids = []
+    async with open_object_store(store_url) as store:
+        for i in range(count):
+            data = random_bytes(size, f"daemon-chunk-{i}")
+            ids.append(hash_bytes(data))
+            await store.put(chunk_key(ids[-1]), data)
+    return ids
 
 def _store_files(root: Path) -> list[Path]:
     """Every file under the store but its own bookkeeping (index, locks)."""
