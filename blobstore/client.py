@@ -25,14 +25,21 @@ from .ids import ChunkId
 from .ingest import Ingestor
 from .leases import Leases
 from .linking import LinkMode
-from .manifest import ChunkRef, Entry, Image, Manifest, Tree
+from .manifest import ChunkRef, Entry, Image, Manifest, Tree, file_key
 from .materialize import Progress, default_priority, materialize
 from .nodestore import NodeStore
 from .objectstore import ObjectStore
 from .origin import OriginSource
 from .packs import IndexCache, PackConfig, PackWriter, StoreIndex
 from .plugins import load_plugins
-from .push import PushResult, RepairResult, push_tree, repair_tree
+from .push import (
+    MigrateResult,
+    PushResult,
+    RepairResult,
+    migrate_store,
+    push_tree,
+    repair_tree,
+)
 from .source import ChunkData, ChunkSource
 from .stores import LazyObjectStore, open_object_store
 from .tiers import TieredSource
@@ -179,11 +186,13 @@ class Client:
         Unavailable, DiskFull."""
         before = dict(self.source.bytes_from)
         await self._probe_peers(tree)
-        with self.cache.pinned(c.id for c in tree.chunk_refs()):
+        keys = [file_key(e) for e in tree.entries if e.kind == "file" and e.size]
+        with self.cache.pinned(c.id for c in tree.chunk_refs()), self.cache.pinned_files(keys):
             stats = await materialize(
-                tree, Path(dest), self.source, concurrency=self.config.concurrency,
-                progress=progress, priority=priority, link_mode=link_mode,
-                keep_special_modes=keep_special_modes, state_dir=self.pull_state_dir,
+                tree, Path(dest), self.source, store=self.cache,
+                concurrency=self.config.concurrency, progress=progress, priority=priority,
+                link_mode=link_mode, keep_special_modes=keep_special_modes,
+                state_dir=self.pull_state_dir,
             )
         tiers = {k: v - before.get(k, 0) for k, v in self.source.bytes_from.items()}
         tiers["local"] = tiers.get("local", 0) + stats.placed_bytes
@@ -254,6 +263,13 @@ class Client:
         async with self.writing() as ingestor:
             return await repair_tree(self.catalog, ref, checked.manifest, bad, Path(source),
                                      ingestor)
+
+    async def migrate(self) -> MigrateResult:
+        """Move this (old) store's per-chunk objects into packs and its refs onto
+        v2 manifests (push.migrate_store), under a writer lease. Raises Unavailable."""
+        async with self.writing() as ingestor:
+            return await migrate_store(self.catalog, self.origin, ingestor)
+
 
 @dataclass(frozen=True, slots=True)
 class VerifyResult:

@@ -111,6 +111,13 @@ class Ingestor:
                         )
         return self._done(refs)
 
+    async def ingest_chunk(self, chunk_id: ChunkId, data: bytes) -> ChunkRef:
+        """Pack one chunk (already verified against ``chunk_id``) unless the store
+        holds it; return where it is. Raises Unavailable."""
+        span = Span(0, len(data), chunk_id)
+        (ref,) = await self._place([span], lambda new: self.writer.add_bytes(data, new))
+        return ref
+
     async def flush(self) -> None:
         """Store every pack written so far (and its index). Raises Unavailable."""
         await self.writer.flush()

@@ -35,7 +35,7 @@ import os
 import secrets
 import struct
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -44,10 +44,26 @@ import anyio
 import anyio.abc
 import blake3
 
+from .catalog import Catalog
 from .chunker import Span
-from .errors import BadInput, Corrupt, ObjectMissing, single_errors
+from .errors import (
+    BadInput,
+    Conflict,
+    Corrupt,
+    NotFound,
+    ObjectMissing,
+    single_errors,
+)
 from .ids import ChunkId, hash_bytes, id_from_bytes, id_to_bytes, is_id
-from .manifest import MAX_CHUNK_BYTES, MAX_PACK_BYTES, ChunkRef
+from .manifest import (
+    MAX_CHUNK_BYTES,
+    MAX_PACK_BYTES,
+    ChunkRef,
+    Image,
+    ImageLayer,
+    Layer,
+    Manifest,
+)
 from .objectstore import INDEX_SUFFIX, PACKS, ObjectInfo, ObjectStore, index_key, pack_key
 from .parallel import for_each
 
@@ -267,25 +283,37 @@ def _read_spans(src: str | int, base: int, spans: Sequence[Span], room: int) -> 
 # --------------------------------------------------------------------------- what the store holds
 
 
+RETIRED_SUFFIX = ".retired"
+
+
+def retired_key(pack_id: ChunkId) -> str:
+    """A marker gc writes once it has moved a pack's live chunks elsewhere (gc.py)."""
+    return pack_key(pack_id) + RETIRED_SUFFIX
+
+
 @dataclass(frozen=True, slots=True)
 class PackListing:
-    """One LIST of ``packs/``: every pack object and every index object."""
+    """One LIST of ``packs/``: every pack, index and retired marker."""
 
     packs: dict[ChunkId, ObjectInfo]
     indexes: dict[ChunkId, ObjectInfo]
+    retired: dict[ChunkId, ObjectInfo]
+
+    @property
+    def usable(self) -> set[ChunkId]:
+        """Packs a writer may reuse: present, indexed, not retired."""
+        return (set(self.packs) & set(self.indexes)) - set(self.retired)
 
 
 async def list_packs(store: ObjectStore) -> PackListing:
-    """LIST ``packs/`` (one request per ~500 packs). Raises StoreUnavailable."""
-    packs: dict[ChunkId, ObjectInfo] = {}
-    indexes: dict[ChunkId, ObjectInfo] = {}
+    """LIST ``packs/`` (one request per ~300 packs). Raises StoreUnavailable."""
+    found: dict[str, dict[ChunkId, ObjectInfo]] = {"": {}, INDEX_SUFFIX: {}, RETIRED_SUFFIX: {}}
     async for info in store.list(PACKS):
         name = info.key.rsplit("/", 1)[-1]
-        if name.endswith(INDEX_SUFFIX) and is_id(name[: -len(INDEX_SUFFIX)]):
-            indexes[ChunkId(name[: -len(INDEX_SUFFIX)])] = info
-        elif is_id(name):
-            packs[ChunkId(name)] = info
-    return PackListing(packs, indexes)
+        pack, dot, suffix = name.partition(".")
+        if is_id(pack) and dot + suffix in found:
+            found[dot + suffix][ChunkId(pack)] = info
+    return PackListing(found[""], found[INDEX_SUFFIX], found[RETIRED_SUFFIX])
 
 
 BadLocation = tuple[ChunkId, ChunkId | None]
@@ -367,10 +395,10 @@ class StoreIndex:
         cls, store: ObjectStore, cache: IndexCache | None, config: PackConfig = PackConfig()
     ) -> StoreIndex:
         """LIST the packs, read the indexes not cached locally. A pack without
-        an index (a crashed push) is ignored; an unreadable index too (logged).
-        Raises StoreUnavailable."""
+        an index (a crashed push), a retired one (gc moved its chunks) and one
+        with an unreadable index (logged) are never offered. Raises StoreUnavailable."""
         listing = await list_packs(store)
-        live = sorted(set(listing.packs) & set(listing.indexes))
+        live = sorted(listing.usable)
         bad = await anyio.to_thread.run_sync(cache.read_bad) if cache is not None else set()
         index = cls(set(live), bad)
         cached: dict[ChunkId, tuple[ChunkRef, ...] | None] = {}
@@ -432,6 +460,55 @@ class StoreIndex:
         return len(self._where)
 
 
+async def relocate_refs(
+    catalog: Catalog, where: Callable[[ChunkRef], ChunkRef | None]
+) -> tuple[int, int]:
+    """Point every ref at a manifest whose chunks are where ``where`` says (None:
+    where it is now): new manifests are written (an image's too, naming its new
+    layer manifests), then each ref is moved with compare-and-swap, so a ref that
+    moved meanwhile is left as it is. Call with every new copy already stored.
+    Returns (refs moved, refs that moved meanwhile). Raises Unavailable."""
+    memo: dict[ChunkId, ChunkId] = {}
+
+    def moved(chunks: tuple[ChunkRef, ...]) -> tuple[ChunkRef, ...]:
+        return tuple(where(c) or c for c in chunks)
+
+    async def rewrite(manifest_id: ChunkId) -> ChunkId:
+        if manifest_id in memo:
+            return memo[manifest_id]
+        manifest = await catalog.load(manifest_id)
+        new: Manifest
+        if isinstance(manifest, Image):
+            layers = [ImageLayer(lay.digest, await rewrite(lay.manifest))
+                      for lay in manifest.layers]
+            new = replace(manifest, layers=tuple(layers))
+        elif isinstance(manifest, Layer):
+            new = replace(manifest, chunks=moved(manifest.chunks))
+        else:
+            new = replace(manifest, entries=tuple(
+                replace(e, chunks=moved(e.chunks)) for e in manifest.entries
+            ))
+        memo[manifest_id] = await catalog.save(new) if new != manifest else manifest_id
+        return memo[manifest_id]
+
+    relocated = conflicts = 0
+    for name in await catalog.list_refs():
+        try:
+            old_id = await catalog.resolve(name)
+            new_id = await rewrite(old_id)
+        except (NotFound, BadInput) as exc:  # a bad ref (InvalidManifest is BadInput)
+            log.warning("leaving ref %s as it is: %s", name, exc)
+            continue
+        if new_id == old_id:
+            continue
+        try:
+            await catalog.swap_ref(name, old_id, new_id)
+            relocated += 1
+        except Conflict:
+            conflicts += 1
+    return relocated, conflicts
+
+
 __all__ = [
     "DEFAULT_PACK_BYTES",
     "IndexCache",
@@ -442,4 +519,6 @@ __all__ = [
     "decode_index",
     "encode_index",
     "list_packs",
+    "relocate_refs",
+    "retired_key",
 ]
