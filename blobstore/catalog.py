@@ -3,20 +3,40 @@
 Manifests are immutable and content-addressed (``manifests/<id>``); refs are
 the only mutable names (``refs/<name>``, holding a manifest id as text).
 Loading a manifest verifies its id, then validates every field.
+
+``read_refs`` reads every ref without stopping at a bad one: each comes back
+with the manifest it names, or with the reason it cannot be followed (a ref
+holding garbage, one naming a missing manifest, one with a name the CLI
+refuses), so ``ls`` and gc report bad refs instead of failing on them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from .errors import BadInput, Conflict, InvalidManifest, InvalidRef, ObjectMissing, RefNotFound
 from .ids import ChunkId, hash_bytes, parse_id
 from .manifest import Image, Manifest, Tree, decode, encode
 from .objectstore import REFS, ObjectStore, manifest_key, ref_key
+from .parallel import for_each
 
 _REF_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+=-]{0,254}")
 MAX_REF_LEN = 1024
+_REF_READS = 32
+"""Refs read in parallel by ``read_refs``."""
+
+
+@dataclass(frozen=True, slots=True)
+class RefEntry:
+    """One ref as found in the store."""
+
+    name: str
+    manifest: ChunkId | None
+    """The manifest id it holds; None if it holds none."""
+    problem: str | None = None
+    """Why it cannot be used as it is (None: it can)."""
 
 
 def check_ref(name: str) -> str:
@@ -55,6 +75,17 @@ class Catalog:
         if hash_bytes(data) != manifest_id:
             raise InvalidManifest(f"manifest {manifest_id} is corrupt (content does not match id)")
         return decode(data)
+
+    async def load_if_intact(self, manifest_id: ChunkId) -> Manifest | None:
+        """The manifest, or None if its stored bytes do not match its id (read twice,
+        so a flaky read is not taken for damage). Raises ObjectMissing,
+        InvalidManifest (intact bytes that do not decode: perhaps a newer format),
+        Unavailable."""
+        for _ in range(2):
+            data = await self.store.get(manifest_key(manifest_id))
+            if hash_bytes(data) == manifest_id:
+                return decode(data)
+        return None
 
     async def load_tree(self, manifest_id: ChunkId) -> Tree:
         manifest = await self.load(manifest_id)
@@ -102,6 +133,45 @@ class Catalog:
         """Ref names under ``prefix``, sorted."""
         names = [info.key[len(REFS) :] async for info in self.store.list(REFS + prefix)]
         return sorted(names)
+
+    async def read_refs(self, prefix: str = "", *, check_manifests: bool = True) -> list[RefEntry]:
+        """Every ref under ``prefix`` with its manifest id or its problem, sorted by
+        name; a ref deleted while we read is left out. ``check_manifests`` also
+        reports refs whose manifest is missing. Raises Unavailable only."""
+        entries: list[RefEntry] = []
+
+        async def read(key: str) -> None:
+            name = key[len(REFS) :]
+            try:
+                raw = await self.store.get(key)
+            except ObjectMissing:
+                return  # deleted since we listed it
+            try:
+                manifest_id: ChunkId | None = parse_id(raw.decode("ascii").strip())
+                problem = None
+            except (UnicodeDecodeError, BadInput):
+                manifest_id, problem = None, f"holds {len(raw)} bytes that are not a manifest id"
+            if manifest_id is not None:
+                try:
+                    check_ref(name)
+                except InvalidRef:
+                    problem = "has a name blobstore refuses (rename it)"
+            entries.append(RefEntry(name, manifest_id, problem))
+
+        keys = [info.key async for info in self.store.list(REFS + prefix)]
+        await for_each(keys, read, _REF_READS)
+        if not check_manifests:
+            return sorted(entries, key=lambda e: e.name)
+        named = {e.manifest for e in entries if e.manifest is not None}
+        present = await self.store.exists_many([manifest_key(m) for m in named])
+        entries = [
+            RefEntry(e.name, e.manifest, f"names manifest {e.manifest} which is missing")
+            if e.problem is None and e.manifest is not None
+            and manifest_key(e.manifest) not in present
+            else e
+            for e in entries
+        ]
+        return sorted(entries, key=lambda e: e.name)
 
     async def walk(self, manifest_id: ChunkId) -> AsyncIterator[tuple[ChunkId, Manifest]]:
         """Yield the manifest and every manifest it refers to (an image's layers),

@@ -206,9 +206,12 @@ async def cmd_pull(args: argparse.Namespace, client: Client) -> int:
 
 
 async def cmd_ls(args: argparse.Namespace, client: Client) -> int:
-    refs = await client.catalog.list_refs(args.prefix)
-    rows = [{"ref": ref, "manifest": await client.catalog.resolve(ref)} for ref in refs]
-    _emit(args, rows, "\n".join(f"{r['manifest'][:16]}  {r['ref']}" for r in rows))
+    refs = await client.catalog.read_refs(args.prefix)
+    rows = [{"ref": r.name, "manifest": r.manifest, "problem": r.problem} for r in refs]
+    for r in refs:
+        if r.problem:
+            log.warning("ref %r %s", r.name, r.problem)
+    _emit(args, rows, "\n".join(f"{(r.manifest or '(broken)')[:16]:16}  {r.name}" for r in refs))
     return 0
 
 
@@ -279,12 +282,15 @@ async def cmd_gc(args: argparse.Namespace, client: Client) -> int:
     r = await collect(client.object_store, client.cache, grace_seconds=parse_duration(args.grace),
                       dry_run=args.dry_run)
     doc = {k: getattr(r, k) for k in r.__dataclass_fields__}
+    for problem in r.bad_refs:
+        log.warning("%s; kept everything it still reaches", problem)
     verb = "would sweep" if r.dry_run else "swept"
     _emit(args, doc, f"cache: evicted {human_bytes(r.cache_evicted_bytes)}, holds "
           f"{human_bytes(r.cache_bytes)}; store: {r.refs} refs, {verb} {r.swept_chunks} chunks "
           f"and {r.swept_manifests} manifests ({human_bytes(r.swept_bytes)})"
           + (f"; {r.skipped_for_writers} writers active, sweep skipped"
-             if r.skipped_for_writers else ""))
+             if r.skipped_for_writers else "")
+          + (f"; {len(r.bad_refs)} bad refs (see warnings)" if r.bad_refs else ""))
     return 0
 
 

@@ -7,7 +7,13 @@ the ref, all within the grace period, so it is never broken; a writer that
 reuses an old chunk is protected by the lease handshake in leases.py (gc
 sweeps nothing while writers run; writers wait while gc sweeps). Refs are
 marked again under the gc lease, to catch refs written while we listed.
-If any ref cannot be read, nothing is swept.
+
+A bad ref does not stop gc: one holding garbage, one naming a missing manifest,
+or one whose manifest (or an image's layer manifest) is corrupt — its bytes do
+not match its id on two reads — is reported in ``bad_refs``, and everything it
+still reaches is kept. What stops the sweep (an exception, nothing deleted): the
+store being unavailable, and a manifest whose bytes are intact but do not decode
+(a newer format we cannot follow must never have its chunks swept).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from .catalog import Catalog
+from .errors import InvalidManifest, ObjectMissing
 from .ids import ChunkId, is_id
 from .leases import Leases
 from .manifest import Image
@@ -39,18 +46,54 @@ class GcResult:
     dry_run: bool
     skipped_for_writers: int = 0
     """Writers (push, import, sync) were running, so nothing was swept."""
+    bad_refs: tuple[str, ...] = ()
+    """One line per ref that could not be followed (see the module docstring)."""
 
 
-async def mark(catalog: Catalog) -> tuple[int, set[ChunkId], set[ChunkId]]:
-    """(ref count, live manifest ids, live chunk ids). Raises on any unreadable ref."""
+async def mark(
+    catalog: Catalog, bad_refs: list[str] | None = None
+) -> tuple[int, set[ChunkId], set[ChunkId]]:
+    """(ref count, live manifest ids, live chunk ids).
+
+    A bad ref (see the module docstring) is appended to ``bad_refs`` and what it
+    still reaches is marked; without a list it raises InvalidManifest/NotFound
+    instead. Raises Unavailable, and InvalidManifest for an intact manifest that
+    does not decode."""
     manifests: set[ChunkId] = set()
     chunks: set[ChunkId] = set()
-    refs = await catalog.list_refs()
+    refs = await catalog.read_refs(check_manifests=False)
+    problems: list[str] = []
+    damaged: dict[ChunkId, str] = {}  # manifest id -> "missing" / "corrupt"
     for ref in refs:
-        async for manifest_id, manifest in catalog.walk(await catalog.resolve(ref)):
-            manifests.add(manifest_id)
-            if not isinstance(manifest, Image):
+        if ref.manifest is None:
+            problems.append(f"ref {ref.name!r} {ref.problem}")
+            continue
+        pending = [ref.manifest]
+        while pending:
+            current = pending.pop()
+            if current in manifests:
+                if current in damaged:
+                    problems.append(f"ref {ref.name!r} reaches manifest {current}, which is "
+                                    f"{damaged[current]}")
+                continue
+            manifests.add(current)  # even if damaged: repairable, never swept under a ref
+            try:
+                manifest = await catalog.load_if_intact(current)
+            except ObjectMissing:
+                manifest, damaged[current] = None, "missing"
+            if manifest is None:
+                damaged.setdefault(current, "corrupt")
+                problems.append(f"ref {ref.name!r} reaches manifest {current}, which is "
+                                f"{damaged[current]}")
+                continue
+            if isinstance(manifest, Image):
+                pending.extend(layer.manifest for layer in manifest.layers)
+            else:
                 chunks.update(c.id for c in manifest.chunk_refs())
+    if problems and bad_refs is None:
+        raise InvalidManifest(problems[0])
+    if bad_refs is not None:
+        bad_refs.extend(problems)
     return len(refs), manifests, chunks
 
 
@@ -64,7 +107,8 @@ async def collect(
     """Run a full gc. Raises Unavailable, InvalidManifest (then nothing is swept)."""
     evicted = await cache.evict() if cache is not None and not dry_run else 0
     catalog = Catalog(store)
-    ref_count, live_manifests, live_chunks = await mark(catalog)
+    bad_refs: list[str] = []
+    ref_count, live_manifests, live_chunks = await mark(catalog, bad_refs)
     cutoff = time.time() - grace_seconds
     candidates: list[tuple[str, int]] = []
     async for info in store.list(MANIFESTS):
@@ -83,7 +127,7 @@ async def collect(
             skipped_for_writers, candidates = writers, []
         elif candidates:
             # Refs written by writers that finished before we took our lease.
-            _, again_manifests, again_chunks = await mark(catalog)
+            _, again_manifests, again_chunks = await mark(catalog, [])
             live = again_manifests | again_chunks
             candidates = [(k, s) for k, s in candidates if k.rsplit("/", 1)[-1] not in live]
         if not dry_run:
@@ -99,6 +143,7 @@ async def collect(
         swept_bytes=sum(s for _, s in candidates),
         dry_run=dry_run,
         skipped_for_writers=skipped_for_writers,
+        bad_refs=tuple(bad_refs),
     )
 
 

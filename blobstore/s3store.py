@@ -32,6 +32,7 @@ Why the client is configured the way it is:
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator
@@ -57,7 +58,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from .errors import ConfigError, Conflict, ObjectMissing, StoreUnavailable
+from .errors import BadInput, ConfigError, Conflict, ObjectMissing, StoreUnavailable
 from .objectstore import ObjectInfo
 from .parallel import for_each
 from .resource import AsyncResource
@@ -201,7 +202,7 @@ class S3ObjectStore(AsyncResource):
         full = self._key(key)
         with self._translate("write", key):
             with self._deadline("write", key, len(data)):
-                await self._live.put_object(Bucket=self.bucket, Key=full, Body=data)
+                await self._live.put_object(Bucket=self.bucket, Key=full, Body=_body(data))
 
     async def put_if(self, key: str, data: bytes, expected: bytes | None) -> None:
         """Write only if the current bytes equal ``expected`` (``None``: key absent).
@@ -296,9 +297,9 @@ class S3ObjectStore(AsyncResource):
             await self._live.delete_object(Bucket=self.bucket, Key=full)
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
-        """Yield every object whose key starts with ``prefix``, in key order.
-
-        Raises StoreUnavailable, BadInput.
+        """Yield every object whose key starts with ``prefix``, in key order. Names
+        that are not keys (``refs/apps/``, the zero-byte "folders" S3 consoles make)
+        are skipped: no back-end can read them. Raises StoreUnavailable, BadInput.
         """
         validate_prefix(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
@@ -308,6 +309,8 @@ class S3ObjectStore(AsyncResource):
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
                 for obj in page.get("Contents", ()):
                     key = obj["Key"][strip:]
+                    if not _is_key(key):
+                        continue  # "refs/apps/": a folder marker made by an S3 console
                     yield ObjectInfo(key, int(obj["Size"]), obj["LastModified"].timestamp())
 
     # -- helpers -------------------------------------------------------------
@@ -439,6 +442,50 @@ def _fail_fast_on_connect(
     """
     if isinstance(caught_exception, _FAIL_FAST) and attempts >= CONNECT_ATTEMPTS:
         raise caught_exception
+
+
+def _body(data: bytes | bytearray) -> bytes | io.RawIOBase:
+    """A PUT body botocore streams: it wraps ``bytes`` in a BytesIO itself, but would
+    hand a bytearray to aiohttp whole (a ResourceWarning above 1 MiB); a reader
+    over it avoids BytesIO's copy of a pack-sized buffer."""
+    return data if isinstance(data, bytes) else _ViewReader(data)
+
+
+class _ViewReader(io.RawIOBase):
+    """A seekable, zero-copy reader over a buffer (botocore rewinds it to retry)."""
+
+    def __init__(self, data: bytearray) -> None:
+        super().__init__()
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), len(self._view) - self._pos)
+        buffer[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _is_key(key: str) -> bool:
+    try:
+        validate_key(key)
+    except BadInput:
+        return False
+    return True
 
 
 def _code(exc: ClientError) -> str:

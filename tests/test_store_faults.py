@@ -94,6 +94,18 @@ async def test_trickling_body_hits_the_request_deadline(s3_env: SeaweedS3Server)
 
 
 @pytest.mark.s3
+async def test_bytearray_body_streams_and_is_retried(s3_env: SeaweedS3Server) -> None:
+    """A pack buffer (bytearray) is streamed without a copy, and rewound when an
+    upload is reset and botocore repeats it."""
+    data = bytearray(random_bytes(3 << 20, "buffer"))
+    async with proxied_store(s3_env) as (store, proxy):
+        once = proxy.arm(Fault("cut_upload", "PUT", KEY, at=100 << 10, times=1))
+        await store.put(KEY, data)
+        assert once.hits == 1
+        assert await store.get(KEY) == data
+
+
+@pytest.mark.s3
 async def test_interrupted_upload_leaves_no_orphan_task(s3_env: SeaweedS3Server) -> None:
     data = random_bytes(2 << 20, "upload")
     async with loop_errors() as seen:
