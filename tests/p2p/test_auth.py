@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import shutil
+import ssl
 import struct
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -25,7 +30,9 @@ from daemons import daemon, wait_until
 from helpers import cli_env, make_tree, run_cli
 from s3server import free_ports
 
+from blobstore.errors import AuthError, PeerUnavailable
 from blobstore.ids import ChunkId, hash_bytes, id_to_bytes
+from p2p.client import Identity, open_connection
 from p2p.framing import encode
 
 pytestmark = pytest.mark.anyio
@@ -253,3 +260,164 @@ async def test_token_holders_still_serve_each_other(
         assert proc.returncode == 0, proc.stderr
         wait_until(lambda: d.metrics()["blobstore_peer_chunks_served_total"] > 0, "chunks served")
         assert d.metrics()["blobstore_peer_auth_failures_total"] == 0
+
+
+# --------------------------------------------------------------------------- mutual TLS
+
+
+@dataclass
+class Pki:
+    ca: Path
+    node: tuple[Path, Path]
+    """(cert, key) signed by ``ca``: every daemon and pull of the cluster uses it here."""
+    rogue: tuple[Path, Path]
+    """(cert, key) signed by another CA."""
+
+    def env(self, pair: tuple[Path, Path] | None = None) -> dict[str, str]:
+        cert, key = pair or self.node
+        return {"BLOBSTORE_TLS_CERT": str(cert), "BLOBSTORE_TLS_KEY": str(key),
+                "BLOBSTORE_TLS_CA": str(self.ca)}
+
+    def client_context(self, pair: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        ctx.check_hostname = False
+        if pair is not None:
+            ctx.load_cert_chain(*pair)
+        return ctx
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+
+def _make_ca(root: Path, name: str) -> tuple[Path, Path]:
+    cert, key = root / f"{name}.crt", root / f"{name}.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}")
+    return cert, key
+
+
+def _make_leaf(root: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
+    cert, key, csr, ext = (root / f"{name}.{s}" for s in ("crt", "key", "csr", "ext"))
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+                   "extendedKeyUsage=serverAuth,clientAuth\n")
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
+    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", ext)
+    return cert, key
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A throwaway cluster CA, one node certificate, and a rogue CA's certificate."""
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the TLS tests: needs the openssl command")
+        pytest.skip("needs the openssl command to make test certificates")
+    root = tmp_path / "pki"
+    root.mkdir()
+    ca = _make_ca(root, "cluster-ca")
+    rogue_ca = _make_ca(root, "rogue-ca")
+    return Pki(ca[0], _make_leaf(root, "node", ca), _make_leaf(root, "rogue", rogue_ca))
+
+
+def _https_get(url: str, ctx: ssl.SSLContext, headers: dict[str, str] | None = None
+               ) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=ctx) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _tls_args(pki: Pki, pair: tuple[Path, Path] | None = None) -> list[str]:
+    cert, key = pair or pki.node
+    return ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(pki.ca)]
+
+
+async def test_tls_peers_serve_each_other_with_the_token(
+    store: Store, tmp_path: Path, token_file: Path, pki: Pki
+) -> None:
+    ports = free_ports(2)
+    listens = [f"127.0.0.1:{p}" for p in ports]
+    args = [*_tls_args(pki), "--token-file", str(token_file)]
+    ctx = pki.client_context(pki.node)
+    with (
+        daemon(store.url, tmp_path / "c0", listen=listens[0], peers=",".join(listens),
+               node="tls-0", args=args) as d0,
+        daemon(store.url, tmp_path / "c1", listen=listens[1], peers=",".join(listens),
+               node="tls-1", args=args) as d1,
+    ):
+        def both_see_each_other() -> bool:
+            return all(json.loads(_https_get(f"https://{d.http}/healthz", ctx)[1])["peers"] == 1
+                       for d in (d0, d1))
+
+        wait_until(both_see_each_other, "TLS daemons to see each other")
+        env = cli_env(store.url, tmp_path / "puller", {
+            "BLOBSTORE_PEERS": ",".join(listens), "BLOBSTORE_TOKEN_FILE": str(token_file),
+            **pki.env()})
+        proc = await asyncio.to_thread(
+            run_cli, ["pull", "apps/demo", tmp_path / "out", "--json"], env)
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(proc.stdout)
+        assert doc["from"]["peer"] > 0
+        assert doc["from"]["origin"] == 0
+        for d in (d0, d1):
+            metrics = _https_get(f"https://{d.http}/metrics", ctx)[1].decode()
+            assert "blobstore_peer_auth_failures_total 0" in metrics
+
+
+async def test_tls_refuses_clients_without_a_cluster_certificate(
+    store: Store, tmp_path: Path, pki: Pki
+) -> None:
+    chunk_id, data = next(iter(store.chunks.items()))
+    with daemon(store.url, tmp_path / "d", listen="127.0.0.1:0", peers="none", node="tls-d",
+                args=_tls_args(pki)) as d:
+        good = pki.client_context(pki.node)
+        rogue = pki.client_context(pki.rogue)
+        # The wire: a rogue certificate, or none, or plain TCP, gets no connection.
+        for ctx in (rogue, pki.client_context()):
+            # (TLS 1.3: the server's verdict arrives after our side's handshake, as an alert)
+            with pytest.raises((PeerUnavailable, AuthError)):
+                await open_connection(d.listen, Identity("intruder", "default", None, ctx), 2)
+        with pytest.raises(PeerUnavailable):
+            await open_connection(d.listen, Identity("intruder", "default"), 2)
+        # A client whose CA does not sign the daemon refuses the daemon.
+        wrong_ca = ssl.create_default_context(cafile=str(pki.rogue[0]))
+        wrong_ca.check_hostname = False
+        wrong_ca.load_cert_chain(*pki.rogue)
+        with pytest.raises(AuthError):
+            await open_connection(d.listen, Identity("x", "default", None, wrong_ca))
+        conn = await open_connection(d.listen, Identity("member", "default", None, good))
+        assert conn.node == "tls-d"  # hello -> auth -> ready done over TLS
+        await conn.aclose()
+        # HTTPS: ops pages without a client certificate; chunks only with one.
+        url = f"https://{d.http}"
+        assert _https_get(f"{url}/healthz", pki.client_context())[0] == 200
+        assert _https_get(f"{url}/chunks/{chunk_id}", pki.client_context())[0] == 401
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # (reset: TLS 1.3)
+            _https_get(f"{url}/chunks/{chunk_id}", rogue)
+        assert _https_get(f"{url}/chunks/{chunk_id}", good) == (200, data)
+        # A pull with a rogue certificate gets nothing from the daemon, and still completes.
+        env = cli_env(store.url, tmp_path / "puller",
+                      {"BLOBSTORE_PEERS": d.listen, **pki.env(pki.rogue)})
+        proc = await asyncio.to_thread(
+            run_cli, ["pull", "apps/demo", tmp_path / "out", "--json"], env)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["from"]["peer"] == 0
+        metrics = _https_get(f"{url}/metrics", good)[1].decode()
+        assert "blobstore_peer_chunks_served_total 0" in metrics
+
+
+def test_tls_options_must_come_together(tmp_path: Path, pki: Pki) -> None:
+    env = cli_env((tmp_path / "store").as_uri(), tmp_path / "cache",
+                  {"BLOBSTORE_TLS_CERT": str(pki.node[0])})
+    proc = run_cli(["peers"], env)
+    assert proc.returncode == 1
+    assert "needs all of --tls-cert, --tls-key and --tls-ca" in proc.stderr
+    proc = run_cli(["peers", "--peers", "127.0.0.1:1", "--tls-cert", str(pki.node[0]),
+                    "--tls-key", str(pki.rogue[1]), "--tls-ca", str(pki.ca)], env)
+    assert proc.returncode == 1
+    assert "cannot load TLS certificate" in proc.stderr
