@@ -64,7 +64,7 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -557,6 +557,48 @@ class NodeStore(AsyncResource):
                 self._db.executemany(
                     f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
 
+    async def commit_files(
+        self, items: Sequence[tuple[FileWriter, Sequence[ChunkRef]]]
+    ) -> list[Path]:
+        """``FileWriter.commit`` for many writers in one worker-thread hop: a tree
+        of thousands of small files is otherwise bound by one hop per file.
+        Every writer ends committed or aborted; returns the store paths in order,
+        or raises the first failure (as ``commit`` would) once the others are
+        committed."""
+
+        def finish_all() -> list[os.stat_result | Exception]:
+            out: list[os.stat_result | Exception] = []
+            for writer, chunks in items:
+                try:
+                    if writer._error is not None:
+                        raise writer._error
+                    writer._check_whole(chunks)
+                    out.append(writer._finish(self.file_path(writer.key)))
+                except Exception as exc:  # reported below, after the rest are done
+                    out.append(exc)
+            return out
+
+        results = await anyio.to_thread.run_sync(finish_all)
+        paths: list[Path] = []
+        failure: Exception | None = None
+        for (writer, chunks), result in zip(items, results, strict=True):
+            if isinstance(result, Exception):
+                if isinstance(result, OSError):
+                    writer._error = writer._error or result  # abort makes room after ENOSPC
+                with anyio.CancelScope(shield=True):
+                    await writer.abort()
+                if failure is None:
+                    failure = (_translate(result, self.root) if isinstance(result, OSError)
+                               else result)
+                continue
+            writer._index(result, chunks)
+            paths.append(self.file_path(writer.key))
+        if self.used_bytes > self._high_bytes:
+            await self.evict(keep={writer.key for writer, _ in items})
+        if failure is not None:
+            raise failure
+        return paths
+
     @contextlib.contextmanager
     def pinned_files(self, keys: Iterable[ChunkId]) -> Iterator[None]:
         """Whole files a pull is placing: never evicted while the block runs."""
@@ -615,10 +657,10 @@ class NodeStore(AsyncResource):
             return True
         return bool(self._pins) and any(self._pins[c] > 0 for c, _, _ in self._files[ident].chunks)
 
-    async def evict(self, target: int | None = None, *, keep: ChunkId | None = None) -> int:
+    async def evict(self, target: int | None = None, *, keep: Collection[ChunkId] = ()) -> int:
         """Evict least-recently-used, unpinned loose chunks and whole files until
         ``used_bytes`` is at most ``target`` (default: the low watermark).
-        ``keep`` names a file not to evict (the one being committed). Returns
+        ``keep`` names files not to evict (those being committed). Returns
         bytes freed."""
         if target is None:
             target = int(self.config.low_watermark * self.config.max_bytes)
@@ -627,7 +669,7 @@ class NodeStore(AsyncResource):
         for unit, size in self._lru.items():
             if self.used_bytes - freed <= target:
                 break
-            if unit == (_FILE, keep) or self._is_pinned(unit):
+            if (unit[0] == _FILE and unit[1] in keep) or self._is_pinned(unit):
                 continue
             victims.append(unit)
             freed += size
@@ -741,7 +783,13 @@ class FileWriter:
             with anyio.CancelScope(shield=True):
                 await self.abort()
             raise
-        store._writers.discard(self)
+        self._index(st, chunks)
+        if store.used_bytes > store._high_bytes:
+            await store.evict(keep=(self.key,))
+        return final
+
+    def _index(self, st: os.stat_result, chunks: Sequence[ChunkRef]) -> None:
+        self._store._writers.discard(self)
         offsets = []
         offset = 0
         for ref in chunks:
@@ -749,10 +797,7 @@ class FileWriter:
             offset += ref.size
         rec = _File(self.key, 0, 0, 0, 0, 0, time.time(), tuple(offsets))
         rec.record(st)
-        store._committed(rec)
-        if store.used_bytes > store._high_bytes:
-            await store.evict(keep=self.key)
-        return final
+        self._store._committed(rec)
 
     def _check_whole(self, chunks: Sequence[ChunkRef]) -> None:
         offset = 0

@@ -382,6 +382,33 @@ async def test_commit_refuses_an_incomplete_file_and_abort_cleans_up(tmp_path: P
         assert stray_files(tmp_path / "c") == []
 
 
+async def test_commit_files_commits_a_batch_in_one_go(tmp_path: Path) -> None:
+    async with NodeStore(CacheConfig(tmp_path / "c")) as store:
+        datas = [random_bytes(3 * KIB + i, f"small-{i}") for i in range(20)]
+        items = []
+        for data in datas:
+            refs = [ChunkRef(hash_bytes(data), len(data))]
+            writer = store.begin_file(file_key(refs), len(data))
+            writer.write(data, 0)
+            items.append((writer, refs))
+        paths = await store.commit_files(items)
+        assert [p.read_bytes() for p in paths] == datas
+        assert store.used_bytes == sum(map(len, datas))
+        assert [store.open_file(file_key(refs)) for _, refs in items] == paths
+
+        good, bad = random_bytes(1000, "good"), random_bytes(1000, "bad")
+        good_refs = [ChunkRef(hash_bytes(good), 1000)]
+        bad_refs = [ChunkRef(hash_bytes(bad), 1000)]
+        good_writer = store.begin_file(file_key(good_refs), 1000)
+        good_writer.write(good, 0)
+        bad_writer = store.begin_file(file_key(bad_refs), 1000)  # never written
+        with pytest.raises(Corrupt, match="was not written"):
+            await store.commit_files([(bad_writer, bad_refs), (good_writer, good_refs)])
+        assert store.open_file(file_key(good_refs)) is not None  # the rest committed
+        assert store.open_file(file_key(bad_refs)) is None
+        assert stray_files(tmp_path / "c") == []
+
+
 async def test_a_file_changed_behind_our_back_is_never_used(tmp_path: Path) -> None:
     async with NodeStore(CacheConfig(tmp_path / "c")) as store:
         key, path, refs = await add_file(store, random_bytes(30 * KIB, "changed"))
