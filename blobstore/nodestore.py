@@ -186,6 +186,7 @@ class NodeStore(AsyncResource):
         self._refreshed_at = 0.0
         self._db_lock = threading.Lock()
         self._lock_fds: list[int] = []
+        self._tmp_locked = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -211,6 +212,24 @@ class NodeStore(AsyncResource):
         self.used_bytes = sum(size for _, _, size in units)
         if self.used_bytes > self._high_bytes:
             await self.evict()
+        try:
+            await anyio.to_thread.run_sync(self._make_tmp)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise Unavailable(f"cannot open cache {self.root}: {_reason(exc)}") from exc
+            # A full disk must not keep the store from opening: make room, once.
+            await self._make_room(0)
+            try:
+                await anyio.to_thread.run_sync(self._make_tmp)
+            except OSError as again:
+                raise _translate(again, self.root) from again
+
+    def _make_tmp(self) -> None:
+        """Our own temp dir, locked for as long as the store is open."""
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        if not self._tmp_locked:
+            self._lock_fds.append(_lock(self._tmp / ".lock", fcntl.LOCK_EX))
+            self._tmp_locked = True
 
     def _open_sync(self) -> _Loaded:
         self._files_dir.mkdir(parents=True, exist_ok=True)
@@ -223,9 +242,8 @@ class NodeStore(AsyncResource):
         except BlockingIOError:
             fcntl.flock(store_lock, fcntl.LOCK_SH)  # waits out another's recovery
             alone = False
-        self._tmp.mkdir(parents=True)
-        self._lock_fds.append(_lock(self._tmp / ".lock", fcntl.LOCK_EX))
-        _clean_tmp(self._tmp.parent, self._tmp.name, alone)
+        (self.root / "tmp").mkdir(exist_ok=True)
+        _clean_tmp(self.root / "tmp", self._tmp.name, alone)
         db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False)
         self._db = db
         db.execute("PRAGMA journal_mode=WAL")
@@ -531,10 +549,11 @@ class NodeStore(AsyncResource):
                 for rec, st in zip(pending, stats, strict=True):
                     if st is None or not self._still_good(rec, st):
                         await self._drop_file(rec)
-                pending = [rec for rec in pending if rec.key in self._files]
                 await anyio.to_thread.run_sync(_syncfs, self.root)
             except OSError as exc:
                 raise Unavailable(f"cannot sync cache {self.root}: {_reason(exc)}") from exc
+            # Files dropped or evicted meanwhile get no row.
+            pending = [rec for rec in pending if self._files.get(rec.key) is rec]
             self._unsynced.difference_update(rec.key for rec in pending)
         rows = [self._files[k].row() for k in self._rows_dirty if k in self._files]
         rows += [rec.row() for rec in pending]
