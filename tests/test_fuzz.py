@@ -255,7 +255,12 @@ def entries(draw: st.DrawFn, path: str) -> Entry:
         chunks = draw(CHUNKS)
         return Entry(path, "file", mode, sum(c.size for c in chunks), None, chunks)
     if kind == "symlink":
-        target = draw(st.text(st.characters(blacklist_characters="\x00"), min_size=1))
+        target = draw(
+            st.text(
+                st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+                min_size=1,
+            )
+        )
         return Entry(path, "symlink", mode, target=target)
     return Entry(path, "dir", mode)
 
