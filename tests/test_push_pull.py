@@ -232,9 +232,10 @@ def test_cli_corrupt_cache_chunk_refetched(
     assert run_cli(["push", src, "t"], env).returncode == 0
     first = json.loads(run_cli(["pull", "t", tmp_path / "d1", "--json"], env).stdout)
     assert first["from"]["origin"] == first["bytes"]
-    cached = sorted((tmp_path / "cache").glob("??/*"))
+    cached = sorted((tmp_path / "cache").glob("files/??/*"))  # the node store's whole files
     victim = max(cached, key=lambda p: p.stat().st_size)
     size = victim.stat().st_size
+    victim.chmod(0o644)  # store files are read-only
     victim.write_bytes(b"\x00" * size)
     proc = run_cli(["pull", "t", tmp_path / "d2", "--json"], env)
     assert proc.returncode == 0, proc.stderr
