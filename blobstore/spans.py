@@ -87,10 +87,12 @@ def _span(pack: ChunkId, pieces: list[Piece]) -> Span:
 class SpanCutter:
     """Cuts a span's byte stream into its pieces as blocks arrive.
 
-    Holds at most one partly received piece; gap bytes are skipped.
+    Holds at most one partly received piece (as slices of the blocks it came
+    in, joined once complete: one copy, no zero-filled buffer); gap bytes are
+    skipped.
     """
 
-    __slots__ = ("_buffer", "_filled", "_next", "_position", "span")
+    __slots__ = ("_filled", "_next", "_parts", "_position", "span")
 
     def __init__(self, span: Span) -> None:
         self.span = span
@@ -98,7 +100,7 @@ class SpanCutter:
         """Index of the first piece not cut yet."""
         self._position = span.offset
         """Pack offset of the next byte to be fed."""
-        self._buffer: bytearray | None = None
+        self._parts: list[memoryview] = []
         self._filled = 0
 
     @property
@@ -112,16 +114,16 @@ class SpanCutter:
         pieces = self.pending
         if not pieces:
             return None
-        self._buffer, self._filled = None, 0
+        self._parts, self._filled = [], 0
         self._position = pieces[0].offset
         return _span(self.span.pack, list(pieces))
 
-    def feed(self, block: bytes | bytearray | memoryview) -> list[tuple[Piece, bytes | bytearray]]:
+    def feed(self, block: bytes | bytearray | memoryview) -> list[tuple[Piece, bytes]]:
         """Take the next bytes of the stream; return the pieces they complete.
 
         Bytes beyond the last piece are ignored.
         """
-        done: list[tuple[Piece, bytes | bytearray]] = []
+        done: list[tuple[Piece, bytes]] = []
         view = memoryview(block)
         pieces = self.span.pieces
         while view and self._next < len(pieces):
@@ -131,21 +133,17 @@ class SpanCutter:
                 view = view[skip:]
                 self._position += skip
                 continue
-            if self._buffer is None and len(view) >= piece.size:  # whole piece in this block
-                done.append((piece, bytes(view[: piece.size])))
-                taken = piece.size
-            else:
-                if self._buffer is None:
-                    self._buffer = bytearray(piece.size)
-                taken = min(len(view), piece.size - self._filled)
-                self._buffer[self._filled : self._filled + taken] = view[:taken]
-                self._filled += taken
-                if self._filled < piece.size:
-                    self._position += taken
-                    break
-                done.append((piece, self._buffer))
-                self._buffer, self._filled = None, 0
-            view = view[taken:]
+            taken = min(len(view), piece.size - self._filled)
+            self._parts.append(view[:taken])
+            self._filled += taken
             self._position += taken
+            view = view[taken:]
+            if self._filled < piece.size:
+                break
+            parts, self._parts, self._filled = self._parts, [], 0
+            if len(parts) == 1 and isinstance(block, bytes) and len(block) == piece.size:
+                done.append((piece, block))  # the block is the piece: no copy
+            else:
+                done.append((piece, b"".join(parts)))
             self._next += 1
         return done

@@ -380,8 +380,8 @@ async def test_fetch_of_a_large_file_holds_a_few_chunks(tmp_path: Path) -> None:
     result = json.loads(proc.stdout)
     assert result["got"] == total
     assert result["left"] == 0
-    assert result["requests"] == total // (16 << 20)
+    assert result["requests"] == total // SpanTuning().max_span
     grown_mib = (result["peak_kib"] - result["before_kib"]) / 1024
     assert result["peak_kib"] / 1024 <= 256
-    # 8 spans in flight x (one chunk filling + one being verified): ~16 MiB, not 16 MiB spans
+    # 8 spans in flight x (one chunk filling + one being verified): ~16 MiB, not 32 MiB spans
     assert grown_mib <= 64, result
