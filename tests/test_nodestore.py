@@ -233,6 +233,37 @@ async def test_whole_files_are_eviction_units_in_the_same_lru(tmp_path: Path) ->
         assert all(store.contains(r.id) for r in old_refs)
 
 
+async def test_lru_order_of_files_survives_reopen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nodestore, "TOUCH_SECONDS", 0.0)
+    root = tmp_path / "c"
+    async with NodeStore(CacheConfig(root)) as store:
+        key_a, path_a, _ = await add_file(store, random_bytes(20 * KIB, "lru-a"))
+        key_b, _, _ = await add_file(store, random_bytes(20 * KIB, "lru-b"))
+        assert store.open_file(key_a) == path_a  # a is now the most recently used
+    async with NodeStore(CacheConfig(root)) as store:
+        await store.evict(target=20 * KIB)
+        assert store.open_file(key_b) is None
+        assert store.open_file(key_a) == path_a
+
+
+async def test_eviction_never_removes_another_stores_newer_copy(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    data = random_bytes(20 * KIB, "twice")
+    async with NodeStore(CacheConfig(root)) as first, NodeStore(CacheConfig(root)) as second:
+        key, path, _ = await add_file(first, data)
+        await first.sync()
+        old_ino = path.stat().st_ino
+        again, _, _ = await add_file(second, data)  # the same file, assembled again
+        assert again == key
+        assert path.stat().st_ino != old_ino
+        await first.evict(target=0)  # first's copy is gone from the path already
+        assert path.read_bytes() == data
+        assert second.open_file(key) == path
+        assert first.open_file(key) is None  # second's copy is not synced: not trusted
+
+
 async def test_lru_order_survives_reopen(tmp_path: Path) -> None:
     root = tmp_path / "c"
     ids = []
