@@ -379,8 +379,8 @@ class NodeStore(AsyncResource):
         if (_LOOSE, chunk_id) in self._lru:
             with contextlib.suppress(ChunkMissing):
                 return await self._get_loose(chunk_id)
-        elif chunk_id not in self._in_files:
-            self._refresh()
+        if chunk_id not in self._in_files:
+            self._refresh()  # another process may have dropped the loose copy for a file
         for key, (offset, size) in list(self._in_files.get(chunk_id, {}).items()):
             rec = self._files.get(key)
             if rec is None:
@@ -565,6 +565,17 @@ class NodeStore(AsyncResource):
                 await anyio.to_thread.run_sync(self._write_rows, rows, dead)
             except sqlite3.Error as exc:
                 raise Unavailable(f"cannot write cache index: {exc}") from exc
+        # Loose copies of chunks a durable file now holds are bytes stored twice
+        # (a daemon's read-through, then a pull of the same file): drop them.
+        twice = dict.fromkeys(
+            unit for rec in pending for chunk_id, _, _ in rec.chunks
+            if (unit := (_LOOSE, chunk_id)) in self._lru and not self._is_pinned(unit))
+        if twice:
+            for unit in twice:
+                self._forget(unit)
+            doomed: list[tuple[Path, int | None]] = [
+                (self.path_of(chunk_id), None) for _, chunk_id in twice]
+            await anyio.to_thread.run_sync(_remove_all, doomed)
 
     def _write_rows(self, rows: list[tuple[str, int, int, int, int, int, float, bytes]],
                     dead: list[tuple[str]]) -> None:

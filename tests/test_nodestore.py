@@ -392,6 +392,23 @@ async def test_whole_file_written_once_read_only_and_served_by_offset(tmp_path: 
         assert stray_files(tmp_path / "c") == []
 
 
+async def test_loose_copies_go_once_a_synced_file_holds_them(tmp_path: Path) -> None:
+    data = random_bytes(24 * KIB, "loose-then-file")
+    parts = split(data, 8 * KIB)
+    async with NodeStore(CacheConfig(tmp_path / "c")) as store:
+        for ref, piece, _ in parts[:2]:
+            await store.put(ref.id, piece)  # a daemon's read-through
+        pinned = parts[1][0].id
+        with store.pinned([pinned]):
+            await add_file(store, data)
+            assert len(loose_files(tmp_path / "c")) == 2  # not durable yet: keep them
+            await store.sync()
+        assert loose_files(tmp_path / "c") == [f"{pinned[:2]}/{pinned}"]  # pinned stays
+        assert store.used_bytes == len(data) + 8 * KIB
+        for ref, piece, _ in parts:
+            assert await store.get(ref.id) == piece
+
+
 async def test_commit_refuses_an_incomplete_file_and_abort_cleans_up(tmp_path: Path) -> None:
     data = random_bytes(40 * KIB, "incomplete")
     parts = split(data, 8 * KIB)
