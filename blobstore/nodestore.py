@@ -244,17 +244,38 @@ class NodeStore(AsyncResource):
             alone = False
         (self.root / "tmp").mkdir(exist_ok=True)
         _clean_tmp(self.root / "tmp", self._tmp.name, alone)
-        db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False)
-        self._db = db
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute(_SCHEMA)
-        files = self._load_files(alone)
+        try:
+            files = self._open_index(alone)
+        except sqlite3.DatabaseError as exc:
+            if not alone:
+                raise
+            # The index is only a cache of what files/ holds: start a new one
+            # (its files are then dropped as unsynced) rather than refuse to open.
+            log.warning("cache index %s unreadable (%s): starting a new one",
+                        self.root / "index.sqlite", exc)
+            self._close_db()
+            for suffix in ("", "-wal", "-shm"):
+                _remove(self.root / f"index.sqlite{suffix}")
+            files = self._open_index(alone)
         self._reader = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False)
         (self._data_version,) = self._reader.execute("PRAGMA data_version").fetchone()
         if alone:
             fcntl.flock(store_lock, fcntl.LOCK_SH)  # recovery done: others may join
         return _Loaded(files, _scan_loose(self.root))
+
+    def _open_index(self, alone: bool) -> list[_File]:
+        db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False)
+        self._db = db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(_SCHEMA)
+        return self._load_files(alone)
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            with self._db_lock:
+                self._db.close()
+            self._db = None
 
     def _load_files(self, alone: bool) -> list[_File]:
         """Trusted files: rows whose file still matches. Alone, delete the rest
@@ -289,7 +310,8 @@ class NodeStore(AsyncResource):
                         continue
                     with os.scandir(shard.path) as entries:
                         for entry in entries:
-                            if entry.name not in keep:
+                            if entry.name not in keep and not entry.is_dir(
+                                    follow_symlinks=False):
                                 log.info("dropping unsynced store file %s", entry.name)
                                 _remove(entry.path)
         return trusted
@@ -312,10 +334,7 @@ class NodeStore(AsyncResource):
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        if self._db is not None:
-            with self._db_lock:
-                self._db.close()
-            self._db = None
+        self._close_db()
         shutil.rmtree(self._tmp, ignore_errors=True)
         for fd in self._lock_fds:
             os.close(fd)

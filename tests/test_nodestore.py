@@ -546,6 +546,26 @@ async def test_files_not_covered_by_a_sync_are_dropped_after_a_crash(tmp_path: P
         assert store.open_file(key) is not None
 
 
+async def test_an_unreadable_index_is_replaced_not_fatal(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    async with NodeStore(CacheConfig(root)) as store:
+        cid, data = chunk(1)
+        await store.put(cid, data)
+        key, path, _ = await add_file(store, random_bytes(30 * KIB, "lost-index"))
+    for name in ("index.sqlite-wal", "index.sqlite-shm"):
+        (root / name).unlink(missing_ok=True)
+    (root / "index.sqlite").write_bytes(b"not a database, " * 100)
+    (root / "files" / "zz").mkdir()  # a stray directory is left alone
+    async with NodeStore(CacheConfig(root)) as store:
+        assert await store.get(cid) == data  # loose chunks need no index
+        assert store.open_file(key) is None  # files are no longer vouched for: dropped
+        assert not path.exists()
+        assert store.used_bytes == len(data)
+        await add_file(store, random_bytes(30 * KIB, "new-index"))
+        await store.sync()
+    assert (root / "files" / "zz").is_dir()
+
+
 async def test_limit_enforced_when_the_store_opens(tmp_path: Path) -> None:
     root = tmp_path / "c"
     async with NodeStore(CacheConfig(root)) as store:
