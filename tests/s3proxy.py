@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Self
@@ -90,6 +90,8 @@ class CountingProxy(AsyncResource):
         self.bytes_to_client = 0
         self.bytes_to_server = 0
         self.connections = 0
+        self.requests: Counter[str] = Counter()
+        """HTTP requests by method (counted only in HTTP mode: ``http`` or a fault armed)."""
         self.faults: list[Fault] = []
         self.http = False
         """Parse connections as HTTP/1.1 even with no fault armed (armed faults imply it)."""
@@ -111,6 +113,7 @@ class CountingProxy(AsyncResource):
     def reset(self) -> None:
         """Zero the counters (e.g. after uploading test data)."""
         self.bytes_to_client = self.bytes_to_server = self.connections = 0
+        self.requests.clear()
 
     def arm(self, fault: Fault) -> Fault:
         """Apply ``fault`` to matching exchanges on connections opened from now on."""
@@ -252,6 +255,7 @@ class CountingProxy(AsyncResource):
                 return
             method, target, _ = head.split(b" ", 2)
             requests.append((method.decode(), target.decode()))
+            self.requests[method.decode()] += 1
             length = _content_length(head)
             fault = self._fault(
                 ("cut_upload", "reject_upload"), method.decode(), target.decode(), length
