@@ -400,6 +400,7 @@ class NodeStore(AsyncResource):
                 return await self._get_loose(chunk_id)
         if chunk_id not in self._in_files:
             self._refresh()  # another process may have dropped the loose copy for a file
+        corrupt: CorruptChunk | None = None
         for key, (offset, size) in list(self._in_files.get(chunk_id, {}).items()):
             rec = self._files.get(key)
             if rec is None:
@@ -419,9 +420,12 @@ class NodeStore(AsyncResource):
             if actual != chunk_id:
                 log.warning("dropping corrupt store file %s (chunk %s)", key, chunk_id)
                 await self._drop_file(rec)
-                raise CorruptChunk(chunk_id, "local cache", actual)
+                corrupt = CorruptChunk(chunk_id, "local cache", actual)
+                continue  # another file may hold a good copy
             self._use(rec)
             return data
+        if corrupt is not None:
+            raise corrupt
         raise ChunkMissing(chunk_id, "local cache")
 
     async def _get_loose(self, chunk_id: ChunkId) -> ChunkData:
@@ -443,9 +447,10 @@ class NodeStore(AsyncResource):
             self._forget((_LOOSE, chunk_id))
             await anyio.to_thread.run_sync(_remove, path)
             raise CorruptChunk(chunk_id, "local cache", actual)
-        self._lru.move_to_end((_LOOSE, chunk_id))
-        if touch:
-            self._touched[chunk_id] = now
+        if (_LOOSE, chunk_id) in self._lru:  # not evicted while we read
+            self._lru.move_to_end((_LOOSE, chunk_id))
+            if touch:
+                self._touched[chunk_id] = now
         return data
 
     async def put(self, chunk_id: ChunkId, data: ChunkData) -> None:
@@ -677,6 +682,8 @@ class NodeStore(AsyncResource):
         return verdict is not False
 
     def _use(self, rec: _File) -> None:
+        if self._files.get(rec.key) is not rec:
+            return  # evicted or replaced while the caller awaited
         self._lru.move_to_end((_FILE, rec.key))
         now = time.time()
         if now - rec.used > TOUCH_SECONDS:
