@@ -35,6 +35,7 @@ _COMMAND_MODULES = (
     "blobstore.dedup",
     "blobstore.syncdir",
     "blobstore.runner",
+    "blobstore.leases",
 )
 
 Command = Callable[[argparse.Namespace, Any], Awaitable[int]]
@@ -288,9 +289,10 @@ async def cmd_gc(args: argparse.Namespace, client: Client) -> int:
     _emit(args, doc, f"cache: evicted {human_bytes(r.cache_evicted_bytes)}, holds "
           f"{human_bytes(r.cache_bytes)}; store: {r.refs} refs, {verb} {r.swept_chunks} chunks "
           f"and {r.swept_manifests} manifests ({human_bytes(r.swept_bytes)})"
-          + (f"; {r.skipped_for_writers} writers active, sweep skipped"
+          + (f"; {r.skipped_for_writers} writers active, sweep skipped (blobstore leases)"
              if r.skipped_for_writers else "")
-          + (f"; {len(r.bad_refs)} bad refs (see warnings)" if r.bad_refs else ""))
+          + (f"; {len(r.bad_refs)} bad refs (see warnings)" if r.bad_refs else "")
+          + (f"; removed {r.stale_temp_files} stale temp files" if r.stale_temp_files else ""))
     return 0
 
 

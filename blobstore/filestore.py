@@ -4,7 +4,9 @@ Layout: key ``a/b/c`` is the file ``<root>/a/b/c``. Writes are atomic: a temp
 file ``.tmp-<random>`` in the key's directory is written, fsynced and renamed
 over the final name, then the directory is fsynced. Names starting with ``.``
 are never keys (``validate_key`` refuses them), so temp and lock files are
-never listed. ``put_if`` serialises writers of one key with ``fcntl.flock`` on
+never listed; a writer killed mid-write leaves its temp file behind, and
+``remove_stale_temp`` (run by gc) deletes those older than ``TEMP_MAX_AGE``.
+``put_if`` serialises writers of one key with ``fcntl.flock`` on
 ``<root>/.locks/<hash of key>``, which also holds across processes on one host
 (not across hosts on NFS). Plain ``put`` does not take that lock.
 
@@ -18,6 +20,7 @@ import fcntl
 import os
 import secrets
 import stat
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from functools import partial
 from pathlib import Path
@@ -34,6 +37,9 @@ from .stores import validate_key, validate_prefix
 T = TypeVar("T")
 
 _TMP_PREFIX = ".tmp-"
+TEMP_MAX_AGE = 3600.0
+"""A temp file this old belongs to a dead writer: a live one renames its file
+within seconds (deleting a live one would only fail that write, never corrupt)."""
 _LOCK_DIR = ".locks"
 _FILE_MODE = 0o666  # narrowed by the umask, like any ordinary file
 _MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
@@ -150,6 +156,11 @@ class FileObjectStore(AsyncResource):
                 if sub.startswith(prefix) or prefix.startswith(sub + "/"):
                     pending.append(sub)
 
+    async def remove_stale_temp(self, max_age: float = TEMP_MAX_AGE) -> tuple[int, int]:
+        """Delete temp files of killed writers older than ``max_age`` seconds;
+        returns (files, bytes). Raises StoreUnavailable."""
+        return await self._run(partial(_remove_stale_temp, self.root, max_age), "clean up")
+
     # -- helpers -------------------------------------------------------------
 
     def _path(self, key: str) -> Path:
@@ -256,6 +267,26 @@ def _open_read(path: Path) -> int:
         os.close(fd)
         raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
     return fd
+
+
+def _remove_stale_temp(root: Path, max_age: float) -> tuple[int, int]:
+    cutoff = time.time() - max_age
+    files = size = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        if dirpath == str(root) and _LOCK_DIR in dirnames:
+            dirnames.remove(_LOCK_DIR)
+        for name in filenames:
+            if not name.startswith(_TMP_PREFIX):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+                if st.st_mtime < cutoff and stat.S_ISREG(st.st_mode):
+                    os.unlink(path)
+                    files, size = files + 1, size + st.st_size
+            except FileNotFoundError:
+                continue  # renamed or removed meanwhile
+    return files, size
 
 
 def _is_file(path: Path) -> bool:

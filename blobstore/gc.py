@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from .catalog import Catalog
 from .errors import InvalidManifest, ObjectMissing
+from .filestore import FileObjectStore
 from .ids import ChunkId, is_id
 from .leases import Leases
 from .manifest import Image
@@ -48,6 +49,8 @@ class GcResult:
     """Writers (push, import, sync) were running, so nothing was swept."""
     bad_refs: tuple[str, ...] = ()
     """One line per ref that could not be followed (see the module docstring)."""
+    stale_temp_files: int = 0
+    """Temp files of killed writers a file store removed (older than an hour)."""
 
 
 async def mark(
@@ -106,6 +109,9 @@ async def collect(
 ) -> GcResult:
     """Run a full gc. Raises Unavailable, InvalidManifest (then nothing is swept)."""
     evicted = await cache.evict() if cache is not None and not dry_run else 0
+    stale_temp = 0
+    if isinstance(store, FileObjectStore) and not dry_run:
+        stale_temp, _ = await store.remove_stale_temp()
     catalog = Catalog(store)
     bad_refs: list[str] = []
     ref_count, live_manifests, live_chunks = await mark(catalog, bad_refs)
@@ -144,6 +150,7 @@ async def collect(
         dry_run=dry_run,
         skipped_for_writers=skipped_for_writers,
         bad_refs=tuple(bad_refs),
+        stale_temp_files=stale_temp,
     )
 
 
