@@ -814,7 +814,7 @@ class FileWriter:
                         os.unlink(self.tmp)
             raise _translate(exc, self._store.root) from exc
         with self._lock:
-            self._written[offset] = len(data)
+            self._written[offset] = max(len(data), self._written.get(offset, 0))
 
     async def commit(self, chunks: Sequence[ChunkRef]) -> Path:
         """Check the file is whole, make it read-only, rename it into place and
@@ -856,15 +856,19 @@ class FileWriter:
         self._store._committed(rec)
 
     def _check_whole(self, chunks: Sequence[ChunkRef]) -> None:
-        offset = 0
-        for ref in chunks:
-            if self._written.get(offset) != ref.size:
-                raise Corrupt(f"store file {self.key}: chunk {ref.id} at offset {offset} "
-                              "was not written")
-            offset += ref.size
-        if offset != self.size:
-            raise Corrupt(f"store file {self.key}: chunks sum to {offset} bytes, "
+        """Every byte was written (in chunks or in larger spans, in any order):
+        a hole would read as zeros under a name that promises the chunks."""
+        total = sum(ref.size for ref in chunks)
+        if total != self.size:
+            raise Corrupt(f"store file {self.key}: chunks sum to {total} bytes, "
                           f"expected {self.size}")
+        covered = 0
+        for offset, length in sorted(self._written.items()):
+            if offset > covered:
+                break
+            covered = max(covered, offset + length)
+        if covered < self.size:
+            raise Corrupt(f"store file {self.key}: bytes from {covered} on were not written")
 
     def _finish(self, final: Path) -> os.stat_result:
         with self._lock:

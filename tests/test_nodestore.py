@@ -417,16 +417,25 @@ async def test_commit_refuses_an_incomplete_file_and_abort_cleans_up(tmp_path: P
         writer = store.begin_file(file_key(refs), len(data))
         for _, piece, offset in parts[:-1]:
             writer.write(piece, offset)
-        with pytest.raises(Corrupt, match="was not written"):
+        with pytest.raises(Corrupt, match="bytes from 32768 on were not written"):
             await writer.commit(refs)
         assert not writer.tmp.exists()
         assert store.open_file(file_key(refs)) is None
+        writer = store.begin_file(file_key(refs), len(data))  # a hole in the middle
+        writer.write(data[: 8 * KIB], 0)
+        writer.write(data[16 * KIB :], 16 * KIB)
+        with pytest.raises(Corrupt, match="bytes from 8192 on"):
+            await writer.commit(refs)
+        writer = store.begin_file(file_key(refs), len(data))  # spans of several chunks
+        writer.write(data[16 * KIB :], 16 * KIB)
+        writer.write(data[: 20 * KIB], 0)
+        assert (await writer.commit(refs)).read_bytes() == data
         writer = store.begin_file(file_key(refs), len(data))
         writer.write(parts[0][1], 0)
         assert writer.tmp.exists()
         await writer.abort()
         assert not writer.tmp.exists()
-        assert store.used_bytes == 0
+        assert store.used_bytes == len(data)  # the one whole file
         assert stray_files(tmp_path / "c") == []
 
 
@@ -450,7 +459,7 @@ async def test_commit_files_commits_a_batch_in_one_go(tmp_path: Path) -> None:
         good_writer = store.begin_file(file_key(good_refs), 1000)
         good_writer.write(good, 0)
         bad_writer = store.begin_file(file_key(bad_refs), 1000)  # never written
-        with pytest.raises(Corrupt, match="was not written"):
+        with pytest.raises(Corrupt, match="were not written"):
             await store.commit_files([(bad_writer, bad_refs), (good_writer, good_refs)])
         assert store.open_file(file_key(good_refs)) is not None  # the rest committed
         assert store.open_file(file_key(bad_refs)) is None
