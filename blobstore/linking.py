@@ -57,6 +57,10 @@ _DIR_FDS = 256
 the rest from their nearest open ancestor, still one ``openat`` per level)."""
 
 
+class SourceGone(Exception):
+    """The node-store file to place vanished (evicted, or dropped as changed)."""
+
+
 def parse_link_mode(text: str) -> LinkMode:
     """``auto|reflink|hardlink|copy``. Raises ConfigError."""
     value = text.strip().lower()
@@ -267,10 +271,13 @@ class Placer:
         """Make ``name`` in ``dir_fd`` hold ``src``'s bytes with ``mode``; returns
         the placed file's stat (taken after the rename; None if it was replaced
         meanwhile). Raises BadInput when an
-        explicit link mode is impossible here, UnsafePath, OSError."""
+        explicit link mode is impossible here, SourceGone, UnsafePath, OSError."""
         if self.mode == "hardlink":
             return self._hardlink(src, dir_fd, name, mode)
-        sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise SourceGone(str(src)) from exc
         try:
             sst = os.fstat(sfd)
             tmp, dfd = open_tmp(dir_fd, name)
@@ -311,6 +318,8 @@ class Placer:
         tmp = tmp_name(name)
         try:
             os.link(src, tmp, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError as exc:
+            raise SourceGone(str(src)) from exc
         except OSError as exc:
             if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise BadInput(f"--link-mode hardlink: cannot link from the node store into "

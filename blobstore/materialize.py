@@ -70,6 +70,7 @@ from .linking import (
     DestDir,
     LinkMode,
     Placer,
+    SourceGone,
     open_tmp,
     replace_into,
     split,
@@ -95,6 +96,8 @@ _ROUND_BYTES = 512 << 20
 directory each, well under the usual 1,024), not memory (the source bounds
 chunks in flight)."""
 _LOCK_POLL = 0.05
+_STORE_RESERVE = 64 << 20
+"""Free space left on the node store's disk when deciding what it can hold."""
 
 __all__ = ["TMP_MARK", "FileStore", "FileWriter", "Progress", "PullStats", "default_priority",
            "materialize"]
@@ -110,6 +113,8 @@ class FileWriter(Protocol):
 
 class FileStore(Protocol):
     """What a pull needs of the node store (blobstore.nodestore.NodeStore)."""
+
+    root: Path
 
     def open_file(self, key: ChunkId) -> Path | None: ...
     def begin_file(self, key: ChunkId, size: int) -> FileWriter: ...
@@ -154,11 +159,25 @@ class _Item:
 
 
 Record = list[Any]
-"""[size, mtime_ns, ino, ctime_ns, file key] of a file the marker vouches for."""
+"""[size, mtime_ns, ino, ctime_ns, file key, nlink] of a file the marker vouches for."""
 
 
 def _record(st: os.stat_result, key: ChunkId) -> Record:
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, key]
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, key, st.st_nlink]
+
+
+def _vouched(old: Record | None, st: os.stat_result, key: ChunkId) -> bool:
+    """Whether the marker's record still vouches for the file ``st`` describes.
+    A hardlinked (read-only) file's ctime also moves when another pull links
+    or unlinks the node's copy: accepted when only the link count changed,
+    as the node store does."""
+    if old is None:
+        return False
+    new = _record(st, key)
+    if old == new:
+        return True
+    return (old[:3] == new[:3] and old[4] == key and old[5] != new[5]
+            and st.st_mode & 0o222 == 0)
 
 
 async def materialize(
@@ -244,6 +263,8 @@ class _Pull:
         self.records: dict[str, Record] = {}
         self.changed = False
         """Anything written or checked that the marker did not vouch for."""
+        self.store_full = False
+        """The node store's disk has no room: files go straight into DEST."""
         self._done_lock = threading.Lock()
 
     def _advance(self, n: int) -> None:
@@ -270,10 +291,7 @@ class _Pull:
         if self.store is not None:
             need = await self._place_from_store(need)
         for round_items in _rounds(need):
-            if self.store is not None:
-                await self._assemble_in_store(round_items)
-            else:
-                await self._assemble_in_dest(round_items)
+            await self._assemble(round_items)
         links = [e for e in self.tree.entries if e.kind == "symlink"]
         for some_links in _chunked(links, _HOP_FILES):
             await run(self._make_symlinks, some_links)
@@ -320,25 +338,33 @@ class _Pull:
                     or st.st_size != item.entry.size:
                 need.append(item)  # replace_into refuses to replace a directory
                 continue
-            if self.old.get(item.entry.path) != _record(st, item.key):
+            if st.st_nlink > 1 and self.placer.mode != "hardlink":
+                need.append(item)  # linked to the node's copy: this pull wants its own
+                continue
+            vouched = _vouched(self.old.get(item.entry.path), st, item.key)
+            if not vouched:
                 if not _chunks_match(dfd, item.name, item.entry):
                     need.append(item)
                     continue
                 self.changed = True
                 self.stats.checked_files += 1
             st = self._fix_mode(dfd, item, st)
-            self.records[item.entry.path] = _record(st, item.key)
+            record = _record(st, item.key)
+            if record != self.old.get(item.entry.path):
+                self.changed = True  # (only the marker: no sync needed for the file)
+            self.records[item.entry.path] = record
             self.stats.kept_files += 1
             self._advance(item.entry.size)
         return need
 
     def _fix_mode(self, dfd: int, item: _Item, st: os.stat_result) -> os.stat_result:
         mode = stat.S_IMODE(st.st_mode)
-        if mode == item.mode or (st.st_nlink > 1 and mode == item.mode & 0o555):
-            return st  # (a hardlinked file is read-only)
+        want = item.mode & 0o555 if st.st_nlink > 1 else item.mode  # (hardlinks: read-only)
+        if mode == want:
+            return st
         fd = os.open(item.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
         try:
-            os.fchmod(fd, item.mode)
+            os.fchmod(fd, want)
             self.changed = True
             return os.fstat(fd)
         finally:
@@ -380,60 +406,100 @@ class _Pull:
             else:
                 found.append((item, path))
         for batch in _chunked(found, _HOP_FILES):
-            await anyio.to_thread.run_sync(self._place, batch)
+            missing += await anyio.to_thread.run_sync(self._place, batch, True)
         return missing
 
-    def _place(self, batch: Sequence[tuple[_Item, Path]]) -> None:
+    def _place(self, batch: Sequence[tuple[_Item, Path]], cached: bool) -> list[_Item]:
+        """Place each item from its store path; return those whose store file
+        vanished meanwhile (to be assembled again)."""
+        gone = []
         for item, path in batch:
             dfd = self.root.dir_fd(item.parent)
-            st = self.placer.place(path, dfd, item.name, item.mode)
+            try:
+                st = self.placer.place(path, dfd, item.name, item.mode)
+            except SourceGone:
+                gone.append(item)
+                continue
             self.changed = True
             if st is not None:
                 self.records[item.entry.path] = _record(st, item.key)
-            self.stats.placed_bytes += item.entry.size
-            self._advance(item.entry.size)
+            if cached:
+                self.stats.placed_bytes += item.entry.size
+                self._advance(item.entry.size)
+        return gone
 
-    async def _assemble_in_store(self, items: list[_Item]) -> None:
-        assert self.store is not None
-        by_key: dict[ChunkId, list[_Item]] = {}
+    async def _assemble(self, items: list[_Item]) -> None:
+        """Fetch ``items`` in one round: into the node store (one writer per
+        distinct content, then placed) as far as its disk has room, the rest
+        straight into temp files in DEST."""
+        done_before = self.done
+        try:
+            await self._assemble_round(items, self._store_room(items))
+        except DiskFull as exc:  # raised by the node store: its disk filled meanwhile
+            self._store_full(exc)
+            with self._done_lock:
+                self.done = done_before
+            await self._assemble_round(items, [])
+
+    def _store_room(self, items: list[_Item]) -> list[_Item]:
+        """The items the node store's disk has room for (no store: none)."""
+        if self.store is None or self.store_full:
+            return []
+        try:
+            st = os.statvfs(self.store.root)
+        except OSError:
+            return items
+        room = st.f_bavail * st.f_frsize - _STORE_RESERVE
+        fits: list[_Item] = []
+        seen: set[ChunkId] = set()
         for item in items:
+            if item.key not in seen:
+                if item.entry.size > room:
+                    continue
+                room -= item.entry.size
+                seen.add(item.key)
+            fits.append(item)
+        if len(fits) < len(items):
+            self._store_full(DiskFull(f"no space left for the cache in {self.store.root}"))
+        return fits
+
+    def _store_full(self, exc: DiskFull) -> None:
+        if not self.store_full:
+            log.warning("%s: writing files straight into the destination", exc)
+        self.store_full = True
+
+    async def _assemble_round(self, items: list[_Item], in_store: list[_Item]) -> None:
+        by_key: dict[ChunkId, list[_Item]] = {}
+        for item in in_store:
             by_key.setdefault(item.key, []).append(item)
+        stored = {id(item) for item in in_store}
+        direct = [_DestFile(self.root, item) for item in items if id(item) not in stored]
         writers: dict[ChunkId, FileWriter] = {}
         try:
-            for key, same in by_key.items():
-                writers[key] = self.store.begin_file(key, same[0].entry.size)
-            targets = [(writers[key], same[0].entry) for key, same in by_key.items()]
-            await self._fetch_into(targets, [len(s) for s in by_key.values()])
+            if by_key:
+                assert self.store is not None
+                for key, same in by_key.items():
+                    writers[key] = self.store.begin_file(key, same[0].entry.size)
+            targets: list[tuple[_Target, Entry]] = [
+                (writers[key], same[0].entry) for key, same in by_key.items()]
+            targets += [(t, t.item.entry) for t in direct]
+            await self._fetch_into(targets, [len(s) for s in by_key.values()] + [1] * len(direct))
             placed: list[tuple[_Item, Path]] = []
             for key in list(writers):
                 path = await writers.pop(key).commit(by_key[key][0].entry.chunks)
                 placed += [(item, path) for item in by_key[key]]
             for batch in _chunked(placed, _HOP_FILES):
-                await anyio.to_thread.run_sync(self._place_fetched, batch)
+                gone = await anyio.to_thread.run_sync(self._place, batch, False)
+                if gone:  # committed a moment ago: evicted or changed since
+                    raise Unavailable(f"{gone[0].entry.path}: the node store lost the file "
+                                      "just assembled (store too small for this pull?)")
+            for some in _chunked(direct, _HOP_FILES):
+                await anyio.to_thread.run_sync(self._finish_in_dest, some)
         finally:
             with anyio.CancelScope(shield=True):
                 for writer in writers.values():
                     await writer.abort()
-
-    def _place_fetched(self, batch: Sequence[tuple[_Item, Path]]) -> None:
-        for item, path in batch:
-            dfd = self.root.dir_fd(item.parent)
-            st = self.placer.place(path, dfd, item.name, item.mode)
-            self.changed = True
-            if st is not None:
-                self.records[item.entry.path] = _record(st, item.key)
-
-    # ------------------------------------------------------------------ no node store
-
-    async def _assemble_in_dest(self, items: list[_Item]) -> None:
-        targets = [_DestFile(self.root, item) for item in items]
-        try:
-            await self._fetch_into([(t, t.item.entry) for t in targets], [1] * len(targets))
-            for batch in _chunked(targets, _HOP_FILES):
-                await anyio.to_thread.run_sync(self._finish_in_dest, batch)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_discard, targets)
+                await anyio.to_thread.run_sync(_discard, direct)
 
     def _finish_in_dest(self, targets: list[_DestFile]) -> None:
         for t in targets:
