@@ -1,0 +1,180 @@
+"""Link modes for real: reflinks on an XFS loop mount (root and mkfs.xfs; CI
+installs xfsprogs and runs as root), hardlinks that are read-only and whose
+changes are caught, copies elsewhere, and the errors when a mode cannot work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import (
+    assert_one_line_error,
+    cli_env,
+    make_tree,
+    random_bytes,
+    run_cli,
+    snapshot,
+    temp_leftovers,
+    write,
+)
+
+from blobstore.client import Client
+from blobstore.config import CacheConfig, Config, PeerConfig
+from blobstore.errors import NotFound
+from blobstore.manifest import Tree, file_key
+
+
+def _need(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must be able to run this: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def xfs(tmp_path: Path) -> Iterator[Path]:
+    """A fresh 512 MiB XFS (reflink=1) on a loop device, unmounted afterwards."""
+    if os.geteuid() != 0:
+        _need("mounting a loop device needs root")
+    if shutil.which("mkfs.xfs") is None:
+        _need("mkfs.xfs is missing (apt-get install xfsprogs)")
+    image = tmp_path / "xfs.img"
+    mount = tmp_path / "xfs"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(512 << 20)
+    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        image.unlink(missing_ok=True)
+
+
+def shared_extents(path: Path) -> bool:
+    """Whether ``filefrag`` reports every extent of ``path`` as shared."""
+    out = subprocess.run(["filefrag", "-v", str(path)], capture_output=True, text=True,
+                         check=True).stdout
+    rows = [ln for ln in out.splitlines() if ln.strip()[:1].isdigit() and ":" in ln]
+    return bool(rows) and all("shared" in ln for ln in rows)
+
+
+def push(tmp_path: Path, store: str) -> Path:
+    src = make_tree(tmp_path / "src")
+    proc = run_cli(["push", src, "t"], cli_env(store, tmp_path / "push-cache"))
+    assert proc.returncode == 0, proc.stderr
+    return src
+
+
+def test_reflink_on_xfs_shares_extents(tmp_path: Path, xfs: Path) -> None:
+    store = (tmp_path / "store").as_uri()
+    src = push(tmp_path, store)
+    env = cli_env(store, xfs / "node" / "cache")
+    first = run_cli(["pull", "--link-mode", "reflink", "t", xfs / "a"], env)
+    assert first.returncode == 0, first.stderr
+    again = run_cli(["pull", "--link-mode", "reflink", "t", xfs / "b"], env)  # from the store
+    assert again.returncode == 0, again.stderr
+    for dst in (xfs / "a", xfs / "b"):
+        assert snapshot(dst) == snapshot(src)
+        assert shared_extents(dst / "weights.bin")  # a clone of the store's copy
+        assert (dst / "weights.bin").stat().st_nlink == 1
+        assert temp_leftovers(dst) == []
+    # a clone is a separate file: writing it leaves the store's copy intact
+    (xfs / "a" / "weights.bin").write_bytes(b"mine now")
+    third = run_cli(["pull", "--link-mode", "auto", "t", xfs / "c"], env)
+    assert third.returncode == 0, third.stderr
+    assert snapshot(xfs / "c") == snapshot(src)
+    assert shared_extents(xfs / "c" / "weights.bin")  # auto clones where it can
+
+
+def test_explicit_reflink_where_the_filesystem_cannot(tmp_path: Path, xfs: Path) -> None:
+    store = (tmp_path / "store").as_uri()
+    push(tmp_path, store)
+    env = cli_env(store, tmp_path / "cache")  # the store on tmp_path's filesystem
+    warm = run_cli(["pull", "t", tmp_path / "warm"], env)
+    assert warm.returncode == 0, warm.stderr
+    proc = run_cli(["pull", "--link-mode", "reflink", "t", xfs / "dst"], env)  # across devices
+    assert_one_line_error(proc, "reflink", "cannot clone")
+    proc = run_cli(["pull", "--link-mode", "hardlink", "t", xfs / "dst"], env)
+    assert_one_line_error(proc, "hardlink", "cannot link")
+    assert temp_leftovers(xfs / "dst") == []
+    # auto falls back to copying
+    auto = run_cli(["pull", "t", xfs / "dst"], {**env, "BLOBSTORE_LINK_MODE": "auto"})
+    assert auto.returncode == 0, auto.stderr
+    assert not shared_extents(xfs / "dst" / "weights.bin")
+
+
+def test_bad_link_mode_is_one_line(tmp_path: Path) -> None:
+    store = (tmp_path / "store").as_uri()
+    push(tmp_path, store)
+    env = cli_env(store, tmp_path / "cache")
+    assert_one_line_error(run_cli(["pull", "--link-mode", "symlink", "t", tmp_path / "d"], env),
+                          "link mode", "symlink")
+    assert_one_line_error(run_cli(["pull", "t", tmp_path / "d"],
+                                  {**env, "BLOBSTORE_LINK_MODE": "clone"}), "link mode")
+
+
+def scribble(path: Path) -> None:
+    """Write into a file in place, as a runner fine-tuning its weights would."""
+    with open(path, "r+b") as f:
+        f.write(b"fine-tuned in place")
+
+
+def config_for(tmp_path: Path) -> Config:
+    return Config(store_url=(tmp_path / "store").as_uri(),
+                  cache=CacheConfig(tmp_path / "node" / "cache"), peers=PeerConfig(mode="none"))
+
+
+@pytest.mark.anyio
+async def test_hardlink_is_read_only_and_a_write_through_it_is_never_served(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    write(src / "model.bin", random_bytes(6 << 20, "hl"))
+    write(src / "run.sh", b"#!/bin/sh\n", 0o755)
+    async with Client.open(config_for(tmp_path), peers=False) as client:
+        await client.push(src, "t")
+        _, tree = await client.load("t")
+        assert isinstance(tree, Tree)
+        model = next(e for e in tree.entries if e.path == "model.bin")
+        dst = tmp_path / "dst"
+        await client.pull("t", dst, link_mode="hardlink")
+        placed = dst / "model.bin"
+        store_copy = client.cache.file_path(file_key(model))
+        assert placed.stat().st_ino == store_copy.stat().st_ino  # the node's copy itself
+        assert placed.stat().st_mode & 0o777 == 0o444
+        assert (dst / "run.sh").stat().st_mode & 0o777 == 0o555
+        assert snapshot(dst)["model.bin"][2] == snapshot(src)["model.bin"][2]
+        again = await client.pull("t", dst, link_mode="hardlink")
+        assert again.kept_files == 2  # kept on a stat
+        # a runner (root ignores the read-only mode) writes into its copy
+        scribble(placed)
+        # never served: not to a peer ...
+        with pytest.raises(NotFound):
+            await client.cache.get(model.chunks[0].id)
+        assert client.cache.open_file(file_key(model)) is None
+        # ... nor linked into another destination, nor kept in this one
+        other = await client.pull("t", tmp_path / "other", link_mode="hardlink")
+        assert other.from_tier["origin"] == model.size
+        repaired = await client.pull("t", dst, link_mode="hardlink")
+        assert repaired.kept_files == 1
+    for d in (dst, tmp_path / "other"):
+        assert {k: v[2] for k, v in snapshot(d).items()} == \
+            {k: v[2] for k, v in snapshot(src).items()}
+
+
+@pytest.mark.anyio
+async def test_copy_mode_makes_independent_files(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    async with Client.open(config_for(tmp_path), peers=False) as client:
+        await client.push(src, "t")
+        await client.pull("t", tmp_path / "a", link_mode="copy")
+        again = await client.pull("t", tmp_path / "b", link_mode="copy")
+        assert again.from_tier["local"] == again.bytes  # from the node store's files
+    for d in ("a", "b"):
+        assert snapshot(tmp_path / d) == snapshot(src)
+        assert (tmp_path / d / "weights.bin").stat().st_nlink == 1
