@@ -7,7 +7,8 @@ Layout under ``CacheConfig.dir``:
   read-only (0444). A pull places them into its destination by reflink, hardlink
   or copy; peers are served chunks from them by (file, offset).
 - ``<id[0:2]>/<id>``: loose chunks (a daemon's read-through for its peers). This
-  is the old cache layout, so an existing cache keeps its chunks.
+  is the old cache layout, so an existing cache keeps its chunks. Once a durable
+  whole file holds a chunk, its loose copy is dropped: each byte is kept once.
 - ``tmp/<pid>.<rand>/``: the temp files of one open store, guarded by an flock on
   its ``.lock``; a directory whose lock is free belonged to a dead process and is
   removed when a store opens. A failed write removes its temp file at once.
@@ -40,13 +41,21 @@ while its size, inode and mtime did not and which is still read-only is re-recor
 Chunks served from files are verified on every read anyway.
 
 Several processes may open one store (the daemon and the pulls of a node). Each
-keeps its own in-memory view; the recovery above runs only when no other process
-has the store open (an flock), and a file is unlinked only if it is still the inode
-we recorded, so one process never deletes what another just wrote.
+keeps its own in-memory view and adopts the files others synced (``open_file`` of
+a key it does not know, and a miss, which checks the index at most once a second).
+The recovery above runs only when no other process has the store open (an flock),
+and a file is unlinked only if it is still the inode we recorded, so one process
+never deletes what another just wrote. Byte accounting is per process: two
+processes may together overshoot the limit until one of them evicts.
 
 Sizes: ``used_bytes`` counts loose chunks and whole files (not temp files being
 assembled). Eviction runs whenever it passes the high watermark, and when the
-store opens. Index bookkeeping happens on the event loop; file I/O in workers.
+store opens. On ENOSPC a write removes its temp file, evicts what it needed plus
+an eighth (at most half the store) and raises DiskFull; the store keeps serving.
+
+Index bookkeeping happens on the event loop; file I/O runs in worker threads,
+except the single lstat of ``open_file`` (cheaper than the hop), and
+``commit_files`` finishes a batch of writers in one hop.
 """
 
 from __future__ import annotations
