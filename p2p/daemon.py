@@ -27,7 +27,7 @@ from .http import http_serving, make_app
 from .liveness import PeerDirectory, Timing
 from .metrics import Metrics
 from .provider import ChunkProvider
-from .server import PeerServer, ServerIdentity
+from .server import PeerServer, ServerIdentity, ServerLimits
 from .tls import TlsContexts, load_contexts
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class DaemonOptions:
     node: str | None = None
     timing: Timing = field(default_factory=Timing)
     corrupt_for_tests: bool = False
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
@@ -71,7 +72,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             node_box: list[str] = [opts.node or ""]
             client_tls = tls.client if tls else None
             me = Identity(node_box[0] or "pending", config.region, config.peers.token, client_tls)
-            directory = PeerDirectory(me, opts.timing)
+            directory = PeerDirectory(me, opts.timing, opts.limits.max_gossip_peers)
 
             def is_home(chunk_id: ChunkId) -> bool:
                 nodes = [p.node for p in directory.live()] + [node_box[0]]
@@ -94,11 +95,13 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                                tls.wire_server if tls else None),
                 provider,
                 metrics,
+                limits=opts.limits,
                 peers=lambda: [p.address for p in directory.live()],
             )
             await stack.enter_async_context(server.serving(host, bound, sock))
             await stack.enter_async_context(directory)
             metrics.peers = lambda: len(directory.live())
+            metrics.known_peers = lambda: len(directory.all())
             http_port = None
             if http_addr is not None:
                 app = make_app(node, config.region, metrics, provider, directory,

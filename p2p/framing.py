@@ -6,6 +6,13 @@ decoder follows the shape of ``asyncio.BufferedProtocol`` (``get_buffer`` /
 ``buffer_updated``) so a socket can read a chunk's payload straight into the
 buffer that becomes the chunk -- no intermediate copies -- and tests can drive
 it with plain bytes and no event loop.
+
+Memory is spent only on bytes that arrived: a declared length is a promise, not
+an allocation. The scratch buffer starts small and grows to a header only while
+that header arrives; a payload buffer is allocated up front only up to
+``Limits.eager_payload`` (the largest chunk the chunker makes by default) and
+beyond that grows, doubling, as bytes arrive. A decoder's memory is at most
+``max(scratch, max_header + 4) + 2 x (payload bytes received so far)``.
 """
 
 from __future__ import annotations
@@ -24,23 +31,37 @@ MAX_HEADER_BYTES = 256 << 10
 MAX_PAYLOAD_BYTES = 64 << 20
 """Matches the largest chunk a manifest may name."""
 MAX_IDS_PER_REQUEST = 4096
-_SCRATCH_BYTES = 256 << 10
+EAGER_PAYLOAD_BYTES = 4 << 20
+"""Payloads up to this size are read in place with no copy (the chunker's default
+maximum chunk); longer ones grow as their bytes arrive."""
+SCRATCH_BYTES = 16 << 10
+"""The scratch a connection keeps between frames; it grows only for a big header."""
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """What a receiver accepts; a frame beyond them is a ProtocolError."""
+
     max_header: int = MAX_HEADER_BYTES
     max_payload: int = MAX_PAYLOAD_BYTES
     max_ids: int = MAX_IDS_PER_REQUEST
+    eager_payload: int = EAGER_PAYLOAD_BYTES
 
 
 DEFAULT_LIMITS = Limits()
+"""The protocol's hard limits: what any frame may be, and what a client accepts."""
+HANDSHAKE_LIMITS = Limits(max_header=8 << 10, max_payload=0, max_ids=0)
+"""What a server accepts before the peer is authenticated: small headers, no payload."""
+REQUEST_LIMITS = Limits(max_payload=0)
+"""What a server accepts from an authenticated client: requests carry no payload."""
 
 
 @dataclass(slots=True)
 class Frame:
     header: dict[str, Any]
     payload: bytearray
+    wire_size: int = 0
+    """Bytes the frame took on the wire (0 when built in memory)."""
 
     @property
     def kind(self) -> str:
@@ -67,36 +88,47 @@ class FrameDecoder:
     """Incremental frame decoder with hard limits; raises ProtocolError on bad input.
 
     Usage: write into ``get_buffer()``, then call ``buffer_updated(n)``, which
-    returns the frames completed by those ``n`` bytes.
+    returns the frames completed by those ``n`` bytes. ``limits`` may be replaced
+    between frames (a server tightens them until the peer is authenticated).
     """
 
-    __slots__ = ("_end", "_filled", "_header", "_limits", "_payload", "_scratch", "_start")
+    __slots__ = ("_end", "_filled", "_header", "_header_size", "_payload", "_scratch",
+                 "_size", "_start", "limits")
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
-        self._limits = limits
-        self._scratch = bytearray(max(_SCRATCH_BYTES, limits.max_header + PREFIX.size))
+        self.limits = limits
+        self._scratch = bytearray()  # allocated when the first bytes arrive
         self._start = 0
         self._end = 0
         self._header: dict[str, Any] | None = None
+        self._header_size = 0
         self._payload: bytearray | None = None
+        self._size = 0
+        """The pending payload's declared length; ``_payload`` may be shorter yet."""
         self._filled = 0
+
+    @property
+    def allocated(self) -> int:
+        """Bytes of buffer this decoder holds right now."""
+        return len(self._scratch) + (len(self._payload) if self._payload is not None else 0)
 
     def get_buffer(self) -> memoryview:
         """Where the next bytes read from the connection must go."""
         if self._payload is not None:
+            if self._filled == len(self._payload):
+                self._grow_payload()
             # Payload bytes land directly in the chunk's own buffer, and never past it.
             return memoryview(self._payload)[self._filled :]
-        if self._end == len(self._scratch):
-            # Compact: move the partial header to the front.
-            pending = self._end - self._start
-            self._scratch[:pending] = self._scratch[self._start : self._end]
-            self._start, self._end = 0, pending
+        if not self._scratch:
+            self._scratch = bytearray(SCRATCH_BYTES)
+        elif self._end == len(self._scratch):
+            self._make_room()
         return memoryview(self._scratch)[self._end :]
 
     def buffer_updated(self, nbytes: int) -> list[Frame]:
         if self._payload is not None:
             self._filled += nbytes
-            if self._filled < len(self._payload):
+            if self._filled < self._size:
                 return []
             return [self._finish_payload()]
         self._end += nbytes
@@ -119,18 +151,42 @@ class FrameDecoder:
         """True between frames (a clean place for the connection to end)."""
         return self._payload is None and self._start == self._end
 
+    def _make_room(self) -> None:
+        # The scratch is full of one partial frame (a header, or a header and the start
+        # of its payload). New buffers replace old ones -- never resized in place: the
+        # transport may still hold a view of the old one.
+        pending = self._end - self._start
+        need = SCRATCH_BYTES
+        if pending >= PREFIX.size:
+            (hlen,) = PREFIX.unpack_from(self._scratch, self._start)
+            need = max(need, PREFIX.size + min(hlen, self.limits.max_header))
+        if need > len(self._scratch):
+            scratch = bytearray(need)
+            scratch[:pending] = self._scratch[self._start : self._end]
+            self._scratch = scratch
+        else:
+            self._scratch[:pending] = self._scratch[self._start : self._end]
+        self._start, self._end = 0, pending
+
+    def _grow_payload(self) -> None:
+        assert self._payload is not None
+        grown = bytearray(min(self._size, max(2 * len(self._payload), SCRATCH_BYTES)))
+        grown[: self._filled] = self._payload
+        self._payload = grown
+
     def _finish_payload(self) -> Frame:
         assert self._header is not None
         assert self._payload is not None
-        frame = Frame(self._header, self._payload)
-        self._header, self._payload, self._filled = None, None, 0
+        frame = Frame(self._header, self._payload, self._header_size + self._size)
+        self._header, self._payload, self._filled, self._size = None, None, 0, 0
         return frame
 
     def _parse_scratch(self) -> list[Frame]:
         frames: list[Frame] = []
+        limits = self.limits
         while self._end - self._start >= PREFIX.size:
             (hlen,) = PREFIX.unpack_from(self._scratch, self._start)
-            if hlen > self._limits.max_header or hlen == 0:
+            if hlen > limits.max_header or hlen == 0:
                 raise ProtocolError(f"frame header of {hlen} bytes is out of bounds")
             if self._end - self._start < PREFIX.size + hlen:
                 break
@@ -140,22 +196,31 @@ class FrameDecoder:
             size = header.get("n", 0)
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise ProtocolError("frame payload length is not a count")
-            if size > self._limits.max_payload:
+            if size > limits.max_payload:
                 raise ProtocolError(f"frame payload of {size} bytes exceeds the limit")
-            payload = bytearray(size)
             have = min(size, self._end - self._start)
+            # Allocate what is here, or up to the eager size: never the declared size
+            # of a long payload before its bytes arrive.
+            payload = bytearray(min(size, max(have, limits.eager_payload)))
             payload[:have] = memoryview(self._scratch)[self._start : self._start + have]
             self._start += have
             if have == size:
-                frames.append(Frame(header, payload))
+                frames.append(Frame(header, payload, PREFIX.size + hlen + size))
                 continue
             # The scratch is drained; the rest of the payload is read in place.
             self._header, self._payload, self._filled = header, payload, have
+            self._header_size, self._size = PREFIX.size + hlen, size
             self._start = self._end = 0
+            self._shrink_scratch()
             return frames
         if self._start == self._end:
             self._start = self._end = 0
+            self._shrink_scratch()
         return frames
+
+    def _shrink_scratch(self) -> None:
+        if len(self._scratch) > SCRATCH_BYTES:
+            self._scratch = bytearray(SCRATCH_BYTES)
 
 
 def _unpack_header(raw: memoryview) -> dict[str, Any]:

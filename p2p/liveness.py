@@ -9,6 +9,13 @@ Membership comes from a static list, mDNS, the node's own daemon, and gossip:
 every pong lists the live peers its sender sees, and unknown ones are added
 (source "gossip"). So one reachable daemon is enough to find the whole region,
 and a gossiped peer that keeps failing is forgotten again.
+
+Gossip is hearsay, so it is bounded: at most ``max_gossip_peers`` gossiped peers
+are kept (first-hand ones -- static, mDNS, local -- are never displaced by them;
+addresses named once the table is full are ignored), a gossiped peer that fails
+before it ever answered is forgotten at its first failure (and one that answered
+once, after ``forget_after`` failures), and a gossiped peer excluded as foreign
+or refusing is forgotten too.
 """
 
 from __future__ import annotations
@@ -37,7 +44,11 @@ class Timing:
     backoff_min: float = 0.25
     backoff_max: float = 30.0
     forget_after: int = 5
-    """Failed checks in a row after which a gossiped peer is dropped."""
+    """Failed checks in a row after which a gossiped peer that once answered is dropped."""
+
+
+MAX_GOSSIP_PEERS = 256
+"""Default cap on the peers a directory keeps from gossip alone."""
 
 
 @dataclass(slots=True, eq=False)
@@ -52,6 +63,8 @@ class Peer:
     failures: int = 0
     retry_at: float = 0.0
     last_ok: float = 0.0
+    verified: bool = False
+    """It answered a check at least once."""
     conn: PeerConnection | None = field(default=None, repr=False)
 
     def describe(self) -> dict[str, object]:
@@ -62,10 +75,16 @@ class Peer:
 class PeerDirectory:
     """Known peers and their liveness. Use as an async context manager."""
 
-    def __init__(self, me: Identity, timing: Timing | None = None) -> None:
+    def __init__(
+        self, me: Identity, timing: Timing | None = None, max_gossip_peers: int = MAX_GOSSIP_PEERS
+    ) -> None:
         self.me = me
         self.timing = timing or Timing()
+        self.max_gossip_peers = max_gossip_peers
         self._peers: dict[str, Peer] = {}
+        self._gossiped = 0
+        """How many of ``_peers`` are known from gossip alone."""
+        self._gossip_full_logged = False
         self._wake = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self.checked = asyncio.Event()
@@ -91,12 +110,21 @@ class PeerDirectory:
     def add(self, address: str, source: str, node: str = "", region: str = "") -> None:
         peer = self._peers.get(address)
         if peer is None:
+            if source == "gossip":
+                if self._gossiped >= self.max_gossip_peers:
+                    if not self._gossip_full_logged:
+                        self._gossip_full_logged = True
+                        log.warning("keeping no more than %d peers learned from gossip",
+                                    self.max_gossip_peers)
+                    return
+                self._gossiped += 1
             peer = self._peers[address] = Peer(address, source, node, region)
             self._wake.set()
             self.checked.clear()
         else:
-            if peer.source == "gossip":
+            if peer.source == "gossip" and source != "gossip":
                 peer.source = source  # heard first-hand now: no longer forgettable
+                self._gossiped -= 1
             if peer.status == "down":
                 peer.retry_at = 0.0  # re-announced: worth trying now
                 self._wake.set()
@@ -104,6 +132,8 @@ class PeerDirectory:
     def remove(self, address: str) -> None:
         peer = self._peers.pop(address, None)
         if peer is not None:
+            if peer.source == "gossip":
+                self._gossiped -= 1
             self._drop_connection(peer)
             log.info("peer %s (%s) left", peer.node or "?", address)
 
@@ -136,7 +166,9 @@ class PeerDirectory:
         peer.up = False
         peer.status = "down"
         peer.failures += 1
-        if peer.source == "gossip" and peer.failures >= self.timing.forget_after:
+        if peer.source == "gossip" and (
+            not peer.verified or peer.failures >= self.timing.forget_after
+        ):
             self.remove(peer.address)  # whoever named it will name it again if it returns
             return
         delay = min(self.timing.backoff_max, self.timing.backoff_min * 2 ** (peer.failures - 1))
@@ -144,6 +176,10 @@ class PeerDirectory:
         self._drop_connection(peer)
 
     def _exclude(self, peer: Peer, status: str, reason: str) -> None:
+        if peer.source == "gossip" and status != "self":
+            log.info("forgetting gossiped peer %s: %s", peer.address, reason)
+            self.remove(peer.address)  # hearsay that does not hold costs no room
+            return
         if peer.status != status:
             level = logging.DEBUG if status == "self" else logging.WARNING
             log.log(level, "ignoring peer %s: %s", peer.address, reason)
@@ -216,7 +252,7 @@ class PeerDirectory:
         if not peer.up:
             log.info("peer %s (%s) is up", peer.node, peer.address)
             self.peer_up.set()
-        peer.up, peer.status, peer.failures = True, "up", 0
+        peer.up, peer.status, peer.failures, peer.verified = True, "up", 0, True
         peer.last_ok = time.monotonic()
 
     async def _connect(self, peer: Peer) -> PeerConnection:

@@ -136,7 +136,7 @@ def peers_field(header: dict[str, Any]) -> list[str]:
         host, sep, port = address.rpartition(":")
         if not host or not sep or not port.isdigit() or not 0 < int(port) < 65536:
             raise ProtocolError(f"'peers' lists a malformed address {address[:64]!r}")
-    return raw
+    return list(dict.fromkeys(raw))  # each address once, in order
 MISSING: dict[str, Any] = {"t": "missing"}
 CHUNK: dict[str, Any] = {"t": "chunk"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,9 +21,16 @@ class Metrics:
     """Bytes served, by where this daemon found them."""
     corrupt_dropped: int = 0
     in_flight: int = 0
+    lookups: int = 0
+    """Units of the daemon-wide lookup budget in use (ServerLimits.lookups_per_daemon)."""
     connections: int = 0
     auth_failures: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    """Connections the daemon closed to protect the others, by reason: "connection_cap",
+    "handshake_timeout", "idle", "stalled"."""
     peers: Callable[[], int] = lambda: 0
+    known_peers: Callable[[], int] = lambda: 0
+    """Peers in the directory, live or not (gossip-learned ones are capped)."""
 
     def render(self) -> str:
         lines: list[str] = []
@@ -46,7 +54,14 @@ class Metrics:
                [("", self.corrupt_dropped)])
         metric("auth_failures_total", "counter", "Connections refused for a wrong token.",
                [("", self.auth_failures)])
+        metric("connections_dropped_total", "counter",
+               "Connections closed by the daemon's limits, by reason.",
+               [(f'{{reason="{r}"}}', v) for r, v in sorted(self.dropped.items())])
         metric("in_flight", "gauge", "Chunk requests being answered.", [("", self.in_flight)])
+        metric("lookups_pending", "gauge",
+               "Chunk answers holding the lookup budget (looked up or waiting to be sent).",
+               [("", self.lookups)])
         metric("connections", "gauge", "Open peer connections.", [("", self.connections)])
         metric("peers", "gauge", "Live same-region peers seen.", [("", self.peers())])
+        metric("known_peers", "gauge", "Peers known, live or not.", [("", self.known_peers())])
         return "\n".join(lines) + "\n"

@@ -85,6 +85,9 @@ class P2PPlugin:
         p.add_argument("--node-id", help="stable node name (default HOSTNAME:PORT)")
         p.add_argument("--health-interval", type=float, default=1.0, metavar="SECONDS",
                        help="ping quiet peers this often (default 1)")
+        p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                       help="change one of the daemon's limits (connections, timeouts, "
+                            "budgets; see docs/security.md, Memory bounds); repeatable")
         p.add_argument("--corrupt-for-tests", action="store_true", help=argparse.SUPPRESS)
         p.set_defaults(func=_cmd_daemon)
 
@@ -134,9 +137,11 @@ async def _settle_for_pull(directory: PeerDirectory, mode: str, timing: Timing) 
 
 async def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
     from .daemon import DaemonOptions, run_daemon
+    from .server import ServerLimits
 
     timing = Timing(interval=args.health_interval, timeout=max(1.0, 3 * args.health_interval))
-    opts = DaemonOptions(args.listen, args.http, args.node_id, timing, args.corrupt_for_tests)
+    opts = DaemonOptions(args.listen, args.http, args.node_id, timing, args.corrupt_for_tests,
+                         limits=ServerLimits.parse(args.limit))
     return await run_daemon(config, opts)
 
 

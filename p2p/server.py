@@ -4,6 +4,13 @@ Per connection, a reader starts a lookup for every requested id as soon as the
 request arrives (bounded), and a writer sends the answers strictly in request
 order -- so a slow read-through for one chunk does not stop the lookups of the
 chunks behind it.
+
+One bad client must never hurt the others: ``ServerLimits`` caps connections
+(in all and per remote address), the time to authenticate and to stay idle, the
+answers one connection may have pending (its reader stops while they are
+unsent: back-pressure down to TCP) and its share of the daemon-wide lookup
+budget; a client that stops reading is dropped -- soon when others wait for that
+budget. docs/security.md (Memory bounds) turns these into bytes.
 """
 
 from __future__ import annotations
@@ -12,29 +19,110 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
-from blobstore.errors import AuthError, BlobstoreError, PeerUnavailable, ProtocolError
+from blobstore.errors import (
+    AuthError,
+    BlobstoreError,
+    ConfigError,
+    PeerUnavailable,
+    ProtocolError,
+)
 from blobstore.ids import ChunkId
 from blobstore.source import ChunkData
 
 from . import messages
-from .framing import DEFAULT_LIMITS, Limits
+from .framing import HANDSHAKE_LIMITS, REQUEST_LIMITS, Frame
 from .metrics import Metrics
 from .provider import ChunkProvider
 from .wire import FrameStream
 
 log = logging.getLogger(__name__)
 
-_LOOKUPS_PER_CONNECTION = 32
-_LOOKUPS_PER_DAEMON = 96
-"""Chunks being looked up or waiting to be sent, across all connections: bounds memory
-(~96 x chunk size) however many nodes connect at once."""
 _HANDSHAKE_TIMEOUT = 10.0
-_STALLED_CLIENT_TIMEOUT = 30.0
-"""A client that reads nothing for this long is dropped, freeing its share of the budget."""
+_CAP_WARNING_INTERVAL = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What one daemon spends on the clients it serves; docs/security.md turns it into bytes.
+
+    Set any field with ``blobstore daemon --limit NAME=VALUE`` (``ServerLimits.parse``).
+    """
+
+    max_connections: int = 256
+    """Open peer connections, authenticated or not; more are closed as they are accepted."""
+    max_connections_per_ip: int = 32
+    """Of those, from one remote address."""
+    handshake_timeout: float = 10.0
+    """A connection that has not authenticated within this is closed."""
+    idle_timeout: float = 300.0
+    """An authenticated connection that asks nothing for this long, with nothing left to
+    send, is closed (peers ping every second; a pull's connections ask all the time)."""
+    stall_timeout: float = 30.0
+    """A client that reads none of its answers for this long is dropped."""
+    stall_grace: float = 1.0
+    """...and after only this long when another client waits for the lookup budget."""
+    lookups_per_connection: int = 16
+    """Answers one connection may have pending (looked up, or waiting to be sent); its
+    requests are not read further until they drop below."""
+    lookups_per_daemon: int = 96
+    """Chunk lookups pending across all connections: x the largest chunk, the bound on
+    chunk bytes held for sending."""
+    write_buffer: int = 2 << 20
+    """Bytes queued on one connection's socket before its writer waits."""
+    max_gossip_peers: int = 256
+    """Peers learned from gossip that the daemon keeps (first-hand ones are not capped)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not getattr(self, f.name) > 0:
+                raise ConfigError(f"limit {f.name} must be positive")
+        if self.lookups_per_connection > self.lookups_per_daemon:
+            raise ConfigError("limit lookups_per_connection exceeds lookups_per_daemon")
+
+    @classmethod
+    def parse(cls, overrides: Iterable[str]) -> ServerLimits:
+        """The defaults with ``NAME=VALUE`` overrides applied.
+
+        Raises ConfigError for an unknown name or a value that is not a positive number.
+        """
+        limits = cls()
+        known = {f.name for f in fields(cls)}
+        for item in overrides:
+            name, sep, text = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if not sep or name not in known:
+                raise ConfigError(f"bad --limit {item!r}: expected NAME=VALUE, NAME one of "
+                                  + ", ".join(sorted(known)))
+            kind = type(getattr(limits, name))
+            try:
+                value = kind(text)
+            except ValueError:
+                what = f"{text!r} is not {kind.__name__}"
+                raise ConfigError(f"bad --limit {item!r}: {what}") from None
+            limits = replace(limits, **{name: value})
+        return limits
+
+
+class _Session:
+    """One authenticated connection's answer queue and what it holds."""
+
+    __slots__ = ("answers", "dropped", "held", "pending", "slots", "stream")
+
+    def __init__(self, stream: FrameStream, limits: ServerLimits) -> None:
+        self.stream = stream
+        self.answers: asyncio.Queue[Answer | None] = asyncio.Queue()  # bounded by ``slots``
+        self.slots = asyncio.Semaphore(limits.lookups_per_connection)
+        self.pending = 0
+        """Answers queued or being sent."""
+        self.held = 0
+        """Units of the daemon's lookup budget this connection holds."""
+        self.dropped = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +148,7 @@ class PeerServer:
         me: ServerIdentity,
         provider: ChunkProvider,
         metrics: Metrics,
-        limits: Limits = DEFAULT_LIMITS,
+        limits: ServerLimits | None = None,
         peers: Callable[[], list[str]] = list,
     ) -> None:
         """``peers`` gives the addresses of the live peers this daemon sees; pongs list them."""
@@ -68,9 +156,13 @@ class PeerServer:
         self._peers = peers
         self._provider = provider
         self._metrics = metrics
-        self._limits = limits
+        self._limits = limits = limits or ServerLimits()
         self._streams: set[FrameStream] = set()
-        self._budget = asyncio.Semaphore(_LOOKUPS_PER_DAEMON)
+        """Every open connection, authenticated or not."""
+        self._per_host: Counter[str] = Counter()
+        self._sessions: set[_Session] = set()
+        self._budget = asyncio.Semaphore(limits.lookups_per_daemon)
+        self._cap_warned = 0.0
 
     @asynccontextmanager
     async def serving(
@@ -82,13 +174,14 @@ class PeerServer:
         async with asyncio.TaskGroup() as tg:
 
             def factory() -> FrameStream:
-                stream = FrameStream(self._limits, "client")
+                # Until it authenticates, a client may send only small frames.
+                stream = FrameStream(HANDSHAKE_LIMITS, "client", self._limits.write_buffer)
                 tg.create_task(self._serve_connection(stream))
                 return stream
 
             try:
                 tls = self._me.tls
-                tls_timeout = _HANDSHAKE_TIMEOUT if tls else None
+                tls_timeout = self._limits.handshake_timeout if tls else None
                 if sock is not None:
                     server = await loop.create_server(
                         factory, sock=sock, ssl=tls, ssl_handshake_timeout=tls_timeout)
@@ -107,11 +200,35 @@ class PeerServer:
                 await server.wait_closed()
 
     async def _serve_connection(self, stream: FrameStream) -> None:
-        self._streams.add(stream)
-        self._metrics.connections += 1
         try:
-            await self._handshake(stream)
-            await self._serve_requests(stream)
+            await stream.connected()  # (this task starts before the transport is there)
+        except (PeerUnavailable, ProtocolError):
+            stream.abort()
+            return
+        if len(self._streams) >= self._limits.max_connections:
+            self._refuse(stream, f"{self._limits.max_connections} connections open")
+            return
+        self._streams.add(stream)
+        host = ""
+        try:
+            host = _remote_host(stream)
+            self._per_host[host] += 1
+            if self._per_host[host] > self._limits.max_connections_per_ip:
+                self._refuse(stream, f"{self._limits.max_connections_per_ip} connections "
+                                     f"open from {host}")
+                return
+            self._metrics.connections += 1
+            try:
+                try:
+                    async with asyncio.timeout(self._limits.handshake_timeout):
+                        await self._handshake(stream)
+                except TimeoutError as exc:
+                    self._metrics.dropped["handshake_timeout"] += 1
+                    raise PeerUnavailable("handshake timed out") from exc
+                stream.set_limits(REQUEST_LIMITS)
+                await self._serve_requests(stream)
+            finally:
+                self._metrics.connections -= 1
         except AuthError as exc:
             self._metrics.auth_failures += 1
             log.warning("refused peer %s: %s", stream.name, exc)
@@ -120,9 +237,21 @@ class PeerServer:
         except Exception:  # one bad connection must never take the daemon down
             log.exception("connection %s failed", stream.name)
         finally:
-            self._metrics.connections -= 1
             self._streams.discard(stream)
+            if host:
+                self._per_host[host] -= 1
+                if not self._per_host[host]:
+                    del self._per_host[host]
             stream.abort()
+
+    def _refuse(self, stream: FrameStream, why: str) -> None:
+        """Close a connection over the caps at once; it never got a buffer."""
+        stream.abort()
+        self._metrics.dropped["connection_cap"] += 1
+        now = time.monotonic()
+        if now - self._cap_warned >= _CAP_WARNING_INTERVAL:  # a flood logs one line a while
+            self._cap_warned = now
+            log.warning("refusing connections: %s", why)
 
     async def _handshake(self, stream: FrameStream) -> None:
         """hello -> auth -> ready (docs/protocol.md). Raises AuthError, ProtocolError,
@@ -168,48 +297,97 @@ class PeerServer:
         stream.send(messages.ready(messages.proof(me.token, transcript, messages.SERVER)))
 
     async def _serve_requests(self, stream: FrameStream) -> None:
-        answers: asyncio.Queue[Answer | None] = asyncio.Queue(_LOOKUPS_PER_CONNECTION)
+        session = _Session(stream, self._limits)
+        self._sessions.add(session)
         try:
             async with asyncio.TaskGroup() as tg:
-                writer = tg.create_task(self._write_answers(stream, answers))
-                reader = tg.create_task(self._read_requests(stream, answers, tg))
-                # If the writer stops (peer gone), the reader may wait on a full queue forever.
+                writer = tg.create_task(self._write_answers(session))
+                reader = tg.create_task(self._read_requests(session, tg))
+                # If the writer stops (peer gone), nothing more will be sent: stop reading.
                 writer.add_done_callback(lambda _: reader.cancel())
         finally:
-            while not answers.empty():  # lookups nobody will send: return their budget
-                if isinstance(answers.get_nowait(), asyncio.Task):
-                    self._budget.release()
+            self._sessions.discard(session)
+            self._discard_answers(session, cancel=False)
 
-    async def _read_requests(
-        self, stream: FrameStream, answers: asyncio.Queue[Answer | None], tg: asyncio.TaskGroup
-    ) -> None:
+    async def _read_requests(self, session: _Session, tg: asyncio.TaskGroup) -> None:
+        stream = session.stream
         try:
             while True:
-                frame = await stream.recv()
+                frame = await self._next_request(session)
                 if frame.kind == "get":
-                    for chunk_id in messages.ids_field(frame.header, self._limits):
-                        await self._budget.acquire()
-                        lookup = tg.create_task(self._lookup(chunk_id))
-                        try:
-                            await answers.put(lookup)
-                        except BaseException:
-                            lookup.cancel()
-                            self._budget.release()
-                            raise
+                    for chunk_id in messages.ids_field(frame.header, REQUEST_LIMITS):
+                        await session.slots.acquire()
+                        await self._acquire_budget(session)
+                        self._answer(session, tg.create_task(self._lookup(chunk_id)))
                 elif frame.kind == "has":
-                    ids = messages.ids_field(frame.header, self._limits)
-                    await answers.put(messages.have(self._provider.holds(ids)))
+                    ids = messages.ids_field(frame.header, REQUEST_LIMITS)
+                    await session.slots.acquire()
+                    self._answer(session, messages.have(self._provider.holds(ids)))
                 elif frame.kind == "ping":
-                    pong = messages.pong(self._me.node, self._me.region, self._peers())
-                    await answers.put(pong)
+                    await session.slots.acquire()
+                    self._answer(session, messages.pong(self._me.node, self._me.region,
+                                                        self._peers()))
                 else:
                     raise ProtocolError(f"unexpected {frame.kind!r} request")
         except ProtocolError as exc:
             log.warning("dropping %s: %s", stream.name, exc)
             stream.abort()
         except PeerUnavailable:
-            pass  # client hung up: answer what is queued, then stop
-        await answers.put(None)
+            pass  # client hung up or idle: answer what is queued, then stop
+        session.answers.put_nowait(None)
+
+    def _answer(self, session: _Session, answer: Answer) -> None:
+        """Queue an answer; the caller holds one of the session's slots for it."""
+        session.pending += 1
+        session.answers.put_nowait(answer)
+
+    async def _next_request(self, session: _Session) -> Frame:
+        """The next request; raises PeerUnavailable once the client has been idle too long."""
+        while True:
+            try:
+                async with asyncio.timeout(self._limits.idle_timeout):
+                    return await session.stream.recv()
+            except TimeoutError:
+                if session.pending:
+                    continue  # still sending it answers: a slow reader, not an idle one
+                self._metrics.dropped["idle"] += 1
+                raise PeerUnavailable(
+                    f"idle for {self._limits.idle_timeout:g} s") from None
+
+    async def _acquire_budget(self, session: _Session) -> None:
+        """One unit of the daemon's lookup budget. While it is used up, clients that
+        stopped reading are dropped after ``stall_grace``: they free what they hold."""
+        while self._budget.locked():
+            self._evict_stalled()
+            try:
+                async with asyncio.timeout(self._limits.stall_grace):
+                    await self._budget.acquire()
+                break
+            except TimeoutError:
+                continue
+        else:
+            await self._budget.acquire()
+        session.held += 1
+        self._metrics.lookups += 1
+
+    def _release_budget(self, session: _Session) -> None:
+        session.held -= 1
+        self._metrics.lookups -= 1
+        self._budget.release()
+
+    def _evict_stalled(self) -> None:
+        now = time.monotonic()
+        for session in list(self._sessions):
+            since = session.stream.write_blocked_since
+            if (
+                session.held and not session.dropped
+                and since is not None and now - since >= self._limits.stall_grace
+            ):
+                log.warning("dropping %s: it has read nothing for %.1f s while other clients "
+                            "wait", session.stream.name, now - since)
+                self._metrics.dropped["stalled"] += 1
+                session.dropped = True
+                session.stream.abort()
 
     async def _lookup(self, chunk_id: ChunkId) -> tuple[ChunkData | None, str]:
         try:
@@ -218,27 +396,40 @@ class PeerServer:
             log.warning("cannot serve %s: %s", chunk_id[:16], exc)
             return None, ""
 
-    async def _write_answers(
-        self, stream: FrameStream, answers: asyncio.Queue[Answer | None]
-    ) -> None:
+    async def _write_answers(self, session: _Session) -> None:
         try:
-            await self._write_loop(stream, answers)
+            await self._write_loop(session)
         except PeerUnavailable as exc:
-            log.info("stopped answering %s: %s", stream.name, exc)
+            log.info("stopped answering %s: %s", session.stream.name, exc)
+        finally:
+            self._discard_answers(session, cancel=True)
 
-    async def _write_loop(
-        self, stream: FrameStream, answers: asyncio.Queue[Answer | None]
-    ) -> None:
-        while (item := await answers.get()) is not None:
-            if isinstance(item, dict):
-                stream.send(item)
-                continue
-            self._metrics.in_flight += 1
+    def _discard_answers(self, session: _Session, cancel: bool) -> None:
+        """Drop the answers nobody will send, returning their budget."""
+        while not session.answers.empty():
+            item = session.answers.get_nowait()
+            if isinstance(item, asyncio.Task):
+                if cancel:
+                    item.cancel()  # a shared read-through goes on (the provider shields it)
+                self._release_budget(session)
+
+    async def _write_loop(self, session: _Session) -> None:
+        stream = session.stream
+        while (item := await session.answers.get()) is not None:
             try:
-                await self._send_answer(stream, item)
+                if isinstance(item, dict):
+                    stream.send(item)
+                    await self._drain(stream)
+                    continue
+                self._metrics.in_flight += 1
+                try:
+                    await self._send_answer(stream, item)
+                finally:
+                    self._metrics.in_flight -= 1
+                    self._release_budget(session)
             finally:
-                self._metrics.in_flight -= 1
-                self._budget.release()
+                session.pending -= 1
+                session.slots.release()
 
     async def _send_answer(
         self, stream: FrameStream, lookup: Awaitable[tuple[ChunkData | None, str]]
@@ -252,10 +443,16 @@ class PeerServer:
             if self._me.corrupt_for_tests:
                 data = bytes([data[0] ^ 0xFF]) + data[1:]
             stream.send(messages.CHUNK, data)
+        await self._drain(stream)
+
+    async def _drain(self, stream: FrameStream) -> None:
+        """Wait while the client's unread answers fill the socket buffer; drop it if it
+        reads none for ``stall_timeout``."""
         try:
-            async with asyncio.timeout(_STALLED_CLIENT_TIMEOUT):
+            async with asyncio.timeout(self._limits.stall_timeout):
                 await stream.drain()
         except TimeoutError as exc:
+            self._metrics.dropped["stalled"] += 1
             raise PeerUnavailable("client stopped reading") from exc
 
     def _count(self, data: ChunkData, tier: str) -> None:
@@ -265,3 +462,8 @@ class PeerServer:
         m.tier_bytes[tier] = m.tier_bytes.get(tier, 0) + len(data)
         if tier == "local":
             m.hits += 1
+
+
+def _remote_host(stream: FrameStream) -> str:
+    peer = stream.extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "?"

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -20,17 +21,28 @@ from blobstore.errors import AuthError, PeerUnavailable, ProtocolError
 from .framing import DEFAULT_LIMITS, Frame, FrameDecoder, Limits, encode
 
 _MAX_QUEUED_FRAMES = 64
-_WRITE_HIGH_WATER = 8 << 20
+MAX_QUEUED_BYTES = 1 << 20
+"""Received frames not yet taken by ``recv()``: reading stops above either bound."""
+WRITE_HIGH_WATER = 8 << 20
+"""Default bytes buffered for sending before ``drain()`` waits."""
 
 
 class FrameStream(asyncio.BufferedProtocol):
     """One TCP connection: ``await recv()`` frames, ``send()`` + ``await drain()``."""
 
-    def __init__(self, limits: Limits = DEFAULT_LIMITS, name: str = "peer") -> None:
+    def __init__(
+        self, limits: Limits = DEFAULT_LIMITS, name: str = "peer",
+        write_high_water: int = WRITE_HIGH_WATER,
+    ) -> None:
+        """``limits`` bound what is received; frames sent obey the protocol's own limits."""
         self.name = name
         self.limits = limits
         self._decoder = FrameDecoder(limits)
         self._frames: deque[Frame] = deque()
+        self._queued_bytes = 0
+        self._write_high_water = write_high_water
+        self.write_blocked_since: float | None = None
+        """When sending last stopped (the peer is not reading), while it stays stopped."""
         self._transport: asyncio.Transport | None = None
         self._error: Exception | None = None
         self._recv_waiter: asyncio.Future[None] | None = None
@@ -45,7 +57,7 @@ class FrameStream(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they quack alike.
         self._transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=self._write_high_water)  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -66,8 +78,11 @@ class FrameStream(asyncio.BufferedProtocol):
             return
         if frames:
             self._frames.extend(frames)
+            self._queued_bytes += sum(f.wire_size for f in frames)
             self._wake_reader()
-            if len(self._frames) > _MAX_QUEUED_FRAMES and self._transport and not self._read_paused:
+            if self._transport and not self._read_paused and (
+                len(self._frames) > _MAX_QUEUED_FRAMES or self._queued_bytes > MAX_QUEUED_BYTES
+            ):
                 self._read_paused = True
                 self._transport.pause_reading()
 
@@ -87,9 +102,11 @@ class FrameStream(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self.write_blocked_since = time.monotonic()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self.write_blocked_since = None
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
 
@@ -122,16 +139,26 @@ class FrameStream(asyncio.BufferedProtocol):
             finally:
                 self._recv_waiter = None
         frame = self._frames.popleft()
-        if self._read_paused and len(self._frames) <= _MAX_QUEUED_FRAMES // 2 and self._transport:
+        self._queued_bytes -= frame.wire_size
+        if (
+            self._read_paused and self._transport
+            and len(self._frames) <= _MAX_QUEUED_FRAMES // 2
+            and self._queued_bytes <= MAX_QUEUED_BYTES // 2
+        ):
             self._read_paused = False
             self._transport.resume_reading()
         return frame
+
+    def set_limits(self, limits: Limits) -> None:
+        """Bound the frames received from now on (a server loosens them after auth)."""
+        self.limits = limits
+        self._decoder.limits = limits
 
     def send(self, header: dict[str, Any], payload: bytes | bytearray | memoryview = b"") -> None:
         """Queue one frame for sending. Raises PeerUnavailable if the connection is gone."""
         if self._error is not None or self._transport is None:
             raise self._error or PeerUnavailable(f"{self.name} is not connected")
-        head = encode(header, len(payload), self.limits)
+        head = encode(header, len(payload))
         if payload:
             parts: Sequence[bytes | bytearray | memoryview] = (head, payload)
             self._transport.writelines(parts)

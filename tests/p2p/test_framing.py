@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import random
+
 import msgpack
 import pytest
 
 from blobstore.errors import ProtocolError
-from p2p.framing import PREFIX, FrameDecoder, Limits, encode
+from p2p.framing import (
+    EAGER_PAYLOAD_BYTES,
+    HANDSHAKE_LIMITS,
+    MAX_HEADER_BYTES,
+    MAX_PAYLOAD_BYTES,
+    PREFIX,
+    REQUEST_LIMITS,
+    SCRATCH_BYTES,
+    FrameDecoder,
+    Limits,
+    encode,
+)
 
 
 def _frames(*items: tuple[dict[str, object], bytes]) -> bytes:
@@ -77,3 +90,87 @@ def test_garbage_headers_are_protocol_errors(raw: bytes) -> None:
 def test_zero_length_header_is_refused() -> None:
     with pytest.raises(ProtocolError):
         FrameDecoder().feed(PREFIX.pack(0))
+
+
+# ---------------------------------------------------------------------- memory bounds
+
+
+def test_a_declared_payload_is_not_allocated_before_it_arrives() -> None:
+    decoder = FrameDecoder()
+    assert decoder.allocated == 0  # nothing until the first bytes come
+    assert decoder.feed(encode({"t": "chunk"}, MAX_PAYLOAD_BYTES)) == []
+    assert decoder.allocated <= SCRATCH_BYTES + EAGER_PAYLOAD_BYTES
+    # It grows with what arrives, doubling: never past twice what came.
+    data = random.Random(1).randbytes(3 * EAGER_PAYLOAD_BYTES + 5)
+    decoder.feed(data)
+    assert decoder.allocated <= SCRATCH_BYTES + 2 * len(data)
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, SCRATCH_BYTES, EAGER_PAYLOAD_BYTES, 3 * EAGER_PAYLOAD_BYTES + 7]
+)
+@pytest.mark.parametrize("step", [4093, 1 << 20])
+def test_payloads_of_any_size_decode_in_any_reads(size: int, step: int) -> None:
+    payload = random.Random(size).randbytes(size)
+    wire = _frames(({"t": "chunk"}, payload), ({"t": "missing"}, b""))
+    decoder = FrameDecoder()
+    frames = []
+    for i in range(0, len(wire), step):
+        frames += decoder.feed(wire[i : i + step])
+    assert [(f.kind, bytes(f.payload)) for f in frames] == [("chunk", payload), ("missing", b"")]
+    assert frames[0].wire_size == len(wire) - len(encode({"t": "missing"}))
+    assert decoder.idle
+    assert decoder.allocated <= SCRATCH_BYTES  # back to the small scratch between frames
+
+
+def test_a_big_header_grows_the_scratch_only_while_it_arrives() -> None:
+    ids = [bytes(32)] * 4096
+    wire = encode({"t": "get", "ids": ids}) + encode({"t": "ping"})
+    decoder = FrameDecoder()
+    frames = []
+    for i in range(0, len(wire), 1000):
+        frames += decoder.feed(wire[i : i + 1000])
+        assert decoder.allocated <= MAX_HEADER_BYTES + PREFIX.size
+    assert [f.kind for f in frames] == ["get", "ping"]
+    assert decoder.allocated <= SCRATCH_BYTES
+
+
+def test_handshake_and_request_limits_refuse_payloads() -> None:
+    for limits in (HANDSHAKE_LIMITS, REQUEST_LIMITS):
+        with pytest.raises(ProtocolError, match="exceeds"):
+            FrameDecoder(limits).feed(encode({"t": "get"}, 1))
+    with pytest.raises(ProtocolError, match="out of bounds"):
+        FrameDecoder(HANDSHAKE_LIMITS).feed(PREFIX.pack(HANDSHAKE_LIMITS.max_header + 1))
+    decoder = FrameDecoder(HANDSHAKE_LIMITS)  # limits change between frames
+    assert decoder.feed(encode({"t": "auth"}))[0].kind == "auth"
+    decoder.limits = REQUEST_LIMITS
+    assert decoder.feed(encode({"t": "get", "ids": [bytes(32)] * 1000}))[0].kind == "get"
+
+
+def test_fuzzed_streams_end_in_frames_or_protocol_errors_with_bounded_memory() -> None:
+    """Mutated valid streams and random bytes: only ProtocolError, and never more memory
+    than the limits allow (a bounded random loop; seeds make failures reproducible)."""
+    limits = Limits(max_header=4096, max_payload=1 << 20, eager_payload=64 << 10)
+    valid = _frames(({"t": "chunk"}, b"x" * 70_000), ({"t": "get", "ids": [b"i" * 32] * 50}, b""),
+                    ({"t": "ping"}, b""))
+    for seed in range(400):
+        rng = random.Random(seed)
+        if seed % 4 == 0:
+            wire = rng.randbytes(rng.randrange(1, 3000))
+        else:
+            wire = bytearray(valid)
+            for _ in range(rng.randrange(1, 8)):
+                wire[rng.randrange(len(wire))] = rng.randrange(256)
+            wire = bytes(wire[: rng.randrange(1, len(wire) + 1)])
+        decoder = FrameDecoder(limits)
+        received = 0
+        try:
+            for i in range(0, len(wire), step := rng.randrange(1, 5000)):
+                decoder.feed(wire[i : i + step])
+                received += len(wire[i : i + step])
+                assert decoder.allocated <= (
+                    max(SCRATCH_BYTES, limits.max_header + PREFIX.size)
+                    + max(limits.eager_payload, 2 * received)
+                ), seed
+        except ProtocolError:
+            pass
