@@ -30,8 +30,9 @@ from daemons import daemon, wait_until
 from helpers import cli_env, make_tree, run_cli
 from s3server import free_ports
 
-from blobstore.errors import AuthError, PeerUnavailable
+from blobstore.errors import AuthError, ChunkMissing, PeerUnavailable
 from blobstore.ids import ChunkId, hash_bytes, id_to_bytes
+from blobstore.objectstore import chunk_key
 from p2p.client import Identity, open_connection
 from p2p.framing import encode
 
@@ -53,13 +54,15 @@ def store(tmp_path: Path) -> Store:
     proc = run_cli(["push", make_tree(tmp_path / "src"), "apps/demo"],
                    cli_env(url, tmp_path / "pusher-cache"))
     assert proc.returncode == 0, proc.stderr
-    chunks = {}
-    for path in (tmp_path / "store" / "chunks").rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            assert hash_bytes(data) == path.name
-            chunks[path.name] = data
+    # Small files are one chunk each, whatever the store's layout (loose or packed).
+    small = (p.read_bytes() for p in sorted((tmp_path / "src").rglob("*"))
+             if p.is_file() and not p.is_symlink() and 0 < p.stat().st_size < 2048)
+    chunks = {hash_bytes(data): data for data in small}
     assert chunks
+    for chunk_id, data in chunks.items():  # also loose, so a daemon reads them by id alone
+        path = tmp_path / "store" / chunk_key(chunk_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
     return Store(url, chunks)
 
 
@@ -253,13 +256,25 @@ async def test_token_holders_still_serve_each_other(
     args = ["--token-file", str(token_file)]
     with daemon(store.url, tmp_path / "d", listen="127.0.0.1:0", peers="none", node="d",
                 args=args) as d:
-        env = cli_env(store.url, tmp_path / "puller",
-                      {"BLOBSTORE_PEERS": d.listen, "BLOBSTORE_TOKEN_FILE": str(token_file)})
-        proc = await asyncio.to_thread(
-            run_cli, ["pull", "apps/demo", tmp_path / "out", "--json"], env)
-        assert proc.returncode == 0, proc.stderr
-        wait_until(lambda: d.metrics()["blobstore_peer_chunks_served_total"] > 0, "chunks served")
+        assert await _fetch(d.listen, store, Identity("puller", "default", TOKEN)) == store.chunks
+        assert d.metrics()["blobstore_peer_chunks_served_total"] == len(store.chunks)
         assert d.metrics()["blobstore_peer_auth_failures_total"] == 0
+
+
+async def _fetch(address: str, store: Store, me: Identity) -> dict[ChunkId, bytes]:
+    """The chunks of ``store`` the daemon at ``address`` serves (held, or home for), as a
+    pull's peer tier asks for them."""
+    conn = await open_connection(address, me)
+    async with asyncio.TaskGroup() as tg:
+        reader = tg.create_task(conn.read_loop())
+        got = await asyncio.gather(*(conn.get(c) for c in store.chunks), return_exceptions=True)
+        reader.cancel()
+    await conn.aclose()
+    for answer in got:
+        if isinstance(answer, BaseException) and not isinstance(answer, ChunkMissing):
+            raise answer
+    return {c: bytes(a) for c, a in zip(store.chunks, got, strict=True)
+            if not isinstance(a, BaseException)}
 
 
 # --------------------------------------------------------------------------- mutual TLS
@@ -355,15 +370,11 @@ async def test_tls_peers_serve_each_other_with_the_token(
                        for d in (d0, d1))
 
         wait_until(both_see_each_other, "TLS daemons to see each other")
-        env = cli_env(store.url, tmp_path / "puller", {
-            "BLOBSTORE_PEERS": ",".join(listens), "BLOBSTORE_TOKEN_FILE": str(token_file),
-            **pki.env()})
-        proc = await asyncio.to_thread(
-            run_cli, ["pull", "apps/demo", tmp_path / "out", "--json"], env)
-        assert proc.returncode == 0, proc.stderr
-        doc = json.loads(proc.stdout)
-        assert doc["from"]["peer"] > 0
-        assert doc["from"]["origin"] == 0
+        member = Identity("puller", "default", TOKEN, pki.client_context(pki.node))
+        served = {}
+        for d in (d0, d1):  # each chunk from its home daemon, read through from the store
+            served.update(await _fetch(d.listen, store, member))
+        assert served == store.chunks
         for d in (d0, d1):
             metrics = _https_get(f"https://{d.http}/metrics", ctx)[1].decode()
             assert "blobstore_peer_auth_failures_total 0" in metrics
