@@ -152,6 +152,10 @@ class PackWriter:
     in the order ``add_*`` calls are made (one call's chunks stay together).
     Nothing is stored until a pack is sealed: call ``flush`` before writing a
     manifest that names its chunks.
+
+    Chunk bytes are read straight into the pack's buffer (no buffer per chunk)
+    and buffers are reused from pack to pack: ~1 MiB allocations churning through
+    the allocator had kept ~150 MiB of freed memory resident per GiB pushed.
     """
 
     def __init__(
@@ -163,8 +167,10 @@ class PackWriter:
         self._lock = anyio.Lock()
         self._slots = anyio.Semaphore(config.uploads)
         self._tg: anyio.abc.TaskGroup | None = None
+        self._free: list[bytearray] = []
         self._pack = new_pack_id()
         self._buf = bytearray()
+        self._used = 0
         self._refs: list[ChunkRef] = []
         self.packs = 0
         self.bytes = 0
@@ -197,7 +203,9 @@ class PackWriter:
         async with self._lock:
             for span in spans:
                 await self._make_room(span.length)
-                out.append(self._append(span, view[span.offset : span.offset + span.length]))
+                with view[span.offset : span.offset + span.length] as chunk:
+                    self._buf[self._used : self._used + span.length] = chunk
+                out.append(self._placed(span))
         return out
 
     async def add_file(self, src: str | int, base: int, spans: Sequence[Span]) -> list[ChunkRef]:
@@ -209,11 +217,14 @@ class PackWriter:
             i = 0
             while i < len(spans):
                 await self._make_room(spans[i].length)
-                room = self.config.target_bytes - len(self._buf)
-                got = await anyio.to_thread.run_sync(_read_spans, src, base, spans[i:], room)
-                for span, data in zip(spans[i:], got, strict=False):
-                    out.append(self._append(span, data))
-                i += len(got)
+                room = memoryview(self._buf)[self._used :]
+                try:
+                    n = await anyio.to_thread.run_sync(_read_spans, src, base, spans[i:], room)
+                finally:
+                    room.release()  # or the buffer could not be resized when sealed
+                for span in spans[i : i + n]:
+                    out.append(self._placed(span))
+                i += n
         return out
 
     async def flush(self) -> None:
@@ -228,15 +239,22 @@ class PackWriter:
 
     # -- helpers -------------------------------------------------------------
 
-    def _append(self, span: Span, data: bytes | memoryview) -> ChunkRef:
-        ref = ChunkRef(span.id, span.length, self._pack, len(self._buf))
-        self._buf += data
+    def _placed(self, span: Span) -> ChunkRef:
+        """Record a chunk whose bytes were just written at ``_used``."""
+        ref = ChunkRef(span.id, span.length, self._pack, self._used)
+        self._used += span.length
         self._refs.append(ref)
         return ref
 
     async def _make_room(self, length: int) -> None:
-        if self._buf and len(self._buf) + length > self.config.target_bytes:
+        """Make the buffer hold ``length`` more bytes, sealing the pack if full."""
+        if self._used and self._used + length > self.config.target_bytes:
             await self._seal()
+        if not self._buf:
+            self._buf = self._free.pop() if self._free else bytearray()
+        want = max(self.config.target_bytes, self._used + length)
+        if len(self._buf) < want:  # a fresh or shrunk buffer (grows in place: mremap)
+            self._buf.extend(bytes(want - len(self._buf)))
 
     async def _seal(self) -> None:
         if not self._refs:
@@ -244,7 +262,8 @@ class PackWriter:
         if self._tg is None:
             raise RuntimeError("PackWriter used outside 'async with'")
         pack, buf, refs = self._pack, self._buf, tuple(self._refs)
-        self._pack, self._buf, self._refs = new_pack_id(), bytearray(), []
+        del buf[self._used :]  # the pack is exactly its chunks
+        self._pack, self._buf, self._used, self._refs = new_pack_id(), bytearray(), 0, []
         await self._slots.acquire()  # back-pressure: at most `uploads` packs in memory
         self._tg.start_soon(self._upload, pack, buf, refs)
 
@@ -257,27 +276,31 @@ class PackWriter:
             self.bytes += len(buf)
             if self._on_sealed is not None:
                 await self._on_sealed(pack, refs, index)
+            if len(self._free) <= self.config.uploads:
+                self._free.append(buf)
         finally:
             self._slots.release()
 
 
-def _read_spans(src: str | int, base: int, spans: Sequence[Span], room: int) -> list[bytes]:
-    """Read (and verify) the leading spans that fit in ``room`` bytes; at least one."""
+def _read_spans(src: str | int, base: int, spans: Sequence[Span], room: memoryview) -> int:
+    """Read the leading spans that fit in ``room`` (at least one) into it, one
+    after another, each verified against its id. Returns how many."""
     fd = src if isinstance(src, int) else os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    out: list[bytes] = []
+    pos = n = 0
     try:
         for span in spans:
-            if out and span.length > room:
+            if pos + span.length > len(room):
                 break
-            data = os.pread(fd, span.length, base + span.offset)
-            if len(data) != span.length or hash_bytes(data) != span.id:
-                raise BadInput(f"{src} changed while it was being pushed")
-            out.append(data)
-            room -= span.length
+            with room[pos : pos + span.length] as view:
+                got = os.preadv(fd, [view], base + span.offset)
+                if got != span.length or hash_bytes(view) != span.id:
+                    raise BadInput(f"{src} changed while it was being pushed")
+            pos += span.length
+            n += 1
     finally:
         if not isinstance(src, int):
             os.close(fd)
-    return out
+    return n
 
 
 # --------------------------------------------------------------------------- what the store holds
