@@ -172,7 +172,7 @@ class S3ObjectStore(AsyncResource):
 
     async def _ensure_bucket(self) -> None:
         try:
-            with self._translate("check bucket"):
+            with self._translate("check bucket"), self._deadline("check bucket"):
                 await self._client.head_bucket(Bucket=self.bucket)
             return
         except ObjectMissing:
@@ -180,7 +180,7 @@ class S3ObjectStore(AsyncResource):
                 raise StoreUnavailable(
                     f"bucket {self.bucket} does not exist at {self.endpoint}"
                 ) from None
-        with self._translate("create bucket"):
+        with self._translate("create bucket"), self._deadline("create bucket"):
             args: dict[str, Any] = {"Bucket": self.bucket}
             if self._region != DEFAULT_REGION:
                 args["CreateBucketConfiguration"] = {"LocationConstraint": self._region}
@@ -306,7 +306,13 @@ class S3ObjectStore(AsyncResource):
         full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
         paginator = self._live.get_paginator("list_objects_v2")
         with self._translate("list", prefix):
-            async for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+            pages = paginator.paginate(Bucket=self.bucket, Prefix=full_prefix).__aiter__()
+            while True:
+                with self._deadline("list", prefix):  # per page: never across a yield
+                    try:
+                        page = await pages.__anext__()
+                    except StopAsyncIteration:
+                        break
                 for obj in page.get("Contents", ()):
                     key = obj["Key"][strip:]
                     if not _is_key(key):

@@ -88,8 +88,14 @@ async def test_trickling_body_hits_the_request_deadline(s3_env: SeaweedS3Server)
             with pytest.raises(StoreUnavailable, match="deadline"):
                 async for _block in store.get_range(KEY, 1000, len(data) - 1000):
                     pass
+        for i in range(40):
+            await store.put(f"refs/r{i:02d}", b"x")
+        proxy.arm(Fault("trickle", "GET", "list-type", rate=2048))  # ~8 KB of listing
+        with anyio.fail_after(60), pytest.raises(StoreUnavailable, match="list refs/"):
+            _ = [info async for info in store.list("refs/")]
         proxy.disarm()
         assert await store.get(KEY) == data  # the store is still usable
+        assert len([info async for info in store.list("refs/")]) == 40
         assert b"".join([b async for b in store.get_range(KEY, 10, 100)]) == data[10:110]
 
 
