@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .errors import NotFound, StoreUnavailable, single_errors
+from .errors import NotFound, StoreUnavailable, Unavailable, single_errors
 from .objectstore import ObjectInfo, ObjectStore
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ WRITER_PREFIX = LEASES + "write-"
 LEGACY_WRITER_TTL = 24 * 3600.0
 """TTL of a writer lease whose name carries none (written by older versions)."""
 _TTL_IN_NAME = re.compile(r"write-t(\d+)-")
+_RELEASE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +120,7 @@ class Leases:
                     finally:
                         tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.store.delete(key)
+            await self._release(key)
 
     @asynccontextmanager
     async def collecting(self) -> AsyncIterator[int]:
@@ -140,8 +140,7 @@ class Leases:
                     finally:
                         tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.store.delete(GC_KEY)
+            await self._release(GC_KEY)
 
     async def entries(self) -> list[LeaseInfo]:
         """Every lease in the store, oldest first. Raises Unavailable."""
@@ -169,6 +168,15 @@ class Leases:
         return chosen
 
     # -- helpers -------------------------------------------------------------
+
+    async def _release(self, key: str) -> None:
+        """Delete our lease, even when cancelled. If the store is failing, leave it to
+        lapse (within its TTL) rather than hide the error that got us here."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_RELEASE_TIMEOUT):
+            try:
+                await self.store.delete(key)
+            except Unavailable as exc:
+                log.warning("could not remove lease %s (it lapses on its own): %s", key, exc)
 
     async def _put_first(self, key: str, body: bytes) -> None:
         await self.store.put(key, body)
@@ -206,8 +214,7 @@ class Leases:
         try:
             return await self._scan(probe, holders=True)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.store.delete(probe)
+            await self._release(probe)
 
     async def _scan(self, own: str, *, holders: bool = False) -> list[LeaseInfo]:
         """Every lease with its state. The first scan that sees ``own`` (a lease
