@@ -5,7 +5,8 @@ sends; ``blobstore.manifest.decode`` reads whatever the object store holds.
 Whatever the bytes -- random, valid ones mutated, truncated, fed in odd pieces --
 only typed errors may come out (ProtocolError / InvalidManifest / UnsafePath, all
 BlobstoreError), never another exception, and memory stays bounded by the limits,
-not by what a header claims.
+not by what a header claims (the bound p2p/framing.py states: one header's
+scratch, the eager part of a payload, twice the payload bytes that arrived).
 
 Valid inputs are built through the public codecs (``framing.encode``, the manifest
 dataclasses and ``manifest.encode``), so the tests follow a codec change (v2 and
@@ -42,13 +43,19 @@ from blobstore.manifest import (
     decode,
     encode,
 )
-from p2p.framing import DEFAULT_LIMITS, PREFIX, Frame, FrameDecoder, Limits
+from p2p.framing import (
+    DEFAULT_LIMITS,
+    HANDSHAKE_LIMITS,
+    PREFIX,
+    REQUEST_LIMITS,
+    SCRATCH_BYTES,
+    Frame,
+    FrameDecoder,
+    Limits,
+)
 from p2p.framing import encode as encode_frame
 
-HANDSHAKE_LIMITS = Limits(max_header=8 << 10, max_payload=0, max_ids=0)
-"""What a server accepts before authentication (p2p/framing.py has the same)."""
-REQUEST_LIMITS = Limits(max_payload=0)
-SMALL_LIMITS = Limits(max_header=1 << 10, max_payload=4 << 10, max_ids=8)
+SMALL_LIMITS = Limits(max_header=1 << 10, max_payload=4 << 10, max_ids=8, eager_payload=1 << 10)
 
 E = TypeVar("E", bound=BaseException)
 
@@ -418,3 +425,73 @@ def test_seeded_random_loop_covers_both_decoders() -> None:
             sample = seed_input[:cut] + junk + seed_input[cut:]
             for check in checks:
                 check(sample)
+
+
+# --------------------------------------------------------------------------- frame memory
+
+
+def decoder_peak(data: bytes, cuts: list[int], limits: Limits) -> int:
+    """Peak bytes traced while one decoder takes ``data`` (frames it returns included)."""
+    tracemalloc.start()
+    try:
+        decode_frames(data, cuts, limits)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def frame_memory_bound(limits: Limits, received: int) -> int:
+    """What p2p/framing.py promises: scratch for one header, the eager part of a payload,
+    and at most twice the payload bytes that arrived (growth by doubling)."""
+    scratch = max(SCRATCH_BYTES, limits.max_header + PREFIX.size)
+    return scratch + limits.eager_payload + 2 * received + (64 << 10)
+
+
+@settings(FUZZ, max_examples=200)
+@given(frames=FRAMES, edits=EDITS, cuts=CUTS, limits=LIMITS, claim=st.integers(0, 1 << 32))
+def test_frame_decoder_memory_follows_bytes_not_claims(
+    frames: list[tuple[dict[str, Any], bytes]],
+    edits: list[tuple[int, int, bytes]],
+    cuts: list[int],
+    limits: Limits,
+    claim: int,
+) -> None:
+    """Mutated frames, one of them claiming any payload length: memory stays within
+    the bound for the bytes that were sent, whatever the headers say."""
+    header, payload = frames[0]
+    packed = msgpack.packb({**header, "n": claim}, use_bin_type=True)
+    data = PREFIX.pack(len(packed)) + packed + payload + mutate(wire(frames), edits)
+    assert decoder_peak(data, cuts, limits) <= frame_memory_bound(limits, len(data))
+
+
+def test_big_payload_claims_cost_the_eager_part_only() -> None:
+    """Issue 10 item 3: a ~60-byte header declaring a 64 MiB payload allocated 64 MiB
+    before a payload byte arrived (six of them: +385 MiB). Now each costs at most the
+    eager part of a payload."""
+    header = encode_frame({"t": "chunk", "id": b"\x00" * 32}, DEFAULT_LIMITS.max_payload)
+    assert len(header) < 80
+    tracemalloc.start()
+    try:
+        decoders = [FrameDecoder(DEFAULT_LIMITS) for _ in range(6)]
+        for decoder in decoders:
+            assert decoder.feed(header) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 6 * frame_memory_bound(DEFAULT_LIMITS, 0) < DEFAULT_LIMITS.max_payload
+
+
+def test_trickled_payload_grows_with_the_bytes_that_came() -> None:
+    header = encode_frame({"t": "chunk"}, DEFAULT_LIMITS.max_payload)
+    piece = b"x" * (64 << 10)
+    received = 12 << 20  # past the eager part, so the payload has to grow
+    tracemalloc.start()
+    try:
+        decoder = FrameDecoder(DEFAULT_LIMITS)
+        assert decoder.feed(header) == []
+        for _ in range(received // len(piece)):
+            assert decoder.feed(piece) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= frame_memory_bound(DEFAULT_LIMITS, received)
