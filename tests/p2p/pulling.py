@@ -3,16 +3,18 @@ need to watch (or interfere with) the pull while it runs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from blobstore.catalog import Catalog
 from blobstore.config import CacheConfig, Config, PeerConfig
 from blobstore.ids import ChunkId
+from blobstore.manifest import ChunkRef
 from blobstore.materialize import materialize
 from blobstore.nodestore import NodeStore
 from blobstore.origin import OriginSource
+from blobstore.source import ChunkData, Sink
 from blobstore.stores import open_object_store
 from blobstore.tiers import TieredSource
 from p2p.peertier import PeerTier
@@ -37,6 +39,14 @@ class Watched:
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         return await self.tier.has(chunk_ids)
+
+    async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
+        async def counting(ref: ChunkRef, data: ChunkData) -> None:
+            await sink(ref, data)
+            self.count += 1
+            self.after(self.count)
+
+        return await self.tier.fetch(refs, counting)
 
 
 @dataclass
