@@ -134,7 +134,9 @@ def peers_field(header: dict[str, Any]) -> list[str]:
         if not isinstance(address, str) or len(address) > 256:
             raise ProtocolError("'peers' lists a malformed address")
         host, sep, port = address.rpartition(":")
-        if not host or not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        # isascii: str.isdigit() also takes "²" (int() then raises) and "١٢".
+        valid_port = port.isascii() and port.isdigit() and 0 < int(port) < 65536
+        if not host or not sep or not valid_port:
             raise ProtocolError(f"'peers' lists a malformed address {address[:64]!r}")
     return list(dict.fromkeys(raw))  # each address once, in order
 MISSING: dict[str, Any] = {"t": "missing"}
@@ -161,7 +163,8 @@ def expect(frame: Frame, kind: str) -> dict[str, Any]:
     if frame.kind == kind:
         return frame.header
     if frame.kind == "error":
-        msg = str(frame.header.get("msg", ""))[:200]
+        # A peer's text never adds lines or terminal escapes to our one-line errors.
+        msg = "".join(c if c.isprintable() else " " for c in str(frame.header.get("msg", ""))[:200])
         if frame.header.get("code") == "auth":
             raise AuthError(f"peer refused us: {msg}")
         raise ProtocolError(f"peer error: {msg}")

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blobstore.errors import BlobstoreError, InvalidManifest, ProtocolError, UnsafePath
+from blobstore.errors import AuthError, BlobstoreError, InvalidManifest, ProtocolError, UnsafePath
 from blobstore.ids import id_from_bytes
 from blobstore.manifest import (
     MAX_CHUNK_BYTES,
@@ -43,6 +43,7 @@ from blobstore.manifest import (
     decode,
     encode,
 )
+from p2p import messages
 from p2p.framing import (
     DEFAULT_LIMITS,
     HANDSHAKE_LIMITS,
@@ -495,3 +496,68 @@ def test_trickled_payload_grows_with_the_bytes_that_came() -> None:
     finally:
         tracemalloc.stop()
     assert peak <= frame_memory_bound(DEFAULT_LIMITS, received)
+
+
+# --------------------------------------------------------------------------- messages
+
+MESSAGE_KEYS = ["t", "v", "node", "region", "nonce", "mac", "to", "ids", "bits", "code", "msg"]
+ADDRESSES = st.builds(
+    "{}:{}".format,
+    st.text(max_size=8),
+    st.text(st.characters(whitelist_categories=("Nd", "No")), max_size=6),  # ², ١٢, ...
+)
+MESSAGE_VALUES = st.one_of(
+    MSGPACK_VALUES,
+    st.lists(st.binary(min_size=31, max_size=33), max_size=5),
+    st.sampled_from(["hello", "auth", "ready", "error", "have", "pong", "get", "has"]),
+)
+MESSAGE_HEADERS = st.fixed_dictionaries(
+    {},
+    optional={
+        **dict.fromkeys(MESSAGE_KEYS, MESSAGE_VALUES),
+        "peers": st.one_of(st.lists(ADDRESSES, max_size=4), MSGPACK_VALUES),
+    },
+)
+
+
+@FUZZ
+@given(
+    header=MESSAGE_HEADERS,
+    kind=st.sampled_from(["hello", "auth", "ready", "have", "pong", "chunk"]),
+    count=st.integers(0, 40),
+)
+def test_message_fields_refuse_any_header_in_one_line(
+    header: dict[str, Any], kind: str, count: int
+) -> None:
+    """What a peer's header holds goes through these checks before it is used: each
+    either returns a value or raises ProtocolError / AuthError, in one line."""
+    frame = Frame(header, bytearray())
+    checks: list[Callable[[], object]] = [
+        lambda: messages.version_field(header),
+        lambda: messages.peers_field(header),
+        lambda: messages.text_field(header, "node"),
+        lambda: messages.nonce_field(header),
+        lambda: messages.ids_field(header),
+        lambda: messages.have_flags(frame, count),
+        lambda: messages.expect(frame, kind),
+    ]
+    for check in checks:
+        try:
+            check()
+        except (ProtocolError, AuthError) as exc:
+            one_line(exc)
+
+
+@pytest.mark.parametrize("port", ["²", "١٢", "1²", "６５"])
+def test_gossiped_address_with_non_ascii_digits_is_refused(port: str) -> None:
+    with pytest.raises(ProtocolError, match="malformed address"):
+        messages.peers_field({"peers": [f"10.0.0.1:{port}"]})
+
+
+def test_peer_error_text_cannot_add_lines() -> None:
+    frame = Frame({"t": "error", "code": "auth", "msg": "no\nblobstore: error: forged\x1b[2J"},
+                  bytearray())
+    with pytest.raises(AuthError) as info:
+        messages.expect(frame, "ready")
+    assert "\n" not in str(info.value)
+    assert "\x1b" not in str(info.value)
