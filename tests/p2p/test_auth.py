@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import ssl
 import struct
 import subprocess
@@ -105,6 +106,35 @@ def test_http_chunks_need_the_token(store: Store, tmp_path: Path, token_file: Pa
         assert d.metrics()["blobstore_peer_origin_fetches_total"] == 1
         status, _ = _http_get(url)  # cached now: still refused without the token
         assert status == 401
+
+
+def _non_loopback_address() -> str:
+    """An address of this machine that is not loopback (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+            address = str(probe.getsockname()[0])
+        except OSError:
+            address = ""
+    if not address or address.startswith(("0.", "127.")):
+        if os.environ.get("CI"):
+            pytest.fail("CI must run this test: no non-loopback IPv4 address")
+        pytest.skip("needs a non-loopback IPv4 address")
+    return address
+
+
+def test_http_bearer_token_is_refused_in_clear_off_loopback(
+    store: Store, tmp_path: Path, token_file: Path
+) -> None:
+    chunk_id = next(iter(store.chunks))
+    address = _non_loopback_address()
+    with daemon(store.url, tmp_path / "cache", listen=f"{address}:0", peers="none",
+                args=["--token-file", str(token_file)]) as d:
+        bearer = {"Authorization": f"Bearer {TOKEN.decode()}"}
+        status, body = _http_get(f"http://{d.http}/chunks/{chunk_id}", bearer)
+        assert status == 403, body
+        assert b"TLS" in body
+        assert d.metrics()["blobstore_peer_origin_fetches_total"] == 0
 
 
 def test_http_chunks_without_a_token_stay_open(store: Store, tmp_path: Path) -> None:
