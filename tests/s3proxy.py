@@ -54,12 +54,14 @@ class Fault:
     - ``cut_upload``: forward the request headers and ``at`` body bytes, then close
       (only requests with a longer body);
     - ``reject_upload``: after ``at`` request body bytes, answer 503 SlowDown (as S3
-      does mid-upload) and close, while the client may still be sending.
+      does mid-upload) and close, while the client may still be sending;
+    - ``stall_upload``: after ``at`` request body bytes, stop reading (the client's
+      writes block until it gives up).
 
     ``times`` is how many exchanges it hits (None: all); ``hits`` counts them.
     """
 
-    kind: Literal["truncate", "trickle", "cut_upload", "reject_upload"]
+    kind: Literal["truncate", "trickle", "cut_upload", "reject_upload", "stall_upload"]
     method: str
     path: str = ""
     at: int = 0
@@ -70,7 +72,7 @@ class Fault:
     def take(self, method: str, target: str, body: int) -> bool:
         if method != self.method or self.path not in target:
             return False
-        if self.kind in ("cut_upload", "reject_upload") and body <= self.at:
+        if self.kind.endswith("_upload") and body <= self.at:
             return False  # the upload would be complete: not an interrupted one
         if self.times is not None and self.hits >= self.times:
             return False
@@ -258,13 +260,16 @@ class CountingProxy(AsyncResource):
             self.requests[method.decode()] += 1
             length = _content_length(head)
             fault = self._fault(
-                ("cut_upload", "reject_upload"), method.decode(), target.decode(), length
+                ("cut_upload", "reject_upload", "stall_upload"), method.decode(), target.decode(),
+                length,
             )
             await self._forward(writer, head, to_client=False)
             if fault is not None:
                 await self._copy(reader, writer, min(fault.at, length), to_client=False)
                 if fault.kind == "reject_upload":
                     await self._forward(client_w, _SLOW_DOWN, to_client=True)
+                if fault.kind == "stall_upload":
+                    await asyncio.Event().wait()  # until the proxy closes
                 raise _Closed
             await self._copy(reader, writer, length, to_client=False)
 

@@ -74,9 +74,9 @@ async def test_truncated_body_is_retried_then_one_line(s3_env: SeaweedS3Server) 
 
 @pytest.mark.s3
 async def test_trickling_body_hits_the_request_deadline(s3_env: SeaweedS3Server) -> None:
-    """2 KiB/s would take ~2 min for this body; the deadline is 1 s + size at 128 KiB/s."""
-    data = random_bytes(256 << 10, "slow")
-    options = {"request_deadline": 1.0, "min_bytes_per_second": 128 << 10}
+    """2 KiB/s would take ~1 min for this body; the deadline is 1 s + size at 256 KiB/s."""
+    data = random_bytes(128 << 10, "slow")
+    options = {"request_deadline": 1.0, "min_bytes_per_second": 256 << 10}
     async with proxied_store(s3_env, **options) as (store, proxy):
         await store.put(KEY, data)
         proxy.arm(Fault("trickle", "GET", KEY, rate=2048))
@@ -121,6 +121,23 @@ async def test_interrupted_upload_leaves_no_orphan_task(s3_env: SeaweedS3Server)
                 await store.put(KEY, data)
             assert cut.hits >= 1
             assert "\n" not in str(info.value)
+            proxy.disarm()
+            await store.put(KEY, data)
+            assert await store.get(KEY) == data
+    assert seen == []
+
+
+@pytest.mark.s3
+async def test_upload_past_its_deadline_is_cancelled_cleanly(s3_env: SeaweedS3Server) -> None:
+    """The deadline cancels a PUT whose body the server stopped reading: one error,
+    no orphan task, and the store still works."""
+    data = random_bytes(8 << 20, "stalled")
+    options = {"request_deadline": 1.0, "min_bytes_per_second": 16 << 20}
+    async with loop_errors() as seen:
+        async with proxied_store(s3_env, **options) as (store, proxy):
+            proxy.arm(Fault("stall_upload", "PUT", KEY, at=256 << 10))
+            with anyio.fail_after(60), pytest.raises(StoreUnavailable, match="deadline"):
+                await store.put(KEY, data)
             proxy.disarm()
             await store.put(KEY, data)
             assert await store.get(KEY) == data
