@@ -19,24 +19,29 @@ Every step inside the destination goes through directory fds (linking.DestDir).
 Two pulls into one destination take turns (``flock`` on the destination), so
 the second one finds the first one's work and keeps it.
 
-**Durability policy.** No fsync per file. Files are written to temp names and
-renamed into place; at the end of the pull one ``syncfs`` of the destination
-(and ``store.sync()`` for the node store) makes every byte durable, and only
-*then* is the marker written, recording each file's (size, mtime_ns, ino,
-ctime_ns) as stat'ed right after it was placed or checked. So:
-- SIGKILL at any moment: the page cache survives, every final name holds a
-  whole file (renames are atomic; temp files are removed by the next pull).
-- Power loss before the syncfs: a file renamed into place may come back torn
-  (zeroes, short). The marker was not rewritten, so it does not vouch for it:
-  a new file has a new inode and ctime, and the next pull checks it chunk by
-  chunk and repairs it. Files the marker *does* vouch for were durable before
-  it was written, and any later change moves their ctime.
-- Power loss after the syncfs: everything the marker lists is on disk.
-The runner's completeness marker is written after ``materialize`` returns,
-i.e. after the syncfs, so a runner never starts on a torn file either. The
-one thing no stat can see is an in-place write by someone else whose data
-reached the disk but whose inode update did not; blobstore never writes in
-place. The marker lives beside the node store (``state_dir``), keyed by the
+**Durability policy.** No fsync per file, and no waiting for write-back at
+all on a warm pull. Files are written to temp names and renamed into place;
+the marker records each file's (size, mtime_ns, ino, ctime_ns, nlink) as
+stat'ed right after it was placed or checked, with the kernel's boot id and,
+per file, whether its bytes are known to be on disk ("durable"):
+- A record is durable when a ``syncfs`` of the destination's filesystem ran
+  after the file was written (the node store's ``sync()`` after a pull that
+  committed files, when it shares the destination's filesystem), or when the
+  file was checked chunk by chunk and its ctime predates the current boot
+  (its bytes came back from the disk).
+- A record that is not durable vouches for its file only during the boot it
+  was written in. Losing power is a reboot: the boot id changes, the next
+  pull trusts none of those records and checks each such file chunk by chunk
+  (a torn one — zeroes, short — is repaired; an intact one becomes durable).
+- SIGKILL at any moment loses no page cache: every final name holds a whole
+  file (renames are atomic; temp files are removed by the next pull), and
+  the marker, replaced atomically, describes what is there.
+A stat can only vouch for a file while its (ino, ctime) is unchanged: any
+write, chmod or rename moves the ctime. The one thing no stat can see is an
+in-place write by someone else whose data reached the disk while its inode
+update did not; blobstore never writes in place. The runner's completeness
+marker carries the boot id too, so a runner never starts on a torn file.
+The marker lives beside the node store (``state_dir``), keyed by the
 destination's device and inode, so the destination holds only the tree.
 
 Memory: chunks in flight are bounded by the sources' concurrency; files
@@ -46,7 +51,6 @@ assembled at once by ``_ROUND_FILES``/``_ROUND_BYTES``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -86,7 +90,7 @@ T = TypeVar("T")
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total)."""
 
-MARKER_VERSION = 1
+MARKER_VERSION = 2
 _HOP_FILES = 256
 """Files handled per worker-thread hop (check, place, finish): one hop per
 file cost more than the work itself for thousands of small files."""
@@ -99,8 +103,8 @@ _LOCK_POLL = 0.05
 _STORE_RESERVE = 64 << 20
 """Free space left on the node store's disk when deciding what it can hold."""
 
-__all__ = ["TMP_MARK", "FileStore", "FileWriter", "Progress", "PullStats", "default_priority",
-           "materialize"]
+__all__ = ["TMP_MARK", "FileStore", "FileWriter", "Progress", "PullStats", "boot_id",
+           "default_priority", "materialize"]
 
 
 class FileWriter(Protocol):
@@ -159,11 +163,12 @@ class _Item:
 
 
 Record = list[Any]
-"""[size, mtime_ns, ino, ctime_ns, file key, nlink] of a file the marker vouches for."""
+"""[size, mtime_ns, ino, ctime_ns, file key, nlink, durable] of a file the
+marker vouches for (durable: 1 if its bytes are known to be on disk)."""
 
 
-def _record(st: os.stat_result, key: ChunkId) -> Record:
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, key, st.st_nlink]
+def _record(st: os.stat_result, key: ChunkId, durable: int = 0) -> Record:
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, key, st.st_nlink, durable]
 
 
 def _vouched(old: Record | None, st: os.stat_result, key: ChunkId) -> bool:
@@ -174,7 +179,7 @@ def _vouched(old: Record | None, st: os.stat_result, key: ChunkId) -> bool:
     if old is None:
         return False
     new = _record(st, key)
-    if old == new:
+    if old[:6] == new[:6]:
         return True
     return (old[:3] == new[:3] and old[4] == key and old[5] != new[5]
             and st.st_mode & 0o222 == 0)
@@ -265,6 +270,9 @@ class _Pull:
         """Anything written or checked that the marker did not vouch for."""
         self.store_full = False
         """The node store's disk has no room: files go straight into DEST."""
+        self.committed = False
+        """Files were committed to the node store (it must sync them)."""
+        self.boot, self.boot_time_ns = _boot()
         self._done_lock = threading.Lock()
 
     def _advance(self, n: int) -> None:
@@ -276,7 +284,7 @@ class _Pull:
     async def run(self) -> None:
         run = anyio.to_thread.run_sync
         if self.marker_path is not None:
-            self.old = await run(_load_marker, self.marker_path)
+            self.old = await run(_load_marker, self.marker_path, self.boot)
         dirs = [e for e in self.tree.entries if e.kind == "dir"]
         await run(self._make_dirs, dirs)
         need: list[_Item] = []
@@ -297,13 +305,15 @@ class _Pull:
             await run(self._make_symlinks, some_links)
         await run(self._dir_modes, dirs)
         self.stats.link_modes = dict(self.placer.used)
-        if self.changed or set(self.old) != set(self.records):
+        if self.committed and self.store is not None:
+            await self.store.sync()  # the store's own durability (its index rows)
+            if await run(_same_filesystem, self.store.root, self.root.fd):
+                for record in self.records.values():  # that syncfs covered DEST too
+                    record[6] = 1
+                self.changed = True
+        if self.marker_path is not None and (self.changed or self.old != self.records):
             dest = await run(os.path.abspath, self.root.path)
-            if self.store is not None:
-                await self.store.sync()
-            await run(_syncfs, self.root.fd)
-            if self.marker_path is not None:
-                await run(_write_marker, self.marker_path, dest, self.records)
+            await run(_write_marker, self.marker_path, dest, self.boot, self.records)
 
     # ------------------------------------------------------------------ dirs
 
@@ -341,18 +351,18 @@ class _Pull:
             if st.st_nlink > 1 and self.placer.mode != "hardlink":
                 need.append(item)  # linked to the node's copy: this pull wants its own
                 continue
-            vouched = _vouched(self.old.get(item.entry.path), st, item.key)
-            if not vouched:
+            old = self.old.get(item.entry.path)
+            if old is not None and _vouched(old, st, item.key):
+                durable = old[6]
+            else:
                 if not _chunks_match(dfd, item.name, item.entry):
                     need.append(item)
                     continue
-                self.changed = True
                 self.stats.checked_files += 1
+                # unchanged since before this boot: the bytes just read came from disk
+                durable = int(st.st_ctime_ns < self.boot_time_ns)
             st = self._fix_mode(dfd, item, st)
-            record = _record(st, item.key)
-            if record != self.old.get(item.entry.path):
-                self.changed = True  # (only the marker: no sync needed for the file)
-            self.records[item.entry.path] = record
+            self.records[item.entry.path] = _record(st, item.key, durable)
             self.stats.kept_files += 1
             self._advance(item.entry.size)
         return need
@@ -486,6 +496,7 @@ class _Pull:
             await self._fetch_into(targets, [len(s) for s in by_key.values()] + [1] * len(direct))
             placed: list[tuple[_Item, Path]] = []
             for key in list(writers):
+                self.committed = True
                 path = await writers.pop(key).commit(by_key[key][0].entry.chunks)
                 placed += [(item, path) for item in by_key[key]]
             for batch in _chunked(placed, _HOP_FILES):
@@ -668,20 +679,30 @@ def _rounds(items: list[_Item]) -> Iterable[list[_Item]]:
 # --------------------------------------------------------------------------- durability
 
 
-_libc: Any = None
-
-
-def _syncfs(fd: int) -> None:
-    """Flush the filesystem holding ``fd`` (all of it: one call per pull)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
+def _boot() -> tuple[str, int]:
+    """(this boot's id, when it began in ns since the epoch); ("", 0) if unknown,
+    which makes no record trusted across what might have been a reboot."""
     try:
-        failed = _libc.syncfs(fd) != 0
-    except AttributeError:  # no syncfs in this libc
-        failed = True
-    if failed:
-        os.sync()
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return boot_id, int(line.split()[1]) * 1_000_000_000
+    except (OSError, ValueError):
+        pass
+    return "", 0
+
+
+def boot_id() -> str:
+    """The kernel's id of this boot ("" if unknown): a marker written without
+    waiting for write-back vouches for files only while it is unchanged."""
+    return _boot()[0]
+
+
+def _same_filesystem(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_dev == os.fstat(fd).st_dev
+    except OSError:
+        return False
 
 
 def _marker_path(state_dir: Path, root: DestDir) -> Path:
@@ -689,23 +710,24 @@ def _marker_path(state_dir: Path, root: DestDir) -> Path:
     return state_dir / f"{st.st_dev:x}-{st.st_ino:x}.json"
 
 
-def _load_marker(path: Path) -> dict[str, Record]:
+def _load_marker(path: Path, boot: str) -> dict[str, Record]:
+    """The records that still vouch: all of them in the boot that wrote the
+    marker, only the durable ones after a reboot."""
     try:
         doc = json.loads(path.read_bytes())
-        if doc.get("version") != MARKER_VERSION:
+        if doc.get("version") != MARKER_VERSION or not isinstance(doc["files"], dict):
             return {}
-        files = doc["files"]
-        if not isinstance(files, dict):
-            return {}
-        return files
+        same_boot = bool(boot) and doc.get("boot") == boot
+        return {p: r for p, r in doc["files"].items()
+                if isinstance(r, list) and len(r) == 7 and (same_boot or r[6] == 1)}
     except (OSError, ValueError, KeyError, AttributeError):
         return {}
 
 
-def _write_marker(path: Path, dest: str, records: dict[str, Record]) -> None:
+def _write_marker(path: Path, dest: str, boot: str, records: dict[str, Record]) -> None:
     """Atomically replace the marker. Not fsynced: losing it only costs the
-    next pull a check of each file; it never vouches for unsynced data."""
-    doc = {"version": MARKER_VERSION, "dest": dest, "files": records}
+    next pull a check of each file."""
+    doc = {"version": MARKER_VERSION, "dest": dest, "boot": boot, "files": records}
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

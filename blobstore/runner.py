@@ -7,7 +7,10 @@ write ``.blobstore-complete.json`` in the destination, recording the manifest
 id and every file's size and mtime (ns). A later call resolves the ref (one
 small read) and, if it still points at that manifest and every recorded file
 still has its size and mtime, returns without touching a byte. The marker is
-removed before a pull starts, so a crash mid-pull never looks complete. When
+removed before a pull starts, so a crash mid-pull never looks complete; it
+holds the boot id, because a pull does not wait for write-back: after a
+reboot (a power loss may have torn files) the pull runs again, and checks
+what it cannot vouch for. When
 the store cannot be reached but the marker checks out, the local copy is used
 (a runner that can serve should serve).
 """
@@ -35,6 +38,7 @@ from .errors import BadInput, StoreUnavailable, Unavailable
 from .ids import ChunkId
 from .linking import LinkMode
 from .manifest import Entry, Tree
+from .materialize import boot_id
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +220,8 @@ def _complete_marker(dest: Path, manifest_id: ChunkId | None) -> ChunkId | None:
         recorded = ChunkId(doc["manifest"])
         if manifest_id is not None and recorded != manifest_id:
             return None
+        if doc.get("boot") != boot_id():
+            return None
         for rel, size, mtime_ns in doc["files"]:
             st = os.lstat(dest / rel)
             if st.st_size != size or st.st_mtime_ns != mtime_ns:
@@ -231,7 +237,8 @@ def _write_marker(dest: Path, ref: str, manifest_id: ChunkId, tree: Tree) -> Non
         if entry.kind == "file":
             st = os.lstat(dest / entry.path)
             files.append([entry.path, st.st_size, st.st_mtime_ns])
-    doc = {"version": _MARKER_VERSION, "ref": ref, "manifest": manifest_id, "files": files}
+    doc = {"version": _MARKER_VERSION, "ref": ref, "manifest": manifest_id, "files": files,
+           "boot": boot_id()}
     tmp = dest / f".{MARKER}.{uuid.uuid4().hex[:8]}"
     try:
         tmp.write_text(json.dumps(doc), encoding="utf-8")

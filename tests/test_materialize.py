@@ -31,6 +31,7 @@ from blobstore.config import CacheConfig, Config, PeerConfig
 from blobstore.ids import ChunkId
 from blobstore.manifest import ChunkRef, Tree
 from blobstore.materialize import materialize
+from blobstore.runner import MARKER, download_model_weights
 from blobstore.source import ChunkData, ChunkSource, Sink
 
 pytestmark = pytest.mark.anyio
@@ -290,7 +291,7 @@ def test_sigkill_at_random_moments_then_pull_repairs(store_url: str, tmp_path: P
 
 def lose_unsynced_writes(paths: Iterable[Path]) -> None:
     """Power loss, the documented equivalent: what was renamed into place but
-    not yet synced comes back torn — here half zeroes, half missing."""
+    not yet written back comes back torn — here half zeroes, a quarter missing."""
     for path in paths:
         size = path.stat().st_size
         with open(path, "r+b") as f:
@@ -298,29 +299,67 @@ def lose_unsynced_writes(paths: Iterable[Path]) -> None:
             f.truncate(size * 3 // 4)
 
 
-async def test_power_loss_before_sync_is_repaired(client: Client, tmp_path: Path) -> None:
-    """A pull of v2 over v1 loses power after renaming files into place but
-    before its syncfs: the marker on disk is still v1's (it is only written
-    after the sync), the new files are torn. The next pull repairs them."""
+def reboot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a power loss also is: a new boot (new boot id, booted just now)."""
+    booted = (f"rebooted-{time.time_ns()}", time.time_ns())
+    monkeypatch.setattr("blobstore.materialize._boot", lambda: booted)
+
+
+def marker_of(client: Client, dest: Path) -> dict[str, list[object]]:
+    st = dest.stat()
+    marker = client.pull_state_dir / f"{st.st_dev:x}-{st.st_ino:x}.json"
+    files: dict[str, list[object]] = json.loads(marker.read_bytes())["files"]
+    return files
+
+
+async def test_power_loss_after_a_warm_pull_is_repaired(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warm pull of v2 over v1 places two files from the node store and does
+    not wait for their write-back; then the power goes. Those files come back
+    torn under their final names, and the marker written in the old boot no
+    longer vouches for them: the next pull checks and repairs exactly them."""
     src = make_tree(tmp_path / "src")
     await client.push(src, "t1")
     write(src / "weights.bin", random_bytes(9 << 20, "v2"))
     write(src / "config.json", b'{"layers": 48}\n', 0o640)
     await client.push(src, "t2")
+    await client.pull("t2", tmp_path / "elsewhere")  # the node store holds v2's files
     dst = tmp_path / "dst"
-    state = client.pull_state_dir
-    await pull_tree(client, "t1", dst)
-    (marker,) = state.iterdir()
-    v1_marker = marker.read_bytes()
-    await pull_tree(client, "t2", dst)
-    assert marker.read_bytes() != v1_marker
-    marker.write_bytes(v1_marker)  # the v2 marker never reached the disk
+    await client.pull("t1", dst)  # cold: the store's syncfs covered dst too
+    assert all(record[6] == 1 for record in marker_of(client, dst).values())
+    warm = await client.pull("t2", dst)
+    assert warm.from_tier["origin"] == 0
+    marker = marker_of(client, dst)
+    assert {p for p, record in marker.items() if record[6] == 0} == {"weights.bin",
+                                                                      "config.json"}
+    reboot(monkeypatch)
     lose_unsynced_writes([dst / "weights.bin", dst / "config.json"])
-    recorded = json.loads(v1_marker)["files"]
-    assert recorded["weights.bin"][2] != (dst / "weights.bin").stat().st_ino  # v2's inode
     result = await client.pull("t2", dst)
     assert result.kept_files == result.files - 2
     assert snapshot(dst) == snapshot(src)
+
+
+async def test_after_a_reboot_intact_files_are_checked_once(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_tree(tmp_path / "src")
+    await client.push(src, "t")
+    _, tree = await client.load("t")
+    assert isinstance(tree, Tree)
+    await client.pull("t", tmp_path / "warmup")
+    dst = tmp_path / "dst"
+    state = client.pull_state_dir
+    placed = await materialize(tree, dst, client.source, store=client.cache, state_dir=state)
+    assert placed.placed_bytes == placed.bytes  # every file from the node store
+    same_boot = await materialize(tree, dst, client.source, store=client.cache,
+                                  state_dir=state)
+    assert (same_boot.kept_files, same_boot.checked_files) == (6, 0)
+    reboot(monkeypatch)
+    after = await materialize(tree, dst, client.source, store=client.cache, state_dir=state)
+    assert (after.kept_files, after.checked_files) == (6, 6)  # read back from disk once ...
+    again = await materialize(tree, dst, client.source, store=client.cache, state_dir=state)
+    assert (again.kept_files, again.checked_files) == (6, 0)  # ... and durable since
 
 
 async def test_concurrent_in_process_pulls_take_turns(client: Client, tmp_path: Path) -> None:
@@ -331,3 +370,20 @@ async def test_concurrent_in_process_pulls_take_turns(client: Client, tmp_path: 
         for _ in range(3):
             tg.start_soon(pull_tree, client, "t", dst)
     assert snapshot(dst) == snapshot(src)
+
+
+async def test_runner_after_power_loss_never_starts_on_a_torn_file(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_tree(tmp_path / "src")
+    await client.push(src, "t")
+    await client.pull("t", tmp_path / "warmup")
+    dst = tmp_path / "data"
+    first = await download_model_weights(client, "t", dst)  # warm: no write-back waited for
+    assert first.pulled
+    assert not (await download_model_weights(client, "t", dst)).pulled  # same boot: complete
+    reboot(monkeypatch)
+    lose_unsynced_writes([dst / "weights.bin"])
+    after = await download_model_weights(client, "t", dst)
+    assert after.pulled  # the completeness marker is from another boot: not trusted
+    assert {k: v for k, v in snapshot(dst).items() if k != MARKER} == snapshot(src)

@@ -1,0 +1,245 @@
+"""Local pulls (issue 9): warm pull, re-pull and link modes against cp, and the
+disk bytes each pull writes.
+
+    .venv/bin/python bench/bench_local.py [--size 1G] [--rounds 3] [--no-xfs]
+                                          [--tree DIR] [--workdir DIR]
+
+Two data sets: one big random file (``--size``) and a source tree (default: the
+Python stdlib of this interpreter, site-packages left out: ~7,700 files). Each
+is pushed into a ``file://`` store, pulled once cold (every byte from the store)
+and then measured, medians of ``--rounds`` rounds in alternating order:
+
+- ``cp -r`` and ``cp -r && sync``: the copy floors;
+- ``pull copy (warm)``: ``blobstore pull --link-mode copy`` into a new directory,
+  every file in the node store (ends with its one syncfs);
+- ``re-pull (up to date)``: the same pull into the directory just pulled;
+- on an XFS loop mount (root; ``--no-xfs`` to skip): ``cp -r --reflink=always``
+  vs ``pull --link-mode reflink`` and ``cp -al`` vs ``pull --link-mode hardlink``,
+  with the node store on the same XFS.
+
+Disk bytes written come from ``/proc/self/io`` (``write_bytes`` minus
+``cancelled_write_bytes``; a reaped child's counts are added to its parent's),
+for the cold pull and each warm pull: bytes written per byte pulled. Times are
+wall clock of the CLI process (interpreter start-up included, ~0.3 s).
+``sync`` runs before each timed step. JSON goes to bench/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from helpers import random_bytes  # noqa: E402
+
+from blobstore.config import parse_size  # noqa: E402
+
+BLOBSTORE = str(Path(sys.executable).parent / "blobstore")
+STDLIB = Path(os.__file__).parent
+
+
+def disk_written() -> int:
+    """Bytes this process and its reaped children caused to be written to storage."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(fields["write_bytes"]) - int(fields["cancelled_write_bytes"])
+
+
+def run(args: list[str], env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed: {proc.stderr.strip()}")
+
+
+def timed(step: Callable[[], Any]) -> tuple[float, int]:
+    """(seconds, disk bytes written) of ``step``, after a sync."""
+    os.sync()
+    written = disk_written()
+    started = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - started
+    os.sync()  # count the step's delayed write-back, not just what it forced
+    return seconds, disk_written() - written
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+class Bench:
+    def __init__(self, work: Path, store_dir: Path, cache: Path, rounds: int) -> None:
+        self.work = work
+        self.env = dict(os.environ, BLOBSTORE_STORE=store_dir.as_uri(),
+                        BLOBSTORE_CACHE=str(cache), BLOBSTORE_PEERS="none")
+        self.rounds = rounds
+        self.rows: list[dict[str, Any]] = []
+        self._n = 0
+
+    def fresh(self, base: Path) -> Path:
+        self._n += 1
+        return base / f"out-{self._n}"
+
+    def pull(self, ref: str, dst: Path, mode: str = "copy") -> None:
+        run([BLOBSTORE, "pull", "--link-mode", mode, ref, str(dst)], self.env)
+
+    def measure(self, data: str, nbytes: int, steps: dict[str, Callable[[], None]],
+                cleanup: Callable[[], None]) -> None:
+        """Run every step ``rounds`` times, alternating the order; keep medians."""
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        written: dict[str, list[int]] = {name: [] for name in steps}
+        names = list(steps)
+        for r in range(self.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                seconds, wrote = timed(steps[name])
+                times[name].append(seconds)
+                written[name].append(wrote)
+                cleanup()
+        for name in names:
+            self.rows.append({"data": data, "step": name, "bytes": nbytes,
+                              "seconds": statistics.median(times[name]),
+                              "all_seconds": times[name],
+                              "written_per_byte": statistics.median(written[name]) / nbytes})
+
+
+def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None) -> None:
+    ref = f"bench/{data.replace(' ', '-')}"
+    nbytes = tree_bytes(src)
+    run([BLOBSTORE, "push", str(src), ref], b.env)
+    out = b.work / f"out-{data}"
+    out.mkdir()
+    cold = out / "cold"
+    seconds, wrote = timed(lambda: b.pull(ref, cold))
+    b.rows.append({"data": data, "step": "pull (cold, from file://)", "bytes": nbytes,
+                   "seconds": seconds, "written_per_byte": wrote / nbytes})
+    made: list[Path] = []
+
+    def into(make: Callable[[Path], None]) -> Callable[[], None]:
+        def step() -> None:
+            dst = b.fresh(out)
+            made.append(dst)
+            make(dst)
+        return step
+
+    def cleanup() -> None:
+        while made:
+            shutil.rmtree(made.pop(), ignore_errors=True)
+
+    def cp_sync(dst: Path) -> None:
+        run(["cp", "-r", str(src), str(dst)])
+        os.sync()
+
+    b.measure(data, nbytes, {
+        "cp -r": into(lambda d: run(["cp", "-r", str(src), str(d)])),
+        "cp -r && sync": into(cp_sync),
+        "pull copy (warm)": into(lambda d: b.pull(ref, d)),
+        "re-pull (up to date)": lambda: b.pull(ref, cold),
+    }, cleanup)
+    shutil.rmtree(out)
+    if xfs is None:
+        return
+    xsrc = xfs / f"src-{data}"
+    run(["cp", "-r", str(src), str(xsrc)])
+    xb = Bench(b.work, Path(b.env["BLOBSTORE_STORE"].removeprefix("file://")),
+               xfs / "node" / "cache", b.rounds)
+    xout = xfs / f"out-{data}"
+    xout.mkdir()
+    xb.pull(ref, xout / "warmup", "reflink")  # fills the node store on XFS
+    shutil.rmtree(xout / "warmup")
+
+    def xinto(make: Callable[[Path], None]) -> Callable[[], None]:
+        def step() -> None:
+            dst = xb.fresh(xout)
+            made.append(dst)
+            make(dst)
+        return step
+
+    xb.measure(data, nbytes, {
+        "xfs: cp -r": xinto(lambda d: run(["cp", "-r", "--reflink=never", str(xsrc), str(d)])),
+        "xfs: cp -r --reflink=always": xinto(
+            lambda d: run(["cp", "-r", "--reflink=always", str(xsrc), str(d)])),
+        "xfs: pull reflink (warm)": xinto(lambda d: xb.pull(ref, d, "reflink")),
+        "xfs: cp -al": xinto(lambda d: run(["cp", "-al", str(xsrc), str(d)])),
+        "xfs: pull hardlink (warm)": xinto(lambda d: xb.pull(ref, d, "hardlink")),
+    }, cleanup)
+    b.rows += xb.rows
+    shutil.rmtree(xout)
+    shutil.rmtree(xsrc)
+
+
+def mount_xfs(work: Path, size: int) -> Path | None:
+    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None:
+        print("skipping XFS: needs root and mkfs.xfs", file=sys.stderr)
+        return None
+    image, mount = work / "xfs.img", work / "xfs"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)])
+    mount.mkdir()
+    run(["mount", "-o", "loop", str(image), str(mount)])
+    return mount
+
+
+def report(rows: list[dict[str, Any]]) -> None:
+    floors = {(r["data"], r["step"]): r["seconds"] for r in rows}
+    print(f"{'data':<8} {'step':<30} {'seconds':>8} {'× cp -r':>8} {'× cp+sync':>9} "
+          f"{'written/B':>9}")
+    for r in rows:
+        xfs = r["step"].startswith("xfs:")
+        cp = floors.get((r["data"], "xfs: cp -r" if xfs else "cp -r"))
+        cps = floors.get((r["data"], "cp -r && sync"))
+        ratio = f"{cp / r['seconds']:8.2f}" if cp else " " * 8
+        ratio_sync = f"{cps / r['seconds']:9.2f}" if cps and not xfs else " " * 9
+        print(f"{r['data']:<8} {r['step']:<30} {r['seconds']:8.3f} {ratio} {ratio_sync} "
+              f"{r['written_per_byte']:9.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="1G", help="the big file's size (default 1G)")
+    parser.add_argument("--tree", type=Path, default=STDLIB, help="source tree to copy in")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-xfs", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    size = parse_size(args.size)
+    with tempfile.TemporaryDirectory(prefix="bench-local-", dir=args.workdir) as tmp:
+        work = Path(tmp)
+        big = work / "src-big"
+        big.mkdir()
+        with open(big / "weights.bin", "wb") as f:
+            for i in range(0, size, 64 << 20):
+                f.write(random_bytes(min(64 << 20, size - i), f"bench-{i}"))
+        tree = work / "src-tree"
+        shutil.copytree(args.tree, tree, symlinks=True,
+                        ignore=shutil.ignore_patterns("site-packages"))
+        xfs = None if args.no_xfs else mount_xfs(work, 4 * size + (4 << 30))
+        b = Bench(work, work / "store", work / "node" / "cache", args.rounds)
+        try:
+            bench_dataset(b, "1 file", big, xfs)
+            bench_dataset(b, "tree", tree, xfs)
+        finally:
+            if xfs is not None:
+                subprocess.run(["umount", "-l", str(xfs)], check=False)
+        report(b.rows)
+        out = HERE / "out" / f"bench_local-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out.parent.mkdir(exist_ok=True)
+        files = sum(1 for p in tree.rglob("*") if p.is_file())
+        out.write_text(json.dumps({"size": size, "tree_files": files, "rows": b.rows},
+                                  indent=2))
+        print(f"tree: {files} files; JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
