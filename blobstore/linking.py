@@ -203,12 +203,10 @@ def replace_into(dir_fd: int, tmp: str, name: str) -> None:
     """Rename ``tmp`` over ``name`` in one directory. Raises UnsafePath if a
     directory stands there (a manifest file never replaces a directory)."""
     try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            raise UnsafePath(f"{name}: a directory stands where the manifest has a file")
-    except FileNotFoundError:
-        pass
-    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except IsADirectoryError as exc:  # rename(2) never replaces a dir by a non-dir
+        raise UnsafePath(f"{name}: a directory stands where the manifest has a "
+                         "file or symlink") from exc
 
 
 def open_tmp(dir_fd: int, name: str) -> tuple[str, int]:
@@ -263,15 +261,16 @@ class Placer:
     def __init__(self, mode: LinkMode) -> None:
         self.mode = mode
         self._can_clone: dict[tuple[int, int], bool] = {}
+        self._devs: tuple[int, int] | None = None
         self._lock = threading.Lock()
         self.used: dict[str, int] = {}
         """Files placed per method actually used (reflink, copy, hardlink)."""
 
-    def place(self, src: Path, dir_fd: int, name: str, mode: int) -> os.stat_result | None:
-        """Make ``name`` in ``dir_fd`` hold ``src``'s bytes with ``mode``; returns
-        the placed file's stat (taken after the rename; None if it was replaced
-        meanwhile). Raises BadInput when an
-        explicit link mode is impossible here, SourceGone, UnsafePath, OSError."""
+    def place(self, src: Path, dir_fd: int, name: str, mode: int, size: int) -> os.stat_result:
+        """Make ``name`` in ``dir_fd`` hold ``src``'s ``size`` bytes with ``mode``;
+        returns the placed file's stat, taken after the rename. Raises BadInput
+        when an explicit link mode is impossible here, SourceGone, UnsafePath,
+        OSError. Eight syscalls for a copy, fewer for a clone or link."""
         if self.mode == "hardlink":
             return self._hardlink(src, dir_fd, name, mode)
         try:
@@ -279,42 +278,38 @@ class Placer:
         except FileNotFoundError as exc:
             raise SourceGone(str(src)) from exc
         try:
-            sst = os.fstat(sfd)
             tmp, dfd = open_tmp(dir_fd, name)
             try:
-                how = self._fill(sfd, dfd, sst, dir_fd)
+                how = self._fill(sfd, dfd, size)
                 os.fchmod(dfd, mode)
-                placed = os.fstat(dfd).st_ino
+                replace_into(dir_fd, tmp, name)
+                st = os.fstat(dfd)  # after the rename: it moves the ctime
             except BaseException:
-                os.close(dfd)
                 unlink_quietly(dir_fd, tmp)
                 raise
-            os.close(dfd)
+            finally:
+                os.close(dfd)
         finally:
             os.close(sfd)
-        try:
-            replace_into(dir_fd, tmp, name)
-        except BaseException:
-            unlink_quietly(dir_fd, tmp)
-            raise
         self._count(how)
-        return _stat_placed(dir_fd, name, placed)
+        return st
 
-    def _fill(self, sfd: int, dfd: int, sst: os.stat_result, dir_fd: int) -> str:
-        if self.mode in ("auto", "reflink") and sst.st_size:
-            devs = (sst.st_dev, os.fstat(dir_fd).st_dev)
-            if self._can_clone.get(devs, True):
+    def _fill(self, sfd: int, dfd: int, size: int) -> str:
+        if self.mode in ("auto", "reflink") and size:
+            if self._devs is None:  # the store's and DEST's filesystems, once per pull
+                self._devs = (os.fstat(sfd).st_dev, os.fstat(dfd).st_dev)
+            if self._can_clone.get(self._devs, True):
                 if clone_fd(sfd, dfd):
-                    self._can_clone[devs] = True
+                    self._can_clone[self._devs] = True
                     return "reflink"
-                self._can_clone[devs] = False
+                self._can_clone[self._devs] = False
             if self.mode == "reflink":
                 raise BadInput("--link-mode reflink: the filesystem cannot clone files from "
                                "the node store into the destination (try auto or copy)")
-        copy_fd(sfd, dfd, sst.st_size)
+        copy_fd(sfd, dfd, size)
         return "copy"
 
-    def _hardlink(self, src: Path, dir_fd: int, name: str, mode: int) -> os.stat_result | None:
+    def _hardlink(self, src: Path, dir_fd: int, name: str, mode: int) -> os.stat_result:
         tmp = tmp_name(name)
         try:
             os.link(src, tmp, dst_dir_fd=dir_fd, follow_symlinks=False)
@@ -331,26 +326,16 @@ class Placer:
                 read_only = mode & 0o555
                 if stat.S_IMODE(os.fstat(fd).st_mode) != read_only:
                     os.fchmod(fd, read_only)
-                placed = os.fstat(fd).st_ino
+                replace_into(dir_fd, tmp, name)
+                st = os.fstat(fd)
             finally:
                 os.close(fd)
-            replace_into(dir_fd, tmp, name)
         except BaseException:
             unlink_quietly(dir_fd, tmp)
             raise
         self._count("hardlink")
-        return _stat_placed(dir_fd, name, placed)
+        return st
 
     def _count(self, how: str) -> None:
         with self._lock:
             self.used[how] = self.used.get(how, 0) + 1
-
-
-def _stat_placed(dir_fd: int, name: str, ino: int) -> os.stat_result | None:
-    """The placed file's stat, or None if something else replaced it meanwhile
-    (then it is not ours to vouch for in the marker)."""
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    return st if st.st_ino == ino else None

@@ -384,23 +384,22 @@ class _Pull:
         for item in items:
             dfd = self.root.dir_fd(item.parent)
             tmp, fd = open_tmp(dfd, item.name)
-            try:
-                os.fchmod(fd, item.mode)
-                ino = os.fstat(fd).st_ino
-            finally:
-                os.close(fd)
-            self._commit_tmp(dfd, tmp, item, ino)
+            self._commit_tmp(dfd, tmp, item, fd)
 
-    def _commit_tmp(self, dfd: int, tmp: str, item: _Item, ino: int) -> None:
+    def _commit_tmp(self, dfd: int, tmp: str, item: _Item, fd: int) -> None:
+        """Set the mode of temp file ``tmp`` (open as ``fd``, closed here), rename
+        it into place and record it."""
         try:
+            os.fchmod(fd, item.mode)
             replace_into(dfd, tmp, item.name)
+            st = os.fstat(fd)  # after the rename: it moves the ctime
         except BaseException:
             unlink_quietly(dfd, tmp)
             raise
+        finally:
+            os.close(fd)
         self.changed = True
-        st = os.stat(item.name, dir_fd=dfd, follow_symlinks=False)
-        if st.st_ino == ino:
-            self.records[item.entry.path] = _record(st, item.key)
+        self.records[item.entry.path] = _record(st, item.key)
 
     # ------------------------------------------------------------------ node store
 
@@ -426,13 +425,12 @@ class _Pull:
         for item, path in batch:
             dfd = self.root.dir_fd(item.parent)
             try:
-                st = self.placer.place(path, dfd, item.name, item.mode)
+                st = self.placer.place(path, dfd, item.name, item.mode, item.entry.size)
             except SourceGone:
                 gone.append(item)
                 continue
             self.changed = True
-            if st is not None:
-                self.records[item.entry.path] = _record(st, item.key)
+            self.records[item.entry.path] = _record(st, item.key)
             if cached:
                 self.stats.placed_bytes += item.entry.size
                 self._advance(item.entry.size)
@@ -515,17 +513,14 @@ class _Pull:
     def _finish_in_dest(self, targets: list[_DestFile]) -> None:
         for t in targets:
             fd, t.fd = t.fd, -1
-            try:
-                size = os.fstat(fd).st_size
-                if size != t.item.entry.size:
-                    raise Corrupt(f"{t.item.entry.path}: assembled {size} bytes, the manifest "
-                                  f"says {t.item.entry.size}")
-                os.fchmod(fd, t.item.mode)
-                ino = os.fstat(fd).st_ino
-            finally:
-                os.close(fd)
             tmp, t.tmp = t.tmp, ""
-            self._commit_tmp(t.dir_fd, tmp, t.item, ino)
+            size = os.fstat(fd).st_size
+            if size != t.item.entry.size:
+                os.close(fd)
+                unlink_quietly(t.dir_fd, tmp)
+                raise Corrupt(f"{t.item.entry.path}: assembled {size} bytes, the manifest "
+                              f"says {t.item.entry.size}")
+            self._commit_tmp(t.dir_fd, tmp, t.item, fd)
             os.close(t.dir_fd)
             t.dir_fd = -1
 
