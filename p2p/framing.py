@@ -46,13 +46,15 @@ class Limits:
     max_payload: int = MAX_PAYLOAD_BYTES
     max_ids: int = MAX_IDS_PER_REQUEST
     eager_payload: int = EAGER_PAYLOAD_BYTES
+    max_queued: int = 16 << 20
+    """Bytes of received frames a connection holds for its reader; reading stops above."""
 
 
 DEFAULT_LIMITS = Limits()
 """The protocol's hard limits: what any frame may be, and what a client accepts."""
-HANDSHAKE_LIMITS = Limits(max_header=8 << 10, max_payload=0, max_ids=0)
+HANDSHAKE_LIMITS = Limits(max_header=8 << 10, max_payload=0, max_ids=0, max_queued=16 << 10)
 """What a server accepts before the peer is authenticated: small headers, no payload."""
-REQUEST_LIMITS = Limits(max_payload=0)
+REQUEST_LIMITS = Limits(max_payload=0, max_queued=256 << 10)
 """What a server accepts from an authenticated client: requests carry no payload."""
 
 

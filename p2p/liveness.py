@@ -15,7 +15,8 @@ are kept (first-hand ones -- static, mDNS, local -- are never displaced by them;
 addresses named once the table is full are ignored), a gossiped peer that fails
 before it ever answered is forgotten at its first failure (and one that answered
 once, after ``forget_after`` failures), and a gossiped peer excluded as foreign
-or refusing is forgotten too.
+or refusing is forgotten too -- and not taken from gossip again for ``backoff_max``
+(a bounded list), so a misconfigured neighbour is not re-dialled at every pong.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class PeerDirectory:
         self._gossiped = 0
         """How many of ``_peers`` are known from gossip alone."""
         self._gossip_full_logged = False
+        self._shunned: dict[str, float] = {}
+        """Gossiped addresses excluded lately (foreign, refusing): not re-added until then."""
         self._wake = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self.checked = asyncio.Event()
@@ -111,6 +114,8 @@ class PeerDirectory:
         peer = self._peers.get(address)
         if peer is None:
             if source == "gossip":
+                if self._shunned.get(address, 0.0) > time.monotonic():
+                    return
                 if self._gossiped >= self.max_gossip_peers:
                     if not self._gossip_full_logged:
                         self._gossip_full_logged = True
@@ -179,6 +184,9 @@ class PeerDirectory:
         if peer.source == "gossip" and status != "self":
             log.info("forgetting gossiped peer %s: %s", peer.address, reason)
             self.remove(peer.address)  # hearsay that does not hold costs no room
+            if len(self._shunned) >= self.max_gossip_peers:
+                del self._shunned[next(iter(self._shunned))]  # the oldest
+            self._shunned[peer.address] = time.monotonic() + self.timing.backoff_max
             return
         if peer.status != status:
             level = logging.DEBUG if status == "self" else logging.WARNING

@@ -307,7 +307,7 @@ class PeerServer:
                 writer.add_done_callback(lambda _: reader.cancel())
         finally:
             self._sessions.discard(session)
-            self._discard_answers(session, cancel=False)
+            self._discard_answers(session)
 
     async def _read_requests(self, session: _Session, tg: asyncio.TaskGroup) -> None:
         stream = session.stream
@@ -355,10 +355,12 @@ class PeerServer:
                     f"idle for {self._limits.idle_timeout:g} s") from None
 
     async def _acquire_budget(self, session: _Session) -> None:
-        """One unit of the daemon's lookup budget. While it is used up, clients that
-        stopped reading are dropped after ``stall_grace``: they free what they hold."""
+        """One unit of the daemon's lookup budget. While it is used up and a client that
+        reads its answers waits, the client that has read nothing for longest (at least
+        ``stall_grace``) is dropped, freeing what it holds; one per ``stall_grace``."""
         while self._budget.locked():
-            self._evict_stalled()
+            if session.stream.write_blocked_since is None:  # a staller waits its turn
+                self._evict_stalled()
             try:
                 async with asyncio.timeout(self._limits.stall_grace):
                     await self._budget.acquire()
@@ -376,18 +378,22 @@ class PeerServer:
         self._budget.release()
 
     def _evict_stalled(self) -> None:
+        """Drop the client that has read nothing for longest, if that is ``stall_grace``."""
         now = time.monotonic()
-        for session in list(self._sessions):
-            since = session.stream.write_blocked_since
-            if (
-                session.held and not session.dropped
-                and since is not None and now - since >= self._limits.stall_grace
-            ):
-                log.warning("dropping %s: it has read nothing for %.1f s while other clients "
-                            "wait", session.stream.name, now - since)
-                self._metrics.dropped["stalled"] += 1
-                session.dropped = True
-                session.stream.abort()
+        stalled = [
+            (since, session) for session in self._sessions
+            if session.held and not session.dropped
+            and (since := session.stream.write_blocked_since) is not None
+            and now - since >= self._limits.stall_grace
+        ]
+        if not stalled:
+            return
+        since, session = min(stalled, key=lambda pair: pair[0])
+        log.warning("dropping %s: it has read nothing for %.1f s while other clients wait",
+                    session.stream.name, now - since)
+        self._metrics.dropped["stalled"] += 1
+        session.dropped = True
+        session.stream.abort()
 
     async def _lookup(self, chunk_id: ChunkId) -> tuple[ChunkData | None, str]:
         try:
@@ -402,16 +408,18 @@ class PeerServer:
         except PeerUnavailable as exc:
             log.info("stopped answering %s: %s", session.stream.name, exc)
         finally:
-            self._discard_answers(session, cancel=True)
+            self._discard_answers(session)
 
-    def _discard_answers(self, session: _Session, cancel: bool) -> None:
-        """Drop the answers nobody will send, returning their budget."""
+    def _discard_answers(self, session: _Session) -> None:
+        """Drop the answers nobody will send. A lookup returns its budget when it ends, not
+        before: the budget bounds lookups running, not only answers waiting."""
         while not session.answers.empty():
             item = session.answers.get_nowait()
             if isinstance(item, asyncio.Task):
-                if cancel:
-                    item.cancel()  # a shared read-through goes on (the provider shields it)
-                self._release_budget(session)
+                if item.done():
+                    self._release_budget(session)
+                else:
+                    item.add_done_callback(lambda _: self._release_budget(session))
 
     async def _write_loop(self, session: _Session) -> None:
         stream = session.stream

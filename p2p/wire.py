@@ -21,8 +21,8 @@ from blobstore.errors import AuthError, PeerUnavailable, ProtocolError
 from .framing import DEFAULT_LIMITS, Frame, FrameDecoder, Limits, encode
 
 _MAX_QUEUED_FRAMES = 64
-MAX_QUEUED_BYTES = 1 << 20
-"""Received frames not yet taken by ``recv()``: reading stops above either bound."""
+"""Received frames not yet taken by ``recv()``: reading stops above this or above
+``Limits.max_queued`` bytes."""
 WRITE_HIGH_WATER = 8 << 20
 """Default bytes buffered for sending before ``drain()`` waits."""
 
@@ -80,8 +80,9 @@ class FrameStream(asyncio.BufferedProtocol):
             self._frames.extend(frames)
             self._queued_bytes += sum(f.wire_size for f in frames)
             self._wake_reader()
+            too_many = len(self._frames) > _MAX_QUEUED_FRAMES
             if self._transport and not self._read_paused and (
-                len(self._frames) > _MAX_QUEUED_FRAMES or self._queued_bytes > MAX_QUEUED_BYTES
+                too_many or self._queued_bytes > self.limits.max_queued
             ):
                 self._read_paused = True
                 self._transport.pause_reading()
@@ -143,7 +144,7 @@ class FrameStream(asyncio.BufferedProtocol):
         if (
             self._read_paused and self._transport
             and len(self._frames) <= _MAX_QUEUED_FRAMES // 2
-            and self._queued_bytes <= MAX_QUEUED_BYTES // 2
+            and self._queued_bytes <= self.limits.max_queued // 2
         ):
             self._read_paused = False
             self._transport.resume_reading()

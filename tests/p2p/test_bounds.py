@@ -26,6 +26,7 @@ from blobstore.ids import ChunkId, hash_bytes, id_to_bytes
 from blobstore.objectstore import chunk_key
 from p2p.client import Identity, PeerConnection, open_connection
 from p2p.framing import PREFIX, encode
+from p2p.liveness import PeerDirectory
 from p2p.metrics import Metrics
 from p2p.provider import ChunkProvider
 from p2p.server import PeerServer, ServerIdentity, ServerLimits
@@ -305,6 +306,27 @@ async def test_gossip_floods_are_capped_and_forgotten(
                 (left,) = json.loads(d.get("/peers"))
                 assert left["address"] == flooder_address
                 assert left["source"] == "static"
+
+
+def test_gossip_cap_prefers_first_hand_peers_and_forgets_hearsay() -> None:
+    directory = PeerDirectory(Identity("me", "default"), max_gossip_peers=3)
+    for i in range(10):
+        directory.add(f"10.0.0.{i}:7411", "gossip")
+    assert [p.address for p in directory.all()] == [f"10.0.0.{i}:7411" for i in range(3)]
+    directory.add("10.0.1.1:7411", "static")  # first-hand peers are never capped
+    directory.add("10.0.0.0:7411", "mdns")  # heard first-hand now: its gossip slot is free
+    directory.add("10.0.0.9:7411", "gossip")
+    sources = {p.address: p.source for p in directory.all()}
+    assert sources == {"10.0.0.0:7411": "mdns", "10.0.0.1:7411": "gossip",
+                       "10.0.0.2:7411": "gossip", "10.0.1.1:7411": "static",
+                       "10.0.0.9:7411": "gossip"}
+    peers = {p.address: p for p in directory.all()}
+    directory.mark_down(peers["10.0.0.1:7411"], "refused")  # never answered: forgotten
+    directory.mark_down(peers["10.0.1.1:7411"], "refused")  # first-hand: kept
+    directory._exclude(peers["10.0.0.2:7411"], "refused", "token mismatch")
+    directory.add("10.0.0.2:7411", "gossip")  # excluded lately: not re-dialled at each pong
+    assert {p.address for p in directory.all()} == {
+        "10.0.0.0:7411", "10.0.1.1:7411", "10.0.0.9:7411"}
 
 
 # ---------------------------------------------------------------------- item 7: connections
