@@ -19,7 +19,7 @@ import anyio
 import msgpack
 import pytest
 from daemons import Daemon, daemon, wait_until
-from helpers import put_objects, random_bytes
+from helpers import assert_one_line_error, cli_env, put_objects, random_bytes, run_cli
 
 from blobstore.errors import ConfigError
 from blobstore.ids import ChunkId, hash_bytes, id_to_bytes
@@ -426,3 +426,11 @@ def test_limits_parse_and_refuse_nonsense() -> None:
                 "lookups_per_connection=1000"):
         with pytest.raises(ConfigError, match="limit"):
             ServerLimits.parse([bad])
+
+
+def test_a_bad_limit_is_a_one_line_error(tmp_path: Path) -> None:
+    env = cli_env((tmp_path / "store").as_uri(), tmp_path / "cache")
+    for bad, needle in (("max_connections=lots", "is not int"), ("nope=1", "NAME one of")):
+        proc = run_cli(["daemon", "--listen", "127.0.0.1:0", "--peers", "none",
+                        "--limit", bad], env)
+        assert_one_line_error(proc, "--limit", needle)
