@@ -6,12 +6,18 @@ spans in flight, and each chunk is verified and handed to the sink as soon as
 its last byte arrives, so memory holds a few chunks per span, never a span.
 A span whose stream breaks is resumed from its first undelivered chunk; a
 corrupt chunk is returned undelivered without failing its neighbours. Refs
-without a pack (v1 manifests) are read one object per chunk, as ``get`` does.
+without a pack (v1 manifests) are read one object per chunk.
+
+``get`` (by id alone: a home peer's read-through, image export) finds a packed
+chunk through ``PackLocator`` (the store's pack indexes, loaded once and
+reloaded on a miss at most every ``refresh`` seconds) and reads it with one
+ranged GET; ids it does not know are read from the per-chunk layout.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -31,6 +37,7 @@ from .errors import (
 from .ids import ChunkId, verify
 from .manifest import ChunkRef
 from .objectstore import ObjectStore, chunk_key, pack_key
+from .packs import IndexCache, StoreIndex
 from .parallel import for_each
 from .source import ChunkData, Sink, Undelivered
 from .spans import Piece, Span, SpanCutter, plan_spans
@@ -65,22 +72,78 @@ class SpanTuning:
     retry_delay: float = 0.2
 
 
+class PackLocator:
+    """chunk id -> where a pack holds it, from the store's pack indexes, for
+    reads by id alone. Loaded on first use (a LIST of ``packs/`` plus the
+    indexes ``cache`` lacks); an unknown id reloads it at most once per
+    ``refresh`` seconds (a push may have added packs since)."""
+
+    def __init__(
+        self, store: ObjectStore, cache: IndexCache | None = None, refresh: float = 30.0
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.refresh = refresh
+        self._index: StoreIndex | None = None
+        self._loaded_at = 0.0
+        self._lock = anyio.Lock()
+        self.loads = 0
+
+    async def locate(self, chunk_id: ChunkId) -> ChunkRef | None:
+        """Raises StoreUnavailable (the indexes could not be read)."""
+        index = self._index
+        if index is not None:
+            found = index.locate(chunk_id)
+            if found is not None or time.monotonic() - self._loaded_at < self.refresh:
+                return found
+        async with self._lock:
+            if self._index is index:  # nobody reloaded while we waited
+                self._index = await StoreIndex.load(self.store, self.cache)
+                self._loaded_at = time.monotonic()
+                self.loads += 1
+        return self._index.locate(chunk_id) if self._index is not None else None
+
+
 class OriginSource:
     """Chunks in the global object store. Every byte read is verified."""
 
     name = "origin"
 
     def __init__(
-        self, store: ObjectStore, concurrency: int = 64, tuning: SpanTuning = SpanTuning()
+        self,
+        store: ObjectStore,
+        concurrency: int = 64,
+        tuning: SpanTuning = SpanTuning(),
+        locator: PackLocator | None = None,
     ) -> None:
         self.store = store
         self.tuning = tuning
+        self.locator = locator if locator is not None else PackLocator(store)
         self._limit = anyio.Semaphore(concurrency)
         self.requests = 0
         """Ranged GETs issued by ``fetch`` (a resumed span counts again)."""
 
     async def get(self, chunk_id: ChunkId) -> ChunkData:
-        """Raises ChunkMissing, CorruptChunk, StoreUnavailable."""
+        """The chunk, from its pack (located by id) or its own object.
+
+        Raises ChunkMissing, CorruptChunk, StoreUnavailable."""
+        where = await self.locator.locate(chunk_id)
+        if where is not None:
+            got: list[ChunkData] = []
+
+            async def keep(_: ChunkRef, data: ChunkData) -> None:
+                got.append(data)
+
+            left = await self.fetch([where], keep)
+            if got:
+                return got[0]
+            reason = left.reasons.get(chunk_id) if isinstance(left, Undelivered) else None
+            if reason is not None and not isinstance(reason, NotFound):
+                raise reason
+            # The pack is gone (gc moved the chunk): try the per-chunk layout.
+        return await self._get_object(chunk_id)
+
+    async def _get_object(self, chunk_id: ChunkId) -> ChunkData:
         async with self._limit:
             try:
                 data = await self.store.get(chunk_key(chunk_id))
@@ -90,9 +153,12 @@ class OriginSource:
         return data
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
-        """Which of ``chunk_ids`` the store holds, checked in bulk."""
-        keys = {chunk_key(c): c for c in chunk_ids}
-        return {keys[k] for k in await self.store.exists_many(keys.keys())}
+        """Which of ``chunk_ids`` the store holds: located in a pack, or their
+        own objects checked in bulk."""
+        wanted = list(chunk_ids)
+        found = {c for c in wanted if await self.locator.locate(c) is not None}
+        keys = {chunk_key(c): c for c in wanted if c not in found}
+        return found | {keys[k] for k in await self.store.exists_many(keys.keys())}
 
     async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
         """Deliver ``refs`` to ``sink``, packed ones in spans; return the rest
@@ -112,7 +178,7 @@ class OriginSource:
 
         async def read_loose(ref: ChunkRef) -> None:
             try:
-                data = await self.get(ref.id)
+                data = await self._get_object(ref.id)
             except (NotFound, Corrupt, StoreUnavailable) as exc:
                 undelivered.add(ref, exc)
                 return

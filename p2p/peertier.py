@@ -10,7 +10,7 @@ its first-ranked peer, and one worker per peer keeps up to ``fetch_window``
 chunks requested, topping up in batches (refills issued in one loop iteration
 share one many-id request on the connection). A miss or failure moves the ref
 to its next peer's queue; a peer that answers nothing for the hedge delay has
-its oldest outstanding chunk asked of the next peer too.
+its outstanding chunks asked of their next peers too.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ class PeerTier:
 class _Want:
     """One ref on its way from the peers: the peers not asked yet, in rank order."""
 
-    __slots__ = ("asking", "done", "hedged", "peers", "reason", "ref")
+    __slots__ = ("asking", "done", "hedged", "peers", "reason", "ref", "winner")
 
     def __init__(self, ref: ChunkRef, peers: list[Peer]) -> None:
         self.ref = ref
@@ -206,6 +206,8 @@ class _Want:
         self.asking = 0
         """Attempts queued or running (two while hedged)."""
         self.done = False
+        self.winner: asyncio.Task[None] | None = None
+        """The attempt that delivered (its sink call must never be cancelled)."""
         self.hedged = False
         self.reason: BlobstoreError | None = None
 
@@ -247,8 +249,8 @@ class _BatchFetch:
         async with asyncio.TaskGroup() as tg:
             while True:
                 for want, task in running:
-                    if want.done and not task.done():  # its hedged twin delivered it
-                        task.cancel()
+                    if want.done and task is not want.winner and not task.done():
+                        task.cancel()  # its hedged twin delivered it
                 if any(task.done() for _, task in running):
                     running = deque([item for item in running if not item[1].done()])
                 # Top up in batches: what starts in one loop iteration is one request.
@@ -268,25 +270,18 @@ class _BatchFetch:
                 )
                 woken.cancel()
                 if not done:
-                    self._hedge(running, queue)
+                    self._hedge(running)
 
-    def _hedge(self, running: deque[tuple[_Want, asyncio.Task[None]]], queue: deque[_Want]) -> None:
+    def _hedge(self, running: deque[tuple[_Want, asyncio.Task[None]]]) -> None:
         """The peer answered nothing for the hedge delay: ask the next peers for
-        what it has outstanding too, and move what waits in its queue there."""
+        what it has outstanding too. The first ask stays: a home peer reading
+        through from the store is slow, not wrong, and giving up on it would
+        send the chunk to the store a second time."""
         for want, task in running:
             if not task.done() and not want.done and not want.hedged and want.peers:
                 want.hedged = True
                 self.tier.stats["hedges"] += 1
                 self.route(want)
-        stay: list[_Want] = []
-        while queue:
-            want = queue.popleft()
-            if want.peers:
-                want.asking -= 1
-                self.route(want)
-            else:
-                stay.append(want)
-        queue.extend(stay)
 
     async def _one(self, peer: Peer, want: _Want) -> None:
         ref = want.ref
@@ -301,6 +296,7 @@ class _BatchFetch:
             else:
                 if len(data) == ref.size and not want.done:
                     want.done = True
+                    want.winner = asyncio.current_task()
                     self.tier.stats["hits"] += 1
                     await self.sink(ref, data)
                 elif len(data) != ref.size:

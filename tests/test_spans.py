@@ -24,8 +24,9 @@ from blobstore.errors import (
 )
 from blobstore.ids import ChunkId, hash_bytes
 from blobstore.manifest import ChunkRef
-from blobstore.objectstore import ObjectInfo, ObjectStore, pack_key
-from blobstore.origin import OriginSource, SpanTuning
+from blobstore.objectstore import ObjectInfo, ObjectStore, index_key, pack_key
+from blobstore.origin import OriginSource, PackLocator, SpanTuning
+from blobstore.packs import encode_index
 from blobstore.source import ChunkData, Undelivered
 from blobstore.spans import SpanCutter, plan_spans
 from blobstore.stores import open_object_store
@@ -385,3 +386,46 @@ async def test_fetch_of_a_large_file_holds_a_few_chunks(tmp_path: Path) -> None:
     assert result["peak_kib"] / 1024 <= 256
     # 8 spans in flight x (one chunk filling + one being verified): ~16 MiB, not 32 MiB spans
     assert grown_mib <= 64, result
+
+
+# -- get by id alone: a home peer's read-through finds packed chunks -----------------
+
+
+async def test_get_by_id_finds_packed_chunks_through_the_pack_indexes(
+    object_store_url: str,
+) -> None:
+    pack_id, data, refs = build_pack([300 << 10, 1000, 2000], seed="g")
+    later_id, later_data, later_refs = build_pack([4000], seed="h")
+    loose_data = random_bytes(5000, "v1")
+    loose = ChunkRef(hash_bytes(loose_data), len(loose_data))
+    async with open_object_store(object_store_url) as store:
+        await store.put(pack_key(pack_id), data)
+        await store.put(index_key(pack_id), encode_index(pack_id, refs))
+        origin = OriginSource(store, locator=PackLocator(store, refresh=0))
+        await origin.put(loose.id, loose_data)  # the per-chunk layout still reads
+        assert await origin.get(refs[1].id) == data[refs[1].offset : refs[1].offset + refs[1].size]
+        assert await origin.get(refs[0].id) == data[: refs[0].size]
+        assert await origin.get(loose.id) == loose_data
+        assert origin.requests == 2  # one ranged GET per packed chunk, never the whole pack
+        # a pack pushed after the index was loaded is found on a miss
+        await store.put(pack_key(later_id), later_data)
+        await store.put(index_key(later_id), encode_index(later_id, later_refs))
+        assert await origin.get(later_refs[0].id) == later_data
+        assert await origin.has([refs[2].id, later_refs[0].id, loose.id, OTHER]) == {
+            refs[2].id, later_refs[0].id, loose.id}
+        with pytest.raises(ChunkMissing):
+            await origin.get(OTHER)
+        # a flipped bit in the pack is reported as corrupt, not as missing
+        bad = bytearray(data)
+        bad[refs[2].offset] ^= 1
+        await store.put(pack_key(pack_id), bytes(bad))
+        with pytest.raises(CorruptChunk, match=refs[2].id):
+            await origin.get(refs[2].id)
+
+
+async def test_locator_reloads_at_most_once_per_refresh(tmp_path: Path) -> None:
+    async with open_object_store((tmp_path / "s").as_uri()) as store:
+        locator = PackLocator(store, refresh=3600)
+        assert await locator.locate(OTHER) is None
+        assert await locator.locate(PACK) is None
+        assert locator.loads == 1
