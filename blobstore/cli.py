@@ -20,8 +20,8 @@ import anyio
 
 from .client import Client
 from .config import Config
-from .errors import BlobstoreError, ConfigError, single_errors
-from .gc import DEFAULT_GRACE_SECONDS, collect
+from .errors import BadInput, BlobstoreError, ConfigError, single_errors
+from .gc import DEFAULT_GRACE_SECONDS, DEFAULT_REPACK_BELOW, collect
 from .linking import LinkMode, parse_link_mode
 from .manifest import Image, Layer, Tree
 from .plugins import load_plugins
@@ -103,13 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", "fetch and check every chunk of REF in the object store")
     p.add_argument("ref")
+    p.add_argument("--repair", action="store_true",
+                   help="pack bad chunks again from --from DIR and move REF onto them")
+    p.add_argument("--from", dest="source", type=Path, metavar="DIR",
+                   help="a copy of REF's tree to repair from (with --repair)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify, _wants="client_nopeers")
+
+    p = add("migrate", "move an old store's per-chunk objects into packs, refs onto v2 manifests")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_migrate, _wants="client_nopeers")
 
     p = add("gc", "evict the cache to its limits; sweep unreferenced objects")
     p.add_argument("--grace", default=f"{DEFAULT_GRACE_SECONDS}s", metavar="DURATION",
                    help="only sweep objects older than this (e.g. 30m, 6h; default 6h)")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--repack-below", type=float, default=DEFAULT_REPACK_BELOW, metavar="FRACTION",
+                   help="repack packs with less than this fraction live (default "
+                   f"{DEFAULT_REPACK_BELOW}; 0 never repacks)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_gc, _wants="client_nopeers")
 
@@ -259,6 +270,10 @@ async def _image_doc(client: Client, ref: str, manifest: Image) -> dict[str, Any
 
 
 async def cmd_verify(args: argparse.Namespace, client: Client) -> int:
+    if args.source is not None and not args.repair:
+        raise BadInput("--from DIR goes with --repair")
+    if args.repair:
+        return await _repair(args, client)
     r = await client.verify(args.ref)
     doc = {"ref": r.ref, "manifest": r.manifest, "chunks": r.chunks, "missing": r.missing,
            "corrupt": r.corrupt, "ok": r.ok, "seconds": round(r.seconds, 3)}
@@ -272,6 +287,37 @@ async def cmd_verify(args: argparse.Namespace, client: Client) -> int:
     return 1
 
 
+async def _repair(args: argparse.Namespace, client: Client) -> int:
+    if args.source is None:
+        raise BadInput("verify --repair needs --from DIR (a copy of the tree), or push it again")
+    r = await client.repair(args.ref, args.source)
+    doc = {"ref": r.ref, "old_manifest": r.old_manifest, "manifest": r.manifest,
+           "repaired": r.repaired, "unrepaired": list(r.unrepaired), "ok": r.ok}
+    if r.ok:
+        _emit(args, doc, f"{r.ref}: " + (f"repaired {r.repaired} chunks, now {r.manifest}"
+                                         if r.repaired else "all chunks present and intact"))
+        return 0
+    if getattr(args, "json", False):
+        print(json.dumps(doc, indent=2))
+    print(f"blobstore: error: {r.ref}: {len(r.unrepaired)} bad chunks not found in "
+          f"{args.source} (repaired {r.repaired})", file=sys.stderr)
+    return 1
+
+
+async def cmd_migrate(args: argparse.Namespace, client: Client) -> int:
+    r = await client.migrate()
+    doc = {"refs": r.refs, "refs_moved_meanwhile": r.refs_moved_meanwhile, "chunks": r.chunks,
+           "bytes": r.bytes, "unreadable": list(r.unreadable)}
+    _emit(args, doc, f"packed {r.chunks} chunks ({human_bytes(r.bytes)}), moved {r.refs} refs "
+          "onto v2 manifests" + (f"; {r.refs_moved_meanwhile} refs moved meanwhile (run again)"
+                                 if r.refs_moved_meanwhile else ""))
+    if r.unreadable:
+        print(f"blobstore: error: {len(r.unreadable)} chunks missing or corrupt, left where "
+              f"they were (first: {r.unreadable[0]})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def parse_duration(text: str) -> float:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", text.strip())
     if not m:
@@ -280,15 +326,21 @@ def parse_duration(text: str) -> float:
 
 
 async def cmd_gc(args: argparse.Namespace, client: Client) -> int:
+    if not 0 <= args.repack_below <= 1:
+        raise BadInput("--repack-below is a fraction between 0 and 1")
     r = await collect(client.object_store, client.cache, grace_seconds=parse_duration(args.grace),
-                      dry_run=args.dry_run)
+                      dry_run=args.dry_run, repack_below=args.repack_below)
     doc = {k: getattr(r, k) for k in r.__dataclass_fields__}
     for problem in r.bad_refs:
         log.warning("%s; kept everything it still reaches", problem)
     verb = "would sweep" if r.dry_run else "swept"
     _emit(args, doc, f"cache: evicted {human_bytes(r.cache_evicted_bytes)}, holds "
-          f"{human_bytes(r.cache_bytes)}; store: {r.refs} refs, {verb} {r.swept_chunks} chunks "
-          f"and {r.swept_manifests} manifests ({human_bytes(r.swept_bytes)})"
+          f"{human_bytes(r.cache_bytes)}; store: {r.refs} refs, {verb} {r.swept_packs} packs, "
+          f"{r.swept_chunks} chunks and {r.swept_manifests} manifests "
+          f"({human_bytes(r.swept_bytes)})"
+          + (f"; repacked {r.repacked_packs} packs ({human_bytes(r.repacked_bytes)} moved, "
+             f"{r.refs_rewritten} refs rewritten)" if r.repacked_packs else "")
+          + (f"; would repack {r.would_repack} packs" if r.would_repack else "")
           + (f"; {r.skipped_for_writers} writers active, sweep skipped (blobstore leases)"
              if r.skipped_for_writers else "")
           + (f"; {len(r.bad_refs)} bad refs (see warnings)" if r.bad_refs else "")

@@ -11,6 +11,7 @@ from helpers import (
     assert_one_line_error,
     cli_env,
     error_lines,
+    get_object,
     make_tree,
     put_objects,
     run_cli,
@@ -18,7 +19,8 @@ from helpers import (
 )
 
 from blobstore.ids import hash_bytes
-from blobstore.objectstore import chunk_key
+from blobstore.manifest import Tree, decode
+from blobstore.objectstore import pack_key
 
 PUSH_KEYS = {"ref", "manifest", "files", "bytes", "chunks", "new_chunks", "new_bytes", "seconds"}
 PULL_KEYS = {"ref", "manifest", "files", "bytes", "seconds", "from"}
@@ -151,7 +153,14 @@ def test_verify_reports_missing_and_corrupt_chunks(
     (tmp_path / "src" / "a").write_bytes(a)
     (tmp_path / "src" / "b").write_bytes(b)
     assert run_cli(["push", tmp_path / "src", "t"], env).returncode == 0
-    put_objects(object_store_url, {chunk_key(hash_bytes(a)): b"tampered"})
+    manifest_id = json.loads(run_cli(["show", "t", "--json"], env).stdout)["manifest"]
+    manifest = decode(get_object(object_store_url, f"manifests/{manifest_id}"))
+    assert isinstance(manifest, Tree)
+    (where,) = {c for c in manifest.chunk_refs() if c.id == hash_bytes(a)}
+    assert where.pack is not None
+    packed = bytearray(get_object(object_store_url, pack_key(where.pack)))
+    packed[where.offset : where.offset + 8] = b"tampered"
+    put_objects(object_store_url, {pack_key(where.pack): bytes(packed)})
     proc = run_cli(["verify", "t", "--json"], env)
     assert_one_line_error(proc, "0 chunks missing, 1 corrupt of 2")
     assert json.loads(proc.stdout)["corrupt"] == [hash_bytes(a)]

@@ -22,6 +22,7 @@ from blobstore.ids import ChunkId, hash_bytes
 from blobstore.manifest import Image, ImageLayer, Tree
 from blobstore.nodestore import NodeStore
 from blobstore.objectstore import CHUNKS, MANIFESTS, ObjectStore, chunk_key, ref_key
+from blobstore.packs import list_packs
 from blobstore.s3store import S3ObjectStore
 from blobstore.stores import parse_s3_url
 
@@ -36,20 +37,25 @@ async def keys(store: ObjectStore, prefix: str) -> set[str]:
 
 async def two_trees(client: Client, tmp_path: Path) -> tuple[set[ChunkId], set[ChunkId]]:
     """Push trees ``keep`` and ``drop`` sharing one file, then delete ref ``drop``.
-    Returns (chunks of keep, chunks only drop had)."""
+    Returns (packs keep names, packs only drop named)."""
     shared = random_bytes(2 << 20, "shared")
     write(tmp_path / "keep" / "shared.bin", shared)
     write(tmp_path / "keep" / "mine.bin", random_bytes(600 << 10, "keep"))
     write(tmp_path / "drop" / "shared.bin", shared)
     write(tmp_path / "drop" / "gone.bin", random_bytes(3 << 20, "drop"))
-    chunk_sets = []
+    pack_sets = []
     for name in ("keep", "drop"):
         await client.push(tmp_path / name, name)
         _, tree = await client.load(name)
         assert isinstance(tree, Tree)
-        chunk_sets.append({c.id for c in tree.chunk_refs()})
+        pack_sets.append({c.pack for c in tree.chunk_refs() if c.pack is not None})
     await client.catalog.delete_ref("drop")
-    return chunk_sets[0], chunk_sets[1] - chunk_sets[0]
+    assert pack_sets[1] - pack_sets[0]  # drop's own file went into a pack of its own
+    return pack_sets[0], pack_sets[1] - pack_sets[0]
+
+
+async def pack_keys(store: ObjectStore) -> set[ChunkId]:
+    return set((await list_packs(store)).packs)
 
 
 def age_file_store(root: Path, seconds: float) -> None:
@@ -76,16 +82,16 @@ async def test_sweeps_only_old_unreferenced_objects(tmp_path: Path) -> None:
 
         result = await collect(client.object_store, None, grace_seconds=HOUR)
         assert (result.refs, result.live_manifests) == (1, 1)
-        assert result.swept_chunks == len(dropped)
+        assert (result.swept_packs, result.swept_chunks) == (len(dropped), 0)
         assert result.swept_manifests == 1
-        left = await keys(client.object_store, CHUNKS)
-        assert left == {chunk_key(c) for c in keep} | {chunk_key(hash_bytes(young))}
+        assert await pack_keys(client.object_store) == keep
+        assert await keys(client.object_store, CHUNKS) == {chunk_key(hash_bytes(young))}
         assert not (await keys(client.object_store, MANIFESTS)) & drop_manifest
         # the kept tree is intact
         pulled = await client.pull("keep", tmp_path / "dst")
         assert pulled.files == 2
         again = await collect(client.object_store, None, grace_seconds=HOUR)
-        assert (again.swept_chunks, again.swept_manifests) == (0, 0)
+        assert (again.swept_packs, again.swept_chunks, again.swept_manifests) == (0, 0, 0)
 
 
 async def test_grace_and_dry_run_on_every_backend(object_store_url: str, tmp_path: Path) -> None:
@@ -93,14 +99,14 @@ async def test_grace_and_dry_run_on_every_backend(object_store_url: str, tmp_pat
         keep, dropped = await two_trees(client, tmp_path)
         before = await keys(client.object_store, "")
         young = await collect(client.object_store, None, grace_seconds=HOUR)
-        assert (young.swept_chunks, young.swept_manifests) == (0, 0)  # everything is young
+        assert (young.swept_packs, young.swept_manifests) == (0, 0)  # everything is young
         # A negative grace puts the cutoff in the future: every unreferenced object is "old".
         dry = await collect(client.object_store, None, grace_seconds=-HOUR, dry_run=True)
-        assert (dry.swept_chunks, dry.swept_manifests, dry.dry_run) == (len(dropped), 1, True)
+        assert (dry.swept_packs, dry.swept_manifests, dry.dry_run) == (len(dropped), 1, True)
         assert await keys(client.object_store, "") == before
         real = await collect(client.object_store, None, grace_seconds=-HOUR)
-        assert (real.swept_chunks, real.swept_manifests) == (len(dropped), 1)
-        assert await keys(client.object_store, CHUNKS) == {chunk_key(c) for c in keep}
+        assert (real.swept_packs, real.swept_manifests) == (len(dropped), 1)
+        assert await pack_keys(client.object_store) == keep
         assert (await client.pull("keep", tmp_path / "dst")).files == 2
 
 
