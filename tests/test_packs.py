@@ -5,6 +5,7 @@ and repacks packs without ever breaking a ref — on file:// and SeaweedFS S3.""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import struct
@@ -31,7 +32,7 @@ from blobstore.config import CacheConfig, Config, PeerConfig
 from blobstore.errors import Corrupt
 from blobstore.gc import collect
 from blobstore.ids import ChunkId, hash_bytes, id_to_bytes
-from blobstore.manifest import ChunkRef, Tree
+from blobstore.manifest import ChunkRef, Layer, Tree
 from blobstore.objectstore import CHUNKS, ObjectStore, chunk_key, index_key, pack_key
 from blobstore.packs import (
     PackConfig,
@@ -40,6 +41,7 @@ from blobstore.packs import (
     list_packs,
     new_pack_id,
 )
+from blobstore.source import ChunkData
 
 pytestmark = pytest.mark.anyio
 
@@ -345,6 +347,40 @@ async def test_migrate_moves_an_old_store_to_packs(
         assert pulled.files == 2
         assert (await c.migrate()).chunks == 0  # idempotent
     assert snapshot(tmp_path / "v2") == snapshot(root)
+
+
+async def test_migrate_rewrites_layer_and_image_manifests(client: Client) -> None:
+    blob = random_bytes(2 * MiB, "layer")
+    spans = Chunker(DEFAULT_PARAMS).cut_and_hash(blob)
+    for s in spans:
+        await client.object_store.put(chunk_key(s.id), blob[s.offset : s.offset + s.length])
+    info = DEFAULT_PARAMS.info()
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    layer = pack({"v": 1, "kind": "layer", "digest": digest, "media_type": "x", "size": len(blob),
+                  "chunker": {"name": info.name, "min": info.min_size, "avg": info.avg_size,
+                              "max": info.max_size},
+                  "chunks": [[id_to_bytes(s.id), s.length] for s in spans]})
+    image = pack({"v": 1, "kind": "image", "manifest": b"{}", "media_type": "m", "config": b"{}",
+                  "layers": [[digest, id_to_bytes(hash_bytes(layer))]], "tags": ["v1"]})
+    for data in (layer, image):
+        await client.object_store.put(f"manifests/{hash_bytes(data)}", data)
+    await client.object_store.put("refs/images/old", hash_bytes(image).encode() + b"\n")
+
+    migrated = await client.migrate()
+    assert (migrated.refs, migrated.chunks) == (1, len(spans))
+    image_id = await client.catalog.resolve("images/old")
+    assert image_id != hash_bytes(image)
+    layers = [m async for _, m in client.catalog.walk(image_id) if isinstance(m, Layer)]
+    assert len(layers) == 1
+    assert all(c.pack is not None for c in layers[0].chunks)
+    got: dict[ChunkId, bytes] = {}
+
+    async def sink(ref: ChunkRef, data: ChunkData) -> None:
+        got[ref.id] = bytes(data)
+
+    assert await client.origin.fetch(layers[0].chunks, sink) == []
+    assert b"".join(got[c.id] for c in layers[0].chunks) == blob
+    assert (await client.verify("images/old")).ok
 
 
 # --------------------------------------------------------------------------- gc
