@@ -6,6 +6,7 @@ and repacks packs without ever breaking a ref — on file:// and SeaweedFS S3.""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import struct
@@ -42,6 +43,7 @@ from blobstore.packs import (
     new_pack_id,
 )
 from blobstore.source import ChunkData
+from blobstore.stores import open_object_store
 
 pytestmark = pytest.mark.anyio
 
@@ -347,6 +349,27 @@ async def test_migrate_moves_an_old_store_to_packs(
         assert pulled.files == 2
         assert (await c.migrate()).chunks == 0  # idempotent
     assert snapshot(tmp_path / "v2") == snapshot(root)
+
+
+def test_cli_migrate_then_gc(object_store_url: str, tmp_path: Path) -> None:
+    root = tree_of(tmp_path / "src", {"w.bin": random_bytes(2 * MiB, "cli"), "c.txt": b"x\n"})
+
+    async def make_old() -> None:
+        async with open_object_store(object_store_url) as store:
+            await old_store(store, root)
+
+    anyio.run(make_old)
+    env = cli_env(object_store_url, tmp_path / "cache")
+    migrated = run_cli(["migrate", "--json"], env)
+    assert migrated.returncode == 0, migrated.stderr
+    doc = json.loads(migrated.stdout)
+    assert (doc["refs"], doc["unreadable"]) == (1, [])
+    gc = run_cli(["gc", "--grace", "0s", "--json"], env)
+    assert gc.returncode == 0, gc.stderr
+    assert json.loads(gc.stdout)["swept_chunks"] == doc["chunks"]
+    pulled = run_cli(["pull", "old", tmp_path / "dst"], env)
+    assert pulled.returncode == 0, pulled.stderr
+    assert snapshot(tmp_path / "dst") == snapshot(root)
 
 
 async def test_migrate_rewrites_layer_and_image_manifests(client: Client) -> None:
