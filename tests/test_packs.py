@@ -24,13 +24,13 @@ from helpers import (
     snapshot,
     write,
 )
-from s3proxy import CountingProxy
+from s3proxy import CountingProxy, Fault
 from s3server import SeaweedS3Server
 
 from blobstore.chunker import DEFAULT_PARAMS, Chunker
 from blobstore.client import Client
 from blobstore.config import CacheConfig, Config, PeerConfig
-from blobstore.errors import Corrupt
+from blobstore.errors import Corrupt, StoreUnavailable
 from blobstore.gc import collect
 from blobstore.ids import ChunkId, hash_bytes, id_to_bytes
 from blobstore.manifest import ChunkRef, Layer, Tree
@@ -228,6 +228,35 @@ async def test_noop_push_makes_a_handful_of_requests(
     assert warm <= 10, proxy.requests
     assert cold <= 10 + packs  # plus one GET per index not cached yet
     assert first.chunks > 10 * warm  # i.e. not one request per chunk
+
+
+@pytest.mark.s3
+async def test_push_cut_off_before_its_index_leaves_the_ref_alone(
+    s3_env: SeaweedS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packs and indexes first, then the manifest, then the ref: a push whose
+    index uploads fail never moves the ref, and the next push is whole."""
+    root = tree_of(tmp_path / "src", {"a.bin": random_bytes(3 * MiB, "a")})
+    async with CountingProxy.to_endpoint(s3_env.endpoint) as proxy:
+        proxy.http = True
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        config = config_for(s3_env.bucket_url(), tmp_path / "cache")
+        async with Client.open(config, peers=False) as c:
+            c.packs = PackConfig(target_bytes=MiB)
+            await c.push(root, "t")
+            before = await c.catalog.resolve("t")
+            write(root / "b.bin", random_bytes(3 * MiB, "b"))
+            fault = proxy.arm(Fault("cut_upload", "PUT", ".index", at=100))
+            with pytest.raises(StoreUnavailable):
+                await c.push(root, "t")
+            assert fault.hits >= 1
+            proxy.disarm()
+            assert await c.catalog.resolve("t") == before
+            assert (await c.verify("t")).ok
+            again = await c.push(root, "t")
+            assert again.new_chunks >= 3  # b.bin: its packs had no index, so not reused
+            assert (await c.verify("t")).ok
+            assert len((await load_tree(c, "t")).entries) == 2
 
 
 # --------------------------------------------------------------------------- bad chunks
