@@ -57,21 +57,23 @@ def disk_written() -> int:
     return int(fields["write_bytes"]) - int(fields["cancelled_write_bytes"])
 
 
-def run(args: list[str], env: dict[str, str] | None = None) -> None:
+def run(args: list[str], env: dict[str, str] | None = None) -> str:
     proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
 
 
-def timed(step: Callable[[], Any]) -> tuple[float, int]:
-    """(seconds, disk bytes written) of ``step``, after a sync."""
+def timed(step: Callable[[], Any]) -> tuple[float, int, float | None]:
+    """(seconds, disk bytes written, the pull's own seconds if it is a pull) of
+    ``step``, after a sync."""
     os.sync()
     written = disk_written()
     started = time.perf_counter()
-    step()
+    inner = step()
     seconds = time.perf_counter() - started
     os.sync()  # count the step's delayed write-back, not just what it forced
-    return seconds, disk_written() - written
+    return seconds, disk_written() - written, inner
 
 
 def tree_bytes(root: Path) -> int:
@@ -91,25 +93,34 @@ class Bench:
         self._n += 1
         return base / f"out-{self._n}"
 
-    def pull(self, ref: str, dst: Path, mode: str = "copy") -> None:
-        run([BLOBSTORE, "pull", "--link-mode", mode, ref, str(dst)], self.env)
+    def pull(self, ref: str, dst: Path, mode: str = "copy") -> float:
+        """Pull through the CLI; returns the pull's own seconds (``--json``: the
+        materialize step, without interpreter start-up and manifest loading)."""
+        out = run([BLOBSTORE, "pull", "--json", "--link-mode", mode, ref, str(dst)], self.env)
+        seconds: float = json.loads(out)["seconds"]
+        return seconds
 
-    def measure(self, data: str, nbytes: int, steps: dict[str, Callable[[], None]],
+    def measure(self, data: str, nbytes: int, steps: dict[str, Callable[[], Any]],
                 cleanup: Callable[[], None]) -> None:
         """Run every step ``rounds`` times, alternating the order; keep medians."""
         times: dict[str, list[float]] = {name: [] for name in steps}
+        inner: dict[str, list[float]] = {name: [] for name in steps}
         written: dict[str, list[int]] = {name: [] for name in steps}
         names = list(steps)
         for r in range(self.rounds):
             for name in names if r % 2 == 0 else names[::-1]:
-                seconds, wrote = timed(steps[name])
+                seconds, wrote, pull_seconds = timed(steps[name])
                 times[name].append(seconds)
                 written[name].append(wrote)
+                if pull_seconds is not None:
+                    inner[name].append(pull_seconds)
                 cleanup()
         for name in names:
             self.rows.append({"data": data, "step": name, "bytes": nbytes,
                               "seconds": statistics.median(times[name]),
                               "all_seconds": times[name],
+                              "pull_seconds": statistics.median(inner[name])
+                              if inner[name] else None,
                               "written_per_byte": statistics.median(written[name]) / nbytes})
 
 
@@ -120,16 +131,17 @@ def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None) -> None:
     out = b.work / f"out-{data}"
     out.mkdir()
     cold = out / "cold"
-    seconds, wrote = timed(lambda: b.pull(ref, cold))
+    seconds, wrote, inner = timed(lambda: b.pull(ref, cold))
     b.rows.append({"data": data, "step": "pull (cold, from file://)", "bytes": nbytes,
-                   "seconds": seconds, "written_per_byte": wrote / nbytes})
+                   "seconds": seconds, "pull_seconds": inner,
+                   "written_per_byte": wrote / nbytes})
     made: list[Path] = []
 
-    def into(make: Callable[[Path], None]) -> Callable[[], None]:
-        def step() -> None:
+    def into(make: Callable[[Path], Any]) -> Callable[[], Any]:
+        def step() -> Any:
             dst = b.fresh(out)
             made.append(dst)
-            make(dst)
+            return make(dst)
         return step
 
     def cleanup() -> None:
@@ -155,14 +167,17 @@ def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None) -> None:
                xfs / "node" / "cache", b.rounds)
     xout = xfs / f"out-{data}"
     xout.mkdir()
-    xb.pull(ref, xout / "warmup", "reflink")  # fills the node store on XFS
-    shutil.rmtree(xout / "warmup")
+    seconds, wrote, inner = timed(lambda: xb.pull(ref, xout / "cold", "reflink"))
+    b.rows.append({"data": data, "step": "xfs: pull reflink (cold)", "bytes": nbytes,
+                   "seconds": seconds, "pull_seconds": inner,
+                   "written_per_byte": wrote / nbytes})
+    shutil.rmtree(xout / "cold")
 
-    def xinto(make: Callable[[Path], None]) -> Callable[[], None]:
-        def step() -> None:
+    def xinto(make: Callable[[Path], Any]) -> Callable[[], Any]:
+        def step() -> Any:
             dst = xb.fresh(xout)
             made.append(dst)
-            make(dst)
+            return make(dst)
         return step
 
     xb.measure(data, nbytes, {
@@ -192,17 +207,22 @@ def mount_xfs(work: Path, size: int) -> Path | None:
 
 
 def report(rows: list[dict[str, Any]]) -> None:
+    """Ratios are baseline time / our time (>1: faster than the baseline). For
+    pulls, "in-process" is the pull's own time (what the runner API pays)."""
     floors = {(r["data"], r["step"]): r["seconds"] for r in rows}
-    print(f"{'data':<8} {'step':<30} {'seconds':>8} {'× cp -r':>8} {'× cp+sync':>9} "
-          f"{'written/B':>9}")
+    print(f"{'data':<7} {'step':<28} {'seconds':>8} {'×cp -r':>7} {'×cp+sync':>8} "
+          f"{'in-process':>10} {'×cp -r':>7} {'written/B':>9}")
     for r in rows:
         xfs = r["step"].startswith("xfs:")
         cp = floors.get((r["data"], "xfs: cp -r" if xfs else "cp -r"))
         cps = floors.get((r["data"], "cp -r && sync"))
-        ratio = f"{cp / r['seconds']:8.2f}" if cp else " " * 8
-        ratio_sync = f"{cps / r['seconds']:9.2f}" if cps and not xfs else " " * 9
-        print(f"{r['data']:<8} {r['step']:<30} {r['seconds']:8.3f} {ratio} {ratio_sync} "
-              f"{r['written_per_byte']:9.2f}")
+        ratio = f"{cp / r['seconds']:7.2f}" if cp else " " * 7
+        ratio_sync = f"{cps / r['seconds']:8.2f}" if cps and not xfs else " " * 8
+        inner = r.get("pull_seconds")
+        inner_s = f"{inner:10.3f}" if inner else " " * 10
+        inner_r = f"{cp / inner:7.2f}" if inner and cp else " " * 7
+        print(f"{r['data']:<7} {r['step']:<28} {r['seconds']:8.3f} {ratio} {ratio_sync} "
+              f"{inner_s} {inner_r} {r['written_per_byte']:9.2f}")
 
 
 def main() -> None:
