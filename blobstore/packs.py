@@ -412,7 +412,22 @@ class IndexCache:
 
     def add_bad(self, locations: Iterable[BadLocation]) -> None:
         """Remember locations verify found bad. Raises OSError (this must stick)."""
-        bad = self.read_bad() | set(locations)
+        self._write_bad(self.read_bad() | set(locations))
+
+    def forget_bad(self, packs: Iterable[ChunkId]) -> set[BadLocation]:
+        """Keep only bad locations in per-chunk objects or in ``packs`` (those that
+        still exist: a gone pack can never be offered again). Returns what is kept."""
+        existing = set(packs)
+        bad = self.read_bad()
+        kept = {b for b in bad if b[1] is None or b[1] in existing}
+        if kept != bad:
+            try:
+                self._write_bad(kept)
+            except OSError as exc:
+                log.info("cannot rewrite the known-bad list: %s", exc.strerror)
+        return kept
+
+    def _write_bad(self, bad: set[BadLocation]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-{secrets.token_hex(6)}"
         tmp.write_text("".join(f"{c} {p or '-'}\n" for c, p in sorted(bad, key=str)))
@@ -438,7 +453,9 @@ class StoreIndex:
         with an unreadable index (logged) are never offered. Raises StoreUnavailable."""
         listing = await list_packs(store)
         live = sorted(listing.usable)
-        bad = await anyio.to_thread.run_sync(cache.read_bad) if cache is not None else set()
+        bad: set[BadLocation] = set()
+        if cache is not None:
+            bad = await anyio.to_thread.run_sync(cache.forget_bad, listing.packs)
         index = cls(set(live), bad)
         cached: dict[ChunkId, tuple[ChunkRef, ...] | None] = {}
         if cache is not None:
