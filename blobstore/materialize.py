@@ -276,8 +276,12 @@ class _Pull:
         self._done_lock = threading.Lock()
 
     def _advance(self, n: int) -> None:
+        """Count ``n`` more bytes done (from any thread; reported by ``_report``)."""
         with self._done_lock:
             self.done += n
+
+    def _report(self) -> None:
+        """Call the progress callback — on the event loop only."""
         if self.progress is not None:
             self.progress(self.done, self.stats.bytes)
 
@@ -290,8 +294,7 @@ class _Pull:
         need: list[_Item] = []
         for batch in _chunked(self.items, _HOP_FILES):
             need += await run(self._check, batch)
-        if self.progress is not None:
-            self.progress(self.done, self.stats.bytes)
+            self._report()
         empty = [i for i in need if i.entry.size == 0]
         for batch in _chunked(empty, _HOP_FILES):
             await run(self._create_empty, batch)
@@ -416,6 +419,7 @@ class _Pull:
                 found.append((item, path))
         for batch in _chunked(found, _HOP_FILES):
             missing += await anyio.to_thread.run_sync(self._place, batch, True)
+            self._report()
         return missing
 
     def _place(self, batch: Sequence[tuple[_Item, Path]], cached: bool) -> list[_Item]:
@@ -555,6 +559,7 @@ class _Pull:
             await anyio.to_thread.run_sync(_write_at, at, data)
             self.changed = True
             self._advance(len(data) * sum(n for _, _, n in at))
+            self._report()
 
         undelivered = await self.source.fetch(refs, sink)
         for ref in undelivered:

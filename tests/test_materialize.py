@@ -274,15 +274,18 @@ def test_sigkill_at_random_moments_then_pull_repairs(store_url: str, tmp_path: P
     assert run_cli(["push", src, "t"], env).returncode == 0
     rng = random.Random(os.environ.get("CRASH_SEED", "9"))
     dst = tmp_path / "dst"
+    caught = 0
     for attempt in range(4):
         # a cold cache each time, so the pull is long enough to be caught mid-way
         node = cli_env(store_url, tmp_path / f"cache{attempt}")
         proc = subprocess.Popen([BLOBSTORE, "pull", "t", str(dst)], env=node,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.3, 1.5))
+        caught += proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         whole_or_absent(dst, good)
+    assert caught  # at least one pull was killed while it ran
     done = run_cli(["pull", "--json", "t", dst], cli_env(store_url, tmp_path / "cache-final"))
     assert done.returncode == 0, done.stderr
     assert snapshot(dst) == good
