@@ -247,3 +247,27 @@ async def test_fetch_with_no_live_peer_returns_everything_missing() -> None:
         assert left == wanted
         assert isinstance(left, Undelivered)
         assert all("none live" in str(left.reasons[ref.id]) for ref in wanted)
+
+
+async def test_fetch_never_cancels_a_sink_that_is_writing() -> None:
+    """A hedged chunk delivered by the second peer while the first still stalls:
+    the sink (slow, like a disk write) runs to the end for every chunk."""
+    stalled, good = StallingCache(), FakeCache()
+    wanted = [(ref, data) for ref, data in refs_for(40)
+              if placement.rank(["n0", "n1"], ref.id)[0] == "n0"][:8]
+    for ref, data in wanted:
+        stalled.chunks[ref.id] = good.chunks[ref.id] = data
+    finished: list[ChunkRef] = []
+
+    async def slow_sink(ref: ChunkRef, data: ChunkData) -> None:
+        await asyncio.sleep(0.3)  # several hedge delays: the workers loop meanwhile
+        finished.append(ref)
+
+    async with (
+        peers(stalled, good) as addrs,
+        tier(addrs, TierTuning(hedge_min=0.02, hedge_max=0.05)) as t,
+    ):
+        assert await t.fetch([ref for ref, _ in wanted], slow_sink) == []
+        assert sorted(finished, key=str) == sorted((ref for ref, _ in wanted), key=str)
+        assert t.stats["hedges"] >= 1
+        stalled.release.set()
