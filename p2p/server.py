@@ -43,7 +43,6 @@ from .wire import FrameStream
 
 log = logging.getLogger(__name__)
 
-_HANDSHAKE_TIMEOUT = 10.0
 _CAP_WARNING_INTERVAL = 10.0
 
 
@@ -258,7 +257,7 @@ class PeerServer:
         PeerUnavailable."""
         me = self._me
         try:
-            async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
+            async with asyncio.timeout(self._limits.handshake_timeout):
                 await stream.connected()  # over TLS: once its handshake is done
                 nonce = messages.new_nonce()
                 stream.send(messages.hello(me.node, me.region, nonce))
