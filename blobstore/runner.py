@@ -116,9 +116,11 @@ async def pull_refs(
     *,
     progress: RefProgress | None = None,
     first: Sequence[str] = DEFAULT_FIRST,
+    link_mode: LinkMode = "auto",
 ) -> list[PullResult]:
     """Pull each ``(ref, directory)`` in order (the order is the priority between
-    refs; within a ref, ``first`` patterns and small files come first).
+    refs; within a ref, ``first`` patterns and small files come first), files
+    placed from the node store by ``link_mode``.
 
     One ref at a time keeps memory bounded by one pull's chunks in flight while
     each pull still fetches many chunks in parallel. Raises RefNotFound,
@@ -128,7 +130,8 @@ async def pull_refs(
     for ref, dest in items:
         manifest_id = await client.catalog.resolve_or_id(ref)
         tree = await _load_tree(client, manifest_id)
-        results.append(await _pull(client, ref, manifest_id, tree, Path(dest), progress, first))
+        results.append(await _pull(client, ref, manifest_id, tree, Path(dest), progress, first,
+                                   link_mode))
     return results
 
 
