@@ -12,6 +12,7 @@ from pathlib import Path
 import platformdirs
 
 from .errors import ConfigError
+from .hostport import split_hostport
 
 DEFAULT_CACHE_BYTES = 50 << 30
 MIN_CACHE_BYTES = 1 << 20
@@ -101,8 +102,8 @@ class PeerConfig:
             return cls(mode=text or "none", token=token)
         peers = tuple(p.strip() for p in text.split(",") if p.strip())
         for p in peers:
-            host, sep, port = p.rpartition(":")
-            if not sep or not host or not port.isdigit():
+            parsed = split_hostport(p)
+            if parsed is None or not parsed[0]:
                 raise ConfigError(f"bad peer {p!r}: expected HOST:PORT")
         return cls(mode="static", static=peers, token=token)
 

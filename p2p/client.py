@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from blobstore.errors import AuthError, ChunkMissing, CorruptChunk, PeerUnavailable, ProtocolError
+from blobstore.hostport import split_hostport
 from blobstore.ids import ChunkId, hash_bytes
 from blobstore.source import ChunkData
 
@@ -174,8 +175,11 @@ async def open_connection(
 
     Raises PeerUnavailable, SelfConnection, WrongRegion, AuthError, ProtocolError.
     """
-    host, _, port = address.rpartition(":")
-    stream = await connect(host.strip("[]"), int(port), connect_timeout=handshake_timeout,
+    parsed = split_hostport(address)
+    if parsed is None:
+        raise PeerUnavailable(f"not a HOST:PORT address: {address!r}")
+    host, port = parsed
+    stream = await connect(host, port, connect_timeout=handshake_timeout,
                            tls=me.tls)
     try:
         async with asyncio.timeout(handshake_timeout):

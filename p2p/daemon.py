@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from blobstore.config import Config
 from blobstore.errors import ConfigError, PeerUnavailable
+from blobstore.hostport import split_hostport
 from blobstore.ids import ChunkId
 from blobstore.nodestore import NodeStore
 from blobstore.origin import OriginSource
@@ -45,10 +46,10 @@ class DaemonOptions:
 
 def parse_hostport(text: str, what: str) -> tuple[str, int]:
     """Raises ConfigError unless ``text`` is HOST:PORT."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    parsed = split_hostport(text, port_zero=True)
+    if parsed is None:
         raise ConfigError(f"bad {what} address {text!r}: expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    return parsed[0] or "0.0.0.0", parsed[1]
 
 
 async def run_daemon(config: Config, opts: DaemonOptions) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blobstore.errors import AuthError, ProtocolError
+from blobstore.hostport import split_hostport
 from blobstore.ids import ChunkId, id_from_bytes, id_to_bytes
 
 from .framing import DEFAULT_LIMITS, Frame, Limits
@@ -133,10 +134,8 @@ def peers_field(header: dict[str, Any]) -> list[str]:
     for address in raw:
         if not isinstance(address, str) or len(address) > 256:
             raise ProtocolError("'peers' lists a malformed address")
-        host, sep, port = address.rpartition(":")
-        # isascii: str.isdigit() also takes "²" (int() then raises) and "١٢".
-        valid_port = port.isascii() and port.isdigit() and 0 < int(port) < 65536
-        if not host or not sep or not valid_port:
+        parsed = split_hostport(address)
+        if parsed is None or not parsed[0]:
             raise ProtocolError(f"'peers' lists a malformed address {address[:64]!r}")
     return list(dict.fromkeys(raw))  # each address once, in order
 MISSING: dict[str, Any] = {"t": "missing"}

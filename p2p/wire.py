@@ -224,11 +224,6 @@ async def connect(
     return proto
 
 
-def split_hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def install_uvloop() -> bool:
     """Use uvloop for loops created from now on, where it is available."""
     try:
