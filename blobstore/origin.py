@@ -17,7 +17,6 @@ ranged GET; ids it does not know are read from the per-chunk layout.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -35,9 +34,9 @@ from .errors import (
     Unavailable,
 )
 from .ids import ChunkId, verify
+from .locator import PackLocator
 from .manifest import ChunkRef
 from .objectstore import ObjectStore, chunk_key, pack_key
-from .packs import IndexCache, StoreIndex
 from .parallel import for_each
 from .source import ChunkData, Sink, Undelivered
 from .spans import Piece, Span, SpanCutter, plan_spans
@@ -70,38 +69,6 @@ class SpanTuning:
     """Reads of a span whose stream breaks (S3 retries a failed request itself;
     this resumes a body cut off midway, from its first undelivered chunk)."""
     retry_delay: float = 0.2
-
-
-class PackLocator:
-    """chunk id -> where a pack holds it, from the store's pack indexes, for
-    reads by id alone. Loaded on first use (a LIST of ``packs/`` plus the
-    indexes ``cache`` lacks); an unknown id reloads it at most once per
-    ``refresh`` seconds (a push may have added packs since)."""
-
-    def __init__(
-        self, store: ObjectStore, cache: IndexCache | None = None, refresh: float = 30.0
-    ) -> None:
-        self.store = store
-        self.cache = cache
-        self.refresh = refresh
-        self._index: StoreIndex | None = None
-        self._loaded_at = 0.0
-        self._lock = anyio.Lock()
-        self.loads = 0
-
-    async def locate(self, chunk_id: ChunkId) -> ChunkRef | None:
-        """Raises StoreUnavailable (the indexes could not be read)."""
-        index = self._index
-        if index is not None:
-            found = index.locate(chunk_id)
-            if found is not None or time.monotonic() - self._loaded_at < self.refresh:
-                return found
-        async with self._lock:
-            if self._index is index:  # nobody reloaded while we waited
-                self._index = await StoreIndex.load(self.store, self.cache)
-                self._loaded_at = time.monotonic()
-                self.loads += 1
-        return self._index.locate(chunk_id) if self._index is not None else None
 
 
 class OriginSource:
@@ -299,4 +266,4 @@ async def verify_off_loop(chunk_id: ChunkId, data: ChunkData, where: str) -> Non
         verify(chunk_id, data, where)
 
 
-__all__ = ["OriginSource", "SpanTuning", "Unavailable", "verify_off_loop"]
+__all__ = ["OriginSource", "PackLocator", "SpanTuning", "Unavailable", "verify_off_loop"]

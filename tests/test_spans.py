@@ -23,9 +23,10 @@ from blobstore.errors import (
     StoreUnavailable,
 )
 from blobstore.ids import ChunkId, hash_bytes
+from blobstore.locator import PackLocator
 from blobstore.manifest import ChunkRef
 from blobstore.objectstore import ObjectInfo, ObjectStore, index_key, pack_key
-from blobstore.origin import OriginSource, PackLocator, SpanTuning
+from blobstore.origin import OriginSource, SpanTuning
 from blobstore.packs import encode_index
 from blobstore.source import ChunkData, Undelivered
 from blobstore.spans import SpanCutter, plan_spans
@@ -444,8 +445,17 @@ async def test_get_by_id_finds_packed_chunks_through_the_pack_indexes(
 
 
 async def test_locator_reloads_at_most_once_per_refresh(tmp_path: Path) -> None:
+    pack_id, data, refs = build_pack([1000, 2000], seed="i")
     async with open_object_store((tmp_path / "s").as_uri()) as store:
+        await store.put(pack_key(pack_id), data)
+        await store.put(index_key(pack_id), encode_index(pack_id, refs))
         locator = PackLocator(store, refresh=3600)
+        assert await locator.locate(refs[1].id) == refs[1]
         assert await locator.locate(OTHER) is None
         assert await locator.locate(PACK) is None
-        assert locator.loads == 1
+        assert (locator.loads, locator.index_fetches) == (1, 1)
+        # a reload reads only indexes it has not seen (kept in memory without a cache)
+        locator.refresh = 0
+        assert await locator.locate(OTHER) is None
+        assert (locator.loads, locator.index_fetches) == (2, 1)
+        assert await locator.locate(refs[0].id) == refs[0]
