@@ -82,6 +82,7 @@ from .linking import (
     unlink_quietly,
 )
 from .manifest import ChunkRef, Entry, Tree, file_key
+from .parallel import for_each
 from .source import ChunkData, ChunkSource
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ _ROUND_BYTES = 512 << 20
 directory each, well under the usual 1,024), not memory (the source bounds
 chunks in flight)."""
 _LOCK_POLL = 0.05
+_PLACE_THREADS = min(8, max(2, os.cpu_count() or 2))
 _STORE_RESERVE = 64 << 20
 """Free space left on the node store's disk when deciding what it can hold."""
 
@@ -275,10 +277,13 @@ class _Pull:
         self.boot, self.boot_time_ns = _boot()
         self._done_lock = threading.Lock()
 
-    def _advance(self, n: int) -> None:
-        """Count ``n`` more bytes done (from any thread; reported by ``_report``)."""
+    def _advance(self, n: int, *, placed: bool = False) -> None:
+        """Count ``n`` more bytes done (from any thread; reported by ``_report``);
+        ``placed``: from the node store's files."""
         with self._done_lock:
             self.done += n
+            if placed:
+                self.stats.placed_bytes += n
 
     def _report(self) -> None:
         """Call the progress callback — on the event loop only."""
@@ -417,27 +422,47 @@ class _Pull:
                 missing.append(item)
             else:
                 found.append((item, path))
-        for batch in _chunked(found, _HOP_FILES):
-            missing += await anyio.to_thread.run_sync(self._place, batch, True)
-            self._report()
-        return missing
+        return missing + await self._place_all(found, cached=True)
 
-    def _place(self, batch: Sequence[tuple[_Item, Path]], cached: bool) -> list[_Item]:
-        """Place each item from its store path; return those whose store file
-        vanished meanwhile (to be assembled again)."""
+    async def _place_all(self, found: list[tuple[_Item, Path]], *, cached: bool) -> list[_Item]:
+        """Place items from their store paths, batches in ``_PLACE_THREADS``
+        worker threads at once (file creation on ext4 blocks on the journal:
+        two threads placed the stdlib 3-4x faster than one). Returns the items
+        whose store file vanished meanwhile."""
+        gone: list[_Item] = []
+
+        async def hop(batch: list[tuple[_Item, Path]]) -> None:
+            gone.extend(await anyio.to_thread.run_sync(self._place, batch, cached))
+            self._report()
+
+        await for_each(_chunked(found, _HOP_FILES), hop, _PLACE_THREADS)
+        return gone
+
+    def _place(self, batch: list[tuple[_Item, Path]], cached: bool) -> list[_Item]:
+        """Place each item (runs in several threads at once: each holds its own
+        directory fds). Returns those whose store file vanished."""
         gone = []
-        for item, path in batch:
-            dfd = self.root.dir_fd(item.parent)
-            try:
-                st = self.placer.place(path, dfd, item.name, item.mode, item.entry.size)
-            except SourceGone:
-                gone.append(item)
-                continue
-            self.changed = True
-            self.records[item.entry.path] = _record(st, item.key)
-            if cached:
-                self.stats.placed_bytes += item.entry.size
-                self._advance(item.entry.size)
+        batch.sort(key=lambda pair: pair[0].parent)
+        parent, dfd = None, -1
+        try:
+            for item, path in batch:
+                if item.parent != parent:
+                    if dfd >= 0:
+                        os.close(dfd)
+                        dfd = -1
+                    dfd, parent = self.root.own_dir_fd(item.parent), item.parent
+                try:
+                    st = self.placer.place(path, dfd, item.name, item.mode, item.entry.size)
+                except SourceGone:
+                    gone.append(item)
+                    continue
+                self.changed = True
+                self.records[item.entry.path] = _record(st, item.key)
+                if cached:
+                    self._advance(item.entry.size, placed=True)
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
         return gone
 
     async def _assemble(self, items: list[_Item]) -> None:
@@ -501,11 +526,10 @@ class _Pull:
                 self.committed = True
                 path = await writers.pop(key).commit(by_key[key][0].entry.chunks)
                 placed += [(item, path) for item in by_key[key]]
-            for batch in _chunked(placed, _HOP_FILES):
-                gone = await anyio.to_thread.run_sync(self._place, batch, False)
-                if gone:  # committed a moment ago: evicted or changed since
-                    raise Unavailable(f"{gone[0].entry.path}: the node store lost the file "
-                                      "just assembled (store too small for this pull?)")
+            gone = await self._place_all(placed, cached=False)
+            if gone:  # committed a moment ago: evicted or changed since
+                raise Unavailable(f"{gone[0].entry.path}: the node store lost the file "
+                                  "just assembled (store too small for this pull?)")
             for some in _chunked(direct, _HOP_FILES):
                 await anyio.to_thread.run_sync(self._finish_in_dest, some)
         finally:
