@@ -66,8 +66,9 @@ class SpanTuning:
     loose_in_flight: int = 32
     """Per-chunk GETs at once for refs without a pack (v1 manifests)."""
     attempts: int = 3
-    """Reads of a span whose stream breaks (S3 retries a failed request itself;
-    this resumes a body cut off midway, from its first undelivered chunk)."""
+    """Reads in a row that deliver nothing before a span is given up (S3
+    retries a failed request itself; this resumes a body cut off midway, from
+    its first undelivered chunk, as long as each read makes progress)."""
     retry_delay: float = 0.2
 
 
@@ -181,7 +182,9 @@ class OriginSource:
                     undelivered.add(ref, ChunkMissing(ref.id, "object store"))
                 return
             except StoreUnavailable as exc:
-                failures += 1
+                # Attempts in a row that delivered nothing: a body cut off after
+                # some chunks made progress and is simply resumed.
+                failures = 1 if len(cutter.pending) < len(rest.pieces) else failures + 1
                 if failures >= self.tuning.attempts:
                     for ref in _refs(cutter.pending):
                         undelivered.add(ref, exc)

@@ -14,6 +14,8 @@ from pathlib import Path
 import anyio
 import pytest
 from helpers import random_bytes
+from s3proxy import CountingProxy, Fault
+from s3server import SeaweedS3Server
 
 from blobstore.errors import (
     ChunkMissing,
@@ -28,9 +30,10 @@ from blobstore.manifest import ChunkRef
 from blobstore.objectstore import ObjectInfo, ObjectStore, index_key, pack_key
 from blobstore.origin import OriginSource, SpanTuning
 from blobstore.packs import encode_index
+from blobstore.s3store import S3ObjectStore
 from blobstore.source import ChunkData, Undelivered
 from blobstore.spans import SpanCutter, plan_spans
-from blobstore.stores import open_object_store
+from blobstore.stores import open_object_store, parse_s3_url
 
 pytestmark = pytest.mark.anyio
 
@@ -295,13 +298,60 @@ async def test_broken_stream_resumes_at_first_undelivered_chunk(tmp_path: Path) 
         assert set(sink.got) == set(refs)
         assert sink.calls == 5  # nothing delivered twice
         assert store.reads == [(0, 5000), (2000, 3000)]
-        # a stream that keeps breaking gives up: what is left is reported unavailable
+        # breaking after every 1.5 chunks still makes progress: resumed to the end
         store = BreakingStore(real, after=1500, times=99)
+        origin = OriginSource(store, tuning=SpanTuning(retry_delay=0, attempts=3))  # type: ignore[arg-type]
+        assert await origin.fetch(refs, Collect()) == []
+        # breaking inside the first chunk, 3 times in a row: reported unavailable
+        store = BreakingStore(real, after=500, times=99)
         origin = OriginSource(store, tuning=SpanTuning(retry_delay=0, attempts=3))  # type: ignore[arg-type]
         left = await origin.fetch(refs, Collect())
         assert isinstance(left, Undelivered)
-        assert left == refs[3:]
+        assert left == refs
+        assert len(store.reads) == 3
         assert isinstance(left.reasons[refs[4].id], StoreUnavailable)
+
+
+@pytest.mark.s3
+async def test_s3_body_cut_short_is_resumed_from_the_first_undelivered_chunk(
+    s3_env: SeaweedS3Server,
+) -> None:
+    """Real SeaweedFS behind the fault proxy: the first ranged GET of the pack
+    is cut after 1.5 chunks; the span is read again from the second chunk."""
+    pack_id, data, refs = build_pack([300 << 10] * 4, seed="cut")
+    bucket, prefix = parse_s3_url(s3_env.bucket_url())
+    async with CountingProxy.to_endpoint(s3_env.endpoint) as proxy:
+        proxy.http = True
+        async with S3ObjectStore(bucket, prefix, endpoint_url=proxy.endpoint) as store:
+            await store.put(pack_key(pack_id), data)
+            cut = proxy.arm(Fault("truncate", "GET", pack_id, at=450 << 10, times=1))
+            origin = OriginSource(store, tuning=SpanTuning(retry_delay=0))
+            sink = Collect()
+            proxy.reset()
+            assert await origin.fetch(refs, sink) == []
+            assert sink.got == {r: data[r.offset : r.offset + r.size] for r in refs}
+            assert sink.calls == len(refs)
+            assert cut.hits == 1
+            assert origin.requests == 2
+            assert proxy.requests["GET"] == 2
+            # Cut every time, but each read delivers a chunk more: it gets there.
+            proxy.disarm()
+            proxy.arm(Fault("truncate", "GET", pack_id, at=450 << 10))
+            sink = Collect()
+            assert await OriginSource(store, tuning=SpanTuning(retry_delay=0)).fetch(
+                refs, sink) == []
+            assert sink.calls == len(refs)
+            # Cut before the first chunk ends, every time: reported unavailable, in one line.
+            proxy.disarm()
+            proxy.arm(Fault("truncate", "GET", pack_id, at=100 << 10))
+            origin = OriginSource(store, tuning=SpanTuning(retry_delay=0, attempts=3))
+            left = await origin.fetch(refs, Collect())
+            assert left == refs
+            assert origin.requests == 3
+            assert isinstance(left, Undelivered)
+            reason = left.reasons[refs[0].id]
+            assert isinstance(reason, StoreUnavailable)
+            assert "\n" not in str(reason)
 
 
 async def test_sink_failure_aborts_the_fetch_and_is_not_retried(tmp_path: Path) -> None:
