@@ -35,13 +35,19 @@ class _Flight:
     The event is made only when someone waits, so a fetch can hold a flight
     for each of its chunks cheaply."""
 
-    __slots__ = ("_event", "data", "error", "finished")
+    __slots__ = ("_event", "by_fetch", "data", "error", "finished")
 
-    def __init__(self) -> None:
+    def __init__(self, *, by_fetch: bool = False) -> None:
         self._event: anyio.Event | None = None
         self.data: ChunkData | None = None
         self.error: BaseException | None = None
         self.finished = False
+        self.by_fetch = by_fetch
+        """Led by a ``fetch``: it keeps ``data`` only for waiters already there."""
+
+    @property
+    def waited_on(self) -> bool:
+        return self._event is not None
 
     async def wait(self) -> None:
         if not self.finished:
@@ -127,8 +133,11 @@ class TieredSource:
         """Deliver every ref to ``sink``, each chunk from the nearest tier that
         delivers it. A chunk wanted by several refs is fetched once and handed
         to each (the extra copies count as the nearest tier's bytes: they are
-        the node's own copy, as the cache hits they used to be). A chunk that
-        another ``get`` or ``fetch`` is fetching is waited for, not fetched again.
+        the node's own copy, as the cache hits they used to be). A chunk a
+        ``get`` is fetching is waited for, not fetched again, and a ``get`` for
+        a chunk this fetch is fetching waits for it. (Two fetches wanting one
+        chunk each read it: waiting would hold one fetch's chunks in memory
+        until the other reached them.)
 
         Returns ``[]``. Raises what ``sink`` raises; for a chunk no tier
         delivered, the last Unavailable a tier gave for it, else its Corrupt,
@@ -139,19 +148,22 @@ class TieredSource:
             wanted.setdefault(ref.id, []).append(ref)
         joined: dict[ChunkId, _Flight] = {}
         owned: dict[ChunkId, _Flight] = {}
+        ours: list[ChunkId] = []
         for chunk_id in wanted:
             flight = self._flights.get(chunk_id)
-            if flight is not None:
+            if flight is None:
+                owned[chunk_id] = self._flights[chunk_id] = _Flight(by_fetch=True)
+            elif not flight.by_fetch:
                 joined[chunk_id] = flight
-            else:
-                owned[chunk_id] = self._flights[chunk_id] = _Flight()
+                continue
+            ours.append(chunk_id)
         try:
-            await _TierPass(self, wanted, owned, sink).run()
+            await _TierPass(self, wanted, ours, owned, sink).run()
         finally:
-            for chunk_id, flight in owned.items():
-                if not flight.finished:  # not delivered: waiters fetch it themselves
+            for chunk_id, flight in owned.items():  # left: not delivered
+                if self._flights.get(chunk_id) is flight:
                     del self._flights[chunk_id]
-                    flight.finish()
+                flight.finish()  # its waiters fetch it themselves
         again: list[ChunkRef] = []
         for chunk_id, flight in joined.items():
             await flight.wait()
@@ -182,19 +194,24 @@ class _TierPass:
         self,
         tiers: TieredSource,
         wanted: dict[ChunkId, list[ChunkRef]],
+        ours: list[ChunkId],
         owned: dict[ChunkId, _Flight],
         sink: Sink,
     ) -> None:
         self.tiers = tiers
         self.wanted = wanted
+        self.order = ours
+        self.ours = set(ours)
         self.owned = owned
+        """Our flights not yet delivered (a delivered one is dropped at once:
+        holding them all would hold every chunk of the fetch)."""
         self.sink = sink
         self.delivered: set[ChunkId] = set()
         self.unavailable: dict[ChunkId, Unavailable] = {}
         self.corrupt: dict[ChunkId, Corrupt] = {}
 
     async def run(self) -> None:
-        pending = [self.wanted[chunk_id][0] for chunk_id in self.owned]
+        pending = [self.wanted[chunk_id][0] for chunk_id in self.order]
         sources = self.tiers.sources
         for source in sources:
             if not pending:
@@ -215,7 +232,7 @@ class _TierPass:
     def _sink_for(self, tier: str) -> Sink:
         async def deliver(ref: ChunkRef, data: ChunkData) -> None:
             chunk_id = ref.id
-            if chunk_id in self.delivered or chunk_id not in self.owned:
+            if chunk_id in self.delivered or chunk_id not in self.ours:
                 return  # delivered twice, or never asked for
             refs = self.wanted[chunk_id]
             if len(data) != ref.size:
@@ -228,10 +245,12 @@ class _TierPass:
             bytes_from[tier] += len(data)
             if len(refs) > 1:
                 bytes_from[self.tiers.sources[0].name] += len(data) * (len(refs) - 1)
-            flight = self.owned[chunk_id]
-            flight.data = data
-            del self.tiers._flights[chunk_id]
-            flight.finish()
+            flight = self.owned.pop(chunk_id, None)
+            if flight is not None:
+                if flight.waited_on:  # a get waits for it: hand it the bytes
+                    flight.data = data
+                del self.tiers._flights[chunk_id]
+                flight.finish()
             for each in refs:
                 await self.sink(each, data)
 

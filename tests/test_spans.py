@@ -390,6 +390,7 @@ _RSS_CHILD = textwrap.dedent(
     from blobstore.manifest import ChunkRef
     from blobstore.origin import OriginSource
     from blobstore.stores import open_object_store
+    from blobstore.tiers import TieredSource
 
     url, total, pack = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     CHUNK = 1 << 20
@@ -413,7 +414,7 @@ _RSS_CHILD = textwrap.dedent(
                 got += len(data)
             origin = OriginSource(store)
             before = peak_kib()
-            left = await origin.fetch(refs, discard)
+            left = await TieredSource([origin]).fetch(refs, discard)  # as a pull does
             peak = peak_kib()
             print(json.dumps({"before_kib": before, "peak_kib": peak, "got": got,
                               "left": len(left), "requests": origin.requests}))
@@ -427,9 +428,10 @@ _RSS_CHILD = textwrap.dedent(
 async def test_fetch_of_a_large_file_holds_a_few_chunks(
     object_store_url: str, tmp_path: Path
 ) -> None:
-    """A child process fetches a pack bigger than the RSS budget (768 MiB from
-    a directory, 320 MiB from S3: the test uploads it in one PUT) into a sink
-    that drops it; its peak RSS stays far below the budget."""
+    """A child process fetches, through the tier list as a pull does, a pack
+    bigger than the RSS budget (768 MiB from a directory, 320 MiB from S3: the
+    test uploads it in one PUT) into a sink that drops it; its peak RSS stays
+    far below the budget."""
     s3 = object_store_url.startswith("s3:")
     total = (320 if s3 else 768) << 20
     seed = random_bytes(32, "rss")
