@@ -2,12 +2,13 @@
 
 Per file, cheapest first:
 1. **Already there**: the destination file matches the pull marker (its size,
-   mtime_ns, inode and ctime_ns, and the content key, as recorded after the
-   last pull's sync) -> kept on one ``stat``. A file the marker does not vouch
+   mtime_ns, inode, ctime_ns and content key, as the last pull recorded them;
+   see the durability policy) -> kept on one ``stat``. A file the marker does not vouch
    for but of the right size is checked chunk by chunk against the manifest
    (read, never rewritten, when it is intact).
 2. **In the node store** (``store.open_file(file_key)``) -> placed by the link
-   mode (linking.py: reflink, hardlink or an in-kernel copy).
+   mode (linking.py: reflink, hardlink or an in-kernel copy), 256 files per
+   worker hop, hops in ``_PLACE_THREADS`` threads at once.
 3. **Otherwise** assembled: in the node store when there is one
    (``begin_file``; the tier list's ``fetch`` delivers each verified chunk to a
    sink that pwrites it at every offset where it occurs, so each pulled byte is
@@ -33,6 +34,9 @@ per file, whether its bytes are known to be on disk ("durable"):
   was written in. Losing power is a reboot: the boot id changes, the next
   pull trusts none of those records and checks each such file chunk by chunk
   (a torn one — zeroes, short — is repaired; an intact one becomes durable).
+  XFS and ext4 usually bring a torn new file back empty, which the size in
+  the record already catches (tests/test_linkmodes.py crashes an XFS for
+  real); the boot id covers a file whose size survived and whose data did not.
 - SIGKILL at any moment loses no page cache: every final name holds a whole
   file (renames are atomic; temp files are removed by the next pull), and
   the marker, replaced atomically, describes what is there.
