@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 import anyio
+import msgpack
 import pytest
 from helpers import (
     BLOBSTORE,
@@ -26,11 +27,13 @@ from helpers import (
     write,
 )
 
+from blobstore.chunker import DEFAULT_PARAMS, Chunker
 from blobstore.client import Client
 from blobstore.config import CacheConfig, Config, PeerConfig
-from blobstore.ids import ChunkId
+from blobstore.ids import ChunkId, hash_bytes, id_to_bytes
 from blobstore.manifest import ChunkRef, Tree
 from blobstore.materialize import materialize
+from blobstore.objectstore import chunk_key, manifest_key, ref_key
 from blobstore.runner import MARKER, download_model_weights
 from blobstore.source import ChunkData, ChunkSource, Sink
 
@@ -390,3 +393,31 @@ async def test_runner_after_power_loss_never_starts_on_a_torn_file(
     after = await download_model_weights(client, "t", dst)
     assert after.pulled  # the completeness marker is from another boot: not trusted
     assert {k: v for k, v in snapshot(dst).items() if k != MARKER} == snapshot(src)
+
+
+async def test_v1_manifest_pulls_and_repulls(client: Client, tmp_path: Path) -> None:
+    """An old store: one object per chunk, a v1 tree (digest = BLAKE3 of the
+    bytes). It pulls, fills the node store and re-pulls on a stat."""
+    data = random_bytes(5 << 20, "v1")
+    spans = Chunker(DEFAULT_PARAMS).cut_and_hash(data)
+    assert len(spans) > 1
+    for s in spans:
+        await client.object_store.put(chunk_key(s.id), data[s.offset : s.offset + s.length])
+    info = DEFAULT_PARAMS.info()
+    entry = {"p": "w.bin", "t": "file", "m": 0o640, "s": len(data),
+             "h": id_to_bytes(hash_bytes(data)),
+             "c": [[id_to_bytes(s.id), s.length] for s in spans]}
+    raw = msgpack.packb({"v": 1, "kind": "tree", "entries": [entry], "chunker": {
+        "name": info.name, "min": info.min_size, "avg": info.avg_size, "max": info.max_size}},
+        use_bin_type=True)
+    await client.object_store.put(manifest_key(hash_bytes(raw)), raw)
+    await client.object_store.put(ref_key("old"), hash_bytes(raw).encode() + b"\n")
+    first = await client.pull("old", tmp_path / "a")
+    assert (tmp_path / "a" / "w.bin").read_bytes() == data
+    assert (tmp_path / "a" / "w.bin").stat().st_mode & 0o777 == 0o640
+    assert first.from_tier["origin"] == len(data)
+    again = await client.pull("old", tmp_path / "a")
+    assert again.kept_files == 1
+    other = await client.pull("old", tmp_path / "b")
+    assert (other.from_tier["local"], other.from_tier["origin"]) == (len(data), 0)
+    assert (tmp_path / "b" / "w.bin").read_bytes() == data
