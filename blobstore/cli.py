@@ -14,11 +14,10 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .client import Client
 from .config import Config
 from .errors import BadInput, BlobstoreError, ConfigError, single_errors
 from .gc import DEFAULT_GRACE_SECONDS, DEFAULT_REPACK_BELOW, collect
@@ -26,6 +25,9 @@ from .linking import LinkMode, parse_link_mode
 from .manifest import Image, Layer, Tree
 from .plugins import load_plugins
 from .progress import ProgressLine, human_bytes
+
+if TYPE_CHECKING:
+    from .client import Client
 
 log = logging.getLogger("blobstore")
 
@@ -37,6 +39,7 @@ _COMMAND_MODULES = (
     "blobstore.runner",
     "blobstore.leases",
 )
+_CORE_COMMANDS = frozenset({"push", "pull", "ls", "show", "verify", "migrate", "gc"})
 
 Command = Callable[[argparse.Namespace, Any], Awaitable[int]]
 
@@ -64,7 +67,10 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                    if suppress else {"default": 0}), help="more logging")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; for a ``command`` defined here (see named_command),
+    only the core commands: its arguments parse the same, and the command modules,
+    plugins and what they import (image tooling, the p2p plugin) stay unloaded."""
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, suppress=True)
     parser = argparse.ArgumentParser(
@@ -123,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_REPACK_BELOW}; 0 never repacks)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_gc, _wants="client_nopeers")
+    if command in _CORE_COMMANDS:
+        return parser
 
     for module_name in _COMMAND_MODULES:
         try:
@@ -141,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
         for name in set(sub.choices) - before:
             _adopt(sub.choices[name], common, "config")
     return parser
+
+
+def named_command(argv: Sequence[str]) -> str | None:
+    """The core command ``argv`` plainly names after global options, else None (then
+    the whole parser is built: --help, a contributed command, a usage error)."""
+    options = argparse.ArgumentParser(add_help=False)
+    _global_options(options, suppress=True)
+    takes_value = {s: a.nargs != 0 for a in options._actions for s in a.option_strings}
+    tokens = iter(argv)
+    for token in tokens:
+        option, has_value, _ = token.partition("=")
+        if option not in takes_value:
+            return token if token in _CORE_COMMANDS else None
+        if takes_value[option] and not has_value:
+            next(tokens, None)
+    return None
 
 
 def add_pull_options(p: argparse.ArgumentParser) -> None:
@@ -370,12 +394,16 @@ async def _run(args: argparse.Namespace) -> int:
     func: Command = args.func
     if args._wants == "config":
         return await func(args, config)
+    from .client import Client
+
     async with Client.open(config, peers=args._wants == "client") as client:
         return await func(args, client)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(named_command(argv))
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(getattr(args, "verbose", 0) or 0, 2)
     logging.basicConfig(level=level, format="blobstore: %(levelname)s: %(message)s")

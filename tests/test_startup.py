@@ -1,0 +1,120 @@
+"""Start-up cost guards: what a command imports, not how long it takes.
+
+Every ``blobstore`` run pays for its imports before doing anything, and benchmarks
+compare whole commands against ``cp -r``. These tests fail when a change makes a
+core command import a module only other paths need (aiobotocore for s3:// stores,
+zeroconf/aiohttp for peers and the daemon, the image tooling, the p2p plugin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from blobstore import cli, plugins
+
+HEAVY = ("botocore", "aiobotocore", "aiohttp", "zeroconf", "ifaddr")
+"""Modules a file-store pull or push never needs."""
+UNNEEDED_FOR_CORE = (*HEAVY, "p2p", "blobstore.image", "blobstore.syncdir", "blobstore.runner",
+                     "importlib.metadata")
+
+
+def loaded_after(script: str, env: dict[str, str] | None = None) -> set[str]:
+    """The top-level packages and listed modules in sys.modules after ``script`` ran
+    in a fresh interpreter."""
+    probe = (f"{script}\nimport json, sys\n"
+             f"names = {list(UNNEEDED_FOR_CORE)!r}\n"
+             "print(json.dumps([n for n in names if n in sys.modules]))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=env, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+def test_parsing_a_core_command_loads_no_plugin_or_heavy_module(tmp_path: Path) -> None:
+    loaded = loaded_after(
+        "from blobstore import cli\n"
+        f"argv = ['--store', 'file://{tmp_path}/store', 'pull', 'ref', '{tmp_path}/out']\n"
+        "args = cli.build_parser(cli.named_command(argv)).parse_args(argv)\n"
+        "assert args.command == 'pull' and args.func is cli.cmd_pull\n"
+        "cli.make_config(args)\n"
+    )
+    assert loaded == set()
+
+
+def test_push_and_pull_with_peers_off_import_nothing_heavy(tmp_path: Path) -> None:
+    """The whole commands, in process: file store, peers none."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_bytes(b"hello\n")
+    (src / "sub" / "b.txt").write_bytes(b"world\n")
+    env = {**os.environ, "BLOBSTORE_STORE": f"file://{tmp_path}/store",
+           "BLOBSTORE_CACHE": str(tmp_path / "c"), "BLOBSTORE_PEERS": "none"}
+    loaded = loaded_after(
+        "from blobstore import cli\n"
+        f"assert cli.main(['push', '{src}', 'tiny']) == 0\n"
+        f"assert cli.main(['pull', 'tiny', '{tmp_path}/out']) == 0\n",
+        env,
+    )
+    assert (tmp_path / "out" / "sub" / "b.txt").read_bytes() == b"world\n"
+    assert loaded == set()
+
+
+def test_help_and_contributed_commands_still_load_every_command() -> None:
+    """--help (no command named) builds the whole parser, plugins included."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = set(sub.choices)
+    assert {"pull", "push", "gc", "image", "sync", "daemon", "peers"} <= commands
+    assert cli.named_command(["image", "import", "x"]) is None
+    assert cli.named_command(["daemon"]) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["pull", "ref", "out"], "pull"),
+        (["--store", "file:///s", "-v", "pull", "--link-mode", "copy", "ref", "out", "--json"],
+         "pull"),
+        (["--store=file:///s", "--peers", "none", "push", "dir", "ref"], "push"),
+        (["--cache", "pull", "gc", "--dry-run", "--grace", "30m"], "gc"),  # a value, not a command
+        (["-v", "-v", "verify", "ref", "--repair", "--from", "d"], "verify"),
+        (["show", "ref", "--store", "file:///later"], "show"),
+        (["ls"], "ls"),
+        (["migrate", "--json"], "migrate"),
+    ],
+)
+def test_a_core_command_parses_as_with_the_whole_parser(argv: list[str], command: str) -> None:
+    assert cli.named_command(argv) == command
+    fast = vars(cli.build_parser(command).parse_args(argv))
+    whole = vars(cli.build_parser().parse_args(argv))
+    fast.pop("_parents")
+    whole.pop("_parents")
+    assert fast == whole
+
+
+@pytest.mark.parametrize(
+    "argv", [["-h", "pull"], ["--sto", "x", "pull"], ["-vv", "pull"], ["--", "pull"], []]
+)
+def test_anything_unusual_before_the_command_builds_the_whole_parser(argv: list[str]) -> None:
+    assert cli.named_command(argv) is None
+
+
+@pytest.mark.parametrize("group", ["blobstore.plugins", "console_scripts", "pytest11"])
+def test_entry_points_are_found_as_importlib_metadata_finds_them(group: str) -> None:
+    ours = sorted(plugins.entry_points(group))
+    theirs = sorted((ep.name, ep.value) for ep in entry_points(group=group))
+    assert ours == theirs
+
+
+def test_the_p2p_plugin_loads_once() -> None:
+    first = plugins.load_plugins()
+    assert [p.name for p in first] == ["p2p"]
+    assert [id(p) for p in plugins.load_plugins()] == [id(p) for p in first]
