@@ -796,11 +796,16 @@ class FileWriter:
         self._store = store
         self._lock = threading.Lock()
         self._fd = -1
+        """-1: not created yet; -2: closed; _WHOLE: every byte written, closed."""
         self._written: dict[int, int] = {}  # offset -> bytes
+        self._filled = 0
+        self._busy = 0
         self._error: OSError | None = None
 
     def write(self, data: ChunkData, offset: int) -> None:
-        """pwrite ``data`` at ``offset``; the first call creates the temp file.
+        """pwrite ``data`` at ``offset``; the first call creates the temp file,
+        the one that completes it makes it read-only and closes it (a pull's
+        window of thousands of files holds fds only for those partly written).
         Raises DiskFull (the temp file is removed at once) or Unavailable."""
         try:
             with self._lock:
@@ -809,7 +814,12 @@ class FileWriter:
                 if self._fd == -1:
                     self._fd = os.open(self.tmp, _CREATE, 0o600)
                 fd = self._fd
-            _pwrite_all(fd, data, offset)
+                self._busy += 1
+            try:
+                _pwrite_all(fd, data, offset)
+            finally:
+                with self._lock:
+                    self._busy -= 1
         except OSError as exc:
             with self._lock:
                 if self._error is None:
@@ -823,7 +833,16 @@ class FileWriter:
                         os.unlink(self.tmp)
             raise _translate(exc, self._store.root) from exc
         with self._lock:
-            self._written[offset] = max(len(data), self._written.get(offset, 0))
+            before = self._written.get(offset, 0)
+            if len(data) > before:
+                self._written[offset] = len(data)
+                self._filled += len(data) - before
+            if self._filled >= self.size and self._busy == 0 and self._fd >= 0:
+                fd, self._fd = self._fd, _WHOLE
+                try:
+                    os.fchmod(fd, 0o444)
+                finally:
+                    os.close(fd)
 
     async def commit(self, chunks: Sequence[ChunkRef]) -> Path:
         """Check the file is whole, make it read-only, rename it into place and
@@ -884,10 +903,14 @@ class FileWriter:
             if self._fd == -1:  # an empty file: nothing was written
                 self._fd = os.open(self.tmp, _CREATE, 0o600)
             fd = self._fd
-        size = os.fstat(fd).st_size
+        if fd == _WHOLE:  # closed read-only by its last write
+            size = os.lstat(self.tmp).st_size
+        else:
+            size = os.fstat(fd).st_size
         if size != self.size:
             raise Corrupt(f"store file {self.key} has {size} bytes, expected {self.size}")
-        os.fchmod(fd, 0o444)
+        if fd != _WHOLE:
+            os.fchmod(fd, 0o444)
         self._close()
         try:
             os.replace(self.tmp, final)
@@ -918,6 +941,7 @@ class FileWriter:
 
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_WHOLE = -3
 
 
 @contextlib.contextmanager

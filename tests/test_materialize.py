@@ -421,3 +421,35 @@ async def test_v1_manifest_pulls_and_repulls(client: Client, tmp_path: Path) -> 
     other = await client.pull("old", tmp_path / "b")
     assert (other.from_tier["local"], other.from_tier["origin"]) == (len(data), 0)
     assert (tmp_path / "b" / "w.bin").read_bytes() == data
+
+
+# --------------------------------------------------------------------------- requests
+
+
+async def test_cold_pull_reads_each_pack_in_few_gets(tmp_path: Path) -> None:
+    """Files of mixed sizes (small ones interleaved with big ones in push
+    order): fetch windows follow the packs, so the origin reads each pack with
+    ~one ranged GET, not a little of every pack per round of small files."""
+    from blobstore.packs import PackConfig
+
+    src = tmp_path / "src"
+    rng = random.Random(7)
+    for n in range(400):
+        size = rng.choice([300, 4_000, 20_000, 600_000])
+        write(src / f"d{n % 7}" / f"f{n:03}", random_bytes(size, seed=n))
+    config = Config(store_url=(tmp_path / "store").as_uri(),
+                    cache=CacheConfig(tmp_path / "pusher"), peers=PeerConfig(mode="none"))
+    async with Client.open(config, peers=False) as pusher:
+        pusher.packs = PackConfig(target_bytes=4 << 20)
+        await pusher.push(src, "mixed")
+        _, tree = await pusher.load("mixed")
+    assert isinstance(tree, Tree)
+    packs = {ref.pack for ref in tree.chunk_refs()}
+    assert len(packs) >= 10
+    config = Config(store_url=(tmp_path / "store").as_uri(),
+                    cache=CacheConfig(tmp_path / "puller"), peers=PeerConfig(mode="none"))
+    async with Client.open(config, peers=False) as puller:
+        await puller.pull("mixed", tmp_path / "dst")
+        gets = puller.origin.requests
+    assert snapshot(tmp_path / "dst") == snapshot(src)
+    assert gets <= len(packs) + 2, (gets, len(packs))
