@@ -11,13 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
-from .client import Identity
-from .liveness import PeerDirectory, Timing
-
 if TYPE_CHECKING:
     from blobstore.config import Config
     from blobstore.nodestore import NodeStore
     from blobstore.source import ChunkSource
+
+    from .liveness import PeerDirectory, Timing
+
+# The peer client, directory and discovery are imported where a command or a pull
+# uses them: the CLI loads this plugin to list its commands (``blobstore --help``).
 
 DEFAULT_PORT = 7411
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
@@ -34,6 +36,9 @@ async def open_directory(
     config: Config, timing: Timing | None = None
 ) -> AsyncIterator[PeerDirectory]:
     """A directory of this region's peers, fed by the static list or zeroconf."""
+    from .client import Identity
+    from .liveness import PeerDirectory, Timing
+
     tls = None
     if config.peers.tls is not None and config.peers.mode != "none":
         from .tls import client_context
@@ -110,6 +115,7 @@ async def _peer_tier(config: Config) -> AsyncIterator[ChunkSource | None]:
     if config.peers.mode == "none":
         yield None
         return
+    from .liveness import Timing
     from .peertier import PeerTier
 
     timing = Timing()
@@ -137,6 +143,7 @@ async def _settle_for_pull(directory: PeerDirectory, mode: str, timing: Timing) 
 
 async def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
     from .daemon import DaemonOptions, run_daemon
+    from .liveness import Timing
     from .server import ServerLimits
 
     timing = Timing(interval=args.health_interval, timeout=max(1.0, 3 * args.health_interval))

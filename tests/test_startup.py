@@ -67,6 +67,14 @@ def test_push_and_pull_with_peers_off_import_nothing_heavy(tmp_path: Path) -> No
     assert loaded == set()
 
 
+def test_the_whole_parser_loads_plugins_without_their_network_stacks() -> None:
+    """``blobstore --help`` and contributed commands: every module that adds a command
+    is imported, but neither discovery, the S3 client nor importlib.metadata."""
+    loaded = loaded_after("from blobstore import cli\ncli.build_parser()\n")
+    assert {"p2p", "blobstore.image"} <= loaded
+    assert loaded & {*HEAVY, "importlib.metadata"} == set()
+
+
 def test_help_and_contributed_commands_still_load_every_command() -> None:
     """--help (no command named) builds the whole parser, plugins included."""
     parser = cli.build_parser()
