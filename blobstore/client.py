@@ -25,6 +25,7 @@ from .ids import ChunkId
 from .ingest import Ingestor
 from .leases import Leases
 from .linking import LinkMode
+from .locator import PackLocator
 from .manifest import ChunkRef, Entry, Image, Manifest, Tree, file_key
 from .materialize import Progress, default_priority, materialize
 from .nodestore import NodeStore
@@ -33,12 +34,16 @@ from .origin import OriginSource
 from .packs import IndexCache, PackConfig, PackWriter, StoreIndex
 from .plugins import load_plugins
 from .push import (
+    RACY_WINDOW_NS,
     MigrateResult,
+    PushIndex,
     PushResult,
     RepairResult,
     migrate_store,
     push_tree,
+    push_unchanged,
     repair_tree,
+    scan_root,
 )
 from .source import ChunkData, ChunkSource
 from .stores import LazyObjectStore, open_object_store
@@ -84,9 +89,13 @@ class Client:
         self.object_store = object_store
         self.cache = cache
         self.peer = peer
-        self.origin = OriginSource(object_store)
+        # the node's cached pack indexes: a new process reads only indexes of new packs
+        self.origin = OriginSource(object_store, locator=PackLocator(
+            object_store, self.index_cache))
         self.packs = PackConfig()
         """How pushes pack chunks (target size, uploads in flight)."""
+        self.racy_window_ns = RACY_WINDOW_NS
+        """Files changed this recently before a push are read by the next one too."""
         self.catalog = Catalog(object_store)
         tiers: list[ChunkSource] = [cache] + ([peer] if peer is not None else []) + [self.origin]
         self.source = TieredSource(tiers, cache)
@@ -141,9 +150,21 @@ class Client:
     async def push(
         self, root: Path, ref: str | None, *, progress: Progress | None = None
     ) -> PushResult:
-        """Snapshot ``root`` into the store and point ``ref`` at it."""
+        """Snapshot ``root`` into the store and point ``ref`` at it. Files whose
+        stat matches the node's push index of ``root`` are not read; a push with
+        nothing to do makes two requests and takes no lease (push.py)."""
+        root = Path(root)
+        scan = await scan_root(root)
+        push_index = PushIndex.for_root(self.config.cache.dir, self.object_store.url, root,
+                                        DEFAULT_PARAMS, self.racy_window_ns)
+        if ref is not None:
+            done = await push_unchanged(scan, ref, self.catalog, self.object_store,
+                                        self.index_cache, push_index, DEFAULT_PARAMS.info())
+            if done is not None:
+                return done
         async with self.writing() as ingestor:
-            return await push_tree(Path(root), ref, self.catalog, ingestor, progress=progress)
+            return await push_tree(root, ref, self.catalog, ingestor, progress=progress,
+                                   scan=scan, push_index=push_index)
 
     async def load(self, ref_or_id: str) -> tuple[ChunkId, Manifest]:
         manifest_id = await self.catalog.resolve_or_id(ref_or_id)

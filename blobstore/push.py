@@ -7,27 +7,56 @@ objects (gc sweeps them), never a ref to something missing.
 Dedup needs no request per chunk: the writer's ``StoreIndex`` (pack indexes,
 cached locally) and the ref's previous manifest say where chunks already are.
 A push whose tree did not change rewrites nothing (the ref already names it).
+
+Files are not read again when nothing says they changed: ``PushIndex`` (git's
+index, for push) keeps, per pushed root in the node's cache dir, every file's
+stat (size, mtime_ns, ino, ctime_ns, dev) and the chunk list it was pushed as.
+A file whose stat matches exactly reuses its chunk list, each chunk located
+again through the writer's ``StoreIndex`` (a chunk whose pack the LIST no
+longer shows, or that verify found bad, sends the file back to be read).
+
+Racily clean files (git's rule, applied to ctime too): an entry is recorded only
+if its mtime and ctime are older than ``window`` before the push began (the
+time taken before the tree was scanned). Why that suffices: a write to the file
+after we read it (so after the push began, at real time t >= T0) stamps ctime,
+and mtime unless restored with utime, from the filesystem's clock, which lags
+real time by less than a tick; so the new ctime is >= T0 - tick. A recorded
+ctime < T0 - window (window >= tick + clock skew) therefore cannot equal it, and
+the stat no longer matches. ``RACY_WINDOW_NS`` is 2 s: coarse kernel clocks tick
+in <= 10 ms, FAT keeps 2 s mtimes, and it leaves room for a file server's clock
+a little off ours. Entries inside the window are simply not recorded: the next
+push reads those files (as git re-hashes racily clean entries).
+
+A push that finds every file in the push index and the ref already naming the
+resulting tree (``push_unchanged``) takes no lease and writes nothing: it costs
+two requests, a GET of the ref and a LIST of ``packs/`` (a pack of the tree
+missing from the LIST, or a location verify found bad, sends it down the full
+path, which uploads those chunks again).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import secrets
 import stat
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
 
 from .catalog import Catalog, check_ref
+from .chunker import ChunkerParams
 from .errors import BadInput, Corrupt, DiskFull, InvalidManifest, NotFound, single_errors
-from .ids import ChunkId
+from .ids import ChunkId, hash_bytes, is_id
 from .ingest import Ingestor
-from .manifest import Entry, Image, Tree, encode, manifest_id
+from .manifest import ChunkerInfo, ChunkRef, Entry, Image, Tree, chunks_key, encode, manifest_id
 from .materialize import TMP_MARK, Progress
-from .packs import BadLocation, relocate_refs
+from .objectstore import ObjectStore
+from .packs import BadLocation, IndexCache, list_packs, relocate_refs
 from .parallel import for_each
 from .source import ChunkSource
 
@@ -54,6 +83,14 @@ class PushResult:
     seconds: float
     skipped: tuple[str, ...] = ()
     """Special files (sockets, devices, fifos) that were not stored."""
+    reused_files: int = 0
+    """Files whose chunk list came from the push index (not read)."""
+    read_bytes: int = 0
+    """File bytes read and chunked by this push."""
+
+
+StatKey = tuple[int, int, int, int, int]
+"""(size, mtime_ns, ino, ctime_ns, dev) of a file: what says it did not change."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +98,17 @@ class _Scan:
     entries: list[Entry]
     files: list[tuple[str, int, int]]  # (relpath, mode, size)
     skipped: list[str]
+    stats: dict[str, StatKey] = field(default_factory=dict)
+    started_ns: int = 0
+    """Wall clock (ns) taken before the walk: the push index's racy reference."""
 
 
 def scan_tree(root: Path) -> _Scan:
     """Walk ``root`` without following symlinks. Raises BadInput, OSError."""
+    started_ns = time.time_ns()
     entries: list[Entry] = []
     files: list[tuple[str, int, int]] = []
+    stats: dict[str, StatKey] = {}
     skipped: list[str] = []
     stack = [""]
     while stack:
@@ -89,9 +131,154 @@ def scan_tree(root: Path) -> _Scan:
                     entries.append(Entry(path, "symlink", mode, target=os.readlink(de.path)))
                 elif stat.S_ISREG(st.st_mode):
                     files.append((path, mode, st.st_size))
+                    stats[path] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns,
+                                   st.st_dev)
                 else:
                     skipped.append(path)
-    return _Scan(entries, files, skipped)
+    return _Scan(entries, files, skipped, stats, started_ns)
+
+
+async def scan_root(root: Path) -> _Scan:
+    """``scan_tree`` off the event loop. Raises BadInput (not a directory, unreadable)."""
+    if not await anyio.to_thread.run_sync(root.is_dir):
+        raise BadInput(f"not a directory: {root}")
+    try:
+        return await anyio.to_thread.run_sync(scan_tree, root)
+    except OSError as exc:
+        raise BadInput(f"cannot read {exc.filename or root}: {exc.strerror}") from exc
+
+
+RACY_WINDOW_NS = 2_000_000_000
+"""Files changed less than this before a push began are not recorded (see above)."""
+
+_PUSH_INDEX_FORMAT = 1
+
+
+class PushIndex:
+    """What each file of one pushed root was pushed as, by stat (module docstring).
+
+    One JSON file, replaced atomically after a successful push. Every method
+    does file I/O: call them in a worker thread. An unreadable or damaged
+    index is just empty (every file is read)."""
+
+    def __init__(self, path: Path, window_ns: int = RACY_WINDOW_NS) -> None:
+        self.path = path
+        self.window_ns = window_ns
+
+    @classmethod
+    def for_root(
+        cls, cache_dir: Path, store_url: str, root: Path, chunker: ChunkerParams,
+        window_ns: int = RACY_WINDOW_NS,
+    ) -> PushIndex:
+        """The index of ``root`` pushed to ``store_url`` with ``chunker``."""
+        what = json.dumps([store_url, os.path.realpath(root), repr(chunker.info())])
+        name = hash_bytes(what.encode())[:24]
+        return cls(Path(cache_dir) / ".push-index" / name, window_ns)
+
+    def load(self) -> dict[str, tuple[StatKey, tuple[ChunkRef, ...]]]:
+        try:
+            doc = json.loads(self.path.read_bytes())
+            if doc.get("format") != _PUSH_INDEX_FORMAT:
+                return {}
+            out: dict[str, tuple[StatKey, tuple[ChunkRef, ...]]] = {}
+            for path, (size, mtime, ino, ctime, dev, chunks) in doc["files"].items():
+                refs = tuple(ChunkRef(ChunkId(c), int(n), ChunkId(p), int(o))
+                             for c, n, p, o in chunks)
+                if all(is_id(r.id) and r.pack is not None and is_id(r.pack) for r in refs):
+                    key = (int(size), int(mtime), int(ino), int(ctime), int(dev))
+                    out[str(path)] = (key, refs)
+            return out
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.info("ignoring the push index %s: %s", self.path, exc)
+            return {}
+
+    def hits(self, scan: _Scan) -> dict[str, tuple[ChunkRef, ...]]:
+        """Files of ``scan`` whose stat matches their record exactly."""
+        recorded = self.load()
+        out = {}
+        for path, key in scan.stats.items():
+            got = recorded.get(path)
+            if got is not None and got[0] == key:
+                out[path] = got[1]
+        return out
+
+    def save(self, scan: _Scan, files: dict[str, tuple[ChunkRef, ...]]) -> None:
+        """Record ``files`` (path -> chunk list, all in packs) as scanned, leaving
+        out racily clean ones. Never raises: it is only a cache."""
+        limit = scan.started_ns - self.window_ns
+        doc = {"format": _PUSH_INDEX_FORMAT, "files": {
+            path: [*key, [[c.id, c.size, c.pack, c.offset] for c in refs]]
+            for path, refs in files.items()
+            if (key := scan.stats.get(path)) is not None
+            and max(key[1], key[3]) < limit
+            and all(c.pack is not None for c in refs)
+        }}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.parent / f".tmp-{secrets.token_hex(6)}"
+            tmp.write_text(json.dumps(doc, separators=(",", ":")))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.info("cannot write the push index %s: %s", self.path, exc.strerror)
+
+
+def _tree_of(scan: _Scan, files: dict[str, tuple[ChunkRef, ...]], chunker: ChunkerInfo) -> Tree:
+    """The tree of ``scan`` with each file's chunk list from ``files``."""
+    entries = list(scan.entries)
+    entries += [Entry(path, "file", mode, size, chunks_key(files[path]), files[path])
+                for path, mode, size in scan.files]
+    return Tree(chunker, tuple(sorted(entries, key=lambda e: e.path)))
+
+
+async def push_unchanged(
+    scan: _Scan,
+    ref: str,
+    catalog: Catalog,
+    store: ObjectStore,
+    index_cache: IndexCache,
+    push_index: PushIndex,
+    chunker: ChunkerInfo,
+) -> PushResult | None:
+    """The push of ``scan`` if it has nothing to do: every file matches the push
+    index and ``ref`` already names the tree they make, whose packs all exist
+    (one LIST) with no location verify found bad. Two requests, no lease, no
+    writes. None if anything is different (push the full way).
+    Raises StoreUnavailable."""
+    check_ref(ref)
+    hits = await anyio.to_thread.run_sync(push_index.hits, scan)
+    if len(hits) != len(scan.files):
+        return None
+    tree = _tree_of(scan, hits, chunker)
+    new_id = manifest_id(encode(tree))
+    named: list[ChunkId | None] = [None]
+    listed: list[set[ChunkId]] = [set()]
+
+    async def resolve() -> None:
+        try:
+            named[0] = await catalog.resolve(ref)
+        except (NotFound, InvalidManifest):
+            pass
+
+    async def listing() -> None:
+        listed[0] = (await list_packs(store)).usable
+
+    with single_errors():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(resolve)
+            tg.start_soon(listing)
+    if named[0] != new_id:
+        return None
+    refs = list(tree.chunk_refs())
+    bad = await anyio.to_thread.run_sync(index_cache.read_bad)
+    if any(r.pack not in listed[0] or (r.id, r.pack) in bad for r in refs):
+        return None
+    return PushResult(
+        ref=ref, manifest=new_id, files=len(scan.files),
+        bytes=sum(size for _, _, size in scan.files), chunks=len(refs),
+        new_chunks=0, new_bytes=0, seconds=(time.time_ns() - scan.started_ns) / 1e9,
+        skipped=tuple(scan.skipped), reused_files=len(scan.files),
+    )
 
 
 async def push_tree(
@@ -102,34 +289,48 @@ async def push_tree(
     *,
     progress: Progress | None = None,
     file_concurrency: int = 4,
+    scan: _Scan | None = None,
+    push_index: PushIndex | None = None,
 ) -> PushResult:
     """Push ``root`` and point ``ref`` at the new tree manifest (if given).
+    ``scan`` is ``root`` scanned already; files matching ``push_index`` are not
+    read if their chunks are all still in the store, and the index is rewritten
+    once the ref is set.
 
     Raises BadInput (not a directory, bad names), Unavailable (store), DiskFull.
     """
-    started = time.monotonic()
     if ref is not None:
         check_ref(ref)
-    if not await anyio.to_thread.run_sync(root.is_dir):
-        raise BadInput(f"not a directory: {root}")
-    try:
-        scan = await anyio.to_thread.run_sync(scan_tree, root)
-    except OSError as exc:
-        raise BadInput(f"cannot read {exc.filename or root}: {exc.strerror}") from exc
+    if scan is None:
+        scan = await scan_root(root)
 
     previous = await _previous(catalog, ref, ingestor) if ref is not None else None
-    entries = list(scan.entries)
-    big_first = sorted(scan.files, key=lambda f: -f[2])  # the longest jobs start first
-    entries += await ingest_files(
+    known: dict[str, tuple[ChunkRef, ...]] = {}
+    if push_index is not None:
+        hits = await anyio.to_thread.run_sync(push_index.hits, scan)
+        for refs in hits.values():
+            ingestor.index.add(refs)
+        for path, refs in hits.items():
+            located = [ingestor.locate(r.id) for r in refs]
+            if all(r is not None for r in located) and all(  # same chunks, still present
+                r is not None and r.size == c.size for r, c in zip(located, refs, strict=True)
+            ):
+                known[path] = tuple(r for r in located if r is not None)
+    todo = [(path, mode, size) for path, mode, size in scan.files if path not in known]
+    big_first = sorted(todo, key=lambda f: -f[2])  # the longest jobs start first
+    entries = await ingest_files(
         root, [(path, mode) for path, mode, _ in big_first], ingestor, progress=progress,
-        total=sum(size for _, _, size in scan.files), file_concurrency=file_concurrency,
+        total=sum(size for _, _, size in todo), file_concurrency=file_concurrency,
     )
-    tree = Tree(ingestor.params.info(), tuple(sorted(entries, key=lambda e: e.path)))
+    files = known | {e.path: e.chunks for e in entries}
+    tree = _tree_of(scan, files, ingestor.params.info())
     new_id = manifest_id(encode(tree))
     if new_id != previous:  # else the ref already names exactly this tree
         await catalog.save(tree)
         if ref is not None:
             await catalog.set_ref(ref, new_id)
+    if push_index is not None:
+        await anyio.to_thread.run_sync(push_index.save, scan, files)
     stats = ingestor.stats
     return PushResult(
         ref=ref or "",
@@ -139,8 +340,10 @@ async def push_tree(
         chunks=sum(len(e.chunks) for e in tree.entries),
         new_chunks=stats.new_chunks,
         new_bytes=stats.new_bytes,
-        seconds=time.monotonic() - started,
+        seconds=(time.time_ns() - scan.started_ns) / 1e9,
         skipped=tuple(scan.skipped),
+        reused_files=len(known),
+        read_bytes=stats.bytes,
     )
 
 

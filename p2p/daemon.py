@@ -17,8 +17,10 @@ from blobstore.config import Config
 from blobstore.errors import ConfigError, PeerUnavailable
 from blobstore.hostport import split_hostport
 from blobstore.ids import ChunkId
+from blobstore.locator import PackLocator
 from blobstore.nodestore import NodeStore
 from blobstore.origin import OriginSource
+from blobstore.packs import IndexCache
 from blobstore.stores import open_object_store
 
 from . import placement
@@ -79,7 +81,9 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                 nodes = [p.node for p in directory.live()] + [node_box[0]]
                 return placement.home(nodes, chunk_id) == node_box[0]
 
-            provider = ChunkProvider(cache, OriginSource(store), is_home, metrics, server_tg)
+            origin = OriginSource(store, locator=PackLocator(  # this node's cached pack indexes
+                store, IndexCache.for_store(config.cache.dir, store.url)))
+            provider = ChunkProvider(cache, origin, is_home, metrics, server_tg)
             # Bind first to learn the port, so node id and handshakes agree from the start.
             try:
                 sock = socket.create_server((host, port))
