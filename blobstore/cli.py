@@ -20,7 +20,6 @@ import anyio
 
 from .config import Config
 from .errors import BadInput, BlobstoreError, ConfigError, single_errors
-from .gc import DEFAULT_GRACE_SECONDS, DEFAULT_REPACK_BELOW, collect
 from .linking import LinkMode, parse_link_mode
 from .manifest import Image, Layer, Tree
 from .plugins import load_plugins
@@ -69,8 +68,10 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; for a ``command`` defined here (see named_command),
-    only the core commands: its arguments parse the same, and the command modules,
-    plugins and what they import (image tooling, the p2p plugin) stay unloaded."""
+    only what parsing it needs: its arguments parse the same, and the command
+    modules, plugins and what they import (image tooling, the p2p plugin, gc.py)
+    stay unloaded."""
+    only = command if command in _CORE_COMMANDS else None
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, suppress=True)
     parser = argparse.ArgumentParser(
@@ -120,16 +121,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_migrate, _wants="client_nopeers")
 
-    p = add("gc", "evict the cache to its limits; sweep unreferenced objects")
-    p.add_argument("--grace", default=f"{DEFAULT_GRACE_SECONDS}s", metavar="DURATION",
-                   help="only sweep objects older than this (e.g. 30m, 6h; default 6h)")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--repack-below", type=float, default=DEFAULT_REPACK_BELOW, metavar="FRACTION",
-                   help="repack packs with less than this fraction live (default "
-                   f"{DEFAULT_REPACK_BELOW}; 0 never repacks)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_gc, _wants="client_nopeers")
-    if command in _CORE_COMMANDS:
+    if only in (None, "gc"):  # its defaults live in gc.py, which no other command needs
+        from .gc import DEFAULT_GRACE_SECONDS, DEFAULT_REPACK_BELOW
+
+        p = add("gc", "evict the cache to its limits; sweep unreferenced objects")
+        p.add_argument("--grace", default=f"{DEFAULT_GRACE_SECONDS}s", metavar="DURATION",
+                       help="only sweep objects older than this (e.g. 30m, 6h; default 6h)")
+        p.add_argument("--dry-run", action="store_true")
+        p.add_argument("--repack-below", type=float, default=DEFAULT_REPACK_BELOW,
+                       metavar="FRACTION", help="repack packs with less than this fraction "
+                       f"live (default {DEFAULT_REPACK_BELOW}; 0 never repacks)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_gc, _wants="client_nopeers")
+    if only is not None:
         return parser
 
     for module_name in _COMMAND_MODULES:
@@ -350,6 +354,8 @@ def parse_duration(text: str) -> float:
 
 
 async def cmd_gc(args: argparse.Namespace, client: Client) -> int:
+    from .gc import collect
+
     if not 0 <= args.repack_below <= 1:
         raise BadInput("--repack-below is a fraction between 0 and 1")
     r = await collect(client.object_store, client.cache, grace_seconds=parse_duration(args.grace),

@@ -23,7 +23,7 @@ from blobstore import cli, plugins
 HEAVY = ("botocore", "aiobotocore", "aiohttp", "zeroconf", "ifaddr")
 """Modules a file-store pull or push never needs."""
 UNNEEDED_FOR_CORE = (*HEAVY, "p2p", "blobstore.image", "blobstore.syncdir", "blobstore.runner",
-                     "importlib.metadata")
+                     "blobstore.gc", "importlib.metadata")
 
 
 def loaded_after(script: str, env: dict[str, str] | None = None) -> set[str]:
