@@ -222,6 +222,7 @@ async def cmd_push(args: argparse.Namespace, client: Client) -> int:
         "ref": r.ref, "manifest": r.manifest, "files": r.files, "bytes": r.bytes,
         "chunks": r.chunks, "new_chunks": r.new_chunks, "new_bytes": r.new_bytes,
         "seconds": round(r.seconds, 3), "skipped": list(r.skipped),
+        "reused_files": r.reused_files, "read_bytes": r.read_bytes,
     }
     for path in r.skipped:
         log.warning("skipped special file %s", path)

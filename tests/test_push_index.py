@@ -6,6 +6,7 @@ process locating chunks by id reads only the pack indexes this node lacks."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import random_bytes, snapshot, write
+from helpers import cli_env, random_bytes, run_cli, snapshot, write
 from s3proxy import CountingProxy
 from s3server import SeaweedS3Server
 
@@ -220,3 +221,22 @@ async def test_noop_push_makes_two_requests_and_new_processes_read_new_indexes_o
             assert len(await c4.origin.get(chunk.id)) == chunk.size
             assert c4.origin.locator.index_fetches == new_packs
             assert proxy.requests["GET"] == 2 + new_packs, proxy.requests
+
+
+def test_cli_noop_push_reports_nothing_read(object_store_url: str, tmp_path: Path) -> None:
+    """As a user runs it, with the default 2 s racy window: the second push of
+    an unchanged tree reads no file bytes (push --json says so)."""
+    src = tmp_path / "src"
+    write(src / "big.bin", random_bytes(3 * MiB, "cli"))
+    write(src / "d/small.txt", b"hello\n")
+    time.sleep(2.2)  # older than the racy window when the first push begins
+    env = cli_env(object_store_url, tmp_path / "cache")
+    docs = []
+    for _ in range(2):
+        proc = run_cli(["push", src, "t", "--json"], env)
+        assert proc.returncode == 0, proc.stderr
+        docs.append(json.loads(proc.stdout))
+    first, again = docs
+    assert (first["read_bytes"], first["reused_files"]) == (first["bytes"], 0)
+    assert (again["read_bytes"], again["reused_files"]) == (0, 2)
+    assert (again["manifest"], again["new_chunks"]) == (first["manifest"], 0)
