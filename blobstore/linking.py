@@ -39,6 +39,7 @@ import stat
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -266,21 +267,30 @@ class Placer:
         self.used: dict[str, int] = {}
         """Files placed per method actually used (reflink, copy, hardlink)."""
 
-    def place(self, src: Path, dir_fd: int, name: str, mode: int, size: int) -> os.stat_result:
+    def place(self, src: Path, dir_fd: int, name: str, mode: int, size: int,
+              expect: Callable[[os.stat_result], bool] | None = None) -> os.stat_result:
         """Make ``name`` in ``dir_fd`` hold ``src``'s ``size`` bytes with ``mode``;
-        returns the placed file's stat, taken after the rename. Raises BadInput
-        when an explicit link mode is impossible here, SourceGone, UnsafePath,
-        OSError. Eight syscalls for a copy, fewer for a clone or link."""
-        if self.mode == "hardlink":
+        returns the placed file's stat, taken after the rename. ``expect``: a
+        source the store does not own (a seed, seeds.py), never hardlinked, whose
+        fd's ``fstat`` must pass ``expect`` before and after the copy. Raises
+        BadInput when an explicit link mode is impossible here, SourceGone,
+        UnsafePath, OSError. Eight syscalls for a copy, fewer for a clone or link."""
+        if self.mode == "hardlink" and expect is None:
             return self._hardlink(src, dir_fd, name, mode)
         try:
-            sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
+            sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (FileNotFoundError, OSError) as exc:
+            if expect is None and not isinstance(exc, FileNotFoundError):
+                raise
             raise SourceGone(str(src)) from exc
         try:
+            if expect is not None and not expect(os.fstat(sfd)):
+                raise SourceGone(str(src))
             tmp, dfd = open_tmp(dir_fd, name)
             try:
                 how = self._fill(sfd, dfd, size)
+                if expect is not None and not expect(os.fstat(sfd)):
+                    raise SourceGone(f"{src} changed while it was copied")
                 os.fchmod(dfd, mode)
                 replace_into(dir_fd, tmp, name)
                 st = os.fstat(dfd)  # after the rename: it moves the ctime

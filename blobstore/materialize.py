@@ -14,6 +14,13 @@ Per file, cheapest first:
    sink that pwrites it at every offset where it occurs, so each pulled byte is
    written once), committed, then placed; without a node store, straight into
    a temp file beside its final name, renamed into place.
+   In ``auto`` mode where the node store cannot clone into DEST (probed once:
+   another filesystem, or one without FICLONE such as ext4 or tmpfs), a copy in
+   the store would cost a second write of every byte: files are assembled
+   straight in DEST instead and the store adopts them as **seeds** (seeds.py:
+   read, never owned; deleting DEST's file deletes the node's copy). Step 2
+   then also places from seeds (a copy, the seed's identity checked before and
+   after). ``copy`` mode keeps a node-owned copy.
 The whole-file check is the chunks verified on arrival: nothing is read back.
 
 Every step inside the destination goes through directory fds (linking.DestDir).
@@ -81,6 +88,7 @@ from .linking import (
     LinkMode,
     Placer,
     SourceGone,
+    clone_fd,
     open_tmp,
     replace_into,
     split,
@@ -89,6 +97,7 @@ from .linking import (
 )
 from .manifest import ChunkRef, Entry, Tree, file_key
 from .parallel import for_each
+from .seeds import Seed
 from .source import ChunkData, ChunkSource
 
 log = logging.getLogger(__name__)
@@ -133,6 +142,8 @@ class FileStore(Protocol):
     def open_file(self, key: ChunkId) -> Path | None: ...
     def begin_file(self, key: ChunkId, size: int) -> FileWriter: ...
     async def sync(self) -> None: ...
+    def open_seed(self, key: ChunkId) -> Seed | None: ...
+    def adopt_seeds(self, seeds: Iterable[Seed]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -282,8 +293,15 @@ class _Pull:
         """The node store's disk has no room: files go straight into DEST."""
         self.committed = False
         """Files were committed to the node store (it must sync them)."""
+        self.seeding = False
+        """auto mode where the node store cannot clone into DEST: files are
+        assembled in DEST and adopted by the store as seeds (seeds.py)."""
+        self.seeds: list[Seed] = []
+        self.dest_abs = ""
         self.boot, self.boot_time_ns = _boot()
         self._done_lock = threading.Lock()
+        self.from_seed: dict[int, Seed] = {}
+        """Items placed from a seed, by id(item): copied, its identity checked."""
 
     def _advance(self, n: int, *, placed: bool = False) -> None:
         """Count ``n`` more bytes done (from any thread; reported by ``_report``);
@@ -304,6 +322,9 @@ class _Pull:
             self.old = await run(_load_marker, self.marker_path, self.boot)
         dirs = [e for e in self.tree.entries if e.kind == "dir"]
         await run(self._make_dirs, dirs)
+        self.dest_abs = await run(os.path.abspath, self.root.path)
+        if self.store is not None and self.placer.mode == "auto":
+            self.seeding = not await run(_can_clone, self.store.root, self.root.fd)
         need: list[_Item] = []
         for batch in _chunked(self.items, _HOP_FILES):
             need += await run(self._check, batch)
@@ -321,7 +342,14 @@ class _Pull:
             await run(self._make_symlinks, some_links)
         await run(self._dir_modes, dirs)
         self.stats.link_modes = dict(self.placer.used)
+        if self.seeds:
+            self.stats.link_modes["seeded"] = len(self.seeds)
+        if self.store is not None and self.seeds and not self.committed:
+            self.store.adopt_seeds(self.seeds)
+            await self.store.sync()  # only the seeds' rows: no syncfs without files
         if self.committed and self.store is not None:
+            if self.seeds:
+                self.store.adopt_seeds(self.seeds)
             await self.store.sync()  # the store's own durability (its index rows)
             if await run(_same_filesystem, self.store.root, self.root.fd):
                 for record in self.records.values():  # that syncfs covered DEST too
@@ -424,13 +452,19 @@ class _Pull:
         assert self.store is not None
         missing: list[_Item] = []
         found: list[tuple[_Item, Path]] = []
+        seeded: list[tuple[_Item, Path]] = []
         for item in items:
             path = self.store.open_file(item.key)
-            if path is None:
+            if path is not None:
+                found.append((item, path))
+                continue
+            seed = self.store.open_seed(item.key) if self.seeding else None
+            if seed is None:
                 missing.append(item)
             else:
-                found.append((item, path))
-        return missing + await self._place_all(found, cached=True)
+                self.from_seed[id(item)] = seed
+                seeded.append((item, Path(seed.path)))
+        return missing + await self._place_all(found + seeded, cached=True)
 
     async def _place_all(self, found: list[tuple[_Item, Path]], *, cached: bool) -> list[_Item]:
         """Place items from their store paths, batches in ``_PLACE_THREADS``
@@ -459,8 +493,10 @@ class _Pull:
                         os.close(dfd)
                         dfd = -1
                     dfd, parent = self.root.own_dir_fd(item.parent), item.parent
+                seed = self.from_seed.get(id(item))
                 try:
-                    st = self.placer.place(path, dfd, item.name, item.mode, item.entry.size)
+                    st = self.placer.place(path, dfd, item.name, item.mode, item.entry.size,
+                                           None if seed is None else seed.matches)
                 except SourceGone:
                     gone.append(item)
                     continue
@@ -479,7 +515,7 @@ class _Pull:
         straight into temp files in DEST."""
         done_before = self.done
         try:
-            await self._assemble_round(items, self._store_room(items))
+            await self._assemble_round(items, [] if self.seeding else self._store_room(items))
         except DiskFull as exc:  # raised by the node store: its disk filled meanwhile
             self._store_full(exc)
             with self._done_lock:
@@ -540,6 +576,11 @@ class _Pull:
                                   "just assembled (store too small for this pull?)")
             for some in _chunked(direct, _HOP_FILES):
                 await anyio.to_thread.run_sync(self._finish_in_dest, some)
+            if self.seeding:
+                self.seeds += [
+                    Seed.of(t.item.key, os.path.join(self.dest_abs, t.item.entry.path),
+                            t.stat, _offsets(t.item.entry.chunks), self.boot, durable=False)
+                    for t in direct if t.stat is not None]
         finally:
             with anyio.CancelScope(shield=True):
                 for writer in writers.values():
@@ -572,6 +613,7 @@ class _Pull:
                 os.close(dfd)
             self.changed = True
             self.records[t.item.entry.path] = _record(st, t.item.key)
+            t.stat = st
 
     # ------------------------------------------------------------------ fetching
 
@@ -644,7 +686,7 @@ class _DestFile:
     closed, the mode set, as soon as its last byte is written: a window of
     thousands of files holds fds only for the few partly written."""
 
-    __slots__ = ("busy", "dir_fd", "fd", "filled", "item", "lock", "root", "tmp")
+    __slots__ = ("busy", "dir_fd", "fd", "filled", "item", "lock", "root", "stat", "tmp")
 
     def __init__(self, root: DestDir, item: _Item) -> None:
         self.root = root
@@ -656,6 +698,8 @@ class _DestFile:
         self.filled = 0
         self.busy = 0
         self.lock = threading.Lock()
+        self.stat: os.stat_result | None = None
+        """Its stat once renamed into place."""
 
     def write(self, data: ChunkData, offset: int) -> None:
         with self.lock:
@@ -808,6 +852,36 @@ def boot_id() -> str:
     """The kernel's id of this boot ("" if unknown): a marker written without
     waiting for write-back vouches for files only while it is unchanged."""
     return _boot()[0]
+
+
+def _can_clone(store_root: Path, dest_fd: int) -> bool:
+    """Whether files of the node store can be cloned into DEST: one filesystem,
+    and it clones (probed with two one-byte temp files in DEST)."""
+    if not _same_filesystem(store_root, dest_fd):
+        return False
+    a, afd = open_tmp(dest_fd, "clone-probe")
+    try:
+        os.write(afd, b"x")
+        b, bfd = open_tmp(dest_fd, "clone-probe")
+        try:
+            return clone_fd(afd, bfd)
+        except OSError:
+            return False
+        finally:
+            os.close(bfd)
+            unlink_quietly(dest_fd, b)
+    finally:
+        os.close(afd)
+        unlink_quietly(dest_fd, a)
+
+
+def _offsets(chunks: Sequence[ChunkRef]) -> tuple[tuple[ChunkId, int, int], ...]:
+    out = []
+    offset = 0
+    for ref in chunks:
+        out.append((ref.id, offset, ref.size))
+        offset += ref.size
+    return tuple(out)
 
 
 def _same_filesystem(path: Path, fd: int) -> bool:

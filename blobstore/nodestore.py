@@ -14,6 +14,11 @@ Layout under ``CacheConfig.dir``:
   removed when a store opens. A failed write removes its temp file at once.
 - ``index.sqlite``: the whole files whose bytes are known durable, with the
   (size, ino, mtime_ns, ctime_ns, nlink) recorded for each and its chunk list.
+- Seeds (seeds.py): files *outside* the store, in pull destinations, adopted by
+  an ``auto`` pull where the store cannot clone into DEST (``adopt_seeds``; rows in
+  the ``seeds`` table). Chunks are read from them (identity-checked, verified)
+  like from whole files, but they are never evicted, deleted or counted in
+  ``used_bytes``, and are forgotten when their stat changes or after a reboot.
 
 Why a small sqlite database (WAL) and not an append-only journal or a scan: a
 whole file's chunk list (needed to serve its chunks by offset) cannot be
@@ -81,9 +86,12 @@ import anyio
 
 from .config import CacheConfig
 from .errors import ChunkMissing, Corrupt, CorruptChunk, DiskFull, Unavailable
-from .ids import ChunkId, hash_bytes, id_from_bytes, id_to_bytes, is_id
+from .ids import ChunkId, hash_bytes, id_from_bytes, id_to_bytes, is_id, verify
 from .manifest import ChunkRef
 from .resource import AsyncResource
+from .seeds import COLUMNS as _SEED_COLUMNS
+from .seeds import SCHEMA as _SEED_SCHEMA
+from .seeds import Seed, SeedChanged, read_chunk, still_there
 from .source import ChunkData, Sink, fetch_each
 
 log = logging.getLogger(__name__)
@@ -186,6 +194,13 @@ class NodeStore(AsyncResource):
         self._rows_dirty: set[ChunkId] = set()  # synced files whose row changed
         self._rows_dead: set[ChunkId] = set()
         self._writers: set[FileWriter] = set()
+        self._seeds: dict[ChunkId, Seed] = {}
+        """Destination files adopted as seeds (seeds.py): read, never owned."""
+        self._in_seeds: dict[ChunkId, dict[ChunkId, tuple[int, int]]] = {}
+        self._seeds_unsynced: set[ChunkId] = set()
+        self._seeds_dead: set[ChunkId] = set()
+        self._seen_seed_rowid = 0
+        self.boot = _boot_id()
         self._db: sqlite3.Connection | None = None
         """Written from worker threads, under ``_db_lock``."""
         self._reader: sqlite3.Connection | None = None
@@ -278,7 +293,25 @@ class NodeStore(AsyncResource):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute(_SCHEMA)
+        db.execute(_SEED_SCHEMA)
+        self._load_seeds()
         return self._load_files(alone)
+
+    def _load_seeds(self) -> None:
+        """Seeds still there and unchanged; from another boot, only durable ones.
+        The rest are forgotten (their rows deleted, their files left alone)."""
+        assert self._db is not None
+        dead: list[tuple[str]] = []
+        for rowid, *row in self._db.execute(f"SELECT rowid, {_SEED_COLUMNS} FROM seeds"):
+            self._seen_seed_rowid = max(self._seen_seed_rowid, rowid)
+            seed = Seed.from_row(tuple(row))
+            if ((self.boot and seed.boot == self.boot) or seed.durable) and still_there(seed):
+                self._index_seed(seed)
+            else:
+                dead.append((seed.key,))
+        if dead:
+            with self._db_lock, self._db:
+                self._db.executemany("DELETE FROM seeds WHERE key = ?", dead)
 
     def _close_db(self) -> None:
         if self._db is not None:
@@ -359,10 +392,11 @@ class NodeStore(AsyncResource):
         return self._files_dir / key[:2] / key
 
     def contains(self, chunk_id: ChunkId) -> bool:
-        if (_LOOSE, chunk_id) in self._lru or chunk_id in self._in_files:
+        if (_LOOSE, chunk_id) in self._lru or chunk_id in self._in_files \
+                or chunk_id in self._in_seeds:
             return True
         self._refresh()
-        return chunk_id in self._in_files
+        return chunk_id in self._in_files or chunk_id in self._in_seeds
 
     def _refresh(self) -> None:
         """Adopt the files other processes synced since we last looked, at most
@@ -379,9 +413,17 @@ class NodeStore(AsyncResource):
             self._data_version = version
             rows = self._reader.execute(f"SELECT rowid, {_COLUMNS} FROM files WHERE rowid > ?",
                                         (self._seen_rowid,)).fetchall()
+            seed_rows = self._reader.execute(
+                f"SELECT rowid, {_SEED_COLUMNS} FROM seeds WHERE rowid > ?",
+                (self._seen_seed_rowid,)).fetchall()
         except sqlite3.Error as exc:
             log.info("cannot read the cache index: %s", exc)
             return
+        for rowid, *seed_row in seed_rows:
+            self._seen_seed_rowid = max(self._seen_seed_rowid, rowid)
+            seed = Seed.from_row(tuple(seed_row))
+            if seed.key not in self._seeds and seed.key not in self._seeds_dead:
+                self._index_seed(seed)
         for rowid, *row in rows:
             self._seen_rowid = max(self._seen_rowid, rowid)
             rec = _File.from_row(tuple(row))
@@ -407,7 +449,7 @@ class NodeStore(AsyncResource):
         if (_LOOSE, chunk_id) in self._lru:
             with contextlib.suppress(ChunkMissing):
                 return await self._get_loose(chunk_id)
-        if chunk_id not in self._in_files:
+        if chunk_id not in self._in_files and chunk_id not in self._in_seeds:
             self._refresh()  # another process may have dropped the loose copy for a file
         corrupt: CorruptChunk | None = None
         for key, (offset, size) in list(self._in_files.get(chunk_id, {}).items()):
@@ -432,6 +474,22 @@ class NodeStore(AsyncResource):
                 corrupt = CorruptChunk(chunk_id, "local cache", actual)
                 continue  # another file may hold a good copy
             self._use(rec)
+            return data
+        for key, (offset, size) in list(self._in_seeds.get(chunk_id, {}).items()):
+            seed = self._seeds.get(key)
+            if seed is None:
+                continue
+            try:
+                data = await anyio.to_thread.run_sync(read_chunk, seed, offset, size)
+                await anyio.to_thread.run_sync(verify, chunk_id, data, f"seed {seed.path}")
+            except SeedChanged:
+                self.forget_seed(key)
+                continue
+            except CorruptChunk as exc:  # changed without its stat showing it
+                log.warning("forgetting seed %s: %s", seed.path, exc)
+                self.forget_seed(key)
+                corrupt = exc
+                continue
             return data
         if corrupt is not None:
             raise corrupt
@@ -564,6 +622,52 @@ class NodeStore(AsyncResource):
         rec = _File.from_row(row)
         return rec if rec.check(st) is True else None
 
+    # ------------------------------------------------------------------ seeds
+
+    def adopt_seeds(self, seeds: Iterable[Seed]) -> None:
+        """Read ``seeds`` (destination files, see seeds.py) from now on; their
+        rows are written by the next ``sync``."""
+        for seed in seeds:
+            self.forget_seed(seed.key)
+            self._seeds_dead.discard(seed.key)
+            self._index_seed(seed)
+            self._seeds_unsynced.add(seed.key)
+
+    def open_seed(self, key: ChunkId) -> Seed | None:
+        """A seed holding ``key`` whose path still names the adopted file (one
+        lstat), or None; a changed one is forgotten. The caller checks the
+        identity again on the fd it opens (``seeds.open_checked``)."""
+        seed = self._seeds.get(key)
+        if seed is None:
+            self._refresh()
+            seed = self._seeds.get(key)
+        if seed is None:
+            return None
+        if not still_there(seed):
+            self.forget_seed(key)
+            return None
+        return seed
+
+    def forget_seed(self, key: ChunkId) -> None:
+        seed = self._seeds.pop(key, None)
+        if seed is None:
+            return
+        for chunk_id, _, _ in seed.chunks:
+            where = self._in_seeds.get(chunk_id)
+            if where is not None:
+                where.pop(key, None)
+                if not where:
+                    del self._in_seeds[chunk_id]
+        if key in self._seeds_unsynced:
+            self._seeds_unsynced.discard(key)
+        else:
+            self._seeds_dead.add(key)
+
+    def _index_seed(self, seed: Seed) -> None:
+        self._seeds[seed.key] = seed
+        for chunk_id, offset, size in seed.chunks:
+            self._in_seeds.setdefault(chunk_id, {})[seed.key] = (offset, size)
+
     def begin_file(self, key: ChunkId, size: int) -> FileWriter:
         """A temp file inside the store to assemble ``key`` in (see FileWriter)."""
         writer = FileWriter(self, key, size,
@@ -591,11 +695,16 @@ class NodeStore(AsyncResource):
         rows = [self._files[k].row() for k in self._rows_dirty if k in self._files]
         rows += [rec.row() for rec in pending]
         dead = [(str(k),) for k in self._rows_dead]
+        seed_rows = [self._seeds[k].row() for k in self._seeds_unsynced if k in self._seeds]
+        dead_seeds = [(str(k),) for k in self._seeds_dead]
         self._rows_dirty.clear()
         self._rows_dead.clear()
-        if rows or dead:
+        self._seeds_unsynced.clear()
+        self._seeds_dead.clear()
+        if rows or dead or seed_rows or dead_seeds:
             try:
-                await anyio.to_thread.run_sync(self._write_rows, rows, dead)
+                await anyio.to_thread.run_sync(self._write_rows, rows, dead, seed_rows,
+                                               dead_seeds)
             except sqlite3.Error as exc:
                 raise Unavailable(f"cannot write cache index: {exc}") from exc
         # Loose copies of chunks a durable file now holds are bytes stored twice
@@ -611,7 +720,8 @@ class NodeStore(AsyncResource):
             await anyio.to_thread.run_sync(_remove_all, doomed)
 
     def _write_rows(self, rows: list[tuple[str, int, int, int, int, int, float, bytes]],
-                    dead: list[tuple[str]]) -> None:
+                    dead: list[tuple[str]], seed_rows: Sequence[tuple[object, ...]] = (),
+                    dead_seeds: Sequence[tuple[str]] = ()) -> None:
         with self._db_lock:
             if self._db is None:
                 return
@@ -619,6 +729,10 @@ class NodeStore(AsyncResource):
                 self._db.executemany("DELETE FROM files WHERE key = ?", dead)
                 self._db.executemany(
                     f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
+                self._db.executemany("DELETE FROM seeds WHERE key = ?", dead_seeds)
+                self._db.executemany(
+                    f"INSERT OR REPLACE INTO seeds ({_SEED_COLUMNS}) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?)", seed_rows)
 
     async def commit_files(
         self, items: Sequence[tuple[FileWriter, Sequence[ChunkRef]]]
@@ -1078,6 +1192,13 @@ def _remove_all(paths: list[tuple[Path, int | None]]) -> None:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _syncfs(path: Path) -> None:

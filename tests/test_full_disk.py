@@ -82,7 +82,9 @@ def test_full_cache_disk_does_not_fail_the_pull(tmp_path: Path, small_disk: Path
     store = f"file://{tmp_path / 'store'}"
     _push(tmp_path, store)
     dest = tmp_path / "out"
-    proc = run_cli(["pull", "apps/big", dest, "--json"], cli_env(store, small_disk / "cache"))
+    # copy mode keeps a node-owned copy (auto would seed from DEST and not fill the cache)
+    proc = run_cli(["pull", "apps/big", dest, "--json", "--link-mode", "copy"],
+                   cli_env(store, small_disk / "cache"))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["from"]["origin"] == (12 << 20) + 5
     assert (dest / "weights.bin").read_bytes() == random_bytes(12 << 20, "full-disk")

@@ -215,3 +215,58 @@ async def test_copy_mode_makes_independent_files(tmp_path: Path) -> None:
     for d in ("a", "b"):
         assert snapshot(tmp_path / d) == snapshot(src)
         assert (tmp_path / d / "weights.bin").stat().st_nlink == 1
+
+
+def _clones(store: Path, dest: Path) -> bool:
+    if os.stat(store).st_dev != os.stat(dest).st_dev:
+        return False
+    (dest / "probe").write_bytes(b"x")
+    return subprocess.run(["cp", "--reflink=always", dest / "probe", dest / "probe2"],
+                          capture_output=True, check=False).returncode == 0
+
+
+def _scribble_in_place(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.write(b"\0" * 4096)
+
+
+@pytest.mark.anyio
+async def test_auto_without_clones_writes_once_and_seeds_from_dest(tmp_path: Path) -> None:
+    """auto on a filesystem that cannot clone (ext4/tmpfs here): a cold pull
+    assembles files in DEST only (the node store writes none) and adopts them
+    as seeds; a second DEST is copied from the seed; a changed seed is never
+    used (the pull repairs from the object store); chunks served from a seed
+    are verified."""
+    src = make_tree(tmp_path / "src")
+    async with Client.open(config_for(tmp_path), peers=False) as client:
+        await client.push(src, "t")
+    async with Client.open(config_for(tmp_path), peers=False) as client:
+        if _clones(client.cache.root, tmp_path):
+            pytest.skip("this filesystem clones: auto reflinks instead of seeding")
+        cold = await client.pull("t", tmp_path / "a")
+        assert cold.from_tier["origin"] == cold.bytes
+        assert list((client.cache.root / "files").glob("??/*")) == []  # written once: in DEST
+        assert client.cache.used_bytes == 0  # seeds are the user's, never counted
+        again = await client.pull("t", tmp_path / "b")
+        assert again.from_tier["local"] == again.bytes  # copied from the seeds in a/
+        assert snapshot(tmp_path / "b") == snapshot(src)
+        _, tree = await client.load("t")
+        assert isinstance(tree, Tree)
+        weights = next(e for e in tree.entries if e.path == "weights.bin")
+        first = weights.chunks[0]
+        assert await client.cache.get(first.id) == (src / "weights.bin").read_bytes()[
+            : first.size]  # served from a seed, verified
+        shutil.rmtree(tmp_path / "b")
+        # Change the seed in a/ (in place, same size): it must never be used again.
+        _scribble_in_place(tmp_path / "a" / "weights.bin")
+        fresh = await client.pull("t", tmp_path / "c")
+        assert fresh.from_tier["origin"] > 0
+        assert snapshot(tmp_path / "c") == snapshot(src)
+    async with Client.open(config_for(tmp_path), peers=False) as client:
+        repaired = await client.pull("t", tmp_path / "a")
+        assert snapshot(tmp_path / "a") == snapshot(src)
+        assert repaired.files - repaired.kept_files == 1
+        (tmp_path / "a" / "config.json").unlink()
+        gone = await client.pull("t", tmp_path / "d")  # the deleted seed is forgotten
+        assert snapshot(tmp_path / "d") == snapshot(src)
+        assert gone.from_tier["origin"] > 0

@@ -281,7 +281,9 @@ def test_sigkill_at_random_moments_then_pull_repairs(store_url: str, tmp_path: P
     for attempt in range(4):
         # a cold cache each time, so the pull is long enough to be caught mid-way
         node = cli_env(store_url, tmp_path / f"cache{attempt}")
-        proc = subprocess.Popen([BLOBSTORE, "pull", "t", str(dst)], env=node,
+        # copy mode: the slower path (store + DEST), so a kill lands mid-pull
+        proc = subprocess.Popen([BLOBSTORE, "pull", "t", str(dst), "--link-mode", "copy"],
+                                env=node,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.3, 1.5))
         caught += proc.poll() is None
@@ -324,24 +326,27 @@ async def test_power_loss_after_a_warm_pull_is_repaired(
     """A warm pull of v2 over v1 places two files from the node store and does
     not wait for their write-back; then the power goes. Those files come back
     torn under their final names, and the marker written in the old boot no
-    longer vouches for them: the next pull checks and repairs exactly them."""
+    longer vouches for them: the next pull checks and repairs exactly them.
+    (copy mode: the node store owns a copy and its syncfs covers DEST; auto
+    mode on ext4 seeds instead, see test_linkmodes.py.)"""
     src = make_tree(tmp_path / "src")
     await client.push(src, "t1")
     write(src / "weights.bin", random_bytes(9 << 20, "v2"))
     write(src / "config.json", b'{"layers": 48}\n', 0o640)
     await client.push(src, "t2")
-    await client.pull("t2", tmp_path / "elsewhere")  # the node store holds v2's files
+    await client.pull("t2", tmp_path / "elsewhere",
+                      link_mode="copy")  # the node store holds v2's files
     dst = tmp_path / "dst"
-    await client.pull("t1", dst)  # cold: the store's syncfs covered dst too
+    await client.pull("t1", dst, link_mode="copy")  # cold: the store's syncfs covered dst too
     assert all(record[6] == 1 for record in marker_of(client, dst).values())
-    warm = await client.pull("t2", dst)
+    warm = await client.pull("t2", dst, link_mode="copy")
     assert warm.from_tier["origin"] == 0
     marker = marker_of(client, dst)
     assert {p for p, record in marker.items() if record[6] == 0} == {"weights.bin",
                                                                       "config.json"}
     reboot(monkeypatch)
     lose_unsynced_writes([dst / "weights.bin", dst / "config.json"])
-    result = await client.pull("t2", dst)
+    result = await client.pull("t2", dst, link_mode="copy")
     assert result.kept_files == result.files - 2
     assert snapshot(dst) == snapshot(src)
 

@@ -230,14 +230,16 @@ def test_cli_corrupt_cache_chunk_refetched(
 ) -> None:
     env = cli_env(object_store_url, tmp_path / "cache")
     assert run_cli(["push", src, "t"], env).returncode == 0
-    first = json.loads(run_cli(["pull", "t", tmp_path / "d1", "--json"], env).stdout)
+    # copy mode: the node store owns whole files (auto on ext4/tmpfs seeds from d1)
+    first = json.loads(run_cli(["pull", "t", tmp_path / "d1", "--json", "--link-mode", "copy"],
+                               env).stdout)
     assert first["from"]["origin"] == first["bytes"]
     cached = sorted((tmp_path / "cache").glob("files/??/*"))  # the node store's whole files
     victim = max(cached, key=lambda p: p.stat().st_size)
     size = victim.stat().st_size
     victim.chmod(0o644)  # store files are read-only
     victim.write_bytes(b"\x00" * size)
-    proc = run_cli(["pull", "t", tmp_path / "d2", "--json"], env)
+    proc = run_cli(["pull", "t", tmp_path / "d2", "--json", "--link-mode", "copy"], env)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     second = json.loads(proc.stdout)

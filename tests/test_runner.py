@@ -135,7 +135,10 @@ async def test_cold_then_warm_start(tmp_path: Path, object_store_url: str) -> No
         assert (before.local_fraction, before.region_fraction) == (0.0, 0.0)
         assert not before.peers_checked
 
-        cold = await download_model_weights(client, REF, data, progress=lambda *e: events.append(e))
+        # copy mode: the node keeps its own copy, so a damaged /data file is
+        # repaired locally (auto on ext4/tmpfs seeds from /data: see seeds.py)
+        cold = await download_model_weights(client, REF, data, link_mode="copy",
+                                            progress=lambda *e: events.append(e))
         assert cold.pulled
         assert cold.pull is not None
         assert cold.pull.from_tier.get("origin") == app_ref
@@ -154,7 +157,7 @@ async def test_cold_then_warm_start(tmp_path: Path, object_store_url: str) -> No
 
         # A damaged file is noticed by the stat check and repaired from the node cache.
         os.truncate(data / "model.safetensors", 1000)
-        repaired = await download_model_weights(client, REF, data)
+        repaired = await download_model_weights(client, REF, data, link_mode="copy")
         assert repaired.pulled
         assert repaired.pull is not None
         assert repaired.pull.from_tier.get("origin", 0) == 0
