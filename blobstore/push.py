@@ -36,6 +36,7 @@ path, which uploads those chunks again).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -164,6 +165,7 @@ class PushIndex:
     def __init__(self, path: Path, window_ns: int = RACY_WINDOW_NS) -> None:
         self.path = path
         self.window_ns = window_ns
+        self._loaded: dict[str, tuple[StatKey, tuple[ChunkRef, ...]]] | None = None
 
     @classmethod
     def for_root(
@@ -176,6 +178,12 @@ class PushIndex:
         return cls(Path(cache_dir) / ".push-index" / name, window_ns)
 
     def load(self) -> dict[str, tuple[StatKey, tuple[ChunkRef, ...]]]:
+        """What the file holds (read once per instance; ``save`` replaces it)."""
+        if self._loaded is None:
+            self._loaded = self._read()
+        return self._loaded
+
+    def _read(self) -> dict[str, tuple[StatKey, tuple[ChunkRef, ...]]]:
         try:
             doc = json.loads(self.path.read_bytes())
             if doc.get("format") != _PUSH_INDEX_FORMAT:
@@ -214,12 +222,15 @@ class PushIndex:
             and max(key[1], key[3]) < limit
             and all(c.pack is not None for c in refs)
         }}
+        self._loaded = None
+        tmp = self.path.parent / f".tmp-{secrets.token_hex(6)}"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.parent / f".tmp-{secrets.token_hex(6)}"
             tmp.write_text(json.dumps(doc, separators=(",", ":")))
             os.replace(tmp, self.path)
-        except OSError as exc:
+        except OSError as exc:  # a full disk: the next push reads the files again
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             log.info("cannot write the push index %s: %s", self.path, exc.strerror)
 
 
