@@ -396,6 +396,7 @@ class _Pull:
                 need.append(item)  # linked to the node's copy: this pull wants its own
                 continue
             old = self.old.get(item.entry.path)
+            checked = False
             if old is not None and _vouched(old, st, item.key):
                 durable = old[6]
             else:
@@ -403,10 +404,15 @@ class _Pull:
                     need.append(item)
                     continue
                 self.stats.checked_files += 1
+                checked = True
                 # unchanged since before this boot: the bytes just read came from disk
                 durable = int(st.st_ctime_ns < self.boot_time_ns)
             st = self._fix_mode(dfd, item, st)
             self.records[item.entry.path] = _record(st, item.key, durable)
+            if checked and self.seeding:  # verified just now (e.g. after a reboot)
+                self.seeds.append(Seed.of(
+                    item.key, os.path.join(self.dest_abs, item.entry.path), st,
+                    _offsets(item.entry.chunks), self.boot, durable=bool(durable)))
             self.stats.kept_files += 1
             self._advance(item.entry.size)
         return need

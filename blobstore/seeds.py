@@ -25,7 +25,9 @@ one.
 Crash safety: a seed is recorded with the boot it was adopted in. Its bytes
 were not fsynced, so after a reboot (a power loss) a seed not known durable is
 dropped: its data may be torn while its stat survived. Within one boot the page
-cache is the truth and a renamed file is whole.
+cache is the truth and a renamed file is whole. The next pull into that
+destination checks such files chunk by chunk (the pull marker's rule) and adopts
+the intact ones again, durable this time (their bytes came back from the disk).
 """
 
 from __future__ import annotations

@@ -270,3 +270,28 @@ async def test_auto_without_clones_writes_once_and_seeds_from_dest(tmp_path: Pat
         gone = await client.pull("t", tmp_path / "d")  # the deleted seed is forgotten
         assert snapshot(tmp_path / "d") == snapshot(src)
         assert gone.from_tier["origin"] > 0
+
+
+@pytest.mark.anyio
+async def test_after_a_reboot_seeds_are_rechecked_then_adopted_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_tree(tmp_path / "src")
+    async with Client.open(config_for(tmp_path), peers=False) as client:
+        await client.push(src, "t")
+        if _clones(client.cache.root, tmp_path):
+            pytest.skip("this filesystem clones: auto reflinks instead of seeding")
+        await client.pull("t", tmp_path / "a")
+    booted = (f"rebooted-{time.time_ns()}", time.time_ns())
+    monkeypatch.setattr("blobstore.materialize._boot", lambda: booted)
+    monkeypatch.setattr("blobstore.nodestore._boot_id", lambda: booted[0])
+    async with Client.open(config_for(tmp_path), peers=False) as client:
+        elsewhere = await client.pull("t", tmp_path / "b")
+        assert elsewhere.from_tier["origin"] == elsewhere.bytes  # unsynced seeds: dropped
+        again = await client.pull("t", tmp_path / "a")  # checked chunk by chunk, kept
+        assert again.kept_files == again.files
+    async with Client.open(config_for(tmp_path), peers=False) as client:
+        shutil.rmtree(tmp_path / "b")
+        local = await client.pull("t", tmp_path / "b")
+        assert local.from_tier["origin"] == 0  # a/ (or b/) seeds the node again
+        assert snapshot(tmp_path / "b") == snapshot(src)

@@ -27,6 +27,7 @@ from blobstore.ids import ChunkId, hash_bytes
 from blobstore.manifest import ChunkRef
 from blobstore.manifest import chunks_key as file_key
 from blobstore.nodestore import NodeStore
+from blobstore.seeds import Seed
 from blobstore.source import ChunkData, ChunkStore
 
 pytestmark = pytest.mark.anyio
@@ -526,6 +527,7 @@ from helpers import random_bytes
 from blobstore.config import CacheConfig
 from blobstore import nodestore
 from blobstore.nodestore import NodeStore
+from blobstore.seeds import Seed
 
 async def main():
     store = NodeStore(CacheConfig(Path(sys.argv[1])))
@@ -592,3 +594,44 @@ async def test_limit_enforced_when_the_store_opens(tmp_path: Path) -> None:
         on_disk = sum(p.stat().st_size for p in root.glob("??/*"))
         on_disk += sum(p.stat().st_size for p in (root / "files").rglob("*") if p.is_file())
         assert on_disk == store.used_bytes
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def _seed_of(path: Path, data: bytes, boot: str, durable: bool) -> Seed:
+    parts = split(data, 8 * KIB)
+    refs = [ref for ref, _, _ in parts]
+    path.write_bytes(data)
+    return Seed.of(file_key(refs), str(path), os.stat(path),
+                   tuple((r.id, off, r.size) for r, _, off in parts), boot, durable)
+
+
+async def test_seeds_are_read_never_owned_and_dropped_after_a_reboot_unless_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = CacheConfig(tmp_path / "cache", max_bytes=1 << 20)
+    fresh = _seed_of(tmp_path / "fresh.bin", random_bytes(40 * KIB, "a"), "boot-1", False)
+    durable = _seed_of(tmp_path / "durable.bin", random_bytes(40 * KIB, "b"), "boot-1", True)
+    monkeypatch.setattr(nodestore, "_boot_id", lambda: "boot-1")
+    async with NodeStore(config) as store:
+        store.adopt_seeds([fresh, durable])
+        assert store.used_bytes == 0  # the user's files: never counted ...
+        await store.evict(0)
+        assert store.open_seed(fresh.key) == fresh  # ... nor evicted
+        first = fresh.chunks[0]
+        assert await store.get(first[0]) == (tmp_path / "fresh.bin").read_bytes()[: first[2]]
+    async with NodeStore(config) as store:  # same boot: both still trusted
+        assert store.open_seed(fresh.key) == fresh
+        assert store.open_seed(durable.key) == durable
+    monkeypatch.setattr(nodestore, "_boot_id", lambda: "boot-2")
+    async with NodeStore(config) as store:  # after a reboot: only the durable one
+        assert store.open_seed(fresh.key) is None
+        assert store.contains(fresh.chunks[0][0]) is False
+        assert store.open_seed(durable.key) == durable
+        overwrite(tmp_path / "durable.bin", 0, b"changed")  # its stat moves: forgotten
+        assert store.open_seed(durable.key) is None
+        with pytest.raises(ChunkMissing):
+            await store.get(durable.chunks[0][0])
+    assert (tmp_path / "fresh.bin").exists()  # never deleted by the store
+    assert (tmp_path / "durable.bin").exists()
