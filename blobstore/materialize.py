@@ -651,7 +651,11 @@ class _Pull:
             at = places[ref.id]
             await anyio.to_thread.run_sync(_write_at, at, data)
             self.changed = True
-            self._advance(len(data) * sum(n for _, _, n in at))
+            copies = sum(n for _, _, n in at)
+            self._advance(len(data))
+            # Every further copy (the chunk again in this file or another, or
+            # identical files) came from the node, not from the tier: count it local.
+            self._advance(len(data) * (copies - 1), placed=True)
             self._report()
 
         undelivered = await self.source.fetch(refs, sink)

@@ -248,7 +248,8 @@ async def test_cache_is_evicted_to_its_limits(tmp_path: Path) -> None:
     async with Client.open(config_for(store, tmp_path / "c"), peers=False) as client:
         write(tmp_path / "src" / "a.bin", random_bytes(8 << 20, "evict"))
         await client.push(tmp_path / "src", "t")
-        await client.pull("t", tmp_path / "dst")
+        # copy mode: the node store owns a copy (auto on ext4 would only seed DEST)
+        await client.pull("t", tmp_path / "dst", link_mode="copy")
         filled = client.cache.used_bytes
     assert filled == 8 << 20
     small = CacheConfig(tmp_path / "c", max_bytes=4 << 20, high_watermark=0.9, low_watermark=0.5)
