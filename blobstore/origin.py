@@ -6,7 +6,10 @@ spans in flight, and each chunk is verified and handed to the sink as soon as
 its last byte arrives, so memory holds a few chunks per span, never a span.
 A span whose stream breaks is resumed from its first undelivered chunk; a
 corrupt chunk is returned undelivered without failing its neighbours. Refs
-without a pack (v1 manifests) are read one object per chunk.
+without a pack (v1 manifests) are read one object per chunk. A ``file://``
+store's packs are read chunk by chunk with ``pread`` (one copy, read and
+verified in one worker-thread hop) instead of as 1 MiB blocks cut and joined
+again: a cold 1 GiB fetch 0.43 s -> 0.26 s, CPU 0.42 s -> 0.26 s (medians of 3).
 
 ``get`` (by id alone: a home peer's read-through, image export) finds a packed
 chunk through ``PackLocator`` (the store's pack indexes, loaded once and
@@ -16,10 +19,14 @@ ranged GET; ids it does not know are read from the per-chunk layout.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 
@@ -33,18 +40,22 @@ from .errors import (
     StoreUnavailable,
     Unavailable,
 )
+from .filestore import FileObjectStore
 from .ids import ChunkId, verify
 from .locator import PackLocator
 from .manifest import ChunkRef
 from .objectstore import ObjectStore, chunk_key, pack_key
 from .parallel import for_each
 from .source import ChunkData, Sink, Undelivered
-from .spans import Piece, Span, SpanCutter, plan_spans
+from .spans import Piece, Span, SpanCutter, join, plan_spans
 
 log = logging.getLogger(__name__)
 
 # Verifying a chunk takes ~0.25 ms/MiB; only large ones are worth a thread hop.
 _THREAD_VERIFY_MIN = 256 << 10
+_FILE_BATCH = 1 << 20
+"""Bytes of small neighbouring chunks a ``file://`` span reads and verifies in
+one worker-thread hop (a larger chunk takes a hop of its own)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +177,9 @@ class OriginSource:
         return undelivered
 
     async def _read_span(self, span: Span, sink: Sink, undelivered: Undelivered) -> None:
+        if isinstance(self.store, FileObjectStore):
+            await self._read_file_span(self.store, span, sink, undelivered)
+            return
         key = pack_key(span.pack)
         cutter = SpanCutter(span)
         failures = 0
@@ -175,8 +189,8 @@ class OriginSource:
                 stream = self.store.get_range(key, rest.offset, rest.length)
                 async with aclosing(stream) as blocks:
                     async for block in blocks:
-                        for piece, data in cutter.feed(block):
-                            await self._deliver(piece, data, sink, undelivered)
+                        for piece, parts in cutter.feed_parts(block):
+                            await self._deliver(piece, parts, sink, undelivered)
             except ObjectMissing:
                 for ref in _refs(cutter.pending):
                     undelivered.add(ref, ChunkMissing(ref.id, "object store"))
@@ -199,12 +213,57 @@ class OriginSource:
                     undelivered.add(ref, CorruptChunk(ref.id, where))
             return
 
-    async def _deliver(
-        self, piece: Piece, data: ChunkData, sink: Sink, undelivered: Undelivered
+    async def _read_file_span(
+        self, store: FileObjectStore, span: Span, sink: Sink, undelivered: Undelivered
     ) -> None:
+        """A ``file://`` pack: each chunk read straight into its own buffer and
+        verified in the same worker-thread hop (small neighbours share one), with
+        no 1 MiB blocks to cut and copy again. A local file is not retried: its
+        errors are final for this fetch (the tier list reports them)."""
+        key = pack_key(span.pack)
+        self.requests += 1
+        pieces = span.pieces
+        try:
+            fd = await anyio.to_thread.run_sync(_open_pack, store.root / key)
+        except OSError as exc:
+            _undeliver(pieces, _file_error(exc, key, store.url), undelivered)
+            return
+        try:
+            start = 0
+            while start < len(pieces):
+                stop = _batch_end(pieces, start)
+                try:
+                    got = await anyio.to_thread.run_sync(_pread_verified, fd, pieces[start:stop])
+                except OSError as exc:
+                    _undeliver(pieces[start:], _file_error(exc, key, store.url), undelivered)
+                    return
+                for piece, data in zip(pieces[start:stop], got, strict=False):
+                    if isinstance(data, CorruptChunk):
+                        _undeliver((piece,), data, undelivered)
+                        continue
+                    for ref in piece.refs:
+                        await _sink_call(sink, ref, data)
+                if len(got) < stop - start:  # the pack ended before the manifest said
+                    where = f"object store (pack {span.pack[:16]}… is shorter than its"
+                    where += " manifest says)"
+                    for ref in _refs(pieces[start + len(got) :]):
+                        undelivered.add(ref, CorruptChunk(ref.id, where))
+                    return
+                start = stop
+        finally:
+            os.close(fd)
+
+    async def _deliver(
+        self, piece: Piece, parts: list[memoryview], sink: Sink, undelivered: Undelivered
+    ) -> None:
+        """Join the piece's slices and verify them, in one worker-thread hop for
+        a big piece (the join's copy off the loop too), then sink it."""
         chunk_id = piece.refs[0].id
         try:
-            await verify_off_loop(chunk_id, data, "object store")
+            if piece.size >= _THREAD_VERIFY_MIN:
+                data = await anyio.to_thread.run_sync(_join_verified, chunk_id, parts)
+            else:
+                data = _join_verified(chunk_id, parts)
         except CorruptChunk as exc:  # reported by the caller (the tier list)
             for ref in piece.refs:
                 undelivered.add(ref, exc)
@@ -259,6 +318,65 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 def _refs(pieces: Iterable[Piece]) -> Iterator[ChunkRef]:
     for piece in pieces:
         yield from piece.refs
+
+
+def _open_pack(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    if stat.S_ISDIR(os.fstat(fd).st_mode):  # a "directory" is not an object
+        os.close(fd)
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+    return fd
+
+
+def _batch_end(pieces: Sequence[Piece], start: int) -> int:
+    """End of the run of pieces from ``start`` read in one worker-thread hop:
+    at most ``_FILE_BATCH`` bytes, or one piece."""
+    stop, total = start + 1, pieces[start].size
+    while stop < len(pieces) and total + pieces[stop].size <= _FILE_BATCH:
+        total += pieces[stop].size
+        stop += 1
+    return stop
+
+
+def _pread_verified(fd: int, pieces: Sequence[Piece]) -> list[bytes | CorruptChunk]:
+    """Each piece's bytes read from ``fd`` and verified (or why not), in order;
+    the list stops short where the file ends. Raises OSError."""
+    got: list[bytes | CorruptChunk] = []
+    for piece in pieces:
+        data = os.pread(fd, piece.size, piece.offset)  # one copy, no zero-filled buffer
+        while len(data) < piece.size:  # a short read: rare, but allowed
+            more = os.pread(fd, piece.size - len(data), piece.offset + len(data))
+            if not more:
+                return got
+            data += more
+        try:
+            verify(piece.refs[0].id, data, "object store")
+        except CorruptChunk as exc:
+            got.append(exc)
+        else:
+            got.append(data)
+    return got
+
+
+def _file_error(exc: OSError, key: str, where: str) -> BlobstoreError:
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+        return ObjectMissing(key, where)
+    return StoreUnavailable(f"cannot read {key} in {where}: {exc.strerror or type(exc).__name__}")
+
+
+def _undeliver(pieces: Iterable[Piece], reason: BlobstoreError, undelivered: Undelivered) -> None:
+    for ref in _refs(pieces):
+        if isinstance(reason, ObjectMissing):
+            undelivered.add(ref, ChunkMissing(ref.id, "object store"))
+        else:
+            undelivered.add(ref, reason)
+
+
+def _join_verified(chunk_id: ChunkId, parts: list[memoryview]) -> bytes:
+    """The piece's bytes, verified. Raises CorruptChunk."""
+    data = join(parts)
+    verify(chunk_id, data, "object store")
+    return data
 
 
 async def verify_off_loop(chunk_id: ChunkId, data: ChunkData, where: str) -> None:

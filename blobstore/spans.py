@@ -89,7 +89,7 @@ class SpanCutter:
 
     Holds at most one partly received piece (as slices of the blocks it came
     in, joined once complete: one copy, no zero-filled buffer); gap bytes are
-    skipped.
+    skipped. ``feed_parts`` hands the slices on unjoined (see ``join``).
     """
 
     __slots__ = ("_filled", "_next", "_parts", "_position", "span")
@@ -123,7 +123,15 @@ class SpanCutter:
 
         Bytes beyond the last piece are ignored.
         """
-        done: list[tuple[Piece, bytes]] = []
+        return [(piece, join(parts)) for piece, parts in self.feed_parts(block)]
+
+    def feed_parts(
+        self, block: bytes | bytearray | memoryview
+    ) -> list[tuple[Piece, list[memoryview]]]:
+        """``feed`` without the join: each completed piece as the slices of the
+        blocks it arrived in (``join`` makes its bytes), so that the copy can be
+        made off the event loop. Bytes beyond the last piece are ignored."""
+        done: list[tuple[Piece, list[memoryview]]] = []
         view = memoryview(block)
         pieces = self.span.pieces
         while view and self._next < len(pieces):
@@ -140,10 +148,18 @@ class SpanCutter:
             view = view[taken:]
             if self._filled < piece.size:
                 break
-            parts, self._parts, self._filled = self._parts, [], 0
-            if len(parts) == 1 and isinstance(block, bytes) and len(block) == piece.size:
-                done.append((piece, block))  # the block is the piece: no copy
-            else:
-                done.append((piece, b"".join(parts)))
+            done.append((piece, self._parts))
+            self._parts, self._filled = [], 0
             self._next += 1
         return done
+
+
+def join(parts: list[memoryview]) -> bytes:
+    """A piece's bytes from its slices: the block itself when the piece is a
+    whole ``bytes`` block (no copy), else one copy (CPython drops the GIL while
+    joining 1 MiB or more, so a worker thread's join runs beside the loop)."""
+    if len(parts) == 1:
+        whole = parts[0].obj
+        if isinstance(whole, bytes) and len(whole) == parts[0].nbytes:
+            return whole
+    return b"".join(parts)

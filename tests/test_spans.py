@@ -312,6 +312,33 @@ async def test_broken_stream_resumes_at_first_undelivered_chunk(tmp_path: Path) 
         assert isinstance(left.reasons[refs[4].id], StoreUnavailable)
 
 
+async def test_file_store_reads_small_chunks_in_batches_and_each_is_verified(
+    tmp_path: Path,
+) -> None:
+    """A file:// pack is read chunk by chunk into each chunk's own buffer, small
+    neighbours several to a worker-thread hop: a corrupt one in a later batch is
+    undelivered alone; a pack that is a directory is a missing pack."""
+    pack_id, data, refs = build_pack([10 << 10] * 300, gap=7, seed="b")  # 3 MiB: 3 batches
+    bad = bytearray(data)
+    bad[refs[200].offset + 5] ^= 1
+    async with open_object_store((tmp_path / "s").as_uri()) as store:
+        await store.put(pack_key(pack_id), bytes(bad))
+        origin = OriginSource(store)
+        sink = Collect()
+        left = await origin.fetch(refs, sink)
+        assert left == [refs[200]]
+        assert isinstance(left, Undelivered)
+        assert isinstance(left.reasons[refs[200].id], CorruptChunk)
+        assert sink.got == {r: data[r.offset : r.offset + r.size] for r in refs if r != refs[200]}
+        assert origin.requests == 1
+        (tmp_path / "s" / pack_key(OTHER)).mkdir(parents=True)
+        elsewhere = ref(0, 10, OTHER)
+        left = await origin.fetch([elsewhere], sink)
+        assert left == [elsewhere]
+        assert isinstance(left, Undelivered)
+        assert isinstance(left.reasons[elsewhere.id], ChunkMissing)
+
+
 @pytest.mark.s3
 async def test_s3_body_cut_short_is_resumed_from_the_first_undelivered_chunk(
     s3_env: SeaweedS3Server,
