@@ -96,6 +96,7 @@ from .linking import (
     unlink_quietly,
 )
 from .manifest import ChunkRef, Entry, Tree, file_key
+from .nodestore import pwrite_all
 from .parallel import for_each
 from .seeds import Seed
 from .source import ChunkData, ChunkSource
@@ -720,7 +721,7 @@ class _DestFile:
             self.busy += 1
         done = False
         try:
-            _pwrite_all(fd, data, offset)
+            pwrite_all(fd, data, offset)
             done = True
         finally:
             with self.lock:
@@ -766,14 +767,6 @@ def _discard(targets: list[_DestFile]) -> None:
 def _write_at(places: list[tuple[_Target, int, int]], data: ChunkData) -> None:
     for target, offset, _ in places:
         target.write(data, offset)
-
-
-def _pwrite_all(fd: int, data: ChunkData, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
 
 
 def _chunks_match(dir_fd: int, name: str, entry: Entry) -> bool:

@@ -86,12 +86,12 @@ import anyio
 
 from .config import CacheConfig
 from .errors import ChunkMissing, Corrupt, CorruptChunk, DiskFull, Unavailable
-from .ids import ChunkId, hash_bytes, id_from_bytes, id_to_bytes, is_id, verify
+from .ids import ChunkId, hash_bytes, is_id, verify
 from .manifest import ChunkRef
 from .resource import AsyncResource
 from .seeds import COLUMNS as _SEED_COLUMNS
 from .seeds import SCHEMA as _SEED_SCHEMA
-from .seeds import Seed, SeedChanged, read_chunk, still_there
+from .seeds import Seed, SeedChanged, decode_chunk_rows, encode_chunk_rows, read_chunk, still_there
 from .source import ChunkData, Sink, fetch_each
 
 log = logging.getLogger(__name__)
@@ -146,20 +146,15 @@ class _File:
         self.mtime_ns, self.ctime_ns, self.nlink = st.st_mtime_ns, st.st_ctime_ns, st.st_nlink
 
     def row(self) -> tuple[str, int, int, int, int, int, float, bytes]:
-        blob = b"".join(id_to_bytes(c) + s.to_bytes(8, "big") for c, _, s in self.chunks)
+        blob = encode_chunk_rows(self.chunks)
         return (self.key, self.size, self.ino, self.mtime_ns, self.ctime_ns, self.nlink,
                 self.used, blob)
 
     @classmethod
     def from_row(cls, row: tuple[str, int, int, int, int, int, float, bytes]) -> _File:
         key, size, ino, mtime_ns, ctime_ns, nlink, used, blob = row
-        chunks = []
-        offset = 0
-        for i in range(0, len(blob), 40):
-            chunk_size = int.from_bytes(blob[i + 32 : i + 40], "big")
-            chunks.append((id_from_bytes(blob[i : i + 32]), offset, chunk_size))
-            offset += chunk_size
-        return cls(ChunkId(key), size, ino, mtime_ns, ctime_ns, nlink, used, tuple(chunks))
+        return cls(ChunkId(key), size, ino, mtime_ns, ctime_ns, nlink, used,
+                   decode_chunk_rows(blob))
 
 
 @dataclass(slots=True)
@@ -930,7 +925,7 @@ class FileWriter:
                 fd = self._fd
                 self._busy += 1
             try:
-                _pwrite_all(fd, data, offset)
+                pwrite_all(fd, data, offset)
             finally:
                 with self._lock:
                     self._busy -= 1
@@ -1153,7 +1148,8 @@ def _pread_and_hash(path: Path, offset: int, size: int) -> tuple[bytes, os.stat_
     return data, st, hash_bytes(data)
 
 
-def _pwrite_all(fd: int, data: ChunkData, offset: int) -> None:
+def pwrite_all(fd: int, data: ChunkData, offset: int) -> None:
+    """pwrite every byte of ``data`` at ``offset`` (pwrite may write less)."""
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .ids import ChunkId, id_from_bytes, id_to_bytes
@@ -81,21 +82,32 @@ class Seed:
         ) == (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
 
     def row(self) -> SeedRow:
-        blob = b"".join(id_to_bytes(c) + s.to_bytes(8, "big") for c, _, s in self.chunks)
+        blob = encode_chunk_rows(self.chunks)
         return (self.key, self.path, self.dev, self.ino, self.size, self.mtime_ns,
                 self.ctime_ns, self.boot, int(self.durable), blob)
 
     @classmethod
     def from_row(cls, row: SeedRow) -> Seed:
         key, path, dev, ino, size, mtime_ns, ctime_ns, boot, durable, blob = row
-        chunks = []
-        offset = 0
-        for i in range(0, len(blob), 40):
-            chunk_size = int.from_bytes(blob[i + 32 : i + 40], "big")
-            chunks.append((id_from_bytes(blob[i : i + 32]), offset, chunk_size))
-            offset += chunk_size
         return cls(ChunkId(key), path, dev, ino, size, mtime_ns, ctime_ns, boot,
-                   bool(durable), tuple(chunks))
+                   bool(durable), decode_chunk_rows(blob))
+
+
+def encode_chunk_rows(chunks: Iterable[tuple[ChunkId, int, int]]) -> bytes:
+    """A file's (id, offset, size) chunk list as stored in the node store's index:
+    32-byte id + 8-byte big-endian size per chunk (offsets follow from the sizes)."""
+    return b"".join(id_to_bytes(c) + s.to_bytes(8, "big") for c, _, s in chunks)
+
+
+def decode_chunk_rows(blob: bytes) -> tuple[tuple[ChunkId, int, int], ...]:
+    """The inverse of ``encode_chunk_rows``."""
+    chunks = []
+    offset = 0
+    for i in range(0, len(blob), 40):
+        chunk_size = int.from_bytes(blob[i + 32 : i + 40], "big")
+        chunks.append((id_from_bytes(blob[i : i + 32]), offset, chunk_size))
+        offset += chunk_size
+    return tuple(chunks)
 
 
 def open_checked(seed: Seed) -> int:
