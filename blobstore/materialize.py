@@ -337,7 +337,12 @@ class _Pull:
         if self.store is not None:
             need = await self._place_from_store(need)
         for window in _windows(need, _pack_order(self.tree.entries)):
+            seeded = len(self.seeds)
             await self._assemble(window)
+            if self.store is not None and len(self.seeds) > seeded:
+                # Later windows then read the chunks they share with these files
+                # from the node (local tier), not from peers or the store again.
+                self.store.adopt_seeds(self.seeds[seeded:])
         links = [e for e in self.tree.entries if e.kind == "symlink"]
         for some_links in _chunked(links, _HOP_FILES):
             await run(self._make_symlinks, some_links)
