@@ -104,7 +104,7 @@ class FileObjectStore(AsyncResource):
         path = self._path(key)
         if length <= 0:
             return
-        fd = await self._run(partial(_open_read, path), "read", key, missing_ok=False)
+        fd = await self._run(partial(open_object_fd, path), "read", key, missing_ok=False)
         try:
             position, end = offset, offset + length
             while position < end:
@@ -261,7 +261,8 @@ def _scan(root: Path, rel_dir: str) -> tuple[list[ObjectInfo], list[str]]:
     return files, subdirs
 
 
-def _open_read(path: Path) -> int:
+def open_object_fd(path: Path) -> int:
+    """Open an object file for reading; a directory is not an object (IsADirectoryError)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     if stat.S_ISDIR(os.fstat(fd).st_mode):  # a "directory" is not an object
         os.close(fd)

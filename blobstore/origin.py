@@ -22,11 +22,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 
@@ -40,7 +38,7 @@ from .errors import (
     StoreUnavailable,
     Unavailable,
 )
-from .filestore import FileObjectStore
+from .filestore import FileObjectStore, open_object_fd
 from .ids import ChunkId, verify
 from .locator import PackLocator
 from .manifest import ChunkRef
@@ -224,7 +222,7 @@ class OriginSource:
         self.requests += 1
         pieces = span.pieces
         try:
-            fd = await anyio.to_thread.run_sync(_open_pack, store.root / key)
+            fd = await anyio.to_thread.run_sync(open_object_fd, store.root / key)
         except OSError as exc:
             _undeliver(pieces, _file_error(exc, key, store.url), undelivered)
             return
@@ -318,14 +316,6 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
 def _refs(pieces: Iterable[Piece]) -> Iterator[ChunkRef]:
     for piece in pieces:
         yield from piece.refs
-
-
-def _open_pack(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    if stat.S_ISDIR(os.fstat(fd).st_mode):  # a "directory" is not an object
-        os.close(fd)
-        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
-    return fd
 
 
 def _batch_end(pieces: Sequence[Piece], start: int) -> int:
