@@ -309,11 +309,8 @@ async def cmd_verify(args: argparse.Namespace, client: Client) -> int:
     if r.ok:
         _emit(args, doc, f"{r.ref}: all {r.chunks} chunks present and intact")
         return 0
-    if getattr(args, "json", False):
-        print(json.dumps(doc, indent=2))
-    print(f"blobstore: error: {r.ref}: {len(r.missing)} chunks missing, {len(r.corrupt)} corrupt"
-          f" of {r.chunks}", file=sys.stderr)
-    return 1
+    return _emit_failure(args, doc, f"{r.ref}: {len(r.missing)} chunks missing, "
+                                    f"{len(r.corrupt)} corrupt of {r.chunks}")
 
 
 async def _repair(args: argparse.Namespace, client: Client) -> int:
@@ -326,10 +323,15 @@ async def _repair(args: argparse.Namespace, client: Client) -> int:
         _emit(args, doc, f"{r.ref}: " + (f"repaired {r.repaired} chunks, now {r.manifest}"
                                          if r.repaired else "all chunks present and intact"))
         return 0
+    return _emit_failure(args, doc, f"{r.ref}: {len(r.unrepaired)} bad chunks not found in "
+                                    f"{args.source} (repaired {r.repaired})")
+
+
+def _emit_failure(args: argparse.Namespace, doc: dict[str, Any], message: str) -> int:
+    """The JSON document (with --json) on stdout, one error line on stderr; exit status 1."""
     if getattr(args, "json", False):
         print(json.dumps(doc, indent=2))
-    print(f"blobstore: error: {r.ref}: {len(r.unrepaired)} bad chunks not found in "
-          f"{args.source} (repaired {r.repaired})", file=sys.stderr)
+    print(f"blobstore: error: {message}", file=sys.stderr)
     return 1
 
 
