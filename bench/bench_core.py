@@ -66,8 +66,10 @@ def b3copy(src: Path, dst: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in files:
             h = blake3.blake3()
-            with open(Path(dirpath) / name, "rb", buffering=0) as fin, \
-                    open(out_dir / name, "wb", buffering=0) as fout:
+            with (
+                open(Path(dirpath) / name, "rb", buffering=0) as fin,
+                open(out_dir / name, "wb", buffering=0) as fout,
+            ):
                 while n := fin.readinto(buf):
                     h.update(view[:n])
                     fout.write(view[:n])
@@ -75,8 +77,9 @@ def b3copy(src: Path, dst: Path) -> None:
 
 
 def cli(args: list[str], env: dict[str, str]) -> dict[str, Any]:
-    proc = subprocess.run([BLOBSTORE, *args, "--json"], env=env, capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        [BLOBSTORE, *args, "--json"], env=env, capture_output=True, text=True, check=False
+    )
     if proc.returncode != 0:
         raise SystemExit(f"blobstore {' '.join(args)} failed: {proc.stderr.strip()}")
     doc: dict[str, Any] = json.loads(proc.stdout)
@@ -87,11 +90,23 @@ def rm(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def bench_store(name: str, url: str, src: Path, work: Path, extra_env: dict[str, str],
-                rows: list[dict[str, Any]], size: int) -> None:
+def bench_store(
+    name: str,
+    url: str,
+    src: Path,
+    work: Path,
+    extra_env: dict[str, str],
+    rows: list[dict[str, Any]],
+    size: int,
+) -> None:
     cache = work / f"cache-{name}"
-    env = {**os.environ, **extra_env, "BLOBSTORE_STORE": url, "BLOBSTORE_CACHE": str(cache),
-           "BLOBSTORE_PEERS": "none"}
+    env = {
+        **os.environ,
+        **extra_env,
+        "BLOBSTORE_STORE": url,
+        "BLOBSTORE_CACHE": str(cache),
+        "BLOBSTORE_PEERS": "none",
+    }
     secs, doc = timed(lambda: cli(["push", str(src), "bench/tree"], env))
     rows.append(row(f"push {name}", size, secs, new_bytes=doc["new_bytes"]))
     secs, doc = timed(lambda: cli(["push", str(src), "bench/tree"], env))
@@ -108,16 +123,19 @@ def bench_store(name: str, url: str, src: Path, work: Path, extra_env: dict[str,
 
 
 def row(label: str, size: int, secs: float, **extra: Any) -> dict[str, Any]:
-    return {"step": label, "seconds": round(secs, 3), "gbps": round(size / secs / 1e9, 3),
-            **extra}
+    return {"step": label, "seconds": round(secs, 3), "gbps": round(size / secs / 1e9, 3), **extra}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="2G", help="data set size (default 2G)")
     parser.add_argument("--no-s3", action="store_true", help="skip the SeaweedFS S3 store")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="scratch directory (default: a temp dir, removed afterwards)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="scratch directory (default: a temp dir, removed afterwards)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "out")
     args = parser.parse_args()
     size = parse_size(args.size)
@@ -152,15 +170,26 @@ def main() -> None:
     for r in rows:
         r["vs_cp"] = round(r["gbps"] / cp, 3)
         r["vs_b3copy"] = round(r["gbps"] / b3, 3)
-        print(f"{r['step']:34} {r['seconds']:8.2f} {r['gbps']:7.3f} {r['vs_cp']:6.2f} "
-              f"{r['vs_b3copy']:8.2f}")
+        print(
+            f"{r['step']:34} {r['seconds']:8.2f} {r['gbps']:7.3f} {r['vs_cp']:6.2f} "
+            f"{r['vs_b3copy']:8.2f}"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out / f"bench_core-{stamp}.json"
-    out.write_text(json.dumps({
-        "size": size, "cpus": os.cpu_count(), "python": platform.python_version(),
-        "machine": platform.machine(), "rows": rows,
-    }, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "size": size,
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {out}")
 
 

@@ -86,8 +86,12 @@ def tree_bytes(root: Path) -> int:
 class Bench:
     def __init__(self, work: Path, store_dir: Path, cache: Path, rounds: int) -> None:
         self.work = work
-        self.env = dict(os.environ, BLOBSTORE_STORE=store_dir.as_uri(),
-                        BLOBSTORE_CACHE=str(cache), BLOBSTORE_PEERS="none")
+        self.env = dict(
+            os.environ,
+            BLOBSTORE_STORE=store_dir.as_uri(),
+            BLOBSTORE_CACHE=str(cache),
+            BLOBSTORE_PEERS="none",
+        )
         self.rounds = rounds
         self.rows: list[dict[str, Any]] = []
         self._n = 0
@@ -105,8 +109,13 @@ class Bench:
         seconds: float = json.loads(out)["seconds"]
         return seconds
 
-    def measure(self, data: str, nbytes: int, steps: dict[str, Callable[[], Any]],
-                cleanup: Callable[[], None]) -> None:
+    def measure(
+        self,
+        data: str,
+        nbytes: int,
+        steps: dict[str, Callable[[], Any]],
+        cleanup: Callable[[], None],
+    ) -> None:
         """Run every step ``rounds`` times, alternating the order; keep medians."""
         times: dict[str, list[float]] = {name: [] for name in steps}
         inner: dict[str, list[float]] = {name: [] for name in steps}
@@ -121,12 +130,17 @@ class Bench:
                     inner[name].append(pull_seconds)
                 cleanup()
         for name in names:
-            self.rows.append({"data": data, "step": name, "bytes": nbytes,
-                              "seconds": statistics.median(times[name]),
-                              "all_seconds": times[name],
-                              "pull_seconds": statistics.median(inner[name])
-                              if inner[name] else None,
-                              "written_per_byte": statistics.median(written[name]) / nbytes})
+            self.rows.append(
+                {
+                    "data": data,
+                    "step": name,
+                    "bytes": nbytes,
+                    "seconds": statistics.median(times[name]),
+                    "all_seconds": times[name],
+                    "pull_seconds": statistics.median(inner[name]) if inner[name] else None,
+                    "written_per_byte": statistics.median(written[name]) / nbytes,
+                }
+            )
 
 
 def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None) -> None:
@@ -142,6 +156,7 @@ def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None) -> None:
             dst = b.fresh(out)
             made.append(dst)
             return make(dst)
+
         return step
 
     def cleanup() -> None:
@@ -150,19 +165,26 @@ def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None) -> None:
 
     def cold_pull(mode: str) -> Callable[[], Any]:
         """A pull into a new DEST with a new (empty) node store."""
+
         def step() -> Any:
             dst = b.fresh(out)
             cache = dst.with_name(dst.name + "-cache")
             made.extend([dst, cache])
             return b.pull(ref, dst, mode, cache=cache)
+
         return step
 
     store = Path(b.env["BLOBSTORE_STORE"].removeprefix("file://"))
-    b.measure(data, nbytes, {
-        "cp -r store objects": into(lambda d: run(["cp", "-r", str(store), str(d)])),
-        "pull auto (cold)": cold_pull("auto"),
-        "pull copy (cold)": cold_pull("copy"),
-    }, cleanup)
+    b.measure(
+        data,
+        nbytes,
+        {
+            "cp -r store objects": into(lambda d: run(["cp", "-r", str(store), str(d)])),
+            "pull auto (cold)": cold_pull("auto"),
+            "pull copy (cold)": cold_pull("copy"),
+        },
+        cleanup,
+    )
     cold = out / "cold"
     b.pull(ref, cold)  # fills the node store for the warm steps (copy mode)
 
@@ -170,25 +192,41 @@ def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None) -> None:
         run(["cp", "-r", str(src), str(dst)])
         os.sync()
 
-    b.measure(data, nbytes, {
-        "cp -r": into(lambda d: run(["cp", "-r", str(src), str(d)])),
-        "cp -r && sync": into(cp_sync),
-        "pull copy (warm)": into(lambda d: b.pull(ref, d)),
-        "re-pull (up to date)": lambda: b.pull(ref, cold),
-    }, cleanup)
+    b.measure(
+        data,
+        nbytes,
+        {
+            "cp -r": into(lambda d: run(["cp", "-r", str(src), str(d)])),
+            "cp -r && sync": into(cp_sync),
+            "pull copy (warm)": into(lambda d: b.pull(ref, d)),
+            "re-pull (up to date)": lambda: b.pull(ref, cold),
+        },
+        cleanup,
+    )
     shutil.rmtree(out)
     if xfs is None:
         return
     xsrc = xfs / f"src-{data}"
     run(["cp", "-r", str(src), str(xsrc)])
-    xb = Bench(b.work, Path(b.env["BLOBSTORE_STORE"].removeprefix("file://")),
-               xfs / "node" / "cache", b.rounds)
+    xb = Bench(
+        b.work,
+        Path(b.env["BLOBSTORE_STORE"].removeprefix("file://")),
+        xfs / "node" / "cache",
+        b.rounds,
+    )
     xout = xfs / f"out-{data}"
     xout.mkdir()
     seconds, wrote, inner = timed(lambda: xb.pull(ref, xout / "cold", "reflink"))
-    b.rows.append({"data": data, "step": "xfs: pull reflink (cold)", "bytes": nbytes,
-                   "seconds": seconds, "pull_seconds": inner,
-                   "written_per_byte": wrote / nbytes})
+    b.rows.append(
+        {
+            "data": data,
+            "step": "xfs: pull reflink (cold)",
+            "bytes": nbytes,
+            "seconds": seconds,
+            "pull_seconds": inner,
+            "written_per_byte": wrote / nbytes,
+        }
+    )
     shutil.rmtree(xout / "cold")
 
     def xinto(make: Callable[[Path], Any]) -> Callable[[], Any]:
@@ -196,16 +234,23 @@ def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None) -> None:
             dst = xb.fresh(xout)
             made.append(dst)
             return make(dst)
+
         return step
 
-    xb.measure(data, nbytes, {
-        "xfs: cp -r": xinto(lambda d: run(["cp", "-r", "--reflink=never", str(xsrc), str(d)])),
-        "xfs: cp -r --reflink=always": xinto(
-            lambda d: run(["cp", "-r", "--reflink=always", str(xsrc), str(d)])),
-        "xfs: pull reflink (warm)": xinto(lambda d: xb.pull(ref, d, "reflink")),
-        "xfs: cp -al": xinto(lambda d: run(["cp", "-al", str(xsrc), str(d)])),
-        "xfs: pull hardlink (warm)": xinto(lambda d: xb.pull(ref, d, "hardlink")),
-    }, cleanup)
+    xb.measure(
+        data,
+        nbytes,
+        {
+            "xfs: cp -r": xinto(lambda d: run(["cp", "-r", "--reflink=never", str(xsrc), str(d)])),
+            "xfs: cp -r --reflink=always": xinto(
+                lambda d: run(["cp", "-r", "--reflink=always", str(xsrc), str(d)])
+            ),
+            "xfs: pull reflink (warm)": xinto(lambda d: xb.pull(ref, d, "reflink")),
+            "xfs: cp -al": xinto(lambda d: run(["cp", "-al", str(xsrc), str(d)])),
+            "xfs: pull hardlink (warm)": xinto(lambda d: xb.pull(ref, d, "hardlink")),
+        },
+        cleanup,
+    )
     b.rows += xb.rows
     shutil.rmtree(xout)
     shutil.rmtree(xsrc)
@@ -228,8 +273,10 @@ def report(rows: list[dict[str, Any]]) -> None:
     """Ratios are baseline time / our time (>1: faster than the baseline). For
     pulls, "in-process" is the pull's own time (what the runner API pays)."""
     floors = {(r["data"], r["step"]): r["seconds"] for r in rows}
-    print(f"{'data':<7} {'step':<28} {'seconds':>8} {'×cp -r':>7} {'×cp+sync':>8} "
-          f"{'in-process':>10} {'×cp -r':>7} {'written/B':>9}")
+    print(
+        f"{'data':<7} {'step':<28} {'seconds':>8} {'×cp -r':>7} {'×cp+sync':>8} "
+        f"{'in-process':>10} {'×cp -r':>7} {'written/B':>9}"
+    )
     for r in rows:
         xfs = r["step"].startswith("xfs:")
         cp = floors.get((r["data"], "xfs: cp -r" if xfs else "cp -r"))
@@ -241,8 +288,10 @@ def report(rows: list[dict[str, Any]]) -> None:
         inner = r.get("pull_seconds")
         inner_s = f"{inner:10.3f}" if inner else " " * 10
         inner_r = f"{cp / inner:7.2f}" if inner and cp else " " * 7
-        print(f"{r['data']:<7} {r['step']:<28} {r['seconds']:8.3f} {ratio} {ratio_sync} "
-              f"{inner_s} {inner_r} {r['written_per_byte']:9.2f}")
+        print(
+            f"{r['data']:<7} {r['step']:<28} {r['seconds']:8.3f} {ratio} {ratio_sync} "
+            f"{inner_s} {inner_r} {r['written_per_byte']:9.2f}"
+        )
 
 
 def main() -> None:
@@ -262,8 +311,9 @@ def main() -> None:
             for i in range(0, size, 64 << 20):
                 f.write(random_bytes(min(64 << 20, size - i), f"bench-{i}"))
         tree = work / "src-tree"
-        shutil.copytree(args.tree, tree, symlinks=True,
-                        ignore=shutil.ignore_patterns("site-packages"))
+        shutil.copytree(
+            args.tree, tree, symlinks=True, ignore=shutil.ignore_patterns("site-packages")
+        )
         xfs = None if args.no_xfs else mount_xfs(work, 4 * size + (4 << 30))
         # One store per data set: "cp -r store objects" copies that data set's packs only.
         b = Bench(work, work / "store-big", work / "node" / "cache", args.rounds)
@@ -279,8 +329,7 @@ def main() -> None:
         out = HERE / "out" / f"bench_local-{time.strftime('%Y%m%d-%H%M%S')}.json"
         out.parent.mkdir(exist_ok=True)
         files = sum(1 for p in tree.rglob("*") if p.is_file())
-        out.write_text(json.dumps({"size": size, "tree_files": files, "rows": b.rows},
-                                  indent=2))
+        out.write_text(json.dumps({"size": size, "tree_files": files, "rows": b.rows}, indent=2))
         print(f"tree: {files} files; JSON: {out}")
 
 

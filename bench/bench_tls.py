@@ -61,8 +61,9 @@ class MemoryProvider:
 async def serve(tls_files: TlsFiles | None, size: int, chunk: int) -> None:
     tls = load_contexts(tls_files).wire_server if tls_files else None
     provider = MemoryProvider(make_chunks(size, chunk))
-    server = PeerServer(ServerIdentity("bench-server", "bench", TOKEN, tls=tls),
-                        provider, Metrics())  # type: ignore[arg-type]
+    server = PeerServer(
+        ServerIdentity("bench-server", "bench", TOKEN, tls=tls), provider, Metrics()
+    )  # type: ignore[arg-type]
     async with server.serving("127.0.0.1", 0) as port:
         print(json.dumps({"port": port}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -74,7 +75,7 @@ async def fetch_all(address: str, ids: list[ChunkId], me: Identity) -> float:
         reader = tg.create_task(conn.read_loop())
         start = time.perf_counter()
         for i in range(0, len(ids), WINDOW):
-            await asyncio.gather(*(conn.get(c) for c in ids[i:i + WINDOW]))
+            await asyncio.gather(*(conn.get(c) for c in ids[i : i + WINDOW]))
         elapsed = time.perf_counter() - start
         reader.cancel()
     await conn.aclose()
@@ -86,23 +87,62 @@ def make_pki(root: Path) -> TlsFiles:
         subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
 
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    openssl("req", "-x509", *ec, "-keyout", root / "ca.key", "-out", root / "ca.crt",
-            "-days", "1", "-subj", "/CN=bench-ca")
-    (root / "ext").write_text(
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n")
-    openssl("req", *ec, "-keyout", root / "node.key", "-out", root / "node.csr",
-            "-subj", "/CN=bench-node")
-    openssl("x509", "-req", "-in", root / "node.csr", "-CA", root / "ca.crt", "-CAkey",
-            root / "ca.key", "-CAcreateserial", "-out", root / "node.crt", "-days", "1",
-            "-extfile", root / "ext")
+    openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        root / "ca.key",
+        "-out",
+        root / "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=bench-ca",
+    )
+    (root / "ext").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n")
+    openssl(
+        "req",
+        *ec,
+        "-keyout",
+        root / "node.key",
+        "-out",
+        root / "node.csr",
+        "-subj",
+        "/CN=bench-node",
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        root / "node.csr",
+        "-CA",
+        root / "ca.crt",
+        "-CAkey",
+        root / "ca.key",
+        "-CAcreateserial",
+        "-out",
+        root / "node.crt",
+        "-days",
+        "1",
+        "-extfile",
+        root / "ext",
+    )
     return TlsFiles(root / "node.crt", root / "node.key", root / "ca.crt")
 
 
 def start_server(
     args: argparse.Namespace, tls: TlsFiles | None
 ) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, __file__, "--serve", "--size", str(args.size),
-           "--chunk", str(args.chunk)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--serve",
+        "--size",
+        str(args.size),
+        "--chunk",
+        str(args.chunk),
+    ]
     if tls:
         cmd += ["--tls", str(tls.cert), str(tls.key), str(tls.ca)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -118,8 +158,10 @@ async def bench(args: argparse.Namespace) -> None:
         tls = make_pki(Path(tmp))
         client_tls = client_context(tls)
         servers = {"plain tcp": start_server(args, None), "mutual tls": start_server(args, tls)}
-        identities = {"plain tcp": Identity("bench-client", "bench", TOKEN),
-                      "mutual tls": Identity("bench-client", "bench", TOKEN, client_tls)}
+        identities = {
+            "plain tcp": Identity("bench-client", "bench", TOKEN),
+            "mutual tls": Identity("bench-client", "bench", TOKEN, client_tls),
+        }
         times: dict[str, list[float]] = {name: [] for name in servers}
         try:
             for name, (_, address) in servers.items():  # warm-up: connections, caches
@@ -134,8 +176,10 @@ async def bench(args: argparse.Namespace) -> None:
                 proc.wait(10)
     median = {name: statistics.median(t) for name, t in times.items()}
     base = total / median["plain tcp"]
-    print(f"{len(ids)} chunks x {args.chunk >> 20} MiB = {total / 2**20:.0f} MiB per round, "
-          f"{args.rounds} rounds alternating, {WINDOW} chunks in flight, every chunk verified")
+    print(
+        f"{len(ids)} chunks x {args.chunk >> 20} MiB = {total / 2**20:.0f} MiB per round, "
+        f"{args.rounds} rounds alternating, {WINDOW} chunks in flight, every chunk verified"
+    )
     print(f"{'transport':<12} {'median s':>9} {'GB/s':>7} {'vs plain':>9}   rounds (s)")
     for name, secs in median.items():
         rate = total / secs

@@ -166,7 +166,8 @@ class Catalog:
         present = await self.store.exists_many([manifest_key(m) for m in named])
         entries = [
             RefEntry(e.name, e.manifest, f"names manifest {e.manifest} which is missing")
-            if e.problem is None and e.manifest is not None
+            if e.problem is None
+            and e.manifest is not None
             and manifest_key(e.manifest) not in present
             else e
             for e in entries

@@ -46,24 +46,54 @@ Command = Callable[[argparse.Namespace, Any], Awaitable[int]]
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     d: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {"default": None}
     g = parser.add_argument_group("global options")
-    g.add_argument("--store", metavar="URL", help="object store: s3://bucket/prefix or "
-                   "file:///dir (env BLOBSTORE_STORE; default: a file store in the data dir)", **d)
+    g.add_argument(
+        "--store",
+        metavar="URL",
+        help="object store: s3://bucket/prefix or "
+        "file:///dir (env BLOBSTORE_STORE; default: a file store in the data dir)",
+        **d,
+    )
     g.add_argument("--cache", metavar="DIR", help="local chunk cache (env BLOBSTORE_CACHE)", **d)
-    g.add_argument("--cache-size", metavar="SIZE",
-                   help="cache byte limit, e.g. 50G (env BLOBSTORE_CACHE_SIZE)", **d)
+    g.add_argument(
+        "--cache-size",
+        metavar="SIZE",
+        help="cache byte limit, e.g. 50G (env BLOBSTORE_CACHE_SIZE)",
+        **d,
+    )
     g.add_argument("--region", metavar="NAME", help="region (env BLOBSTORE_REGION)", **d)
-    g.add_argument("--peers", metavar="auto|none|HOST:PORT[,...]",
-                   help="peer discovery (env BLOBSTORE_PEERS; default auto)", **d)
-    g.add_argument("--token-file", metavar="FILE",
-                   help="cluster token for peers (env BLOBSTORE_TOKEN_FILE)", **d)
-    g.add_argument("--tls-cert", metavar="PEM", help="this node's certificate for mutual TLS "
-                   "with peers; needs --tls-key and --tls-ca (env BLOBSTORE_TLS_CERT)", **d)
-    g.add_argument("--tls-key", metavar="PEM", help="its private key (env BLOBSTORE_TLS_KEY)",
-                   **d)
-    g.add_argument("--tls-ca", metavar="PEM", help="the CA that signs every peer's certificate "
-                   "(env BLOBSTORE_TLS_CA)", **d)
-    g.add_argument("-v", "--verbose", action="count", **({"default": argparse.SUPPRESS}
-                   if suppress else {"default": 0}), help="more logging")
+    g.add_argument(
+        "--peers",
+        metavar="auto|none|HOST:PORT[,...]",
+        help="peer discovery (env BLOBSTORE_PEERS; default auto)",
+        **d,
+    )
+    g.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="cluster token for peers (env BLOBSTORE_TOKEN_FILE)",
+        **d,
+    )
+    g.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="this node's certificate for mutual TLS "
+        "with peers; needs --tls-key and --tls-ca (env BLOBSTORE_TLS_CERT)",
+        **d,
+    )
+    g.add_argument("--tls-key", metavar="PEM", help="its private key (env BLOBSTORE_TLS_KEY)", **d)
+    g.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="the CA that signs every peer's certificate (env BLOBSTORE_TLS_CA)",
+        **d,
+    )
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        **({"default": argparse.SUPPRESS} if suppress else {"default": 0}),
+        help="more logging",
+    )
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -110,10 +140,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = add("verify", "fetch and check every chunk of REF in the object store")
     p.add_argument("ref")
-    p.add_argument("--repair", action="store_true",
-                   help="pack bad chunks again from --from DIR and move REF onto them")
-    p.add_argument("--from", dest="source", type=Path, metavar="DIR",
-                   help="a copy of REF's tree to repair from (with --repair)")
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="pack bad chunks again from --from DIR and move REF onto them",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        metavar="DIR",
+        help="a copy of REF's tree to repair from (with --repair)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify, _wants="client_nopeers")
 
@@ -125,12 +163,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from .gc import DEFAULT_GRACE_SECONDS, DEFAULT_REPACK_BELOW
 
         p = add("gc", "evict the cache to its limits; sweep unreferenced objects")
-        p.add_argument("--grace", default=f"{DEFAULT_GRACE_SECONDS}s", metavar="DURATION",
-                       help="only sweep objects older than this (e.g. 30m, 6h; default 6h)")
+        p.add_argument(
+            "--grace",
+            default=f"{DEFAULT_GRACE_SECONDS}s",
+            metavar="DURATION",
+            help="only sweep objects older than this (e.g. 30m, 6h; default 6h)",
+        )
         p.add_argument("--dry-run", action="store_true")
-        p.add_argument("--repack-below", type=float, default=DEFAULT_REPACK_BELOW,
-                       metavar="FRACTION", help="repack packs with less than this fraction "
-                       f"live (default {DEFAULT_REPACK_BELOW}; 0 never repacks)")
+        p.add_argument(
+            "--repack-below",
+            type=float,
+            default=DEFAULT_REPACK_BELOW,
+            metavar="FRACTION",
+            help="repack packs with less than this fraction "
+            f"live (default {DEFAULT_REPACK_BELOW}; 0 never repacks)",
+        )
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=cmd_gc, _wants="client_nopeers")
     if only is not None:
@@ -173,18 +220,26 @@ def named_command(argv: Sequence[str]) -> str | None:
 
 def add_pull_options(p: argparse.ArgumentParser) -> None:
     """--link-mode and --keep-special-modes, for every command that pulls."""
-    p.add_argument("--link-mode", metavar="auto|reflink|hardlink|copy", default=None,
-                   help="how files get from the node store into DIR: auto clones where the "
-                   "filesystem can and copies otherwise; hardlink shares the node's copy "
-                   "(files made read-only; never write into them) (env BLOBSTORE_LINK_MODE)")
-    p.add_argument("--keep-special-modes", action="store_true",
-                   help="keep setuid/setgid/sticky bits from the manifest (dropped by default)")
+    p.add_argument(
+        "--link-mode",
+        metavar="auto|reflink|hardlink|copy",
+        default=None,
+        help="how files get from the node store into DIR: auto clones where the "
+        "filesystem can and copies otherwise; hardlink shares the node's copy "
+        "(files made read-only; never write into them) (env BLOBSTORE_LINK_MODE)",
+    )
+    p.add_argument(
+        "--keep-special-modes",
+        action="store_true",
+        help="keep setuid/setgid/sticky bits from the manifest (dropped by default)",
+    )
 
 
 def link_mode_of(args: argparse.Namespace) -> LinkMode:
     """The --link-mode option, else BLOBSTORE_LINK_MODE, else auto. Raises ConfigError."""
-    return parse_link_mode(getattr(args, "link_mode", None)
-                           or os.environ.get("BLOBSTORE_LINK_MODE") or "auto")
+    return parse_link_mode(
+        getattr(args, "link_mode", None) or os.environ.get("BLOBSTORE_LINK_MODE") or "auto"
+    )
 
 
 def _adopt(p: argparse.ArgumentParser, common: argparse.ArgumentParser, wants: str) -> None:
@@ -219,30 +274,50 @@ async def cmd_push(args: argparse.Namespace, client: Client) -> int:
     finally:
         bar.close()
     doc = {
-        "ref": r.ref, "manifest": r.manifest, "files": r.files, "bytes": r.bytes,
-        "chunks": r.chunks, "new_chunks": r.new_chunks, "new_bytes": r.new_bytes,
-        "seconds": round(r.seconds, 3), "skipped": list(r.skipped),
-        "reused_files": r.reused_files, "read_bytes": r.read_bytes,
+        "ref": r.ref,
+        "manifest": r.manifest,
+        "files": r.files,
+        "bytes": r.bytes,
+        "chunks": r.chunks,
+        "new_chunks": r.new_chunks,
+        "new_bytes": r.new_bytes,
+        "seconds": round(r.seconds, 3),
+        "skipped": list(r.skipped),
+        "reused_files": r.reused_files,
+        "read_bytes": r.read_bytes,
     }
     for path in r.skipped:
         log.warning("skipped special file %s", path)
-    _emit(args, doc, f"pushed {r.ref} -> {r.manifest[:16]}: {r.files} files, "
-          f"{human_bytes(r.bytes)}, {r.chunks} chunks, uploaded {r.new_chunks} "
-          f"({human_bytes(r.new_bytes)}) in {r.seconds:.2f}s")
+    _emit(
+        args,
+        doc,
+        f"pushed {r.ref} -> {r.manifest[:16]}: {r.files} files, "
+        f"{human_bytes(r.bytes)}, {r.chunks} chunks, uploaded {r.new_chunks} "
+        f"({human_bytes(r.new_bytes)}) in {r.seconds:.2f}s",
+    )
     return 0
 
 
 async def cmd_pull(args: argparse.Namespace, client: Client) -> int:
     bar = ProgressLine("pull", tiers=lambda: client.source.bytes_from)
     try:
-        r = await client.pull(args.ref, args.dir, progress=bar, link_mode=link_mode_of(args),
-                              keep_special_modes=args.keep_special_modes)
+        r = await client.pull(
+            args.ref,
+            args.dir,
+            progress=bar,
+            link_mode=link_mode_of(args),
+            keep_special_modes=args.keep_special_modes,
+        )
     finally:
         bar.close()
     doc = r.to_json()
     tiers = ", ".join(f"{k} {human_bytes(v)}" for k, v in doc["from"].items())
-    _emit(args, doc, f"pulled {r.ref} -> {args.dir}: {r.files} files, {human_bytes(r.bytes)} "
-          f"in {r.seconds:.2f}s ({r.kept_files} already up to date; from {tiers})")
+    _emit(
+        args,
+        doc,
+        f"pulled {r.ref} -> {args.dir}: {r.files} files, {human_bytes(r.bytes)} "
+        f"in {r.seconds:.2f}s ({r.kept_files} already up to date; from {tiers})",
+    )
     return 0
 
 
@@ -263,22 +338,32 @@ async def cmd_show(args: argparse.Namespace, client: Client) -> int:
         refs = list(manifest.chunk_refs())
         unique = {c.id: c.size for c in refs}
         doc.update(
-            bytes=sum(c.size for c in refs), chunks=len(refs), unique_chunks=len(unique),
+            bytes=sum(c.size for c in refs),
+            chunks=len(refs),
+            unique_chunks=len(unique),
             unique_bytes=sum(unique.values()),
-            chunker={"name": manifest.chunker.name, "min": manifest.chunker.min_size,
-                     "avg": manifest.chunker.avg_size, "max": manifest.chunker.max_size},
+            chunker={
+                "name": manifest.chunker.name,
+                "min": manifest.chunker.min_size,
+                "avg": manifest.chunker.avg_size,
+                "max": manifest.chunker.max_size,
+            },
         )
     if isinstance(manifest, Tree):
         kinds = [e.kind for e in manifest.entries]
-        doc.update(files=kinds.count("file"), dirs=kinds.count("dir"),
-                   symlinks=kinds.count("symlink"))
-        biggest = sorted((e for e in manifest.entries if e.kind == "file"),
-                         key=lambda e: -e.size)[:10]
+        doc.update(
+            files=kinds.count("file"), dirs=kinds.count("dir"), symlinks=kinds.count("symlink")
+        )
+        biggest = sorted((e for e in manifest.entries if e.kind == "file"), key=lambda e: -e.size)[
+            :10
+        ]
         doc["largest_files"] = [{"path": e.path, "bytes": e.size} for e in biggest]
-        text = (f"{args.ref}: tree {manifest_id}\n  {doc['files']} files, {doc['dirs']} dirs, "
-                f"{doc['symlinks']} symlinks, {human_bytes(doc['bytes'])} "
-                f"({human_bytes(doc['unique_bytes'])} unique) in {doc['chunks']} chunks\n"
-                + "\n".join(f"  {human_bytes(e.size):>10}  {e.path}" for e in biggest))
+        text = (
+            f"{args.ref}: tree {manifest_id}\n  {doc['files']} files, {doc['dirs']} dirs, "
+            f"{doc['symlinks']} symlinks, {human_bytes(doc['bytes'])} "
+            f"({human_bytes(doc['unique_bytes'])} unique) in {doc['chunks']} chunks\n"
+            + "\n".join(f"  {human_bytes(e.size):>10}  {e.path}" for e in biggest)
+        )
     elif isinstance(manifest, Layer):
         doc.update(digest=manifest.digest, media_type=manifest.media_type)
         text = f"{args.ref}: layer {manifest.digest} {human_bytes(manifest.size)}"
@@ -304,27 +389,55 @@ async def cmd_verify(args: argparse.Namespace, client: Client) -> int:
     if args.repair:
         return await _repair(args, client)
     r = await client.verify(args.ref)
-    doc = {"ref": r.ref, "manifest": r.manifest, "chunks": r.chunks, "missing": r.missing,
-           "corrupt": r.corrupt, "ok": r.ok, "seconds": round(r.seconds, 3)}
+    doc = {
+        "ref": r.ref,
+        "manifest": r.manifest,
+        "chunks": r.chunks,
+        "missing": r.missing,
+        "corrupt": r.corrupt,
+        "ok": r.ok,
+        "seconds": round(r.seconds, 3),
+    }
     if r.ok:
         _emit(args, doc, f"{r.ref}: all {r.chunks} chunks present and intact")
         return 0
-    return _emit_failure(args, doc, f"{r.ref}: {len(r.missing)} chunks missing, "
-                                    f"{len(r.corrupt)} corrupt of {r.chunks}")
+    return _emit_failure(
+        args,
+        doc,
+        f"{r.ref}: {len(r.missing)} chunks missing, {len(r.corrupt)} corrupt of {r.chunks}",
+    )
 
 
 async def _repair(args: argparse.Namespace, client: Client) -> int:
     if args.source is None:
         raise BadInput("verify --repair needs --from DIR (a copy of the tree), or push it again")
     r = await client.repair(args.ref, args.source)
-    doc = {"ref": r.ref, "old_manifest": r.old_manifest, "manifest": r.manifest,
-           "repaired": r.repaired, "unrepaired": list(r.unrepaired), "ok": r.ok}
+    doc = {
+        "ref": r.ref,
+        "old_manifest": r.old_manifest,
+        "manifest": r.manifest,
+        "repaired": r.repaired,
+        "unrepaired": list(r.unrepaired),
+        "ok": r.ok,
+    }
     if r.ok:
-        _emit(args, doc, f"{r.ref}: " + (f"repaired {r.repaired} chunks, now {r.manifest}"
-                                         if r.repaired else "all chunks present and intact"))
+        _emit(
+            args,
+            doc,
+            f"{r.ref}: "
+            + (
+                f"repaired {r.repaired} chunks, now {r.manifest}"
+                if r.repaired
+                else "all chunks present and intact"
+            ),
+        )
         return 0
-    return _emit_failure(args, doc, f"{r.ref}: {len(r.unrepaired)} bad chunks not found in "
-                                    f"{args.source} (repaired {r.repaired})")
+    return _emit_failure(
+        args,
+        doc,
+        f"{r.ref}: {len(r.unrepaired)} bad chunks not found in "
+        f"{args.source} (repaired {r.repaired})",
+    )
 
 
 def _emit_failure(args: argparse.Namespace, doc: dict[str, Any], message: str) -> int:
@@ -337,14 +450,30 @@ def _emit_failure(args: argparse.Namespace, doc: dict[str, Any], message: str) -
 
 async def cmd_migrate(args: argparse.Namespace, client: Client) -> int:
     r = await client.migrate()
-    doc = {"refs": r.refs, "refs_moved_meanwhile": r.refs_moved_meanwhile, "chunks": r.chunks,
-           "bytes": r.bytes, "unreadable": list(r.unreadable)}
-    _emit(args, doc, f"packed {r.chunks} chunks ({human_bytes(r.bytes)}), moved {r.refs} refs "
-          "onto v2 manifests" + (f"; {r.refs_moved_meanwhile} refs moved meanwhile (run again)"
-                                 if r.refs_moved_meanwhile else ""))
+    doc = {
+        "refs": r.refs,
+        "refs_moved_meanwhile": r.refs_moved_meanwhile,
+        "chunks": r.chunks,
+        "bytes": r.bytes,
+        "unreadable": list(r.unreadable),
+    }
+    _emit(
+        args,
+        doc,
+        f"packed {r.chunks} chunks ({human_bytes(r.bytes)}), moved {r.refs} refs "
+        "onto v2 manifests"
+        + (
+            f"; {r.refs_moved_meanwhile} refs moved meanwhile (run again)"
+            if r.refs_moved_meanwhile
+            else ""
+        ),
+    )
     if r.unreadable:
-        print(f"blobstore: error: {len(r.unreadable)} chunks missing or corrupt, left where "
-              f"they were (first: {r.unreadable[0]})", file=sys.stderr)
+        print(
+            f"blobstore: error: {len(r.unreadable)} chunks missing or corrupt, left where "
+            f"they were (first: {r.unreadable[0]})",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -361,23 +490,39 @@ async def cmd_gc(args: argparse.Namespace, client: Client) -> int:
 
     if not 0 <= args.repack_below <= 1:
         raise BadInput("--repack-below is a fraction between 0 and 1")
-    r = await collect(client.object_store, client.cache, grace_seconds=parse_duration(args.grace),
-                      dry_run=args.dry_run, repack_below=args.repack_below)
+    r = await collect(
+        client.object_store,
+        client.cache,
+        grace_seconds=parse_duration(args.grace),
+        dry_run=args.dry_run,
+        repack_below=args.repack_below,
+    )
     doc = {k: getattr(r, k) for k in r.__dataclass_fields__}
     for problem in r.bad_refs:
         log.warning("%s; kept everything it still reaches", problem)
     verb = "would sweep" if r.dry_run else "swept"
-    _emit(args, doc, f"cache: evicted {human_bytes(r.cache_evicted_bytes)}, holds "
-          f"{human_bytes(r.cache_bytes)}; store: {r.refs} refs, {verb} {r.swept_packs} packs, "
-          f"{r.swept_chunks} chunks and {r.swept_manifests} manifests "
-          f"({human_bytes(r.swept_bytes)})"
-          + (f"; repacked {r.repacked_packs} packs ({human_bytes(r.repacked_bytes)} moved, "
-             f"{r.refs_rewritten} refs rewritten)" if r.repacked_packs else "")
-          + (f"; would repack {r.would_repack} packs" if r.would_repack else "")
-          + (f"; {r.skipped_for_writers} writers active, sweep skipped (blobstore leases)"
-             if r.skipped_for_writers else "")
-          + (f"; {len(r.bad_refs)} bad refs (see warnings)" if r.bad_refs else "")
-          + (f"; removed {r.stale_temp_files} stale temp files" if r.stale_temp_files else ""))
+    _emit(
+        args,
+        doc,
+        f"cache: evicted {human_bytes(r.cache_evicted_bytes)}, holds "
+        f"{human_bytes(r.cache_bytes)}; store: {r.refs} refs, {verb} {r.swept_packs} packs, "
+        f"{r.swept_chunks} chunks and {r.swept_manifests} manifests "
+        f"({human_bytes(r.swept_bytes)})"
+        + (
+            f"; repacked {r.repacked_packs} packs ({human_bytes(r.repacked_bytes)} moved, "
+            f"{r.refs_rewritten} refs rewritten)"
+            if r.repacked_packs
+            else ""
+        )
+        + (f"; would repack {r.would_repack} packs" if r.would_repack else "")
+        + (
+            f"; {r.skipped_for_writers} writers active, sweep skipped (blobstore leases)"
+            if r.skipped_for_writers
+            else ""
+        )
+        + (f"; {len(r.bad_refs)} bad refs (see warnings)" if r.bad_refs else "")
+        + (f"; removed {r.stale_temp_files} stale temp files" if r.stale_temp_files else ""),
+    )
     return 0
 
 

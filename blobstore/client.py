@@ -90,8 +90,9 @@ class Client:
         self.cache = cache
         self.peer = peer
         # the node's cached pack indexes: a new process reads only indexes of new packs
-        self.origin = OriginSource(object_store, locator=PackLocator(
-            object_store, self.index_cache))
+        self.origin = OriginSource(
+            object_store, locator=PackLocator(object_store, self.index_cache)
+        )
         self.packs = PackConfig()
         """How pushes pack chunks (target size, uploads in flight)."""
         self.racy_window_ns = RACY_WINDOW_NS
@@ -155,16 +156,31 @@ class Client:
         nothing to do makes two requests and takes no lease (push.py)."""
         root = Path(root)
         scan = await scan_root(root)
-        push_index = PushIndex.for_root(self.config.cache.dir, self.object_store.url, root,
-                                        DEFAULT_PARAMS, self.racy_window_ns)
+        push_index = PushIndex.for_root(
+            self.config.cache.dir, self.object_store.url, root, DEFAULT_PARAMS, self.racy_window_ns
+        )
         if ref is not None:
-            done = await push_unchanged(scan, ref, self.catalog, self.object_store,
-                                        self.index_cache, push_index, DEFAULT_PARAMS.info())
+            done = await push_unchanged(
+                scan,
+                ref,
+                self.catalog,
+                self.object_store,
+                self.index_cache,
+                push_index,
+                DEFAULT_PARAMS.info(),
+            )
             if done is not None:
                 return done
         async with self.writing() as ingestor:
-            return await push_tree(root, ref, self.catalog, ingestor, progress=progress,
-                                   scan=scan, push_index=push_index)
+            return await push_tree(
+                root,
+                ref,
+                self.catalog,
+                ingestor,
+                progress=progress,
+                scan=scan,
+                push_index=push_index,
+            )
 
     async def load(self, ref_or_id: str) -> tuple[ChunkId, Manifest]:
         manifest_id = await self.catalog.resolve_or_id(ref_or_id)
@@ -183,9 +199,16 @@ class Client:
         """Materialize ``ref`` into ``dest`` through the tiers (see pull_tree)."""
         manifest_id = await self.catalog.resolve_or_id(ref)
         tree = await self.catalog.load_tree(manifest_id)
-        return await self.pull_tree(ref, manifest_id, tree, dest, progress=progress,
-                                    priority=priority, link_mode=link_mode,
-                                    keep_special_modes=keep_special_modes)
+        return await self.pull_tree(
+            ref,
+            manifest_id,
+            tree,
+            dest,
+            progress=progress,
+            priority=priority,
+            link_mode=link_mode,
+            keep_special_modes=keep_special_modes,
+        )
 
     async def pull_tree(
         self,
@@ -210,15 +233,22 @@ class Client:
         keys = [file_key(e) for e in tree.entries if e.kind == "file" and e.size]
         with self.cache.pinned(c.id for c in tree.chunk_refs()), self.cache.pinned_files(keys):
             stats = await materialize(
-                tree, Path(dest), self.source, store=self.cache,
-                concurrency=self.config.concurrency, progress=progress, priority=priority,
-                link_mode=link_mode, keep_special_modes=keep_special_modes,
+                tree,
+                Path(dest),
+                self.source,
+                store=self.cache,
+                concurrency=self.config.concurrency,
+                progress=progress,
+                priority=priority,
+                link_mode=link_mode,
+                keep_special_modes=keep_special_modes,
                 state_dir=self.pull_state_dir,
             )
         tiers = {k: v - before.get(k, 0) for k, v in self.source.bytes_from.items()}
         tiers["local"] = tiers.get("local", 0) + stats.placed_bytes
-        return PullResult(ref, manifest_id, stats.files, stats.bytes, stats.kept_files,
-                          stats.seconds, tiers)
+        return PullResult(
+            ref, manifest_id, stats.files, stats.bytes, stats.kept_files, stats.seconds, tiers
+        )
 
     @property
     def pull_state_dir(self) -> Path:
@@ -265,12 +295,16 @@ class Client:
             (corrupt if isinstance(reason, Corrupt) else missing).append(r)
         bad = tuple(missing + corrupt)
         if bad:
-            await anyio.to_thread.run_sync(
-                self.index_cache.add_bad, [(r.id, r.pack) for r in bad]
-            )
-        return VerifyResult(ref, manifest_id, len({c.id for c in refs.values()}),
-                            sorted({r.id for r in missing}), sorted({r.id for r in corrupt}),
-                            time.monotonic() - started, bad)
+            await anyio.to_thread.run_sync(self.index_cache.add_bad, [(r.id, r.pack) for r in bad])
+        return VerifyResult(
+            ref,
+            manifest_id,
+            len({c.id for c in refs.values()}),
+            sorted({r.id for r in missing}),
+            sorted({r.id for r in corrupt}),
+            time.monotonic() - started,
+            bad,
+        )
 
     async def repair(self, ref: str, source: Path) -> RepairResult:
         """Verify ``ref``; if chunks are bad, pack them again from the files in
@@ -282,8 +316,9 @@ class Client:
             return RepairResult(ref, checked.manifest, checked.manifest, 0, ())
         bad = {(r.id, r.pack) for r in checked.bad}
         async with self.writing() as ingestor:
-            return await repair_tree(self.catalog, ref, checked.manifest, bad, Path(source),
-                                     ingestor)
+            return await repair_tree(
+                self.catalog, ref, checked.manifest, bad, Path(source), ingestor
+            )
 
     async def migrate(self) -> MigrateResult:
         """Move this (old) store's per-chunk objects into packs and its refs onto

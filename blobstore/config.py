@@ -80,8 +80,10 @@ class TlsFiles:
         if not (cert or key or ca):
             return None
         if not (cert and key and ca):
-            raise ConfigError("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca "
-                              "(env BLOBSTORE_TLS_CERT, BLOBSTORE_TLS_KEY, BLOBSTORE_TLS_CA)")
+            raise ConfigError(
+                "mutual TLS needs all of --tls-cert, --tls-key and --tls-ca "
+                "(env BLOBSTORE_TLS_CERT, BLOBSTORE_TLS_KEY, BLOBSTORE_TLS_CA)"
+            )
         return cls(Path(cert).expanduser(), Path(key).expanduser(), Path(ca).expanduser())
 
 
@@ -118,9 +120,7 @@ class Config:
     """Chunks in flight per pull/push (bounds memory: ~concurrency x 4 MiB)."""
 
     @classmethod
-    def from_env(
-        cls, env: Mapping[str, str] | None = None, **overrides: str | None
-    ) -> Config:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: str | None) -> Config:
         """Build from BLOBSTORE_* variables; non-None ``overrides`` win
         (keys: store, cache, region, peers, token_file, cache_size, tls_cert, tls_key,
         tls_ca)."""
@@ -141,9 +141,11 @@ class Config:
         token_file = pick("token_file", "BLOBSTORE_TOKEN_FILE", "")
         token = read_token(Path(token_file)) if token_file else None
         peers = PeerConfig.parse(pick("peers", "BLOBSTORE_PEERS", "auto"), token)
-        tls = TlsFiles.parse(pick("tls_cert", "BLOBSTORE_TLS_CERT", ""),
-                             pick("tls_key", "BLOBSTORE_TLS_KEY", ""),
-                             pick("tls_ca", "BLOBSTORE_TLS_CA", ""))
+        tls = TlsFiles.parse(
+            pick("tls_cert", "BLOBSTORE_TLS_CERT", ""),
+            pick("tls_key", "BLOBSTORE_TLS_KEY", ""),
+            pick("tls_ca", "BLOBSTORE_TLS_CA", ""),
+        )
         if tls is not None:
             peers = replace(peers, tls=tls)
         return cls(

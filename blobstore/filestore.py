@@ -95,9 +95,7 @@ class FileObjectStore(AsyncResource):
             state = "exists" if expected is None else "changed"
             raise Conflict(f"object {key} {state} in {self.url}; conditional write refused")
 
-    async def get_range(
-        self, key: str, offset: int, length: int
-    ) -> AsyncGenerator[bytes, None]:
+    async def get_range(self, key: str, offset: int, length: int) -> AsyncGenerator[bytes, None]:
         """Stream ``length`` bytes from ``offset`` in blocks (one ``pread`` per block,
         in a worker thread). Stops early where the file ends.
         Raises ObjectMissing, StoreUnavailable, BadInput."""

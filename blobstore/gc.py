@@ -101,8 +101,9 @@ async def mark(
             current = pending.pop()
             if current in manifests:
                 if current in damaged:
-                    problems.append(f"ref {ref.name!r} reaches manifest {current}, which is "
-                                    f"{damaged[current]}")
+                    problems.append(
+                        f"ref {ref.name!r} reaches manifest {current}, which is {damaged[current]}"
+                    )
                 continue
             manifests.add(current)  # even if damaged: repairable, never swept under a ref
             try:
@@ -111,8 +112,9 @@ async def mark(
                 manifest, damaged[current] = None, "missing"
             if manifest is None:
                 damaged.setdefault(current, "corrupt")
-                problems.append(f"ref {ref.name!r} reaches manifest {current}, which is "
-                                f"{damaged[current]}")
+                problems.append(
+                    f"ref {ref.name!r} reaches manifest {current}, which is {damaged[current]}"
+                )
                 continue
             if isinstance(manifest, Image):
                 pending.extend(layer.manifest for layer in manifest.layers)
@@ -169,8 +171,11 @@ async def collect(
             _, again_manifests, again_chunks = await mark(catalog, [])
             live = again_manifests | again_chunks
             usage = await pack_usage(catalog, again_manifests)
-            candidates = [(k, s) for k, s in candidates
-                          if k.rsplit("/", 1)[-1] not in live and pack_of(k) not in usage]
+            candidates = [
+                (k, s)
+                for k, s in candidates
+                if k.rsplit("/", 1)[-1] not in live and pack_of(k) not in usage
+            ]
             sparse = [p for p in sparse if p in usage]
             if sparse and not dry_run:
                 repacked = await repack(store, sparse, usage, packs or PackConfig())
@@ -303,6 +308,7 @@ async def repack(
             if all((pack, r.offset) in moved for r in refs):
                 emptied.append(pack)
         await writer.flush()
+
     def where(ref: ChunkRef) -> ChunkRef | None:
         new = moved.get((ref.pack, ref.offset)) if ref.pack is not None else None
         return new if new is not None and new.id == ref.id else None

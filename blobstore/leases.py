@@ -189,8 +189,9 @@ class Leases:
         while True:
             await anyio.sleep(every)
             if anyio.current_time() - last_ok > ttl:
-                raise StoreUnavailable(f"lease {key} lapsed (this process was stalled for "
-                                       f"over {ttl:.0f} s); stopping")
+                raise StoreUnavailable(
+                    f"lease {key} lapsed (this process was stalled for over {ttl:.0f} s); stopping"
+                )
             try:
                 await self.store.put(key, body)
                 last_ok = anyio.current_time()
@@ -233,8 +234,9 @@ class Leases:
             if kind is None:
                 continue
             age = max(0.0, now - info.mtime)
-            result.append(LeaseInfo(info.key, kind, held_by.get(info.key, ""), age, ttl,
-                                    age <= ttl))
+            result.append(
+                LeaseInfo(info.key, kind, held_by.get(info.key, ""), age, ttl, age <= ttl)
+            )
         return result
 
     def _kind_and_ttl(self, info: ObjectInfo) -> tuple[str | None, float]:
@@ -276,8 +278,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "holder (host, pid) is gone.",
     )
     p.add_argument("--clear-stale", action="store_true", help="delete every lapsed lease")
-    p.add_argument("--clear", nargs="+", metavar="NAME", default=None,
-                   help="delete these leases, live or not (only if their holder is dead)")
+    p.add_argument(
+        "--clear",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="delete these leases, live or not (only if their holder is dead)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_leases, _wants="client_nopeers")
 
@@ -296,16 +303,24 @@ async def run_leases(args: argparse.Namespace, client: Client) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     for info in cleared:
-        print(f"cleared {info.key[len(LEASES):]} ({info.kind}, {info.holder or '?'})")
+        print(f"cleared {info.key[len(LEASES) :]} ({info.kind}, {info.holder or '?'})")
     for info in rows:
         state = "live" if info.live else "stale"
-        print(f"{info.key[len(LEASES):]:48}  {info.kind:6}  {state:5}  age {info.age:7.0f} s  "
-              f"ttl {info.ttl:.0f} s  {info.holder}")
+        print(
+            f"{info.key[len(LEASES) :]:48}  {info.kind:6}  {state:5}  age {info.age:7.0f} s  "
+            f"ttl {info.ttl:.0f} s  {info.holder}"
+        )
     if not rows and not cleared:
         print("no leases")
     return 0
 
 
 def _row(info: LeaseInfo) -> dict[str, object]:
-    return {"name": info.key[len(LEASES):], "kind": info.kind, "holder": info.holder,
-            "age": round(info.age, 1), "ttl": info.ttl, "live": info.live}
+    return {
+        "name": info.key[len(LEASES) :],
+        "kind": info.kind,
+        "holder": info.holder,
+        "age": round(info.age, 1),
+        "ttl": info.ttl,
+        "live": info.live,
+    }

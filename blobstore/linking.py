@@ -50,8 +50,9 @@ LINK_MODES: tuple[str, ...] = get_args(LinkMode)
 TMP_MARK = ".blobstore-tmp-"
 NAME_MAX = 255
 _FICLONE = 0x40049409
-_NOT_CLONABLE = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EXDEV,
-                           errno.ENOSYS, errno.EPERM})
+_NOT_CLONABLE = frozenset(
+    {errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EXDEV, errno.ENOSYS, errno.EPERM}
+)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FDS = 256
 """Directory fds kept open per pull (a tree with more directories re-opens
@@ -206,15 +207,20 @@ def replace_into(dir_fd: int, tmp: str, name: str) -> None:
     try:
         os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except IsADirectoryError as exc:  # rename(2) never replaces a dir by a non-dir
-        raise UnsafePath(f"{name}: a directory stands where the manifest has a "
-                         "file or symlink") from exc
+        raise UnsafePath(
+            f"{name}: a directory stands where the manifest has a file or symlink"
+        ) from exc
 
 
 def open_tmp(dir_fd: int, name: str) -> tuple[str, int]:
     """Create a new temp file for ``name``: (temp name, writable fd)."""
     tmp = tmp_name(name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600, dir_fd=dir_fd)
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+        dir_fd=dir_fd,
+    )
     return tmp, fd
 
 
@@ -267,8 +273,15 @@ class Placer:
         self.used: dict[str, int] = {}
         """Files placed per method actually used (reflink, copy, hardlink)."""
 
-    def place(self, src: Path, dir_fd: int, name: str, mode: int, size: int,
-              expect: Callable[[os.stat_result], bool] | None = None) -> os.stat_result:
+    def place(
+        self,
+        src: Path,
+        dir_fd: int,
+        name: str,
+        mode: int,
+        size: int,
+        expect: Callable[[os.stat_result], bool] | None = None,
+    ) -> os.stat_result:
         """Make ``name`` in ``dir_fd`` hold ``src``'s ``size`` bytes with ``mode``;
         returns the placed file's stat, taken after the rename. ``expect``: a
         source the store does not own (a seed, seeds.py), never hardlinked, whose
@@ -314,8 +327,10 @@ class Placer:
                     return "reflink"
                 self._can_clone[self._devs] = False
             if self.mode == "reflink":
-                raise BadInput("--link-mode reflink: the filesystem cannot clone files from "
-                               "the node store into the destination (try auto or copy)")
+                raise BadInput(
+                    "--link-mode reflink: the filesystem cannot clone files from "
+                    "the node store into the destination (try auto or copy)"
+                )
         copy_fd(sfd, dfd, size)
         return "copy"
 
@@ -327,8 +342,10 @@ class Placer:
             raise SourceGone(str(src)) from exc
         except OSError as exc:
             if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                raise BadInput(f"--link-mode hardlink: cannot link from the node store into "
-                               f"the destination ({exc.strerror}; try auto or copy)") from exc
+                raise BadInput(
+                    f"--link-mode hardlink: cannot link from the node store into "
+                    f"the destination ({exc.strerror}; try auto or copy)"
+                ) from exc
             raise
         try:
             fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)

@@ -123,8 +123,16 @@ _PLACE_THREADS = min(8, max(2, os.cpu_count() or 2))
 _STORE_RESERVE = 64 << 20
 """Free space left on the node store's disk when deciding what it can hold."""
 
-__all__ = ["TMP_MARK", "FileStore", "FileWriter", "Progress", "PullStats", "boot_id",
-           "default_priority", "materialize"]
+__all__ = [
+    "TMP_MARK",
+    "FileStore",
+    "FileWriter",
+    "Progress",
+    "PullStats",
+    "boot_id",
+    "default_priority",
+    "materialize",
+]
 
 
 class FileWriter(Protocol):
@@ -203,8 +211,7 @@ def _vouched(old: Record | None, st: os.stat_result, key: ChunkId) -> bool:
     new = _record(st, key)
     if old[:6] == new[:6]:
         return True
-    return (old[:3] == new[:3] and old[4] == key and old[5] != new[5]
-            and st.st_mode & 0o222 == 0)
+    return old[:3] == new[:3] and old[4] == key and old[5] != new[5] and st.st_mode & 0o222 == 0
 
 
 async def materialize(
@@ -227,8 +234,9 @@ async def materialize(
     root = await anyio.to_thread.run_sync(DestDir.open, Path(dest))
     try:
         await _lock(root)
-        pull = _Pull(tree, root, source, store, link_mode, keep_special_modes, state_dir,
-                     progress, priority)
+        pull = _Pull(
+            tree, root, source, store, link_mode, keep_special_modes, state_dir, progress, priority
+        )
         try:
             await pull.run()
         except OSError as exc:
@@ -253,8 +261,11 @@ async def _lock(root: DestDir) -> None:
                 log.info("waiting for another pull into %s", root.path)
                 waited = True
         except OSError as exc:  # a filesystem without flock: go on unlocked
-            log.info("cannot lock %s (%s); not guarding against concurrent pulls",
-                     root.path, exc.strerror)
+            log.info(
+                "cannot lock %s (%s); not guarding against concurrent pulls",
+                root.path,
+                exc.strerror,
+            )
             return
         await anyio.sleep(_LOCK_POLL)
 
@@ -394,8 +405,11 @@ class _Pull:
             except FileNotFoundError:
                 need.append(item)
                 continue
-            if stat.S_ISDIR(st.st_mode) or not stat.S_ISREG(st.st_mode) \
-                    or st.st_size != item.entry.size:
+            if (
+                stat.S_ISDIR(st.st_mode)
+                or not stat.S_ISREG(st.st_mode)
+                or st.st_size != item.entry.size
+            ):
                 need.append(item)  # replace_into refuses to replace a directory
                 continue
             if st.st_nlink > 1 and self.placer.mode != "hardlink":
@@ -416,9 +430,16 @@ class _Pull:
             st = self._fix_mode(dfd, item, st)
             self.records[item.entry.path] = _record(st, item.key, durable)
             if checked and self.seeding:  # verified just now (e.g. after a reboot)
-                self.seeds.append(Seed.of(
-                    item.key, os.path.join(self.dest_abs, item.entry.path), st,
-                    _offsets(item.entry.chunks), self.boot, durable=bool(durable)))
+                self.seeds.append(
+                    Seed.of(
+                        item.key,
+                        os.path.join(self.dest_abs, item.entry.path),
+                        st,
+                        _offsets(item.entry.chunks),
+                        self.boot,
+                        durable=bool(durable),
+                    )
+                )
             self.stats.kept_files += 1
             self._advance(item.entry.size)
         return need
@@ -507,8 +528,14 @@ class _Pull:
                     dfd, parent = self.root.own_dir_fd(item.parent), item.parent
                 seed = self.from_seed.get(id(item))
                 try:
-                    st = self.placer.place(path, dfd, item.name, item.mode, item.entry.size,
-                                           None if seed is None else seed.matches)
+                    st = self.placer.place(
+                        path,
+                        dfd,
+                        item.name,
+                        item.mode,
+                        item.entry.size,
+                        None if seed is None else seed.matches,
+                    )
                 except SourceGone:
                     gone.append(item)
                     continue
@@ -574,7 +601,8 @@ class _Pull:
                 for key, same in by_key.items():
                     writers[key] = self.store.begin_file(key, same[0].entry.size)
             targets: list[tuple[_Target, Entry]] = [
-                (writers[key], same[0].entry) for key, same in by_key.items()]
+                (writers[key], same[0].entry) for key, same in by_key.items()
+            ]
             targets += [(t, t.item.entry) for t in direct]
             await self._fetch_into(targets, [len(s) for s in by_key.values()] + [1] * len(direct))
             placed: list[tuple[_Item, Path]] = []
@@ -584,15 +612,25 @@ class _Pull:
                 placed += [(item, path) for item in by_key[key]]
             gone = await self._place_all(placed, cached=False)
             if gone:  # committed a moment ago: evicted or changed since
-                raise Unavailable(f"{gone[0].entry.path}: the node store lost the file "
-                                  "just assembled (store too small for this pull?)")
+                raise Unavailable(
+                    f"{gone[0].entry.path}: the node store lost the file "
+                    "just assembled (store too small for this pull?)"
+                )
             for some in _chunked(direct, _HOP_FILES):
                 await anyio.to_thread.run_sync(self._finish_in_dest, some)
             if self.seeding:
                 self.seeds += [
-                    Seed.of(t.item.key, os.path.join(self.dest_abs, t.item.entry.path),
-                            t.stat, _offsets(t.item.entry.chunks), self.boot, durable=False)
-                    for t in direct if t.stat is not None]
+                    Seed.of(
+                        t.item.key,
+                        os.path.join(self.dest_abs, t.item.entry.path),
+                        t.stat,
+                        _offsets(t.item.entry.chunks),
+                        self.boot,
+                        durable=False,
+                    )
+                    for t in direct
+                    if t.stat is not None
+                ]
         finally:
             with anyio.CancelScope(shield=True):
                 for writer in writers.values():
@@ -607,14 +645,18 @@ class _Pull:
             dfd = t.dir()
             try:
                 if t.fd != _COMPLETE:
-                    raise Corrupt(f"{t.item.entry.path}: assembled {t.filled} bytes, the "
-                                  f"manifest says {t.item.entry.size}")
+                    raise Corrupt(
+                        f"{t.item.entry.path}: assembled {t.filled} bytes, the "
+                        f"manifest says {t.item.entry.size}"
+                    )
                 tmp, t.tmp = t.tmp, ""
                 try:
                     size = os.stat(tmp, dir_fd=dfd, follow_symlinks=False).st_size
                     if size != t.item.entry.size:
-                        raise Corrupt(f"{t.item.entry.path}: assembled {size} bytes, the "
-                                      f"manifest says {t.item.entry.size}")
+                        raise Corrupt(
+                            f"{t.item.entry.path}: assembled {size} bytes, the "
+                            f"manifest says {t.item.entry.size}"
+                        )
                     replace_into(dfd, tmp, t.item.name)
                     # after the rename: it moves the ctime
                     st = os.stat(t.item.name, dir_fd=dfd, follow_symlinks=False)
@@ -629,8 +671,9 @@ class _Pull:
 
     # ------------------------------------------------------------------ fetching
 
-    async def _fetch_into(self, targets: Sequence[tuple[_Target, Entry]],
-                          copies: Sequence[int]) -> None:
+    async def _fetch_into(
+        self, targets: Sequence[tuple[_Target, Entry]], copies: Sequence[int]
+    ) -> None:
         """Fetch each distinct chunk of ``targets`` once through the tiers and
         write it at every offset where it occurs. ``copies`` counts the files
         each target stands for (progress)."""
@@ -649,8 +692,7 @@ class _Pull:
 
         async def sink(ref: ChunkRef, data: ChunkData) -> None:
             if len(data) != ref.size:
-                raise Corrupt(f"chunk {ref.id} has {len(data)} bytes, the manifest says "
-                              f"{ref.size}")
+                raise Corrupt(f"chunk {ref.id} has {len(data)} bytes, the manifest says {ref.size}")
             if ref.id not in pending:
                 return  # delivered twice: written already
             pending.discard(ref.id)
@@ -912,8 +954,11 @@ def _load_marker(path: Path, boot: str) -> dict[str, Record]:
         if doc.get("version") != MARKER_VERSION or not isinstance(doc["files"], dict):
             return {}
         same_boot = bool(boot) and doc.get("boot") == boot
-        return {p: r for p, r in doc["files"].items()
-                if isinstance(r, list) and len(r) == 7 and (same_boot or r[6] == 1)}
+        return {
+            p: r
+            for p, r in doc["files"].items()
+            if isinstance(r, list) and len(r) == 7 and (same_boot or r[6] == 1)
+        }
     except (OSError, ValueError, KeyError, AttributeError):
         return {}
 

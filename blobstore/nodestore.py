@@ -132,7 +132,9 @@ class _File:
         """True: unchanged. None: only its link count (and so its ctime) moved;
         the caller re-records it. False: changed, never to be used again."""
         if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_size, st.st_mtime_ns) != (
-            self.ino, self.size, self.mtime_ns
+            self.ino,
+            self.size,
+            self.mtime_ns,
         ):
             return False
         if st.st_ctime_ns == self.ctime_ns:
@@ -147,14 +149,23 @@ class _File:
 
     def row(self) -> tuple[str, int, int, int, int, int, float, bytes]:
         blob = encode_chunk_rows(self.chunks)
-        return (self.key, self.size, self.ino, self.mtime_ns, self.ctime_ns, self.nlink,
-                self.used, blob)
+        return (
+            self.key,
+            self.size,
+            self.ino,
+            self.mtime_ns,
+            self.ctime_ns,
+            self.nlink,
+            self.used,
+            blob,
+        )
 
     @classmethod
     def from_row(cls, row: tuple[str, int, int, int, int, int, float, bytes]) -> _File:
         key, size, ino, mtime_ns, ctime_ns, nlink, used, blob = row
-        return cls(ChunkId(key), size, ino, mtime_ns, ctime_ns, nlink, used,
-                   decode_chunk_rows(blob))
+        return cls(
+            ChunkId(key), size, ino, mtime_ns, ctime_ns, nlink, used, decode_chunk_rows(blob)
+        )
 
 
 @dataclass(slots=True)
@@ -270,8 +281,11 @@ class NodeStore(AsyncResource):
                 raise
             # The index is only a cache of what files/ holds: start a new one
             # (its files are then dropped as unsynced) rather than refuse to open.
-            log.warning("cache index %s unreadable (%s): starting a new one",
-                        self.root / "index.sqlite", exc)
+            log.warning(
+                "cache index %s unreadable (%s): starting a new one",
+                self.root / "index.sqlite",
+                exc,
+            )
             self._close_db()
             for suffix in ("", "-wal", "-shm"):
                 _remove(self.root / f"index.sqlite{suffix}")
@@ -338,8 +352,7 @@ class NodeStore(AsyncResource):
             trusted.append(rec)
         if alone:
             with self._db:
-                self._db.executemany("DELETE FROM files WHERE key = ?",
-                                     [(k,) for k in untrusted])
+                self._db.executemany("DELETE FROM files WHERE key = ?", [(k,) for k in untrusted])
             keep = {rec.key for rec in trusted}
             with os.scandir(self._files_dir) as shards:
                 for shard in shards:
@@ -347,8 +360,7 @@ class NodeStore(AsyncResource):
                         continue
                     with os.scandir(shard.path) as entries:
                         for entry in entries:
-                            if entry.name not in keep and not entry.is_dir(
-                                    follow_symlinks=False):
+                            if entry.name not in keep and not entry.is_dir(follow_symlinks=False):
                                 log.info("dropping unsynced store file %s", entry.name)
                                 _remove(entry.path)
         return trusted
@@ -387,8 +399,11 @@ class NodeStore(AsyncResource):
         return self._files_dir / key[:2] / key
 
     def contains(self, chunk_id: ChunkId) -> bool:
-        if (_LOOSE, chunk_id) in self._lru or chunk_id in self._in_files \
-                or chunk_id in self._in_seeds:
+        if (
+            (_LOOSE, chunk_id) in self._lru
+            or chunk_id in self._in_files
+            or chunk_id in self._in_seeds
+        ):
             return True
         self._refresh()
         return chunk_id in self._in_files or chunk_id in self._in_seeds
@@ -406,11 +421,13 @@ class NodeStore(AsyncResource):
             if version == self._data_version:
                 return
             self._data_version = version
-            rows = self._reader.execute(f"SELECT rowid, {_COLUMNS} FROM files WHERE rowid > ?",
-                                        (self._seen_rowid,)).fetchall()
+            rows = self._reader.execute(
+                f"SELECT rowid, {_COLUMNS} FROM files WHERE rowid > ?", (self._seen_rowid,)
+            ).fetchall()
             seed_rows = self._reader.execute(
                 f"SELECT rowid, {_SEED_COLUMNS} FROM seeds WHERE rowid > ?",
-                (self._seen_seed_rowid,)).fetchall()
+                (self._seen_seed_rowid,),
+            ).fetchall()
         except sqlite3.Error as exc:
             log.info("cannot read the cache index: %s", exc)
             return
@@ -453,8 +470,9 @@ class NodeStore(AsyncResource):
                 continue
             path = self.file_path(key)
             try:
-                data, st, actual = await anyio.to_thread.run_sync(_pread_and_hash, path,
-                                                                  offset, size)
+                data, st, actual = await anyio.to_thread.run_sync(
+                    _pread_and_hash, path, offset, size
+                )
             except FileNotFoundError:
                 self._forget((_FILE, key))
                 continue
@@ -607,8 +625,9 @@ class NodeStore(AsyncResource):
         if self._reader is None:
             return None
         try:
-            row = self._reader.execute(f"SELECT {_COLUMNS} FROM files WHERE key = ?",
-                                       (key,)).fetchone()
+            row = self._reader.execute(
+                f"SELECT {_COLUMNS} FROM files WHERE key = ?", (key,)
+            ).fetchone()
         except sqlite3.Error as exc:
             log.info("cannot read the cache index: %s", exc)
             return None
@@ -665,8 +684,7 @@ class NodeStore(AsyncResource):
 
     def begin_file(self, key: ChunkId, size: int) -> FileWriter:
         """A temp file inside the store to assemble ``key`` in (see FileWriter)."""
-        writer = FileWriter(self, key, size,
-                            self._tmp / f"{key}.{uuid.uuid4().hex[:8]}")
+        writer = FileWriter(self, key, size, self._tmp / f"{key}.{uuid.uuid4().hex[:8]}")
         self._writers.add(writer)
         return writer
 
@@ -676,8 +694,9 @@ class NodeStore(AsyncResource):
         pending = [self._files[k] for k in self._unsynced if k in self._files]
         if pending:
             try:
-                stats = await anyio.to_thread.run_sync(_stat_all, [
-                    self.file_path(rec.key) for rec in pending])
+                stats = await anyio.to_thread.run_sync(
+                    _stat_all, [self.file_path(rec.key) for rec in pending]
+                )
                 for rec, st in zip(pending, stats, strict=True):
                     if st is None or not self._still_good(rec, st):
                         await self._drop_file(rec)
@@ -698,36 +717,45 @@ class NodeStore(AsyncResource):
         self._seeds_dead.clear()
         if rows or dead or seed_rows or dead_seeds:
             try:
-                await anyio.to_thread.run_sync(self._write_rows, rows, dead, seed_rows,
-                                               dead_seeds)
+                await anyio.to_thread.run_sync(self._write_rows, rows, dead, seed_rows, dead_seeds)
             except sqlite3.Error as exc:
                 raise Unavailable(f"cannot write cache index: {exc}") from exc
         # Loose copies of chunks a durable file now holds are bytes stored twice
         # (a daemon's read-through, then a pull of the same file): drop them.
         twice = dict.fromkeys(
-            unit for rec in pending for chunk_id, _, _ in rec.chunks
-            if (unit := (_LOOSE, chunk_id)) in self._lru and not self._is_pinned(unit))
+            unit
+            for rec in pending
+            for chunk_id, _, _ in rec.chunks
+            if (unit := (_LOOSE, chunk_id)) in self._lru and not self._is_pinned(unit)
+        )
         if twice:
             for unit in twice:
                 self._forget(unit)
             doomed: list[tuple[Path, int | None]] = [
-                (self.path_of(chunk_id), None) for _, chunk_id in twice]
+                (self.path_of(chunk_id), None) for _, chunk_id in twice
+            ]
             await anyio.to_thread.run_sync(_remove_all, doomed)
 
-    def _write_rows(self, rows: list[tuple[str, int, int, int, int, int, float, bytes]],
-                    dead: list[tuple[str]], seed_rows: Sequence[tuple[object, ...]] = (),
-                    dead_seeds: Sequence[tuple[str]] = ()) -> None:
+    def _write_rows(
+        self,
+        rows: list[tuple[str, int, int, int, int, int, float, bytes]],
+        dead: list[tuple[str]],
+        seed_rows: Sequence[tuple[object, ...]] = (),
+        dead_seeds: Sequence[tuple[str]] = (),
+    ) -> None:
         with self._db_lock:
             if self._db is None:
                 return
             with self._db:
                 self._db.executemany("DELETE FROM files WHERE key = ?", dead)
                 self._db.executemany(
-                    f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows)
+                    f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows
+                )
                 self._db.executemany("DELETE FROM seeds WHERE key = ?", dead_seeds)
                 self._db.executemany(
-                    f"INSERT OR REPLACE INTO seeds ({_SEED_COLUMNS}) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?)", seed_rows)
+                    f"INSERT OR REPLACE INTO seeds ({_SEED_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    seed_rows,
+                )
 
     async def commit_files(
         self, items: Sequence[tuple[FileWriter, Sequence[ChunkRef]]]
@@ -760,8 +788,9 @@ class NodeStore(AsyncResource):
                 with anyio.CancelScope(shield=True):
                     await writer.abort()
                 if failure is None:
-                    failure = (_translate(result, self.root) if isinstance(result, OSError)
-                               else result)
+                    failure = (
+                        _translate(result, self.root) if isinstance(result, OSError) else result
+                    )
                 continue
             writer._index(result, chunks)
             paths.append(self.file_path(writer.key))
@@ -997,8 +1026,9 @@ class FileWriter:
         a hole would read as zeros under a name that promises the chunks."""
         total = sum(ref.size for ref in chunks)
         if total != self.size:
-            raise Corrupt(f"store file {self.key}: chunks sum to {total} bytes, "
-                          f"expected {self.size}")
+            raise Corrupt(
+                f"store file {self.key}: chunks sum to {total} bytes, expected {self.size}"
+            )
         covered = 0
         for offset, length in sorted(self._written.items()):
             if offset > covered:

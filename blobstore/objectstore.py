@@ -79,17 +79,14 @@ class ObjectStore(Protocol):
         (``None``: only if the key is absent). Raises Conflict otherwise."""
         ...
 
-    def get_range(
-        self, key: str, offset: int, length: int
-    ) -> AsyncGenerator[bytes, None]:
+    def get_range(self, key: str, offset: int, length: int) -> AsyncGenerator[bytes, None]:
         """Stream bytes ``offset .. offset+length`` of the object as blocks, in
         order (one ranged read; block sizes are the back-end's). Stops early,
         without error, where the object ends. Close it (``aclosing``) when
         leaving before the end. Raises ObjectMissing if the key is absent."""
         ...
 
-    async def exists(self, key: str) -> bool:
-        ...
+    async def exists(self, key: str) -> bool: ...
 
     async def exists_many(self, keys: Collection[str]) -> set[str]:
         """The subset of ``keys`` that hold objects, checked in bulk/in parallel."""
@@ -103,5 +100,4 @@ class ObjectStore(Protocol):
         """Yield every object whose key starts with ``prefix``."""
         ...
 
-    async def aclose(self) -> None:
-        ...
+    async def aclose(self) -> None: ...

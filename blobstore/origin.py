@@ -201,8 +201,12 @@ class OriginSource:
                     for ref in _refs(cutter.pending):
                         undelivered.add(ref, exc)
                     return
-                log.info("reading pack %s again from offset %d: %s", span.pack[:16],
-                         cutter.pending[0].offset, exc)
+                log.info(
+                    "reading pack %s again from offset %d: %s",
+                    span.pack[:16],
+                    cutter.pending[0].offset,
+                    exc,
+                )
                 await anyio.sleep(self.tuning.retry_delay * failures)
                 continue
             if cutter.pending:  # the pack ended before the manifest said it would

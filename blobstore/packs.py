@@ -459,9 +459,7 @@ class StoreIndex:
         index = cls(set(live), bad)
         cached: dict[ChunkId, tuple[ChunkRef, ...] | None] = {}
         if cache is not None:
-            cached = await anyio.to_thread.run_sync(
-                lambda: {p: cache.read(p) for p in live}
-            )
+            cached = await anyio.to_thread.run_sync(lambda: {p: cache.read(p) for p in live})
             await anyio.to_thread.run_sync(cache.prune, live)
         missing = [p for p in live if cached.get(p) is None]
 
@@ -535,15 +533,17 @@ async def relocate_refs(
         manifest = await catalog.load(manifest_id)
         new: Manifest
         if isinstance(manifest, Image):
-            layers = [ImageLayer(lay.digest, await rewrite(lay.manifest))
-                      for lay in manifest.layers]
+            layers = [
+                ImageLayer(lay.digest, await rewrite(lay.manifest)) for lay in manifest.layers
+            ]
             new = replace(manifest, layers=tuple(layers))
         elif isinstance(manifest, Layer):
             new = replace(manifest, chunks=moved(manifest.chunks))
         else:
-            new = replace(manifest, entries=tuple(
-                replace(e, chunks=moved(e.chunks)) for e in manifest.entries
-            ))
+            new = replace(
+                manifest,
+                entries=tuple(replace(e, chunks=moved(e.chunks)) for e in manifest.entries),
+            )
         memo[manifest_id] = await catalog.save(new) if new != manifest else manifest_id
         return memo[manifest_id]
 

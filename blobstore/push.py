@@ -132,8 +132,7 @@ def scan_tree(root: Path) -> _Scan:
                     entries.append(Entry(path, "symlink", mode, target=os.readlink(de.path)))
                 elif stat.S_ISREG(st.st_mode):
                     files.append((path, mode, st.st_size))
-                    stats[path] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns,
-                                   st.st_dev)
+                    stats[path] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev)
                 else:
                     skipped.append(path)
     return _Scan(entries, files, skipped, stats, started_ns)
@@ -169,7 +168,11 @@ class PushIndex:
 
     @classmethod
     def for_root(
-        cls, cache_dir: Path, store_url: str, root: Path, chunker: ChunkerParams,
+        cls,
+        cache_dir: Path,
+        store_url: str,
+        root: Path,
+        chunker: ChunkerParams,
         window_ns: int = RACY_WINDOW_NS,
     ) -> PushIndex:
         """The index of ``root`` pushed to ``store_url`` with ``chunker``."""
@@ -190,8 +193,9 @@ class PushIndex:
                 return {}
             out: dict[str, tuple[StatKey, tuple[ChunkRef, ...]]] = {}
             for path, (size, mtime, ino, ctime, dev, chunks) in doc["files"].items():
-                refs = tuple(ChunkRef(ChunkId(c), int(n), ChunkId(p), int(o))
-                             for c, n, p, o in chunks)
+                refs = tuple(
+                    ChunkRef(ChunkId(c), int(n), ChunkId(p), int(o)) for c, n, p, o in chunks
+                )
                 if all(is_id(r.id) and r.pack is not None and is_id(r.pack) for r in refs):
                     key = (int(size), int(mtime), int(ino), int(ctime), int(dev))
                     out[str(path)] = (key, refs)
@@ -215,13 +219,16 @@ class PushIndex:
         """Record ``files`` (path -> chunk list, all in packs) as scanned, leaving
         out racily clean ones. Never raises: it is only a cache."""
         limit = scan.started_ns - self.window_ns
-        doc = {"format": _PUSH_INDEX_FORMAT, "files": {
-            path: [*key, [[c.id, c.size, c.pack, c.offset] for c in refs]]
-            for path, refs in files.items()
-            if (key := scan.stats.get(path)) is not None
-            and max(key[1], key[3]) < limit
-            and all(c.pack is not None for c in refs)
-        }}
+        doc = {
+            "format": _PUSH_INDEX_FORMAT,
+            "files": {
+                path: [*key, [[c.id, c.size, c.pack, c.offset] for c in refs]]
+                for path, refs in files.items()
+                if (key := scan.stats.get(path)) is not None
+                and max(key[1], key[3]) < limit
+                and all(c.pack is not None for c in refs)
+            },
+        }
         self._loaded = None
         tmp = self.path.parent / f".tmp-{secrets.token_hex(6)}"
         try:
@@ -237,8 +244,10 @@ class PushIndex:
 def _tree_of(scan: _Scan, files: dict[str, tuple[ChunkRef, ...]], chunker: ChunkerInfo) -> Tree:
     """The tree of ``scan`` with each file's chunk list from ``files``."""
     entries = list(scan.entries)
-    entries += [Entry(path, "file", mode, size, chunks_key(files[path]), files[path])
-                for path, mode, size in scan.files]
+    entries += [
+        Entry(path, "file", mode, size, chunks_key(files[path]), files[path])
+        for path, mode, size in scan.files
+    ]
     return Tree(chunker, tuple(sorted(entries, key=lambda e: e.path)))
 
 
@@ -285,10 +294,16 @@ async def push_unchanged(
     if any(r.pack not in listed[0] or (r.id, r.pack) in bad for r in refs):
         return None
     return PushResult(
-        ref=ref, manifest=new_id, files=len(scan.files),
-        bytes=sum(size for _, _, size in scan.files), chunks=len(refs),
-        new_chunks=0, new_bytes=0, seconds=(time.time_ns() - scan.started_ns) / 1e9,
-        skipped=tuple(scan.skipped), reused_files=len(scan.files),
+        ref=ref,
+        manifest=new_id,
+        files=len(scan.files),
+        bytes=sum(size for _, _, size in scan.files),
+        chunks=len(refs),
+        new_chunks=0,
+        new_bytes=0,
+        seconds=(time.time_ns() - scan.started_ns) / 1e9,
+        skipped=tuple(scan.skipped),
+        reused_files=len(scan.files),
     )
 
 
@@ -330,8 +345,12 @@ async def push_tree(
     todo = [(path, mode, size) for path, mode, size in scan.files if path not in known]
     big_first = sorted(todo, key=lambda f: -f[2])  # the longest jobs start first
     entries = await ingest_files(
-        root, [(path, mode) for path, mode, _ in big_first], ingestor, progress=progress,
-        total=sum(size for _, _, size in todo), file_concurrency=file_concurrency,
+        root,
+        [(path, mode) for path, mode, _ in big_first],
+        ingestor,
+        progress=progress,
+        total=sum(size for _, _, size in todo),
+        file_concurrency=file_concurrency,
     )
     files = known | {e.path: e.chunks for e in entries}
     tree = _tree_of(scan, files, ingestor.params.info())
@@ -399,8 +418,11 @@ async def repair_tree(
     ingestor.index.distrust(bad)
 
     def wanted() -> set[ChunkId]:
-        return {c.id for c in manifest.chunk_refs()
-                if (c.id, c.pack) in bad and ingestor.locate(c.id) is None}
+        return {
+            c.id
+            for c in manifest.chunk_refs()
+            if (c.id, c.pack) in bad and ingestor.locate(c.id) is None
+        }
 
     damaged = [e for e in manifest.entries if any((c.id, c.pack) in bad for c in e.chunks)]
     same_paths = await anyio.to_thread.run_sync(
@@ -422,9 +444,7 @@ async def repair_tree(
         entries.append(replace(entry, chunks=chunks))
     tree = Tree(manifest.chunker, tuple(entries))
     unrepaired = tuple(sorted(wanted()))
-    repaired = len({c.id for c in manifest.chunk_refs() if (c.id, c.pack) in bad}) - len(
-        unrepaired
-    )
+    repaired = len({c.id for c in manifest.chunk_refs() if (c.id, c.pack) in bad}) - len(unrepaired)
     new_id = await catalog.save(tree)
     if new_id != manifest_id:
         await catalog.swap_ref(ref, manifest_id, new_id)
@@ -481,8 +501,9 @@ async def migrate_store(catalog: Catalog, origin: ChunkSource, ingestor: Ingesto
         catalog, lambda c: ingestor.locate(c.id) if c.pack is None else None
     )
     stats = ingestor.stats
-    return MigrateResult(moved, meanwhile, stats.new_chunks, stats.new_bytes,
-                         tuple(sorted(unreadable)))
+    return MigrateResult(
+        moved, meanwhile, stats.new_chunks, stats.new_bytes, tuple(sorted(unreadable))
+    )
 
 
 _MIGRATE_WINDOW = 16

@@ -130,8 +130,9 @@ async def pull_refs(
     for ref, dest in items:
         manifest_id = await client.catalog.resolve_or_id(ref)
         tree = await _load_tree(client, manifest_id)
-        results.append(await _pull(client, ref, manifest_id, tree, Path(dest), progress, first,
-                                   link_mode))
+        results.append(
+            await _pull(client, ref, manifest_id, tree, Path(dest), progress, first, link_mode)
+        )
     return results
 
 
@@ -150,7 +151,12 @@ async def _pull(
             progress(ref, done, total)
 
     return await client.pull_tree(
-        ref, manifest_id, tree, dest, progress=per_ref, priority=priority_order(first),
+        ref,
+        manifest_id,
+        tree,
+        dest,
+        progress=per_ref,
+        priority=priority_order(first),
         link_mode=link_mode,
     )
 
@@ -240,8 +246,13 @@ def _write_marker(dest: Path, ref: str, manifest_id: ChunkId, tree: Tree) -> Non
         if entry.kind == "file":
             st = os.lstat(dest / entry.path)
             files.append([entry.path, st.st_size, st.st_mtime_ns])
-    doc = {"version": _MARKER_VERSION, "ref": ref, "manifest": manifest_id, "files": files,
-           "boot": boot_id()}
+    doc = {
+        "version": _MARKER_VERSION,
+        "ref": ref,
+        "manifest": manifest_id,
+        "files": files,
+        "boot": boot_id(),
+    }
     tmp = dest / f".{MARKER}.{uuid.uuid4().hex[:8]}"
     try:
         tmp.write_text(json.dumps(doc), encoding="utf-8")

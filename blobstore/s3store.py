@@ -232,9 +232,7 @@ class S3ObjectStore(AsyncResource):
                 f"object {key} {state} in {self.url}; conditional write refused"
             ) from None
 
-    async def get_range(
-        self, key: str, offset: int, length: int
-    ) -> AsyncGenerator[bytes, None]:
+    async def get_range(self, key: str, offset: int, length: int) -> AsyncGenerator[bytes, None]:
         """Stream ``length`` bytes from ``offset`` with one ranged GET, in blocks as
         they arrive (nothing buffers the whole range). Stops early where the object
         ends. Raises ObjectMissing, StoreUnavailable (also mid-stream), BadInput."""

@@ -70,27 +70,68 @@ class Seed:
     """(chunk id, offset, size) of every chunk, in file order."""
 
     @classmethod
-    def of(cls, key: ChunkId, path: str, st: os.stat_result,
-           chunks: tuple[tuple[ChunkId, int, int], ...], boot: str, durable: bool) -> Seed:
-        return cls(key, path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                   st.st_ctime_ns, boot, durable, chunks)
+    def of(
+        cls,
+        key: ChunkId,
+        path: str,
+        st: os.stat_result,
+        chunks: tuple[tuple[ChunkId, int, int], ...],
+        boot: str,
+        durable: bool,
+    ) -> Seed:
+        return cls(
+            key,
+            path,
+            st.st_dev,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            boot,
+            durable,
+            chunks,
+        )
 
     def matches(self, st: os.stat_result) -> bool:
         """Whether ``st`` is still the adopted file, unchanged."""
         return stat.S_ISREG(st.st_mode) and (
-            st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+            st.st_dev,
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
         ) == (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
 
     def row(self) -> SeedRow:
         blob = encode_chunk_rows(self.chunks)
-        return (self.key, self.path, self.dev, self.ino, self.size, self.mtime_ns,
-                self.ctime_ns, self.boot, int(self.durable), blob)
+        return (
+            self.key,
+            self.path,
+            self.dev,
+            self.ino,
+            self.size,
+            self.mtime_ns,
+            self.ctime_ns,
+            self.boot,
+            int(self.durable),
+            blob,
+        )
 
     @classmethod
     def from_row(cls, row: SeedRow) -> Seed:
         key, path, dev, ino, size, mtime_ns, ctime_ns, boot, durable, blob = row
-        return cls(ChunkId(key), path, dev, ino, size, mtime_ns, ctime_ns, boot,
-                   bool(durable), decode_chunk_rows(blob))
+        return cls(
+            ChunkId(key),
+            path,
+            dev,
+            ino,
+            size,
+            mtime_ns,
+            ctime_ns,
+            boot,
+            bool(durable),
+            decode_chunk_rows(blob),
+        )
 
 
 def encode_chunk_rows(chunks: Iterable[tuple[ChunkId, int, int]]) -> bytes:

@@ -207,9 +207,7 @@ async def sync_push(client: Client, session: SyncSession) -> SyncResult:
         return await _push_under_lease(client, session, ingestor)
 
 
-async def _push_under_lease(
-    client: Client, session: SyncSession, ingestor: Ingestor
-) -> SyncResult:
+async def _push_under_lease(client: Client, session: SyncSession, ingestor: Ingestor) -> SyncResult:
     ours, changed = await _snapshot(session, ingestor)
     if session.base is not None and ours == session.base:
         result = SyncResult(session.ref, session.base_id, False, 0, 0, False)

@@ -179,8 +179,7 @@ async def open_connection(
     if parsed is None:
         raise PeerUnavailable(f"not a HOST:PORT address: {address!r}")
     host, port = parsed
-    stream = await connect(host, port, connect_timeout=handshake_timeout,
-                           tls=me.tls)
+    stream = await connect(host, port, connect_timeout=handshake_timeout, tls=me.tls)
     try:
         async with asyncio.timeout(handshake_timeout):
             hello = messages.expect(await stream.recv(), "hello")
@@ -194,16 +193,26 @@ async def open_connection(
                 raise SelfConnection(address)
             reached = messages.endpoint(stream.extra_info("peername"))
             transcript = messages.Transcript(
-                server_node=node, client_node=me.node, region=me.region,
+                server_node=node,
+                client_node=me.node,
+                region=me.region,
                 server_endpoint="" if me.tls else reached,
-                server_nonce=messages.nonce_field(hello), client_nonce=messages.new_nonce(),
+                server_nonce=messages.nonce_field(hello),
+                client_nonce=messages.new_nonce(),
             )
-            stream.send(messages.auth(
-                me.node, me.region, transcript.client_nonce,
-                messages.proof(me.token, transcript, messages.CLIENT), reached))
+            stream.send(
+                messages.auth(
+                    me.node,
+                    me.region,
+                    transcript.client_nonce,
+                    messages.proof(me.token, transcript, messages.CLIENT),
+                    reached,
+                )
+            )
             ready = messages.expect(await stream.recv(), "ready")
-            messages.check_proof(me.token, transcript, messages.SERVER, ready.get("mac"),
-                                 f"peer {address}")
+            messages.check_proof(
+                me.token, transcript, messages.SERVER, ready.get("mac"), f"peer {address}"
+            )
     except TimeoutError as exc:
         stream.abort()
         raise PeerUnavailable(f"handshake with {address} timed out") from exc

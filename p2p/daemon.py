@@ -81,8 +81,12 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                 nodes = [p.node for p in directory.live()] + [node_box[0]]
                 return placement.home(nodes, chunk_id) == node_box[0]
 
-            origin = OriginSource(store, locator=PackLocator(  # this node's cached pack indexes
-                store, IndexCache.for_store(config.cache.dir, store.url)))
+            origin = OriginSource(
+                store,
+                locator=PackLocator(  # this node's cached pack indexes
+                    store, IndexCache.for_store(config.cache.dir, store.url)
+                ),
+            )
             provider = ChunkProvider(cache, origin, is_home, metrics, server_tg)
             # Bind first to learn the port, so node id and handshakes agree from the start.
             try:
@@ -96,8 +100,13 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             node_box[0] = node
             directory.me = Identity(node, config.region, config.peers.token, client_tls)
             server = PeerServer(
-                ServerIdentity(node, config.region, config.peers.token, opts.corrupt_for_tests,
-                               tls.wire_server if tls else None),
+                ServerIdentity(
+                    node,
+                    config.region,
+                    config.peers.token,
+                    opts.corrupt_for_tests,
+                    tls.wire_server if tls else None,
+                ),
                 provider,
                 metrics,
                 limits=opts.limits,
@@ -109,10 +118,18 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             metrics.known_peers = lambda: len(directory.all())
             http_port = None
             if http_addr is not None:
-                app = make_app(node, config.region, metrics, provider, directory,
-                               config.peers.token, tls is not None)
+                app = make_app(
+                    node,
+                    config.region,
+                    metrics,
+                    provider,
+                    directory,
+                    config.peers.token,
+                    tls is not None,
+                )
                 http_port = await stack.enter_async_context(
-                    http_serving(app, *http_addr, tls.http if tls else None))
+                    http_serving(app, *http_addr, tls.http if tls else None)
+                )
             if config.peers.mode == "static":
                 for address in config.peers.static:
                     directory.add(address, "static")
@@ -120,9 +137,14 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                 await stack.enter_async_context(
                     zeroconf_session(node, config.region, host, bound, directory)
                 )
-            ready = {"event": "ready", "node": node, "region": config.region,
-                     "listen": f"{host}:{bound}", "tls": tls is not None,
-                     "http": f"{http_addr[0]}:{http_port}" if http_addr else None}
+            ready = {
+                "event": "ready",
+                "node": node,
+                "region": config.region,
+                "listen": f"{host}:{bound}",
+                "tls": tls is not None,
+                "http": f"{http_addr[0]}:{http_port}" if http_addr else None,
+            }
             print(json.dumps(ready), flush=True)
             log.warning("daemon %s serving region %r on %s:%d", node, config.region, host, bound)
             await stop.wait()

@@ -65,8 +65,12 @@ async def zeroconf_session(
                 _service_name(node),
                 port=port,
                 parsed_addresses=addresses,
-                properties={"region": region, "node": node, "version": str(VERSION),
-                            "port": str(port)},
+                properties={
+                    "region": region,
+                    "node": node,
+                    "version": str(VERSION),
+                    "port": str(port),
+                },
                 server=f"{_service_name(node).split('.')[0]}.local.",
             )
             # Both calls return a task that must itself be awaited.
@@ -135,7 +139,6 @@ class _Browser:
     async def aclose(self) -> None:
         await self._browser.async_cancel()
         self._queue.put_nowait(None)
-
 
 
 _V4 = IPVersion.V4Only

@@ -94,8 +94,17 @@ class FrameDecoder:
     between frames (a server tightens them until the peer is authenticated).
     """
 
-    __slots__ = ("_end", "_filled", "_header", "_header_size", "_payload", "_scratch",
-                 "_size", "_start", "limits")
+    __slots__ = (
+        "_end",
+        "_filled",
+        "_header",
+        "_header_size",
+        "_payload",
+        "_scratch",
+        "_size",
+        "_start",
+        "limits",
+    )
 
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.limits = limits

@@ -27,19 +27,28 @@ from .provider import ChunkProvider
 
 
 def make_app(
-    node: str, region: str, metrics: Metrics, provider: ChunkProvider, directory: PeerDirectory,
-    token: bytes | None = None, tls: bool = False,
+    node: str,
+    region: str,
+    metrics: Metrics,
+    provider: ChunkProvider,
+    directory: PeerDirectory,
+    token: bytes | None = None,
+    tls: bool = False,
 ) -> web.Application:
     """``token``: the cluster token chunk reads must present; ``tls``: served over mutual
     TLS (chunk reads then also need a verified client certificate)."""
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "node": node, "region": region,
-                                  "peers": len(directory.live())})
+        return web.json_response(
+            {"ok": True, "node": node, "region": region, "peers": len(directory.live())}
+        )
 
     async def metrics_page(request: web.Request) -> web.Response:
-        return web.Response(text=metrics.render(), content_type="text/plain",
-                            headers={"X-Content-Type-Options": "nosniff"})
+        return web.Response(
+            text=metrics.render(),
+            content_type="text/plain",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
 
     async def peers(request: web.Request) -> web.Response:
         return web.json_response([p.describe() for p in directory.all()])
@@ -71,17 +80,20 @@ def _check_credentials(request: web.Request, token: bytes | None, tls: bool) -> 
     transport = request.transport
     if tls and not (transport is not None and transport.get_extra_info("peercert")):
         raise web.HTTPUnauthorized(
-            text="chunk reads need a client certificate signed by the cluster CA\n")
+            text="chunk reads need a client certificate signed by the cluster CA\n"
+        )
     if token is None:
         return
     if not tls and not _from_loopback(request):
         raise web.HTTPForbidden(
-            text="chunk reads with a cluster token need TLS (--tls-cert) or loopback\n")
+            text="chunk reads with a cluster token need TLS (--tls-cert) or loopback\n"
+        )
     scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode(), token):
         raise web.HTTPUnauthorized(
             headers={"WWW-Authenticate": 'Bearer realm="blobstore"'},
-            text="chunk reads need Authorization: Bearer <cluster token>\n")
+            text="chunk reads need Authorization: Bearer <cluster token>\n",
+        )
 
 
 def _from_loopback(request: web.Request) -> bool:

@@ -69,8 +69,14 @@ class Peer:
     conn: PeerConnection | None = field(default=None, repr=False)
 
     def describe(self) -> dict[str, object]:
-        return {"address": self.address, "node": self.node, "region": self.region,
-                "up": self.up, "status": self.status, "source": self.source}
+        return {
+            "address": self.address,
+            "node": self.node,
+            "region": self.region,
+            "up": self.up,
+            "status": self.status,
+            "source": self.source,
+        }
 
 
 class PeerDirectory:
@@ -119,8 +125,10 @@ class PeerDirectory:
                 if self._gossiped >= self.max_gossip_peers:
                     if not self._gossip_full_logged:
                         self._gossip_full_logged = True
-                        log.warning("keeping no more than %d peers learned from gossip",
-                                    self.max_gossip_peers)
+                        log.warning(
+                            "keeping no more than %d peers learned from gossip",
+                            self.max_gossip_peers,
+                        )
                     return
                 self._gossiped += 1
             peer = self._peers[address] = Peer(address, source, node, region)
@@ -208,7 +216,8 @@ class PeerDirectory:
         while True:
             now = time.monotonic()
             due = [
-                p for p in self._peers.values()
+                p
+                for p in self._peers.values()
                 if now >= p.retry_at and (not p.up or now - p.last_ok >= self.timing.interval)
             ]
             if due:

@@ -45,9 +45,15 @@ class Transcript:
 
     def message(self, role: bytes) -> bytes:
         """The MAC input for ``role``'s proof: context, role, then length-prefixed fields."""
-        fields = (role, self.server_node.encode(), self.client_node.encode(),
-                  self.region.encode(), self.server_endpoint.encode(),
-                  self.server_nonce, self.client_nonce)
+        fields = (
+            role,
+            self.server_node.encode(),
+            self.client_node.encode(),
+            self.region.encode(),
+            self.server_endpoint.encode(),
+            self.server_nonce,
+            self.client_nonce,
+        )
         return _PROOF_CONTEXT + b"".join(len(f).to_bytes(4, "big") + f for f in fields)
 
 
@@ -83,21 +89,28 @@ def version_field(header: dict[str, Any]) -> None:
     """Raise ProtocolError unless the peer speaks our protocol version."""
     version = header.get("v")
     if version != VERSION:
-        raise ProtocolError(f"peer speaks protocol v{version}, this node v{VERSION}: "
-                            "upgrade both to the same release")
+        raise ProtocolError(
+            f"peer speaks protocol v{version}, this node v{VERSION}: "
+            "upgrade both to the same release"
+        )
 
 
 def hello(node: str, region: str, nonce: bytes) -> dict[str, Any]:
     return {"t": "hello", "v": VERSION, "node": node, "region": region, "nonce": nonce}
 
 
-def auth(
-    node: str, region: str, nonce: bytes, mac: bytes | None, reached: str
-) -> dict[str, Any]:
+def auth(node: str, region: str, nonce: bytes, mac: bytes | None, reached: str) -> dict[str, Any]:
     """``reached``: where the client reached the server (for the server's error message;
     the proof binds the server's own view of it)."""
-    return {"t": "auth", "v": VERSION, "node": node, "region": region, "nonce": nonce,
-            "mac": mac, "to": reached}
+    return {
+        "t": "auth",
+        "v": VERSION,
+        "node": node,
+        "region": region,
+        "nonce": nonce,
+        "mac": mac,
+        "to": reached,
+    }
 
 
 def ready(mac: bytes | None) -> dict[str, Any]:
@@ -138,6 +151,8 @@ def peers_field(header: dict[str, Any]) -> list[str]:
         if parsed is None or not parsed[0]:
             raise ProtocolError(f"'peers' lists a malformed address {address[:64]!r}")
     return list(dict.fromkeys(raw))  # each address once, in order
+
+
 MISSING: dict[str, Any] = {"t": "missing"}
 CHUNK: dict[str, Any] = {"t": "chunk"}
 

@@ -40,27 +40,51 @@ class Metrics:
             lines.append(f"# TYPE blobstore_peer_{name} {kind}")
             lines.extend(f"blobstore_peer_{name}{labels} {value}" for labels, value in samples)
 
-        metric("bytes_served_total", "counter", "Chunk bytes sent to peers.",
-               [("", self.bytes_served)])
-        metric("chunks_served_total", "counter", "Chunks sent to peers.",
-               [("", self.chunks_served)])
-        metric("tier_bytes_total", "counter", "Bytes served, by the tier they came from.",
-               [(f'{{tier="{t}"}}', v) for t, v in sorted(self.tier_bytes.items())])
+        metric(
+            "bytes_served_total", "counter", "Chunk bytes sent to peers.", [("", self.bytes_served)]
+        )
+        metric(
+            "chunks_served_total", "counter", "Chunks sent to peers.", [("", self.chunks_served)]
+        )
+        metric(
+            "tier_bytes_total",
+            "counter",
+            "Bytes served, by the tier they came from.",
+            [(f'{{tier="{t}"}}', v) for t, v in sorted(self.tier_bytes.items())],
+        )
         metric("hits_total", "counter", "Chunks found in the local cache.", [("", self.hits)])
         metric("misses_total", "counter", "Chunks answered as missing.", [("", self.misses)])
-        metric("origin_fetches_total", "counter", "Read-through fetches from the object store.",
-               [("", self.origin_fetches)])
-        metric("corrupt_dropped_total", "counter", "Corrupt cached chunks dropped.",
-               [("", self.corrupt_dropped)])
-        metric("auth_failures_total", "counter", "Connections refused for a wrong token.",
-               [("", self.auth_failures)])
-        metric("connections_dropped_total", "counter",
-               "Connections closed by the daemon's limits, by reason.",
-               [(f'{{reason="{r}"}}', v) for r, v in sorted(self.dropped.items())])
+        metric(
+            "origin_fetches_total",
+            "counter",
+            "Read-through fetches from the object store.",
+            [("", self.origin_fetches)],
+        )
+        metric(
+            "corrupt_dropped_total",
+            "counter",
+            "Corrupt cached chunks dropped.",
+            [("", self.corrupt_dropped)],
+        )
+        metric(
+            "auth_failures_total",
+            "counter",
+            "Connections refused for a wrong token.",
+            [("", self.auth_failures)],
+        )
+        metric(
+            "connections_dropped_total",
+            "counter",
+            "Connections closed by the daemon's limits, by reason.",
+            [(f'{{reason="{r}"}}', v) for r, v in sorted(self.dropped.items())],
+        )
         metric("in_flight", "gauge", "Chunk requests being answered.", [("", self.in_flight)])
-        metric("lookups_pending", "gauge",
-               "Chunk answers holding the lookup budget (looked up or waiting to be sent).",
-               [("", self.lookups)])
+        metric(
+            "lookups_pending",
+            "gauge",
+            "Chunk answers holding the lookup budget (looked up or waiting to be sent).",
+            [("", self.lookups)],
+        )
         metric("connections", "gauge", "Open peer connections.", [("", self.connections)])
         metric("peers", "gauge", "Live same-region peers seen.", [("", self.peers())])
         metric("known_peers", "gauge", "Peers known, live or not.", [("", self.known_peers())])

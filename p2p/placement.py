@@ -12,9 +12,7 @@ from collections.abc import Iterable, Sequence
 
 
 def score(node_id: str, chunk_id: str) -> int:
-    digest = hashlib.blake2b(
-        chunk_id.encode(), digest_size=8, key=node_id.encode()[:64]
-    ).digest()
+    digest = hashlib.blake2b(chunk_id.encode(), digest_size=8, key=node_id.encode()[:64]).digest()
     return int.from_bytes(digest, "big")
 
 

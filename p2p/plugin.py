@@ -44,8 +44,9 @@ async def open_directory(
         from .tls import client_context
 
         tls = await asyncio.to_thread(client_context, config.peers.tls)
-    me = Identity(f"client-{socket.gethostname()}-{os.getpid()}", config.region,
-                  config.peers.token, tls)
+    me = Identity(
+        f"client-{socket.gethostname()}-{os.getpid()}", config.region, config.peers.token, tls
+    )
     async with AsyncExitStack() as stack:
         directory = await stack.enter_async_context(PeerDirectory(me, timing or Timing()))
         if config.peers.mode == "static":
@@ -77,30 +78,56 @@ class P2PPlugin:
 
     def add_commands(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p = subparsers.add_parser(
-            "daemon", help="the peer daemon of a node",
+            "daemon",
+            help="the peer daemon of a node",
             description="Serve this node's cache to same-region peers; home chunks read "
-                        "through to the object store.",
+            "through to the object store.",
         )
-        p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                       help=f"peer protocol address (default {DEFAULT_LISTEN}; port 0 picks one)")
-        p.add_argument("--http", metavar="HOST:PORT",
-                       help="ops HTTP address: /healthz, /metrics, /chunks/<id> (HTTPS with "
-                            "--tls-cert; chunk reads need the token or a client certificate, "
-                            "see docs/security.md)")
+        p.add_argument(
+            "--listen",
+            default=DEFAULT_LISTEN,
+            metavar="HOST:PORT",
+            help=f"peer protocol address (default {DEFAULT_LISTEN}; port 0 picks one)",
+        )
+        p.add_argument(
+            "--http",
+            metavar="HOST:PORT",
+            help="ops HTTP address: /healthz, /metrics, /chunks/<id> (HTTPS with "
+            "--tls-cert; chunk reads need the token or a client certificate, "
+            "see docs/security.md)",
+        )
         p.add_argument("--node-id", help="stable node name (default HOSTNAME:PORT)")
-        p.add_argument("--health-interval", type=float, default=1.0, metavar="SECONDS",
-                       help="ping quiet peers this often (default 1)")
-        p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                       help="change one of the daemon's limits (connections, timeouts, "
-                            "budgets; see docs/security.md, Memory bounds); repeatable")
+        p.add_argument(
+            "--health-interval",
+            type=float,
+            default=1.0,
+            metavar="SECONDS",
+            help="ping quiet peers this often (default 1)",
+        )
+        p.add_argument(
+            "--limit",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="change one of the daemon's limits (connections, timeouts, "
+            "budgets; see docs/security.md, Memory bounds); repeatable",
+        )
         p.add_argument("--corrupt-for-tests", action="store_true", help=argparse.SUPPRESS)
         p.set_defaults(func=_cmd_daemon)
 
-        p = subparsers.add_parser("peers", help="list the live peers this node sees",
-                                  description="Discover and check this region's peers.")
+        p = subparsers.add_parser(
+            "peers",
+            help="list the live peers this node sees",
+            description="Discover and check this region's peers.",
+        )
         p.add_argument("--json", action="store_true")
-        p.add_argument("--wait", type=float, default=2.0, metavar="SECONDS",
-                       help="how long to listen for mDNS announcements (default 2)")
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=2.0,
+            metavar="SECONDS",
+            help="how long to listen for mDNS announcements (default 2)",
+        )
         p.add_argument("--all", action="store_true", help="also list down/ignored peers")
         p.set_defaults(func=_cmd_peers)
 
@@ -147,8 +174,14 @@ async def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
     from .server import ServerLimits
 
     timing = Timing(interval=args.health_interval, timeout=max(1.0, 3 * args.health_interval))
-    opts = DaemonOptions(args.listen, args.http, args.node_id, timing, args.corrupt_for_tests,
-                         limits=ServerLimits.parse(args.limit))
+    opts = DaemonOptions(
+        args.listen,
+        args.http,
+        args.node_id,
+        timing,
+        args.corrupt_for_tests,
+        limits=ServerLimits.parse(args.limit),
+    )
     return await run_daemon(config, opts)
 
 

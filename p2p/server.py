@@ -96,8 +96,10 @@ class ServerLimits:
             name, sep, text = item.partition("=")
             name = name.strip().replace("-", "_")
             if not sep or name not in known:
-                raise ConfigError(f"bad --limit {item!r}: expected NAME=VALUE, NAME one of "
-                                  + ", ".join(sorted(known)))
+                raise ConfigError(
+                    f"bad --limit {item!r}: expected NAME=VALUE, NAME one of "
+                    + ", ".join(sorted(known))
+                )
             kind = type(getattr(limits, name))
             try:
                 value = kind(text)
@@ -183,11 +185,17 @@ class PeerServer:
                 tls_timeout = self._limits.handshake_timeout if tls else None
                 if sock is not None:
                     server = await loop.create_server(
-                        factory, sock=sock, ssl=tls, ssl_handshake_timeout=tls_timeout)
+                        factory, sock=sock, ssl=tls, ssl_handshake_timeout=tls_timeout
+                    )
                 else:
                     server = await loop.create_server(
-                        factory, host, port, reuse_address=True, ssl=tls,
-                        ssl_handshake_timeout=tls_timeout)
+                        factory,
+                        host,
+                        port,
+                        reuse_address=True,
+                        ssl=tls,
+                        ssl_handshake_timeout=tls_timeout,
+                    )
             except OSError as exc:
                 raise PeerUnavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
             try:
@@ -213,8 +221,9 @@ class PeerServer:
             host = _remote_host(stream)
             self._per_host[host] += 1
             if self._per_host[host] > self._limits.max_connections_per_ip:
-                self._refuse(stream, f"{self._limits.max_connections_per_ip} connections "
-                                     f"open from {host}")
+                self._refuse(
+                    stream, f"{self._limits.max_connections_per_ip} connections open from {host}"
+                )
                 return
             self._metrics.connections += 1
             try:
@@ -274,9 +283,12 @@ class PeerServer:
             raise
         here = messages.endpoint(stream.extra_info("sockname"))
         transcript = messages.Transcript(
-            server_node=me.node, client_node=client_node, region=me.region,
+            server_node=me.node,
+            client_node=client_node,
+            region=me.region,
             server_endpoint="" if me.tls else here,
-            server_nonce=nonce, client_nonce=messages.nonce_field(auth),
+            server_nonce=nonce,
+            client_nonce=messages.nonce_field(auth),
         )
         try:
             if client_node == me.node:
@@ -288,8 +300,10 @@ class PeerServer:
             reached = auth.get("to")
             if me.token is None or me.tls or not isinstance(reached, str) or reached == here:
                 raise
-            raise AuthError(f"{who} reached {reached[:300]!r}, but this is {here!r}: a relay, "
-                            "or NAT between peers (run peers over TLS then)") from exc
+            raise AuthError(
+                f"{who} reached {reached[:300]!r}, but this is {here!r}: a relay, "
+                "or NAT between peers (run peers over TLS then)"
+            ) from exc
         if messages.text_field(auth, "region") != me.region:
             stream.send(messages.error("region", f"this peer serves region {me.region!r}"))
             raise ProtocolError(f"{who} is in another region")
@@ -324,8 +338,9 @@ class PeerServer:
                     self._answer(session, messages.have(self._provider.holds(ids)))
                 elif frame.kind == "ping":
                     await session.slots.acquire()
-                    self._answer(session, messages.pong(self._me.node, self._me.region,
-                                                        self._peers()))
+                    self._answer(
+                        session, messages.pong(self._me.node, self._me.region, self._peers())
+                    )
                 else:
                     raise ProtocolError(f"unexpected {frame.kind!r} request")
         except ProtocolError as exc:
@@ -350,8 +365,7 @@ class PeerServer:
                 if session.pending:
                     continue  # still sending it answers: a slow reader, not an idle one
                 self._metrics.dropped["idle"] += 1
-                raise PeerUnavailable(
-                    f"idle for {self._limits.idle_timeout:g} s") from None
+                raise PeerUnavailable(f"idle for {self._limits.idle_timeout:g} s") from None
 
     async def _acquire_budget(self, session: _Session) -> None:
         """One unit of the daemon's lookup budget. While it is used up and a client that
@@ -380,16 +394,21 @@ class PeerServer:
         """Drop the client that has read nothing for longest, if that is ``stall_grace``."""
         now = time.monotonic()
         stalled = [
-            (since, session) for session in self._sessions
-            if session.held and not session.dropped
+            (since, session)
+            for session in self._sessions
+            if session.held
+            and not session.dropped
             and (since := session.stream.write_blocked_since) is not None
             and now - since >= self._limits.stall_grace
         ]
         if not stalled:
             return
         since, session = min(stalled, key=lambda pair: pair[0])
-        log.warning("dropping %s: it has read nothing for %.1f s while other clients wait",
-                    session.stream.name, now - since)
+        log.warning(
+            "dropping %s: it has read nothing for %.1f s while other clients wait",
+            session.stream.name,
+            now - since,
+        )
         self._metrics.dropped["stalled"] += 1
         session.dropped = True
         session.stream.abort()

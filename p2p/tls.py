@@ -48,8 +48,9 @@ def _context(files: TlsFiles, purpose: ssl.Purpose, verify: ssl.VerifyMode) -> s
     try:
         ctx.load_cert_chain(files.cert, files.key)
     except OSError as exc:  # ssl.SSLError included
-        raise ConfigError(f"cannot load TLS certificate {files.cert} with key {files.key}: "
-                          f"{_reason(exc)}") from exc
+        raise ConfigError(
+            f"cannot load TLS certificate {files.cert} with key {files.key}: {_reason(exc)}"
+        ) from exc
     try:
         ctx.load_verify_locations(cafile=files.ca)
     except OSError as exc:

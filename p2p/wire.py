@@ -31,7 +31,9 @@ class FrameStream(asyncio.BufferedProtocol):
     """One TCP connection: ``await recv()`` frames, ``send()`` + ``await drain()``."""
 
     def __init__(
-        self, limits: Limits = DEFAULT_LIMITS, name: str = "peer",
+        self,
+        limits: Limits = DEFAULT_LIMITS,
+        name: str = "peer",
         write_high_water: int = WRITE_HIGH_WATER,
     ) -> None:
         """``limits`` bound what is received; frames sent obey the protocol's own limits."""
@@ -81,8 +83,10 @@ class FrameStream(asyncio.BufferedProtocol):
             self._queued_bytes += sum(f.wire_size for f in frames)
             self._wake_reader()
             too_many = len(self._frames) > _MAX_QUEUED_FRAMES
-            if self._transport and not self._read_paused and (
-                too_many or self._queued_bytes > self.limits.max_queued
+            if (
+                self._transport
+                and not self._read_paused
+                and (too_many or self._queued_bytes > self.limits.max_queued)
             ):
                 self._read_paused = True
                 self._transport.pause_reading()
@@ -142,7 +146,8 @@ class FrameStream(asyncio.BufferedProtocol):
         frame = self._frames.popleft()
         self._queued_bytes -= frame.wire_size
         if (
-            self._read_paused and self._transport
+            self._read_paused
+            and self._transport
             and len(self._frames) <= _MAX_QUEUED_FRAMES // 2
             and self._queued_bytes <= self.limits.max_queued // 2
         ):
@@ -200,7 +205,10 @@ class FrameStream(asyncio.BufferedProtocol):
 
 
 async def connect(
-    host: str, port: int, limits: Limits = DEFAULT_LIMITS, connect_timeout: float = 5.0,
+    host: str,
+    port: int,
+    limits: Limits = DEFAULT_LIMITS,
+    connect_timeout: float = 5.0,
     tls: ssl.SSLContext | None = None,
 ) -> FrameStream:
     """Open a frame connection (over TLS if ``tls`` is given).
@@ -211,12 +219,14 @@ async def connect(
     name = f"{host}:{port}"
     tls_args: dict[str, Any] = (
         {"ssl": tls, "server_hostname": host, "ssl_handshake_timeout": connect_timeout}
-        if tls is not None else {}
+        if tls is not None
+        else {}
     )
     try:
         async with asyncio.timeout(connect_timeout):
             _, proto = await loop.create_connection(
-                lambda: FrameStream(limits, name), host, port, **tls_args)
+                lambda: FrameStream(limits, name), host, port, **tls_args
+            )
     except ssl.SSLCertVerificationError as exc:
         raise AuthError(f"TLS certificate of {name} refused: {exc.verify_message}") from exc
     except (OSError, TimeoutError) as exc:

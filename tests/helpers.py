@@ -190,6 +190,7 @@ def get_object(store_url: str, key: str) -> bytes:
 def store_raw_manifest(store_url: str, data: bytes, ref: str) -> str:
     """Store raw manifest bytes under their true id and point ``ref`` at them."""
     manifest_id = hash_bytes(data)
-    put_objects(store_url, {manifest_key(manifest_id): data,
-                            ref_key(ref): manifest_id.encode() + b"\n"})
+    put_objects(
+        store_url, {manifest_key(manifest_id): data, ref_key(ref): manifest_id.encode() + b"\n"}
+    )
     return manifest_id

@@ -174,9 +174,7 @@ class CountingProxy(AsyncResource):
         client_w: asyncio.StreamWriter,
     ) -> None:
         try:
-            server_r, server_w = await asyncio.open_connection(
-                *self.upstream, limit=_HEADER_LIMIT
-            )
+            server_r, server_w = await asyncio.open_connection(*self.upstream, limit=_HEADER_LIMIT)
         except OSError:
             client_w.close()
             self._tasks.discard(task)
@@ -231,9 +229,7 @@ class CountingProxy(AsyncResource):
             for writer in (client_w, server_w):
                 writer.transport.abort()
 
-    def _fault(
-        self, kinds: tuple[str, ...], method: str, target: str, body: int
-    ) -> Fault | None:
+    def _fault(self, kinds: tuple[str, ...], method: str, target: str, body: int) -> Fault | None:
         for fault in self.faults:
             if fault.kind in kinds and fault.take(method, target, body):
                 return fault
@@ -260,7 +256,9 @@ class CountingProxy(AsyncResource):
             self.requests[method.decode()] += 1
             length = _content_length(head)
             fault = self._fault(
-                ("cut_upload", "reject_upload", "stall_upload"), method.decode(), target.decode(),
+                ("cut_upload", "reject_upload", "stall_upload"),
+                method.decode(),
+                target.decode(),
                 length,
             )
             await self._forward(writer, head, to_client=False)

@@ -39,9 +39,16 @@ REGION = "us-east-1"
 START_TIMEOUT = 60.0
 
 _PORT_FLAGS = (
-    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-    "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
-    "admin.port", "admin.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
 )
 
 
@@ -128,14 +135,23 @@ class SeaweedS3Server:
         run_dir = data_dir / f"weed-{ports['s3.port']}"
         run_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            weed, "mini", f"-dir={run_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
+            weed,
+            "mini",
+            f"-dir={run_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-s3.autoCreateBucket=false",
             # Every test bucket claims several volume slots; the automatic limit
             # (free disk / 128 MB) ran out mid-suite ("No writable volumes").
             # Volumes are not preallocated, so a high cap costs no disk.
             "-volume.max=4000",
-            f"-filer.localSocket={run_dir}/filer.sock", f"-s3.localSocket={run_dir}/s3.sock",
+            f"-filer.localSocket={run_dir}/filer.sock",
+            f"-s3.localSocket={run_dir}/s3.sock",
             *(f"-{flag}={port}" for flag, port in ports.items()),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
@@ -143,8 +159,13 @@ class SeaweedS3Server:
         log_path = run_dir / "weed.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                args, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                args,
+                cwd=run_dir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         return cls(f"http://127.0.0.1:{ports['s3.port']}", proc, log_path)
 

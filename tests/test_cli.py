@@ -36,9 +36,7 @@ def env(object_store_url: str, tmp_path: Path) -> dict[str, str]:
     return cli_env(object_store_url, tmp_path / "cache")
 
 
-def test_json_documents_follow_the_contract(
-    env: dict[str, str], src: Path, tmp_path: Path
-) -> None:
+def test_json_documents_follow_the_contract(env: dict[str, str], src: Path, tmp_path: Path) -> None:
     push = run_cli(["push", src, "apps/demo/data", "--json"], env)
     assert push.returncode == 0, push.stderr
     assert error_lines(push.stderr) == []  # quiet when piped: no progress line
@@ -47,8 +45,10 @@ def test_json_documents_follow_the_contract(
     assert doc["ref"] == "apps/demo/data"
     assert doc["files"] == 6
     assert doc["new_chunks"] == doc["chunks"]
-    assert doc["new_bytes"] == doc["bytes"] == sum(
-        (src / p).stat().st_size for p, e in snapshot(src).items() if e[0] == "file"
+    assert (
+        doc["new_bytes"]
+        == doc["bytes"]
+        == sum((src / p).stat().st_size for p, e in snapshot(src).items() if e[0] == "file")
     )
 
     again = json.loads(run_cli(["push", src, "apps/demo/data", "--json"], env).stdout)
@@ -73,15 +73,21 @@ def test_json_documents_follow_the_contract(
     assert [r["ref"] for r in rows] == ["apps/demo/data", "apps/other", "images/x:v1"]
     assert all(r["manifest"] == doc["manifest"] for r in rows)
     assert [r["ref"] for r in json.loads(run_cli(["ls", "apps/", "--json"], env).stdout)] == [
-        "apps/demo/data", "apps/other"]
+        "apps/demo/data",
+        "apps/other",
+    ]
 
     show = json.loads(run_cli(["show", "apps/demo/data", "--json"], env).stdout)
     assert {"ref", "manifest", "kind", "bytes", "chunks", "files", "chunker"} <= show.keys()
     assert show["kind"] == "tree"
     assert (show["files"], show["dirs"], show["symlinks"]) == (6, 6, 3)
     assert show["bytes"] == doc["bytes"]
-    assert show["chunker"] == {"name": "fastcdc2020-pyfastcdc", "min": 256 << 10,
-                               "avg": 768 << 10, "max": 4 << 20}
+    assert show["chunker"] == {
+        "name": "fastcdc2020-pyfastcdc",
+        "min": 256 << 10,
+        "avg": 768 << 10,
+        "max": 4 << 20,
+    }
 
     verify = run_cli(["verify", "apps/demo/data", "--json"], env)
     assert verify.returncode == 0
@@ -121,8 +127,9 @@ def test_usage_errors_exit_2(argv: list[str], tmp_path: Path) -> None:
 def test_predictable_failures_exit_1_with_one_line(
     env: dict[str, str], src: Path, tmp_path: Path
 ) -> None:
-    assert_one_line_error(run_cli(["pull", "no/such/ref", tmp_path / "d"], env),
-                          "ref 'no/such/ref' not found")
+    assert_one_line_error(
+        run_cli(["pull", "no/such/ref", tmp_path / "d"], env), "ref 'no/such/ref' not found"
+    )
     assert not (tmp_path / "d").exists()
     assert_one_line_error(run_cli(["show", "nope"], env), "not found")
     assert_one_line_error(run_cli(["verify", "nope"], env), "not found")
@@ -176,12 +183,19 @@ def test_env_vars_are_honoured_and_flags_win(src: Path, tmp_path: Path) -> None:
     assert snapshot(tmp_path / "dst") == snapshot(src)
     # a bare path works as a store too, and --store / --cache beat the environment
     flag_store, flag_cache = tmp_path / "flag-store", tmp_path / "flag-cache"
-    assert run_cli(["--store", flag_store, "--cache", flag_cache, "push", src, "u"],
-                   env).returncode == 0
+    assert (
+        run_cli(["--store", flag_store, "--cache", flag_cache, "push", src, "u"], env).returncode
+        == 0
+    )
     assert (flag_store / "refs" / "u").is_file()
     assert not (store / "refs" / "u").exists()
-    assert run_cli(["pull", "u", tmp_path / "dst2", "--store", flag_store.as_uri(),
-                    "--cache", flag_cache], env).returncode == 0
+    assert (
+        run_cli(
+            ["pull", "u", tmp_path / "dst2", "--store", flag_store.as_uri(), "--cache", flag_cache],
+            env,
+        ).returncode
+        == 0
+    )
     assert (flag_cache / "index.sqlite").exists()
     ls = run_cli(["ls"], env)
     assert ls.stdout.split() == [ls.stdout.split()[0], "t"]
@@ -194,10 +208,16 @@ def _closed_port() -> int:
 
 
 def test_unreachable_s3_endpoint_fails_in_bounded_time(src: Path, tmp_path: Path) -> None:
-    env = cli_env("s3://some-bucket/prefix", tmp_path / "cache", {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}",
-        "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1",
-    })
+    env = cli_env(
+        "s3://some-bucket/prefix",
+        tmp_path / "cache",
+        {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}",
+            "AWS_ACCESS_KEY_ID": "x",
+            "AWS_SECRET_ACCESS_KEY": "y",
+            "AWS_REGION": "us-east-1",
+        },
+    )
     for argv in (["push", src, "t"], ["pull", "t", tmp_path / "dst"], ["ls"]):
         # the timeout is the bound: connect failures are retried once, not for a minute
         proc = run_cli(argv, env, timeout=60)

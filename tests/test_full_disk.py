@@ -83,8 +83,10 @@ def test_full_cache_disk_does_not_fail_the_pull(tmp_path: Path, small_disk: Path
     _push(tmp_path, store)
     dest = tmp_path / "out"
     # copy mode keeps a node-owned copy (auto would seed from DEST and not fill the cache)
-    proc = run_cli(["pull", "apps/big", dest, "--json", "--link-mode", "copy"],
-                   cli_env(store, small_disk / "cache"))
+    proc = run_cli(
+        ["pull", "apps/big", dest, "--json", "--link-mode", "copy"],
+        cli_env(store, small_disk / "cache"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["from"]["origin"] == (12 << 20) + 5
     assert (dest / "weights.bin").read_bytes() == random_bytes(12 << 20, "full-disk")
@@ -107,7 +109,11 @@ def daemon_on_small_disk(tmp_path: Path, small_disk: Path) -> Iterator[tuple[str
     with open(tmp_path / "daemon.log", "w") as log:
         proc = subprocess.Popen(
             [BLOBSTORE, "daemon", "--listen", "127.0.0.1:0", "--http", http, "--peers", "none"],
-            env=cli_env(store, cache), stdout=subprocess.PIPE, stderr=log, text=True)
+            env=cli_env(store, cache),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
     assert proc.stdout is not None
     try:
         ready: dict[str, str] = {}
@@ -152,6 +158,7 @@ async def _store_chunks(store_url: str, count: int, size: int) -> list[ChunkId]:
             ids.append(hash_bytes(data))
             await store.put(chunk_key(ids[-1]), data)
     return ids
+
 
 def _store_files(root: Path) -> list[Path]:
     """Every file under the store but its own bookkeeping (index, locks)."""

@@ -206,9 +206,7 @@ def test_frame_decoder_lying_payload_length(
         assert isinstance(got, ProtocolError)  # not a count: refused, whatever follows
 
 
-@pytest.mark.parametrize(
-    "limits", [DEFAULT_LIMITS, HANDSHAKE_LIMITS, REQUEST_LIMITS, SMALL_LIMITS]
-)
+@pytest.mark.parametrize("limits", [DEFAULT_LIMITS, HANDSHAKE_LIMITS, REQUEST_LIMITS, SMALL_LIMITS])
 def test_frame_header_length_is_bounded_before_it_arrives(limits: Limits) -> None:
     """A prefix claiming a header beyond the limit is refused at once."""
     for claimed in (limits.max_header + 1, 1 << 31, (1 << 32) - 1, 0):
@@ -289,7 +287,10 @@ def trees(draw: st.DrawFn) -> Tree:
 def layers(draw: st.DrawFn) -> Layer:
     chunks = draw(CHUNKS)
     return Layer(
-        draw(SHA256), draw(st.text(max_size=60)), sum(c.size for c in chunks), draw(CHUNKERS),
+        draw(SHA256),
+        draw(st.text(max_size=60)),
+        sum(c.size for c in chunks),
+        draw(CHUNKERS),
         chunks,
     )
 
@@ -555,8 +556,9 @@ def test_gossiped_address_with_non_ascii_digits_is_refused(port: str) -> None:
 
 
 def test_peer_error_text_cannot_add_lines() -> None:
-    frame = Frame({"t": "error", "code": "auth", "msg": "no\nblobstore: error: forged\x1b[2J"},
-                  bytearray())
+    frame = Frame(
+        {"t": "error", "code": "auth", "msg": "no\nblobstore: error: forged\x1b[2J"}, bytearray()
+    )
     with pytest.raises(AuthError) as info:
         messages.expect(frame, "ready")
     assert "\n" not in str(info.value)

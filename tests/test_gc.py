@@ -75,7 +75,8 @@ async def test_sweeps_only_old_unreferenced_objects(tmp_path: Path) -> None:
     async with Client.open(config_for(store_dir.as_uri(), tmp_path / "c"), peers=False) as client:
         keep, dropped = await two_trees(client, tmp_path)
         drop_manifest = (await keys(client.object_store, MANIFESTS)) - {
-            f"{MANIFESTS}{await client.catalog.resolve('keep')}"}
+            f"{MANIFESTS}{await client.catalog.resolve('keep')}"
+        }
         age_file_store(store_dir, 2 * HOUR)
         young = random_bytes(1000, "young")  # e.g. an in-flight push's chunk
         await client.origin.put(hash_bytes(young), young)
@@ -141,9 +142,12 @@ async def test_bad_refs_are_reported_and_do_not_block_gc(
         victim_id = await client.catalog.resolve("victim")
         await store.put(f"{MANIFESTS}{victim_id}", b"\x00" * 40)  # corrupt in place
         gone = hash_bytes(b"a manifest that was never stored")
-        image = Image(b"{}", "application/vnd.oci.image.manifest.v1+json", b"{}",
-                      (ImageLayer("sha256:" + "1" * 64, keep_id),
-                       ImageLayer("sha256:" + "2" * 64, gone)))
+        image = Image(
+            b"{}",
+            "application/vnd.oci.image.manifest.v1+json",
+            b"{}",
+            (ImageLayer("sha256:" + "1" * 64, keep_id), ImageLayer("sha256:" + "2" * 64, gone)),
+        )
         image_id = await client.catalog.save(image)
         await store.put(ref_key("img"), image_id.encode() + b"\n")
         await store.put(ref_key("garbage"), b"not an id\n")
@@ -155,9 +159,12 @@ async def test_bad_refs_are_reported_and_do_not_block_gc(
         result = await collect(store, None, grace_seconds=-HOUR)
         problems = "\n".join(result.bad_refs)
         assert len(result.bad_refs) == 4, problems
-        for needle in ("'garbage' holds", f"'dangling' reaches manifest {gone}, which is missing",
-                       f"'victim' reaches manifest {victim_id}, which is corrupt",
-                       f"'img' reaches manifest {gone}, which is missing"):
+        for needle in (
+            "'garbage' holds",
+            f"'dangling' reaches manifest {gone}, which is missing",
+            f"'victim' reaches manifest {victim_id}, which is corrupt",
+            f"'img' reaches manifest {gone}, which is missing",
+        ):
             assert needle in problems
         # the rest is collected: drop's manifest, the orphan chunk (and, whatever
         # the chunk layout, nothing keep needs: it still pulls and verifies)
@@ -212,7 +219,10 @@ def test_s3_folder_key_under_refs_breaks_neither_ls_nor_gc(
 def put_raw(s3: SeaweedS3Server, bucket: str, key: str) -> None:
     """An empty object under any key, as an S3 console makes one (no key checks)."""
     client = botocore.session.get_session().create_client(
-        "s3", endpoint_url=s3.endpoint, region_name=REGION, aws_access_key_id=ACCESS_KEY,
+        "s3",
+        endpoint_url=s3.endpoint,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY,
         aws_secret_access_key=SECRET_KEY,
         config=botocore.config.Config(s3={"addressing_style": "path"}),
     )
@@ -253,9 +263,10 @@ async def test_cache_is_evicted_to_its_limits(tmp_path: Path) -> None:
         filled = client.cache.used_bytes
     assert filled == 8 << 20
     small = CacheConfig(tmp_path / "c", max_bytes=4 << 20, high_watermark=0.9, low_watermark=0.5)
-    async with NodeStore(small) as cache, Client.open(
-        config_for(store, tmp_path / "c2"), peers=False
-    ) as client:
+    async with (
+        NodeStore(small) as cache,
+        Client.open(config_for(store, tmp_path / "c2"), peers=False) as client,
+    ):
         result = await collect(client.object_store, cache, grace_seconds=HOUR)
         assert cache.used_bytes <= 2 << 20
         # the store enforces its limit when it opens; gc evicts whatever is still over
@@ -268,15 +279,21 @@ async def test_cache_is_evicted_to_its_limits(tmp_path: Path) -> None:
 
 
 def test_cli_gc_json(tmp_path: Path) -> None:
-    env = cli_env((tmp_path / "store").as_uri(), tmp_path / "cache",
-                  {"BLOBSTORE_CACHE_SIZE": "1M"})
+    env = cli_env((tmp_path / "store").as_uri(), tmp_path / "cache", {"BLOBSTORE_CACHE_SIZE": "1M"})
     write(tmp_path / "src" / "a.bin", random_bytes(3 << 20, "cli-gc"))
     assert run_cli(["push", tmp_path / "src", "t"], env).returncode == 0
     assert run_cli(["pull", "t", tmp_path / "dst"], env).returncode == 0
     proc = run_cli(["gc", "--json", "--grace", "1h"], env)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert {"cache_evicted_bytes", "cache_bytes", "refs", "swept_chunks",
-            "swept_manifests", "swept_bytes", "dry_run"} <= doc.keys()
+    assert {
+        "cache_evicted_bytes",
+        "cache_bytes",
+        "refs",
+        "swept_chunks",
+        "swept_manifests",
+        "swept_bytes",
+        "dry_run",
+    } <= doc.keys()
     assert doc["cache_bytes"] <= 1 << 20
     assert (doc["refs"], doc["swept_chunks"]) == (1, 0)

@@ -24,8 +24,20 @@ def test_valid_addresses(text: str, expected: tuple[str, int]) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["host", "host:", "host:0", "host:65536", "host:²", "host:١٢", "host:+1",
-             "host:123456", "[::1:7411", "::1]:7411", ""],
+    "text",
+    [
+        "host",
+        "host:",
+        "host:0",
+        "host:65536",
+        "host:²",
+        "host:١٢",
+        "host:+1",
+        "host:123456",
+        "[::1:7411",
+        "::1]:7411",
+        "",
+    ],
 )
 def test_invalid_addresses(text: str) -> None:
     assert split_hostport(text) is None

@@ -83,8 +83,9 @@ async def test_stale_leases_expire(tmp_path: Path) -> None:
             assert writers == 0
 
 
-async def test_reused_old_chunk_survives_a_concurrent_gc(object_store_url: str,
-                                                        tmp_path: Path) -> None:
+async def test_reused_old_chunk_survives_a_concurrent_gc(
+    object_store_url: str, tmp_path: Path
+) -> None:
     """The race itself: a push reuses an old unreferenced chunk while gc runs."""
     async with Client.open(config_for(object_store_url, tmp_path / "c")) as client:
         data = random_bytes(3 << 20, "orphan")
@@ -100,8 +101,7 @@ async def test_reused_old_chunk_survives_a_concurrent_gc(object_store_url: str,
         assert verified.ok, (verified.missing, verified.corrupt)
 
 
-HEARTBEAT = LeaseTiming(writer_ttl=1.0, writer_refresh=0.05, gc_ttl=5.0, gc_refresh=0.05,
-                        poll=0.01)
+HEARTBEAT = LeaseTiming(writer_ttl=1.0, writer_refresh=0.05, gc_ttl=5.0, gc_refresh=0.05, poll=0.01)
 
 
 async def test_a_running_writer_keeps_its_short_lease_alive(tmp_path: Path) -> None:
@@ -123,6 +123,7 @@ async def test_a_running_writer_keeps_its_short_lease_alive(tmp_path: Path) -> N
 async def test_a_lease_that_cannot_be_refreshed_stops_its_writer(tmp_path: Path) -> None:
     """A writer that can no longer keep its lease must not go on unprotected."""
     root = tmp_path / "store"
+
     async def write_forever(store: FileObjectStore) -> None:
         async with Leases(store, HEARTBEAT).writing():
             shutil.rmtree(root)
@@ -165,8 +166,12 @@ def test_killed_push_lease_lapses_and_can_be_listed_and_cleared(tmp_path: Path) 
     root = tmp_path / "store"
     env = cli_env(root.as_uri(), tmp_path / "cache")
     write(tmp_path / "src" / "big.bin", random_bytes(256 << 20, "killed"))
-    push = subprocess.Popen([BLOBSTORE, "push", str(tmp_path / "src"), "big"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    push = subprocess.Popen(
+        [BLOBSTORE, "push", str(tmp_path / "src"), "big"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while not _lease_files(root) and push.poll() is None and time.monotonic() < deadline:
@@ -179,7 +184,8 @@ def test_killed_push_lease_lapses_and_can_be_listed_and_cleared(tmp_path: Path) 
     (lease,) = _lease_files(root)
     shown = json.loads(run_cli(["leases", "--json"], env).stdout)["leases"]
     assert [(r["name"], r["kind"], r["live"], r["ttl"]) for r in shown] == [
-        (f"write-{lease.name[6:]}", "writer", True, 120)]
+        (f"write-{lease.name[6:]}", "writer", True, 120)
+    ]
     assert f"pid {push.pid}" in shown[0]["holder"]
     gc = run_cli(["gc", "--grace", "0s"], env)
     assert gc.returncode == 0, gc.stderr

@@ -58,8 +58,9 @@ def xfs(tmp_path: Path) -> Iterator[Path]:
 
 def shared_extents(path: Path) -> bool:
     """Whether ``filefrag`` reports every extent of ``path`` as shared."""
-    out = subprocess.run(["filefrag", "-v", str(path)], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["filefrag", "-v", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     rows = [ln for ln in out.splitlines() if ln.strip()[:1].isdigit() and ":" in ln]
     return bool(rows) and all("shared" in ln for ln in rows)
 
@@ -113,10 +114,14 @@ def test_bad_link_mode_is_one_line(tmp_path: Path) -> None:
     store = (tmp_path / "store").as_uri()
     push(tmp_path, store)
     env = cli_env(store, tmp_path / "cache")
-    assert_one_line_error(run_cli(["pull", "--link-mode", "symlink", "t", tmp_path / "d"], env),
-                          "link mode", "symlink")
-    assert_one_line_error(run_cli(["pull", "t", tmp_path / "d"],
-                                  {**env, "BLOBSTORE_LINK_MODE": "clone"}), "link mode")
+    assert_one_line_error(
+        run_cli(["pull", "--link-mode", "symlink", "t", tmp_path / "d"], env),
+        "link mode",
+        "symlink",
+    )
+    assert_one_line_error(
+        run_cli(["pull", "t", tmp_path / "d"], {**env, "BLOBSTORE_LINK_MODE": "clone"}), "link mode"
+    )
 
 
 def scribble(path: Path) -> None:
@@ -126,8 +131,11 @@ def scribble(path: Path) -> None:
 
 
 def config_for(tmp_path: Path) -> Config:
-    return Config(store_url=(tmp_path / "store").as_uri(),
-                  cache=CacheConfig(tmp_path / "node" / "cache"), peers=PeerConfig(mode="none"))
+    return Config(
+        store_url=(tmp_path / "store").as_uri(),
+        cache=CacheConfig(tmp_path / "node" / "cache"),
+        peers=PeerConfig(mode="none"),
+    )
 
 
 @pytest.mark.anyio
@@ -164,8 +172,9 @@ async def test_hardlink_is_read_only_and_a_write_through_it_is_never_served(
         repaired = await client.pull("t", dst, link_mode="hardlink")
         assert repaired.kept_files == 1
     for d in (dst, tmp_path / "other"):
-        assert {k: v[2] for k, v in snapshot(d).items()} == \
-            {k: v[2] for k, v in snapshot(src).items()}
+        assert {k: v[2] for k, v in snapshot(d).items()} == {
+            k: v[2] for k, v in snapshot(src).items()
+        }
 
 
 def remount_after_crash(mount: Path, image: Path) -> None:
@@ -221,8 +230,14 @@ def _clones(store: Path, dest: Path) -> bool:
     if os.stat(store).st_dev != os.stat(dest).st_dev:
         return False
     (dest / "probe").write_bytes(b"x")
-    return subprocess.run(["cp", "--reflink=always", dest / "probe", dest / "probe2"],
-                          capture_output=True, check=False).returncode == 0
+    return (
+        subprocess.run(
+            ["cp", "--reflink=always", dest / "probe", dest / "probe2"],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
 
 
 def _scribble_in_place(path: Path) -> None:
@@ -254,8 +269,9 @@ async def test_auto_without_clones_writes_once_and_seeds_from_dest(tmp_path: Pat
         assert isinstance(tree, Tree)
         weights = next(e for e in tree.entries if e.path == "weights.bin")
         first = weights.chunks[0]
-        assert await client.cache.get(first.id) == (src / "weights.bin").read_bytes()[
-            : first.size]  # served from a seed, verified
+        assert (
+            await client.cache.get(first.id) == (src / "weights.bin").read_bytes()[: first.size]
+        )  # served from a seed, verified
         shutil.rmtree(tmp_path / "b")
         # Change the seed in a/ (in place, same size): it must never be used again.
         _scribble_in_place(tmp_path / "a" / "weights.bin")

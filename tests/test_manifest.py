@@ -125,11 +125,21 @@ def test_chunker_params_are_recorded() -> None:
 
 def test_layer_and_image_round_trip() -> None:
     cid = hash_bytes(b"x")
-    layer = Layer("sha256:" + "ab" * 32, "application/vnd.oci.image.layer.v1.tar", 1,
-                  DEFAULT_PARAMS.info(), (ChunkRef(cid, 1, PACK, 3),))
+    layer = Layer(
+        "sha256:" + "ab" * 32,
+        "application/vnd.oci.image.layer.v1.tar",
+        1,
+        DEFAULT_PARAMS.info(),
+        (ChunkRef(cid, 1, PACK, 3),),
+    )
     assert decode(encode(layer)) == layer
-    image = Image(b'{"schemaVersion": 2}', "application/vnd.oci.image.manifest.v1+json",
-                  b"{}", (ImageLayer("sha256:" + "cd" * 32, cid),), ("v1",))
+    image = Image(
+        b'{"schemaVersion": 2}',
+        "application/vnd.oci.image.manifest.v1+json",
+        b"{}",
+        (ImageLayer("sha256:" + "cd" * 32, cid),),
+        ("v1",),
+    )
     assert decode(encode(image)) == image
 
 
@@ -143,8 +153,14 @@ def good_obj() -> dict[str, Any]:
         "kind": "tree",
         "chunker": {"name": "fastcdc2020-pyfastcdc", "min": 1, "avg": 2, "max": 4},
         "entries": [
-            {"p": "good.txt", "t": "file", "m": 0o644, "s": len(CONTENT),
-             "h": id_to_bytes(CONTENT_ID), "c": [[id_to_bytes(CONTENT_ID), len(CONTENT)]]},
+            {
+                "p": "good.txt",
+                "t": "file",
+                "m": 0o644,
+                "s": len(CONTENT),
+                "h": id_to_bytes(CONTENT_ID),
+                "c": [[id_to_bytes(CONTENT_ID), len(CONTENT)]],
+            },
             {"p": "sub", "t": "dir", "m": 0o755},
         ],
     }
@@ -158,8 +174,14 @@ def _with_entry(entry: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
 
 
 def _file(path: str) -> dict[str, Any]:
-    return {"p": path, "t": "file", "m": 0o644, "s": len(CONTENT), "h": id_to_bytes(CONTENT_ID),
-            "c": [[id_to_bytes(CONTENT_ID), len(CONTENT)]]}
+    return {
+        "p": path,
+        "t": "file",
+        "m": 0o644,
+        "s": len(CONTENT),
+        "h": id_to_bytes(CONTENT_ID),
+        "c": [[id_to_bytes(CONTENT_ID), len(CONTENT)]],
+    }
 
 
 def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
@@ -222,17 +244,33 @@ BAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], type[Exception], st
     ("size-as-bool", _set_entry(0, "s", True), InvalidManifest, "wrong type"),
     ("negative-size", _set_entry(0, "s", -1), InvalidManifest, "out of range"),
     ("path-as-bytes", _set_entry(0, "p", b"good.txt"), InvalidManifest, "wrong type"),
-    ("short-chunk-id", _set_entry(0, "c", [[b"\x01" * 31, len(CONTENT)]]), InvalidManifest,
-     "bad id"),
+    (
+        "short-chunk-id",
+        _set_entry(0, "c", [[b"\x01" * 31, len(CONTENT)]]),
+        InvalidManifest,
+        "bad id",
+    ),
     ("chunk-sizes-do-not-add-up", _set_entry(0, "s", 999), InvalidManifest, "do not add up"),
-    ("zero-size-chunk", _set_entry(0, "c", [[id_to_bytes(CONTENT_ID), 0]]), InvalidManifest,
-     "bad chunk size"),
+    (
+        "zero-size-chunk",
+        _set_entry(0, "c", [[id_to_bytes(CONTENT_ID), 0]]),
+        InvalidManifest,
+        "bad chunk size",
+    ),
     ("entry-not-map", _with_entry(["x"]), InvalidManifest, "expected a map"),
-    ("unknown-entry-type", _with_entry({"p": "fifo", "t": "fifo", "m": 0o644}), InvalidManifest,
-     "unknown entry type"),
+    (
+        "unknown-entry-type",
+        _with_entry({"p": "fifo", "t": "fifo", "m": 0o644}),
+        InvalidManifest,
+        "unknown entry type",
+    ),
     ("duplicate-path", _with_entry(_file("good.txt")), InvalidManifest, "duplicate path"),
-    ("dir-and-file-same-path", _with_entry({"p": "good.txt", "t": "dir", "m": 0o755}),
-     InvalidManifest, "duplicate path"),
+    (
+        "dir-and-file-same-path",
+        _with_entry({"p": "good.txt", "t": "dir", "m": 0o755}),
+        InvalidManifest,
+        "duplicate path",
+    ),
     ("dotdot", _with_entry(_file("../escape.txt")), UnsafePath, "unsafe path"),
     ("dotdot-inside", _with_entry(_file("sub/../../escape.txt")), UnsafePath, "unsafe path"),
     ("absolute", _with_entry(_file("/tmp/escape.txt")), UnsafePath, "absolute path"),
@@ -240,21 +278,38 @@ BAD_CASES: list[tuple[str, Callable[[dict[str, Any]], None], type[Exception], st
     ("empty-component", _with_entry(_file("sub//x")), UnsafePath, "unsafe path"),
     ("nul-byte", _with_entry(_file("a\x00b")), UnsafePath, "NUL"),
     ("empty-path", _with_entry(_file("")), UnsafePath, "empty path"),
-    ("through-symlink", lambda o: o["entries"].extend(
-        [{"p": "ln", "t": "symlink", "m": 0o777, "l": "/tmp"}, _file("ln/escape.txt")]),
-     UnsafePath, "goes through symlink"),
+    (
+        "through-symlink",
+        lambda o: o["entries"].extend(
+            [{"p": "ln", "t": "symlink", "m": 0o777, "l": "/tmp"}, _file("ln/escape.txt")]
+        ),
+        UnsafePath,
+        "goes through symlink",
+    ),
     ("below-a-file", _with_entry(_file("good.txt/child")), InvalidManifest, "below file"),
-    ("symlink-empty-target", _with_entry({"p": "l", "t": "symlink", "m": 0o777, "l": ""}),
-     InvalidManifest, "bad symlink target"),
-    ("v1-located-chunk", _set_entry(0, "c", [[*_c(), _PACK_RAW, 0]]), InvalidManifest,
-     "bad chunk entry"),
+    (
+        "symlink-empty-target",
+        _with_entry({"p": "l", "t": "symlink", "m": 0o777, "l": ""}),
+        InvalidManifest,
+        "bad symlink target",
+    ),
+    (
+        "v1-located-chunk",
+        _set_entry(0, "c", [[*_c(), _PACK_RAW, 0]]),
+        InvalidManifest,
+        "bad chunk entry",
+    ),
     ("v2-whole-file-digest", _v2(), InvalidManifest, "digest does not match the chunk list"),
     ("v2-short-pack-id", _v2([[*_c(), b"\x01" * 31, 0]]), InvalidManifest, "pack: bad id"),
     ("v2-pack-id-as-text", _v2([[*_c(), "ab" * 32, 0]]), InvalidManifest, "pack: bad id"),
     ("v2-negative-offset", _v2([[*_c(), _PACK_RAW, -1]]), InvalidManifest, "bad chunk offset"),
     ("v2-offset-as-bool", _v2([[*_c(), _PACK_RAW, True]]), InvalidManifest, "bad chunk offset"),
-    ("v2-offset-past-pack", _v2([[*_c(), _PACK_RAW, MAX_PACK_BYTES]]), InvalidManifest,
-     "bad chunk offset"),
+    (
+        "v2-offset-past-pack",
+        _v2([[*_c(), _PACK_RAW, MAX_PACK_BYTES]]),
+        InvalidManifest,
+        "bad chunk offset",
+    ),
     ("v2-three-fields", _v2([[*_c(), _PACK_RAW]]), InvalidManifest, "bad chunk entry"),
     ("v2-no-digest", _v2(digest=None), InvalidManifest, "digest does not match"),
 ]
@@ -288,8 +343,9 @@ def test_good_obj_is_valid() -> None:
     assert back.entries[0].chunks == (ChunkRef(CONTENT_ID, len(CONTENT), PACK, 5),)
 
 
-@pytest.mark.parametrize(("mutate", "error", "match"),
-                         [pytest.param(m, e, t, id=i) for i, m, e, t in BAD_CASES])
+@pytest.mark.parametrize(
+    ("mutate", "error", "match"), [pytest.param(m, e, t, id=i) for i, m, e, t in BAD_CASES]
+)
 def test_decode_refuses(
     mutate: Callable[[dict[str, Any]], None], error: type[Exception], match: str
 ) -> None:
@@ -325,8 +381,18 @@ def test_check_relpath_accepts(path: str) -> None:
 CLI_CASES = [
     pytest.param(bad_manifest(m), t, id=i)
     for i, m, _, t in BAD_CASES
-    if i in ("wrong-version", "mode-as-string", "duplicate-path", "dotdot", "dotdot-inside",
-             "absolute", "through-symlink", "nul-byte", "chunk-sizes-do-not-add-up")
+    if i
+    in (
+        "wrong-version",
+        "mode-as-string",
+        "duplicate-path",
+        "dotdot",
+        "dotdot-inside",
+        "absolute",
+        "through-symlink",
+        "nul-byte",
+        "chunk-sizes-do-not-add-up",
+    )
 ] + [pytest.param(d, m, id=i) for i, d, m in RAW_CASES if i in ("truncated", "not-a-map")]
 
 
@@ -363,4 +429,3 @@ def test_corrupt_manifest_bytes_detected(object_store_url: str, tmp_path: Path) 
     proc = run_cli(["pull", "t", tmp_path / "dest"], cli_env(object_store_url, tmp_path / "c"))
     assert_one_line_error(proc, "corrupt")
     assert not (tmp_path / "dest").exists()
-

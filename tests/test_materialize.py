@@ -47,8 +47,11 @@ def store_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 async def client(store_url: str, tmp_path: Path) -> AsyncIterator[Client]:
-    config = Config(store_url=store_url, cache=CacheConfig(tmp_path / "node" / "cache"),
-                    peers=PeerConfig(mode="none"))
+    config = Config(
+        store_url=store_url,
+        cache=CacheConfig(tmp_path / "node" / "cache"),
+        peers=PeerConfig(mode="none"),
+    )
     async with Client.open(config, peers=False) as c:
         yield c
 
@@ -67,8 +70,7 @@ class SwappingSource:
 
     name = "tiered"
 
-    def __init__(self, inner: ChunkSource, dest: Path, swaps: Sequence[str],
-                 victim: Path) -> None:
+    def __init__(self, inner: ChunkSource, dest: Path, swaps: Sequence[str], victim: Path) -> None:
         self.inner = inner
         self.dest = dest
         self.swaps = swaps
@@ -195,9 +197,16 @@ def test_two_pulls_into_one_dest_at_once(store_url: str, tmp_path: Path) -> None
     assert run_cli(["push", src, "t"], env).returncode == 0
     for attempt in range(2):
         dst = tmp_path / f"dst{attempt}"
-        procs = [subprocess.Popen([BLOBSTORE, "pull", "t", str(dst)], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                [BLOBSTORE, "pull", "t", str(dst)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         for proc in procs:
             _, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, err
@@ -284,9 +293,12 @@ def test_sigkill_at_random_moments_then_pull_repairs(store_url: str, tmp_path: P
         # a cold cache each time, so the pull is long enough to be caught mid-way
         node = cli_env(store_url, tmp_path / f"cache{attempt}")
         # copy mode: the slower path (store + DEST), so a kill lands mid-pull
-        proc = subprocess.Popen([BLOBSTORE, "pull", "t", str(dst), "--link-mode", "copy"],
-                                env=node,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [BLOBSTORE, "pull", "t", str(dst), "--link-mode", "copy"],
+            env=node,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         # Start the clock when the pull opens its (fresh) node store: interpreter
         # start-up varies with the machine's load. Then kill it a random moment later.
         while proc.poll() is None and not (tmp_path / f"cache{attempt}").exists():
@@ -340,16 +352,16 @@ async def test_power_loss_after_a_warm_pull_is_repaired(
     write(src / "weights.bin", random_bytes(9 << 20, "v2"))
     write(src / "config.json", b'{"layers": 48}\n', 0o640)
     await client.push(src, "t2")
-    await client.pull("t2", tmp_path / "elsewhere",
-                      link_mode="copy")  # the node store holds v2's files
+    await client.pull(
+        "t2", tmp_path / "elsewhere", link_mode="copy"
+    )  # the node store holds v2's files
     dst = tmp_path / "dst"
     await client.pull("t1", dst, link_mode="copy")  # cold: the store's syncfs covered dst too
     assert all(record[6] == 1 for record in marker_of(client, dst).values())
     warm = await client.pull("t2", dst, link_mode="copy")
     assert warm.from_tier["origin"] == 0
     marker = marker_of(client, dst)
-    assert {p for p, record in marker.items() if record[6] == 0} == {"weights.bin",
-                                                                      "config.json"}
+    assert {p for p, record in marker.items() if record[6] == 0} == {"weights.bin", "config.json"}
     reboot(monkeypatch)
     lose_unsynced_writes([dst / "weights.bin", dst / "config.json"])
     result = await client.pull("t2", dst, link_mode="copy")
@@ -369,8 +381,7 @@ async def test_after_a_reboot_intact_files_are_checked_once(
     state = client.pull_state_dir
     placed = await materialize(tree, dst, client.source, store=client.cache, state_dir=state)
     assert placed.placed_bytes == placed.bytes  # every file from the node store
-    same_boot = await materialize(tree, dst, client.source, store=client.cache,
-                                  state_dir=state)
+    same_boot = await materialize(tree, dst, client.source, store=client.cache, state_dir=state)
     assert (same_boot.kept_files, same_boot.checked_files) == (6, 0)
     reboot(monkeypatch)
     after = await materialize(tree, dst, client.source, store=client.cache, state_dir=state)
@@ -415,12 +426,28 @@ async def test_v1_manifest_pulls_and_repulls(client: Client, tmp_path: Path) -> 
     for s in spans:
         await client.object_store.put(chunk_key(s.id), data[s.offset : s.offset + s.length])
     info = DEFAULT_PARAMS.info()
-    entry = {"p": "w.bin", "t": "file", "m": 0o640, "s": len(data),
-             "h": id_to_bytes(hash_bytes(data)),
-             "c": [[id_to_bytes(s.id), s.length] for s in spans]}
-    raw = msgpack.packb({"v": 1, "kind": "tree", "entries": [entry], "chunker": {
-        "name": info.name, "min": info.min_size, "avg": info.avg_size, "max": info.max_size}},
-        use_bin_type=True)
+    entry = {
+        "p": "w.bin",
+        "t": "file",
+        "m": 0o640,
+        "s": len(data),
+        "h": id_to_bytes(hash_bytes(data)),
+        "c": [[id_to_bytes(s.id), s.length] for s in spans],
+    }
+    raw = msgpack.packb(
+        {
+            "v": 1,
+            "kind": "tree",
+            "entries": [entry],
+            "chunker": {
+                "name": info.name,
+                "min": info.min_size,
+                "avg": info.avg_size,
+                "max": info.max_size,
+            },
+        },
+        use_bin_type=True,
+    )
     await client.object_store.put(manifest_key(hash_bytes(raw)), raw)
     await client.object_store.put(ref_key("old"), hash_bytes(raw).encode() + b"\n")
     first = await client.pull("old", tmp_path / "a")
@@ -448,8 +475,11 @@ async def test_cold_pull_reads_each_pack_in_few_gets(tmp_path: Path) -> None:
     for n in range(400):
         size = rng.choice([300, 4_000, 20_000, 600_000])
         write(src / f"d{n % 7}" / f"f{n:03}", random_bytes(size, seed=n))
-    config = Config(store_url=(tmp_path / "store").as_uri(),
-                    cache=CacheConfig(tmp_path / "pusher"), peers=PeerConfig(mode="none"))
+    config = Config(
+        store_url=(tmp_path / "store").as_uri(),
+        cache=CacheConfig(tmp_path / "pusher"),
+        peers=PeerConfig(mode="none"),
+    )
     async with Client.open(config, peers=False) as pusher:
         pusher.packs = PackConfig(target_bytes=4 << 20)
         await pusher.push(src, "mixed")
@@ -457,8 +487,11 @@ async def test_cold_pull_reads_each_pack_in_few_gets(tmp_path: Path) -> None:
     assert isinstance(tree, Tree)
     packs = {ref.pack for ref in tree.chunk_refs()}
     assert len(packs) >= 10
-    config = Config(store_url=(tmp_path / "store").as_uri(),
-                    cache=CacheConfig(tmp_path / "puller"), peers=PeerConfig(mode="none"))
+    config = Config(
+        store_url=(tmp_path / "store").as_uri(),
+        cache=CacheConfig(tmp_path / "puller"),
+        peers=PeerConfig(mode="none"),
+    )
     async with Client.open(config, peers=False) as puller:
         await puller.pull("mixed", tmp_path / "dst")
         gets = puller.origin.requests

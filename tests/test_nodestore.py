@@ -49,8 +49,9 @@ def split(data: bytes, size: int) -> list[tuple[ChunkRef, bytes, int]]:
     return out
 
 
-async def add_file(store: NodeStore, data: bytes, piece: int = 8 * KIB) -> tuple[ChunkId, Path,
-                                                                                list[ChunkRef]]:
+async def add_file(
+    store: NodeStore, data: bytes, piece: int = 8 * KIB
+) -> tuple[ChunkId, Path, list[ChunkRef]]:
     """Assemble ``data`` in the store, pieces written out of order from threads."""
     parts = split(data, piece)
     refs = [ref for ref, _, _ in parts]
@@ -64,9 +65,13 @@ async def add_file(store: NodeStore, data: bytes, piece: int = 8 * KIB) -> tuple
 def stray_files(root: Path) -> list[str]:
     """Files that are neither loose chunks, store files, nor the store's own."""
     own = {"index.sqlite", "index.sqlite-wal", "index.sqlite-shm", "lock", ".lock"}
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.is_file() and p.name not in own
-                  and not (len(p.parent.name) == 2 and p.name.startswith(p.parent.name)))
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.name not in own
+        and not (len(p.parent.name) == 2 and p.name.startswith(p.parent.name))
+    )
 
 
 def overwrite(path: Path, offset: int, data: bytes) -> None:
@@ -76,8 +81,11 @@ def overwrite(path: Path, offset: int, data: bytes) -> None:
 
 
 def run_and_crash(root: Path, tests: str) -> None:
-    subprocess.run([sys.executable, "-c", _CRASHING_WRITER, str(root), tests], check=True,
-                   env={**os.environ, "PYTHONPATH": tests})
+    subprocess.run(
+        [sys.executable, "-c", _CRASHING_WRITER, str(root), tests],
+        check=True,
+        env={**os.environ, "PYTHONPATH": tests},
+    )
 
 
 def loose_files(root: Path) -> list[str]:
@@ -191,8 +199,7 @@ async def test_size_accounting_survives_reopen(tmp_path: Path) -> None:
 
 async def test_eviction_high_to_low_watermark_in_lru_order(tmp_path: Path) -> None:
     size = 10 * KIB
-    config = CacheConfig(tmp_path / "c", max_bytes=100 * KIB, high_watermark=0.9,
-                         low_watermark=0.5)
+    config = CacheConfig(tmp_path / "c", max_bytes=100 * KIB, high_watermark=0.9, low_watermark=0.5)
     async with NodeStore(config) as store:
         ids = []
         for i in range(9):  # 90 KiB: at the high watermark, not above
@@ -215,8 +222,7 @@ async def test_eviction_high_to_low_watermark_in_lru_order(tmp_path: Path) -> No
 
 
 async def test_whole_files_are_eviction_units_in_the_same_lru(tmp_path: Path) -> None:
-    config = CacheConfig(tmp_path / "c", max_bytes=100 * KIB, high_watermark=0.9,
-                         low_watermark=0.5)
+    config = CacheConfig(tmp_path / "c", max_bytes=100 * KIB, high_watermark=0.9, low_watermark=0.5)
     async with NodeStore(config) as store:
         old_key, old_path, old_refs = await add_file(store, random_bytes(30 * KIB, "old"))
         cid, data = chunk(1, 20 * KIB)
@@ -284,8 +290,7 @@ async def test_lru_order_survives_reopen(tmp_path: Path) -> None:
 
 
 async def test_pinned_chunks_and_files_are_never_evicted(tmp_path: Path) -> None:
-    config = CacheConfig(tmp_path / "c", max_bytes=50 * KIB, high_watermark=1.0,
-                         low_watermark=0.2)
+    config = CacheConfig(tmp_path / "c", max_bytes=50 * KIB, high_watermark=1.0, low_watermark=0.2)
     async with NodeStore(config) as store:
         pinned = [chunk(i) for i in range(3)]
         with store.pinned([cid for cid, _ in pinned]):
@@ -506,8 +511,10 @@ async def test_bit_rot_in_a_store_file_is_caught_on_read(tmp_path: Path) -> None
     path.chmod(0o444)
     st = path.stat()
     with sqlite3.connect(root / "index.sqlite") as db:
-        db.execute("UPDATE files SET mtime_ns = ?, ctime_ns = ? WHERE key = ?",
-                   (st.st_mtime_ns, st.st_ctime_ns, key))
+        db.execute(
+            "UPDATE files SET mtime_ns = ?, ctime_ns = ? WHERE key = ?",
+            (st.st_mtime_ns, st.st_ctime_ns, key),
+        )
     db.close()
     async with NodeStore(CacheConfig(root)) as store:
         assert await store.get(refs[0].id)  # the first chunk is intact
@@ -603,8 +610,14 @@ def _seed_of(path: Path, data: bytes, boot: str, durable: bool) -> Seed:
     parts = split(data, 8 * KIB)
     refs = [ref for ref, _, _ in parts]
     path.write_bytes(data)
-    return Seed.of(file_key(refs), str(path), os.stat(path),
-                   tuple((r.id, off, r.size) for r, _, off in parts), boot, durable)
+    return Seed.of(
+        file_key(refs),
+        str(path),
+        os.stat(path),
+        tuple((r.id, off, r.size) for r, _, off in parts),
+        boot,
+        durable,
+    )
 
 
 async def test_seeds_are_read_never_owned_and_dropped_after_a_reboot_unless_durable(

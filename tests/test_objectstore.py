@@ -70,8 +70,15 @@ async def test_bad_key_raises_bad_input(object_store_url: str, key: str) -> None
 
 async def test_list_prefixes_and_sizes(object_store_url: str) -> None:
     async with open_object_store(object_store_url) as store:
-        keys = ["chunks/ab/ab01", "chunks/ab/ab02", "chunks/cd/cd01", "manifests/m1",
-                "refs/apps/x/data", "refs/apps/y", "refs/apple"]
+        keys = [
+            "chunks/ab/ab01",
+            "chunks/ab/ab02",
+            "chunks/cd/cd01",
+            "manifests/m1",
+            "refs/apps/x/data",
+            "refs/apps/y",
+            "refs/apple",
+        ]
         for i, key in enumerate(keys):
             await store.put(key, b"z" * i)
         assert await _keys(store, "") == sorted(keys)
@@ -154,7 +161,9 @@ async def test_file_store_never_lists_temp_files(tmp_path: Path) -> None:
         (tmp_path / "s" / "refs" / ".tmp-deadbeef").write_bytes(b"half")
         assert await _keys(store, "") == ["refs/a", "refs/b"]
         assert sorted(p.name for p in (tmp_path / "s" / "refs").iterdir()) == [
-            ".tmp-deadbeef", "a", "b"
+            ".tmp-deadbeef",
+            "a",
+            "b",
         ]
 
 

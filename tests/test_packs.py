@@ -69,12 +69,15 @@ def tree_of(root: Path, files: dict[str, bytes]) -> Path:
 
 @pytest.fixture
 def src(tmp_path: Path) -> Path:
-    return tree_of(tmp_path / "src", {
-        "big.bin": random_bytes(5 * MiB, "big"),
-        "a/small.txt": b"small\n",
-        "a/other.bin": random_bytes(300_000, "other"),
-        "copy-of-big.bin": random_bytes(5 * MiB, "big"),
-    })
+    return tree_of(
+        tmp_path / "src",
+        {
+            "big.bin": random_bytes(5 * MiB, "big"),
+            "a/small.txt": b"small\n",
+            "a/other.bin": random_bytes(300_000, "other"),
+            "copy-of-big.bin": random_bytes(5 * MiB, "big"),
+        },
+    )
 
 
 async def load_tree(client: Client, ref: str) -> Tree:
@@ -204,9 +207,11 @@ async def test_noop_push_makes_a_handful_of_requests(
 ) -> None:
     """A push that uploads nothing costs O(1) requests (+1 LIST per ~300 packs),
     never one per chunk: counted at the wire by a proxy in front of SeaweedFS."""
-    root = tree_of(tmp_path / "src", {
-        f"shard-{i}.bin": random_bytes(16 * MiB, f"s{i}") for i in range(4)
-    } | {f"small/{i}.txt": f"{i}\n".encode() for i in range(200)})
+    root = tree_of(
+        tmp_path / "src",
+        {f"shard-{i}.bin": random_bytes(16 * MiB, f"s{i}") for i in range(4)}
+        | {f"small/{i}.txt": f"{i}\n".encode() for i in range(200)},
+    )
     url = s3_env.bucket_url()
     async with CountingProxy.to_endpoint(s3_env.endpoint) as proxy:
         proxy.http = True
@@ -291,8 +296,9 @@ async def test_verify_repair_from_a_directory(client: Client, src: Path) -> None
     await client.push(src, "t")
     before = await client.catalog.resolve("t")
     tree = await load_tree(client, "t")
-    victims = [next(e for e in tree.entries if e.path == p).chunks[-1]
-               for p in ("big.bin", "a/other.bin")]
+    victims = [
+        next(e for e in tree.entries if e.path == p).chunks[-1] for p in ("big.bin", "a/other.bin")
+    ]
     for victim in victims:
         await damage(client.object_store, victim)
     repaired = await client.repair("t", src)
@@ -311,8 +317,12 @@ def test_cli_verify_repair(object_store_url: str, tmp_path: Path, src: Path) -> 
     async def break_one() -> None:
         async with Client.open(config_for(object_store_url, tmp_path / "c2"), peers=False) as c:
             tree = await load_tree(c, "t")
-            await damage(c.object_store, tree.entries[-1].chunks[0] if tree.entries[-1].chunks
-                         else next(e for e in tree.entries if e.chunks).chunks[0])
+            await damage(
+                c.object_store,
+                tree.entries[-1].chunks[0]
+                if tree.entries[-1].chunks
+                else next(e for e in tree.entries if e.chunks).chunks[0],
+            )
 
     anyio.run(break_one)
     broken = run_cli(["verify", "t"], env)
@@ -340,12 +350,30 @@ async def old_store(store: ObjectStore, root: Path) -> dict[str, bytes]:
         spans = Chunker(DEFAULT_PARAMS).cut_and_hash(data)
         for s in spans:
             objects[chunk_key(s.id)] = data[s.offset : s.offset + s.length]
-        entries.append({"p": name, "t": "file", "m": 0o644, "s": len(data),
-                        "h": id_to_bytes(hash_bytes(data)),
-                        "c": [[id_to_bytes(s.id), s.length] for s in spans]})
+        entries.append(
+            {
+                "p": name,
+                "t": "file",
+                "m": 0o644,
+                "s": len(data),
+                "h": id_to_bytes(hash_bytes(data)),
+                "c": [[id_to_bytes(s.id), s.length] for s in spans],
+            }
+        )
     info = DEFAULT_PARAMS.info()
-    manifest = pack({"v": 1, "kind": "tree", "entries": entries, "chunker": {
-        "name": info.name, "min": info.min_size, "avg": info.avg_size, "max": info.max_size}})
+    manifest = pack(
+        {
+            "v": 1,
+            "kind": "tree",
+            "entries": entries,
+            "chunker": {
+                "name": info.name,
+                "min": info.min_size,
+                "avg": info.avg_size,
+                "max": info.max_size,
+            },
+        }
+    )
     manifest_id = hash_bytes(manifest)
     objects[f"manifests/{manifest_id}"] = manifest
     objects["refs/old"] = manifest_id.encode() + b"\n"
@@ -354,9 +382,7 @@ async def old_store(store: ObjectStore, root: Path) -> dict[str, bytes]:
     return files
 
 
-async def test_migrate_moves_an_old_store_to_packs(
-    object_store_url: str, tmp_path: Path
-) -> None:
+async def test_migrate_moves_an_old_store_to_packs(object_store_url: str, tmp_path: Path) -> None:
     root = tree_of(tmp_path / "src", {"w.bin": random_bytes(3 * MiB, "w"), "c.txt": b"cfg\n"})
     async with Client.open(config_for(object_store_url, tmp_path / "cache"), peers=False) as c:
         await old_store(c.object_store, root)
@@ -408,12 +434,33 @@ async def test_migrate_rewrites_layer_and_image_manifests(client: Client) -> Non
         await client.object_store.put(chunk_key(s.id), blob[s.offset : s.offset + s.length])
     info = DEFAULT_PARAMS.info()
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    layer = pack({"v": 1, "kind": "layer", "digest": digest, "media_type": "x", "size": len(blob),
-                  "chunker": {"name": info.name, "min": info.min_size, "avg": info.avg_size,
-                              "max": info.max_size},
-                  "chunks": [[id_to_bytes(s.id), s.length] for s in spans]})
-    image = pack({"v": 1, "kind": "image", "manifest": b"{}", "media_type": "m", "config": b"{}",
-                  "layers": [[digest, id_to_bytes(hash_bytes(layer))]], "tags": ["v1"]})
+    layer = pack(
+        {
+            "v": 1,
+            "kind": "layer",
+            "digest": digest,
+            "media_type": "x",
+            "size": len(blob),
+            "chunker": {
+                "name": info.name,
+                "min": info.min_size,
+                "avg": info.avg_size,
+                "max": info.max_size,
+            },
+            "chunks": [[id_to_bytes(s.id), s.length] for s in spans],
+        }
+    )
+    image = pack(
+        {
+            "v": 1,
+            "kind": "image",
+            "manifest": b"{}",
+            "media_type": "m",
+            "config": b"{}",
+            "layers": [[digest, id_to_bytes(hash_bytes(layer))]],
+            "tags": ["v1"],
+        }
+    )
     for data in (layer, image):
         await client.object_store.put(f"manifests/{hash_bytes(data)}", data)
     await client.object_store.put("refs/images/old", hash_bytes(image).encode() + b"\n")
@@ -491,8 +538,7 @@ async def test_concurrent_push_and_gc_never_break_a_ref(client: Client, tmp_path
 
     async def pusher(i: int) -> None:
         for step in range(3):
-            tree_of(roots[i], {"shared.bin": shared,
-                               "own.bin": random_bytes(MiB, f"{i}-{step}")})
+            tree_of(roots[i], {"shared.bin": shared, "own.bin": random_bytes(MiB, f"{i}-{step}")})
             await client.push(roots[i], f"r{i}")
 
     async def collector() -> None:

@@ -104,7 +104,10 @@ async def test_file_changed_in_place_with_size_and_mtime_restored_is_read(
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     after = os.stat(path)
     assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
-        st.st_size, st.st_mtime_ns, st.st_ino)
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ino,
+    )
     assert after.st_ctime_ns != st.st_ctime_ns
     again = await client.push(src, "t")
     assert again.manifest != first.manifest

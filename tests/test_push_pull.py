@@ -231,8 +231,9 @@ def test_cli_corrupt_cache_chunk_refetched(
     env = cli_env(object_store_url, tmp_path / "cache")
     assert run_cli(["push", src, "t"], env).returncode == 0
     # copy mode: the node store owns whole files (auto on ext4/tmpfs seeds from d1)
-    first = json.loads(run_cli(["pull", "t", tmp_path / "d1", "--json", "--link-mode", "copy"],
-                               env).stdout)
+    first = json.loads(
+        run_cli(["pull", "t", tmp_path / "d1", "--json", "--link-mode", "copy"], env).stdout
+    )
     assert first["from"]["origin"] == first["bytes"]
     cached = sorted((tmp_path / "cache").glob("files/??/*"))  # the node store's whole files
     victim = max(cached, key=lambda p: p.stat().st_size)

@@ -33,8 +33,14 @@ _MEASURE = (
 
 def run_measured(args: list[str], env: dict[str, str]) -> tuple[str, int]:
     """Run the CLI in a fresh child; return (its stdout, its peak RSS in bytes)."""
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, BLOBSTORE, *args], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEASURE, BLOBSTORE, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout, int(proc.stderr.splitlines()[-1]) * 1024  # kilobytes on Linux
 
@@ -80,4 +86,3 @@ def test_two_gib_round_trip_through_s3(own_s3: SeaweedS3Server, tmp_path: Path) 
     assert pulled["from"]["origin"] + pulled["from"]["local"] == TOTAL
     assert temp_leftovers(dst) == []
     assert snapshot(dst) == expected
-

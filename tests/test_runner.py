@@ -137,8 +137,9 @@ async def test_cold_then_warm_start(tmp_path: Path, object_store_url: str) -> No
 
         # copy mode: the node keeps its own copy, so a damaged /data file is
         # repaired locally (auto on ext4/tmpfs seeds from /data: see seeds.py)
-        cold = await download_model_weights(client, REF, data, link_mode="copy",
-                                            progress=lambda *e: events.append(e))
+        cold = await download_model_weights(
+            client, REF, data, link_mode="copy", progress=lambda *e: events.append(e)
+        )
         assert cold.pulled
         assert cold.pull is not None
         assert cold.pull.from_tier.get("origin") == app_ref

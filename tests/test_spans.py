@@ -46,8 +46,9 @@ def ref(offset: int, size: int, pack: ChunkId = PACK, seed: object = None) -> Ch
     return ChunkRef(hash_bytes(f"{pack}{offset}{seed}".encode()), size, pack, offset)
 
 
-def build_pack(sizes: list[int], gap: int = 0, seed: str = "p") -> tuple[ChunkId, bytes,
-                                                                          list[ChunkRef]]:
+def build_pack(
+    sizes: list[int], gap: int = 0, seed: str = "p"
+) -> tuple[ChunkId, bytes, list[ChunkRef]]:
     """A pack of chunks of ``sizes`` with ``gap`` unrelated bytes between them."""
     parts: list[bytes] = []
     refs: list[ChunkRef] = []
@@ -249,9 +250,7 @@ class BreakingStore:
         self.times = times
         self.reads: list[tuple[int, int]] = []
 
-    async def get_range(
-        self, key: str, offset: int, length: int
-    ) -> AsyncGenerator[bytes, None]:
+    async def get_range(self, key: str, offset: int, length: int) -> AsyncGenerator[bytes, None]:
         self.reads.append((offset, length))
         sent = 0
         async for block in self.store.get_range(key, offset, length):
@@ -365,8 +364,9 @@ async def test_s3_body_cut_short_is_resumed_from_the_first_undelivered_chunk(
             proxy.disarm()
             proxy.arm(Fault("truncate", "GET", pack_id, at=450 << 10))
             sink = Collect()
-            assert await OriginSource(store, tuning=SpanTuning(retry_delay=0)).fetch(
-                refs, sink) == []
+            assert (
+                await OriginSource(store, tuning=SpanTuning(retry_delay=0)).fetch(refs, sink) == []
+            )
             assert sink.calls == len(refs)
             # Cut before the first chunk ends, every time: reported unavailable, in one line.
             proxy.disarm()
@@ -475,7 +475,8 @@ async def test_fetch_of_a_large_file_holds_a_few_chunks(
                     f.write(_rss_chunk(base, i))
     proc = await anyio.run_process(
         [sys.executable, "-c", _RSS_CHILD, object_store_url, str(total), _RSS_PACK, seed.hex()],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr.decode()
     result = json.loads(proc.stdout)
@@ -512,7 +513,10 @@ async def test_get_by_id_finds_packed_chunks_through_the_pack_indexes(
         await store.put(index_key(later_id), encode_index(later_id, later_refs))
         assert await origin.get(later_refs[0].id) == later_data
         assert await origin.has([refs[2].id, later_refs[0].id, loose.id, OTHER]) == {
-            refs[2].id, later_refs[0].id, loose.id}
+            refs[2].id,
+            later_refs[0].id,
+            loose.id,
+        }
         with pytest.raises(ChunkMissing):
             await origin.get(OTHER)
         # a flipped bit in the pack is reported as corrupt, not as missing

@@ -22,18 +22,33 @@ from blobstore import cli, plugins
 
 HEAVY = ("botocore", "aiobotocore", "aiohttp", "zeroconf", "ifaddr")
 """Modules a file-store pull or push never needs."""
-UNNEEDED_FOR_CORE = (*HEAVY, "p2p", "blobstore.image", "blobstore.syncdir", "blobstore.runner",
-                     "blobstore.gc", "importlib.metadata")
+UNNEEDED_FOR_CORE = (
+    *HEAVY,
+    "p2p",
+    "blobstore.image",
+    "blobstore.syncdir",
+    "blobstore.runner",
+    "blobstore.gc",
+    "importlib.metadata",
+)
 
 
 def loaded_after(script: str, env: dict[str, str] | None = None) -> set[str]:
     """The top-level packages and listed modules in sys.modules after ``script`` ran
     in a fresh interpreter."""
-    probe = (f"{script}\nimport json, sys\n"
-             f"names = {list(UNNEEDED_FOR_CORE)!r}\n"
-             "print(json.dumps([n for n in names if n in sys.modules]))\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          env=env, timeout=60, check=False)
+    probe = (
+        f"{script}\nimport json, sys\n"
+        f"names = {list(UNNEEDED_FOR_CORE)!r}\n"
+        "print(json.dumps([n for n in names if n in sys.modules]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return set(json.loads(done.stdout.splitlines()[-1]))
 
@@ -55,8 +70,12 @@ def test_push_and_pull_with_peers_off_import_nothing_heavy(tmp_path: Path) -> No
     (src / "sub").mkdir(parents=True)
     (src / "a.txt").write_bytes(b"hello\n")
     (src / "sub" / "b.txt").write_bytes(b"world\n")
-    env = {**os.environ, "BLOBSTORE_STORE": f"file://{tmp_path}/store",
-           "BLOBSTORE_CACHE": str(tmp_path / "c"), "BLOBSTORE_PEERS": "none"}
+    env = {
+        **os.environ,
+        "BLOBSTORE_STORE": f"file://{tmp_path}/store",
+        "BLOBSTORE_CACHE": str(tmp_path / "c"),
+        "BLOBSTORE_PEERS": "none",
+    }
     loaded = loaded_after(
         "from blobstore import cli\n"
         f"assert cli.main(['push', '{src}', 'tiny']) == 0\n"
@@ -89,8 +108,10 @@ def test_help_and_contributed_commands_still_load_every_command() -> None:
     ("argv", "command"),
     [
         (["pull", "ref", "out"], "pull"),
-        (["--store", "file:///s", "-v", "pull", "--link-mode", "copy", "ref", "out", "--json"],
-         "pull"),
+        (
+            ["--store", "file:///s", "-v", "pull", "--link-mode", "copy", "ref", "out", "--json"],
+            "pull",
+        ),
         (["--store=file:///s", "--peers", "none", "push", "dir", "ref"], "push"),
         (["--cache", "pull", "gc", "--dry-run", "--grace", "30m"], "gc"),  # a value, not a command
         (["-v", "-v", "verify", "ref", "--repair", "--from", "d"], "verify"),

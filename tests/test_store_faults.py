@@ -153,8 +153,11 @@ def test_cli_push_through_a_cut_connection_is_one_line(
     (tmp_path / "src" / "w.bin").write_bytes(random_bytes(3 << 20, "cli-cut"))
     with CountingProxy.to_endpoint(s3_server.endpoint).in_thread() as proxy:
         proxy.arm(Fault("cut_upload", "PUT", at=32 << 10))  # chunks or packs
-        env = cli_env(s3_server.bucket_url(), tmp_path / "cache",
-                      {**s3_server.client_env(), "AWS_ENDPOINT_URL": proxy.endpoint})
+        env = cli_env(
+            s3_server.bucket_url(),
+            tmp_path / "cache",
+            {**s3_server.client_env(), "AWS_ENDPOINT_URL": proxy.endpoint},
+        )
         proc = run_cli(["push", tmp_path / "src", "t"], env)
     assert "Task exception" not in proc.stderr
     assert_one_line_error(proc)
@@ -162,9 +165,13 @@ def test_cli_push_through_a_cut_connection_is_one_line(
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("AWS_ENDPOINT_URL", ""), ("AWS_ENDPOINT_URL", "localhost:9000"),
-     ("AWS_ENDPOINT_URL", "ftp://host"), ("AWS_ENDPOINT_URL_S3", "  "),
-     ("AWS_ENDPOINT_URL", "http://")],
+    [
+        ("AWS_ENDPOINT_URL", ""),
+        ("AWS_ENDPOINT_URL", "localhost:9000"),
+        ("AWS_ENDPOINT_URL", "ftp://host"),
+        ("AWS_ENDPOINT_URL_S3", "  "),
+        ("AWS_ENDPOINT_URL", "http://"),
+    ],
 )
 async def test_bad_endpoint_variable_is_a_config_error(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
@@ -181,7 +188,13 @@ async def test_bad_endpoint_variable_is_a_config_error(
 
 
 def test_cli_bad_endpoint_variable_is_one_line(tmp_path: Path) -> None:
-    env = cli_env("s3://some-bucket/p", tmp_path / "cache",
-                  {"AWS_ENDPOINT_URL": "localhost:9000", "AWS_ACCESS_KEY_ID": "x",
-                   "AWS_SECRET_ACCESS_KEY": "y"})
+    env = cli_env(
+        "s3://some-bucket/p",
+        tmp_path / "cache",
+        {
+            "AWS_ENDPOINT_URL": "localhost:9000",
+            "AWS_ACCESS_KEY_ID": "x",
+            "AWS_SECRET_ACCESS_KEY": "y",
+        },
+    )
     assert_one_line_error(run_cli(["ls"], env), "AWS_ENDPOINT_URL", "localhost:9000")

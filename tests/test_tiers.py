@@ -383,6 +383,8 @@ async def test_fetch_through_real_tiers_reads_packs_and_skips_what_is_local(
         assert await tiers.fetch(refs, sink) == []
         expected = zip(refs, (d for _, d in chunks), strict=True)
         assert sorted(sink.got, key=str) == sorted(expected, key=str)
-        assert tiers.bytes_from == {"local": len(chunks[2][1]),
-                                    "origin": sum(len(d) for _, d in chunks) - len(chunks[2][1])}
+        assert tiers.bytes_from == {
+            "local": len(chunks[2][1]),
+            "origin": sum(len(d) for _, d in chunks) - len(chunks[2][1]),
+        }
         assert origin.requests == 2  # two spans: the local chunk splits the pack

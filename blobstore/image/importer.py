@@ -154,9 +154,7 @@ async def _import_layer(
         result["ingested"] = await ingestor.ingest_file(ext.fd, ext.offset, ext.size)
 
     async def digest() -> None:
-        result["sha256"] = await anyio.to_thread.run_sync(
-            file_sha256, ext.fd, ext.offset, ext.size
-        )
+        result["sha256"] = await anyio.to_thread.run_sync(file_sha256, ext.fd, ext.offset, ext.size)
 
     try:
         with single_errors():

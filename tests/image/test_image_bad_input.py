@@ -69,9 +69,7 @@ async def assert_refused(client: Client, src: Path, kind: type[Exception], match
 async def test_minimal_classic_archive_imports(client: Client, tmp_path: Path) -> None:
     src = make_tar(tmp_path / "ok.tar", classic())
     seen: list[tuple[int, int]] = []
-    await import_into(client,
-        str(src), "images/ok", progress=lambda *a: seen.append(a)
-    )
+    await import_into(client, str(src), "images/ok", progress=lambda *a: seen.append(a))
     assert seen[-1] == (1024, 1024)
     out = tmp_path / "out.tar"
     seen.clear()

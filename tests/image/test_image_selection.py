@@ -29,9 +29,7 @@ async def test_tag_picks_one_of_several(client: Client, two_images: Path) -> Non
     with pytest.raises(BadImage, match=r"holds 2 images.*'one', 'two'"):
         await import_into(client, str(two_images), "images/x")
     with pytest.raises(BadImage, match="no image tagged three"):
-        await import_into(client,
-            str(two_images), "images/x", tag="three"
-        )
+        await import_into(client, str(two_images), "images/x", tag="three")
     assert await client.catalog.list_refs() == []
     await import_into(client, str(two_images), "images/two", tag="two")
     assert (await load_image(client.catalog, "images/two")).image.tags == ("two",)

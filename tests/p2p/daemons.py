@@ -84,13 +84,33 @@ def daemon(
     """Start one daemon; stop it (SIGTERM, then SIGKILL) however the test ends."""
     http = f"{listen.rpartition(':')[0]}:{free_ports(1)[0]}"
     log = cache.with_name(cache.name + ".log")
-    cmd = [*prefix, BLOBSTORE, "daemon", "--listen", listen, "--http", http,
-           "--peers", peers, "--region", region, "--health-interval", "0.3", "-v", *args]
+    cmd = [
+        *prefix,
+        BLOBSTORE,
+        "daemon",
+        "--listen",
+        listen,
+        "--http",
+        http,
+        "--peers",
+        peers,
+        "--region",
+        region,
+        "--health-interval",
+        "0.3",
+        "-v",
+        *args,
+    ]
     if node:
         cmd += ["--node-id", node]
     with open(log, "w") as log_file:
-        proc = subprocess.Popen(cmd, env=daemon_env(store, cache, env), stdout=subprocess.PIPE,
-                                stderr=log_file, text=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=daemon_env(store, cache, env),
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+        )
     try:
         ready = _wait_ready(proc, log, ready_timeout)
         yield Daemon(proc, ready["node"], ready["listen"], ready["http"] or http, cache, log)
@@ -125,8 +145,13 @@ def _wait_ready(proc: subprocess.Popen[str], log: Path, timeout: float) -> dict[
 
 @contextmanager
 def cluster(
-    store: str, root: Path, count: int, *, region: str = "default",
-    args_for: Mapping[int, Sequence[str]] | None = None, extra_peers: Sequence[str] = (),
+    store: str,
+    root: Path,
+    count: int,
+    *,
+    region: str = "default",
+    args_for: Mapping[int, Sequence[str]] | None = None,
+    extra_peers: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
 ) -> Iterator[list[Daemon]]:
     """``count`` daemons on loopback that know each other through a static list."""
@@ -135,14 +160,24 @@ def cluster(
     peers = ",".join([*addresses, *extra_peers])
     with ExitStack() as stack:
         daemons = [
-            stack.enter_context(daemon(
-                store, root / f"cache-{i}", listen=addresses[i], peers=peers, region=region,
-                node=f"{region}-node-{i}", args=(args_for or {}).get(i, ()), env=env,
-            ))
+            stack.enter_context(
+                daemon(
+                    store,
+                    root / f"cache-{i}",
+                    listen=addresses[i],
+                    peers=peers,
+                    region=region,
+                    node=f"{region}-node-{i}",
+                    args=(args_for or {}).get(i, ()),
+                    env=env,
+                )
+            )
             for i in range(count)
         ]
-        wait_until(lambda: all(d.health()["peers"] == count - 1 for d in daemons),
-                   "daemons to see each other")
+        wait_until(
+            lambda: all(d.health()["peers"] == count - 1 for d in daemons),
+            "daemons to see each other",
+        )
         yield daemons
 
 

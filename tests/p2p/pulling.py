@@ -57,8 +57,15 @@ class PullOutcome:
 
 
 async def pull(
-    store: str, cache: Path, peers: str, ref: str, dest: Path, *, region: str = "default",
-    token: bytes | None = None, after: Callable[[int], None] | None = None,
+    store: str,
+    cache: Path,
+    peers: str,
+    ref: str,
+    dest: Path,
+    *,
+    region: str = "default",
+    token: bytes | None = None,
+    after: Callable[[int], None] | None = None,
 ) -> PullOutcome:
     config = Config(store, CacheConfig(cache), region, PeerConfig.parse(peers, token))
     async with (

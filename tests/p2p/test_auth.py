@@ -52,12 +52,16 @@ class Store:
 def store(tmp_path: Path) -> Store:
     """A file store holding ref ``apps/demo`` (a few chunks)."""
     url = (tmp_path / "store").as_uri()
-    proc = run_cli(["push", make_tree(tmp_path / "src"), "apps/demo"],
-                   cli_env(url, tmp_path / "pusher-cache"))
+    proc = run_cli(
+        ["push", make_tree(tmp_path / "src"), "apps/demo"], cli_env(url, tmp_path / "pusher-cache")
+    )
     assert proc.returncode == 0, proc.stderr
     # Small files are one chunk each, whatever the store's layout (loose or packed).
-    small = (p.read_bytes() for p in sorted((tmp_path / "src").rglob("*"))
-             if p.is_file() and not p.is_symlink() and 0 < p.stat().st_size < 2048)
+    small = (
+        p.read_bytes()
+        for p in sorted((tmp_path / "src").rglob("*"))
+        if p.is_file() and not p.is_symlink() and 0 < p.stat().st_size < 2048
+    )
     chunks = {hash_bytes(data): data for data in small}
     assert chunks
     for chunk_id, data in chunks.items():  # also loose, so a daemon reads them by id alone
@@ -88,8 +92,13 @@ def _http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, byt
 
 def test_http_chunks_need_the_token(store: Store, tmp_path: Path, token_file: Path) -> None:
     chunk_id, data = next(iter(store.chunks.items()))
-    with daemon(store.url, tmp_path / "cache", listen="127.0.0.1:0", peers="none",
-                args=["--token-file", str(token_file)]) as d:
+    with daemon(
+        store.url,
+        tmp_path / "cache",
+        listen="127.0.0.1:0",
+        peers="none",
+        args=["--token-file", str(token_file)],
+    ) as d:
         url = f"http://{d.http}/chunks/{chunk_id}"
         # Anyone: refused, and nothing is read through from the object store.
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic eA=="}):
@@ -128,8 +137,13 @@ def test_http_bearer_token_is_refused_in_clear_off_loopback(
 ) -> None:
     chunk_id = next(iter(store.chunks))
     address = _non_loopback_address()
-    with daemon(store.url, tmp_path / "cache", listen=f"{address}:0", peers="none",
-                args=["--token-file", str(token_file)]) as d:
+    with daemon(
+        store.url,
+        tmp_path / "cache",
+        listen=f"{address}:0",
+        peers="none",
+        args=["--token-file", str(token_file)],
+    ) as d:
         bearer = {"Authorization": f"Bearer {TOKEN.decode()}"}
         status, body = _http_get(f"http://{d.http}/chunks/{chunk_id}", bearer)
         assert status == 403, body
@@ -228,8 +242,14 @@ async def test_daemon_reflected_onto_itself_serves_nothing(
     victim_listen = f"127.0.0.1:{ports[0]}"
     relay = Relay(victim_listen, chunk_id, rename)
     async with relay_serving(relay) as relay_addr:
-        with daemon(store.url, tmp_path / "victim", listen=victim_listen, peers=relay_addr,
-                    node="victim", args=["--token-file", str(token_file)]) as victim:
+        with daemon(
+            store.url,
+            tmp_path / "victim",
+            listen=victim_listen,
+            peers=relay_addr,
+            node="victim",
+            args=["--token-file", str(token_file)],
+        ) as victim:
             # (shown its own id, the victim refuses at once and waits 30 s to retry)
             await _wait_attempts(relay, 2 if rename else 1)
             assert relay.stolen == []
@@ -247,10 +267,17 @@ async def test_daemon_relayed_to_another_daemon_serves_nothing(
     args = ["--token-file", str(token_file)]
     async with relay_serving(relay) as relay_addr:
         with (
-            daemon(store.url, tmp_path / "b", listen=listen_b, peers="none", node="b",
-                   args=args) as b,
-            daemon(store.url, tmp_path / "a", listen="127.0.0.1:0", peers=relay_addr,
-                   node="a", args=args),
+            daemon(
+                store.url, tmp_path / "b", listen=listen_b, peers="none", node="b", args=args
+            ) as b,
+            daemon(
+                store.url,
+                tmp_path / "a",
+                listen="127.0.0.1:0",
+                peers=relay_addr,
+                node="a",
+                args=args,
+            ),
         ):
             await _wait_attempts(relay, 2)
             assert relay.stolen == []
@@ -266,13 +293,23 @@ async def test_pulling_client_relayed_to_a_daemon_serves_nothing(
     chunk_id = next(iter(store.chunks))
     relay = Relay("", chunk_id)
     async with relay_serving(relay) as relay_addr:
-        with daemon(store.url, tmp_path / "d", listen="127.0.0.1:0", peers="none", node="d",
-                    args=["--token-file", str(token_file)]) as d:
+        with daemon(
+            store.url,
+            tmp_path / "d",
+            listen="127.0.0.1:0",
+            peers="none",
+            node="d",
+            args=["--token-file", str(token_file)],
+        ) as d:
             relay.target = d.listen
-            env = cli_env(store.url, tmp_path / "puller",
-                          {"BLOBSTORE_PEERS": relay_addr, "BLOBSTORE_TOKEN_FILE": str(token_file)})
+            env = cli_env(
+                store.url,
+                tmp_path / "puller",
+                {"BLOBSTORE_PEERS": relay_addr, "BLOBSTORE_TOKEN_FILE": str(token_file)},
+            )
             proc = await asyncio.to_thread(
-                run_cli, ["pull", "apps/demo", tmp_path / "out", "--json"], env)
+                run_cli, ["pull", "apps/demo", tmp_path / "out", "--json"], env
+            )
             assert proc.returncode == 0, proc.stderr
             await _wait_attempts(relay, 1)
             assert relay.stolen == []
@@ -284,8 +321,9 @@ async def test_token_holders_still_serve_each_other(
     store: Store, tmp_path: Path, token_file: Path
 ) -> None:
     args = ["--token-file", str(token_file)]
-    with daemon(store.url, tmp_path / "d", listen="127.0.0.1:0", peers="none", node="d",
-                args=args) as d:
+    with daemon(
+        store.url, tmp_path / "d", listen="127.0.0.1:0", peers="none", node="d", args=args
+    ) as d:
         assert await _fetch(d.listen, store, Identity("puller", "default", TOKEN)) == store.chunks
         assert d.metrics()["blobstore_peer_chunks_served_total"] == len(store.chunks)
         assert d.metrics()["blobstore_peer_auth_failures_total"] == 0
@@ -303,8 +341,11 @@ async def _fetch(address: str, store: Store, me: Identity) -> dict[ChunkId, byte
     for answer in got:
         if isinstance(answer, BaseException) and not isinstance(answer, ChunkMissing):
             raise answer
-    return {c: bytes(a) for c, a in zip(store.chunks, got, strict=True)
-            if not isinstance(a, BaseException)}
+    return {
+        c: bytes(a)
+        for c, a in zip(store.chunks, got, strict=True)
+        if not isinstance(a, BaseException)
+    }
 
 
 # --------------------------------------------------------------------------- mutual TLS
@@ -320,8 +361,11 @@ class Pki:
 
     def env(self, pair: tuple[Path, Path] | None = None) -> dict[str, str]:
         cert, key = pair or self.node
-        return {"BLOBSTORE_TLS_CERT": str(cert), "BLOBSTORE_TLS_KEY": str(key),
-                "BLOBSTORE_TLS_CA": str(self.ca)}
+        return {
+            "BLOBSTORE_TLS_CERT": str(cert),
+            "BLOBSTORE_TLS_KEY": str(key),
+            "BLOBSTORE_TLS_CA": str(self.ca),
+        }
 
     def client_context(self, pair: tuple[Path, Path] | None = None) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.ca))
@@ -337,19 +381,63 @@ def _openssl(*args: str | Path) -> None:
 
 def _make_ca(root: Path, name: str) -> tuple[Path, Path]:
     cert, key = root / f"{name}.crt", root / f"{name}.key"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        cert,
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+    )
     return cert, key
 
 
 def _make_leaf(root: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
     cert, key, csr, ext = (root / f"{name}.{s}" for s in ("crt", "key", "csr", "ext"))
-    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
-                   "extendedKeyUsage=serverAuth,clientAuth\n")
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", key, "-out", csr, "-subj", f"/CN={name}")
-    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial",
-             "-out", cert, "-days", "2", "-extfile", ext)
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        csr,
+        "-subj",
+        f"/CN={name}",
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        csr,
+        "-CA",
+        ca[0],
+        "-CAkey",
+        ca[1],
+        "-CAcreateserial",
+        "-out",
+        cert,
+        "-days",
+        "2",
+        "-extfile",
+        ext,
+    )
     return cert, key
 
 
@@ -367,8 +455,9 @@ def pki(tmp_path: Path) -> Pki:
     return Pki(ca[0], _make_leaf(root, "node", ca), _make_leaf(root, "rogue", rogue_ca))
 
 
-def _https_get(url: str, ctx: ssl.SSLContext, headers: dict[str, str] | None = None
-               ) -> tuple[int, bytes]:
+def _https_get(
+    url: str, ctx: ssl.SSLContext, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=10, context=ctx) as resp:
@@ -390,14 +479,29 @@ async def test_tls_peers_serve_each_other_with_the_token(
     args = [*_tls_args(pki), "--token-file", str(token_file)]
     ctx = pki.client_context(pki.node)
     with (
-        daemon(store.url, tmp_path / "c0", listen=listens[0], peers=",".join(listens),
-               node="tls-0", args=args) as d0,
-        daemon(store.url, tmp_path / "c1", listen=listens[1], peers=",".join(listens),
-               node="tls-1", args=args) as d1,
+        daemon(
+            store.url,
+            tmp_path / "c0",
+            listen=listens[0],
+            peers=",".join(listens),
+            node="tls-0",
+            args=args,
+        ) as d0,
+        daemon(
+            store.url,
+            tmp_path / "c1",
+            listen=listens[1],
+            peers=",".join(listens),
+            node="tls-1",
+            args=args,
+        ) as d1,
     ):
+
         def both_see_each_other() -> bool:
-            return all(json.loads(_https_get(f"https://{d.http}/healthz", ctx)[1])["peers"] == 1
-                       for d in (d0, d1))
+            return all(
+                json.loads(_https_get(f"https://{d.http}/healthz", ctx)[1])["peers"] == 1
+                for d in (d0, d1)
+            )
 
         wait_until(both_see_each_other, "TLS daemons to see each other")
         member = Identity("puller", "default", TOKEN, pki.client_context(pki.node))
@@ -414,8 +518,14 @@ async def test_tls_refuses_clients_without_a_cluster_certificate(
     store: Store, tmp_path: Path, pki: Pki
 ) -> None:
     chunk_id, data = next(iter(store.chunks.items()))
-    with daemon(store.url, tmp_path / "d", listen="127.0.0.1:0", peers="none", node="tls-d",
-                args=_tls_args(pki)) as d:
+    with daemon(
+        store.url,
+        tmp_path / "d",
+        listen="127.0.0.1:0",
+        peers="none",
+        node="tls-d",
+        args=_tls_args(pki),
+    ) as d:
         good = pki.client_context(pki.node)
         rogue = pki.client_context(pki.rogue)
         # The wire: a rogue certificate, or none, or plain TCP, gets no connection.
@@ -442,10 +552,12 @@ async def test_tls_refuses_clients_without_a_cluster_certificate(
             _https_get(f"{url}/chunks/{chunk_id}", rogue)
         assert _https_get(f"{url}/chunks/{chunk_id}", good) == (200, data)
         # A pull with a rogue certificate gets nothing from the daemon, and still completes.
-        env = cli_env(store.url, tmp_path / "puller",
-                      {"BLOBSTORE_PEERS": d.listen, **pki.env(pki.rogue)})
+        env = cli_env(
+            store.url, tmp_path / "puller", {"BLOBSTORE_PEERS": d.listen, **pki.env(pki.rogue)}
+        )
         proc = await asyncio.to_thread(
-            run_cli, ["pull", "apps/demo", tmp_path / "out", "--json"], env)
+            run_cli, ["pull", "apps/demo", tmp_path / "out", "--json"], env
+        )
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["from"]["peer"] == 0
         metrics = _https_get(f"{url}/metrics", good)[1].decode()
@@ -453,12 +565,25 @@ async def test_tls_refuses_clients_without_a_cluster_certificate(
 
 
 def test_tls_options_must_come_together(tmp_path: Path, pki: Pki) -> None:
-    env = cli_env((tmp_path / "store").as_uri(), tmp_path / "cache",
-                  {"BLOBSTORE_TLS_CERT": str(pki.node[0])})
+    env = cli_env(
+        (tmp_path / "store").as_uri(), tmp_path / "cache", {"BLOBSTORE_TLS_CERT": str(pki.node[0])}
+    )
     proc = run_cli(["peers"], env)
     assert proc.returncode == 1
     assert "needs all of --tls-cert, --tls-key and --tls-ca" in proc.stderr
-    proc = run_cli(["peers", "--peers", "127.0.0.1:1", "--tls-cert", str(pki.node[0]),
-                    "--tls-key", str(pki.rogue[1]), "--tls-ca", str(pki.ca)], env)
+    proc = run_cli(
+        [
+            "peers",
+            "--peers",
+            "127.0.0.1:1",
+            "--tls-cert",
+            str(pki.node[0]),
+            "--tls-key",
+            str(pki.rogue[1]),
+            "--tls-ca",
+            str(pki.ca),
+        ],
+        env,
+    )
     assert proc.returncode == 1
     assert "cannot load TLS certificate" in proc.stderr

@@ -54,8 +54,9 @@ def pushed(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[ChunkId]
     """A file store holding CHUNKS chunks of 1 MiB; their ids. A daemon without peers
     is home for every chunk: it reads them through from the store and serves them."""
     store = (tmp_path_factory.mktemp("bounds") / "store").as_uri()
-    chunks = {hash_bytes(data): data
-              for data in (random_bytes(MiB, f"bounds-{i}") for i in range(CHUNKS))}
+    chunks = {
+        hash_bytes(data): data for data in (random_bytes(MiB, f"bounds-{i}") for i in range(CHUNKS))
+    }
     put_objects(store, {chunk_key(chunk_id): data for chunk_id, data in chunks.items()})
     return store, list(chunks)
 
@@ -65,8 +66,9 @@ def bounded_daemon(
     store: str, tmp_path: Path, *limits: str, peers: str = "none"
 ) -> Iterator[Daemon]:
     args = [a for limit in limits for a in ("--limit", limit)]
-    with daemon(store, tmp_path / "daemon-cache", listen="127.0.0.1:0", peers=peers,
-                args=args) as d:
+    with daemon(
+        store, tmp_path / "daemon-cache", listen="127.0.0.1:0", peers=peers, args=args
+    ) as d:
         yield d
 
 
@@ -245,8 +247,10 @@ async def test_clients_that_never_read_do_not_starve_the_others(
             assert 1 <= dropped <= stalled
         stack.close()  # the stallers go: all they held comes back
         await asyncio.to_thread(
-            wait_until, lambda: metric(d, "lookups_pending") == metric(d, "connections") == 0,
-            "the budget and the connections to come back")
+            wait_until,
+            lambda: metric(d, "lookups_pending") == metric(d, "connections") == 0,
+            "the budget and the connections to come back",
+        )
 
 
 # ---------------------------------------------------------------------- item 6: gossip
@@ -275,19 +279,23 @@ async def test_gossip_floods_are_capped_and_forgotten(
         pongs += 1
         start, serial = serial, serial + 1024
         # 127.x.y.z:1 -- loopback, refused at once: addresses that never verify.
-        return [f"127.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}:1"
-                for i in range(start, start + 1024)]
+        return [
+            f"127.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}:1"
+            for i in range(start, start + 1024)
+        ]
 
     metrics = Metrics()
     async with asyncio.TaskGroup() as tg:
         provider = ChunkProvider(_Cache(), None, lambda _: False, metrics, tg)  # type: ignore[arg-type]
-        flooder = PeerServer(ServerIdentity("flooder", "default", None), provider, metrics,
-                             peers=gossip)
+        flooder = PeerServer(
+            ServerIdentity("flooder", "default", None), provider, metrics, peers=gossip
+        )
         async with flooder.serving("127.0.0.1", 0) as port:
             flooder_address = f"127.0.0.1:{port}"
             limit = 64
-            with bounded_daemon(store, tmp_path, f"max_gossip_peers={limit}",
-                                peers=flooder_address) as d:
+            with bounded_daemon(
+                store, tmp_path, f"max_gossip_peers={limit}", peers=flooder_address
+            ) as d:
                 before = rss(d)
                 with anyio.fail_after(60):
                     while pongs < 12:  # noqa: ASYNC110 - 12,288 addresses offered
@@ -301,8 +309,12 @@ async def test_gossip_floods_are_capped_and_forgotten(
                 assert rss(d) - before < 32 * MiB
                 flooding = False
                 # Gossip that never verified is forgotten: room again for real peers.
-                await asyncio.to_thread(wait_until, lambda: metric(d, "known_peers") == 1,
-                                        "gossiped peers to be forgotten", 30)
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: metric(d, "known_peers") == 1,
+                    "gossiped peers to be forgotten",
+                    30,
+                )
                 (left,) = json.loads(d.get("/peers"))
                 assert left["address"] == flooder_address
                 assert left["source"] == "static"
@@ -317,16 +329,23 @@ def test_gossip_cap_prefers_first_hand_peers_and_forgets_hearsay() -> None:
     directory.add("10.0.0.0:7411", "mdns")  # heard first-hand now: its gossip slot is free
     directory.add("10.0.0.9:7411", "gossip")
     sources = {p.address: p.source for p in directory.all()}
-    assert sources == {"10.0.0.0:7411": "mdns", "10.0.0.1:7411": "gossip",
-                       "10.0.0.2:7411": "gossip", "10.0.1.1:7411": "static",
-                       "10.0.0.9:7411": "gossip"}
+    assert sources == {
+        "10.0.0.0:7411": "mdns",
+        "10.0.0.1:7411": "gossip",
+        "10.0.0.2:7411": "gossip",
+        "10.0.1.1:7411": "static",
+        "10.0.0.9:7411": "gossip",
+    }
     peers = {p.address: p for p in directory.all()}
     directory.mark_down(peers["10.0.0.1:7411"], "refused")  # never answered: forgotten
     directory.mark_down(peers["10.0.1.1:7411"], "refused")  # first-hand: kept
     directory._exclude(peers["10.0.0.2:7411"], "refused", "token mismatch")
     directory.add("10.0.0.2:7411", "gossip")  # excluded lately: not re-dialled at each pong
     assert {p.address for p in directory.all()} == {
-        "10.0.0.0:7411", "10.0.1.1:7411", "10.0.0.9:7411"}
+        "10.0.0.0:7411",
+        "10.0.1.1:7411",
+        "10.0.0.9:7411",
+    }
 
 
 # ---------------------------------------------------------------------- item 7: connections
@@ -340,11 +359,15 @@ def test_connection_caps_total_and_per_address(
     with bounded_daemon(store, tmp_path, *caps) as d, ExitStack() as stack:
         # 10 from one address: 8 admitted; then 10 from another: 4 more fill the total.
         socks = [stack.enter_context(raw(d)) for _ in range(10)]
-        wait_until(lambda: metric(d, 'connections_dropped_total{reason="connection_cap"}') == 2,
-                   "the per-address cap")
+        wait_until(
+            lambda: metric(d, 'connections_dropped_total{reason="connection_cap"}') == 2,
+            "the per-address cap",
+        )
         socks += [stack.enter_context(raw(d, "127.0.0.2")) for _ in range(10)]
-        wait_until(lambda: metric(d, 'connections_dropped_total{reason="connection_cap"}') == 8,
-                   "the total cap")
+        wait_until(
+            lambda: metric(d, 'connections_dropped_total{reason="connection_cap"}') == 8,
+            "the total cap",
+        )
         assert metric(d, "connections") == 12
         assert sum(closed_by_daemon(s, within=0.5) for s in socks) == 8
         for sock in socks:
@@ -360,8 +383,11 @@ def test_handshake_timeout_closes_slow_or_silent_clients(
     pushed: tuple[str, list[ChunkId]], tmp_path: Path
 ) -> None:
     store, _ = pushed
-    with bounded_daemon(store, tmp_path, "handshake_timeout=1") as d, raw(d) as silent, \
-            raw(d) as trickle:
+    with (
+        bounded_daemon(store, tmp_path, "handshake_timeout=1") as d,
+        raw(d) as silent,
+        raw(d) as trickle,
+    ):
         auth = frame({"t": "auth", "pad": "x" * 1000})
         trickle.settimeout(0.2)
         closed = False
@@ -404,8 +430,13 @@ def test_open_connections_cost_no_big_buffers(
     """Each connection cost a 256 KiB buffer, even one refused at once."""
     store, _ = pushed
     count = 200
-    with bounded_daemon(store, tmp_path, f"max_connections_per_ip={count}",
-                        f"max_connections={count}", "handshake_timeout=600") as d:
+    with bounded_daemon(
+        store,
+        tmp_path,
+        f"max_connections_per_ip={count}",
+        f"max_connections={count}",
+        "handshake_timeout=600",
+    ) as d:
         before = rss(d)
         with ExitStack() as stack:
             socks = [stack.enter_context(raw(d)) for _ in range(count)]
@@ -422,8 +453,13 @@ def test_limits_parse_and_refuse_nonsense() -> None:
     limits = ServerLimits.parse(["max-connections=10", "idle_timeout=2.5"])
     assert (limits.max_connections, limits.idle_timeout) == (10, 2.5)
     assert ServerLimits.parse([]) == ServerLimits()
-    for bad in ("nope=1", "max_connections", "max_connections=x", "idle_timeout=0",
-                "lookups_per_connection=1000"):
+    for bad in (
+        "nope=1",
+        "max_connections",
+        "max_connections=x",
+        "idle_timeout=0",
+        "lookups_per_connection=1000",
+    ):
         with pytest.raises(ConfigError, match="limit"):
             ServerLimits.parse([bad])
 
@@ -431,6 +467,7 @@ def test_limits_parse_and_refuse_nonsense() -> None:
 def test_a_bad_limit_is_a_one_line_error(tmp_path: Path) -> None:
     env = cli_env((tmp_path / "store").as_uri(), tmp_path / "cache")
     for bad, needle in (("max_connections=lots", "is not int"), ("nope=1", "NAME one of")):
-        proc = run_cli(["daemon", "--listen", "127.0.0.1:0", "--peers", "none",
-                        "--limit", bad], env)
+        proc = run_cli(
+            ["daemon", "--listen", "127.0.0.1:0", "--peers", "none", "--limit", bad], env
+        )
         assert_one_line_error(proc, "--limit", needle)

@@ -66,8 +66,10 @@ async def test_pull_comes_from_peers_and_origin_is_read_once(
         # Every daemon served a share: chunks spread over the home peers.
         assert all(d.metrics()["blobstore_peer_chunks_served_total"] > 0 for d in daemons)
 
-        proc = run_cli(["pull", "apps/demo", tmp_path / "o2", "--json"],
-                       cli_env(store, tmp_path / "c2", {"BLOBSTORE_PEERS": _peers(daemons)}))
+        proc = run_cli(
+            ["pull", "apps/demo", tmp_path / "o2", "--json"],
+            cli_env(store, tmp_path / "c2", {"BLOBSTORE_PEERS": _peers(daemons)}),
+        )
         assert proc.returncode == 0, proc.stderr
         doc = json.loads(proc.stdout)
         assert doc["from"]["peer"] > 0
@@ -86,8 +88,10 @@ async def test_one_seed_address_finds_the_whole_region(
         assert proc.returncode == 0, proc.stderr
         rows = json.loads(proc.stdout)["peers"]
         assert {(p["node"], p["source"]) for p in rows} == {
-            ("default-node-0", "static"), ("default-node-1", "gossip"),
-            ("default-node-2", "gossip")}
+            ("default-node-0", "static"),
+            ("default-node-1", "gossip"),
+            ("default-node-2", "gossip"),
+        }
         proc = run_cli(["pull", "apps/demo", tmp_path / "o1", "--json"], env)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout)["from"]["origin"] == 0
@@ -105,19 +109,20 @@ async def test_daemon_killed_mid_pull(pushed: tuple[str, Path], tmp_path: Path) 
             if n == 5:
                 os.kill(victim.proc.pid, signal.SIGKILL)
 
-        outcome = await pull(store, tmp_path / "c1", _peers(daemons), "apps/demo", tmp_path / "o",
-                             after=kill_after)
+        outcome = await pull(
+            store, tmp_path / "c1", _peers(daemons), "apps/demo", tmp_path / "o", after=kill_after
+        )
         assert victim.proc.wait(10) == -signal.SIGKILL
         assert snapshot(tmp_path / "o") == snapshot(src)
         assert outcome.from_tier["peer"] > 0
         # The survivors noticed, independently of mDNS.
-        wait_until(lambda: all(d.health()["peers"] == 1 for d in (daemons[0], daemons[2])),
-                   "survivors to drop the dead peer")
+        wait_until(
+            lambda: all(d.health()["peers"] == 1 for d in (daemons[0], daemons[2])),
+            "survivors to drop the dead peer",
+        )
 
 
-async def test_corrupted_cache_files_are_detected(
-    pushed: tuple[str, Path], tmp_path: Path
-) -> None:
+async def test_corrupted_cache_files_are_detected(pushed: tuple[str, Path], tmp_path: Path) -> None:
     store, src = pushed
     with cluster(store, tmp_path, 2) as daemons:
         await pull(store, tmp_path / "c1", _peers(daemons), "apps/demo", tmp_path / "o1")
@@ -145,13 +150,17 @@ async def test_lying_peer_is_detected_and_pull_stays_correct(
         assert outcome.tier_stats["corrupt"] > 0
 
 
-async def test_node_in_another_region_is_ignored(
-    pushed: tuple[str, Path], tmp_path: Path
-) -> None:
+async def test_node_in_another_region_is_ignored(pushed: tuple[str, Path], tmp_path: Path) -> None:
     store, src = pushed
     with (
-        daemon(store, tmp_path / "far-cache", listen="127.0.0.1:0", peers="none",
-               region="far", node="far-node") as far,
+        daemon(
+            store,
+            tmp_path / "far-cache",
+            listen="127.0.0.1:0",
+            peers="none",
+            region="far",
+            node="far-node",
+        ) as far,
         cluster(store, tmp_path, 2, extra_peers=[far.listen]) as daemons,
     ):
         env = cli_env(store, tmp_path / "c0", {"BLOBSTORE_PEERS": _peers([*daemons, far])})
@@ -174,11 +183,23 @@ async def test_token_mismatch_is_refused(pushed: tuple[str, Path], tmp_path: Pat
     good.write_text("cluster-secret\n")
     bad.write_text("not-the-secret\n")
     with cluster(store, tmp_path, 2, env={"BLOBSTORE_TOKEN_FILE": str(good)}) as daemons:
-        outcome = await pull(store, tmp_path / "c1", _peers(daemons), "apps/demo", tmp_path / "o1",
-                             token=b"cluster-secret")
+        outcome = await pull(
+            store,
+            tmp_path / "c1",
+            _peers(daemons),
+            "apps/demo",
+            tmp_path / "o1",
+            token=b"cluster-secret",
+        )
         assert outcome.from_tier["peer"] > 0
-        outcome = await pull(store, tmp_path / "c2", _peers(daemons), "apps/demo", tmp_path / "o2",
-                             token=b"not-the-secret")
+        outcome = await pull(
+            store,
+            tmp_path / "c2",
+            _peers(daemons),
+            "apps/demo",
+            tmp_path / "o2",
+            token=b"not-the-secret",
+        )
         assert outcome.from_tier["peer"] == 0
         assert snapshot(tmp_path / "o2") == snapshot(src)
         wait_until(lambda: "token mismatch" in daemons[0].log_text(), "the refusal to be logged")
@@ -209,8 +230,11 @@ async def test_http_ops_side_and_clean_sigterm(pushed: tuple[str, Path], tmp_pat
 def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        proc = run_cli(["daemon", "--listen", f"127.0.0.1:{port}", "--peers", "none"],
-                       cli_env((tmp_path / "store").as_uri(), tmp_path / "cache"))
+        proc = run_cli(
+            ["daemon", "--listen", f"127.0.0.1:{port}", "--peers", "none"],
+            cli_env((tmp_path / "store").as_uri(), tmp_path / "cache"),
+        )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"blobstore: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+        f"blobstore: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]

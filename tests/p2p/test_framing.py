@@ -43,7 +43,9 @@ def test_any_split_of_the_stream_decodes_the_same(step: int) -> None:
     for i in range(0, len(wire), step):
         frames += decoder.feed(wire[i : i + step])
     assert [(f.kind, bytes(f.payload)) for f in frames] == [
-        ("chunk", payload), ("missing", b""), ("chunk", b"q")
+        ("chunk", payload),
+        ("missing", b""),
+        ("chunk", b"q"),
     ]
     assert decoder.idle
 
@@ -79,8 +81,13 @@ def test_encoder_refuses_what_the_decoder_would() -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", [b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"t": "x", "n": -1}),
-            msgpack.packb({"t": "x", "n": "7"})]
+    "raw",
+    [
+        b"\xc1",
+        msgpack.packb([1, 2]),
+        msgpack.packb({"t": "x", "n": -1}),
+        msgpack.packb({"t": "x", "n": "7"}),
+    ],
 )
 def test_garbage_headers_are_protocol_errors(raw: bytes) -> None:
     with pytest.raises(ProtocolError):
@@ -151,8 +158,11 @@ def test_fuzzed_streams_end_in_frames_or_protocol_errors_with_bounded_memory() -
     """Mutated valid streams and random bytes: only ProtocolError, and never more memory
     than the limits allow (a bounded random loop; seeds make failures reproducible)."""
     limits = Limits(max_header=4096, max_payload=1 << 20, eager_payload=64 << 10)
-    valid = _frames(({"t": "chunk"}, b"x" * 70_000), ({"t": "get", "ids": [b"i" * 32] * 50}, b""),
-                    ({"t": "ping"}, b""))
+    valid = _frames(
+        ({"t": "chunk"}, b"x" * 70_000),
+        ({"t": "get", "ids": [b"i" * 32] * 50}, b""),
+        ({"t": "ping"}, b""),
+    )
     for seed in range(400):
         rng = random.Random(seed)
         if seed % 4 == 0:

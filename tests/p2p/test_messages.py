@@ -10,8 +10,13 @@ from p2p.framing import Frame, Limits
 
 def _transcript(**changes: object) -> messages.Transcript:
     fields: dict[str, object] = {
-        "server_node": "srv", "client_node": "cli", "region": "r1",
-        "server_endpoint": "10.0.0.1:7411", "server_nonce": b"s" * 16, "client_nonce": b"c" * 16}
+        "server_node": "srv",
+        "client_node": "cli",
+        "region": "r1",
+        "server_endpoint": "10.0.0.1:7411",
+        "server_nonce": b"s" * 16,
+        "client_nonce": b"c" * 16,
+    }
     fields.update(changes)
     return messages.Transcript(**fields)  # type: ignore[arg-type]
 
@@ -24,9 +29,15 @@ def test_proof_binds_token_role_nodes_region_endpoint_and_both_nonces() -> None:
         messages.check_proof(b"other", t, messages.CLIENT, proof, "x")
     with pytest.raises(AuthError):  # a client's proof never passes as the server's
         messages.check_proof(b"secret", t, messages.SERVER, proof, "x")
-    for change in ({"server_node": "cli", "client_node": "srv"}, {"client_node": "evil"},
-                   {"server_node": "evil"}, {"region": "r2"}, {"server_endpoint": "10.0.0.9:1"},
-                   {"server_nonce": b"x" * 16}, {"client_nonce": b"x" * 16}):
+    for change in (
+        {"server_node": "cli", "client_node": "srv"},
+        {"client_node": "evil"},
+        {"server_node": "evil"},
+        {"region": "r2"},
+        {"server_endpoint": "10.0.0.9:1"},
+        {"server_nonce": b"x" * 16},
+        {"client_nonce": b"x" * 16},
+    ):
         with pytest.raises(AuthError):
             messages.check_proof(b"secret", _transcript(**change), messages.CLIENT, proof, "x")
     # Fields are length-prefixed: moving bytes from one field into the next changes the proof.
@@ -76,7 +87,15 @@ def test_pong_names_peers_and_malformed_lists_are_refused() -> None:
     header = messages.pong("n", "r", ["10.0.0.2:7411", "[::1]:7411"])
     assert messages.peers_field(header) == ["10.0.0.2:7411", "[::1]:7411"]
     assert messages.peers_field({"t": "pong"}) == []  # an older daemon names nobody
-    for bad in ("10.0.0.2", ["x"], [7411], ["h:0"], ["h:99999"], [":1"], ["a" * 300 + ":1"],
-                ["h:1"] * (messages.MAX_GOSSIP_PEERS + 1)):
+    for bad in (
+        "10.0.0.2",
+        ["x"],
+        [7411],
+        ["h:0"],
+        ["h:99999"],
+        [":1"],
+        ["a" * 300 + ":1"],
+        ["h:1"] * (messages.MAX_GOSSIP_PEERS + 1),
+    ):
         with pytest.raises(ProtocolError):
             messages.peers_field({"t": "pong", "peers": bad})

@@ -46,10 +46,17 @@ class Node:
     ns: str
     addr: str
 
-    def run(self, *cmd: str | Path, env: dict[str, str], timeout: float = 120
-            ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", self.ns, *map(str, cmd)], env=env,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+    def run(
+        self, *cmd: str | Path, env: dict[str, str], timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.ns, *map(str, cmd)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def http_json(self, url: str) -> object:
         code = f"import json,urllib.request;print(urllib.request.urlopen({url!r}).read().decode())"
@@ -103,11 +110,17 @@ def test_mdns_discovery_and_region_filtering(lab: list[Node], tmp_path: Path) ->
     regions = ["east", "east", "west"]
     with ExitStack() as stack:
         daemons = [
-            stack.enter_context(daemon(
-                store, tmp_path / f"cache-{i}", listen="0.0.0.0:7411", peers="auto",
-                region=regions[i], node=f"{regions[i]}-{i}",
-                prefix=["ip", "netns", "exec", node.ns],
-            ))
+            stack.enter_context(
+                daemon(
+                    store,
+                    tmp_path / f"cache-{i}",
+                    listen="0.0.0.0:7411",
+                    peers="auto",
+                    region=regions[i],
+                    node=f"{regions[i]}-{i}",
+                    prefix=["ip", "netns", "exec", node.ns],
+                )
+            )
             for i, node in enumerate(lab[:3])
         ]
         assert len(daemons) == 3
@@ -119,8 +132,11 @@ def test_mdns_discovery_and_region_filtering(lab: list[Node], tmp_path: Path) ->
 
         wait_until(east_daemon_sees_one_peer, "east-0 to discover east-1 over mDNS")
 
-        env = cli_env(store, tmp_path / "client-cache",
-                      {"BLOBSTORE_PEERS": "auto", "BLOBSTORE_REGION": "east"})
+        env = cli_env(
+            store,
+            tmp_path / "client-cache",
+            {"BLOBSTORE_PEERS": "auto", "BLOBSTORE_REGION": "east"},
+        )
         # Node 3 has no daemon of its own: it finds the region by mDNS alone.
         proc = lab[3].run(BLOBSTORE, "peers", "--json", "--all", "--wait", "2", env=env)
         assert proc.returncode == 0, proc.stderr

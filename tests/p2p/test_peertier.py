@@ -43,7 +43,9 @@ class StallingCache(FakeCache):
 
 @asynccontextmanager
 async def peers(
-    *caches: FakeCache, corrupt: int | None = None, first: int = 0,
+    *caches: FakeCache,
+    corrupt: int | None = None,
+    first: int = 0,
     named: list[str] | None = None,
 ) -> AsyncIterator[list[str]]:
     """Serve each cache as node ``n<i>``; yield their addresses. Their pongs name
@@ -55,17 +57,16 @@ async def peers(
             provider = ChunkProvider(cache, None, lambda _: False, Metrics(), tg)  # type: ignore[arg-type]
             me = ServerIdentity(f"n{i}", "r", None, corrupt_for_tests=(i == corrupt))
             port = await stack.enter_async_context(
-                PeerServer(me, provider, Metrics(), peers=lambda: list(named or ())
-                           ).serving("127.0.0.1", 0)
+                PeerServer(me, provider, Metrics(), peers=lambda: list(named or ())).serving(
+                    "127.0.0.1", 0
+                )
             )
             addresses.append(f"127.0.0.1:{port}")
         yield addresses
 
 
 @asynccontextmanager
-async def tier(
-    addresses: list[str], tuning: TierTuning | None = None
-) -> AsyncIterator[PeerTier]:
+async def tier(addresses: list[str], tuning: TierTuning | None = None) -> AsyncIterator[PeerTier]:
     async with PeerDirectory(Identity("client", "r"), FAST) as directory:
         for address in addresses:
             directory.add(address, "static")
@@ -138,8 +139,12 @@ async def test_one_seed_names_the_region_and_dead_names_are_forgotten() -> None:
         directory.add(addrs[0], "static")
         await _until(lambda: {p.node for p in directory.live()} == {"n0", "n1", "n2"})
         sources = {p.address: p.source for p in directory.all()}
-        assert sources == {addrs[0]: "static", addrs[1]: "gossip", addrs[2]: "gossip",
-                           dead: "gossip"}
+        assert sources == {
+            addrs[0]: "static",
+            addrs[1]: "gossip",
+            addrs[2]: "gossip",
+            dead: "gossip",
+        }
         # Heard first-hand (mDNS, say), a gossiped peer is no longer forgettable.
         directory.add(addrs[1], "mdns")
         assert {p.address: p.source for p in directory.all()}[addrs[1]] == "mdns"
@@ -253,8 +258,9 @@ async def test_fetch_never_cancels_a_sink_that_is_writing() -> None:
     """A hedged chunk delivered by the second peer while the first still stalls:
     the sink (slow, like a disk write) runs to the end for every chunk."""
     stalled, good = StallingCache(), FakeCache()
-    wanted = [(ref, data) for ref, data in refs_for(40)
-              if placement.rank(["n0", "n1"], ref.id)[0] == "n0"][:8]
+    wanted = [
+        (ref, data) for ref, data in refs_for(40) if placement.rank(["n0", "n1"], ref.id)[0] == "n0"
+    ][:8]
     for ref, data in wanted:
         stalled.chunks[ref.id] = good.chunks[ref.id] = data
     finished: list[ChunkRef] = []

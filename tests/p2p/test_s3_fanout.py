@@ -33,8 +33,9 @@ def test_four_nodes_pull_at_once_and_s3_sends_each_chunk_once(
     src = tmp_path / "src"
     make_big_tree(src, DATA_BYTES, seed=11)
     direct = s3_server.client_env()
-    proc = run_cli(["push", src, "apps/big", "--json"], cli_env(store, tmp_path / "pc", direct),
-                   timeout=600)
+    proc = run_cli(
+        ["push", src, "apps/big", "--json"], cli_env(store, tmp_path / "pc", direct), timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     unique = json.loads(proc.stdout)["new_bytes"]
     # Disk is finite on CI: keep the source's fingerprint, not its bytes.
@@ -50,9 +51,12 @@ def test_four_nodes_pull_at_once_and_s3_sends_each_chunk_once(
             pulls = [
                 subprocess.Popen(
                     [BLOBSTORE, "pull", "apps/big", str(tmp_path / f"out-{i}"), "--json"],
-                    env=cli_env(store, tmp_path / f"node-cache-{i}",
-                                {**env, "BLOBSTORE_PEERS": peers}),
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    env=cli_env(
+                        store, tmp_path / f"node-cache-{i}", {**env, "BLOBSTORE_PEERS": peers}
+                    ),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
                 )
                 for i in range(NODES)
             ]

@@ -16,8 +16,14 @@ from helpers import cli_env, make_tree, random_bytes, run_cli, snapshot, write
 
 def _clones(where: Path) -> bool:
     (where / "probe").write_bytes(b"x")
-    return subprocess.run(["cp", "--reflink=always", where / "probe", where / "probe2"],
-                          capture_output=True, check=False).returncode == 0
+    return (
+        subprocess.run(
+            ["cp", "--reflink=always", where / "probe", where / "probe2"],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
 
 
 def _scribble(path: Path) -> None:
@@ -43,8 +49,9 @@ def test_daemon_serves_chunks_from_seeds_and_never_a_changed_one(tmp_path: Path)
         assert list(home.cache.glob("files/??/*")) == []  # written once: in d0/
         time.sleep(1.2)  # the daemon looks for new index rows at most once a second
         peers = {"BLOBSTORE_PEERS": home.listen}
-        proc = run_cli(["pull", "t", tmp_path / "d1", "--json"],
-                       cli_env(store, tmp_path / "other-node", peers))
+        proc = run_cli(
+            ["pull", "t", tmp_path / "d1", "--json"], cli_env(store, tmp_path / "other-node", peers)
+        )
         assert proc.returncode == 0, proc.stderr
         second = json.loads(proc.stdout)
         assert second["from"]["origin"] == 0  # every chunk from the daemon's seeds
@@ -54,8 +61,9 @@ def test_daemon_serves_chunks_from_seeds_and_never_a_changed_one(tmp_path: Path)
 
         # A seed changed in place is never served again: the region refetches it.
         _scribble(tmp_path / "d0" / "more.bin")
-        proc = run_cli(["pull", "t", tmp_path / "d2", "--json"],
-                       cli_env(store, tmp_path / "third-node", peers))
+        proc = run_cli(
+            ["pull", "t", tmp_path / "d2", "--json"], cli_env(store, tmp_path / "third-node", peers)
+        )
         assert proc.returncode == 0, proc.stderr
         assert snapshot(tmp_path / "d2") == snapshot(src)
         assert home.metrics()["blobstore_peer_origin_fetches_total"] > 0

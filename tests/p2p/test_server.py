@@ -63,7 +63,10 @@ def blob(i: int, size: int = 100_000) -> tuple[ChunkId, bytes]:
 
 @asynccontextmanager
 async def serving(
-    cache: FakeCache, origin: FakeCache | None, home: bool = True, token: bytes | None = None,
+    cache: FakeCache,
+    origin: FakeCache | None,
+    home: bool = True,
+    token: bytes | None = None,
 ) -> AsyncIterator[tuple[int, Metrics]]:
     metrics = Metrics()
     async with asyncio.TaskGroup() as tg:
@@ -137,8 +140,9 @@ async def test_lying_server_is_caught_by_the_client() -> None:
     metrics = Metrics()
     async with asyncio.TaskGroup() as tg:
         provider = ChunkProvider(cache, None, lambda _: False, metrics, tg)  # type: ignore[arg-type]
-        server = PeerServer(ServerIdentity("srv", "r1", None, corrupt_for_tests=True),
-                            provider, metrics)
+        server = PeerServer(
+            ServerIdentity("srv", "r1", None, corrupt_for_tests=True), provider, metrics
+        )
         async with server.serving("127.0.0.1", 0) as port, connected(port) as conn:
             with pytest.raises(CorruptChunk):
                 await conn.get(chunk_id)
