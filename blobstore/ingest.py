@@ -88,16 +88,25 @@ class Ingestor:
         self._claims: dict[ChunkId, anyio.Event] = {}
 
     async def ingest_file(
-        self, path: str | int, offset: int = 0, length: int | None = None
+        self,
+        path: str | int,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> Ingested:
         """Chunk ``path`` (or ``length`` bytes of it at ``offset``) and pack the
         chunks the store lacks. ``path`` may be an open file descriptor: it is
         read as it is (never re-opened by name nor closed; its file offset moves).
-        Raises OSError (callers translate), BadInput (file changed), Unavailable."""
+        ``on_bytes(n)`` is called on the event loop as each batch of chunks is
+        placed (progress within a big file). Raises OSError (callers
+        translate), BadInput (file changed), Unavailable."""
         small = await anyio.to_thread.run_sync(self._cut_small, path, offset, length)
         if small is not None:
             data, spans = small
             refs = await self._place(spans, lambda new: self.writer.add_bytes(data, new))
+            if on_bytes is not None:
+                on_bytes(len(data))
             return self._done(refs)
         send, receive = anyio.create_memory_object_stream[list[Span]](4)
         refs = []
@@ -109,6 +118,8 @@ class Ingestor:
                         refs += await self._place(
                             batch, lambda new: self.writer.add_file(path, offset, new)
                         )
+                        if on_bytes is not None:
+                            on_bytes(sum(span.length for span in batch))
         return self._done(refs)
 
     async def ingest_chunk(self, chunk_id: ChunkId, data: bytes) -> ChunkRef:

@@ -98,6 +98,7 @@ from .linking import (
 from .manifest import ChunkRef, Entry, Tree, file_key
 from .nodestore import pwrite_all
 from .parallel import for_each
+from .progress import FileProgress
 from .seeds import Seed
 from .source import ChunkData, ChunkSource
 
@@ -326,6 +327,8 @@ class _Pull:
     def _report(self) -> None:
         """Call the progress callback — on the event loop only."""
         if self.progress is not None:
+            if isinstance(self.progress, FileProgress):  # every file recorded is in place
+                self.progress.files(len(self.records), len(self.items))
             self.progress(self.done, self.stats.bytes)
 
     async def run(self) -> None:

@@ -59,6 +59,7 @@ from .materialize import TMP_MARK, Progress
 from .objectstore import ObjectStore
 from .packs import BadLocation, IndexCache, list_packs, relocate_refs
 from .parallel import for_each
+from .progress import FileProgress
 from .source import ChunkSource
 
 log = logging.getLogger(__name__)
@@ -535,27 +536,36 @@ async def ingest_files(
 ) -> list[Entry]:
     """Ingest ``(relpath, mode)`` files under ``root`` (a few at a time) and
     return their entries, once their packs are stored (manifest may follow).
+    ``progress(bytes done, total)`` moves as each batch of chunks is packed,
+    and hears file counts if it is a ``FileProgress``.
 
     Raises BadInput (unreadable file), DiskFull, Unavailable.
     """
     entries: list[Entry] = []
     limit = anyio.Semaphore(file_concurrency)
     done = 0
+    count_files = progress.files if isinstance(progress, FileProgress) else None
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, max(total, done))
 
     async def one(path: str, mode: int) -> None:
-        nonlocal done
         async with limit:
             try:
-                got = await ingestor.ingest_file(str(root / path))
+                got = await ingestor.ingest_file(str(root / path), on_bytes=advance)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise DiskFull(f"no space left while reading {path}") from exc
                 raise BadInput(f"cannot read {path}: {exc.strerror}") from exc
         entries.append(Entry(path, "file", mode, got.size, got.digest, got.chunks))
-        done += got.size
-        if progress:
-            progress(done, total)
+        if count_files is not None:
+            count_files(len(entries), len(files))
 
+    if count_files is not None and files:
+        count_files(0, len(files))
     with single_errors():
         async with anyio.create_task_group() as tg:
             for path, mode in files:
