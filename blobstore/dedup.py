@@ -20,21 +20,14 @@ Definitions (all byte counts are sums of chunk sizes):
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from .errors import BadInput, Unavailable
+from .errors import BadInput
 from .ids import ChunkId
 from .manifest import ChunkerInfo, Entry, Image, Layer, Manifest, Tree
 from .progress import human_bytes
-
-if TYPE_CHECKING:
-    from .client import Client
 
 T = TypeVar("T")
 
@@ -360,62 +353,13 @@ def render_table(report: DedupReport) -> str:
     return "\n".join(out) + "\n"
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``dedup-report``."""
-    p = subparsers.add_parser(
-        "dedup-report",
-        help="what refs share: logical vs stored bytes, pairwise sharing",
-        description="Report what REFs (and every ref under --prefix) share.",
-    )
-    p.add_argument("refs", nargs="*", metavar="REF")
-    p.add_argument("--prefix", help="also include every ref whose name starts with this")
-    p.add_argument("--format", choices=("table", "json", "html"), default=None)
-    p.add_argument("--json", action="store_true", help="same as --format json")
-    p.add_argument("--out", type=Path, help="write the report here (default: stdout)")
-    p.add_argument("--top", type=int, default=DEFAULT_TOP_FILES, help="files to list")
-    p.add_argument("--title", default="blobstore dedup report", help="HTML title")
-    p.set_defaults(func=run_dedup_report, _wants="client_nopeers")  # manifests only
-
-
-async def run_dedup_report(args: argparse.Namespace, client: Client) -> int:
-    """CLI body of ``dedup-report``. Raises BlobstoreError subclasses."""
-    fmt = "json" if args.json else (args.format or "table")
-    if args.json and args.format not in (None, "json"):
-        raise BadInput("--json contradicts --format " + args.format)
-    trees = await load_trees(client.catalog, args.refs, args.prefix)
-    report = compute(trees, top_files=args.top)
-    if fmt == "json":
-        text = json.dumps(report.to_json(), indent=2) + "\n"
-    elif fmt == "html":
-        from .report_html import render_html
-
-        text = render_html(report, title=args.title)
-    else:
-        text = render_table(report)
-    if args.out is None:
-        sys.stdout.write(text)
-        return 0
-    try:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(args.out)
-    except OSError as exc:
-        raise Unavailable(f"cannot write {args.out}: {exc.strerror}") from exc
-    return 0
-
-
 __all__ = [
     "DedupReport",
     "FileShare",
     "HistogramBin",
     "RefStats",
-    "add_commands",
     "as_tree",
     "compute",
-    "human_bytes",
     "load_trees",
     "render_table",
 ]

@@ -35,7 +35,6 @@ under way at that moment is not recalled.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -46,15 +45,11 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import anyio
 
 from .errors import NotFound, StoreUnavailable, Unavailable, single_errors
 from .objectstore import ObjectInfo, ObjectStore
-
-if TYPE_CHECKING:
-    from .client import Client
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +84,11 @@ class LeaseInfo:
     """Seconds since it was last written (on the store's clock)."""
     ttl: float
     live: bool
+
+    @property
+    def name(self) -> str:
+        """The key without the ``leases/`` prefix (what ``--clear`` takes)."""
+        return self.key[len(LEASES) :]
 
 
 class Leases:
@@ -262,65 +262,3 @@ class Leases:
 def _stamp() -> bytes:
     doc = {"host": socket.gethostname(), "pid": os.getpid(), "started": round(time.time())}
     return json.dumps(doc).encode() + b"\n"
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``leases``."""
-    p = subparsers.add_parser(
-        "leases",
-        help="show writer and gc leases; clear stale ones",
-        description="Show the leases in the store (a writer lease makes gc skip its sweep). "
-        "A lease lapses 2 minutes after its holder stops refreshing it; leases of "
-        "older versions after 24 h: clear one with --clear NAME once you know its "
-        "holder (host, pid) is gone.",
-    )
-    p.add_argument("--clear-stale", action="store_true", help="delete every lapsed lease")
-    p.add_argument(
-        "--clear",
-        nargs="+",
-        metavar="NAME",
-        default=None,
-        help="delete these leases, live or not (only if their holder is dead)",
-    )
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=run_leases, _wants="client_nopeers")
-
-
-async def run_leases(args: argparse.Namespace, client: Client) -> int:
-    """CLI body of ``leases``. Raises NotFound, Unavailable."""
-    leases = Leases(client.object_store)
-    cleared: list[LeaseInfo] = []
-    if args.clear_stale:
-        cleared += await leases.clear(None)
-    if args.clear:
-        cleared += await leases.clear(args.clear)
-    rows = await leases.entries()
-    if args.json:
-        doc = {"leases": [_row(i) for i in rows], "cleared": [_row(i) for i in cleared]}
-        print(json.dumps(doc, indent=2))
-        return 0
-    for info in cleared:
-        print(f"cleared {info.key[len(LEASES) :]} ({info.kind}, {info.holder or '?'})")
-    for info in rows:
-        state = "live" if info.live else "stale"
-        print(
-            f"{info.key[len(LEASES) :]:48}  {info.kind:6}  {state:5}  age {info.age:7.0f} s  "
-            f"ttl {info.ttl:.0f} s  {info.holder}"
-        )
-    if not rows and not cleared:
-        print("no leases")
-    return 0
-
-
-def _row(info: LeaseInfo) -> dict[str, object]:
-    return {
-        "name": info.key[len(LEASES) :],
-        "kind": info.kind,
-        "holder": info.holder,
-        "age": round(info.age, 1),
-        "ttl": info.ttl,
-        "live": info.live,
-    }

@@ -1,12 +1,14 @@
 """Extension points found through the ``blobstore.plugins`` entry-point group.
 
 The core never imports ``p2p``; the ``p2p`` package registers a plugin that
-adds CLI commands (``daemon``, ``peers``) and a peer tier for pulls.
+adds CLI commands (``daemon``, ``peers``) through the typed hook
+``blobstore.cli.registry.Commands`` and a peer tier for pulls. A plugin that
+fails to import is named in a warning and left out; a built-in command is never
+looked up this way.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib
 import logging
@@ -18,6 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from .cli.registry import Commands
     from .config import Config
     from .nodestore import NodeStore
     from .source import ChunkSource
@@ -32,8 +35,9 @@ PeerTierFactory = Callable[
 class Plugin(Protocol):
     name: str
 
-    def add_commands(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-        """Register sub-commands; each sets ``func`` (async, takes (args, config), returns int)."""
+    def add_commands(self, commands: Commands) -> None:
+        """Add sub-commands with ``commands.add(name, help, run)`` (``run`` is async,
+        takes (args, config), returns the exit status) and give each its arguments."""
         ...
 
     def peer_tier(

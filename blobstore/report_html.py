@@ -7,7 +7,8 @@ from __future__ import annotations
 import datetime as dt
 from html import escape
 
-from .dedup import DedupReport, human_bytes
+from .dedup import DedupReport
+from .progress import human_bytes
 
 _ACCENT = "#4f46e5"
 _SAVED = "#10b981"

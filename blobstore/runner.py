@@ -17,7 +17,6 @@ the store cannot be reached but the marker checks out, the local copy is used
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import logging
@@ -331,41 +330,12 @@ async def locality(client: Client, ref: str) -> Locality:
     )
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``locality REF…`` (how warm this node and its region are)."""
-    p = subparsers.add_parser(
-        "locality",
-        help="fraction of each REF's bytes in the local cache and in the region",
-        description="For each REF: the fraction of its distinct chunk bytes held in this "
-        "node's cache and by the region's live peers (a scheduler prefers warm nodes).",
-    )
-    p.add_argument("refs", nargs="+", metavar="REF")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.set_defaults(func=run_locality)
-
-
-async def run_locality(args: argparse.Namespace, client: Client) -> int:
-    """CLI body of ``locality``. Raises BlobstoreError subclasses."""
-    found = [await locality(client, ref) for ref in args.refs]
-    if args.json:
-        print(json.dumps([loc.to_json() for loc in found], indent=2))
-        return 0
-    for loc in found:
-        region = f"{loc.region_fraction:6.1%}" if loc.peers_checked else "  (no peers)"
-        print(f"{loc.local_fraction:6.1%} local  {region} region  {loc.ref}")
-    return 0
-
-
 __all__ = [
     "DEFAULT_FIRST",
     "MARKER",
     "Locality",
     "RefProgress",
     "WeightsResult",
-    "add_commands",
     "download_model_weights",
     "is_complete",
     "locality",

@@ -23,7 +23,6 @@ changed is hashed and uploaded).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
@@ -289,71 +288,6 @@ def _stat_all(root: Path, paths: Iterable[str]) -> dict[str, _Stamp]:
         st = os.lstat(root / p)
         out[p] = (st.st_size, st.st_mtime_ns, st.st_mode & 0o7777)
     return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``sync REF DIR [-- CMD…]``."""
-    p = subparsers.add_parser(
-        "sync",
-        usage="blobstore sync [OPTIONS] REF DIR [-- CMD ARG…]",
-        help="pull REF into DIR, run CMD, push what changed (merging with other runners)",
-        description="Pull REF into DIR, run CMD (if given) and push what changed, moving "
-        "REF with compare-and-swap and merging with concurrent pushes. Without CMD: pull "
-        "then push. Exits with CMD's status; pushes only if CMD succeeded (unless "
-        "--push-on-failure). Like docker run, options go before REF: everything after "
-        "DIR is the command.",
-    )
-    p.add_argument("ref", metavar="REF")
-    p.add_argument("dir", metavar="DIR", type=Path)
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="command to run")
-    p.add_argument("--push-on-failure", action="store_true", help="push even if CMD fails")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=run_sync)
-
-
-async def run_sync(args: argparse.Namespace, client: Client) -> int:
-    """CLI body of ``sync``. Raises BlobstoreError subclasses."""
-    import json
-    import sys
-
-    cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    elif cmd and cmd[0].startswith("-"):
-        raise BadInput(f"sync: put {cmd[0]} before REF DIR (everything after DIR is the command)")
-    session = await sync_pull(client, args.ref, args.dir)
-    status = 0
-    if cmd:
-        try:
-            proc = await anyio.run_process(cmd, stdin=None, stdout=None, stderr=None, check=False)
-        except OSError as exc:
-            raise BadInput(f"cannot run {cmd[0]}: {exc.strerror}") from exc
-        status = proc.returncode
-    if status != 0 and not args.push_on_failure:
-        print(f"blobstore: {cmd[0]} exited with {status}; not pushing", file=sys.stderr)
-        return status
-    r = await sync_push(client, session)
-    if args.json:
-        doc = {
-            "ref": r.ref,
-            "manifest": r.manifest,
-            "pushed": r.pushed,
-            "changed_files": r.changed_files,
-            "attempts": r.attempts,
-            "merged": r.merged,
-            "conflicts": list(r.conflicts),
-            "status": status,
-        }
-        print(json.dumps(doc, indent=2))
-    elif r.pushed:
-        how = " (merged with another runner)" if r.merged else ""
-        print(
-            f"synced {r.ref} -> {r.manifest}: {r.changed_files} changed files{how}", file=sys.stderr
-        )
-    return status
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from blobstore.cli.registry import Commands
     from blobstore.config import Config
     from blobstore.nodestore import NodeStore
     from blobstore.source import ChunkSource
@@ -76,10 +77,11 @@ async def settle(directory: PeerDirectory, mdns_wait: float, deadline: float) ->
 class P2PPlugin:
     name = "p2p"
 
-    def add_commands(self, subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-        p = subparsers.add_parser(
+    def add_commands(self, commands: Commands) -> None:
+        p = commands.add(
             "daemon",
-            help="the peer daemon of a node",
+            "the peer daemon of a node",
+            _cmd_daemon,
             description="Serve this node's cache to same-region peers; home chunks read "
             "through to the object store.",
         )
@@ -113,11 +115,11 @@ class P2PPlugin:
             "budgets; see docs/security.md, Memory bounds); repeatable",
         )
         p.add_argument("--corrupt-for-tests", action="store_true", help=argparse.SUPPRESS)
-        p.set_defaults(func=_cmd_daemon)
 
-        p = subparsers.add_parser(
+        p = commands.add(
             "peers",
-            help="list the live peers this node sees",
+            "list the live peers this node sees",
+            _cmd_peers,
             description="Discover and check this region's peers.",
         )
         p.add_argument("--json", action="store_true")
@@ -129,7 +131,6 @@ class P2PPlugin:
             help="how long to listen for mDNS announcements (default 2)",
         )
         p.add_argument("--all", action="store_true", help="also list down/ignored peers")
-        p.set_defaults(func=_cmd_peers)
 
     def peer_tier(
         self, config: Config, cache: NodeStore

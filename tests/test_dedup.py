@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from blobstore.cli.dedup import run_dedup_report
 from blobstore.client import Client
 from blobstore.config import CacheConfig, Config, PeerConfig
-from blobstore.dedup import as_tree, compute, load_trees, render_table, run_dedup_report
+from blobstore.dedup import as_tree, compute, load_trees, render_table
 from blobstore.errors import BadInput, RefNotFound
 from blobstore.ids import hash_bytes
 from blobstore.manifest import ChunkerInfo, ChunkRef, Entry, Image, ImageLayer, Layer, Tree

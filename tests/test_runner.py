@@ -255,7 +255,7 @@ async def test_locality_command(
     import argparse
     import json
 
-    from blobstore.runner import run_locality
+    from blobstore.cli.locality import run_locality
 
     async with open_client(env=env_for(tmp_path, "node-e")) as client:
         await download_model_weights(client, REF, tmp_path / "data")

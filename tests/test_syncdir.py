@@ -12,13 +12,13 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from blobstore.cli.sync import run_sync
 from blobstore.client import Client
 from blobstore.config import CacheConfig, Config, PeerConfig
 from blobstore.ids import hash_bytes
 from blobstore.manifest import ChunkerInfo, ChunkRef, Entry, Tree
 from blobstore.syncdir import (
     merge_trees,
-    run_sync,
     sync_pull,
     sync_push,
     synchronized_directory,

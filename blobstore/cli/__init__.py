@@ -1,0 +1,146 @@
+"""The ``blobstore`` command line: the one place that wires config into objects.
+
+One module per command group (transfer, refs, store, image, sync, dedup,
+locality, leases) declares its commands; this module builds the parser, sets
+up logging and runs the command. Plugins add theirs through the same typed hook
+(:class:`~blobstore.cli.registry.Commands`).
+
+Exit status: 0 success, 1 a failure explained in one line on stderr, 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..config import Config
+from . import dedup, image, leases, locality, refs, store, sync, transfer
+from .registry import Command, Commands, GlobalOption, Group
+
+BUILTIN: tuple[Command | Group, ...] = (
+    *transfer.COMMANDS,
+    *refs.COMMANDS,
+    *store.COMMANDS,
+    *image.COMMANDS,
+    *sync.COMMANDS,
+    *dedup.COMMANDS,
+    *locality.COMMANDS,
+    *leases.COMMANDS,
+)
+_BY_NAME = {c.name: c for c in BUILTIN}
+
+GLOBAL_OPTIONS = (
+    GlobalOption(
+        ("--store",),
+        "object store: s3://bucket/prefix or file:///dir "
+        "(env BLOBSTORE_STORE; default: a file store in the data dir)",
+        "URL",
+    ),
+    GlobalOption(("--cache",), "local chunk cache (env BLOBSTORE_CACHE)", "DIR"),
+    GlobalOption(
+        ("--cache-size",), "cache byte limit, e.g. 50G (env BLOBSTORE_CACHE_SIZE)", "SIZE"
+    ),
+    GlobalOption(("--region",), "region (env BLOBSTORE_REGION)", "NAME"),
+    GlobalOption(
+        ("--peers",),
+        "peer discovery (env BLOBSTORE_PEERS; default auto)",
+        "auto|none|HOST:PORT[,...]",
+    ),
+    GlobalOption(("--token-file",), "cluster token for peers (env BLOBSTORE_TOKEN_FILE)", "FILE"),
+    GlobalOption(
+        ("--tls-cert",),
+        "this node's certificate for mutual TLS with peers; needs --tls-key and --tls-ca "
+        "(env BLOBSTORE_TLS_CERT)",
+        "PEM",
+    ),
+    GlobalOption(("--tls-key",), "its private key (env BLOBSTORE_TLS_KEY)", "PEM"),
+    GlobalOption(
+        ("--tls-ca",), "the CA that signs every peer's certificate (env BLOBSTORE_TLS_CA)", "PEM"
+    ),
+    GlobalOption(("-v", "--verbose"), "more logging (-v info, -vv debug)", counts=True),
+)
+_TAKES_VALUE = {flag: o.takes_value for o in GLOBAL_OPTIONS for flag in o.flags}
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The global options, accepted before the command and after it. On a
+    sub-command they default to SUPPRESS so they don't overwrite a value given
+    before the command."""
+    group = parser.add_argument_group("global options")
+    for o in GLOBAL_OPTIONS:
+        if o.counts:
+            default: object = argparse.SUPPRESS if suppress else 0
+            group.add_argument(*o.flags, action="count", default=default, help=o.help)
+        else:
+            default = argparse.SUPPRESS if suppress else None
+            group.add_argument(*o.flags, metavar=o.metavar, default=default, help=o.help)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, plugins included; for a built-in ``command`` (see
+    named_command), only that command: its arguments parse the same, and neither
+    the other commands' modules nor the plugins are loaded."""
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, suppress=True)
+    parser = argparse.ArgumentParser(
+        prog="blobstore",
+        description="Content-addressed blob store with peer-to-peer fetching.",
+    )
+    _add_global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = Commands(sub, common)
+    only = _BY_NAME.get(command) if command is not None else None
+    if only is not None:
+        commands.add_builtin(only)
+        return parser
+    for builtin in BUILTIN:
+        commands.add_builtin(builtin)
+    from ..plugins import load_plugins
+
+    for plugin in load_plugins():
+        plugin.add_commands(commands)
+    return parser
+
+
+def named_command(argv: Sequence[str]) -> str | None:
+    """The built-in command ``argv`` plainly names after global options, else None
+    (then the whole parser is built: --help, a plugin's command, a usage error)."""
+    tokens = iter(argv)
+    for token in tokens:
+        option, has_value, _ = token.partition("=")
+        if option not in _TAKES_VALUE:
+            return token if token in _BY_NAME else None
+        if _TAKES_VALUE[option] and not has_value:
+            next(tokens, None)
+    return None
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    return Config.from_env(
+        store=getattr(args, "store", None),
+        cache=getattr(args, "cache", None),
+        cache_size=getattr(args, "cache_size", None),
+        region=getattr(args, "region", None),
+        peers=getattr(args, "peers", None),
+        token_file=getattr(args, "token_file", None),
+        tls_cert=getattr(args, "tls_cert", None),
+        tls_key=getattr(args, "tls_key", None),
+        tls_ca=getattr(args, "tls_ca", None),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .running import run_command
+
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser(named_command(argv)).parse_args(argv)
+    return run_command(args, make_config)
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+__all__ = ["BUILTIN", "build_parser", "main", "make_config", "named_command", "run"]

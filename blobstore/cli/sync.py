@@ -1,0 +1,71 @@
+"""``sync REF DIR [-- CMD…]``: pull, run a command, push what changed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ..errors import BadInput
+from .output import document, emit, quiet
+from .registry import Command, add_json_flag
+
+if TYPE_CHECKING:
+    from ..client import Client
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("dir", metavar="DIR", type=Path)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="command to run")
+    p.add_argument("--push-on-failure", action="store_true", help="push even if CMD fails")
+    add_json_flag(p)
+
+
+async def run_sync(args: argparse.Namespace, client: Client) -> int:
+    """Exits with CMD's status. Raises BlobstoreError subclasses."""
+    from ..syncdir import sync_pull, sync_push
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    elif cmd and cmd[0].startswith("-"):
+        raise BadInput(f"sync: put {cmd[0]} before REF DIR (everything after DIR is the command)")
+    session = await sync_pull(client, args.ref, args.dir)
+    status = 0
+    if cmd:
+        try:
+            proc = await anyio.run_process(cmd, stdin=None, stdout=None, stderr=None, check=False)
+        except OSError as exc:
+            raise BadInput(f"cannot run {cmd[0]}: {exc.strerror}") from exc
+        status = proc.returncode
+    if status != 0 and not args.push_on_failure:
+        print(f"blobstore: {cmd[0]} exited with {status}; not pushing", file=sys.stderr)
+        return status
+    r = await sync_push(client, session)
+    emit(args, document(r, status=status), "")
+    if r.pushed and not args.json and not quiet(args):
+        how = " (merged with another runner)" if r.merged else ""
+        print(
+            f"synced {r.ref} -> {r.manifest}: {r.changed_files} changed files{how}", file=sys.stderr
+        )
+    return status
+
+
+SYNC = Command(
+    "sync",
+    "pull REF into DIR, run CMD, push what changed (merging with other runners)",
+    run_sync,
+    _arguments,
+    peers=True,
+    usage="blobstore sync [OPTIONS] REF DIR [-- CMD ARG…]",
+    description="Pull REF into DIR, run CMD (if given) and push what changed, moving "
+    "REF with compare-and-swap and merging with concurrent pushes. Without CMD: pull "
+    "then push. Exits with CMD's status; pushes only if CMD succeeded (unless "
+    "--push-on-failure). Like docker run, options go before REF: everything after "
+    "DIR is the command.",
+)
+COMMANDS = (SYNC,)

@@ -1,0 +1,113 @@
+"""``push`` and ``pull``: the commands every node runs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..linking import LinkMode, parse_link_mode
+from ..progress import human_bytes
+from .output import document, emit, progress_line
+from .registry import Command, add_json_flag
+
+if TYPE_CHECKING:
+    from ..client import Client
+
+log = logging.getLogger("blobstore")
+
+
+def _push_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", type=Path)
+    p.add_argument("ref")
+    add_json_flag(p)
+
+
+async def run_push(args: argparse.Namespace, client: Client) -> int:
+    bar = progress_line(args, "push")
+    try:
+        r = await client.push(args.dir, args.ref, progress=bar)
+    finally:
+        bar.close()
+    for path in r.skipped:
+        log.warning("skipped special file %s", path)
+    emit(
+        args,
+        document(r),
+        f"pushed {r.ref} -> {r.manifest[:16]}: {r.files} files, "
+        f"{human_bytes(r.bytes)}, {r.chunks} chunks, uploaded {r.new_chunks} "
+        f"({human_bytes(r.new_bytes)}) in {r.seconds:.2f}s",
+    )
+    return 0
+
+
+def add_pull_options(p: argparse.ArgumentParser) -> None:
+    """--link-mode and --keep-special-modes, for every command that pulls."""
+    p.add_argument(
+        "--link-mode",
+        metavar="auto|reflink|hardlink|copy",
+        default=None,
+        help="how files get from the node store into DIR: auto clones where the "
+        "filesystem can and copies otherwise; hardlink shares the node's copy "
+        "(files made read-only; never write into them) (env BLOBSTORE_LINK_MODE)",
+    )
+    p.add_argument(
+        "--keep-special-modes",
+        action="store_true",
+        help="keep setuid/setgid/sticky bits from the manifest (dropped by default)",
+    )
+
+
+def link_mode_of(args: argparse.Namespace) -> LinkMode:
+    """The --link-mode option, else BLOBSTORE_LINK_MODE, else auto. Raises ConfigError."""
+    return parse_link_mode(
+        getattr(args, "link_mode", None) or os.environ.get("BLOBSTORE_LINK_MODE") or "auto"
+    )
+
+
+def _pull_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ref", help="a ref, or a manifest id (a unique prefix of one will do)")
+    p.add_argument("dir", type=Path)
+    add_json_flag(p)
+    add_pull_options(p)
+
+
+async def run_pull(args: argparse.Namespace, client: Client) -> int:
+    bar = progress_line(args, "pull", tiers=lambda: client.source.bytes_from)
+    try:
+        r = await client.pull(
+            args.ref,
+            args.dir,
+            progress=bar,
+            link_mode=link_mode_of(args),
+            keep_special_modes=args.keep_special_modes,
+        )
+    finally:
+        bar.close()
+    doc = document(r)
+    tiers = ", ".join(f"{k} {human_bytes(v)}" for k, v in doc["from"].items())
+    emit(
+        args,
+        doc,
+        f"pulled {r.ref} -> {args.dir}: {r.files} files, {human_bytes(r.bytes)} "
+        f"in {r.seconds:.2f}s ({r.kept_files} already up to date; from {tiers})",
+    )
+    return 0
+
+
+PUSH = Command(
+    "push",
+    "chunk DIR, upload what the store lacks, point REF at it",
+    run_push,
+    _push_arguments,
+)
+PULL = Command(
+    "pull",
+    "materialize REF into DIR through local cache, peers, object store",
+    run_pull,
+    _pull_arguments,
+    peers=True,
+)
+COMMANDS = (PUSH, PULL)
