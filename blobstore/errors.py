@@ -1,23 +1,31 @@
-"""One exception hierarchy for blobstore, grouped by what the caller does next.
+"""Every exception blobstore raises on purpose, grouped by what the caller does next.
 
 - ``NotFound``     -> try the next source, or tell the user the name is unknown.
 - ``Corrupt``      -> discard what was received and fetch it elsewhere.
 - ``Unavailable``  -> fail over / retry later (network, server, disk trouble).
 - ``BadInput``     -> tell the user; nothing was changed.
+- ``AuthError``    -> stop talking to that peer (or fix the token).
+- ``Conflict``     -> someone else moved the thing: re-read and retry, or give up.
 
-Foreign exceptions (OSError, botocore, socket) are translated at the boundary
-with ``raise ... from exc`` so that a user never sees a raw traceback for a
-predictable failure. Every message is one line.
+Each class has exactly one parent, so no error belongs to two groups.
+Foreign exceptions are translated at the boundary with ``raise ... from exc``:
+``os_error`` / ``os_errors`` for OSError (here), botocore in ``s3store``,
+sockets in ``p2p``. A user never sees a raw traceback for a predictable
+failure; every message is one line.
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 
 class BlobstoreError(Exception):
     """Base class of every error blobstore raises on purpose."""
+
+
+# --- NotFound: try the next source ------------------------------------------------
 
 
 class NotFound(BlobstoreError):
@@ -48,6 +56,19 @@ class RefNotFound(NotFound):
         super().__init__(f"ref {name!r} not found")
 
 
+class SeedChanged(NotFound):
+    """A seed file (a pulled file the node store reads chunks from) is gone or is
+    no longer the file that was adopted: forget the seed, read elsewhere."""
+
+
+class SourceGone(NotFound):
+    """The node-store file to place vanished (evicted, or dropped as changed):
+    fetch the content again."""
+
+
+# --- Corrupt: discard and fetch elsewhere -----------------------------------------
+
+
 class Corrupt(BlobstoreError):
     """Bytes do not match their content address (or cannot be decoded)."""
 
@@ -65,6 +86,13 @@ class CorruptChunk(Corrupt):
         super().__init__(msg)
 
 
+class ProtocolError(Corrupt):
+    """A peer sent a malformed frame."""
+
+
+# --- Unavailable: fail over or retry later ----------------------------------------
+
+
 class Unavailable(BlobstoreError):
     """A source cannot answer right now: network, server or disk trouble."""
 
@@ -73,20 +101,45 @@ class StoreUnavailable(Unavailable):
     """The object store could not be reached or answered with an error."""
 
 
+class TruncatedResponse(StoreUnavailable):
+    """A response body ended before its Content-Length (safe to repeat a GET)."""
+
+
 class PeerUnavailable(Unavailable):
     """A peer could not be reached, timed out or broke the protocol."""
 
 
+class WrongRegion(PeerUnavailable):
+    """The peer serves another region; it must not be used."""
+
+    def __init__(self, address: str, node: str, region: str) -> None:
+        self.node = node
+        self.region = region
+        super().__init__(f"peer {address} ({node}) is in region {region!r}")
+
+
+class SelfConnection(PeerUnavailable):
+    """The peer is this very node (it found its own address)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"peer {address} is this node")
+
+
 class DiskFull(Unavailable):
-    """A local disk has no room left."""
+    """A local disk (or quota) has no room left."""
+
+
+# --- BadInput: tell the user, nothing changed -------------------------------------
 
 
 class BadInput(BlobstoreError):
     """The user (or a file the user pointed at) gave input we refuse."""
 
 
-class InvalidManifest(BadInput, Corrupt):
-    """A manifest cannot be decoded or fails validation."""
+class InvalidManifest(BadInput):
+    """A manifest cannot be decoded, fails validation, or is not of the kind
+    expected (a layer where a tree was asked for). Refetching the same
+    content-addressed bytes elsewhere would not help."""
 
 
 class UnsafePath(BadInput):
@@ -101,8 +154,24 @@ class ConfigError(BadInput):
     """Configuration (options, environment, URLs) is invalid."""
 
 
-class ProtocolError(Corrupt):
-    """A peer sent a malformed frame."""
+class UnsafeMember(UnsafePath):
+    """An image archive's member name or link would escape the archive."""
+
+
+class BadImage(BadInput):
+    """An image archive or layout is malformed, truncated or refused."""
+
+
+class DigestMismatch(BadImage):
+    """Bytes do not hash to the sha256 digest they are named by."""
+
+    def __init__(self, what: str, expected: str, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"{what}: sha256 mismatch (expected {expected}, got {actual})")
+
+
+# --- the rest ---------------------------------------------------------------------
 
 
 class AuthError(BlobstoreError):
@@ -111,6 +180,71 @@ class AuthError(BlobstoreError):
 
 class Conflict(BlobstoreError):
     """A conditional update lost a race (someone else moved the ref)."""
+
+
+# --- OSError at the boundary ------------------------------------------------------
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+_BAD_PATH = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.EEXIST,
+        errno.ENOTEMPTY,
+        errno.EXDEV,
+    }
+)
+"""Errnos that say the path itself is wrong (missing, not allowed, wrong type),
+as opposed to the disk or the system having trouble."""
+
+
+def os_error(
+    exc: OSError,
+    doing: str,
+    *,
+    user_path: bool = False,
+    unavailable: type[Unavailable] = Unavailable,
+) -> BlobstoreError:
+    """The blobstore error for ``exc`` met while ``doing`` (e.g. ``"cannot write
+    /x"``), for ``raise os_error(exc, ...) from exc``:
+
+    - ``DiskFull`` for ENOSPC and EDQUOT;
+    - ``BadInput`` when the path came from the user (``user_path``) and the
+      errno says the path itself is wrong (missing, not a directory, no
+      permission, read-only, ...);
+    - ``unavailable`` (``Unavailable`` or a subclass) otherwise.
+
+    The message is ``"<doing>: <strerror>"``, plus the file name when
+    ``doing`` does not already hold it."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None and str(exc.filename) not in doing:
+        reason += f" ({exc.filename})"
+    message = f"{doing}: {reason}"
+    if exc.errno in _DISK_FULL:
+        return DiskFull(message)
+    if user_path and exc.errno in _BAD_PATH:
+        return BadInput(message)
+    return unavailable(message)
+
+
+@contextmanager
+def os_errors(
+    doing: str, *, user_path: bool = False, unavailable: type[Unavailable] = Unavailable
+) -> Iterator[None]:
+    """Translate an OSError raised in the block with ``os_error``."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error(exc, doing, user_path=user_path, unavailable=unavailable) from exc
+
+
+# --- task groups ------------------------------------------------------------------
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:

@@ -37,18 +37,21 @@ import fcntl
 import os
 import stat
 import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
+# TMP_MARK, tmp_name and SourceGone re-exported for materialize.py until it imports them
+# from atomic.py / errors.py directly.
+from .atomic import TMP_MARK as TMP_MARK
+from .atomic import is_tmp_name
+from .atomic import tmp_name as tmp_name
 from .errors import BadInput, ConfigError, UnsafePath
+from .errors import SourceGone as SourceGone
 
 LinkMode = Literal["auto", "reflink", "hardlink", "copy"]
 LINK_MODES: tuple[str, ...] = get_args(LinkMode)
-TMP_MARK = ".blobstore-tmp-"
-NAME_MAX = 255
 _FICLONE = 0x40049409
 _NOT_CLONABLE = frozenset(
     {errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EXDEV, errno.ENOSYS, errno.EPERM}
@@ -59,29 +62,12 @@ _DIR_FDS = 256
 the rest from their nearest open ancestor, still one ``openat`` per level)."""
 
 
-class SourceGone(Exception):
-    """The node-store file to place vanished (evicted, or dropped as changed)."""
-
-
 def parse_link_mode(text: str) -> LinkMode:
     """``auto|reflink|hardlink|copy``. Raises ConfigError."""
     value = text.strip().lower()
     if value not in LINK_MODES:
         raise ConfigError(f"not a link mode: {text!r} (choose {'|'.join(LINK_MODES)})")
     return value  # type: ignore[return-value]
-
-
-def tmp_name(name: str) -> str:
-    """A unique hidden temp name beside ``name``, at most 255 bytes, its prefix
-    cut on a UTF-8 character boundary."""
-    # The prefix is only a hint for humans: dropping a cut (or undecodable)
-    # character is fine, a name over NAME_MAX is not.
-    prefix = os.fsencode(name)[:100].decode("utf-8", "ignore")
-    return f".{prefix}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-
-
-def is_tmp_name(name: str) -> bool:
-    return TMP_MARK in name
 
 
 class DestDir:

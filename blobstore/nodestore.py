@@ -85,13 +85,13 @@ from pathlib import Path
 import anyio
 
 from .config import CacheConfig
-from .errors import ChunkMissing, Corrupt, CorruptChunk, DiskFull, Unavailable
+from .errors import ChunkMissing, Corrupt, CorruptChunk, DiskFull, SeedChanged, Unavailable
 from .ids import ChunkId, hash_bytes, is_id, verify
 from .manifest import ChunkRef
 from .resource import AsyncResource
 from .seeds import COLUMNS as _SEED_COLUMNS
 from .seeds import SCHEMA as _SEED_SCHEMA
-from .seeds import Seed, SeedChanged, decode_chunk_rows, encode_chunk_rows, read_chunk, still_there
+from .seeds import Seed, decode_chunk_rows, encode_chunk_rows, read_chunk, still_there
 from .source import ChunkData, Sink, fetch_each
 
 log = logging.getLogger(__name__)

@@ -58,7 +58,15 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from .errors import BadInput, ConfigError, Conflict, ObjectMissing, StoreUnavailable
+from . import httpranges
+from .errors import (
+    BadInput,
+    ConfigError,
+    Conflict,
+    ObjectMissing,
+    StoreUnavailable,
+    TruncatedResponse,
+)
 from .objectstore import ObjectInfo
 from .parallel import for_each
 from .resource import AsyncResource
@@ -135,9 +143,13 @@ class S3ObjectStore(AsyncResource):
             },
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
+            # Pre-signed URLs (threaded_ranges) signed as SigV4, like requests.
+            signature_version="s3v4",
         )
+        self._timeouts = (connect_timeout, read_timeout)
         self._stack = AsyncExitStack()
         self._client: Any = None
+        self._ranges: httpranges.HttpRanges | None = None
 
     def __repr__(self) -> str:
         return f"S3ObjectStore({self.url!r}, endpoint={self.endpoint!r})"
@@ -145,6 +157,9 @@ class S3ObjectStore(AsyncResource):
     async def aclose(self) -> None:
         """Close the HTTP connection pool. Idempotent."""
         self._client = None
+        if self._ranges is not None:
+            self._ranges.close()
+            self._ranges = None
         await self._stack.aclose()
 
     async def open(self) -> None:
@@ -168,6 +183,14 @@ class S3ObjectStore(AsyncResource):
             self._client = await self._stack.enter_async_context(client_cm)
             self._client.meta.events.register_first("needs-retry.s3", _fail_fast_on_connect)
             self.endpoint = self._client.meta.endpoint_url
+            connect, read = self._timeouts
+            self._ranges = httpranges.for_endpoint(
+                self.url,
+                self._client.meta.endpoint_url,
+                connect_timeout=connect,
+                read_timeout=read,
+                ca_bundle=session.get_config_variable("ca_bundle"),
+            )
         await self._ensure_bucket()
 
     async def _ensure_bucket(self) -> None:
@@ -226,7 +249,7 @@ class S3ObjectStore(AsyncResource):
         try:
             with self._translate("write", key), self._deadline("write", key, len(data)):
                 await self._live.put_object(Bucket=self.bucket, Key=full, Body=data, **conditions)
-        except _ConditionFailed:
+        except Conflict:
             state = "exists" if expected is None else "changed"
             raise Conflict(
                 f"object {key} {state} in {self.url}; conditional write refused"
@@ -263,6 +286,28 @@ class S3ObjectStore(AsyncResource):
                     if not block:
                         break
                     yield block
+
+    async def threaded_ranges(self, key: str) -> httpranges.PresignedObject | None:
+        """Ranges of ``key`` for worker threads to read themselves (see
+        httpranges.py: a cold pull's bytes then skip the event loop), through a
+        URL botocore pre-signs for an hour; None where that path does not apply
+        (a proxy). Errors come as from ``get_range``; ``read_budget`` and
+        ``too_slow`` give the same deadline."""
+        if self._ranges is None:
+            return None
+        full = self._key(key)
+        with self._translate("sign", key):
+            url = await self._live.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": full}, ExpiresIn=3600
+            )
+        return httpranges.PresignedObject(self._ranges, url, key)
+
+    def read_budget(self, length: int) -> float:
+        """Seconds a read of ``length`` bytes may wait for S3 in all."""
+        return self._request_deadline + length / self._min_rate
+
+    def too_slow(self, op: str, key: str) -> StoreUnavailable:
+        return self._too_slow(op, key)
 
     async def exists(self, key: str) -> bool:
         """True if the key holds an object. Raises StoreUnavailable, BadInput."""
@@ -339,7 +384,7 @@ class S3ObjectStore(AsyncResource):
                     async with response["Body"] as body:
                         data: bytes = await body.read()
                 return data, str(response["ETag"])
-            except _CutShort:
+            except TruncatedResponse:
                 if attempt == _BODY_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")
@@ -376,7 +421,7 @@ class S3ObjectStore(AsyncResource):
             if code in _MISSING_CODES:
                 raise ObjectMissing(key or self.bucket, self.url) from exc
             if code in _CONFLICT_CODES:
-                raise _ConditionFailed(code) from exc
+                raise Conflict(f"{what} in {self.url}: conditional write refused ({code})") from exc
             if code == "NoSuchBucket":
                 raise StoreUnavailable(
                     f"bucket {self.bucket} does not exist at {self.endpoint}"
@@ -384,7 +429,7 @@ class S3ObjectStore(AsyncResource):
             message = _one_line(exc.response.get("Error", {}).get("Message", ""))
             raise StoreUnavailable(f"S3 error {code} on {what} in {self.url}: {message}") from exc
         except _CUT_SHORT as exc:
-            raise _CutShort(
+            raise TruncatedResponse(
                 f"S3 {what}: response body cut short by {self.endpoint}: {_reason(exc)}"
             ) from exc
         except _NETWORK_ERRORS as exc:
@@ -403,14 +448,6 @@ class S3ObjectStore(AsyncResource):
             raise StoreUnavailable(
                 f"S3 {what} failed at {self.endpoint}: {_one_line(str(exc)) or type(exc).__name__}"
             ) from exc
-
-
-class _ConditionFailed(StoreUnavailable):
-    """Internal: a conditional write's precondition failed (put_if turns it into Conflict)."""
-
-
-class _CutShort(StoreUnavailable):
-    """A response body ended before its Content-Length (safe to repeat a GET)."""
 
 
 def _endpoint(explicit: str | None) -> str | None:

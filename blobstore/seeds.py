@@ -37,6 +37,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .errors import SeedChanged
 from .ids import ChunkId, id_from_bytes, id_to_bytes
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS seeds (
@@ -46,10 +47,6 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS seeds (
 COLUMNS = "key, path, dev, ino, size, mtime_ns, ctime_ns, boot, durable, chunks"
 
 SeedRow = tuple[str, str, int, int, int, int, int, str, int, bytes]
-
-
-class SeedChanged(Exception):
-    """The seed file is gone or no longer the file that was adopted."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,15 @@ import ssl
 from collections import deque
 from dataclasses import dataclass
 
-from blobstore.errors import AuthError, ChunkMissing, CorruptChunk, PeerUnavailable, ProtocolError
+from blobstore.errors import (
+    AuthError,
+    ChunkMissing,
+    CorruptChunk,
+    PeerUnavailable,
+    ProtocolError,
+    SelfConnection,
+    WrongRegion,
+)
 from blobstore.hostport import split_hostport
 from blobstore.ids import ChunkId, hash_bytes
 from blobstore.source import ChunkData
@@ -26,22 +34,6 @@ log = logging.getLogger(__name__)
 
 _HASH_IN_THREAD_MIN = 512 << 10
 """BLAKE3 releases the GIL; above this size hashing moves to a worker thread."""
-
-
-class WrongRegion(PeerUnavailable):
-    """The peer serves another region; it must not be used."""
-
-    def __init__(self, address: str, node: str, region: str) -> None:
-        self.node = node
-        self.region = region
-        super().__init__(f"peer {address} ({node}) is in region {region!r}")
-
-
-class SelfConnection(PeerUnavailable):
-    """The peer is this very node (it found its own address)."""
-
-    def __init__(self, address: str) -> None:
-        super().__init__(f"peer {address} is this node")
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,10 +28,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from blobstore.errors import AuthError, PeerUnavailable, ProtocolError
+from blobstore.errors import (
+    AuthError,
+    PeerUnavailable,
+    ProtocolError,
+    SelfConnection,
+    WrongRegion,
+)
 
 from . import messages
-from .client import Identity, PeerConnection, SelfConnection, WrongRegion, open_connection
+from .client import Identity, PeerConnection, open_connection
 
 log = logging.getLogger(__name__)
 

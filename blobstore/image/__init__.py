@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from .errors import BadImage, DigestMismatch, UnsafeMember
+from ..errors import BadImage, DigestMismatch, UnsafeMember
 from .exporter import export_image, export_layer
 from .importer import ImportResult, import_image, import_into
 from .sharing import ImageSharing, LayerShare, image_sharing

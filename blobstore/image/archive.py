@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
-from .errors import BadImage, UnsafeMember
+from ..errors import BadImage, UnsafeMember
 
 MAX_MEMBERS = 100_000
 _MAX_LINK_HOPS = 8

@@ -18,12 +18,11 @@ import anyio
 from blobstore.source import ChunkData
 
 from ..catalog import Catalog
-from ..errors import BadInput
+from ..errors import BadImage, BadInput, DigestMismatch
 from ..ids import ChunkId
 from ..manifest import Image, Layer
 from ..source import ChunkSource
 from . import oci
-from .errors import BadImage, DigestMismatch
 from .layout import SourceLayout, decode_layout
 from .stream import HashingWriter, copy_chunks
 

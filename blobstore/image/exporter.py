@@ -28,7 +28,7 @@ from typing import BinaryIO
 import anyio
 
 from ..catalog import Catalog
-from ..errors import BadInput, NotFound
+from ..errors import BadImage, BadInput, NotFound
 from ..manifest import Layer
 from ..source import ChunkSource
 from . import oci
@@ -40,7 +40,6 @@ from .blobs import (
     write_layer,
     write_layer_gunzipped,
 )
-from .errors import BadImage
 from .stream import MeteredSource
 
 Progress = Callable[[int, int], None]

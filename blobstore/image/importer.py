@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ..catalog import Catalog, check_ref
-from ..errors import BadInput, single_errors
+from ..errors import BadImage, BadInput, DigestMismatch, single_errors
 from ..ids import ChunkId
 from ..ingest import Ingested, Ingestor
 from ..manifest import Image, ImageLayer, Layer
 from . import oci
 from .archive import open_archive
-from .errors import BadImage, DigestMismatch
 from .layout import encode_layout
 from .reader import ImageSpec, LayerSpec, read_image
 from .stream import file_sha256

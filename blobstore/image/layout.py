@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import BadImage
+from ..errors import BadImage
 
 MAX_LAYOUT_BYTES = 16 << 20
 """Cap on the whole record (kept files + headers)."""

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import BadImage
+from ..errors import BadImage
 
 MAX_JSON_BYTES = 4 << 20
 """Cap on any JSON document read from an archive (manifest, config, index)."""

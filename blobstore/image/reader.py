@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import BadImage, DigestMismatch
 from . import oci
 from .archive import DirArchive, Extent, ImageArchive, TarArchive, pread_exact, read_member
-from .errors import BadImage, DigestMismatch
 from .layout import (
     DATA_CONFIG,
     DATA_MANIFEST,

@@ -17,11 +17,11 @@ import anyio
 
 from blobstore.source import ChunkData
 
+from ..errors import DigestMismatch
 from ..ids import ChunkId
 from ..manifest import ChunkRef
 from ..source import ChunkSource
 from ..source import Sink as RefSink
-from .errors import DigestMismatch
 
 WINDOW = 8
 

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
+from blobstore.errors import BadImage, UnsafeMember
 from blobstore.image import oci
 from blobstore.image.archive import clean_name
 from blobstore.image.blobs import _Gunzip
-from blobstore.image.errors import BadImage, UnsafeMember
 from blobstore.image.layout import Member, SourceLayout, decode_layout, encode_layout
 from blobstore.image.stream import HashingWriter
 from blobstore.manifest import Image, ImageLayer, decode, encode

@@ -9,9 +9,9 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 
-from blobstore.errors import AuthError, ChunkMissing, CorruptChunk
+from blobstore.errors import AuthError, ChunkMissing, CorruptChunk, WrongRegion
 from blobstore.ids import ChunkId, hash_bytes
-from p2p.client import Identity, PeerConnection, WrongRegion, open_connection
+from p2p.client import Identity, PeerConnection, open_connection
 from p2p.metrics import Metrics
 from p2p.provider import ChunkProvider
 from p2p.server import PeerServer, ServerIdentity
