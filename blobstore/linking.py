@@ -42,13 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
-# TMP_MARK, tmp_name and SourceGone re-exported for materialize.py until it imports them
-# from atomic.py / errors.py directly.
-from .atomic import TMP_MARK as TMP_MARK
-from .atomic import is_tmp_name
-from .atomic import tmp_name as tmp_name
-from .errors import BadInput, ConfigError, UnsafePath
-from .errors import SourceGone as SourceGone
+from .atomic import is_tmp_name, tmp_name
+from .errors import BadInput, ConfigError, SourceGone, UnsafePath
 
 LinkMode = Literal["auto", "reflink", "hardlink", "copy"]
 LINK_MODES: tuple[str, ...] = get_args(LinkMode)

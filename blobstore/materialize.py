@@ -80,19 +80,17 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 
-from .errors import ChunkMissing, Corrupt, DiskFull, Unavailable
+from .atomic import TMP_MARK, tmp_name
+from .errors import ChunkMissing, Corrupt, DiskFull, SourceGone, Unavailable
 from .ids import ChunkId, hash_bytes
 from .linking import (
-    TMP_MARK,
     DestDir,
     LinkMode,
     Placer,
-    SourceGone,
     clone_fd,
     open_tmp,
     replace_into,
     split,
-    tmp_name,
     unlink_quietly,
 )
 from .manifest import ChunkRef, Entry, Tree, file_key
