@@ -246,6 +246,7 @@ class Client:
             )
         tiers = {k: v - before.get(k, 0) for k, v in self.source.bytes_from.items()}
         tiers["local"] = tiers.get("local", 0) + stats.placed_bytes
+        self.source.pulled(stats.placed_bytes, stats.seconds)  # metrics, when enabled
         return PullResult(
             ref, manifest_id, stats.files, stats.bytes, stats.kept_files, stats.seconds, tiers
         )

@@ -6,15 +6,17 @@ away is written back into the local cache (a daemon serving its peers).
 next, and so on; each chunk goes straight to the caller's sink, which is the
 node's copy (no cache write-back). Concurrent requests for one chunk share one
 fetch (single-flight), between ``get``s and ``fetch``es alike. Bytes served
-are counted per tier name.
+are counted per tier name, and told to a ``TierObserver`` with the time each
+chunk cost (blobstore/metrics.py turns that into Prometheus metrics).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
@@ -26,6 +28,32 @@ if TYPE_CHECKING:
     from .manifest import ChunkRef
 
 log = logging.getLogger(__name__)
+
+
+class TierObserver(Protocol):
+    """Told what the tiers deliver. Called on the event loop, once per chunk: keep it cheap."""
+
+    def delivered(self, tier: str, size: int, seconds: float | None) -> None:
+        """``tier`` delivered ``size`` bytes; ``seconds`` the chunk cost there (a get's
+        duration, or the wait since the tier's previous chunk in a batch), None for
+        further copies of a chunk already delivered (a chunk wanted twice)."""
+
+    def failed(self, tier: str, reason: str) -> None:
+        """``tier`` could not deliver a chunk it might have had: "unavailable", "corrupt"."""
+
+    def pulled(self, placed_bytes: int, seconds: float) -> None:
+        """A pull completed in ``seconds``; ``placed_bytes`` came from the node's own
+        copies without a tier (whole files linked or copied from the node store)."""
+
+
+_observer: TierObserver | None = None
+
+
+def report_to(observer: TierObserver | None) -> None:
+    """Make every TieredSource in this process, existing or new, report to ``observer``
+    (None: to nobody). blobstore.metrics.enable is the usual caller."""
+    global _observer
+    _observer = observer
 
 
 class _Flight:
@@ -101,6 +129,7 @@ class TieredSource:
         unavailable: Unavailable | None = None
         corrupt: Corrupt | None = None
         for source in self.sources:
+            started = time.monotonic()
             try:
                 data = await source.get(chunk_id)
             except NotFound:
@@ -109,12 +138,16 @@ class TieredSource:
                 if source is not self.sources[-1]:
                     log.warning("%s: %s; trying the next tier", source.name, exc)
                 corrupt = exc
+                _tell_failed(source.name, "corrupt")
                 continue
             except Unavailable as exc:
                 log.info("%s unavailable: %s", source.name, exc)
                 unavailable = exc
+                _tell_failed(source.name, "unavailable")
                 continue
             self.bytes_from[source.name] += len(data)
+            if _observer is not None:
+                _observer.delivered(source.name, len(data), time.monotonic() - started)
             if self.cache is not None and source is not self.cache:
                 try:
                     await self.cache.put(chunk_id, data)
@@ -176,6 +209,11 @@ class TieredSource:
             await self.fetch(again, sink)
         return []
 
+    def pulled(self, placed_bytes: int, seconds: float) -> None:
+        """Tell the observer a pull through these tiers completed (see TierObserver)."""
+        if _observer is not None:
+            _observer.pulled(placed_bytes, seconds)
+
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         wanted = set(chunk_ids)
         found: set[ChunkId] = set()
@@ -222,6 +260,7 @@ class _TierPass:
                 log.info("%s unavailable: %s", source.name, exc)
                 for ref in pending:
                     self.unavailable[ref.id] = exc
+                    _tell_failed(source.name, "unavailable")
             else:
                 self._note_reasons(source, left, last=source is sources[-1])
             # Whatever was not delivered, whether returned or not (a wrong size).
@@ -230,7 +269,10 @@ class _TierPass:
             raise self._error_for(pending[0].id)
 
     def _sink_for(self, tier: str) -> Sink:
+        previous = time.monotonic()  # when the tier was asked, then its last delivery
+
         async def deliver(ref: ChunkRef, data: ChunkData) -> None:
+            nonlocal previous
             chunk_id = ref.id
             if chunk_id in self.delivered or chunk_id not in self.ours:
                 return  # delivered twice, or never asked for
@@ -239,12 +281,21 @@ class _TierPass:
                 self.corrupt[chunk_id] = Corrupt(
                     f"chunk {chunk_id} has {len(data)} bytes, the manifest says {ref.size}"
                 )
+                _tell_failed(tier, "corrupt")
                 return
             self.delivered.add(chunk_id)
             bytes_from = self.tiers.bytes_from
             bytes_from[tier] += len(data)
             if len(refs) > 1:
                 bytes_from[self.tiers.sources[0].name] += len(data) * (len(refs) - 1)
+            if _observer is not None:
+                now = time.monotonic()
+                _observer.delivered(tier, len(data), now - previous)
+                previous = now
+                if len(refs) > 1:
+                    _observer.delivered(
+                        self.tiers.sources[0].name, len(data) * (len(refs) - 1), None
+                    )
             flight = self.owned.pop(chunk_id, None)
             if flight is not None:
                 if flight.waited_on:  # a get waits for it: hand it the bytes
@@ -263,11 +314,13 @@ class _TierPass:
             reason = reasons.get(ref.id)
             if isinstance(reason, Unavailable):
                 self.unavailable[ref.id] = reason
+                _tell_failed(source.name, "unavailable")
                 if not logged:
                     log.info("%s unavailable: %s", source.name, reason)
                     logged = True
             elif isinstance(reason, Corrupt):
                 self.corrupt[ref.id] = reason
+                _tell_failed(source.name, "corrupt")
                 if not last:
                     log.warning("%s: %s; trying the next tier", source.name, reason)
 
@@ -278,3 +331,8 @@ class _TierPass:
         if chunk_id in self.corrupt:
             return self.corrupt[chunk_id]
         return ChunkMissing(chunk_id, "any tier")
+
+
+def _tell_failed(tier: str, reason: str) -> None:
+    if _observer is not None:
+        _observer.failed(tier, reason)

@@ -72,6 +72,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             # The port is only known after binding, and the node id defaults to it.
             server_tg = await stack.enter_async_context(asyncio.TaskGroup())
             metrics = Metrics()
+            stack.callback(metrics.include_node(cache))  # node store gauges, in-process pulls
             node_box: list[str] = [opts.node or ""]
             client_tls = tls.client if tls else None
             me = Identity(node_box[0] or "pending", config.region, config.peers.token, client_tls)
@@ -116,6 +117,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             await stack.enter_async_context(directory)
             metrics.peers = lambda: len(directory.live())
             metrics.known_peers = lambda: len(directory.all())
+            metrics.peer_statuses = lambda: [p.status for p in directory.all()]
             http_port = None
             if http_addr is not None:
                 app = make_app(

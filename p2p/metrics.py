@@ -1,13 +1,45 @@
-"""Counters a daemon keeps, rendered in the Prometheus text format."""
+"""What a daemon counts, and its Prometheus registry (prometheus_client).
+
+The server and provider bump plain integers on ``Metrics`` (cheap, no locks: one
+event loop); ``DaemonCollector`` reads them at each scrape. Histograms
+(time to answer a chunk request, per tier) are prometheus_client's own. The
+registry also carries build info, ``process_*``/``python_*`` and, wired by the
+daemon, the node store's gauges and the pull-side metrics of any pull run in
+the daemon's process (blobstore/metrics.py). Names: docs/metrics.md.
+"""
 
 from __future__ import annotations
 
+import platform
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Histogram,
+    Info,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from blobstore import metrics as blobstore_metrics
+
+if TYPE_CHECKING:
+    from blobstore.nodestore import NodeStore
+
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+"""Seconds: a chunk from the node store is sub-millisecond, a read-through tens of ms."""
+REQUEST_TIERS = ("local", "origin", "missing")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Metrics:
     bytes_served: int = 0
     chunks_served: int = 0
@@ -17,6 +49,8 @@ class Metrics:
     """Chunks answered 'missing'."""
     origin_fetches: int = 0
     """Read-throughs to the object store (one per chunk however many waited)."""
+    origin_bytes: int = 0
+    """Bytes those read-throughs got from the object store."""
     tier_bytes: dict[str, int] = field(default_factory=lambda: {"local": 0, "origin": 0})
     """Bytes served, by where this daemon found them."""
     corrupt_dropped: int = 0
@@ -31,61 +65,132 @@ class Metrics:
     peers: Callable[[], int] = lambda: 0
     known_peers: Callable[[], int] = lambda: 0
     """Peers in the directory, live or not (gossip-learned ones are capped)."""
+    peer_statuses: Callable[[], Iterable[str]] = tuple
+    """The status of each peer in the directory: new, up, down, refused, foreign, self."""
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    """Everything /metrics shows; the daemon adds the node store and pull metrics."""
+    _request_seconds: Histogram = field(init=False)
+
+    def __post_init__(self) -> None:
+        blobstore_metrics.no_created_series()
+        registry = self.registry
+        registry.register(DaemonCollector(self))
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            # the same collectors as the default registry's, on this one too
+            registry.register(standard)
+        Info("blobstore_build", "The daemon's version.", registry=registry).info(
+            {"version": _version(), "python": platform.python_version()}
+        )
+        self._request_seconds = Histogram(
+            "blobstore_peer_request_seconds",
+            "Time to find a chunk a peer asked for, by where it was found (local: node "
+            "store, origin: read through from the object store, missing: answered "
+            "missing).",
+            ["tier"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        for tier in REQUEST_TIERS:
+            self._request_seconds.labels(tier)
+
+    def include_node(self, store: NodeStore) -> Callable[[], None]:
+        """Show ``store``'s gauges here, and the pulls run in this process
+        (blobstore.metrics.enable); returns the undo (for an exit stack)."""
+        collector = blobstore_metrics.watch_node_store(store, self.registry)
+        blobstore_metrics.enable(self.registry)
+
+        def undo() -> None:
+            blobstore_metrics.disable()
+            self.registry.unregister(collector)
+
+        return undo
+
+    def answered(self, tier: str, seconds: float) -> None:
+        """A chunk request was answered from ``tier`` ("" = missing) in ``seconds``."""
+        self._request_seconds.labels(tier or "missing").observe(seconds)
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The registry rendered for a scrape with ``accept`` (Prometheus text, or
+        OpenMetrics when asked for); returns (body, content type)."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
 
     def render(self) -> str:
-        lines: list[str] = []
+        """The Prometheus text format (for logs and tests)."""
+        return self.exposition()[0].decode()
 
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, int]]) -> None:
-            lines.append(f"# HELP blobstore_peer_{name} {help_}")
-            lines.append(f"# TYPE blobstore_peer_{name} {kind}")
-            lines.extend(f"blobstore_peer_{name}{labels} {value}" for labels, value in samples)
 
-        metric(
-            "bytes_served_total", "counter", "Chunk bytes sent to peers.", [("", self.bytes_served)]
+class DaemonCollector(Collector):
+    """``Metrics``' plain counters as metric families, read at each scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+
+        def counter(name: str, help_: str, value: int) -> CounterMetricFamily:
+            return CounterMetricFamily(f"blobstore_peer_{name}", help_, value=value)
+
+        def gauge(name: str, help_: str, value: int) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"blobstore_peer_{name}", help_, value=value)
+
+        def by(
+            family: CounterMetricFamily | GaugeMetricFamily, values: Mapping[str, int]
+        ) -> Metric:
+            for key, value in sorted(values.items()):
+                family.add_metric([key], value)
+            return family
+
+        yield counter("bytes_served", "Chunk bytes sent to peers.", m.bytes_served)
+        yield counter("chunks_served", "Chunks sent to peers.", m.chunks_served)
+        yield by(
+            CounterMetricFamily(
+                "blobstore_peer_tier_bytes",
+                "Bytes served, by the tier they came from.",
+                labels=["tier"],
+            ),
+            m.tier_bytes,
         )
-        metric(
-            "chunks_served_total", "counter", "Chunks sent to peers.", [("", self.chunks_served)]
+        yield counter("hits", "Chunks found in the local cache.", m.hits)
+        yield counter("misses", "Chunks answered as missing.", m.misses)
+        yield counter(
+            "origin_fetches", "Read-through fetches from the object store.", m.origin_fetches
         )
-        metric(
-            "tier_bytes_total",
-            "counter",
-            "Bytes served, by the tier they came from.",
-            [(f'{{tier="{t}"}}', v) for t, v in sorted(self.tier_bytes.items())],
+        yield counter("origin_bytes", "Bytes read through from the object store.", m.origin_bytes)
+        yield counter("corrupt_dropped", "Corrupt cached chunks dropped.", m.corrupt_dropped)
+        yield counter("auth_failures", "Connections refused for a wrong token.", m.auth_failures)
+        yield by(
+            CounterMetricFamily(
+                "blobstore_peer_connections_dropped",
+                "Connections closed by the daemon's limits, by reason.",
+                labels=["reason"],
+            ),
+            m.dropped,
         )
-        metric("hits_total", "counter", "Chunks found in the local cache.", [("", self.hits)])
-        metric("misses_total", "counter", "Chunks answered as missing.", [("", self.misses)])
-        metric(
-            "origin_fetches_total",
-            "counter",
-            "Read-through fetches from the object store.",
-            [("", self.origin_fetches)],
-        )
-        metric(
-            "corrupt_dropped_total",
-            "counter",
-            "Corrupt cached chunks dropped.",
-            [("", self.corrupt_dropped)],
-        )
-        metric(
-            "auth_failures_total",
-            "counter",
-            "Connections refused for a wrong token.",
-            [("", self.auth_failures)],
-        )
-        metric(
-            "connections_dropped_total",
-            "counter",
-            "Connections closed by the daemon's limits, by reason.",
-            [(f'{{reason="{r}"}}', v) for r, v in sorted(self.dropped.items())],
-        )
-        metric("in_flight", "gauge", "Chunk requests being answered.", [("", self.in_flight)])
-        metric(
+        yield gauge("in_flight", "Chunk requests being answered.", m.in_flight)
+        yield gauge(
             "lookups_pending",
-            "gauge",
             "Chunk answers holding the lookup budget (looked up or waiting to be sent).",
-            [("", self.lookups)],
+            m.lookups,
         )
-        metric("connections", "gauge", "Open peer connections.", [("", self.connections)])
-        metric("peers", "gauge", "Live same-region peers seen.", [("", self.peers())])
-        metric("known_peers", "gauge", "Peers known, live or not.", [("", self.known_peers())])
-        return "\n".join(lines) + "\n"
+        yield gauge("connections", "Open peer connections.", m.connections)
+        yield gauge("peers", "Live same-region peers seen.", m.peers())
+        yield gauge("known_peers", "Peers known, live or not.", m.known_peers())
+        yield by(
+            GaugeMetricFamily(
+                "blobstore_peer_peers_by_state",
+                "Peers in the directory by state (up, down, new, refused, foreign, self).",
+                labels=["state"],
+            ),
+            {"up": 0, "down": 0, "new": 0} | Counter(m.peer_statuses()),
+        )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("blobstore")
+    except PackageNotFoundError:
+        return "unknown"

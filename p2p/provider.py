@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,12 @@ class ChunkProvider:
 
     async def lookup(self, chunk_id: ChunkId) -> tuple[ChunkData | None, str]:
         """The chunk's bytes and the tier they came from, or (None, "") if we answer missing."""
+        started = time.monotonic()
+        data, tier = await self._find(chunk_id)
+        self._metrics.answered(tier if data is not None else "", time.monotonic() - started)
+        return data, tier
+
+    async def _find(self, chunk_id: ChunkId) -> tuple[ChunkData | None, str]:
         if self._cache.contains(chunk_id):
             try:
                 return await self._cache.get(chunk_id), "local"
@@ -74,6 +81,7 @@ class ChunkProvider:
             self._metrics.origin_fetches += 1
             try:
                 data = await self._origin.get(chunk_id)
+                self._metrics.origin_bytes += len(data)
             except ChunkMissing:
                 return None
             except (Unavailable, CorruptChunk) as exc:
