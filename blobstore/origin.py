@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import anyio
 
@@ -175,9 +178,22 @@ class OriginSource:
         return undelivered
 
     async def _read_span(self, span: Span, sink: Sink, undelivered: Undelivered) -> None:
-        if isinstance(self.store, FileObjectStore):
-            await self._read_file_span(self.store, span, sink, undelivered)
+        key = pack_key(span.pack)
+        store = self.store
+        if isinstance(store, FileObjectStore):
+            opener: RangeOpener = _FileOpener(store.root / key, key, store.url)
+            await self._read_span_in_threads(span, opener, None, sink, undelivered)
             return
+        if isinstance(store, ThreadedRangeStore):
+            threaded = await store.threaded_ranges(key)
+            if threaded is not None:
+                await self._read_span_in_threads(span, threaded, store, sink, undelivered)
+                return
+        await self._read_streamed_span(span, sink, undelivered)
+
+    async def _read_streamed_span(self, span: Span, sink: Sink, undelivered: Undelivered) -> None:
+        """A span read as blocks on the event loop (``ObjectStore.get_range``):
+        stores without a threaded path (a proxy in between, test doubles)."""
         key = pack_key(span.pack)
         cutter = SpanCutter(span)
         failures = 0
@@ -197,63 +213,122 @@ class OriginSource:
                 # Attempts in a row that delivered nothing: a body cut off after
                 # some chunks made progress and is simply resumed.
                 failures = 1 if len(cutter.pending) < len(rest.pieces) else failures + 1
-                if failures >= self.tuning.attempts:
-                    for ref in _refs(cutter.pending):
-                        undelivered.add(ref, exc)
+                if not await self._again(span, cutter.pending, failures, exc, undelivered):
                     return
-                log.info(
-                    "reading pack %s again from offset %d: %s",
-                    span.pack[:16],
-                    cutter.pending[0].offset,
-                    exc,
-                )
-                await anyio.sleep(self.tuning.retry_delay * failures)
                 continue
             if cutter.pending:  # the pack ended before the manifest said it would
-                where = f"object store (pack {span.pack[:16]}… is shorter than its manifest says)"
-                for ref in _refs(cutter.pending):
-                    undelivered.add(ref, CorruptChunk(ref.id, where))
+                _shorter(span, cutter.pending, undelivered)
             return
 
-    async def _read_file_span(
-        self, store: FileObjectStore, span: Span, sink: Sink, undelivered: Undelivered
+    async def _read_span_in_threads(
+        self,
+        span: Span,
+        opener: RangeOpener,
+        deadlines: ThreadedRangeStore | None,
+        sink: Sink,
+        undelivered: Undelivered,
     ) -> None:
-        """A ``file://`` pack: each chunk read straight into its own buffer and
-        verified in the same worker-thread hop (small neighbours share one), with
-        no 1 MiB blocks to cut and copy again. A local file is not retried: its
-        errors are final for this fetch (the tier list reports them)."""
-        key = pack_key(span.pack)
-        self.requests += 1
-        pieces = span.pieces
-        try:
-            fd = await anyio.to_thread.run_sync(open_object_fd, store.root / key)
-        except OSError as exc:
-            _undeliver(pieces, _file_error(exc, key, store.url), undelivered)
-            return
-        try:
-            start = 0
-            while start < len(pieces):
-                stop = _batch_end(pieces, start)
+        """A span read by worker threads straight into each chunk's buffer and
+        verified there, a batch of chunks per hop (``file://`` packs with
+        ``pread``, S3 with httpranges.py); the loop only hands verified chunks
+        to the sink. An S3 body that breaks is resumed from its first
+        undelivered chunk; a local file's errors are final (``deadlines`` is
+        None). ``deadlines`` bounds the time spent waiting for S3 per request,
+        not the time the sink takes."""
+        pending = span.pieces
+        failures = 0
+        while pending:
+            offset = pending[0].offset
+            length = pending[-1].end - offset
+            self.requests += 1
+            try:
+                body = await anyio.to_thread.run_sync(opener.open, offset, length)
+                if body is None:  # the range starts past the pack's end
+                    _shorter(span, pending, undelivered)
+                    return
                 try:
-                    got = await anyio.to_thread.run_sync(_pread_verified, fd, pieces[start:stop])
-                except OSError as exc:
-                    _undeliver(pieces[start:], _file_error(exc, key, store.url), undelivered)
-                    return
-                for piece, data in zip(pieces[start:stop], got, strict=False):
-                    if isinstance(data, CorruptChunk):
-                        _undeliver((piece,), data, undelivered)
-                        continue
-                    for ref in piece.refs:
-                        await _sink_call(sink, ref, data)
-                if len(got) < stop - start:  # the pack ended before the manifest said
-                    where = f"object store (pack {span.pack[:16]}… is shorter than its"
-                    where += " manifest says)"
-                    for ref in _refs(pieces[start + len(got) :]):
-                        undelivered.add(ref, CorruptChunk(ref.id, where))
-                    return
-                start = stop
-        finally:
-            os.close(fd)
+                    pending = await self._read_body(
+                        span, body, pending, deadlines, sink, undelivered
+                    )
+                finally:
+                    body.close()
+                if pending:  # the pack ended before the manifest said
+                    _shorter(span, pending, undelivered)
+                return
+            except ObjectMissing as missing:
+                _undeliver(pending, missing, undelivered)
+                return
+            except _Progress as progress:
+                pending, failures, error = progress.pending, 1, progress.error
+            except StoreUnavailable as unavailable:
+                failures, error = failures + 1, unavailable
+            if deadlines is None:  # a local file: its errors are final
+                _undeliver(pending, error, undelivered)
+                return
+            if not await self._again(span, pending, failures, error, undelivered):
+                return
+
+    async def _read_body(
+        self,
+        span: Span,
+        body: RangeBody,
+        pending: tuple[Piece, ...],
+        deadlines: ThreadedRangeStore | None,
+        sink: Sink,
+        undelivered: Undelivered,
+    ) -> tuple[Piece, ...]:
+        """Read ``pending`` from ``body`` batch by batch; return the pieces the
+        body ended before. Raises StoreUnavailable (nothing read yet) or
+        _Progress (some pieces read, then the body broke)."""
+        budget = math.inf if deadlines is None else deadlines.read_budget(body.length)
+        position = pending[0].offset
+        delivered = False
+        while pending:
+            batch = pending[: _batch_end(pending, 0)]
+            started = anyio.current_time()
+            with anyio.move_on_after(budget) as scope:
+                got, broke = await anyio.to_thread.run_sync(
+                    _read_verified, body, position, batch, abandon_on_cancel=True
+                )
+            if scope.cancelled_caught:
+                body.abort()
+                assert deadlines is not None
+                got, broke = [], deadlines.too_slow("read", pack_key(span.pack))
+            budget -= anyio.current_time() - started
+            for piece, data in zip(batch, got, strict=False):
+                if isinstance(data, CorruptChunk):
+                    _undeliver((piece,), data, undelivered)
+                    continue
+                for ref in piece.refs:
+                    await _sink_call(sink, ref, data)
+            if got:
+                delivered = True
+                position = batch[len(got) - 1].end
+                pending = pending[len(got) :]
+            if broke is not None:
+                raise _Progress(pending, broke) if delivered else broke
+            if len(got) < len(batch):
+                return pending
+        return pending
+
+    async def _again(
+        self,
+        span: Span,
+        pending: Sequence[Piece],
+        failures: int,
+        exc: StoreUnavailable,
+        undelivered: Undelivered,
+    ) -> bool:
+        """After a failed read of ``span``: wait and say True to read its
+        ``pending`` pieces again, or give them up (False) after ``attempts``
+        failures in a row."""
+        if failures >= self.tuning.attempts:
+            for ref in _refs(pending):
+                undelivered.add(ref, exc)
+            return False
+        log.info("reading pack %s again from offset %d: %s", span.pack[:16], pending[0].offset, exc)
+        await anyio.sleep(self.tuning.retry_delay * failures)
+        return True
 
     async def _deliver(
         self, piece: Piece, parts: list[memoryview], sink: Sink, undelivered: Undelivered
@@ -332,24 +407,125 @@ def _batch_end(pieces: Sequence[Piece], start: int) -> int:
     return stop
 
 
-def _pread_verified(fd: int, pieces: Sequence[Piece]) -> list[bytes | CorruptChunk]:
-    """Each piece's bytes read from ``fd`` and verified (or why not), in order;
-    the list stops short where the file ends. Raises OSError."""
-    got: list[bytes | CorruptChunk] = []
+class RangeBody(Protocol):
+    """One range of an object, read in order by one worker thread at a time."""
+
+    length: int
+
+    def read(self, size: int) -> bytes | bytearray:
+        """The next ``size`` bytes; fewer only where the object ends."""
+        ...
+
+    def skip(self, size: int) -> None: ...
+
+    def abort(self) -> None:
+        """Make a blocked ``read`` in another thread fail now."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class RangeOpener(Protocol):
+    def open(self, offset: int, length: int) -> RangeBody | None:
+        """Blocking. None when ``offset`` is past the object's end. Raises
+        ObjectMissing, StoreUnavailable."""
+        ...
+
+
+@runtime_checkable
+class ThreadedRangeStore(Protocol):
+    """A store whose ranges worker threads can read themselves (S3)."""
+
+    async def threaded_ranges(self, key: str) -> RangeOpener | None: ...
+
+    def read_budget(self, length: int) -> float: ...
+
+    def too_slow(self, op: str, key: str) -> StoreUnavailable: ...
+
+
+class _Progress(Exception):
+    """A body broke after some of its pieces were delivered: read the rest."""
+
+    def __init__(self, pending: tuple[Piece, ...], error: StoreUnavailable) -> None:
+        super().__init__(str(error))
+        self.pending = pending
+        self.error = error
+
+
+class _FileOpener:
+    """A ``file://`` pack opened per span (``RangeOpener``)."""
+
+    def __init__(self, path: Path, key: str, where: str) -> None:
+        self._path, self._key, self._where = path, key, where
+
+    def open(self, offset: int, length: int) -> RangeBody:
+        try:
+            fd = open_object_fd(self._path)
+        except OSError as exc:
+            raise _file_error(exc, self._key, self._where) from exc
+        return _FileBody(fd, offset, length, self._key, self._where)
+
+
+class _FileBody:
+    def __init__(self, fd: int, offset: int, length: int, key: str, where: str) -> None:
+        self._fd, self._position, self.length = fd, offset, length
+        self._key, self._where = key, where
+
+    def read(self, size: int) -> bytes:
+        try:
+            data = os.pread(self._fd, size, self._position)  # one copy, no zero-filled buffer
+            while 0 < len(data) < size:  # a short read: rare, but allowed
+                more = os.pread(self._fd, size - len(data), self._position + len(data))
+                if not more:
+                    break
+                data += more
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot read {self._key} in {self._where}: {exc.strerror or type(exc).__name__}"
+            ) from exc
+        self._position += len(data)
+        return data
+
+    def skip(self, size: int) -> None:
+        self._position += size
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _read_verified(
+    body: RangeBody, position: int, pieces: Sequence[Piece]
+) -> tuple[list[bytes | bytearray | CorruptChunk], StoreUnavailable | None]:
+    """Each piece's bytes read from ``body`` (now at pack offset ``position``)
+    and verified (or why not), in order; the list stops short where the body
+    ends, or where it broke (and why)."""
+    got: list[bytes | bytearray | CorruptChunk] = []
     for piece in pieces:
-        data = os.pread(fd, piece.size, piece.offset)  # one copy, no zero-filled buffer
-        while len(data) < piece.size:  # a short read: rare, but allowed
-            more = os.pread(fd, piece.size - len(data), piece.offset + len(data))
-            if not more:
-                return got
-            data += more
+        try:
+            if piece.offset > position:
+                body.skip(piece.offset - position)
+            data = body.read(piece.size)
+        except StoreUnavailable as exc:
+            return got, exc
+        if len(data) < piece.size:
+            return got, None
+        position = piece.end
         try:
             verify(piece.refs[0].id, data, "object store")
         except CorruptChunk as exc:
             got.append(exc)
         else:
             got.append(data)
-    return got
+    return got, None
+
+
+def _shorter(span: Span, pieces: Iterable[Piece], undelivered: Undelivered) -> None:
+    where = f"object store (pack {span.pack[:16]}… is shorter than its manifest says)"
+    for ref in _refs(pieces):
+        undelivered.add(ref, CorruptChunk(ref.id, where))
 
 
 def _file_error(exc: OSError, key: str, where: str) -> BlobstoreError:

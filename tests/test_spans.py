@@ -381,6 +381,42 @@ async def test_s3_body_cut_short_is_resumed_from_the_first_undelivered_chunk(
             assert "\n" not in str(reason)
 
 
+@pytest.mark.s3
+async def test_s3_spans_trickling_end_at_their_deadline_and_a_proxy_uses_the_loop_path(
+    s3_env: SeaweedS3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker threads read S3 spans (httpranges.py); a body trickling at 2 KiB/s
+    still ends at the request's deadline, as the loop's streamed read does, and
+    the store stays usable. With HTTP_PROXY set the spans go through botocore
+    (which honours proxies), and arrive the same."""
+    pack_id, data, refs = build_pack([300 << 10] * 4, seed="trickle")
+    bucket, prefix = parse_s3_url(s3_env.bucket_url())
+    async with CountingProxy.to_endpoint(s3_env.endpoint) as proxy:
+        proxy.http = True
+        options = {"request_deadline": 1.0, "min_bytes_per_second": 1 << 20}
+        async with S3ObjectStore(bucket, prefix, endpoint_url=proxy.endpoint, **options) as store:
+            await store.put(pack_key(pack_id), data)
+            assert await store.threaded_ranges(pack_key(pack_id)) is not None
+            proxy.arm(Fault("trickle", "GET", pack_id, rate=2048))
+            origin = OriginSource(store, tuning=SpanTuning(retry_delay=0, attempts=2))
+            with anyio.fail_after(60):  # a watchdog only: without a deadline this hangs
+                left = await origin.fetch(refs, Collect())
+            assert left == refs
+            assert isinstance(left, Undelivered)
+            reason = left.reasons[refs[0].id]
+            assert isinstance(reason, StoreUnavailable)
+            assert "deadline" in str(reason)
+            assert "\n" not in str(reason)
+            proxy.disarm()
+            sink = Collect()
+            assert await OriginSource(store).fetch(refs, sink) == []
+            assert sink.got == {r: data[r.offset : r.offset + r.size] for r in refs}
+    monkeypatch.setenv("HTTP_PROXY", s3_env.endpoint)  # SeaweedFS is no proxy: unused
+    monkeypatch.setenv("NO_PROXY", "")
+    async with S3ObjectStore(bucket, prefix, endpoint_url=s3_env.endpoint) as store:
+        assert await store.threaded_ranges(pack_key(pack_id)) is None
+
+
 async def test_sink_failure_aborts_the_fetch_and_is_not_retried(tmp_path: Path) -> None:
     pack_id, data, refs = build_pack([1000] * 3, seed="f")
     calls = 0
