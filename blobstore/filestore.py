@@ -1,8 +1,9 @@
 """``FileObjectStore``: the object store in a local directory (``file:///dir``).
 
-Layout: key ``a/b/c`` is the file ``<root>/a/b/c``. Writes are atomic: a temp
-file ``.tmp-<random>`` in the key's directory is written, fsynced and renamed
-over the final name, then the directory is fsynced. Names starting with ``.``
+Layout: key ``a/b/c`` is the file ``<root>/a/b/c``. Writes are atomic
+(``atomic.write_atomic``): a temp file ``.c.blobstore-tmp-<random>`` in the
+key's directory is written, fsynced and renamed over the final name, then the
+directory is fsynced. Names starting with ``.``
 are never keys (``validate_key`` refuses them), so temp and lock files are
 never listed; a writer killed mid-write leaves its temp file behind, and
 ``remove_stale_temp`` (run by gc) deletes those older than ``TEMP_MAX_AGE``.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import secrets
 import stat
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
@@ -29,19 +29,20 @@ from typing import NoReturn, TypeVar
 import anyio.to_thread
 import blake3
 
-from .errors import Conflict, DiskFull, ObjectMissing, StoreUnavailable
+from .atomic import is_tmp_name, write_atomic
+from .errors import Conflict, ObjectMissing, StoreUnavailable, os_error
 from .objectstore import ObjectInfo
 from .resource import AsyncResource
 from .stores import validate_key, validate_prefix
 
 T = TypeVar("T")
 
-_TMP_PREFIX = ".tmp-"
+_OLD_TMP_PREFIX = ".tmp-"
+"""How temp files were named before ``atomic.tmp_name``: still cleaned up."""
 TEMP_MAX_AGE = 3600.0
 """A temp file this old belongs to a dead writer: a live one renames its file
 within seconds (deleting a live one would only fail that write, never corrupt)."""
 _LOCK_DIR = ".locks"
-_FILE_MODE = 0o666  # narrowed by the umask, like any ordinary file
 _MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
 _RANGE_BLOCK = 1 << 20
 """Bytes per ``pread`` (and per worker-thread hop) of ``get_range``."""
@@ -180,40 +181,15 @@ class FileObjectStore(AsyncResource):
 
 
 def _translate(exc: OSError, op: str, key: str, where: str, *, missing_ok: bool) -> NoReturn:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise DiskFull(f"no space left to {op} {key} in {where}") from exc
     if not missing_ok and exc.errno in _MISSING_ERRNOS:
         raise ObjectMissing(key, where) from exc
-    reason = exc.strerror or type(exc).__name__
-    raise StoreUnavailable(f"cannot {op} {key or '/'} in {where}: {reason}") from exc
+    raise os_error(
+        exc, f"cannot {op} {key or '/'} in {where}", unavailable=StoreUnavailable
+    ) from exc
 
 
 def _write_atomic(path: Path, data: bytes | bytearray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{_TMP_PREFIX}{secrets.token_hex(8)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, data, fsync=True, parents=True)
 
 
 def _compare_and_swap(path: Path, lock_path: Path, data: bytes, expected: bytes | None) -> bool:
@@ -275,7 +251,7 @@ def _remove_stale_temp(root: Path, max_age: float) -> tuple[int, int]:
         if dirpath == str(root) and _LOCK_DIR in dirnames:
             dirnames.remove(_LOCK_DIR)
         for name in filenames:
-            if not name.startswith(_TMP_PREFIX):
+            if not (is_tmp_name(name) or name.startswith(_OLD_TMP_PREFIX)):
                 continue
             path = os.path.join(dirpath, name)
             try:

@@ -72,7 +72,6 @@ import os
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +79,7 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 
-from .atomic import TMP_MARK, tmp_name
+from .atomic import TMP_MARK, tmp_name, write_atomic
 from .errors import ChunkMissing, Corrupt, DiskFull, SourceGone, Unavailable
 from .ids import ChunkId, hash_bytes
 from .linking import (
@@ -968,12 +967,7 @@ def _write_marker(path: Path, dest: str, boot: str, records: dict[str, Record]) 
     """Atomically replace the marker. Not fsynced: losing it only costs the
     next pull a check of each file."""
     doc = {"version": MARKER_VERSION, "dest": dest, "boot": boot, "files": records}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(doc, separators=(",", ":")), parents=True)
     except OSError as exc:  # the pull itself succeeded: warn, do not fail it
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         log.warning("cannot record the pull of %s in %s: %s", dest, path, exc.strerror)

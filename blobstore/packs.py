@@ -44,6 +44,7 @@ import anyio
 import anyio.abc
 import blake3
 
+from .atomic import is_tmp_name, write_atomic
 from .catalog import Catalog
 from .chunker import Span
 from .errors import (
@@ -380,10 +381,7 @@ class IndexCache:
 
     def write(self, pack_id: ChunkId, index: bytes) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / f".tmp-{secrets.token_hex(6)}"
-            tmp.write_bytes(index)
-            os.replace(tmp, self.root / pack_id)
+            write_atomic(self.root / pack_id, index, parents=True)
         except OSError as exc:  # only a cache: the next push fetches it again
             log.info("cannot cache pack index %s: %s", pack_id, exc.strerror)
 
@@ -395,7 +393,11 @@ class IndexCache:
         except OSError:
             return
         for name in names:
-            if (is_id(name) and name not in wanted) or name.startswith(".tmp-"):
+            if (
+                (is_id(name) and name not in wanted)
+                or is_tmp_name(name)
+                or name.startswith(".tmp-")
+            ):
                 (self.root / name).unlink(missing_ok=True)
 
     def read_bad(self) -> set[BadLocation]:
@@ -428,10 +430,8 @@ class IndexCache:
         return kept
 
     def _write_bad(self, bad: set[BadLocation]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{secrets.token_hex(6)}"
-        tmp.write_text("".join(f"{c} {p or '-'}\n" for c, p in sorted(bad, key=str)))
-        os.replace(tmp, self.root / "bad")
+        text = "".join(f"{c} {p or '-'}\n" for c, p in sorted(bad, key=str))
+        write_atomic(self.root / "bad", text, parents=True)
 
 
 class StoreIndex:

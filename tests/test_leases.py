@@ -222,7 +222,7 @@ def test_cli_clears_a_named_live_lease(tmp_path: Path) -> None:
 
 
 def _temp_with_data(directory: Path) -> bool:
-    for path in directory.glob(".tmp-*"):
+    for path in directory.glob(".*.blobstore-tmp-*"):
         try:
             if path.stat().st_size:
                 return True
@@ -254,7 +254,7 @@ async def test_gc_removes_temp_files_of_killed_writes(tmp_path: Path) -> None:
         assert writer.returncode is None
         writer.send_signal(signal.SIGKILL)
         await writer.wait()
-    killed = list((root / "chunks" / "ab").glob(".tmp-*"))
+    killed = list((root / "chunks" / "ab").glob(".*.blobstore-tmp-*"))
     assert len(killed) == 1
     young = root / "refs" / ".tmp-inflight"
     write(young, b"a write in progress")

@@ -12,6 +12,7 @@ import anyio
 import pytest
 from s3server import SeaweedS3Server
 
+from blobstore.atomic import tmp_name
 from blobstore.errors import (
     BadInput,
     ConfigError,
@@ -165,6 +166,25 @@ async def test_file_store_never_lists_temp_files(tmp_path: Path) -> None:
             "a",
             "b",
         ]
+
+
+async def test_file_store_removes_only_old_temp_files(tmp_path: Path) -> None:
+    """Temp files of killed writers, named by ``atomic.tmp_name`` or the older
+    ``.tmp-<hex>`` scheme, are removed once old; young ones and keys stay."""
+    root = tmp_path / "s"
+    async with FileObjectStore(root) as store:
+        await store.put("refs/a", b"1")
+        old_new_style = root / "refs" / tmp_name("a")
+        old_legacy = root / "refs" / ".tmp-0123abcd"
+        young = root / "refs" / tmp_name("b")
+        for path in (old_new_style, old_legacy, young):
+            path.write_bytes(b"half")
+        long_ago = time.time() - 7200
+        for path in (old_new_style, old_legacy):
+            os.utime(path, (long_ago, long_ago))
+        assert await store.remove_stale_temp(3600) == (2, 8)
+        assert sorted(p.name for p in (root / "refs").iterdir()) == sorted(["a", young.name])
+        assert await store.get("refs/a") == b"1"
 
 
 async def test_file_store_concurrent_processes_put_if(tmp_path: Path) -> None:

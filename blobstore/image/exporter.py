@@ -17,9 +17,7 @@ imported ones when they describe just this image, synthesized otherwise.
 from __future__ import annotations
 
 import os
-import shutil
 import tarfile
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,8 +25,9 @@ from typing import BinaryIO
 
 import anyio
 
+from ..atomic import areplacing
 from ..catalog import Catalog
-from ..errors import BadImage, BadInput, NotFound
+from ..errors import BadImage, BadInput, NotFound, os_errors
 from ..manifest import Layer
 from ..source import ChunkSource
 from . import oci
@@ -47,42 +46,18 @@ Progress = Callable[[int, int], None]
 
 FORMATS = ("docker-archive", "oci")
 _BLOCK = 512
-_PUBLIC_MODE = 0o666
-"""Temp files are created private (0600); the result gets the usual umask'd mode."""
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it; done once, at import
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 @asynccontextmanager
 async def _staged(out: Path, directory: bool) -> AsyncIterator[Path]:
-    """A temp path beside ``out``; renamed to ``out`` on success, removed on failure."""
+    """A temp path beside ``out`` (``atomic.areplacing``): renamed to ``out``
+    on success, removed on failure. Raises BadInput if ``out`` exists or
+    cannot be written (DiskFull on a full disk)."""
     if await anyio.Path(out).exists() or await anyio.Path(out).is_symlink():
         raise BadInput(f"{out} already exists")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        if directory:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-            os.close(fd)
-            tmp = Path(name)
-    except OSError as exc:
-        raise BadInput(f"cannot write beside {out}: {exc.strerror}") from exc
-    try:
-        yield tmp
-        tmp.chmod(_PUBLIC_MODE & ~_UMASK | (0o111 if directory else 0))
-        tmp.rename(out)
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_remove, tmp)
-        raise
+    with os_errors(f"cannot write {out}", user_path=True):
+        async with areplacing(out, directory=directory) as tmp:
+            yield tmp
 
 
 def _metered(source: ChunkSource, total: int, progress: Progress) -> ChunkSource:
@@ -94,13 +69,6 @@ def _metered(source: ChunkSource, total: int, progress: Progress) -> ChunkSource
         progress(done, total)
 
     return MeteredSource(source, report)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 async def export_image(

@@ -78,6 +78,26 @@ async def test_minimal_classic_archive_imports(client: Client, tmp_path: Path) -
     )
     assert seen[-1] == (1024, 1024)
     assert out.read_bytes() == src.read_bytes()
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # an ordinary file, not 0600
+    layout = tmp_path / "layout"
+    await export_image(client.catalog, client.source, "images/ok", layout, "oci")
+    assert layout.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temp left
+
+
+async def test_export_into_a_missing_directory_is_one_line(client: Client, tmp_path: Path) -> None:
+    await import_into(client, str(make_tar(tmp_path / "ok.tar", classic())), "images/ok")
+    out = tmp_path / "no-such-dir" / "out.tar"
+    with pytest.raises(BadInput, match=r"cannot write .*out.tar: No such file or directory"):
+        await export_image(client.catalog, client.source, "images/ok", out, "docker-archive")
+    assert not (tmp_path / "no-such-dir").exists()
+
+
+def _umask() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    raise AssertionError("no Umask line in /proc/self/status")
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc/x", "a/../../x", "./../x"])
