@@ -64,13 +64,14 @@ from .source import ChunkSource
 
 log = logging.getLogger(__name__)
 
-# Local bookkeeping that must never be published: the runner's completeness
-# marker (runner.MARKER) and temp files of a pull in progress.
-_LOCAL_ONLY = frozenset({".blobstore-complete.json"})
+COMPLETE_MARKER_PREFIX = ".blobstore-complete"
+"""Names of the runner's completeness markers (runner.marker_name)."""
 
 
 def _local_only(name: str) -> bool:
-    return name in _LOCAL_ONLY or TMP_MARK in name
+    """Local bookkeeping that is never published: the runner's completeness
+    markers and temp files of a pull in progress."""
+    return (name.startswith(COMPLETE_MARKER_PREFIX) and name.endswith(".json")) or TMP_MARK in name
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,6 @@ from .ids import ChunkId
 from .ingest import Ingestor
 from .manifest import Entry, Tree
 from .push import ingest_files, scan_tree
-from .runner import MARKER
 
 if TYPE_CHECKING:
     from .client import Client
@@ -267,9 +266,7 @@ async def _snapshot(session: SyncSession, ingestor: Ingestor) -> tuple[Tree, int
     base = _by_path(session.base)
     entries: list[Entry] = list(scan.entries)
     todo: list[tuple[str, int]] = []
-    for path, mode, _size in scan.files:
-        if path == MARKER:
-            continue  # download_model_weights' bookkeeping, never shared
+    for path, mode, _size in scan.files:  # (scan_tree leaves out completeness markers)
         old = base.get(path)
         if old is not None and session.stamps.get(path) == stats[path]:
             entries.append(old)

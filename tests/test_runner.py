@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import anyio
@@ -15,16 +15,21 @@ from s3server import SeaweedS3Server, find_weed
 from blobstore.client import Client
 from blobstore.errors import BadInput, RefNotFound, Unavailable
 from blobstore.ids import ChunkId
-from blobstore.manifest import Entry
+from blobstore.manifest import ChunkRef, Entry
 from blobstore.runner import (
     MARKER,
+    blocking_client,
+    download,
     download_model_weights,
     is_complete,
+    is_marker,
     locality,
+    marker_name,
     open_client,
     priority_order,
     pull_refs,
 )
+from blobstore.source import Sink
 
 MIB = 1 << 20
 REF = "apps/llama/data"
@@ -74,6 +79,9 @@ class FakePeers:
         if self.fail:
             raise Unavailable("peers are down")
         return self.held & set(chunk_ids)
+
+    async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
+        return list(refs)  # delivers nothing: every chunk is left to the next tier
 
 
 @pytest.fixture
@@ -193,7 +201,7 @@ async def test_new_version_is_pulled_and_offline_uses_complete_copy(
         assert offline.offline
         assert not offline.pulled
         assert offline.manifest == second.manifest
-        (data / MARKER).unlink()
+        (data / marker_name(REF)).unlink()
         with pytest.raises(Unavailable):
             await download_model_weights(client, REF, data)
 
@@ -336,4 +344,151 @@ async def test_store_down_at_open_fails_where_the_origin_is_needed(
         assert "\n" not in str(info.value)
         with pytest.raises(Unavailable):
             await download_model_weights(client, REF, tmp_path / "data")
-        assert not (tmp_path / "data" / MARKER).exists()
+        assert not (tmp_path / "data" / marker_name(REF)).exists()
+
+
+# ------------------------------------------------------------ issue 11 item 6
+
+
+class FakeTqdm:
+    """The surface of huggingface_hub's ``tqdm_class`` convention."""
+
+    def __init__(self, *, total: int, unit: str, unit_scale: bool, desc: str) -> None:
+        assert (unit, unit_scale) == ("B", True)
+        self.total, self.desc, self.n, self.closed = total, desc, 0, False
+        BARS.append(self)
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        self.closed = True
+
+
+BARS: list[FakeTqdm] = []
+
+
+@pytest.mark.anyio
+async def test_several_models_under_one_root_keep_their_own_markers(tmp_path: Path) -> None:
+    env = env_for(tmp_path, "node-m")
+    for name in ("llama", "mistral"):
+        (tmp_path / name / name).mkdir(parents=True)
+        (tmp_path / name / name / "config.json").write_text(f'{{"model": "{name}"}}')
+        write_random(tmp_path / name / name / "weights.bin", 2 * MIB, len(name))
+    data = tmp_path / "data"
+    async with open_client(env=env) as client:
+        for name in ("llama", "mistral"):
+            await client.push(tmp_path / name, f"models/{name}")
+        for name in ("llama", "mistral"):
+            assert (await download_model_weights(client, f"models/{name}", data)).pulled
+        # the second pull did not make the first look incomplete, nor the reverse
+        for name in ("llama", "mistral"):
+            assert not (await download_model_weights(client, f"models/{name}", data)).pulled
+            assert is_complete(data, ref=f"models/{name}")
+        markers = sorted(p.name for p in data.iterdir() if is_marker(p.name))
+        assert len(markers) == 2
+        assert not (data / MARKER).exists()
+        # changing one model's file sends only that model back to the store
+        (data / "llama" / "config.json").write_text("{}")
+        assert (await download_model_weights(client, "models/llama", data)).pulled
+        assert not (await download_model_weights(client, "models/mistral", data)).pulled
+        assert (data / "llama" / "config.json").read_text() == '{"model": "llama"}'
+
+
+@pytest.mark.anyio
+async def test_allow_and_ignore_patterns_select_files(tmp_path: Path, app_ref: int) -> None:
+    data = tmp_path / "data"
+    async with open_client(env=env_for(tmp_path, "node-p")) as client:
+        small = await download_model_weights(
+            client, REF, data, allow_patterns=["*.json"], ignore_patterns="tokenizer/"
+        )
+        assert small.pulled
+        assert sorted(p.name for p in data.rglob("*") if not is_marker(p.name)) == ["config.json"]
+        assert small.pull is not None
+        assert small.pull.bytes == len('{"layers": 32}')
+        # the whole ref is another selection with its own marker ...
+        assert (await download_model_weights(client, REF, data)).pulled
+        assert (data / "model.safetensors").stat().st_size == 5 * MIB + 123
+        # ... and the first one is still complete (its files were kept as they were)
+        again = await download_model_weights(
+            client, REF, data, allow_patterns="*.json", ignore_patterns=["tokenizer/"]
+        )
+        assert not again.pulled
+        with pytest.raises(BadInput, match=r"no file of apps/llama/data matches"):
+            await download_model_weights(client, REF, data, allow_patterns="*.gguf")
+        results = await pull_refs(client, {REF: tmp_path / "only"}, ignore_patterns="*.safetensors")
+        assert results[0].files == 2
+        assert not (tmp_path / "only" / "model.safetensors").exists()
+
+
+@pytest.mark.anyio
+async def test_pinned_manifest_id_and_short_prefix(tmp_path: Path, app_ref: int) -> None:
+    async with open_client(env=env_for(tmp_path, "node-i")) as client:
+        manifest = await client.catalog.resolve(REF)
+        full = await download_model_weights(client, manifest, tmp_path / "full")
+        short = await download_model_weights(client, manifest[:10], tmp_path / "short")
+        assert full.manifest == short.manifest == manifest
+        assert (tmp_path / "short" / "model.safetensors").stat().st_size == 5 * MIB + 123
+        assert not (await download_model_weights(client, manifest[:10], tmp_path / "short")).pulled
+        (result,) = await pull_refs(client, [(manifest[:8], tmp_path / "refs")])
+        assert result.manifest == manifest
+        assert (await locality(client, manifest[:8])).manifest == manifest
+        # two manifests under one prefix: refused in one line, never a guess
+        twin = ChunkId(manifest[:8] + "0" * 56 if manifest[8] != "0" else manifest[:8] + "1" * 56)
+        await client.object_store.put(f"manifests/{twin}", b"not read")
+        with pytest.raises(BadInput, match="ambiguous"):
+            await download_model_weights(client, manifest[:8], tmp_path / "x")
+        # the longer prefix still names one manifest, and its marker (keyed by the
+        # id as given) still vouches for the copy
+        assert not (await download_model_weights(client, manifest[:10], tmp_path / "short")).pulled
+        with pytest.raises(RefNotFound):
+            await download_model_weights(client, "abcdef9", tmp_path / "y")
+
+
+@pytest.mark.anyio
+async def test_tqdm_class_gets_one_bar_per_ref(tmp_path: Path, app_ref: int) -> None:
+    BARS.clear()
+    async with open_client(env=env_for(tmp_path, "node-t")) as client:
+        await download_model_weights(client, REF, tmp_path / "data", tqdm_class=FakeTqdm)
+    (bar,) = BARS
+    assert (bar.desc, bar.total, bar.n, bar.closed) == (REF, app_ref, app_ref, True)
+
+
+def test_blocking_client_for_code_that_is_not_async(tmp_path: Path, app_ref: int) -> None:
+    env = env_for(tmp_path, "node-s")
+    with blocking_client(env=env) as client:
+        result = client.download_model_weights(REF, tmp_path / "data", allow_patterns="*.json")
+        assert result.pulled
+        assert (tmp_path / "data" / "config.json").is_file()
+        assert client.locality(REF).total_bytes == app_ref
+        assert client.resolve(REF) == result.manifest
+        # several threads at once, into different directories
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            dirs = [tmp_path / f"t{i}" for i in range(3)]
+            done = list(pool.map(lambda d: client.download_model_weights(REF, d), dirs))
+        assert all(r.manifest == result.manifest for r in done)
+        assert all((d / "model.safetensors").stat().st_size == 5 * MIB + 123 for d in dirs)
+        with client.synchronized_directory("caches/k", tmp_path / "k") as session:
+            (tmp_path / "k" / "kernel.so").write_text("k")
+        assert session.result.pushed
+    # one call, its own client (snapshot_download's shape)
+    once = download(REF, tmp_path / "once", env=env, tqdm_class=FakeTqdm)
+    assert once.pulled
+    assert not download(REF, tmp_path / "once", env=env).pulled
+
+
+def test_blocking_form_from_a_running_loop(tmp_path: Path, app_ref: int) -> None:
+    """From a loop's worker thread it works; on the loop itself it is refused."""
+    env = env_for(tmp_path, "node-w")
+
+    async def service() -> None:
+        with pytest.raises(BadInput, match="await the async API"):
+            download(REF, tmp_path / "no", env=env)
+        got = await anyio.to_thread.run_sync(lambda: download(REF, tmp_path / "data", env=env))
+        assert got.pulled
+
+    anyio.run(service)
+    assert is_complete(tmp_path / "data", ref=REF)
+    assert not (tmp_path / "no").exists()

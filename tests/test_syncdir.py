@@ -304,15 +304,18 @@ def test_sync_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["sync", *opts, REF, str(tmp_path / "w2")]) == 0
     assert (tmp_path / "w2" / "k.so").read_text() == "k"
     assert main(["sync", *opts, REF, str(work), sys.executable, "-c", "exit(5)"]) == 5
-    assert main(["sync", *opts, REF, str(work), "--json"]) == 1
+    with pytest.raises(SystemExit) as usage:  # a usage error, as argparse's own: status 2
+        main(["sync", *opts, REF, str(work), "--json"])
+    assert usage.value.code == 2
     assert "before REF DIR" in capsys.readouterr().err
 
 
 @pytest.mark.anyio
 async def test_download_marker_is_never_pushed(runners: list[Client], tmp_path: Path) -> None:
-    from blobstore.runner import MARKER
+    from blobstore.runner import MARKER, marker_name
 
     async with synchronized_directory(runners[0], REF, tmp_path / "a"):
-        (tmp_path / "a" / MARKER).write_text("{}")
+        (tmp_path / "a" / MARKER).write_text("{}")  # the old single marker
+        (tmp_path / "a" / marker_name("m", allow_patterns="*.json")).write_text("{}")
         (tmp_path / "a" / "k.so").write_text("k")
     assert await pulled(runners[1], tmp_path / "b") == {"k.so": "k"}
