@@ -45,9 +45,7 @@ def make_app(
         )
 
     async def metrics_page(request: web.Request) -> web.Response:
-        # On the loop, not in a thread: the collectors read state the loop mutates (the
-        # peer directory's dict); a render is ~1 ms, its only I/O a few /proc reads.
-        body, content_type = metrics.exposition(request.headers.get("Accept", ""))
+        body, content_type = await metrics.scrape(request.headers.get("Accept", ""))
         return web.Response(
             body=body,
             headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff"},

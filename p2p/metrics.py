@@ -10,6 +10,7 @@ the daemon's process (blobstore/metrics.py). Names: docs/metrics.md.
 
 from __future__ import annotations
 
+import asyncio
 import platform
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -69,6 +70,8 @@ class Metrics:
     """The status of each peer in the directory: new, up, down, refused, foreign, self."""
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     """Everything /metrics shows; the daemon adds the node store and pull metrics."""
+    peer_view: tuple[int, int, Counter[str]] = field(init=False, default=(0, 0, Counter()))
+    """peers(), known_peers() and the statuses counted, as last read on the loop."""
     _request_seconds: Histogram = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,15 +112,26 @@ class Metrics:
         """A chunk request was answered from ``tier`` ("" = missing) in ``seconds``."""
         self._request_seconds.labels(tier or "missing").observe(seconds)
 
-    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+    async def scrape(self, accept: str = "") -> tuple[bytes, str]:
         """The registry rendered for a scrape with ``accept`` (Prometheus text, or
-        OpenMetrics when asked for); returns (body, content type)."""
-        encode, content_type = choose_encoder(accept)
-        return encode(self.registry), content_type
+        OpenMetrics when asked for); returns (body, content type). The peer directory
+        is read here, on the loop that changes it; the rendering runs in a worker
+        thread (``process_*`` reads /proc; the rest reads integers and
+        prometheus_client's locked values)."""
+        self._look_at_peers()
+        return await asyncio.to_thread(self._encode, accept)
 
     def render(self) -> str:
-        """The Prometheus text format (for logs and tests)."""
-        return self.exposition()[0].decode()
+        """The Prometheus text format, rendered on the calling thread (tests, logs)."""
+        self._look_at_peers()
+        return self._encode("")[0].decode()
+
+    def _look_at_peers(self) -> None:
+        self.peer_view = (self.peers(), self.known_peers(), Counter(self.peer_statuses()))
+
+    def _encode(self, accept: str) -> tuple[bytes, str]:
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
 
 
 class DaemonCollector(Collector):
@@ -175,15 +189,16 @@ class DaemonCollector(Collector):
             m.lookups,
         )
         yield gauge("connections", "Open peer connections.", m.connections)
-        yield gauge("peers", "Live same-region peers seen.", m.peers())
-        yield gauge("known_peers", "Peers known, live or not.", m.known_peers())
+        live, known, by_state = m.peer_view
+        yield gauge("peers", "Live same-region peers seen.", live)
+        yield gauge("known_peers", "Peers known, live or not.", known)
         yield by(
             GaugeMetricFamily(
                 "blobstore_peer_peers_by_state",
                 "Peers in the directory by state (up, down, new, refused, foreign, self).",
                 labels=["state"],
             ),
-            {"up": 0, "down": 0, "new": 0} | Counter(m.peer_statuses()),
+            {"up": 0, "down": 0, "new": 0} | by_state,
         )
 
 

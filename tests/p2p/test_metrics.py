@@ -4,10 +4,14 @@ metrics of pulls in the same process; the Grafana dashboard against a live scrap
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import urllib.request
 from pathlib import Path
 
+import anyio
 import pytest
 from daemons import Daemon, cluster
 from helpers import make_big_tree, snapshot
@@ -33,7 +37,10 @@ from p2p.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
 
-DASHBOARD = Path(__file__).parents[2] / "docs" / "grafana-dashboard.json"
+DOCS = Path(__file__).parents[2] / "docs"
+DASHBOARD = DOCS / "grafana-dashboard.json"
+ALERTS = DOCS / "prometheus-alerts.yml"
+ALERT_TESTS = Path(__file__).with_name("prometheus-alerts-test.yml")
 DATA_BYTES = 6 << 20
 
 
@@ -178,7 +185,7 @@ async def test_a_pull_in_the_daemon_process_feeds_the_daemons_registry(
         try:
             first = await client.pull("apps/m", tmp_path / "o1", link_mode="copy")
             second = await client.pull("apps/m", tmp_path / "o2", link_mode="copy")
-            found = families(metrics.render())
+            found = families(await anyio.to_thread.run_sync(metrics.render))
             used = client.cache.used_bytes
         finally:
             undo()
@@ -192,7 +199,7 @@ async def test_a_pull_in_the_daemon_process_feeds_the_daemons_registry(
     assert value(found, "blobstore_pull_seconds_count") == 2
     assert value(found, "blobstore_pull_chunk_seconds_count", tier="origin") > 0
     assert value(found, "blobstore_cache_used_bytes") == used > 0
-    after = families(metrics.render())
+    after = families(await anyio.to_thread.run_sync(metrics.render))
     assert "blobstore_cache_used_bytes" not in after  # the node store collector is gone
     assert value(after, "blobstore_pulls_total") == 2
 
@@ -271,13 +278,22 @@ def _dashboard_queries() -> list[str]:
     return queries
 
 
-async def test_the_dashboard_queries_only_metrics_a_live_daemon_exposes(
+async def test_the_dashboard_and_alerts_query_only_metrics_a_live_daemon_exposes(
     pushed: tuple[str, Path], tmp_path: Path
 ) -> None:
     store, _ = pushed
     with cluster(store, tmp_path, 1) as (d,):
-        found = families(scrape(d)[1])
+        text = scrape(d)[1]
+    found = families(text)
+    promtool = _promtool()
+    if promtool is not None:  # Prometheus's own lint of the exposition: names, units, help
+        lint = await anyio.run_process(
+            [promtool, "check", "metrics"], input=text.encode(), check=False
+        )
+        assert lint.returncode == 0, (lint.stdout + lint.stderr).decode()
     queries = _dashboard_queries()
+    for name in METRIC.findall(ALERTS.read_text()):  # the alerts read real series too
+        assert family_of(found, name) is not None, f"{name} (in {ALERTS.name}) is not scraped"
     shown: set[str] = set()
     for query in queries:
         names = METRIC.findall(query)
@@ -288,3 +304,22 @@ async def test_the_dashboard_queries_only_metrics_a_live_daemon_exposes(
             shown.add(family)
     ours = {name for name in found if name.startswith("blobstore_")}
     assert ours - shown == set(), "metrics the dashboard does not show"
+
+
+def _promtool() -> str | None:
+    """Debian's ``prometheus`` package's promtool; CI installs it (.ci/run)."""
+    found = shutil.which("promtool")
+    if found is None and os.environ.get("CI"):
+        pytest.fail("promtool is missing in CI (apt-get install prometheus)")
+    return found
+
+
+def test_the_alert_rules_load_and_fire_on_their_unit_tests() -> None:
+    promtool = _promtool()
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian: apt-get install prometheus)")
+    for args in (["check", "rules", ALERTS], ["test", "rules", ALERT_TESTS]):
+        done = subprocess.run(
+            [promtool, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
