@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal, overload
 
 
 class BlobstoreError(Exception):
@@ -202,6 +203,26 @@ _BAD_PATH = frozenset(
 )
 """Errnos that say the path itself is wrong (missing, not allowed, wrong type),
 as opposed to the disk or the system having trouble."""
+
+
+@overload
+def os_error(
+    exc: OSError,
+    doing: str,
+    *,
+    user_path: Literal[False] = False,
+    unavailable: type[Unavailable] = Unavailable,
+) -> Unavailable: ...
+
+
+@overload
+def os_error(
+    exc: OSError,
+    doing: str,
+    *,
+    user_path: bool,
+    unavailable: type[Unavailable] = Unavailable,
+) -> BlobstoreError: ...
 
 
 def os_error(

@@ -64,7 +64,6 @@ files partly written (a file's fds close as its last byte lands).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -80,7 +79,7 @@ from typing import Any, Protocol, TypeVar
 import anyio
 
 from .atomic import TMP_MARK, tmp_name, write_atomic
-from .errors import ChunkMissing, Corrupt, DiskFull, SourceGone, Unavailable
+from .errors import ChunkMissing, Corrupt, DiskFull, SourceGone, Unavailable, os_error
 from .ids import ChunkId, hash_bytes
 from .linking import (
     DestDir,
@@ -238,9 +237,7 @@ async def materialize(
         try:
             await pull.run()
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise DiskFull(f"no space left writing into {dest}") from exc
-            raise Unavailable(f"cannot write {exc.filename or dest}: {exc.strerror}") from exc
+            raise os_error(exc, f"cannot write into {dest}") from exc
     finally:
         await anyio.to_thread.run_sync(root.close)  # closing the fd drops the lock
     pull.stats.seconds = time.monotonic() - started

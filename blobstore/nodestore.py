@@ -85,7 +85,14 @@ from pathlib import Path
 import anyio
 
 from .config import CacheConfig
-from .errors import ChunkMissing, Corrupt, CorruptChunk, DiskFull, SeedChanged, Unavailable
+from .errors import (
+    ChunkMissing,
+    Corrupt,
+    CorruptChunk,
+    SeedChanged,
+    Unavailable,
+    os_error,
+)
 from .ids import ChunkId, hash_bytes, is_id, verify
 from .manifest import ChunkRef
 from .resource import AsyncResource
@@ -246,7 +253,7 @@ class NodeStore(AsyncResource):
             await anyio.to_thread.run_sync(self._make_tmp)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
-                raise Unavailable(f"cannot open cache {self.root}: {_reason(exc)}") from exc
+                raise os_error(exc, f"cannot open cache {self.root}") from exc
             # A full disk must not keep the store from opening: make room, once.
             await self._make_room(0)
             try:
@@ -1097,9 +1104,7 @@ def _pinning(pins: Counter[ChunkId], ids: Iterable[ChunkId]) -> Iterator[None]:
 
 
 def _translate(exc: OSError, root: Path) -> Unavailable:
-    if exc.errno == errno.ENOSPC:
-        return DiskFull(f"no space left for the cache in {root}")
-    return Unavailable(f"cannot write cache {root}: {_reason(exc)}")
+    return os_error(exc, f"cannot write cache {root}")
 
 
 def _reason(exc: BaseException) -> str:

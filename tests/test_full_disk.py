@@ -70,7 +70,7 @@ def test_pull_into_full_disk_fails_cleanly(tmp_path: Path, small_disk: Path) -> 
     _push(tmp_path, store)
     dest = small_disk / "data"
     proc = run_cli(["pull", "apps/big", dest], cli_env(store, tmp_path / "cache"))
-    assert_one_line_error(proc, "no space")
+    assert_one_line_error(proc, "No space left on device")
     assert temp_leftovers(dest) == []
     assert not (dest / "weights.bin").exists()  # never a partial file under its name
     # what did fit is complete (small files go first)
@@ -179,7 +179,7 @@ async def test_node_store_on_a_full_disk_keeps_serving(small_disk: Path) -> None
                 await store.put(hash_bytes(data), data)
                 held[hash_bytes(data)] = data
 
-        with pytest.raises(DiskFull, match="no space left for the cache"):
+        with pytest.raises(DiskFull, match=r"cannot write cache .*: No space left on device"):
             await fill()
         # no temp file left behind, the accounting matches the disk
         assert [p for p in (root / "tmp").rglob("*") if p.is_file() and p.name != ".lock"] == []
