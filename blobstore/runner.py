@@ -21,7 +21,6 @@ can serve should serve).
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fnmatch
 import json
@@ -483,10 +482,11 @@ class BlockingClient:
     portal) and the client lives there, so it never touches the caller's loop.
     Its methods block the calling thread; any number of threads may call them
     at once (pulls into different directories run concurrently; into one
-    directory they take turns). Call it from plain code or from a worker thread
-    (``anyio.to_thread.run_sync``, ``loop.run_in_executor``), never from a
-    coroutine: that would stop the coroutine's loop for the whole pull — await
-    the async functions there instead (BadInput says so)."""
+    directory they take turns). Meant for plain code and worker threads
+    (``anyio.to_thread.run_sync``, ``loop.run_in_executor``). Called from a
+    coroutine it still works (no deadlock: its loop is its own) but holds that
+    coroutine's loop for the whole call, as any blocking call would: await the
+    async functions there instead."""
 
     def __init__(self, portal: anyio.from_thread.BlockingPortal, client: Client) -> None:
         self._portal = portal
@@ -494,7 +494,6 @@ class BlockingClient:
         """The async Client (for use on the portal's loop only)."""
 
     def _call(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        _refuse_in_async_code()
         return self._portal.call(partial(func, self.client, *args, **kwargs))
 
     def download_model_weights(
@@ -529,7 +528,6 @@ class BlockingClient:
         """``syncdir.synchronized_directory`` as a plain ``with`` block."""
         from .syncdir import synchronized_directory
 
-        _refuse_in_async_code()
         return self._portal.wrap_async_context_manager(
             synchronized_directory(self.client, ref, directory, **options)
         )
@@ -546,7 +544,6 @@ def blocking_client(
     """``open_client`` for code that is not async: ``with blocking_client() as c:
     c.download_model_weights(ref, "/data")``. Same arguments and errors as
     ``open_client``; see ``BlockingClient`` for where it may be called."""
-    _refuse_in_async_code()
     with anyio.from_thread.start_blocking_portal() as portal:
         opened = open_client(config, env=env, peers=peers, **overrides)
         with portal.wrap_async_context_manager(opened) as client:
@@ -568,17 +565,6 @@ def download(
     Raises what ``open_client`` and ``download_model_weights`` raise."""
     with blocking_client(config, env=env, peers=peers) as client:
         return client.download_model_weights(ref, dest, **options)
-
-
-def _refuse_in_async_code() -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # no loop runs in this thread: blocking it is fine
-        return
-    raise BadInput(
-        "blocking blobstore call on a running event loop: await the async API "
-        "(blobstore.runner.download_model_weights, ...) or call this from a worker thread"
-    )
 
 
 __all__ = [

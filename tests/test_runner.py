@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 import pytest
 from s3server import SeaweedS3Server, find_weed
@@ -480,15 +482,29 @@ def test_blocking_client_for_code_that_is_not_async(tmp_path: Path, app_ref: int
 
 
 def test_blocking_form_from_a_running_loop(tmp_path: Path, app_ref: int) -> None:
-    """From a loop's worker thread it works; on the loop itself it is refused."""
+    """From a loop's worker thread it runs beside that loop (which keeps serving
+    while the pull is in progress); called on the loop itself (a start-up hook, a
+    notebook cell) it holds that loop but still works: its client has a loop of
+    its own."""
     env = env_for(tmp_path, "node-w")
+    served: list[int] = []
 
     async def service() -> None:
-        with pytest.raises(BadInput, match="await the async API"):
-            download(REF, tmp_path / "no", env=env)
-        got = await anyio.to_thread.run_sync(lambda: download(REF, tmp_path / "data", env=env))
+        on_loop = download(REF, tmp_path / "on-loop", env=env, allow_patterns="*.json")
+        assert on_loop.pulled
+        token = anyio.lowlevel.current_token()
+
+        def mid_pull(ref: str, done: int, total: int) -> None:
+            # the service's loop answers while the worker thread's pull runs
+            served.append(anyio.from_thread.run_sync(lambda: done, token=token))
+
+        got = await anyio.to_thread.run_sync(
+            lambda: download(REF, tmp_path / "data", env=env, progress=mid_pull)
+        )
         assert got.pulled
 
     anyio.run(service)
+    assert served
+    assert served[-1] == app_ref
     assert is_complete(tmp_path / "data", ref=REF)
-    assert not (tmp_path / "no").exists()
+    assert (tmp_path / "on-loop" / "config.json").is_file()
