@@ -75,21 +75,32 @@ class PullMetrics:
             buckets=PULL_BUCKETS,
             registry=registry,
         )
+        self._per_tier: dict[str, tuple[Counter, Histogram]] = {}
+        """Each tier's children, looked up once (``labels()`` costs more than the count)."""
         for tier in ("local", "peer", "origin"):  # present at 0 before the first pull
-            self.bytes.labels(tier)
-            self.chunk_seconds.labels(tier)
+            self._tier(tier)
+
+    def _tier(self, tier: str) -> tuple[Counter, Histogram]:
+        found = self._per_tier.get(tier)
+        if found is None:
+            found = self._per_tier[tier] = (
+                self.bytes.labels(tier),
+                self.chunk_seconds.labels(tier),
+            )
+        return found
 
     def delivered(self, tier: str, size: int, seconds: float | None) -> None:
-        self.bytes.labels(tier).inc(size)
+        nbytes, chunk_seconds = self._tier(tier)
+        nbytes.inc(size)
         if seconds is not None:
-            self.chunk_seconds.labels(tier).observe(seconds)
+            chunk_seconds.observe(seconds)
 
     def failed(self, tier: str, reason: str) -> None:
         self.tier_errors.labels(tier, reason).inc()
 
     def pulled(self, placed_bytes: int, seconds: float) -> None:
         if placed_bytes:
-            self.bytes.labels("local").inc(placed_bytes)
+            self._tier("local")[0].inc(placed_bytes)
         self.pulls.inc()
         self.pull_seconds.observe(seconds)
 
