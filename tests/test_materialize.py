@@ -279,7 +279,13 @@ def whole_or_absent(dst: Path, good: dict[str, tuple[str, int, str]]) -> None:
             assert digest == good[rel][2], f"torn file under a final name: {rel}"
 
 
-def test_sigkill_at_random_moments_then_pull_repairs(store_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["copy", "auto"])
+def test_sigkill_at_random_moments_then_pull_repairs(
+    store_url: str, tmp_path: Path, mode: str
+) -> None:
+    """copy: node store + DEST; auto (no reflink here): each file written once in
+    DEST and adopted as a seed, so a kill can land between the write and the
+    adoption."""
     src = crash_tree(tmp_path / "src")
     good = snapshot(src)
     env = cli_env(store_url, tmp_path / "push-cache")
@@ -292,9 +298,8 @@ def test_sigkill_at_random_moments_then_pull_repairs(store_url: str, tmp_path: P
             break
         # a cold cache each time, so the pull is long enough to be caught mid-way
         node = cli_env(store_url, tmp_path / f"cache{attempt}")
-        # copy mode: the slower path (store + DEST), so a kill lands mid-pull
         proc = subprocess.Popen(
-            [BLOBSTORE, "pull", "t", str(dst), "--link-mode", "copy"],
+            [BLOBSTORE, "pull", "t", str(dst), "--link-mode", mode],
             env=node,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
