@@ -267,6 +267,18 @@ def _dashboard_queries() -> list[str]:
     assert doc["uid"]
     assert doc["schemaVersion"] >= 36
     panels = [p for row in doc["panels"] for p in [row, *row.get("panels", [])]]
+    assert len({p["id"] for p in panels}) == len(panels)
+    taken: set[tuple[int, int]] = set()  # grid cells: panels must not overlap
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        cells = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not cells & taken, f"panel {panel['title']!r} overlaps another"
+        taken |= cells
     queries = []
     for panel in panels:
         if panel.get("type") == "row":
