@@ -89,6 +89,8 @@ class HttpRanges:
         code = match.group(1).decode("ascii", "replace") if match else str(status)
         if status == 416 or code == "InvalidRange":
             return None
+        if code == "NoSuchBucket":
+            raise StoreUnavailable(f"bucket of {self.where} does not exist at {parts.netloc}")
         if status == 404 or code in _MISSING_CODES:
             raise ObjectMissing(key, self.where)
         raise StoreUnavailable(f"S3 error {code} on read {key} in {self.where} (HTTP {status})")
