@@ -347,6 +347,7 @@ class _Pull:
         for window in _windows(need, _pack_order(self.tree.entries)):
             seeded = len(self.seeds)
             await self._assemble(window)
+            self._report()  # the window's files are in place: the file count moves
             if self.store is not None and len(self.seeds) > seeded:
                 # Later windows then read the chunks they share with these files
                 # from the node (local tier), not from peers or the store again.

@@ -107,8 +107,11 @@ class Meter:
     @property
     def rate(self) -> float:
         """Bytes per second, smoothed."""
-        if self._rate is not None:
-            return self._rate
+        return self._rate if self._rate is not None else self.average
+
+    @property
+    def average(self) -> float:
+        """Bytes per second since the start (what a finished transfer shows)."""
         elapsed = self.elapsed
         return self.bytes_done / elapsed if elapsed > 0 else 0.0
 
@@ -200,9 +203,12 @@ class ProgressLine:
         ]
         if m.files_total is not None:
             parts.append(f"{m.files_done}/{m.files_total} files")
-        parts.append(f"{human_bytes(m.rate)}/s")
-        eta = m.eta
-        parts.append("ETA " + ("?" if eta is None else human_duration(eta)))
+        if m.bytes_total and m.bytes_done >= m.bytes_total:  # done: the whole run's speed
+            parts.append(f"{human_bytes(m.average)}/s")
+        else:
+            eta = m.eta
+            parts.append(f"{human_bytes(m.rate)}/s")
+            parts.append("ETA " + ("?" if eta is None else human_duration(eta)))
         if self.tiers is not None:
             tiers = self.tiers()
             parts.append("[" + " ".join(f"{k} {human_bytes(v)}" for k, v in tiers.items()) + "]")

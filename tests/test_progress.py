@@ -116,6 +116,11 @@ def test_line_shows_percent_counts_speed_and_eta() -> None:
     assert "25.0 MiB/s" in text
     assert "ETA 0:06" in text
     assert len(line.render(40)) <= 40  # cut to a narrow terminal
+    clock.now += 2
+    line(200 * MIB, 200 * MIB)
+    finished = line.render(200)
+    assert "50.0 MiB/s" in finished  # done: the whole run's average, 200 MiB in 4 s
+    assert "ETA" not in finished
     line.close()
     assert out.getvalue().endswith("\n")
     assert human_duration(3723) == "1:02:03"
