@@ -7,7 +7,7 @@ import asyncio
 import json
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from blobstore.nodestore import NodeStore
     from blobstore.source import ChunkSource
 
+    from .daemon import DaemonOptions
     from .liveness import PeerDirectory, Timing
 
 # The peer client, directory and discovery are imported where a command or a pull
@@ -87,24 +88,24 @@ class P2PPlugin:
         )
         p.add_argument(
             "--listen",
-            default=DEFAULT_LISTEN,
             metavar="HOST:PORT",
-            help=f"peer protocol address (default {DEFAULT_LISTEN}; port 0 picks one)",
+            help=f"peer protocol address (env BLOBSTORE_LISTEN; default {DEFAULT_LISTEN}; "
+            "port 0 picks one)",
         )
         p.add_argument(
             "--http",
             metavar="HOST:PORT",
-            help="ops HTTP address: /healthz, /metrics, /chunks/<id> (HTTPS with "
-            "--tls-cert; chunk reads need the token or a client certificate, "
+            help="ops HTTP address: /healthz, /metrics, /chunks/<id> (env BLOBSTORE_HTTP; "
+            "HTTPS with --tls-cert; chunk reads need the token or a client certificate, "
             "see docs/security.md)",
         )
-        p.add_argument("--node-id", help="stable node name (default HOSTNAME:PORT)")
+        p.add_argument(
+            "--node-id", help="stable node name (env BLOBSTORE_NODE_ID; default HOSTNAME:PORT)"
+        )
         p.add_argument(
             "--health-interval",
-            type=float,
-            default=1.0,
             metavar="SECONDS",
-            help="ping quiet peers this often (default 1)",
+            help="ping quiet peers this often (env BLOBSTORE_HEALTH_INTERVAL; default 1)",
         )
         p.add_argument(
             "--limit",
@@ -112,7 +113,8 @@ class P2PPlugin:
             default=[],
             metavar="NAME=VALUE",
             help="change one of the daemon's limits (connections, timeouts, "
-            "budgets; see docs/security.md, Memory bounds); repeatable",
+            "budgets; see docs/security.md, Memory bounds); repeatable; env "
+            "BLOBSTORE_LIMITS holds NAME=VALUE[,NAME=VALUE...], a flag wins",
         )
         p.add_argument("--corrupt-for-tests", action="store_true", help=argparse.SUPPRESS)
 
@@ -169,21 +171,60 @@ async def _settle_for_pull(directory: PeerDirectory, mode: str, timing: Timing) 
         pass
 
 
-async def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
-    from .daemon import DaemonOptions, run_daemon
+DAEMON_ENV = {
+    "listen": "BLOBSTORE_LISTEN",
+    "http": "BLOBSTORE_HTTP",
+    "node_id": "BLOBSTORE_NODE_ID",
+    "health_interval": "BLOBSTORE_HEALTH_INTERVAL",
+    "limit": "BLOBSTORE_LIMITS",
+}
+"""The environment variable behind each daemon flag (the global options have theirs
+in blobstore.config): a container or unit file can configure the daemon with env only."""
+
+
+def daemon_options(args: argparse.Namespace, env: Mapping[str, str]) -> DaemonOptions:
+    """The daemon's options from its flags, else ``BLOBSTORE_*`` variables, else defaults.
+
+    Raises ConfigError for a value that does not parse (one line naming the flag or
+    variable).
+    """
+    from blobstore.errors import ConfigError
+
+    from .daemon import DaemonOptions
     from .liveness import Timing
     from .server import ServerLimits
 
-    timing = Timing(interval=args.health_interval, timeout=max(1.0, 3 * args.health_interval))
-    opts = DaemonOptions(
-        args.listen,
-        args.http,
-        args.node_id,
-        timing,
+    def pick(name: str) -> str | None:
+        value: str | None = getattr(args, name)
+        if value is None:
+            value = env.get(DAEMON_ENV[name], "").strip() or None
+        return value
+
+    interval_text = pick("health_interval") or "1"
+    try:
+        interval = float(interval_text)
+    except ValueError:
+        interval = -1.0
+    if not interval > 0:  # also refuses nan
+        raise ConfigError(
+            f"bad health interval {interval_text!r} (--health-interval or "
+            f"{DAEMON_ENV['health_interval']}): expected seconds > 0"
+        )
+    env_limits = [item for item in env.get(DAEMON_ENV["limit"], "").split(",") if item.strip()]
+    return DaemonOptions(
+        pick("listen") or DEFAULT_LISTEN,
+        pick("http"),
+        pick("node_id"),
+        Timing(interval=interval, timeout=max(1.0, 3 * interval)),
         args.corrupt_for_tests,
-        limits=ServerLimits.parse(args.limit),
+        limits=ServerLimits.parse([*env_limits, *args.limit]),
     )
-    return await run_daemon(config, opts)
+
+
+async def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
+    from .daemon import run_daemon
+
+    return await run_daemon(config, daemon_options(args, os.environ))
 
 
 async def _cmd_peers(args: argparse.Namespace, config: Config) -> int:
