@@ -330,8 +330,12 @@ def test_the_alert_rules_load_and_fire_on_their_unit_tests() -> None:
     promtool = _promtool()
     if promtool is None:
         pytest.skip("promtool not installed (Debian: apt-get install prometheus)")
-    for args in (["check", "rules", ALERTS], ["test", "rules", ALERT_TESTS]):
+    for command, path in (("check", ALERTS), ("test", ALERT_TESTS)):
         done = subprocess.run(
-            [promtool, *args], capture_output=True, text=True, timeout=60, check=False
+            [promtool, command, "rules", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert done.returncode == 0, done.stdout + done.stderr
