@@ -12,7 +12,7 @@ from pathlib import Path
 import platformdirs
 
 from .errors import ConfigError
-from .hostport import split_hostport
+from .hostport import peer_address
 
 DEFAULT_CACHE_BYTES = 50 << 30
 MIN_CACHE_BYTES = 1 << 20
@@ -104,9 +104,7 @@ class PeerConfig:
             return cls(mode=text or "none", token=token)
         peers = tuple(p.strip() for p in text.split(",") if p.strip())
         for p in peers:
-            parsed = split_hostport(p)
-            if parsed is None or not parsed[0]:
-                raise ConfigError(f"bad peer {p!r}: expected HOST:PORT")
+            peer_address(p)  # raises ConfigError
         return cls(mode="static", static=peers, token=token)
 
 

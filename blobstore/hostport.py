@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .errors import ConfigError
+
 
 def split_hostport(text: str, *, port_zero: bool = False) -> tuple[str, int] | None:
     """``(host, port)`` from ``HOST:PORT`` (``[v6]:PORT`` too; host may be empty,
@@ -17,3 +19,22 @@ def split_hostport(text: str, *, port_zero: bool = False) -> tuple[str, int] | N
     if host.startswith("[") != host.endswith("]"):
         return None
     return host.strip("[]"), number
+
+
+def listen_address(text: str, what: str) -> tuple[str, int]:
+    """Where a listener binds, from ``HOST:PORT`` given as ``what`` (a flag or
+    variable name): an empty host is every IPv4 address, port 0 lets the kernel
+    pick. Raises ConfigError (one line naming ``what``) unless ``text`` is one."""
+    parsed = split_hostport(text, port_zero=True)
+    if parsed is None:
+        raise ConfigError(f"bad {what} address {text!r}: expected HOST:PORT")
+    return parsed[0] or "0.0.0.0", parsed[1]
+
+
+def peer_address(text: str) -> tuple[str, int]:
+    """Where a peer is reached, from ``HOST:PORT`` (host required, port 1-65535).
+    Raises ConfigError unless ``text`` is one."""
+    parsed = split_hostport(text)
+    if parsed is None or not parsed[0]:
+        raise ConfigError(f"bad peer {text!r}: expected HOST:PORT")
+    return parsed

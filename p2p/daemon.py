@@ -14,8 +14,8 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from blobstore.config import Config
-from blobstore.errors import ConfigError, PeerUnavailable
-from blobstore.hostport import split_hostport
+from blobstore.errors import PeerUnavailable
+from blobstore.hostport import listen_address
 from blobstore.ids import ChunkId
 from blobstore.locator import PackLocator
 from blobstore.nodestore import NodeStore
@@ -46,18 +46,10 @@ class DaemonOptions:
     limits: ServerLimits = field(default_factory=ServerLimits)
 
 
-def parse_hostport(text: str, what: str) -> tuple[str, int]:
-    """Raises ConfigError unless ``text`` is HOST:PORT."""
-    parsed = split_hostport(text, port_zero=True)
-    if parsed is None:
-        raise ConfigError(f"bad {what} address {text!r}: expected HOST:PORT")
-    return parsed[0] or "0.0.0.0", parsed[1]
-
-
 async def run_daemon(config: Config, opts: DaemonOptions) -> int:
     """Serve until SIGTERM/SIGINT. Raises ConfigError, Unavailable on start-up failures."""
-    host, port = parse_hostport(opts.listen, "--listen")
-    http_addr = parse_hostport(opts.http, "--http") if opts.http else None
+    host, port = listen_address(opts.listen, "--listen")
+    http_addr = listen_address(opts.http, "--http") if opts.http else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

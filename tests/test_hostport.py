@@ -6,7 +6,7 @@ import pytest
 
 from blobstore.config import PeerConfig
 from blobstore.errors import ConfigError
-from blobstore.hostport import split_hostport
+from blobstore.hostport import listen_address, peer_address, split_hostport
 
 
 @pytest.mark.parametrize(
@@ -52,3 +52,16 @@ def test_port_zero_only_for_listeners() -> None:
 def test_peer_list_refuses_bad_addresses_in_one_line(bad: str) -> None:
     with pytest.raises(ConfigError, match="expected HOST:PORT"):
         PeerConfig.parse(f"ok:7411,{bad}")
+
+
+def test_listen_address_defaults_to_every_address_and_names_the_flag() -> None:
+    assert listen_address(":0", "--listen") == ("0.0.0.0", 0)
+    assert listen_address("127.0.0.1:7420", "--http") == ("127.0.0.1", 7420)
+    with pytest.raises(ConfigError, match=r"^bad --http address '7420': expected HOST:PORT$"):
+        listen_address("7420", "--http")
+
+
+def test_peer_address_needs_a_host() -> None:
+    assert peer_address("[::1]:7411") == ("::1", 7411)
+    with pytest.raises(ConfigError, match="expected HOST:PORT"):
+        peer_address(":7411")
