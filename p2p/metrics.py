@@ -72,7 +72,10 @@ class Metrics:
     """Everything /metrics shows; the daemon adds the node store and pull metrics."""
     peer_view: tuple[int, int, Counter[str]] = field(init=False, default=(0, 0, Counter()))
     """peers(), known_peers() and the statuses counted, as last read on the loop."""
-    _request_seconds: Histogram = field(init=False)
+    request_seconds: Histogram = field(init=False)
+    """blobstore_peer_request_seconds, by tier."""
+    _request_children: dict[str, Histogram] = field(init=False)
+    """The request histogram's child per tier (``labels()`` costs more than ``observe``)."""
 
     def __post_init__(self) -> None:
         blobstore_metrics.no_created_series()
@@ -84,7 +87,7 @@ class Metrics:
         Info("blobstore_build", "The daemon's version.", registry=registry).info(
             {"version": _version(), "python": platform.python_version()}
         )
-        self._request_seconds = Histogram(
+        self.request_seconds = request_seconds = Histogram(
             "blobstore_peer_request_seconds",
             "Time to find a chunk a peer asked for, by where it was found (local: node "
             "store, origin: read through from the object store, missing: answered "
@@ -93,8 +96,7 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=registry,
         )
-        for tier in REQUEST_TIERS:
-            self._request_seconds.labels(tier)
+        self._request_children = {tier: request_seconds.labels(tier) for tier in REQUEST_TIERS}
 
     def include_node(self, store: NodeStore) -> Callable[[], None]:
         """Show ``store``'s gauges here, and the pulls run in this process
@@ -110,7 +112,11 @@ class Metrics:
 
     def answered(self, tier: str, seconds: float) -> None:
         """A chunk request was answered from ``tier`` ("" = missing) in ``seconds``."""
-        self._request_seconds.labels(tier or "missing").observe(seconds)
+        tier = tier or "missing"
+        child = self._request_children.get(tier)
+        if child is None:  # a tier name the provider did not give before
+            child = self._request_children[tier] = self.request_seconds.labels(tier)
+        child.observe(seconds)
 
     async def scrape(self, accept: str = "") -> tuple[bytes, str]:
         """The registry rendered for a scrape with ``accept`` (Prometheus text, or
