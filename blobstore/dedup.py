@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 from .errors import BadInput
 from .ids import ChunkId
-from .manifest import ChunkerInfo, Entry, Image, Layer, Manifest, Tree
+from .manifest import ChunkerInfo, Entry, Image, Layer, Manifest, Tree, expect_kind
 from .progress import human_bytes
 
 T = TypeVar("T")
@@ -274,9 +274,7 @@ async def as_tree(manifest: Manifest, catalog: _ManifestLoader) -> Tree:
         layers = []
         for layer_ref in manifest.layers:
             layer = await catalog.load(layer_ref.manifest)
-            if not isinstance(layer, Layer):
-                raise BadInput(f"image layer {layer_ref.digest} is not a layer manifest")
-            layers.append(layer)
+            layers.append(expect_kind(layer, Layer, f"image layer {layer_ref.digest}"))
         chunker = layers[0].chunker if layers else _IMAGE_CHUNKER
         entries = _first_by((_layer_entry(lay) for lay in layers), lambda e: e.path)
         return Tree(chunker, tuple(entries))

@@ -29,7 +29,7 @@ import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import blake3
 import msgpack
@@ -139,6 +139,16 @@ class Image:
 
 
 Manifest = Tree | Layer | Image
+M = TypeVar("M", Tree, Layer, Image)
+_KIND_NAMES: dict[type[Manifest], str] = {Tree: "a tree", Layer: "a layer", Image: "an image"}
+
+
+def expect_kind(manifest: Manifest, kind: type[M], what: str) -> M:
+    """``manifest`` if it is a ``kind``; raises InvalidManifest otherwise, one
+    wording for every caller: ``"<what> is a layer, not a tree"``."""
+    if isinstance(manifest, kind):
+        return manifest
+    raise InvalidManifest(f"{what} is {_KIND_NAMES[type(manifest)]}, not {_KIND_NAMES[kind]}")
 
 
 # --------------------------------------------------------------------------- paths

@@ -42,7 +42,7 @@ from .errors import (
     Unavailable,
 )
 from .filestore import FileObjectStore, open_object_fd
-from .ids import ChunkId, verify
+from .ids import VERIFY_IN_THREAD_MIN, ChunkId, verify, verify_off_loop
 from .locator import PackLocator
 from .manifest import ChunkRef
 from .objectstore import ObjectStore, chunk_key, pack_key
@@ -52,9 +52,7 @@ from .spans import Piece, Span, SpanCutter, join, plan_spans
 
 log = logging.getLogger(__name__)
 
-# Verifying a chunk takes ~0.25 ms/MiB; only large ones are worth a thread hop.
-_THREAD_VERIFY_MIN = 256 << 10
-_FILE_BATCH = 1 << 20
+_FILE_BATCH = 4 << 20
 """Bytes of small neighbouring chunks a ``file://`` span reads and verifies in
 one worker-thread hop (a larger chunk takes a hop of its own)."""
 
@@ -337,7 +335,7 @@ class OriginSource:
         a big piece (the join's copy off the loop too), then sink it."""
         chunk_id = piece.refs[0].id
         try:
-            if piece.size >= _THREAD_VERIFY_MIN:
+            if piece.size >= VERIFY_IN_THREAD_MIN:
                 data = await anyio.to_thread.run_sync(_join_verified, chunk_id, parts)
             else:
                 data = _join_verified(chunk_id, parts)
@@ -547,14 +545,6 @@ def _join_verified(chunk_id: ChunkId, parts: list[memoryview]) -> bytes:
     data = join(parts)
     verify(chunk_id, data, "object store")
     return data
-
-
-async def verify_off_loop(chunk_id: ChunkId, data: ChunkData, where: str) -> None:
-    """``ids.verify`` in a worker thread for big buffers. Raises CorruptChunk."""
-    if len(data) >= _THREAD_VERIFY_MIN:
-        await anyio.to_thread.run_sync(verify, chunk_id, data, where)
-    else:
-        verify(chunk_id, data, where)
 
 
 __all__ = ["OriginSource", "PackLocator", "SpanTuning", "Unavailable", "verify_off_loop"]

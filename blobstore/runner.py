@@ -44,7 +44,7 @@ from .dedup import as_tree
 from .errors import BadInput, DiskFull, StoreUnavailable, Unavailable
 from .ids import ChunkId, hash_bytes
 from .linking import LinkMode
-from .manifest import Entry, Tree
+from .manifest import Entry, Tree, expect_kind
 from .materialize import boot_id
 from .objectstore import MANIFESTS, ref_key
 from .patterns import select
@@ -258,10 +258,7 @@ async def _pull(
 
 
 async def _load_tree(client: Client, manifest_id: ChunkId) -> Tree:
-    manifest = await client.catalog.load(manifest_id)
-    if not isinstance(manifest, Tree):
-        raise BadInput(f"manifest {manifest_id} is a {manifest.kind}; only trees can be pulled")
-    return manifest
+    return expect_kind(await client.catalog.load(manifest_id), Tree, f"manifest {manifest_id}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from blobstore.errors import (
     AuthError,
     ChunkMissing,
-    CorruptChunk,
     PeerUnavailable,
     ProtocolError,
     SelfConnection,
     WrongRegion,
 )
 from blobstore.hostport import split_hostport
-from blobstore.ids import ChunkId, hash_bytes
+from blobstore.ids import ChunkId, verify_off_loop
 from blobstore.source import ChunkData
 
 from . import messages
@@ -31,9 +30,6 @@ from .framing import Frame
 from .wire import FrameStream, connect
 
 log = logging.getLogger(__name__)
-
-_HASH_IN_THREAD_MIN = 512 << 10
-"""BLAKE3 releases the GIL; above this size hashing moves to a worker thread."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +91,7 @@ class PeerConnection:
             raise ChunkMissing(chunk_id, f"peer {self.address}")
         messages.expect(frame, "chunk")
         payload = frame.payload
-        if len(payload) >= _HASH_IN_THREAD_MIN:
-            actual = await asyncio.to_thread(hash_bytes, payload)
-        else:
-            actual = hash_bytes(payload)
-        if actual != chunk_id:
-            raise CorruptChunk(chunk_id, f"peer {self.address}", actual)
+        await verify_off_loop(chunk_id, payload, f"peer {self.address}")
         return payload
 
     async def has(self, chunk_ids: list[ChunkId]) -> list[bool]:

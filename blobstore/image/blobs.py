@@ -18,9 +18,9 @@ import anyio
 from blobstore.source import ChunkData
 
 from ..catalog import Catalog
-from ..errors import BadImage, BadInput, DigestMismatch
+from ..errors import BadImage, DigestMismatch
 from ..ids import ChunkId
-from ..manifest import Image, Layer
+from ..manifest import Image, Layer, expect_kind
 from ..source import ChunkSource
 from . import oci
 from .layout import SourceLayout, decode_layout
@@ -43,16 +43,16 @@ class StoredImage:
 
 
 async def load_image(catalog: Catalog, ref: str) -> StoredImage:
-    """Resolve ``ref`` to an Image and load its layers. Raises NotFound, BadInput."""
+    """Resolve ``ref`` to an Image and load its layers. Raises NotFound,
+    InvalidManifest (``ref`` or one of its layers is of another kind), BadImage."""
     image_id = await catalog.resolve_or_id(ref)
-    image = await catalog.load(image_id)
-    if not isinstance(image, Image):
-        raise BadInput(f"{ref} is a {image.kind}, not an image")
+    image = expect_kind(await catalog.load(image_id), Image, ref)
     manifest = oci.parse_manifest(image.manifest_json, image.manifest_media_type)
     layers = []
     for entry in image.layers:
-        layer = await catalog.load(entry.manifest)
-        if not isinstance(layer, Layer) or layer.digest != entry.digest:
+        stored = await catalog.load(entry.manifest)
+        layer = expect_kind(stored, Layer, f"{ref}: layer {entry.digest}")
+        if layer.digest != entry.digest:
             raise BadImage(f"{ref}: layer {entry.digest} does not match its layer manifest")
         layers.append(layer)
     if [d.digest for d in manifest.layers] != [layer.digest for layer in layers]:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..catalog import Catalog
-from ..errors import BadInput, InvalidManifest, NotFound
+from ..errors import InvalidManifest, NotFound
 from ..ids import ChunkId
-from ..manifest import Image, Layer
+from ..manifest import Image, Layer, expect_kind
 from . import oci
 
 
@@ -112,37 +112,30 @@ def compute_sharing(ref: str, images: dict[str, _Loaded]) -> ImageSharing:
 async def image_sharing(catalog: Catalog, ref: str, prefix: str = "") -> ImageSharing:
     """What image ``ref`` shares with the images under ref ``prefix`` (all by default).
 
-    Raises NotFound (unknown ref), BadInput (``ref`` is not an image). Other
+    Raises NotFound (unknown ref), InvalidManifest (``ref`` is not an image). Other
     refs that are not images, or that cannot be loaded, are ignored.
     """
     layer_cache: dict[ChunkId, Layer] = {}
-    target = await _load(catalog, ref, layer_cache)
-    if target is None:
-        raise BadInput(f"{ref} is not an image")
-    images = {ref: target}
+    images = {ref: await _load(catalog, ref, layer_cache)}
     for name in await catalog.list_refs(prefix):
         if name == ref:
             continue
         try:
             loaded = await _load(catalog, name, layer_cache)
-        except (NotFound, InvalidManifest):
+        except (NotFound, InvalidManifest):  # not an image, or a broken one
             continue
-        if loaded is not None:
-            images[name] = loaded
+        images[name] = loaded
     return compute_sharing(ref, images)
 
 
-async def _load(catalog: Catalog, ref: str, cache: dict[ChunkId, Layer]) -> _Loaded | None:
+async def _load(catalog: Catalog, ref: str, cache: dict[ChunkId, Layer]) -> _Loaded:
+    """Raises NotFound, InvalidManifest (not an image, or a layer that is not one)."""
     manifest_id = await catalog.resolve_or_id(ref)
-    image = await catalog.load(manifest_id)
-    if not isinstance(image, Image):
-        return None
+    image = expect_kind(await catalog.load(manifest_id), Image, ref)
     layers = []
     for entry in image.layers:
         if entry.manifest not in cache:
             layer = await catalog.load(entry.manifest)
-            if not isinstance(layer, Layer):
-                raise InvalidManifest(f"image {ref}: {entry.manifest} is not a layer manifest")
-            cache[entry.manifest] = layer
+            cache[entry.manifest] = expect_kind(layer, Layer, f"image {ref}: layer {entry.digest}")
         layers.append(cache[entry.manifest])
     return _Loaded(manifest_id, image, tuple(layers))

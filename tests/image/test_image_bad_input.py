@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,17 @@ from imagetools import Umoci, random_bytes, skopeo_copy, write_tree
 
 from blobstore.client import Client
 from blobstore.config import Config
-from blobstore.errors import BadInput, NotFound, UnsafePath
-from blobstore.image import BadImage, DigestMismatch, UnsafeMember, export_image, import_into, oci
+from blobstore.dedup import as_tree
+from blobstore.errors import BadInput, InvalidManifest, NotFound, UnsafePath
+from blobstore.image import (
+    BadImage,
+    DigestMismatch,
+    UnsafeMember,
+    export_image,
+    image_sharing,
+    import_into,
+    oci,
+)
 from blobstore.image.blobs import load_image
 from blobstore.image.oci import MAX_JSON_BYTES
 from blobstore.manifest import Image, Layer
@@ -241,6 +251,33 @@ async def test_export_digest_mismatch_leaves_nothing(client: Client, tmp_path: P
         with pytest.raises(DigestMismatch, match="sha256 mismatch"):
             await export_image(client.catalog, client.source, "images/forged", out, fmt)
         assert set(os.listdir(tmp_path)) == before  # no OUT, no temp left behind
+
+
+async def test_wrong_manifest_kinds_are_one_error(client: Client, tmp_path: Path) -> None:
+    """A ref to a layer where an image is expected, and an image whose layer
+    entry names an image, fail the same way in export, sharing and dedup."""
+    src = make_tar(tmp_path / "ok.tar", classic())
+    await import_into(client, str(src), "images/ok")
+    stored = await load_image(client.catalog, "images/ok")
+    await client.catalog.set_ref("images/layer", stored.image.layers[0].manifest)
+    out = tmp_path / "out.tar"
+    with pytest.raises(InvalidManifest, match=r"^images/layer is a layer, not an image$"):
+        await export_image(client.catalog, client.source, "images/layer", out, "docker-archive")
+    with pytest.raises(InvalidManifest, match=r"^images/layer is a layer, not an image$"):
+        await image_sharing(client.catalog, "images/layer")
+    entry = stored.image.layers[0]
+    bad = replace(stored.image, layers=(type(entry)(entry.digest, stored.id),))
+    await client.catalog.set_ref("images/bad", await client.catalog.save(bad))
+    kind = rf"layer {entry.digest} is an image, not a layer$"
+    with pytest.raises(InvalidManifest, match=kind):
+        await export_image(client.catalog, client.source, "images/bad", out, "docker-archive")
+    with pytest.raises(InvalidManifest, match=kind):
+        await image_sharing(client.catalog, "images/bad")
+    with pytest.raises(InvalidManifest, match=kind):
+        await as_tree(bad, client.catalog)
+    sharing = await image_sharing(client.catalog, "images/ok")  # other refs: skipped
+    assert sharing.layers[0].shared_with == ()
+    assert not out.exists()
 
 
 async def test_export_refuses_existing_out_and_unknown_ref(client: Client, tmp_path: Path) -> None:
