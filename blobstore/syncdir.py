@@ -43,6 +43,7 @@ from .push import ingest_files, scan_tree
 
 if TYPE_CHECKING:
     from .client import Client
+    from .materialize import Progress
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,15 @@ async def synchronized_directory(
     await sync_push(client, session)
 
 
-async def sync_pull(client: Client, ref: str, directory: str | os.PathLike[str]) -> SyncSession:
-    """The entering half: pull ``ref`` (if it exists) and remember what was pulled."""
+async def sync_pull(
+    client: Client,
+    ref: str,
+    directory: str | os.PathLike[str],
+    *,
+    progress: Progress | None = None,
+) -> SyncSession:
+    """The entering half: pull ``ref`` (if it exists) and remember what was
+    pulled. ``progress(done, total)`` hears the bytes (progress.py)."""
     path = Path(directory)
     try:
         base_id: ChunkId | None = await client.catalog.resolve(ref)
@@ -188,7 +196,7 @@ async def sync_pull(client: Client, ref: str, directory: str | os.PathLike[str])
     base: Tree | None = None
     if base_id is not None:
         base = await client.catalog.load_tree(base_id)
-        await client.pull_tree(ref, base_id, base, path)
+        await client.pull_tree(ref, base_id, base, path, progress=progress)
     else:
         try:
             await anyio.to_thread.run_sync(lambda: path.mkdir(parents=True, exist_ok=True))
@@ -198,15 +206,20 @@ async def sync_pull(client: Client, ref: str, directory: str | os.PathLike[str])
     return SyncSession(ref, path, base_id, base, stamps)
 
 
-async def sync_push(client: Client, session: SyncSession) -> SyncResult:
+async def sync_push(
+    client: Client, session: SyncSession, *, progress: Progress | None = None
+) -> SyncResult:
     """The leaving half: snapshot the directory (re-reading only changed files),
-    then compare-and-swap the ref, merging on conflict (under a writer lease)."""
+    then compare-and-swap the ref, merging on conflict (under a writer lease).
+    ``progress(done, total)`` hears the bytes of the files re-read."""
     async with client.writing() as ingestor:
-        return await _push_under_lease(client, session, ingestor)
+        return await _push_under_lease(client, session, ingestor, progress)
 
 
-async def _push_under_lease(client: Client, session: SyncSession, ingestor: Ingestor) -> SyncResult:
-    ours, changed = await _snapshot(session, ingestor)
+async def _push_under_lease(
+    client: Client, session: SyncSession, ingestor: Ingestor, progress: Progress | None
+) -> SyncResult:
+    ours, changed = await _snapshot(session, ingestor, progress)
     if session.base is not None and ours == session.base:
         result = SyncResult(session.ref, session.base_id, False, 0, 0, False)
         session.result = result
@@ -255,7 +268,9 @@ def _stamps(root: Path, base: Tree | None) -> dict[str, _Stamp]:
     return out
 
 
-async def _snapshot(session: SyncSession, ingestor: Ingestor) -> tuple[Tree, int]:
+async def _snapshot(
+    session: SyncSession, ingestor: Ingestor, progress: Progress | None = None
+) -> tuple[Tree, int]:
     """The directory as a tree; files unchanged since the pull reuse their base entry."""
     root = session.directory
     try:
@@ -266,13 +281,22 @@ async def _snapshot(session: SyncSession, ingestor: Ingestor) -> tuple[Tree, int
     base = _by_path(session.base)
     entries: list[Entry] = list(scan.entries)
     todo: list[tuple[str, int]] = []
-    for path, mode, _size in scan.files:  # (scan_tree leaves out completeness markers)
+    todo_bytes = 0
+    for path, mode, size in scan.files:  # (scan_tree leaves out completeness markers)
         old = base.get(path)
         if old is not None and session.stamps.get(path) == stats[path]:
             entries.append(old)
         else:
             todo.append((path, mode))
-    entries += await ingest_files(root, todo, ingestor, file_concurrency=_FILE_CONCURRENCY)
+            todo_bytes += size
+    entries += await ingest_files(
+        root,
+        todo,
+        ingestor,
+        progress=progress,
+        total=todo_bytes,
+        file_concurrency=_FILE_CONCURRENCY,
+    )
     chunker = session.base.chunker if session.base is not None else DEFAULT_PARAMS.info()
     if todo:
         chunker = ingestor.params.info()

@@ -194,6 +194,21 @@ async def test_only_changed_files_are_rehashed(runners: list[Client], tmp_path: 
 
 
 @pytest.mark.anyio
+async def test_halves_report_progress_of_what_moves(runners: list[Client], tmp_path: Path) -> None:
+    a, b = runners[0], runners[1]
+    async with synchronized_directory(a, REF, tmp_path / "seed"):
+        (tmp_path / "seed" / "old.so").write_text("o" * 1000)
+    pulls: list[tuple[int, int]] = []
+    session = await sync_pull(b, REF, tmp_path / "b", progress=lambda *p: pulls.append(p))
+    assert pulls[-1] == (1000, 1000)
+    (tmp_path / "b" / "new.so").write_text("n" * 300)
+    pushes: list[tuple[int, int]] = []
+    result = await sync_push(b, session, progress=lambda *p: pushes.append(p))
+    assert result.changed_files == 1
+    assert pushes[-1] == (300, 300)  # only the new file is read again
+
+
+@pytest.mark.anyio
 async def test_two_runners_race_and_lose_nothing(
     s3_or_file_runners: list[Client], tmp_path: Path
 ) -> None:
