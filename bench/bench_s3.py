@@ -69,6 +69,9 @@ class Run:
     seconds: float
     cpu: float
     """User + system CPU seconds of the process (and its children)."""
+    inner: float | None = None
+    """Our own seconds from ``--json`` (the runner API's cost: no interpreter
+    start-up, no S3 client set-up); None for s5cmd."""
 
 
 @dataclass
@@ -88,7 +91,8 @@ def run(cmd: list[str], env: dict[str, str]) -> Run:
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Run(seconds, cpu)
+    inner = json.loads(proc.stdout).get("seconds") if "--json" in cmd else None
+    return Run(seconds, cpu, inner)
 
 
 def make_big(path: Path, size: int) -> None:
@@ -136,7 +140,7 @@ class Bench:
             dest = self.fresh("pulled")
             cold = self.env(endpoint, BLOBSTORE_STORE=url, BLOBSTORE_CACHE=str(self.fresh("cache")))
             try:
-                return run([BLOBSTORE, "pull", "bench", str(dest)], cold)
+                return run([BLOBSTORE, "pull", "--json", "bench", str(dest)], cold)
             finally:
                 shutil.rmtree(dest, ignore_errors=True)
                 shutil.rmtree(cold["BLOBSTORE_CACHE"], ignore_errors=True)
@@ -203,8 +207,8 @@ def median(runs: list[Run], attr: str) -> float:
 def report(results: dict[str, tuple[int, dict[str, Cell]]]) -> list[str]:
     lines = [
         "| data | step | blobstore s | s5cmd s | ratio | blobstore CPU s | s5cmd CPU s "
-        "| blobstore req/GiB | s5cmd req/GiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| blobstore req/GiB | s5cmd req/GiB | in-process s | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for data, (size, cells) in results.items():
         for step, cell in cells.items():
@@ -213,10 +217,16 @@ def report(results: dict[str, tuple[int, dict[str, Cell]]]) -> list[str]:
                 tool: sum(cell.requests.get(tool, {}).values()) * GIB / size
                 for tool in ("ours", "s5cmd")
             }
+            inner = [r.inner for r in cell.ours if r.inner is not None]
+            in_process = (
+                f"{statistics.median(inner):.2f} | {theirs / statistics.median(inner):.2f}x"
+                if inner
+                else " | "
+            )
             lines.append(
                 f"| {data} | {step} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x "
                 f"| {median(cell.ours, 'cpu'):.2f} | {median(cell.s5cmd, 'cpu'):.2f} "
-                f"| {per_gib['ours']:.0f} | {per_gib['s5cmd']:.0f} |"
+                f"| {per_gib['ours']:.0f} | {per_gib['s5cmd']:.0f} | {in_process} |"
             )
     return lines
 
@@ -257,6 +267,26 @@ async def _client_pass(
                 async for block in resp.stream(min_chunk_size=1 << 20):
                     got += len(memoryview(block))
                 return got
+        elif client == "threads":
+            from blobstore.s3store import S3ObjectStore
+
+            assert isinstance(store, S3ObjectStore)
+
+            def drain(body: Any, length: int) -> int:
+                got = 0
+                while got < length:
+                    block = body.read(min(1 << 20, length - got))
+                    if not block:
+                        break
+                    got += len(block)
+                body.close()
+                return got
+
+            async def read(key: str, offset: int, length: int) -> int:
+                ranges = await store.threaded_ranges(key)
+                assert ranges is not None
+                body = await asyncio.to_thread(ranges.open, offset, length)
+                return await asyncio.to_thread(drain, body, length)
         else:
 
             async def read(key: str, offset: int, length: int) -> int:
@@ -284,7 +314,8 @@ async def _client_pass(
 
 
 def clients(s3: SeaweedS3Server, reps: int) -> list[str]:
-    """CPU per GiB of ranged GETs: aiobotocore vs obstore, on 1 GiB in 8 objects."""
+    """CPU per GiB of ranged GETs: aiobotocore, obstore and http.client in worker
+    threads (httpranges.py, what pulls use), on 1 GiB in 8 objects."""
     from blobstore.stores import open_object_store
 
     try:
@@ -301,9 +332,9 @@ def clients(s3: SeaweedS3Server, reps: int) -> list[str]:
                 await store.put(key, blake3.blake3(str(i).encode()).digest(length=GIB // 8))
 
     asyncio.run(upload())
-    runs: dict[str, list[tuple[float, float]]] = {"aiobotocore": [], "obstore": []}
+    runs: dict[str, list[tuple[float, float]]] = {"aiobotocore": [], "obstore": [], "threads": []}
     for rep in range(reps):
-        order = ["aiobotocore", "obstore"] if rep % 2 == 0 else ["obstore", "aiobotocore"]
+        order = list(runs) if rep % 2 == 0 else list(reversed(runs))
         for client in order:
             wall, cpu = asyncio.run(_client_pass(url, s3.endpoint, keys, client))
             runs[client].append((wall, cpu))
@@ -326,7 +357,7 @@ def main() -> None:
     parser.add_argument(
         "--clients",
         action="store_true",
-        help="compare S3 client CPU (aiobotocore vs obstore) instead",
+        help="compare S3 client CPU (aiobotocore, obstore, http.client in threads) instead",
     )
     args = parser.parse_args()
     if find_weed() is None:
