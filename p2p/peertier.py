@@ -80,35 +80,35 @@ class PeerTier:
     async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Fetch a verified chunk from a peer. Raises ChunkMissing when no peer delivers it."""
         await self._discovered()
-        peers = self._order(chunk_id, self._directory.live())
-        if not peers:
+        queue = deque(self._order(chunk_id, self._directory.live()))
+        if not queue:
             raise ChunkMissing(chunk_id, "peers (none live)")
-        pending: set[asyncio.Task[ChunkData]] = set()
-        queue = list(peers)
-        try:
-            while queue or pending:
-                if queue and not pending:
-                    pending.add(asyncio.create_task(self._attempt(queue.pop(0), chunk_id)))
-                hedge = self._hedge_delay() if queue else None
-                done, _ = await asyncio.wait(
-                    pending, timeout=hedge, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
-                    self.stats["hedges"] += 1
-                    pending.add(asyncio.create_task(self._attempt(queue.pop(0), chunk_id)))
-                    continue
-                for task in done:
-                    pending.discard(task)
-                    if task.exception() is None:
-                        self.stats["hits"] += 1
-                        return task.result()
-        finally:
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-        self.stats["misses"] += 1
-        raise ChunkMissing(chunk_id, "peers")
+        data: ChunkData | None = None
+        with single_errors():
+            async with asyncio.TaskGroup() as tg:
+                attempts: list[asyncio.Task[ChunkData | None]] = []
+                while data is None:
+                    running = [task for task in attempts if not task.done()]
+                    if not running:
+                        if not queue:
+                            break
+                        running.append(tg.create_task(self._try(queue.popleft(), chunk_id)))
+                        attempts.append(running[-1])
+                    hedge = self._hedge_delay() if queue else None
+                    done, _ = await asyncio.wait(
+                        running, timeout=hedge, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if not done:  # slow: ask the next peer too, keep waiting for both
+                        self.stats["hedges"] += 1
+                        attempts.append(tg.create_task(self._try(queue.popleft(), chunk_id)))
+                    data = next((d for t in done if (d := t.result()) is not None), None)
+                for task in attempts:
+                    task.cancel()  # the other attempts, once one delivered
+        if data is None:
+            self.stats["misses"] += 1
+            raise ChunkMissing(chunk_id, "peers")
+        self.stats["hits"] += 1
+        return data
 
     async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
         """Deliver what the peers hold, verified, to ``sink``; return the rest
@@ -155,10 +155,14 @@ class PeerTier:
     def _hedge_delay(self) -> float:
         return min(self._tuning.hedge_max, max(self._tuning.hedge_min, 4 * self._latency))
 
-    async def _attempt(self, peer: Peer, chunk_id: ChunkId) -> ChunkData:
+    async def _try(self, peer: Peer, chunk_id: ChunkId) -> ChunkData | None:
+        """One peer's verified answer, or None when it has none (missing, corrupt, down)."""
         slots = self._slots.setdefault(peer.node, asyncio.Semaphore(self._tuning.per_peer))
         async with slots:
-            return await self._ask(peer, chunk_id)
+            try:
+                return await self._ask(peer, chunk_id)
+            except (ChunkMissing, CorruptChunk, PeerUnavailable):
+                return None
 
     async def _ask(self, peer: Peer, chunk_id: ChunkId) -> ChunkData:
         started = time.monotonic()
@@ -262,7 +266,7 @@ class _BatchFetch:
                     del self.wake[node]  # before any await: a later route starts a new worker
                     return
                 wake.clear()
-                woken = asyncio.ensure_future(wake.wait())
+                woken = tg.create_task(wake.wait())
                 done, _ = await asyncio.wait(
                     [woken, *(task for _, task in running)],
                     timeout=self.tier._hedge_delay(),

@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-import anyio
 import pytest
-from test_server import FakeCache, blob
+from test_server import FakeCache, blob, until
 
 from blobstore.errors import ChunkMissing
-from blobstore.ids import ChunkId
+from blobstore.ids import ChunkId, hash_bytes, verify_off_loop
 from blobstore.manifest import ChunkRef
 from blobstore.source import ChunkData, Undelivered
-from p2p import messages, placement
+from p2p import client, messages, placement
 from p2p.client import Identity
 from p2p.liveness import PeerDirectory, Timing
 from p2p.metrics import Metrics
@@ -74,18 +73,54 @@ async def tier(addresses: list[str], tuning: TierTuning | None = None) -> AsyncI
         yield PeerTier(directory, tuning or TierTuning())
 
 
-async def test_misses_and_lies_fall_through_to_a_peer_that_has_it() -> None:
-    chunk_id, data = blob(1)
+def ranked_first(node: str, nodes: list[str]) -> tuple[ChunkId, bytes]:
+    """A blob whose home (first in the ranking) among ``nodes`` is ``node``."""
+    for i in range(256):
+        chunk_id, data = blob(i)
+        if placement.rank(nodes, chunk_id)[0] == node:
+            return chunk_id, data
+    raise AssertionError(f"no blob ranks {node} first")
+
+
+def flipped(data: bytes) -> bytes:
+    """What a server with ``corrupt_for_tests`` sends for ``data``."""
+    return bytes([data[0] ^ 0xFF]) + data[1:]
+
+
+def without_verification(monkeypatch: pytest.MonkeyPatch, genuine: dict[ChunkId, bytes]) -> None:
+    """Make the client take a liar's bytes for ``genuine``'s chunks as genuine, as a
+    missing check would. Tests run once like this to prove that their liar is asked."""
+    lies = {hash_bytes(flipped(data)): chunk_id for chunk_id, data in genuine.items()}
+    check = verify_off_loop
+
+    async def trusting(
+        chunk_id: str, data: bytes | bytearray | memoryview, where: str = ""
+    ) -> None:
+        if lies.get(hash_bytes(data)) != chunk_id:
+            await check(chunk_id, data, where)
+
+    monkeypatch.setattr(client, "verify_off_loop", trusting)
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
+async def test_a_lying_home_peer_is_caught_and_the_next_one_delivers(
+    verify: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunk_id, data = ranked_first("n1", ["n0", "n1", "n2"])
     holder, liar, empty = FakeCache(), FakeCache(), FakeCache()
     holder.chunks[chunk_id] = data
     liar.chunks[chunk_id] = data
-    # Make the liar (n1) and the empty peer (n2) rank before the holder (n0).
+    if not verify:
+        without_verification(monkeypatch, {chunk_id: data})
+    # n1, the liar, is the chunk's home: it is asked first.
     async with peers(holder, liar, empty, corrupt=1) as addrs, tier(addrs) as t:
-        order = placement.rank(["n0", "n1", "n2"], chunk_id)
-        assert await t.get(chunk_id) == data
-        if order.index("n1") < order.index("n0"):
-            assert t.stats["corrupt"] == 1
-        absent, _ = blob(2)
+        got = await t.get(chunk_id)
+        if not verify:  # the liar's flipped byte gets through: the check is what stops it
+            assert got == flipped(data)
+            return
+        assert got == data
+        assert t.stats["corrupt"] == 1
+        absent, _ = blob(2, 1000)
         with pytest.raises(ChunkMissing):
             await t.get(absent)
 
@@ -114,16 +149,8 @@ async def test_dead_peer_is_marked_down_and_skipped() -> None:
             t = await stack.enter_async_context(tier([*addrs_a, *addrs_b]))
             assert len(t._directory.live()) == 2
         # peer a is gone: its connection broke, so it is no longer live
-        with anyio.fail_after(10):
-            while len(t._directory.live()) != 1:  # noqa: ASYNC110 - polling a test condition
-                await asyncio.sleep(0.01)
+        await until(lambda: len(t._directory.live()) == 1)
         assert await t.get(chunk_id) == data
-
-
-async def _until(predicate: Callable[[], bool]) -> None:
-    with anyio.fail_after(10):
-        while not predicate():  # noqa: ASYNC110 - polling a test condition
-            await asyncio.sleep(0.01)
 
 
 async def test_one_seed_names_the_region_and_dead_names_are_forgotten() -> None:
@@ -137,7 +164,7 @@ async def test_one_seed_names_the_region_and_dead_names_are_forgotten() -> None:
     ):
         named[:] = [*addrs[1:], dead]
         directory.add(addrs[0], "static")
-        await _until(lambda: {p.node for p in directory.live()} == {"n0", "n1", "n2"})
+        await until(lambda: {p.node for p in directory.live()} == {"n0", "n1", "n2"})
         sources = {p.address: p.source for p in directory.all()}
         assert sources == {
             addrs[0]: "static",
@@ -150,7 +177,7 @@ async def test_one_seed_names_the_region_and_dead_names_are_forgotten() -> None:
         assert {p.address: p.source for p in directory.all()}[addrs[1]] == "mdns"
         # Nobody names the dead address any more: after a few failed checks it is gone.
         named.remove(dead)
-        await _until(lambda: dead not in {p.address for p in directory.all()})
+        await until(lambda: dead not in {p.address for p in directory.all()})
         assert {p.node for p in directory.live()} == {"n0", "n1", "n2"}
 
 
@@ -165,7 +192,8 @@ async def test_first_request_waits_for_discovery_to_settle() -> None:
         settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         t = PeerTier(directory, settled=settled)
         fetch = asyncio.create_task(t.get(chunk_id))
-        await asyncio.sleep(0.05)
+        for _ in range(20):  # loop iterations, not time: the fetch can run meanwhile
+            await asyncio.sleep(0)
         assert not fetch.done()  # no peer known yet, but discovery has not had its chance
         directory.add(addrs[0], "static")
         await directory.checked.wait()
@@ -224,24 +252,33 @@ async def test_fetch_batches_ids_per_peer_and_falls_through(
         assert len(requests) * 8 <= sum(requests)
 
 
-async def test_fetch_survives_a_lying_peer_and_hedges_a_stalled_one() -> None:
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
+async def test_fetch_survives_a_lying_peer_and_hedges_a_stalled_one(
+    verify: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     wanted = refs_for(60)
+    homes = {ref: placement.rank(["n0", "n1", "n2"], ref.id)[0] for ref, _ in wanted}
+    lied_to = {ref for ref, home in homes.items() if home == "n0"}
+    assert lied_to  # both paths run: the liar is asked first for some chunks...
+    assert any(home == "n1" for home in homes.values())  # ...the staller for others
     liar, stalled, good = FakeCache(), StallingCache(), FakeCache()
     for cache in (liar, stalled, good):
         cache.chunks.update({ref.id: data for ref, data in wanted})
+    if not verify:
+        without_verification(monkeypatch, {ref.id: data for ref, data in wanted})
     async with (
         peers(liar, stalled, good, corrupt=0) as addrs,
         tier(addrs, TierTuning(hedge_min=0.05, hedge_max=0.2)) as t,
     ):
         sink = Collect()
         assert await t.fetch([ref for ref, _ in wanted], sink) == []
-        assert sink.got == dict(wanted)  # every byte verified: the liar's never got through
-        ranked_first = {placement.rank(["n0", "n1", "n2"], ref.id)[0] for ref, _ in wanted}
-        if "n0" in ranked_first:
-            assert t.stats["corrupt"] >= 1
-        if "n1" in ranked_first:
-            assert t.stats["hedges"] >= 1
         stalled.release.set()
+        if not verify:  # the liar, asked first for its chunks, gets its bytes through
+            assert any(sink.got[ref] == flipped(data) for ref, data in wanted if ref in lied_to)
+            return
+        assert sink.got == dict(wanted)  # every byte verified: the liar's never got through
+        assert t.stats["corrupt"] >= 1
+        assert t.stats["hedges"] >= 1
 
 
 async def test_fetch_with_no_live_peer_returns_everything_missing() -> None:

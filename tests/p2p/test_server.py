@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -54,6 +54,13 @@ class SlowOrigin(FakeCache):
         self.started.set()
         await self.gate.wait()
         return await super().get(chunk_id)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait until ``condition()`` holds (checked every few ms); fail after 10 s."""
+    with anyio.fail_after(10):
+        while not condition():  # noqa: ASYNC110 - polling a test condition
+            await asyncio.sleep(0.005)
 
 
 def blob(i: int, size: int = 100_000) -> tuple[ChunkId, bytes]:
@@ -112,7 +119,9 @@ async def test_home_reads_through_once_however_many_ask() -> None:
         async with connected(port) as a, connected(port) as b:
             waiting = [asyncio.ensure_future(c.get(chunk_id)) for c in (a, b, a, b)]
             await origin.started.wait()
-            await asyncio.sleep(0.05)  # let the other requests arrive and join the flight
+            # All four lookups started: each joins the flight in its first step, which
+            # runs before the origin's answer can come back.
+            await until(lambda: metrics.lookups == 4)
             origin.gate.set()
             assert await asyncio.gather(*waiting) == [data] * 4
     assert origin.fetches == 1
@@ -162,11 +171,9 @@ async def test_budget_is_returned_when_a_client_vanishes_mid_request() -> None:
                 conn = await open_connection(f"127.0.0.1:{port}", Identity("cli", "r1"))
                 for chunk_id in list(chunks) * 5:
                     conn._queue_get(chunk_id)
-                await asyncio.sleep(0.05)  # let the server start answering
+                await until(lambda: server._budget._value < full)  # serving it: mid-request
                 conn.stream.abort()
-            with anyio.fail_after(10):
-                while metrics.connections:  # noqa: ASYNC110 - polling a test condition
-                    await asyncio.sleep(0.01)
+            await until(lambda: not metrics.connections)
             assert server._budget._value == full
             async with connected(port) as conn:  # still serving
                 assert await conn.get(next(iter(chunks))) == next(iter(chunks.values()))
