@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import BadInput, Conflict, InvalidManifest, InvalidRef, ObjectMissing, RefNotFound
-from .ids import ChunkId, hash_bytes, parse_id
+from .ids import ChunkId, hash_bytes, is_id, parse_id
 from .manifest import Image, Manifest, Tree, decode, encode
-from .objectstore import REFS, ObjectStore, manifest_key, ref_key
+from .objectstore import MANIFESTS, REFS, ObjectInfo, ObjectStore, manifest_key, ref_key
 from .parallel import for_each
 
 _REF_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+=-]{0,254}")
 MAX_REF_LEN = 1024
 _REF_READS = 32
 """Refs read in parallel by ``read_refs``."""
+MIN_ID_PREFIX = 4
+_ID_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_ID_PREFIX},64}}")
+_SHOWN_CANDIDATES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,8 @@ class RefEntry:
     """The manifest id it holds; None if it holds none."""
     problem: str | None = None
     """Why it cannot be used as it is (None: it can)."""
+    modified: float | None = None
+    """When the ref was last written (seconds since the epoch, the store's clock)."""
 
 
 def check_ref(name: str) -> str:
@@ -105,12 +110,33 @@ class Catalog:
             raise InvalidManifest(f"ref {ref!r} holds garbage, not a manifest id") from exc
 
     async def resolve_or_id(self, ref_or_id: str) -> ChunkId:
-        """Accept a ref name, or a manifest id given directly."""
-        if re.fullmatch(r"[0-9a-f]{64}", ref_or_id) and not await self.store.exists(
-            ref_key(ref_or_id)
-        ):
-            return ChunkId(ref_or_id)
-        return await self.resolve(ref_or_id)
+        """The manifest id of a ref name, else of a manifest id given directly or
+        a unique prefix of one (at least MIN_ID_PREFIX hex digits, as git and
+        docker accept short ids); a ref of that name wins. Raises RefNotFound,
+        InvalidRef, BadInput (a prefix of several manifest ids)."""
+        if not _ID_PREFIX.fullmatch(ref_or_id):
+            return await self.resolve(ref_or_id)
+        try:
+            return await self.resolve(ref_or_id)
+        except RefNotFound:
+            if len(ref_or_id) == 64:
+                return ChunkId(ref_or_id)
+        listed = [
+            info.key[len(MANIFESTS) :] async for info in self.store.list(MANIFESTS + ref_or_id)
+        ]
+        found = sorted(name for name in listed if is_id(name))
+        if len(found) == 1:
+            return ChunkId(found[0])
+        if not found:
+            raise RefNotFound(ref_or_id)
+        shown = ", ".join(f[:16] for f in found[:_SHOWN_CANDIDATES])
+        more = (
+            f" and {len(found) - _SHOWN_CANDIDATES} more" if len(found) > _SHOWN_CANDIDATES else ""
+        )
+        raise BadInput(
+            f"{ref_or_id!r} is a prefix of {len(found)} manifest ids ({shown}{more}): "
+            "give more digits"
+        )
 
     async def set_ref(self, ref: str, manifest_id: ChunkId) -> None:
         """Point ``ref`` at a manifest that must already be stored (ref last)."""
@@ -140,10 +166,10 @@ class Catalog:
         reports refs whose manifest is missing. Raises Unavailable only."""
         entries: list[RefEntry] = []
 
-        async def read(key: str) -> None:
-            name = key[len(REFS) :]
+        async def read(info: ObjectInfo) -> None:
+            name = info.key[len(REFS) :]
             try:
-                raw = await self.store.get(key)
+                raw = await self.store.get(info.key)
             except ObjectMissing:
                 return  # deleted since we listed it
             try:
@@ -156,16 +182,16 @@ class Catalog:
                     check_ref(name)
                 except InvalidRef:
                     problem = "has a name blobstore refuses (rename it)"
-            entries.append(RefEntry(name, manifest_id, problem))
+            entries.append(RefEntry(name, manifest_id, problem, info.mtime))
 
-        keys = [info.key async for info in self.store.list(REFS + prefix)]
-        await for_each(keys, read, _REF_READS)
+        listed = [info async for info in self.store.list(REFS + prefix)]
+        await for_each(listed, read, _REF_READS)
         if not check_manifests:
             return sorted(entries, key=lambda e: e.name)
         named = {e.manifest for e in entries if e.manifest is not None}
         present = await self.store.exists_many([manifest_key(m) for m in named])
         entries = [
-            RefEntry(e.name, e.manifest, f"names manifest {e.manifest} which is missing")
+            replace(e, problem=f"names manifest {e.manifest} which is missing")
             if e.problem is None
             and e.manifest is not None
             and manifest_key(e.manifest) not in present

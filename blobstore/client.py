@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ class PullResult:
     seconds: float
     from_tier: dict[str, int]
     """Bytes per tier: local, peer, origin."""
+    deleted: int = 0
+    """Paths ``pull --delete`` removed from the destination."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,6 +74,7 @@ class PullResult:
             "kept_files": self.kept_files,
             "seconds": round(self.seconds, 3),
             "from": {tier: self.from_tier.get(tier, 0) for tier in ("local", "peer", "origin")},
+            "deleted": self.deleted,
         }
 
 
@@ -195,11 +198,22 @@ class Client:
         priority: Callable[[Entry], Any] = default_priority,
         link_mode: LinkMode = "auto",
         keep_special_modes: bool = False,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        delete: bool = False,
     ) -> PullResult:
-        """Materialize ``ref`` into ``dest`` through the tiers (see pull_tree)."""
+        """Materialize ``ref`` (a ref, a manifest id or a unique prefix of one) into
+        ``dest`` through the tiers (see pull_tree): only the paths ``include``
+        selects (all when empty) and ``exclude`` does not (blobstore.patterns).
+        With ``delete``, what ``dest`` holds beyond that is removed afterwards
+        (among the paths the patterns select: blobstore.prune)."""
         manifest_id = await self.catalog.resolve_or_id(ref)
         tree = await self.catalog.load_tree(manifest_id)
-        return await self.pull_tree(
+        if include or exclude:
+            from .patterns import select
+
+            tree = select(tree, include, exclude)
+        result = await self.pull_tree(
             ref,
             manifest_id,
             tree,
@@ -209,6 +223,17 @@ class Client:
             link_mode=link_mode,
             keep_special_modes=keep_special_modes,
         )
+        if not delete:
+            return result
+        from .patterns import Selection
+        from .prune import prune
+
+        pruned = await anyio.to_thread.run_sync(
+            prune, Path(dest), tree, Selection(include, exclude)
+        )
+        for path in pruned.removed:
+            log.info("deleted %s", path)
+        return replace(result, deleted=len(pruned.removed))
 
     async def pull_tree(
         self,

@@ -42,6 +42,26 @@ class _Patterns:
         return bool(self._regex.match(path)) or (is_dir and path in self._dirs)
 
 
+class Selection:
+    """Include and exclude patterns, compiled once."""
+
+    __slots__ = ("_exclude", "_include")
+
+    def __init__(self, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> None:
+        self._include = _Patterns(include)
+        self._exclude = _Patterns(exclude)
+
+    def __bool__(self) -> bool:
+        """False when it selects everything (no patterns)."""
+        return bool(self._include) or bool(self._exclude)
+
+    def chosen(self, path: str, is_dir: bool = False) -> bool:
+        """Whether the patterns select ``path`` itself (its parents aside)."""
+        if self._include and not self._include.matches(path, is_dir):
+            return False
+        return not self._exclude.matches(path, is_dir)
+
+
 def select(tree: Tree, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> Tree:
     """The part of ``tree`` whose paths match ``include`` (all when empty) and not ``exclude``.
 
@@ -49,29 +69,22 @@ def select(tree: Tree, include: Sequence[str] = (), exclude: Sequence[str] = ())
     a selection matching nothing is an empty tree (the caller decides whether
     that is worth telling the user).
     """
-    if not include and not exclude:
+    selection = Selection(include, exclude)
+    if not selection:
         return tree
-    wanted = _Patterns(include)
-    unwanted = _Patterns(exclude)
-
-    def chosen(path: str, is_dir: bool) -> bool:
-        if wanted and not wanted.matches(path, is_dir):
-            return False
-        return not unwanted.matches(path, is_dir)
-
     kept: set[str] = set()
     parents: set[str] = set()
     for entry in tree.entries:
         parts = entry.path.split("/")
         ancestors = ["/".join(parts[:i]) for i in range(1, len(parts))]
         parents.update(ancestors)
-        if entry.kind != "dir" and chosen(entry.path, is_dir=False):
+        if entry.kind != "dir" and selection.chosen(entry.path):
             kept.add(entry.path)
             kept.update(ancestors)
     entries = tuple(
         e
         for e in tree.entries
         if e.path in kept
-        or (e.kind == "dir" and e.path not in parents and chosen(e.path, is_dir=True))
+        or (e.kind == "dir" and e.path not in parents and selection.chosen(e.path, is_dir=True))
     )
     return replace(tree, entries=entries)

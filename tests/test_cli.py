@@ -143,7 +143,6 @@ def test_predictable_failures_exit_1_with_one_line(
 
 def test_bad_options_exit_1_with_one_line(tmp_path: Path) -> None:
     env = cli_env((tmp_path / "store").as_uri(), tmp_path / "cache")
-    assert_one_line_error(run_cli(["gc", "--grace", "soon"], env), "not a duration")
     assert_one_line_error(run_cli(["--cache-size", "lots", "ls"], env), "not a size")
     assert_one_line_error(run_cli(["--peers", "nocolon", "ls"], env), "HOST:PORT")
     assert_one_line_error(run_cli(["--store", "ftp://host/x", "ls"], env), "unsupported")

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from ..config import Config
+from ..logs import FORMATS, LEVELS
 from . import dedup, image, leases, locality, refs, store, sync, transfer
 from .registry import Command, Commands, GlobalOption, Group
 
@@ -58,23 +59,32 @@ GLOBAL_OPTIONS = (
     GlobalOption(
         ("--tls-ca",), "the CA that signs every peer's certificate (env BLOBSTORE_TLS_CA)", "PEM"
     ),
-    GlobalOption(("-v", "--verbose"), "more logging (-v info, -vv debug)", counts=True),
+    GlobalOption(("-v", "--verbose"), "more logging (-v info, -vv debug)", action="count"),
+    GlobalOption(
+        ("-q", "--quiet"),
+        "no progress, no summary line, only errors (--json output still printed)",
+        action="store_true",
+    ),
+    GlobalOption(
+        ("--log-level",),
+        "debug|info|warning|error (env BLOBSTORE_LOG_LEVEL; default warning, info for the daemon)",
+        "LEVEL",
+        choices=LEVELS,
+    ),
+    GlobalOption(
+        ("--log-format",),
+        "log lines as text or one JSON object per line (env BLOBSTORE_LOG_FORMAT)",
+        "text|json",
+        choices=FORMATS,
+    ),
 )
 _TAKES_VALUE = {flag: o.takes_value for o in GLOBAL_OPTIONS for flag in o.flags}
 
 
 def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    """The global options, accepted before the command and after it. On a
-    sub-command they default to SUPPRESS so they don't overwrite a value given
-    before the command."""
     group = parser.add_argument_group("global options")
-    for o in GLOBAL_OPTIONS:
-        if o.counts:
-            default: object = argparse.SUPPRESS if suppress else 0
-            group.add_argument(*o.flags, action="count", default=default, help=o.help)
-        else:
-            default = argparse.SUPPRESS if suppress else None
-            group.add_argument(*o.flags, metavar=o.metavar, default=default, help=o.help)
+    for option in GLOBAL_OPTIONS:
+        option.add_to(group, suppress=suppress)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -136,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     args = build_parser(named_command(argv)).parse_args(argv)
+    args.check_usage(args)  # exits 2, as argparse does, on options that don't go together
     return run_command(args, make_config)
 
 

@@ -14,9 +14,10 @@ the image tooling, gc or the p2p plugin (tests/test_startup.py).
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from ..client import Client
@@ -39,8 +40,15 @@ class Command:
     """Adds the command's own arguments (imports what their defaults need)."""
     peers: bool = False
     """Whether the Client opens the peer tier (only commands that fetch chunks)."""
+    lazy_store: bool = False
+    """Open the object store when first used, not before the command runs."""
+    check: Callable[[argparse.Namespace], str | None] = lambda args: None
+    """A usage problem argparse cannot see (options that go together), or None:
+    reported like argparse's own, exit status 2."""
     description: str | None = None
     usage: str | None = None
+    log_level: int = logging.WARNING
+    """Logging level without --log-level/-v (a long-running service says more)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +63,33 @@ class Group:
 
 @dataclass(frozen=True, slots=True)
 class GlobalOption:
+    """An option accepted before the command and after it."""
+
     flags: tuple[str, ...]
     help: str
     metavar: str | None = None
-    counts: bool = False
-    """``-v -v``: a counter, takes no value."""
+    action: Literal["store", "count", "store_true"] = "store"
+    choices: tuple[str, ...] | None = None
 
     @property
     def takes_value(self) -> bool:
-        return not self.counts
+        return self.action == "store"
+
+    def add_to(self, group: argparse._ArgumentGroup, *, suppress: bool) -> None:
+        """On a sub-command the default is SUPPRESS, so a value given before the
+        command is not overwritten."""
+        empty: object = {"store": None, "count": 0, "store_true": False}[self.action]
+        default = argparse.SUPPRESS if suppress else empty
+        if self.action == "store":
+            group.add_argument(
+                *self.flags,
+                metavar=self.metavar,
+                choices=self.choices,
+                default=default,
+                help=self.help,
+            )
+        else:
+            group.add_argument(*self.flags, action=self.action, default=default, help=self.help)
 
 
 class Commands:
@@ -89,9 +115,11 @@ class Commands:
         *,
         description: str | None = None,
         usage: str | None = None,
+        log_level: int = logging.WARNING,
     ) -> argparse.ArgumentParser:
         """A new sub-command ``name`` calling ``run(args, config)``; add its arguments
-        to the parser returned."""
+        to the parser returned. ``log_level``: the level without --log-level/-v
+        (a service wants INFO: its start and stop)."""
         parser = self._subparsers.add_parser(
             name,
             help=help,
@@ -99,7 +127,9 @@ class Commands:
             usage=usage,
             parents=[self._common],
         )
-        parser.set_defaults(run=run)
+        parser.set_defaults(
+            run=run, default_log_level=log_level, check_usage=UsageCheck(parser, _no_check)
+        )
         return parser
 
     def group(self, name: str, help: str, *, description: str | None = None) -> Commands:
@@ -119,11 +149,31 @@ class Commands:
         parser = self.add(
             command.name,
             command.help,
-            WithClient(command.run, command.peers),
+            WithClient(command.run, command.peers, command.lazy_store),
             description=command.description,
             usage=command.usage,
+            log_level=command.log_level,
         )
+        parser.set_defaults(check_usage=UsageCheck(parser, command.check))
         command.arguments(parser)
+
+
+def _no_check(args: argparse.Namespace) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class UsageCheck:
+    """Runs a command's ``check`` after parsing; a problem exits 2 with the
+    command's usage line, as argparse's own errors do."""
+
+    parser: argparse.ArgumentParser
+    check: Callable[[argparse.Namespace], str | None]
+
+    def __call__(self, args: argparse.Namespace) -> None:
+        problem = self.check(args)
+        if problem:
+            self.parser.error(problem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +182,12 @@ class WithClient:
 
     run: ClientRun
     peers: bool
+    lazy_store: bool = False
 
     async def __call__(self, args: argparse.Namespace, config: Config) -> int:
         from ..client import Client
 
-        async with Client.open(config, peers=self.peers) as client:
+        async with Client.open(config, peers=self.peers, lazy_store=self.lazy_store) as client:
             return await self.run(args, client)
 
 

@@ -4,25 +4,41 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 import anyio
 
 from ..config import Config
-from ..errors import BlobstoreError, single_errors
+from ..errors import BlobstoreError, ConfigError, single_errors
+from ..logs import configure
 from .registry import Run
 
 
 def run_command(
     args: argparse.Namespace, make_config: Callable[[argparse.Namespace], Config]
 ) -> int:
-    """Run ``args.run``; exit status 0/1 (or the command's), 130 on ^C."""
-    level = logging.WARNING - 10 * min(getattr(args, "verbose", 0) or 0, 2)
-    logging.basicConfig(level=level, format="blobstore: %(levelname)s: %(message)s")
+    """Run ``args.run``; exit status 0/1 (or the command's), 130 on ^C, 0 when
+    stdout's reader went away (``| head``)."""
+    try:
+        configure(
+            level=args.log_level or ("error" if args.quiet else None),
+            fmt=args.log_format,
+            verbose=args.verbose,
+            default=getattr(args, "default_log_level", logging.WARNING),
+        )
+    except ConfigError as exc:
+        print(f"blobstore: error: {exc}", file=sys.stderr)
+        return 1
     try:
         with single_errors():  # whatever task group it escaped from: one line
             code: int = anyio.run(_run, args, make_config, backend_options={"use_uvloop": True})
+        sys.stdout.flush()  # here, so a closed pipe is caught below
+    except BrokenPipeError:
+        # ``blobstore ls | head``: the reader has what it wanted; not an error.
+        _silence_stdout()
+        return 0
     except BlobstoreError as exc:
         print(f"blobstore: error: {exc}", file=sys.stderr)
         return 1
@@ -34,6 +50,15 @@ def run_command(
         print("blobstore: interrupted", file=sys.stderr)
         return 130
     return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 async def _run(

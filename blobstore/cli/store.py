@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import BadInput, ConfigError
+from ..errors import ConfigError
 from ..progress import human_bytes
 from .output import document, emit, error, fail
 from .registry import Command, add_json_flag
@@ -36,9 +36,15 @@ def _verify_arguments(p: argparse.ArgumentParser) -> None:
     add_json_flag(p)
 
 
-async def run_verify(args: argparse.Namespace, client: Client) -> int:
+def _verify_usage(args: argparse.Namespace) -> str | None:
     if args.source is not None and not args.repair:
-        raise BadInput("--from DIR goes with --repair")
+        return "--from DIR goes with --repair"
+    if args.repair and args.source is None:
+        return "--repair needs --from DIR (a copy of the tree), or push it again"
+    return None
+
+
+async def run_verify(args: argparse.Namespace, client: Client) -> int:
     if args.repair:
         return await _repair(args, client)
     r = await client.verify(args.ref)
@@ -54,8 +60,6 @@ async def run_verify(args: argparse.Namespace, client: Client) -> int:
 
 
 async def _repair(args: argparse.Namespace, client: Client) -> int:
-    if args.source is None:
-        raise BadInput("verify --repair needs --from DIR (a copy of the tree), or push it again")
     r = await client.repair(args.ref, args.source)
     doc = document(r, ok=r.ok)
     if r.ok:
@@ -99,20 +103,50 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"not a fraction between 0 and 1: {text!r}")
+    return value
+
+
+def _gc_usage(args: argparse.Namespace) -> str | None:
+    if args.cache_only and (args.repack_below is not None or args.grace is not None):
+        return "--cache-only leaves the store alone: --grace and --repack-below don't apply"
+    return None
+
+
 def _gc_arguments(p: argparse.ArgumentParser) -> None:
-    from ..gc import DEFAULT_GRACE_SECONDS, DEFAULT_REPACK_BELOW
+    from ..gc import DEFAULT_REPACK_BELOW
 
     p.add_argument(
         "--grace",
-        default=f"{DEFAULT_GRACE_SECONDS}s",
+        type=_duration,
+        default=None,
         metavar="DURATION",
         help="only sweep objects older than this (e.g. 30m, 6h; default 6h)",
     )
     p.add_argument("--dry-run", action="store_true")
     p.add_argument(
+        "--cache-only",
+        action="store_true",
+        help="only evict this node's cache to its limits; leave the object store alone "
+        "(it need not be reachable)",
+    )
+    p.add_argument(
         "--repack-below",
-        type=float,
-        default=DEFAULT_REPACK_BELOW,
+        type=_fraction,
+        default=None,
         metavar="FRACTION",
         help="repack packs with less than this fraction "
         f"live (default {DEFAULT_REPACK_BELOW}; 0 never repacks)",
@@ -121,16 +155,16 @@ def _gc_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def run_gc(args: argparse.Namespace, client: Client) -> int:
-    from ..gc import collect
+    from ..gc import DEFAULT_GRACE_SECONDS, DEFAULT_REPACK_BELOW, collect
 
-    if not 0 <= args.repack_below <= 1:
-        raise BadInput("--repack-below is a fraction between 0 and 1")
+    if args.cache_only:
+        return await _gc_cache(args, client)
     r = await collect(
         client.object_store,
         client.cache,
-        grace_seconds=parse_duration(args.grace),
+        grace_seconds=DEFAULT_GRACE_SECONDS if args.grace is None else args.grace,
         dry_run=args.dry_run,
-        repack_below=args.repack_below,
+        repack_below=DEFAULT_REPACK_BELOW if args.repack_below is None else args.repack_below,
     )
     for problem in r.bad_refs:
         log.warning("%s; kept everything it still reaches", problem)
@@ -160,11 +194,33 @@ async def run_gc(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+async def _gc_cache(args: argparse.Namespace, client: Client) -> int:
+    """Evict the node cache down to its low watermark (nothing with --dry-run).
+    Opening the cache already evicts down to the limit when it holds more (a
+    lowered --cache-size): that counts as evicted too."""
+    if not args.dry_run:
+        await client.cache.evict()
+    evicted = client.cache.evicted_bytes
+    doc = {
+        "cache_only": True,
+        "dry_run": args.dry_run,
+        "cache_evicted_bytes": evicted,
+        "cache_bytes": client.cache.used_bytes,
+    }
+    emit(
+        args,
+        doc,
+        f"cache: evicted {human_bytes(evicted)}, holds {human_bytes(client.cache.used_bytes)}",
+    )
+    return 0
+
+
 VERIFY = Command(
     "verify",
     "fetch and check every chunk of REF in the object store",
     run_verify,
     _verify_arguments,
+    check=_verify_usage,
 )
 MIGRATE = Command(
     "migrate",
@@ -173,6 +229,11 @@ MIGRATE = Command(
     add_json_flag,
 )
 GC = Command(
-    "gc", "evict the cache to its limits; sweep unreferenced objects", run_gc, _gc_arguments
+    "gc",
+    "evict the cache to its limits; sweep unreferenced objects",
+    run_gc,
+    _gc_arguments,
+    lazy_store=True,  # --cache-only never touches the store
+    check=_gc_usage,
 )
 COMMANDS = (VERIFY, MIGRATE, GC)

@@ -25,6 +25,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     add_json_flag(p)
 
 
+def _usage(args: argparse.Namespace) -> str | None:
+    if args.cmd and args.cmd[0].startswith("-") and args.cmd[0] != "--":
+        return f"put {args.cmd[0]} before REF DIR (everything after DIR is the command)"
+    return None
+
+
 async def run_sync(args: argparse.Namespace, client: Client) -> int:
     """Exits with CMD's status. Raises BlobstoreError subclasses."""
     from ..syncdir import sync_pull, sync_push
@@ -32,8 +38,6 @@ async def run_sync(args: argparse.Namespace, client: Client) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
-    elif cmd and cmd[0].startswith("-"):
-        raise BadInput(f"sync: put {cmd[0]} before REF DIR (everything after DIR is the command)")
     session = await sync_pull(client, args.ref, args.dir)
     status = 0
     if cmd:
@@ -61,6 +65,7 @@ SYNC = Command(
     run_sync,
     _arguments,
     peers=True,
+    check=_usage,
     usage="blobstore sync [OPTIONS] REF DIR [-- CMD ARG…]",
     description="Pull REF into DIR, run CMD (if given) and push what changed, moving "
     "REF with compare-and-swap and merging with concurrent pushes. Without CMD: pull "

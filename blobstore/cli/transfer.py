@@ -70,6 +70,27 @@ def link_mode_of(args: argparse.Namespace) -> LinkMode:
 def _pull_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ref", help="a ref, or a manifest id (a unique prefix of one will do)")
     p.add_argument("dir", type=Path)
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="pull only paths matching this glob (repeatable; '*' matches '/' too; "
+        "'dir/' is everything below dir), as huggingface_hub's allow_patterns",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="skip paths matching this glob (repeatable; wins over --include)",
+    )
+    p.add_argument(
+        "--delete",
+        action="store_true",
+        help="mirror: remove what DIR holds beyond REF (among the paths the patterns "
+        "select; symlinks in DIR are removed, never followed)",
+    )
     add_json_flag(p)
     add_pull_options(p)
 
@@ -83,6 +104,9 @@ async def run_pull(args: argparse.Namespace, client: Client) -> int:
             progress=bar,
             link_mode=link_mode_of(args),
             keep_special_modes=args.keep_special_modes,
+            include=args.include,
+            exclude=args.exclude,
+            delete=args.delete,
         )
     finally:
         bar.close()
@@ -92,7 +116,8 @@ async def run_pull(args: argparse.Namespace, client: Client) -> int:
         args,
         doc,
         f"pulled {r.ref} -> {args.dir}: {r.files} files, {human_bytes(r.bytes)} "
-        f"in {r.seconds:.2f}s ({r.kept_files} already up to date; from {tiers})",
+        f"in {r.seconds:.2f}s ({r.kept_files} already up to date; from {tiers})"
+        + (f"; deleted {r.deleted} paths" if r.deleted else ""),
     )
     return 0
 

@@ -1,0 +1,97 @@
+"""pull --include/--exclude (huggingface_hub's allow/ignore_patterns) and
+pull --delete (mirror), through the real CLI on a file store."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from helpers import cli_env, listing, run_cli, write
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return cli_env((tmp_path / "store").as_uri(), tmp_path / "cache")
+
+
+@pytest.fixture
+def model(tmp_path: Path, env: dict[str, str]) -> str:
+    root = tmp_path / "model"
+    write(root / "config.json", b"{}\n")
+    write(root / "tokenizer.json", b"[]\n")
+    write(root / "model.safetensors", b"w" * 5000)
+    write(root / "onnx" / "model.onnx", b"o" * 3000)
+    write(root / "onnx" / "sub" / "extra.bin", b"x" * 100)
+    write(root / "README.md", b"# model\n")
+    assert run_cli(["push", root, "models/m"], env).returncode == 0
+    return "models/m"
+
+
+def pull(env: dict[str, str], *args: str | Path) -> dict[str, object]:
+    done = run_cli(["pull", *args, "--json"], env)
+    assert done.returncode == 0, done.stderr
+    doc: dict[str, object] = json.loads(done.stdout)
+    return doc
+
+
+def files(root: Path) -> list[str]:
+    return sorted(p for p in listing(root) if (root / p).is_file())
+
+
+def test_include_and_exclude(env: dict[str, str], model: str, tmp_path: Path) -> None:
+    out = tmp_path / "a"
+    doc = pull(env, model, out, "--include", "*.json", "--include", "onnx/", "--exclude", "*.bin")
+    assert files(out) == ["config.json", "onnx/model.onnx", "tokenizer.json"]
+    assert not (out / "onnx" / "sub").exists()  # emptied by the patterns: not created
+    assert (doc["files"], doc["bytes"]) == (3, 3 + 3 + 3000)
+
+    only = tmp_path / "b"
+    pull(env, model, only, "--exclude", "onnx/", "--exclude", "*.md")
+    assert files(only) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert not (only / "onnx").exists()
+
+
+def test_delete_mirrors_and_never_follows_symlinks(
+    env: dict[str, str], model: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    pull(env, model, out)
+    outside = tmp_path / "outside"
+    write(outside / "precious", b"keep me\n")
+    write(out / "stale.txt", b"old\n")
+    write(out / "old-dir" / "deep" / "f", b"old\n")
+    write(out / "onnx" / "leftover.onnx", b"old\n")
+    os.symlink(outside, out / "link-to-outside")
+    os.symlink(outside / "precious", out / "onnx" / "link-to-file")
+
+    # Without --delete nothing extra goes.
+    assert pull(env, model, out)["deleted"] == 0
+    assert (out / "stale.txt").exists()
+
+    doc = pull(env, model, out, "--delete")
+    assert doc["deleted"] == 7  # 2 files, 2 links, old-dir/deep/f and its 2 dirs
+    assert files(out) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "onnx/model.onnx",
+        "onnx/sub/extra.bin",
+        "tokenizer.json",
+    ]
+    assert (outside / "precious").read_bytes() == b"keep me\n"  # links removed, not followed
+
+
+def test_delete_with_patterns_only_touches_what_they_select(
+    env: dict[str, str], model: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    write(out / "mine.bin", b"not from the model\n")
+    write(out / "old.json", b"{}\n")
+    write(out / "logs" / "run.json", b"{}\n")
+    write(out / "logs" / "run.txt", b"keep\n")
+    doc = pull(env, model, out, "--include", "*.json", "--delete")
+    # old.json and logs/run.json go; logs/ stays: it still holds run.txt
+    assert doc["deleted"] == 2
+    assert files(out) == ["config.json", "logs/run.txt", "mine.bin", "tokenizer.json"]
