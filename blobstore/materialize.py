@@ -92,7 +92,7 @@ from .linking import (
     unlink_quietly,
 )
 from .manifest import ChunkRef, Entry, Tree, file_key
-from .nodestore import pwrite_all
+from .nodestore import boot, pwrite_all
 from .parallel import for_each
 from .progress import FileProgress
 from .seeds import Seed
@@ -884,16 +884,8 @@ def _windows(items: list[_Item], packs: dict[ChunkId, int]) -> Iterable[list[_It
 
 
 def _boot() -> tuple[str, int]:
-    """(this boot's id, when it began in ns since the epoch); ("", 0) if unknown,
-    which makes no record trusted across what might have been a reboot."""
-    try:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        for line in Path("/proc/stat").read_text().splitlines():
-            if line.startswith("btime "):
-                return boot_id, int(line.split()[1]) * 1_000_000_000
-    except (OSError, ValueError):
-        pass
-    return "", 0
+    """nodestore.boot (tests replace this one to simulate a reboot)."""
+    return boot()
 
 
 def boot_id() -> str:

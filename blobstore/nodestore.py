@@ -69,6 +69,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -213,7 +214,7 @@ class NodeStore(AsyncResource):
         self._seeds_unsynced: set[ChunkId] = set()
         self._seeds_dead: set[ChunkId] = set()
         self._seen_seed_rowid = 0
-        self.boot = _boot_id()
+        self.boot = boot()[0]
         self._db: sqlite3.Connection | None = None
         """Written from worker threads, under ``_db_lock``."""
         self._reader: sqlite3.Connection | None = None
@@ -1225,11 +1226,22 @@ def _remove_all(paths: list[tuple[Path, int | None]]) -> None:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _boot_id() -> str:
+@functools.cache
+def boot() -> tuple[str, int]:
+    """(this boot's id, when it began in ns since the epoch); ("", 0) if unknown,
+    which makes no record trusted across what might have been a reboot. Read
+    once per process, at import, so never on the event loop."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return boot_id, int(line.split()[1]) * 1_000_000_000
+    except (OSError, ValueError):
+        pass
+    return "", 0
+
+
+boot()
 
 
 def _syncfs(path: Path) -> None:

@@ -300,7 +300,7 @@ async def test_after_a_reboot_seeds_are_rechecked_then_adopted_again(
         await client.pull("t", tmp_path / "a")
     booted = (f"rebooted-{time.time_ns()}", time.time_ns())
     monkeypatch.setattr("blobstore.materialize._boot", lambda: booted)
-    monkeypatch.setattr("blobstore.nodestore._boot_id", lambda: booted[0])
+    monkeypatch.setattr("blobstore.nodestore.boot", lambda: booted)
     async with Client.open(config_for(tmp_path), peers=False) as client:
         elsewhere = await client.pull("t", tmp_path / "b")
         assert elsewhere.from_tier["origin"] == elsewhere.bytes  # unsynced seeds: dropped

@@ -626,7 +626,7 @@ async def test_seeds_are_read_never_owned_and_dropped_after_a_reboot_unless_dura
     config = CacheConfig(tmp_path / "cache", max_bytes=1 << 20)
     fresh = _seed_of(tmp_path / "fresh.bin", random_bytes(40 * KIB, "a"), "boot-1", False)
     durable = _seed_of(tmp_path / "durable.bin", random_bytes(40 * KIB, "b"), "boot-1", True)
-    monkeypatch.setattr(nodestore, "_boot_id", lambda: "boot-1")
+    monkeypatch.setattr(nodestore, "boot", lambda: ("boot-1", 0))
     async with NodeStore(config) as store:
         store.adopt_seeds([fresh, durable])
         assert store.used_bytes == 0  # the user's files: never counted ...
@@ -637,7 +637,7 @@ async def test_seeds_are_read_never_owned_and_dropped_after_a_reboot_unless_dura
     async with NodeStore(config) as store:  # same boot: both still trusted
         assert store.open_seed(fresh.key) == fresh
         assert store.open_seed(durable.key) == durable
-    monkeypatch.setattr(nodestore, "_boot_id", lambda: "boot-2")
+    monkeypatch.setattr(nodestore, "boot", lambda: ("boot-2", 0))
     async with NodeStore(config) as store:  # after a reboot: only the durable one
         assert store.open_seed(fresh.key) is None
         assert store.contains(fresh.chunks[0][0]) is False
