@@ -1,8 +1,8 @@
 """Logging set-up for the CLI and the daemon: stdlib logging, text or JSON lines.
 
-``--log-level`` names the level; without it ``-v`` lowers it one step per
-``-v`` from the command's default (WARNING for everyday commands, INFO for the
-daemon, whose start and stop an operator wants to see). ``--log-format json``
+``--log-level`` names the level; without it each command has its default
+(WARNING for everyday commands, INFO for the daemon, whose start and stop an
+operator wants to see), and ``-v`` means at least INFO, ``-vv`` DEBUG. ``--log-format json``
 writes one JSON object per line (``ts``, ``level``, ``logger``, ``msg``, and
 ``exc`` for a traceback, plus any ``extra=`` fields) for log shippers.
 Both also come from ``BLOBSTORE_LOG_LEVEL``/``BLOBSTORE_LOG_FORMAT``.
@@ -79,11 +79,17 @@ def configure(
     stream: TextIO | None = None,
 ) -> int:
     """Send the root logger's records to ``stream`` (stderr) at the level chosen:
-    ``level`` (else BLOBSTORE_LOG_LEVEL) if given, else ``default`` lowered 10 per
-    ``verbose``. Replaces the handler an earlier call installed. Returns the level.
-    Raises ConfigError for an unknown level or format."""
+    ``level`` (else BLOBSTORE_LOG_LEVEL) if given, else ``default``, lowered to
+    INFO by one ``verbose`` and DEBUG by two. Replaces the handler an earlier
+    call installed. Returns the level. Raises ConfigError for an unknown level
+    or format."""
     level_text = level or os.environ.get("BLOBSTORE_LOG_LEVEL")
-    chosen = parse_level(level_text) if level_text else max(default - 10 * verbose, logging.DEBUG)
+    if level_text:
+        chosen = parse_level(level_text)
+    elif verbose:
+        chosen = min(default, max(logging.WARNING - 10 * verbose, logging.DEBUG))
+    else:
+        chosen = default
     log_format = parse_format(fmt or os.environ.get("BLOBSTORE_LOG_FORMAT") or "text")
     handler = _Handler(stream or sys.stderr)
     handler.setFormatter(

@@ -140,9 +140,9 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                 "http": f"{http_addr[0]}:{http_port}" if http_addr else None,
             }
             print(json.dumps(ready), flush=True)
-            log.warning("daemon %s serving region %r on %s:%d", node, config.region, host, bound)
+            log.info("daemon %s serving region %r on %s:%d", node, config.region, host, bound)
             await stop.wait()
-            log.warning("daemon %s stopping", node)
+            log.info("daemon %s stopping", node)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

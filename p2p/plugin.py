@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Mapping
@@ -85,6 +86,7 @@ class P2PPlugin:
             _cmd_daemon,
             description="Serve this node's cache to same-region peers; home chunks read "
             "through to the object store.",
+            log_level=logging.INFO,  # an operator wants its start and stop in the log
         )
         p.add_argument(
             "--listen",
