@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -28,6 +29,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +241,15 @@ def test_every_daemon_flag_has_a_variable() -> None:
     for action in own:
         assert re.search(r"env BLOBSTORE_[A-Z_]+", action.help or ""), action.option_strings
     assert set(DAEMON_ENV.values()) <= all_env_names()
+
+
+def test_version(tmp_path: Path) -> None:
+    proc = run_cli(["--version"], cli_env(f"file://{tmp_path / 'store'}", tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (
+        f"blobstore {metadata.version('blobstore')} (Python {platform.python_version()})\n"
+    )
+    assert not (tmp_path / "store").exists()  # nothing opened or created
 
 
 # --------------------------------------------------------------------------- systemd
@@ -486,6 +497,11 @@ def test_image_entrypoint_runs_the_daemon(bundle: Path, tmp_path: Path) -> None:
     )
     assert helped.returncode == 0, helped.stderr
     assert "--listen" in helped.stdout
+    shown = subprocess.run(
+        [*entrypoint[:-1], "--version"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"blobstore {metadata.version('blobstore')} (Python 3.")
     http = free_port()
     env.update(
         BLOBSTORE_STORE="file:///tmp/store",

@@ -18,6 +18,7 @@ from ..config import Config
 from ..logs import FORMATS, LEVELS
 from . import dedup, image, leases, locality, refs, store, sync, transfer
 from .registry import Command, Commands, GlobalOption, Group
+from .version import VersionAction
 
 BUILTIN: tuple[Command | Group, ...] = (
     *transfer.COMMANDS,
@@ -97,6 +98,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="blobstore",
         description="Content-addressed blob store with peer-to-peer fetching.",
     )
+    parser.add_argument("--version", action=VersionAction)
     _add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands = Commands(sub, common)
