@@ -16,7 +16,6 @@ import shutil
 import socket
 import ssl
 import struct
-import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from certs import make_ca, make_leaf
 from daemons import daemon, wait_until
 from helpers import cli_env, make_tree, run_cli
 from s3server import free_ports
@@ -375,72 +375,6 @@ class Pki:
         return ctx
 
 
-def _openssl(*args: str | Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
-
-
-def _make_ca(root: Path, name: str) -> tuple[Path, Path]:
-    cert, key = root / f"{name}.crt", root / f"{name}.key"
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        key,
-        "-out",
-        cert,
-        "-days",
-        "2",
-        "-subj",
-        f"/CN={name}",
-    )
-    return cert, key
-
-
-def _make_leaf(root: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
-    cert, key, csr, ext = (root / f"{name}.{s}" for s in ("crt", "key", "csr", "ext"))
-    ext.write_text(
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
-        "extendedKeyUsage=serverAuth,clientAuth\n"
-    )
-    _openssl(
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        key,
-        "-out",
-        csr,
-        "-subj",
-        f"/CN={name}",
-    )
-    _openssl(
-        "x509",
-        "-req",
-        "-in",
-        csr,
-        "-CA",
-        ca[0],
-        "-CAkey",
-        ca[1],
-        "-CAcreateserial",
-        "-out",
-        cert,
-        "-days",
-        "2",
-        "-extfile",
-        ext,
-    )
-    return cert, key
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     """A throwaway cluster CA, one node certificate, and a rogue CA's certificate."""
@@ -450,9 +384,9 @@ def pki(tmp_path: Path) -> Pki:
         pytest.skip("needs the openssl command to make test certificates")
     root = tmp_path / "pki"
     root.mkdir()
-    ca = _make_ca(root, "cluster-ca")
-    rogue_ca = _make_ca(root, "rogue-ca")
-    return Pki(ca[0], _make_leaf(root, "node", ca), _make_leaf(root, "rogue", rogue_ca))
+    ca = make_ca(root, "cluster-ca")
+    rogue_ca = make_ca(root, "rogue-ca")
+    return Pki(ca[0], make_leaf(root, "node", ca), make_leaf(root, "rogue", rogue_ca))
 
 
 def _https_get(
