@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -51,9 +52,18 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
     host, port = listen_address(opts.listen, "--listen")
     http_addr = listen_address(opts.http, "--http") if opts.http else None
     stop = asyncio.Event()
+    on_second_signal: list[Callable[[], None]] = []
+    """A second SIGTERM/SIGINT stops without waiting for answers in flight."""
+
+    def on_signal() -> None:
+        if stop.is_set():
+            for hurry in on_second_signal:
+                hurry()
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         async with AsyncExitStack() as stack:
             tls: TlsContexts | None = None
@@ -106,6 +116,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                 peers=lambda: [p.address for p in directory.live()],
             )
             await stack.enter_async_context(server.serving(host, bound, sock))
+            on_second_signal.append(server.hurry)
             await stack.enter_async_context(directory)
             metrics.peers = lambda: len(directory.live())
             metrics.known_peers = lambda: len(directory.all())
@@ -122,7 +133,12 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                     tls is not None,
                 )
                 http_port = await stack.enter_async_context(
-                    http_serving(app, *http_addr, tls.http if tls else None)
+                    http_serving(
+                        app,
+                        *http_addr,
+                        tls.http if tls else None,
+                        shutdown_timeout=opts.limits.drain_timeout,
+                    )
                 )
             if config.peers.mode == "static":
                 for address in config.peers.static:
@@ -143,6 +159,9 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             log.info("daemon %s serving region %r on %s:%d", node, config.region, host, bound)
             await stop.wait()
             log.info("daemon %s stopping", node)
+            # Answers already asked for go out (up to drain_timeout) while discovery
+            # says goodbye and the HTTP side finishes its own requests.
+            server.drain()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

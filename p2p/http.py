@@ -113,12 +113,18 @@ def _from_loopback(request: web.Request) -> bool:
 
 @asynccontextmanager
 async def http_serving(
-    app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+    *,
+    shutdown_timeout: float = 60.0,
 ) -> AsyncIterator[int]:
-    """Serve ``app`` (over TLS with ``tls``); yield the bound port.
+    """Serve ``app`` (over TLS with ``tls``); yield the bound port. Leaving waits up
+    to ``shutdown_timeout`` for requests being answered.
 
     Raises PeerUnavailable if it cannot listen."""
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)

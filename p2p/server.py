@@ -76,6 +76,9 @@ class ServerLimits:
     """Bytes queued on one connection's socket before its writer waits."""
     max_gossip_peers: int = 256
     """Peers learned from gossip that the daemon keeps (first-hand ones are not capped)."""
+    drain_timeout: float = 10.0
+    """On SIGTERM: seconds the answers already asked for get to be sent (no new
+    connections or requests are taken meanwhile); connections still busy then are closed."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -113,7 +116,7 @@ class ServerLimits:
 class _Session:
     """One authenticated connection's answer queue and what it holds."""
 
-    __slots__ = ("answers", "dropped", "held", "pending", "slots", "stream")
+    __slots__ = ("answers", "dropped", "held", "pending", "reader", "slots", "stream", "waiting")
 
     def __init__(self, stream: FrameStream, limits: ServerLimits) -> None:
         self.stream = stream
@@ -124,6 +127,9 @@ class _Session:
         self.held = 0
         """Units of the daemon's lookup budget this connection holds."""
         self.dropped = False
+        self.reader: asyncio.Task[None] | None = None
+        self.waiting = False
+        """The reader waits for the next request (none is half answered)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,13 +170,20 @@ class PeerServer:
         self._sessions: set[_Session] = set()
         self._budget = asyncio.Semaphore(limits.lookups_per_daemon)
         self._cap_warned = 0.0
+        self._listener: asyncio.Server | None = None
+        self._draining = False
+        self._drain_deadline = 0.0
+        self._drained = asyncio.Event()
+        """Set once draining has no connection left, or when told to hurry."""
 
     @asynccontextmanager
     async def serving(
         self, host: str, port: int, sock: socket.socket | None = None
     ) -> AsyncIterator[int]:
         """Listen on host:port (port 0 picks one), or on ``sock`` if given (already
-        bound: the caller learns the port before serving); yield the bound port."""
+        bound: the caller learns the port before serving); yield the bound port.
+        Leaving closes every connection at once, or after ``drain()`` waits for the
+        answers already asked for (up to ``drain_timeout``)."""
         loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
 
@@ -198,18 +211,71 @@ class PeerServer:
                     )
             except OSError as exc:
                 raise PeerUnavailable(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+            self._listener = server
+            graceful = False
             try:
                 yield server.sockets[0].getsockname()[1]
+                graceful = True
             finally:
+                if graceful and self._draining:  # else (errors, tests) close at once
+                    await self._finish()
                 server.close()
                 for stream in list(self._streams):
                     stream.abort()
                 await server.wait_closed()
 
+    def drain(self) -> None:
+        """Start a graceful stop (SIGTERM): take no new connections nor requests, send
+        the answers already asked for, closing each connection once it has its answers.
+        Leaving ``serving`` waits for that up to ``drain_timeout`` from now."""
+        if self._draining:
+            return
+        self._draining = True
+        self._drain_deadline = asyncio.get_running_loop().time() + self._limits.drain_timeout
+        if self._listener is not None:
+            self._listener.close()
+        serving = {session.stream for session in self._sessions}
+        for stream in self._streams - serving:
+            stream.abort()  # still in its handshake: it has asked nothing
+        for session in self._sessions:
+            if session.waiting and session.reader is not None:
+                session.reader.cancel()  # (a reader amid a request finishes it, then stops)
+        if not self._streams:
+            self._drained.set()
+            return
+        log.info(
+            "finishing %d answers on %d connections (up to %g s)",
+            sum(session.pending for session in self._sessions),
+            len(self._streams),
+            self._limits.drain_timeout,
+        )
+
+    def hurry(self) -> None:
+        """Stop waiting for answers to be sent: close every connection now."""
+        self._drained.set()
+
+    async def _finish(self) -> None:
+        """After ``drain``: wait until every connection has closed, or until its deadline
+        (or ``hurry``); the rest are then closed as they are."""
+        try:
+            async with asyncio.timeout_at(self._drain_deadline):
+                await self._drained.wait()
+        except TimeoutError:
+            unsent = sum(session.pending for session in self._sessions)
+            log.warning(
+                "closing %d connections after %g s with %d answers unsent",
+                len(self._streams),
+                self._limits.drain_timeout,
+                unsent,
+            )
+
     async def _serve_connection(self, stream: FrameStream) -> None:
         try:
             await stream.connected()  # (this task starts before the transport is there)
         except (PeerUnavailable, ProtocolError):
+            stream.abort()
+            return
+        if self._draining:
             stream.abort()
             return
         if len(self._streams) >= self._limits.max_connections:
@@ -251,6 +317,8 @@ class PeerServer:
                 if not self._per_host[host]:
                     del self._per_host[host]
             stream.abort()
+            if self._draining and not self._streams:
+                self._drained.set()
 
     def _refuse(self, stream: FrameStream, why: str) -> None:
         """Close a connection over the caps at once; it never got a buffer."""
@@ -315,9 +383,11 @@ class PeerServer:
         try:
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(self._write_answers(session))
-                reader = tg.create_task(self._read_requests(session, tg))
+                reader = session.reader = tg.create_task(self._read_requests(session, tg))
                 # If the writer stops (peer gone), nothing more will be sent: stop reading.
                 writer.add_done_callback(lambda _: reader.cancel())
+            if self._draining:
+                await stream.aclose()  # the answers still buffered go out first
         finally:
             self._sessions.discard(session)
             self._discard_answers(session)
@@ -325,8 +395,12 @@ class PeerServer:
     async def _read_requests(self, session: _Session, tg: asyncio.TaskGroup) -> None:
         stream = session.stream
         try:
-            while True:
-                frame = await self._next_request(session)
+            while not self._draining:  # a request read is answered whole, even when draining
+                session.waiting = True
+                try:
+                    frame = await self._next_request(session)
+                finally:
+                    session.waiting = False
                 if frame.kind == "get":
                     for chunk_id in messages.ids_field(frame.header, REQUEST_LIMITS):
                         await session.slots.acquire()
@@ -348,7 +422,8 @@ class PeerServer:
             stream.abort()
         except PeerUnavailable:
             pass  # client hung up or idle: answer what is queued, then stop
-        session.answers.put_nowait(None)
+        finally:
+            session.answers.put_nowait(None)  # (also when cancelled: drain, writer gone)
 
     def _answer(self, session: _Session, answer: Answer) -> None:
         """Queue an answer; the caller holds one of the session's slots for it."""

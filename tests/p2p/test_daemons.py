@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import urllib.error
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import anyio
 import pytest
-from daemons import cluster, daemon, wait_until
+from daemons import Daemon, cluster, daemon, wait_until
 from helpers import cli_env, make_big_tree, run_cli, snapshot
 from pulling import pull
 
 from blobstore.catalog import Catalog
-from blobstore.ids import hash_bytes
+from blobstore.hostport import split_hostport
+from blobstore.ids import ChunkId, hash_bytes
 from blobstore.stores import open_object_store
+from p2p.client import Identity, open_connection
 
 pytestmark = pytest.mark.anyio
 
@@ -238,3 +243,83 @@ def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     assert proc.stderr.strip().splitlines() == [
         f"blobstore: error: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
+
+
+async def _chunks(store: str, ref: str) -> dict[ChunkId, int]:
+    """``ref``'s unique chunk ids and sizes."""
+    async with open_object_store(store) as objects:
+        catalog = Catalog(objects)
+        tree = await catalog.load_tree(await catalog.resolve(ref))
+    return {c.id: c.size for c in tree.chunk_refs()}
+
+
+async def _answering(d: Daemon) -> bool:
+    """Whether ``d`` has begun sending chunks."""
+    metrics = await asyncio.to_thread(d.metrics)
+    return metrics["blobstore_peer_chunks_served_total"] > 0
+
+
+async def _refused(address: str) -> bool:
+    """Whether a new connection to ``address`` is refused (else it is closed again)."""
+    host, port = split_hostport(address) or ("", 0)
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    try:
+        with anyio.fail_after(20):
+            while not await check():  # noqa: ASYNC110 - polling another process
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def test_sigterm_finishes_answers_in_flight_then_exits_0(
+    pushed: tuple[str, Path], tmp_path: Path
+) -> None:
+    """SIGTERM: no new connection is taken, but every chunk already asked for is
+    sent (and verifies) before the daemon closes the connection and exits 0."""
+    store, _ = pushed
+    sizes = await _chunks(store, "apps/demo")
+    asked = [*sizes, *sizes]  # ~2 x 48 MiB: far more than the socket buffers hold
+    with daemon(store, tmp_path / "d", listen="127.0.0.1:0", peers="none") as d:
+        conn = await open_connection(d.listen, Identity("probe", "default"))
+        async with asyncio.TaskGroup() as tg:
+            # One request for all of them; nothing is read yet, so the daemon is
+            # soon blocked sending, with most answers still to go.
+            gets = [tg.create_task(conn.get(chunk_id)) for chunk_id in asked]
+            await _eventually(lambda: _answering(d), "answers under way")
+            d.proc.send_signal(signal.SIGTERM)
+            await _eventually(lambda: _refused(d.listen), "the listener to close")
+            tg.create_task(conn.read_loop())
+        assert [len(task.result()) for task in gets] == [sizes[c] for c in asked]  # verified
+        assert d.proc.wait(30) == 0
+        log = d.log_text()
+        assert "finishing" in log
+        assert "unsent" not in log
+        assert "Traceback" not in log
+        await conn.aclose()
+
+
+async def test_sigterm_stops_within_the_drain_bound_when_a_client_never_reads(
+    pushed: tuple[str, Path], tmp_path: Path
+) -> None:
+    store, _ = pushed
+    sizes = await _chunks(store, "apps/demo")
+    args = ["--limit", "drain_timeout=0.5"]
+    with daemon(store, tmp_path / "d", listen="127.0.0.1:0", peers="none", args=args) as d:
+        conn = await open_connection(d.listen, Identity("probe", "default"))
+        stuck = [asyncio.ensure_future(conn.get(chunk_id)) for chunk_id in sizes]
+        await _eventually(lambda: _answering(d), "answers under way")
+        d.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(d.proc.wait, 30) == 0  # not held up by the client
+        assert "answers unsent" in d.log_text()
+        conn.stream.abort()
+        for task in stuck:
+            task.cancel()
+        await asyncio.gather(*stuck, return_exceptions=True)
