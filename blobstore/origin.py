@@ -54,7 +54,7 @@ from .spans import Piece, Span, SpanCutter, join, plan_spans
 
 log = logging.getLogger(__name__)
 
-_FILE_BATCH = 4 << 20
+_FILE_BATCH = 1 << 20
 """Bytes of neighbouring chunks a span read by threads reads and verifies in one
 worker-thread hop (a larger chunk takes a hop of its own): memory per span in
 flight, against one loop round trip per hop."""
