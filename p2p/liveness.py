@@ -2,11 +2,12 @@
 
 Liveness comes from our own checks, never from mDNS TTLs (which keep a crashed
 peer listed for ~19 minutes): a broken connection marks a peer down at once,
-an idle peer is pinged every ``interval``, and a down peer is retried with
-exponential backoff.
+a peer with requests outstanding is pinged when quiet for ``interval``, an idle
+one at most ``checks_per_second`` pings a second across the directory, and a
+down peer is retried with exponential backoff.
 
 Membership comes from a static list, mDNS, the node's own daemon, and gossip:
-every pong lists the live peers its sender sees, and unknown ones are added
+every pong lists a sample of the live peers its sender sees, and unknown ones are added
 (source "gossip"). So one reachable daemon is enough to find the whole region,
 and a gossiped peer that keeps failing is forgotten again.
 
@@ -52,10 +53,18 @@ class Timing:
     backoff_max: float = 30.0
     forget_after: int = 5
     """Failed checks in a row after which a gossiped peer that once answered is dropped."""
+    checks_per_second: float = 100.0
+    """Checks of idle peers a directory makes per second at most: with more peers than
+    ``interval`` x this, an idle peer is pinged less often (1,000 peers: every 10 s), so
+    liveness costs a bounded rate whatever the region's size (every second each, it was
+    ~1,000 pings a second per daemon). A peer with requests outstanding is still checked
+    every ``interval``: a dead one is dropped within ``interval`` + ``timeout``."""
 
 
-MAX_GOSSIP_PEERS = 256
-"""Default cap on the peers a directory keeps from gossip alone."""
+MAX_GOSSIP_PEERS = 2048
+"""Default cap on the peers a directory keeps from gossip alone: above a region's size
+(a cap below it, 256 before, left each node of a 1,000-node gossip-only region with a
+different quarter of the peers, so nodes disagreed on homes), still a bound (~1 MiB)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -221,10 +230,16 @@ class PeerDirectory:
         assert self._tg is not None
         while True:
             now = time.monotonic()
+            busy = self.timing.interval
+            idle = max(busy, len(self._peers) / self.timing.checks_per_second)
             due = [
                 p
                 for p in self._peers.values()
-                if now >= p.retry_at and (not p.up or now - p.last_ok >= self.timing.interval)
+                if now >= p.retry_at
+                and (
+                    not p.up
+                    or now - p.last_ok >= (busy if p.conn is not None and p.conn.pending else idle)
+                )
             ]
             if due:
                 async with asyncio.TaskGroup() as checks:

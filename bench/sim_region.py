@@ -1,0 +1,749 @@
+"""Discrete-event simulation of a region: the REAL peer code on a simulated network and clock.
+
+    .venv/bin/python bench/sim_region.py [--nodes 1000] [--size 20G] [--unit 64M] [--scenario a]
+
+What runs for real (imported from p2p/, unchanged): ``PeerDirectory`` (liveness checks,
+backoff, gossip intake and its caps), ``PeerTier.fetch`` (rendezvous ordering, per-peer
+windows, hedging, fall-through, give-up), ``ChunkProvider`` (cache lookups, home-only
+single-flight read-through), ``placement`` (rendezvous) and ``messages.pong``/``peers_field``
+(what a pong lists and how it is checked). Only the sockets are simulated: ``open_connection``
+(liveness.py's dialler) is replaced by a ``SimConnection`` whose ``get``/``ping`` go through
+the simulated network to the target node's real ``ChunkProvider``; ``PeerServer``'s framing
+is not run (its per-connection and per-daemon lookup budgets are modelled as semaphores).
+The node store and the object store are simulated (a set of ids and FIFO-served links).
+
+The clock is virtual: ``VirtualLoop`` is an asyncio event loop whose ``time()`` jumps to the
+next timer when nothing is ready, and ``time.monotonic`` in liveness.py/peertier.py reads it
+(those modules are handed a stand-in ``time`` module), so asyncio timeouts, hedging delays,
+ping intervals and backoffs all run in simulated seconds.
+
+Network model: each node has one uplink and one downlink (``--nic`` bytes/s each), each a FIFO
+queue; a transfer is queued on the sender's uplink and the receiver's downlink and is through
+when both have carried it (plus half an RTT each way) -- the links are not coupled, which is
+optimistic for a node fed by many senders at once but has no convoys. The object store answers
+after ``--origin-latency`` and serves through one shared link of ``--origin-bw`` (FIFO).
+Disk writes are FIFO per node at ``--disk``. A killed node stops answering silently (a host
+that died: no RST, connects time out).
+
+A transfer unit is a span of ``--unit`` bytes standing for a run of real ~1 MiB chunks:
+1,000 nodes x 20 GiB in 1 MiB chunks would be 20 M deliveries (hours of Python); in 64 MiB
+spans it is 320 k. Placement figures that depend on granularity (home balance, homes moved
+by churn) are also computed with the real ``placement`` over real-sized chunk ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import random
+import selectors
+import statistics
+import sys
+import time
+import types
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, cast
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from blobstore.config import parse_size  # noqa: E402
+from blobstore.errors import ChunkMissing, CorruptChunk, PeerUnavailable  # noqa: E402
+from blobstore.ids import ChunkId  # noqa: E402
+from blobstore.manifest import ChunkRef  # noqa: E402
+from p2p import liveness, messages, peertier, placement  # noqa: E402
+from p2p.client import Identity, SelfConnection  # noqa: E402
+from p2p.liveness import Peer, PeerDirectory, Timing  # noqa: E402
+from p2p.metrics import Metrics  # noqa: E402
+from p2p.peertier import PeerTier, TierTuning  # noqa: E402
+from p2p.provider import ChunkProvider  # noqa: E402
+from p2p.server import ServerLimits  # noqa: E402
+
+# ---------------------------------------------------------------------- virtual clock
+
+
+class _Deadlock(RuntimeError):
+    pass
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    """Never sleeps: a wait for the next timer advances the virtual clock instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        if timeout is None:
+            raise _Deadlock("nothing scheduled and nothing ready: the simulation is stuck")
+        if timeout > 0:
+            self.now += timeout
+        return super().select(0)
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        self._clock = _JumpingSelector()
+        super().__init__(self._clock)
+        self._clock_resolution = 1e-9
+
+    def time(self) -> float:
+        return self._clock.now
+
+
+def _virtual_time_module(loop: VirtualLoop) -> types.ModuleType:
+    fake = types.ModuleType("time")
+    fake.monotonic = loop.time  # type: ignore[attr-defined]
+    return fake
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    nic: float = 25e9 / 8
+    """Bytes per second, each of uplink and downlink (25 Gbit/s)."""
+    rtt: float = 0.0005
+    disk: float = 2e9
+    origin_latency: float = 0.03
+    origin_bw: float = 12.5e9
+    """Aggregate object-store bandwidth for the region (100 Gbit/s)."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    nodes: int
+    start_rate: float = 0.0
+    """Nodes started per second (0: all at once)."""
+    kill_fraction: float = 0.0
+    join_fraction: float = 0.0
+    churn_at: float = 0.5
+    """Kill/join when this fraction of the pull has been delivered on average."""
+    slow_homes: int = 0
+    liars: int = 0
+    split: bool = False
+    gossip_seed: bool = False
+
+
+# ---------------------------------------------------------------------- simulated world
+
+
+class SimData:
+    """A chunk's stand-in: its id, its length, and whether its bytes are the right ones."""
+
+    __slots__ = ("chunk_id", "good", "size")
+
+    def __init__(self, chunk_id: ChunkId, size: int, good: bool = True) -> None:
+        self.chunk_id, self.size, self.good = chunk_id, size, good
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class Link:
+    """A FIFO-served pipe of ``rate`` bytes/s."""
+
+    __slots__ = ("free_at", "rate")
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.free_at = rate, 0.0
+
+    def reserve(self, now: float, size: int) -> float:
+        """Queue ``size`` bytes behind what the link already carries; when they are through."""
+        self.free_at = max(now, self.free_at) + size / self.rate
+        return self.free_at
+
+
+class World:
+    def __init__(self, cfg: NetConfig, loop: VirtualLoop) -> None:
+        self.cfg = cfg
+        self.loop = loop
+        self.nodes: dict[str, SimNode] = {}
+        self.by_address: dict[str, SimNode] = {}
+        self.origin_link = Link(cfg.origin_bw)
+        self.origin_reads: Counter[ChunkId] = Counter()
+        self.sizes: dict[ChunkId, int] = {}
+        self.gossip_bytes: Counter[str] = Counter()
+
+    async def until(self, done: Callable[[], bool], deadline: float = math.inf) -> None:
+        """Check ``done`` every 50 simulated ms until it holds or ``deadline`` passes."""
+        while True:
+            if done() or self.loop.time() >= deadline:
+                return
+            await asyncio.sleep(0.05)
+
+    def reachable(self, a: SimNode, b: SimNode) -> bool:
+        return b.alive and a.side == b.side
+
+    async def transfer(self, src: SimNode, dst: SimNode, size: int) -> None:
+        now = self.loop.time()
+        src.uploaded += size
+        end = max(src.up.reserve(now, size), dst.down.reserve(now, size))
+        await asyncio.sleep(end - now + self.cfg.rtt / 2)
+
+    async def origin_get(self, node: SimNode, chunk_id: ChunkId) -> SimData:
+        await asyncio.sleep(self.cfg.origin_latency)
+        size = self.sizes[chunk_id]
+        now = self.loop.time()
+        self.origin_reads[chunk_id] += 1
+        end = max(self.origin_link.reserve(now, size), node.down.reserve(now, size))
+        await asyncio.sleep(end - now)
+        return SimData(chunk_id, size)
+
+
+class SimStore:
+    """The node store: which chunks a node holds; writes take disk time."""
+
+    def __init__(self, node: SimNode) -> None:
+        self.node = node
+        self.held: set[ChunkId] = set()
+        self.disk = Link(node.world.cfg.disk)
+
+    def contains(self, chunk_id: ChunkId) -> bool:
+        return chunk_id in self.held
+
+    async def get(self, chunk_id: ChunkId) -> SimData:
+        return SimData(chunk_id, self.node.world.sizes[chunk_id])
+
+    async def put(self, chunk_id: ChunkId, data: object) -> None:
+        size = len(cast(SimData, data))
+        now = self.node.world.loop.time()
+        self.disk.free_at = max(now, self.disk.free_at) + size / self.disk.rate
+        self.held.add(chunk_id)  # in the node store from now on (writes are buffered)
+        await asyncio.sleep(self.disk.free_at - now)
+
+
+class SimOrigin:
+    """The object store as one node's read-through sees it."""
+
+    def __init__(self, node: SimNode) -> None:
+        self.node = node
+
+    async def get(self, chunk_id: ChunkId) -> SimData:
+        return await self.node.world.origin_get(self.node, chunk_id)
+
+
+class _Stream:
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: SimConnection) -> None:
+        self.conn = conn
+
+    def abort(self) -> None:
+        self.conn.close(PeerUnavailable(f"connection to {self.conn.address} closed"))
+
+
+class SimConnection:
+    """What liveness.py and peertier.py use of a ``PeerConnection``, over the simulated net."""
+
+    __slots__ = ("_ended", "_waiting", "client", "closed", "server", "stream")
+    region = "sim"
+
+    def __init__(self, client: SimNode, server: SimNode) -> None:
+        self.client, self.server = client, server
+        self.stream = _Stream(self)
+        self.closed = False
+        self._ended: asyncio.Future[None] = client.world.loop.create_future()
+        self._waiting: set[asyncio.Future[Any]] = set()
+        server.inbound += 1
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def node(self) -> str:
+        return self.server.name
+
+    @property
+    def pending(self) -> int:
+        return len(self._waiting)
+
+    def close(self, exc: Exception) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.inbound -= 1
+        for fut in self._waiting:
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()
+        self._waiting.clear()
+        self._ended.set_result(None)
+
+    def read_loop(self) -> asyncio.Future[None]:
+        return self._ended  # awaited by liveness.py like the real coroutine
+
+    async def _call(self, work: Callable[[asyncio.Future[Any]], Any]) -> Any:
+        if self.closed:
+            raise PeerUnavailable(f"connection to {self.address} closed")
+        fut: asyncio.Future[Any] = self.client.world.loop.create_future()
+        self._waiting.add(fut)
+        server = self.server
+        if (
+            server.alive
+            and server.tg is not None
+            and self.client.world.reachable(self.client, server)
+        ):
+            server.tg.create_task(work(fut))
+        try:
+            return await fut
+        finally:
+            self._waiting.discard(fut)
+
+    async def get(self, chunk_id: ChunkId) -> SimData:
+        data = cast(SimData, await self._call(lambda fut: self.server.serve(self, chunk_id, fut)))
+        if not data.good:  # what the real client's BLAKE3 check finds
+            raise CorruptChunk(chunk_id, f"peer {self.address}", "0" * 64)
+        return data
+
+    async def ping(self) -> dict[str, Any]:
+        return cast(dict[str, Any], await self._call(lambda fut: self.server.pong(self, fut)))
+
+    async def has(self, chunk_ids: list[ChunkId]) -> list[bool]:
+        return [c in self.server.store.held for c in chunk_ids]
+
+
+class SimNode:
+    def __init__(self, world: World, index: int, cfg: NetConfig) -> None:
+        self.world = world
+        self.name = f"n{index:04d}"
+        self.address = f"10.{index // 250}.{index % 250}.1:7070"
+        self.up, self.down = Link(cfg.nic), Link(cfg.nic)
+        self.alive = False
+        self.side = 0
+        self.slow = 1.0
+        self.liar = False
+        self.uploaded = 0
+        self.inbound = 0
+        """Connections open to this node's server (ServerLimits.max_connections caps them)."""
+        self.store = SimStore(self)
+        self.directory: PeerDirectory | None = None
+        self.provider: ChunkProvider | None = None
+        self.tg: asyncio.TaskGroup | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.budget = asyncio.Semaphore(96)  # ServerLimits.lookups_per_daemon
+        self.started = self.done_at = 0.0
+        self.delivered = 0
+        self.bad = 0
+        self.first_asked_dead: dict[str, float] = {}
+        self.last_asked_dead: dict[str, float] = {}
+
+    async def serve(self, conn: SimConnection, chunk_id: ChunkId, fut: asyncio.Future[Any]) -> None:
+        world = self.world
+        await asyncio.sleep(world.cfg.rtt / 2)
+        if not conn.client.alive:
+            return
+        async with self.budget:
+            assert self.provider is not None
+            data, _tier = await self.provider.lookup(chunk_id)
+        if data is None:
+            await asyncio.sleep(world.cfg.rtt / 2)
+            if not fut.done():
+                fut.set_exception(ChunkMissing(chunk_id, f"peer {self.address}"))
+            return
+        sized = cast(SimData, data)
+        size = sized.size
+        if self.slow != 1.0:
+            await asyncio.sleep(size / self.up.rate * (self.slow - 1))
+        await world.transfer(self, conn.client, size)
+        if not fut.done():
+            fut.set_result(SimData(chunk_id, size, good=not self.liar))
+
+    async def pong(self, conn: SimConnection, fut: asyncio.Future[Any]) -> None:
+        assert self.directory is not None
+        await asyncio.sleep(self.world.cfg.rtt)
+        header = messages.pong(self.name, "sim", [p.address for p in self.directory.live()])
+        self.world.gossip_bytes[self.name] += 24 + sum(len(a) + 1 for a in header["peers"])
+        if not fut.done():
+            fut.set_result(header)
+
+    def is_home(self, chunk_id: ChunkId) -> bool:
+        assert self.directory is not None
+        nodes = [p.node for p in self.directory.live()] + [self.name]
+        return placement.home(nodes, chunk_id) == self.name
+
+
+class _PullView:
+    """The pull's view of the peers: its daemon's directory plus that daemon itself.
+
+    A real pull opens its own directory over the same static list and the node's local
+    daemon; sharing the daemon's one halves the simulated liveness traffic."""
+
+    def __init__(self, node: SimNode) -> None:
+        assert node.directory is not None
+        self._directory = node.directory
+        self._local = Peer(node.address, "local", node.name, "sim", up=True, status="up")
+        self._local.conn = cast(Any, SimConnection(node, node))
+
+    def live(self) -> list[Peer]:
+        return [*self._directory.live(), self._local]
+
+    def connection(self, peer: Peer) -> Any:
+        if peer is self._local:
+            return peer.conn
+        return self._directory.connection(peer)
+
+    def mark_ok(self, peer: Peer) -> None:
+        if peer is not self._local:
+            self._directory.mark_ok(peer)
+
+    def mark_down(self, peer: Peer, reason: str) -> None:
+        if peer is not self._local:
+            self._directory.mark_down(peer, reason)
+
+
+# ---------------------------------------------------------------------- one run
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    unit: int
+    unique: int
+    origin: int
+    uploads: list[int]
+    times: list[float]
+    incomplete: int
+    bad: int
+    dead_asked: list[float]
+    moved: float | None
+    convergence: float | None
+    gossip_rate: float
+    membership_bytes: int
+    wall: float
+    hedges: int
+    tier_errors: int
+    asks_per_unit: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def model_set(total: int, unit: int, seed: int) -> list[ChunkRef]:
+    rng = random.Random(seed)
+    refs = []
+    left = total
+    while left > 0:
+        size = min(unit, left)
+        refs.append(ChunkRef(ChunkId(rng.randbytes(32).hex()), size))
+        left -= size
+    return refs
+
+
+async def _run(
+    scn: Scenario, cfg: NetConfig, refs: list[ChunkRef], args: argparse.Namespace
+) -> Result:
+    loop = cast(VirtualLoop, asyncio.get_running_loop())
+    world = World(cfg, loop)
+    for ref in refs:
+        world.sizes[ref.id] = ref.size
+    total_nodes = scn.nodes + int(scn.nodes * scn.join_fraction)
+    nodes = [SimNode(world, i, cfg) for i in range(total_nodes)]
+    for n in nodes:
+        world.nodes[n.name] = n
+        world.by_address[n.address] = n
+    first = nodes[: scn.nodes]
+    joiners = nodes[scn.nodes :]
+    timing = Timing(interval=args.interval, timeout=args.timeout)
+
+    async def dial(address: str, me: Identity, handshake_timeout: float = 5.0) -> SimConnection:
+        client, server = world.nodes[me.node], world.by_address.get(address)
+        if server is None or not world.reachable(client, server):
+            await asyncio.sleep(handshake_timeout)  # SYN unanswered
+            raise PeerUnavailable(f"connect to {address} timed out")
+        await asyncio.sleep(1.5 * cfg.rtt)
+        if server is client:
+            raise SelfConnection(address)
+        if server.inbound >= args.max_connections:  # PeerServer closes it on accept
+            raise PeerUnavailable(f"{address} closed the connection")
+        return SimConnection(client, server)
+
+    liveness.open_connection = dial  # type: ignore[assignment]
+
+    rng = random.Random(args.seed)
+    for liar in rng.sample(first, scn.liars):
+        liar.liar = True
+    for slow in rng.sample([n for n in first if not n.liar], scn.slow_homes):
+        slow.slow = 10.0
+    if scn.split:
+        for n in nodes:
+            n.side = int(n.name[1:]) % 2
+    if scn.gossip_seed:
+        seeds = {n.name: [first[0].address] for n in nodes}
+    else:
+        seeds = {n.name: [m.address for m in nodes] for n in nodes}
+
+    all_started = asyncio.Event()
+
+    async def node_main(node: SimNode, pull: bool) -> None:
+        node.alive = True
+        directory = PeerDirectory(Identity(node.name, "sim"), timing, args.max_gossip)
+        node.directory = directory
+        async with directory, asyncio.TaskGroup() as tg:
+            node.tg = tg
+            node.provider = ChunkProvider(
+                cast(Any, node.store), cast(Any, SimOrigin(node)), node.is_home, Metrics(), tg
+            )
+            for address in seeds[node.name]:
+                directory.add(address, "static")
+            if not pull:
+                await asyncio.Event().wait()
+            await settle(directory)
+            node.started = loop.time()
+            tier = PeerTier(cast(Any, _PullView(node)), replace(TierTuning(), **args.tuning))
+            await pull_all(node, tier)
+            node.done_at = loop.time()
+            await asyncio.Event().wait()  # keeps serving
+
+    async def settle(directory: PeerDirectory) -> None:
+        # What plugin._settle_for_pull does for a static list: every peer checked once.
+        try:
+            async with asyncio.timeout(args.timeout + 1):
+                await directory.checked.wait()
+        except TimeoutError:
+            pass
+
+    async def pull_all(node: SimNode, tier: PeerTier) -> None:
+        async def sink(ref: ChunkRef, data: Any) -> None:
+            if not isinstance(data, SimData) or data.chunk_id != ref.id or not data.good:
+                node.bad += 1
+            node.delivered += ref.size
+            await node.store.put(ref.id, data)
+
+        for start in range(0, len(refs), args.window):
+            window = refs[start : start + args.window]
+            left = await tier.fetch(window, cast(Any, sink))
+            for ref in left:  # the tier list's next source: the object store
+                await sink(ref, await world.origin_get(node, ref.id))
+        node.hedges = tier.stats["hedges"]  # type: ignore[attr-defined]
+        node.errors = tier.stats["errors"]  # type: ignore[attr-defined]
+
+    # Who asks a dead peer, and until when: wrap the tier's ask (the real one still runs).
+    real_ask = PeerTier._ask
+    asks = [0]
+
+    async def watched_ask(self: PeerTier, peer: Peer, chunk_id: ChunkId) -> Any:
+        asks[0] += 1
+        target = world.nodes.get(peer.node)
+        if target is not None and not target.alive and target.done_at < 0:
+            asker = cast(_PullView, self._directory)._local.node
+            me = world.nodes[asker]
+            me.first_asked_dead.setdefault(peer.node, loop.time())
+            me.last_asked_dead[peer.node] = loop.time()
+        return await real_ask(self, peer, chunk_id)
+
+    PeerTier._ask = watched_ask  # type: ignore[method-assign]
+
+    wall = time.perf_counter()
+    killed: list[SimNode] = []
+    kill_time = 0.0
+    async with asyncio.TaskGroup() as tg:
+        for i, node in enumerate(first):
+            if scn.start_rate:
+                await asyncio.sleep(max(0.0, i / scn.start_rate - loop.time()))
+            node.task = tg.create_task(node_main(node, True))
+        all_started.set()
+        if scn.kill_fraction or scn.join_fraction:
+            goal = scn.churn_at * len(refs) and scn.churn_at * sum(r.size for r in refs)
+            await world.until(lambda: statistics.fmean(n.delivered for n in first) >= goal)
+            kill_time = loop.time()
+            killed = rng.sample(first[1:], int(scn.nodes * scn.kill_fraction))
+            for node in killed:
+                node.alive = False
+                node.done_at = -1.0
+                assert node.task is not None
+                node.task.cancel()
+            for node in joiners:
+                node.task = tg.create_task(node_main(node, True))
+        pullers = [n for n in nodes if n not in killed]
+        deadline = loop.time() + args.max_time
+        await world.until(lambda: all(n.done_at > 0 for n in pullers), deadline)
+        convergence = None
+        if scn.gossip_seed:
+            target = min(len(pullers) - 1, args.max_gossip)
+            while loop.time() < deadline:
+                if all(n.directory and len(n.directory.live()) >= target for n in pullers):
+                    convergence = loop.time()
+                    break
+                await asyncio.sleep(0.1)
+        # Gossip rate: pong bytes over a quiet 5 s window after the pulls.
+        world.gossip_bytes.clear()
+        quiet_from = loop.time()
+        await asyncio.sleep(5.0)
+        gossip_rate = sum(world.gossip_bytes.values()) / len(pullers) / (loop.time() - quiet_from)
+        membership = _membership_bytes(pullers)
+        for node in nodes:
+            if node.task is not None:
+                node.task.cancel()
+    unique = sum(r.size for r in refs)
+    dead_asked = [
+        max(n.last_asked_dead.values()) - kill_time for n in pullers if n.last_asked_dead
+    ] + [0.0] * sum(1 for n in pullers if not n.last_asked_dead and killed)
+    return Result(
+        scenario=scn,
+        unit=refs[0].size,
+        unique=unique,
+        origin=sum(world.sizes[c] * k for c, k in world.origin_reads.items()),
+        uploads=[n.uploaded for n in pullers],
+        times=[n.done_at - n.started for n in pullers if n.done_at > 0],
+        incomplete=sum(1 for n in pullers if n.done_at <= 0),
+        bad=sum(n.bad for n in pullers),
+        dead_asked=dead_asked,
+        moved=None,
+        convergence=None if convergence is None else convergence,
+        gossip_rate=gossip_rate,
+        membership_bytes=membership,
+        wall=time.perf_counter() - wall,
+        hedges=sum(getattr(n, "hedges", 0) for n in pullers),
+        tier_errors=sum(getattr(n, "errors", 0) for n in pullers),
+        asks_per_unit=asks[0] / (len(refs) * len(pullers)),
+    )
+
+
+def _membership_bytes(nodes: list[SimNode]) -> int:
+    """The largest directory's membership state: its peer table, each ``Peer`` and the
+    strings it holds, and the shunned list (connections are the transport's, not counted)."""
+    worst = 0
+    for node in nodes:
+        directory = node.directory
+        if directory is None:
+            continue
+        table = directory._peers
+        size = sys.getsizeof(table) + sys.getsizeof(directory._shunned)
+        for address, peer in table.items():
+            size += sys.getsizeof(address) + sys.getsizeof(peer)
+            size += sys.getsizeof(peer.node) + sys.getsizeof(peer.status) + 3 * 24
+        worst = max(worst, size)
+    return worst
+
+
+# ---------------------------------------------------------------------- placement, real chunk sizes
+
+
+def placement_figures(nodes: int, chunks: int, seed: int) -> dict[str, float]:
+    """Home balance and homes moved by one node leaving, with real ``placement`` over
+    ``chunks`` real-sized (~1 MiB) chunk ids among ``nodes`` nodes."""
+    rng = random.Random(seed)
+    names = [f"n{i:04d}" for i in range(nodes)]
+    ids = [rng.randbytes(32).hex() for _ in range(chunks)]
+    homes = [placement.home(names, c) for c in ids]
+    load = Counter(homes)
+    gone = names[rng.randrange(nodes)]
+    rest = [n for n in names if n != gone]
+    moved = sum(1 for c, h in zip(ids, homes, strict=True) if placement.home(rest, c) != h)
+    return {
+        "home_max_mean": max(load[n] for n in names) / (chunks / nodes),
+        "moved_times_n": moved / chunks * nodes,
+    }
+
+
+# ---------------------------------------------------------------------- report
+
+
+def table(results: list[Result]) -> str:
+    head = (
+        "| scenario | nodes | origin/unique | upload max/mean | p50 s | p99 s | max s "
+        "| incomplete | bad bytes | dead asked p99 s | gossip B/node/s | membership B "
+        "| asks/unit | hedges | wall s |"
+    )
+    lines = [head, "|" + "---|" * 15]
+    for r in results:
+        up = [u for u in r.uploads]
+        mean = statistics.fmean(up) or 1
+        lines.append(
+            f"| {r.scenario.key}: {r.scenario.title} | {len(r.uploads)} "
+            f"| {r.origin / r.unique:.3f} | "
+            f"{max(up) / mean:.2f} | {_pct(r.times, 0.5):.1f} | {_pct(r.times, 0.99):.1f} | "
+            f"{max(r.times, default=float('nan')):.1f} | {r.incomplete} | {r.bad} | "
+            f"{_pct(r.dead_asked, 0.99) if r.dead_asked else '-'} | {r.gossip_rate:.0f} | "
+            f"{r.membership_bytes} | {r.asks_per_unit:.2f} | {r.hedges} | {r.wall:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+SCENARIOS: dict[str, Callable[[int], Scenario]] = {
+    "a": lambda n: Scenario("a", "all start at once", n),
+    "b": lambda n: Scenario("b", "rolling start 50/s", n, start_rate=50.0),
+    "c": lambda n: Scenario("c", "10% killed, 10% join", n, kill_fraction=0.1, join_fraction=0.1),
+    "d": lambda n: Scenario(
+        "d", "slow homes (1/10) + liars", n, slow_homes=max(1, n // 100), liars=max(1, n // 100)
+    ),
+    "e": lambda n: Scenario("e", "split in two halves", n, split=True),
+    "f": lambda n: Scenario(
+        "f",
+        "gossip from one seed + churn",
+        n,
+        gossip_seed=True,
+        kill_fraction=0.05,
+        join_fraction=0.05,
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=1000)
+    ap.add_argument("--size", default="20G")
+    ap.add_argument("--unit", default="64M")
+    ap.add_argument("--scenario", default="a", help="letters among abcdef, e.g. 'ac'")
+    ap.add_argument("--window", type=int, default=64, help="refs per PeerTier.fetch call")
+    ap.add_argument("--interval", type=float, default=1.0, help="liveness ping interval, s")
+    ap.add_argument("--timeout", type=float, default=3.0, help="liveness timeout, s")
+    ap.add_argument("--max-gossip", type=int, default=liveness.MAX_GOSSIP_PEERS)
+    ap.add_argument("--max-time", type=float, default=900.0, help="simulated seconds")
+    ap.add_argument(
+        "--max-connections",
+        type=int,
+        default=ServerLimits().max_connections,
+        help="connections a daemon accepts (ServerLimits.max_connections)",
+    )
+    ap.add_argument("--placement-chunks", type=int, default=20480)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--peers-per-chunk", type=int, default=0, help="TierTuning.peers_per_chunk (0: default)"
+    )
+    args = ap.parse_args(argv)
+    args.tuning = {}
+    if args.peers_per_chunk:
+        args.tuning["peers_per_chunk"] = args.peers_per_chunk
+    cfg = NetConfig()
+    refs = model_set(parse_size(args.size), parse_size(args.unit), args.seed)
+    results = []
+    for key in args.scenario:
+        scn = SCENARIOS[key](args.nodes)
+        loop = VirtualLoop()
+        fake_time = _virtual_time_module(loop)
+        liveness.time = fake_time  # type: ignore[attr-defined]
+        peertier.time = fake_time  # type: ignore[attr-defined]
+        try:
+            result = loop.run_until_complete(_run(scn, cfg, refs, args))
+        finally:
+            loop.close()
+        results.append(result)
+        print(table([result]), flush=True)
+    figures = placement_figures(args.nodes, args.placement_chunks, args.seed)
+    print()
+    print(table(results))
+    print(
+        f"\nplacement at ~1 MiB granularity ({args.placement_chunks} chunks, {args.nodes} nodes): "
+        f"home bytes max/mean {figures['home_max_mean']:.2f}; one node leaving moves "
+        f"{figures['moved_times_n']:.2f}/N of the homes (ideal 1/N)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
