@@ -115,9 +115,9 @@ class Client:
         Raises ConfigError, Unavailable."""
         async with AsyncExitStack() as stack:
             store = await stack.enter_async_context(
-                LazyObjectStore(config.store_url)
+                LazyObjectStore(config.store_url, config.s3)
                 if lazy_store
-                else open_object_store(config.store_url)
+                else open_object_store(config.store_url, config.s3)
             )
             cache = await stack.enter_async_context(NodeStore(config.cache))
             peer: ChunkSource | None = None

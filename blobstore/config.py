@@ -8,6 +8,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal, get_args
+from urllib.parse import urlsplit
 
 import platformdirs
 
@@ -108,6 +110,100 @@ class PeerConfig:
         return cls(mode="static", static=peers, token=token)
 
 
+AddressingStyle = Literal["auto", "path", "virtual"]
+ADDRESSING_STYLES: tuple[str, ...] = get_args(AddressingStyle)
+_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """How to reach S3, resolved once (``from_env``) and handed to the store,
+    which reads no environment variable itself (botocore still finds the
+    credentials and the profile's own settings, as the AWS CLI does)."""
+
+    endpoint_url: str | None = None
+    """``http(s)://host[:port]``; None: the profile's configured endpoint
+    (``endpoint_url``, or its ``services`` section), else AWS."""
+    profile: str | None = None
+    """A profile of the AWS config and credentials files; None: the default."""
+    region: str | None = None
+    """None: the profile's region, else us-east-1."""
+    addressing_style: AddressingStyle | None = None
+    """None: the profile's ``s3.addressing_style``, else ``path`` for a custom
+    endpoint (SeaweedFS, MinIO and 127.0.0.1 rarely have bucket DNS names) and
+    ``auto`` for AWS."""
+    use_profile_endpoint: bool = True
+    """False (``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true``): only an explicit
+    ``endpoint_url`` counts, never one configured in the profile."""
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None:
+            check_endpoint_url(self.endpoint_url, "endpoint URL")
+        if self.addressing_style is not None and self.addressing_style not in ADDRESSING_STYLES:
+            raise ConfigError(
+                f"S3 addressing style {self.addressing_style!r} is not one of "
+                + "|".join(ADDRESSING_STYLES)
+            )
+        if self.profile is not None and not self.profile.strip():
+            raise ConfigError("AWS profile name is empty")
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        endpoint_url: str | None = None,
+        profile: str | None = None,
+    ) -> S3Config:
+        """The AWS conventions: ``endpoint_url`` (``--endpoint-url``) wins, then
+        ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` (both ignored, like the
+        profile's endpoint, when ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS`` is
+        true); ``profile`` (``--profile``) wins over ``AWS_PROFILE``; region
+        from ``AWS_REGION`` or ``AWS_DEFAULT_REGION``. Raises ConfigError."""
+        env = os.environ if env is None else env
+        ignore = _boolean(env, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")
+        if endpoint_url is None and not ignore:
+            for var in _ENDPOINT_VARS:
+                if var in env:
+                    endpoint_url = check_endpoint_url(env[var], var)
+                    break
+        elif endpoint_url is not None:
+            endpoint_url = check_endpoint_url(endpoint_url, "--endpoint-url")
+        if profile is None:
+            profile = env.get("AWS_PROFILE") or None
+        elif not profile.strip():
+            raise ConfigError("--profile is empty: name a profile of the AWS config file")
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+        return cls(endpoint_url, profile, region, use_profile_endpoint=not ignore)
+
+
+def check_endpoint_url(value: str, name: str) -> str:
+    """``value`` stripped, if it is ``http(s)://host[:port]``. Raises ConfigError
+    naming ``name`` (the option or variable it came from)."""
+    expected = "expected http://host[:port] or https://host[:port]"
+    if not value.strip():
+        raise ConfigError(f"{name} is set but empty: unset it, or {expected}")
+    try:
+        parts = urlsplit(value.strip())
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port  # raises ValueError for a bad port
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError(f"{name}={value!r} is not an endpoint URL: {expected}")
+    return value.strip()
+
+
+def _boolean(env: Mapping[str, str], var: str) -> bool:
+    """A true/false variable, as botocore reads it (unset: false). Raises ConfigError."""
+    text = env.get(var, "").strip().lower()
+    if text in ("", "false"):
+        return False
+    if text == "true":
+        return True
+    raise ConfigError(f"{var}={env[var]!r}: expected true or false")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     store_url: str
@@ -116,12 +212,14 @@ class Config:
     peers: PeerConfig = field(default_factory=PeerConfig)
     concurrency: int = 16
     """Chunks in flight per pull/push (bounds memory: ~concurrency x 4 MiB)."""
+    s3: S3Config = field(default_factory=S3Config)
+    """Used when ``store_url`` is ``s3://``."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: str | None) -> Config:
         """Build from BLOBSTORE_* variables; non-None ``overrides`` win
         (keys: store, cache, region, peers, token_file, cache_size, tls_cert, tls_key,
-        tls_ca)."""
+        tls_ca, endpoint_url, profile). Raises ConfigError."""
         env = os.environ if env is None else env
 
         def pick(key: str, var: str, default: str) -> str:
@@ -146,11 +244,15 @@ class Config:
         )
         if tls is not None:
             peers = replace(peers, tls=tls)
+        s3 = S3Config.from_env(
+            env, endpoint_url=overrides.get("endpoint_url"), profile=overrides.get("profile")
+        )
         return cls(
             store_url=store,
             cache=CacheConfig(cache_dir, cache_size),
             region=region,
             peers=peers,
+            s3=s3,
         )
 
     def with_peers(self, peers: PeerConfig) -> Config:

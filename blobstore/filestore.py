@@ -31,9 +31,8 @@ import blake3
 
 from .atomic import is_tmp_name, write_atomic
 from .errors import Conflict, ObjectMissing, StoreUnavailable, os_error
-from .objectstore import ObjectInfo
+from .objectstore import ObjectInfo, validate_key, validate_prefix
 from .resource import AsyncResource
-from .stores import validate_key, validate_prefix
 
 T = TypeVar("T")
 

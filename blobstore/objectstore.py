@@ -10,6 +10,10 @@ Both back-ends share one key layout:
 
 Pack and index share a prefix so one LIST of ``packs/`` shows both.
 
+Every back-end checks keys with ``validate_key``: relative ``/`` paths whose
+parts never start with ``.`` (names the file store keeps for its temp and lock
+files), at most ``MAX_KEY_BYTES``.
+
 ``ObjectStore`` is a raw key/value interface; ``OriginSource`` (origin.py)
 turns it into a verified ``ChunkSource``.
 """
@@ -20,6 +24,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
+from .errors import BadInput
 from .ids import ChunkId
 
 CHUNKS = "chunks/"
@@ -27,6 +32,7 @@ PACKS = "packs/"
 INDEX_SUFFIX = ".index"
 MANIFESTS = "manifests/"
 REFS = "refs/"
+MAX_KEY_BYTES = 1024
 
 
 def chunk_key(chunk_id: ChunkId) -> str:
@@ -47,6 +53,34 @@ def manifest_key(manifest_id: ChunkId) -> str:
 
 def ref_key(name: str) -> str:
     return f"{REFS}{name}"
+
+
+def validate_key(key: str) -> str:
+    """Check an object key and return it unchanged.
+
+    Keys are relative ``/``-separated paths: not empty, no empty, ``.`` or ``..``
+    segments, no segment starting with ``.`` (those names are reserved for the
+    file store's temp and lock files), no backslash or NUL, at most 1 KiB.
+    Raises BadInput.
+    """
+    if not isinstance(key, str) or not key:
+        raise BadInput("object key must be a non-empty string")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise BadInput(f"object key too long: {key[:60]!r}…")
+    if "\\" in key or "\x00" in key:
+        raise BadInput(f"object key contains a backslash or NUL: {key!r}")
+    if any(not part or part.startswith(".") for part in key.split("/")):
+        raise BadInput(f"object key must be a relative path without ., .. or hidden parts: {key!r}")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """Check a listing prefix (empty, or a key prefix). Raises BadInput."""
+    if prefix == "":
+        return prefix
+    # A prefix may stop mid-segment or after a "/"; validate it as if completed.
+    validate_key(prefix + "x" if prefix.endswith("/") else prefix)
+    return prefix
 
 
 @dataclass(frozen=True, slots=True)

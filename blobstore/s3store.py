@@ -1,8 +1,11 @@
 """``S3ObjectStore``: the object store in an S3 bucket (``s3://bucket/prefix``), via aiobotocore.
 
-Endpoint, credentials and region follow the AWS conventions (explicit arguments
-win; otherwise ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
-``AWS_PROFILE``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, default ``us-east-1``).
+Endpoint, profile, region and addressing style come in as a ``config.S3Config``
+(resolved from options and the AWS_* environment in one place; this module
+reads no environment variable). From the profile (the AWS config file) it
+takes what the AWS CLI takes: credentials, region, ``endpoint_url`` (also in a
+``services`` section) unless ``use_profile_endpoint`` is off, and
+``s3.addressing_style``.
 
 Why the client is configured the way it is:
 
@@ -33,17 +36,17 @@ Why the client is configured the way it is:
 from __future__ import annotations
 
 import io
-import os
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator
 from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
+from botocore.configprovider import ConfiguredEndpointProvider
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -59,6 +62,7 @@ from botocore.exceptions import (
 )
 
 from . import httpranges
+from .config import ADDRESSING_STYLES, S3Config, check_endpoint_url
 from .errors import (
     BadInput,
     ConfigError,
@@ -67,10 +71,9 @@ from .errors import (
     StoreUnavailable,
     TruncatedResponse,
 )
-from .objectstore import ObjectInfo
+from .objectstore import ObjectInfo, validate_key, validate_prefix
 from .parallel import for_each
 from .resource import AsyncResource
-from .stores import validate_key, validate_prefix
 
 # Parallel HEADs of one exists_many call; below the connection pool size.
 _HEAD_CONCURRENCY = 48
@@ -89,7 +92,6 @@ _BODY_ATTEMPTS = 3
 """Requests ``get`` makes for an object whose body keeps being cut short."""
 DEFAULT_REQUEST_DEADLINE = 120.0
 DEFAULT_MIN_BYTES_PER_SECOND = 64 << 10
-_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
 _RANGE_PAST_END_CODES = frozenset({"InvalidRange", "416"})
@@ -108,10 +110,8 @@ class S3ObjectStore(AsyncResource):
         self,
         bucket: str,
         prefix: str = "",
+        settings: S3Config | None = None,
         *,
-        endpoint_url: str | None = None,
-        region: str | None = None,
-        profile: str | None = None,
         create_bucket: bool = False,
         sign_payload: bool = False,
         max_pool_connections: int = 64,
@@ -121,31 +121,24 @@ class S3ObjectStore(AsyncResource):
         request_deadline: float = DEFAULT_REQUEST_DEADLINE,
         min_bytes_per_second: float = DEFAULT_MIN_BYTES_PER_SECOND,
     ) -> None:
-        """Raises ConfigError for a malformed endpoint (argument or AWS_ENDPOINT_URL[_S3])."""
+        """``settings`` None: AWS defaults (``S3Config()``), no environment read."""
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self.endpoint = _endpoint(endpoint_url)
+        self.settings = S3Config() if settings is None else settings
+        self.endpoint = self.settings.endpoint_url
+        self.addressing_style: str | None = self.settings.addressing_style
         self._request_deadline = request_deadline
         self._min_rate = min_bytes_per_second
-        self._region = region
-        self._profile = profile
+        self._region = self.settings.region
         self._create_bucket = create_bucket
-        self._config = AioConfig(
-            max_pool_connections=max_pool_connections,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            retries={"mode": "standard", "max_attempts": max_attempts},
-            s3={
-                "payload_signing_enabled": sign_payload,
-                # Custom endpoints (SeaweedFS, MinIO, 127.0.0.1) rarely have bucket DNS names.
-                "addressing_style": "path" if self.endpoint else "auto",
-            },
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-            # Pre-signed URLs (threaded_ranges) signed as SigV4, like requests.
-            signature_version="s3v4",
-        )
+        self._sign_payload = sign_payload
+        self._client_options: dict[str, Any] = {
+            "max_pool_connections": max_pool_connections,
+            "connect_timeout": connect_timeout,
+            "read_timeout": read_timeout,
+            "retries": {"mode": "standard", "max_attempts": max_attempts},
+        }
         self._timeouts = (connect_timeout, read_timeout)
         self._stack = AsyncExitStack()
         self._client: Any = None
@@ -169,16 +162,27 @@ class S3ObjectStore(AsyncResource):
         denied) or ConfigError (unknown profile, no credentials).
         """
         with self._translate("open"):
-            session = AioSession(profile=self._profile)
-            region = (
-                self._region
-                or os.environ.get("AWS_REGION")
-                or session.get_config_variable("region")
-                or DEFAULT_REGION
+            profile = await anyio.to_thread.run_sync(read_profile, self.settings)
+            self._region = profile.region
+            self.endpoint = profile.endpoint_url
+            self.addressing_style = profile.addressing_style
+            config = AioConfig(
+                **self._client_options,
+                s3={
+                    "payload_signing_enabled": self._sign_payload,
+                    "addressing_style": profile.addressing_style,
+                },
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                # Pre-signed URLs (threaded_ranges) signed as SigV4, like requests.
+                signature_version="s3v4",
+                # Resolved above, in one place: botocore must not look again
+                # (it would read AWS_ENDPOINT_URL from the environment).
+                ignore_configured_endpoint_urls=True,
             )
-            self._region = region
+            session = profile.session
             client_cm = session.create_client(
-                "s3", region_name=region, endpoint_url=self.endpoint, config=self._config
+                "s3", region_name=profile.region, endpoint_url=profile.endpoint_url, config=config
             )
             self._client = await self._stack.enter_async_context(client_cm)
             self._client.meta.events.register_first("needs-retry.s3", _fail_fast_on_connect)
@@ -450,28 +454,42 @@ class S3ObjectStore(AsyncResource):
             ) from exc
 
 
-def _endpoint(explicit: str | None) -> str | None:
-    """The endpoint URL to use: the argument, else the first AWS_ENDPOINT_URL_S3 /
-    AWS_ENDPOINT_URL that is set. Raises ConfigError if it is not http(s)://host[:port]."""
-    if explicit is not None:
-        name, value = "endpoint URL", explicit
-    else:
-        found = [(var, os.environ[var]) for var in _ENDPOINT_VARS if var in os.environ]
-        if not found:
-            return None
-        name, value = found[0]
-    expected = "expected http://host[:port] or https://host[:port]"
-    if not value.strip():
-        raise ConfigError(f"{name} is set but empty: unset it, or {expected}")
-    try:
-        parts = urlsplit(value.strip())
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-        _ = parts.port  # raises ValueError for a bad port
-    except ValueError:
-        valid = False
-    if not valid:
-        raise ConfigError(f"{name}={value!r} is not an endpoint URL: {expected}")
-    return value.strip()
+@dataclass(frozen=True, slots=True)
+class ResolvedS3:
+    """``S3Config`` completed from the AWS config file's profile."""
+
+    session: AioSession
+    region: str
+    endpoint_url: str | None
+    addressing_style: str
+
+
+def read_profile(settings: S3Config) -> ResolvedS3:
+    """Read the profile (files: run in a worker thread). Raises ProfileNotFound,
+    ConfigError (a bad endpoint_url or addressing_style in the profile)."""
+    session = AioSession(profile=settings.profile)
+    scoped = session.get_scoped_config()  # raises ProfileNotFound
+    endpoint = settings.endpoint_url
+    if endpoint is None and settings.use_profile_endpoint:
+        # environ={}: the environment's endpoint variables are S3Config's business.
+        found = ConfiguredEndpointProvider(session.full_config, scoped, "s3", environ={}).provide()
+        if found:
+            name = f"endpoint_url of AWS profile {settings.profile or 'default'}"
+            endpoint = check_endpoint_url(str(found), name)
+    s3_section = scoped.get("s3")
+    style = settings.addressing_style or (
+        s3_section.get("addressing_style") if isinstance(s3_section, dict) else None
+    )
+    if style is None:
+        # Custom endpoints (SeaweedFS, MinIO, 127.0.0.1) rarely have bucket DNS names.
+        style = "path" if endpoint else "auto"
+    elif style not in ADDRESSING_STYLES:
+        raise ConfigError(
+            f"s3.addressing_style {style!r} of AWS profile {settings.profile or 'default'} "
+            f"is not one of {'|'.join(ADDRESSING_STYLES)}"
+        )
+    region = settings.region or session.get_config_variable("region") or DEFAULT_REGION
+    return ResolvedS3(session, region, endpoint, style)
 
 
 def _fail_fast_on_connect(

@@ -1,10 +1,10 @@
-"""Open an ``ObjectStore`` from its URL, and the key rules every back-end shares.
+"""Open an ``ObjectStore`` from its URL (the key rules are in objectstore.py).
 
 Accepted forms, and nothing else:
 
-- ``s3://bucket`` or ``s3://bucket/prefix``: endpoint, credentials and region
-  follow the AWS conventions (``AWS_ENDPOINT_URL``, keys, ``AWS_PROFILE``,
-  ``AWS_REGION``, default ``us-east-1``);
+- ``s3://bucket`` or ``s3://bucket/prefix``: endpoint, profile and region
+  from a ``config.S3Config`` (by default ``S3Config.from_env()``: the AWS
+  conventions), credentials as botocore finds them;
 - ``file:///abs/dir`` (also ``file://localhost/abs/dir``): a directory, created
   if missing;
 - an explicit path to a directory: ``/abs/dir``, ``./rel/dir``, ``../rel/dir``,
@@ -37,7 +37,9 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 
+from .config import S3Config
 from .errors import BadInput, ConfigError, StoreUnavailable
+from .objectstore import validate_key
 from .resource import AsyncResource
 
 if TYPE_CHECKING:
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_KEY_BYTES = 1024
 # S3 bucket naming rules (lowercase, 3-63 chars, no leading/trailing dot or dash).
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _URL_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -56,40 +57,15 @@ _TYPO_SCHEMES = ("s3", "file")
 _EXPLICIT_PATH = ("/", "./", "../", "~")
 
 
-def validate_key(key: str) -> str:
-    """Check an object key and return it unchanged.
+def open_object_store(
+    url: str, s3: S3Config | None = None
+) -> AbstractAsyncContextManager[ObjectStore]:
+    """Return an async context manager yielding the store at ``url``; an S3
+    store is configured by ``s3`` (None: ``S3Config.from_env()``).
 
-    Keys are relative ``/``-separated paths: not empty, no empty, ``.`` or ``..``
-    segments, no segment starting with ``.`` (those names are reserved for the
-    file store's temp and lock files), no backslash or NUL, at most 1 KiB.
-    Raises BadInput.
-    """
-    if not isinstance(key, str) or not key:
-        raise BadInput("object key must be a non-empty string")
-    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
-        raise BadInput(f"object key too long: {key[:60]!r}…")
-    if "\\" in key or "\x00" in key:
-        raise BadInput(f"object key contains a backslash or NUL: {key!r}")
-    if any(not part or part.startswith(".") for part in key.split("/")):
-        raise BadInput(f"object key must be a relative path without ., .. or hidden parts: {key!r}")
-    return key
-
-
-def validate_prefix(prefix: str) -> str:
-    """Check a listing prefix (empty, or a key prefix). Raises BadInput."""
-    if prefix == "":
-        return prefix
-    # A prefix may stop mid-segment or after a "/"; validate it as if completed.
-    validate_key(prefix + "x" if prefix.endswith("/") else prefix)
-    return prefix
-
-
-def open_object_store(url: str) -> AbstractAsyncContextManager[ObjectStore]:
-    """Return an async context manager yielding the store at ``url``.
-
-    Raises ConfigError for a malformed or unsupported URL (at once, before
-    anything is touched); entering the S3 store raises StoreUnavailable when
-    the endpoint or bucket cannot be reached.
+    Raises ConfigError for a malformed or unsupported URL or S3 setting (at
+    once, before anything is touched); entering the S3 store raises
+    StoreUnavailable when the endpoint or bucket cannot be reached.
     """
     text = url.strip()
     if not text:
@@ -98,7 +74,7 @@ def open_object_store(url: str) -> AbstractAsyncContextManager[ObjectStore]:
         bucket, prefix = parse_s3_url(text)
         from .s3store import S3ObjectStore  # aiobotocore is only imported when needed
 
-        return S3ObjectStore(bucket, prefix)
+        return S3ObjectStore(bucket, prefix, S3Config.from_env() if s3 is None else s3)
     from .filestore import FileObjectStore
 
     return FileObjectStore(parse_file_url(text), create=True)
@@ -183,8 +159,9 @@ class LazyObjectStore(AsyncResource):
     configuration (ConfigError) still raises at once, when built or entered.
     """
 
-    def __init__(self, url: str, retry_seconds: float = 5.0) -> None:
-        open_object_store(url)  # refuse a bad URL now, not on first use
+    def __init__(self, url: str, s3: S3Config | None = None, retry_seconds: float = 5.0) -> None:
+        self._s3 = S3Config.from_env() if s3 is None else s3
+        open_object_store(url, self._s3)  # refuse a bad URL now, not on first use
         self.url = url
         self._retry_seconds = retry_seconds
         self._stack = AsyncExitStack()
@@ -214,7 +191,7 @@ class LazyObjectStore(AsyncResource):
                 raise StoreUnavailable(str(self._failure)) from self._failure
             stack = AsyncExitStack()
             try:
-                store = await stack.enter_async_context(open_object_store(self.url))
+                store = await stack.enter_async_context(open_object_store(self.url, self._s3))
             except StoreUnavailable as exc:
                 self._failure, self._next_try = exc, time.monotonic() + self._retry_seconds
                 raise

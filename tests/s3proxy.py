@@ -7,7 +7,7 @@ proxy protocol-agnostic; a budget such as "S3 sent <= 1.05 x unique bytes" has
 ample room for that overhead with ~1 MiB chunks.
 
     async with CountingProxy.to_endpoint(s3.endpoint) as proxy:    # inside an event loop
-        store = S3ObjectStore(bucket, endpoint_url=proxy.endpoint)
+        store = S3ObjectStore(bucket, settings=S3Config.from_env(endpoint_url=proxy.endpoint))
     with CountingProxy.to_endpoint(s3.endpoint).in_thread() as proxy:  # from sync code
         ...
     proxy.bytes_to_client, proxy.bytes_to_server, proxy.connections

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error, cli_env, run_cli
 
-from blobstore.config import DEFAULT_CACHE_BYTES, MIN_CACHE_BYTES, Config, parse_size
+from blobstore.config import DEFAULT_CACHE_BYTES, MIN_CACHE_BYTES, Config, S3Config, parse_size
 from blobstore.errors import ConfigError
 
 G = 1 << 30
@@ -76,3 +76,41 @@ def test_cli_cache_size_without_unit(tmp_path: Path) -> None:
     env["BLOBSTORE_CACHE_SIZE"] = "50"
     assert_one_line_error(run_cli(["ls"], env), "did you mean 50G?")
     assert run_cli(["--cache-size", "50G", "ls"], env).returncode == 0
+
+
+def test_s3_settings_follow_the_aws_conventions() -> None:
+    env = {
+        "AWS_ENDPOINT_URL": "http://global:9000",
+        "AWS_ENDPOINT_URL_S3": "https://s3only:9443",
+        "AWS_PROFILE": "team",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+    }
+    s3 = S3Config.from_env(env)
+    assert s3 == S3Config("https://s3only:9443", "team", "eu-west-1")
+    assert S3Config.from_env({**env, "AWS_REGION": "us-west-2"}).region == "us-west-2"
+    explicit = S3Config.from_env(env, endpoint_url=" http://cli:1 ", profile="mine")
+    assert (explicit.endpoint_url, explicit.profile) == ("http://cli:1", "mine")
+    ignoring = S3Config.from_env({**env, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "TRUE"})
+    assert (ignoring.endpoint_url, ignoring.use_profile_endpoint) == (None, False)
+    assert S3Config.from_env({}) == S3Config()
+    config = Config.from_env(env, store="s3://b/p", endpoint_url="http://cli:1", profile="mine")
+    assert config.s3 == explicit
+
+
+@pytest.mark.parametrize(
+    ("env", "options", "match"),
+    [
+        ({"AWS_ENDPOINT_URL": "localhost:9000"}, {}, "AWS_ENDPOINT_URL='localhost:9000'"),
+        ({}, {"endpoint_url": "ftp://x"}, "--endpoint-url='ftp://x'"),
+        ({}, {"profile": " "}, "--profile is empty"),
+        ({"AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "yes"}, {}, "expected true or false"),
+    ],
+)
+def test_bad_s3_settings_are_one_line(
+    env: dict[str, str], options: dict[str, str], match: str
+) -> None:
+    with pytest.raises(ConfigError, match=match) as info:
+        S3Config.from_env(env, **options)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="addressing style 'sideways'"):
+        S3Config(addressing_style="sideways")  # type: ignore[arg-type]

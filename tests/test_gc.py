@@ -15,7 +15,7 @@ from s3proxy import CountingProxy, Fault
 from s3server import ACCESS_KEY, REGION, SECRET_KEY, SeaweedS3Server
 
 from blobstore.client import Client
-from blobstore.config import CacheConfig, Config, PeerConfig
+from blobstore.config import CacheConfig, Config, PeerConfig, S3Config
 from blobstore.errors import InvalidManifest, StoreUnavailable
 from blobstore.gc import collect
 from blobstore.ids import ChunkId, hash_bytes
@@ -188,7 +188,9 @@ async def test_store_unavailable_while_marking_sweeps_nothing(
     bucket, prefix = parse_s3_url(url)
     async with CountingProxy.to_endpoint(s3_env.endpoint) as proxy:
         proxy.arm(Fault("truncate", "GET", "/refs/keep", at=10))
-        async with S3ObjectStore(bucket, prefix, endpoint_url=proxy.endpoint) as store:
+        async with S3ObjectStore(
+            bucket, prefix, S3Config.from_env(endpoint_url=proxy.endpoint)
+        ) as store:
             with pytest.raises(StoreUnavailable, match="cut short"):
                 await collect(store, None, grace_seconds=-HOUR)
             proxy.disarm()

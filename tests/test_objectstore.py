@@ -10,9 +10,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-from s3server import SeaweedS3Server
+from s3server import ACCESS_KEY, REGION, SECRET_KEY, SeaweedS3Server
 
 from blobstore.atomic import tmp_name
+from blobstore.config import S3Config
 from blobstore.errors import (
     BadInput,
     ConfigError,
@@ -22,7 +23,7 @@ from blobstore.errors import (
 )
 from blobstore.filestore import FileObjectStore
 from blobstore.objectstore import ObjectStore
-from blobstore.s3store import S3ObjectStore
+from blobstore.s3store import S3ObjectStore, read_profile
 from blobstore.stores import open_object_store, parse_file_url, parse_s3_url
 
 pytestmark = pytest.mark.anyio
@@ -229,7 +230,9 @@ async def test_s3_unreachable_endpoint_fails_fast(monkeypatch: pytest.MonkeyPatc
     with socket.socket() as sock:  # a port that was free a moment ago: connection refused
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    store = S3ObjectStore("bucket", endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1")
+    store = S3ObjectStore(
+        "bucket", settings=S3Config(f"http://127.0.0.1:{port}", region="us-east-1")
+    )
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     started = time.monotonic()
@@ -248,7 +251,7 @@ async def test_s3_missing_bucket_is_clear(s3_env: SeaweedS3Server) -> None:
     with pytest.raises(StoreUnavailable, match=f"bucket {bucket} does not exist"):
         async with open_object_store(url):
             pass
-    async with S3ObjectStore(bucket, "p", create_bucket=True) as store:
+    async with S3ObjectStore(bucket, "p", S3Config.from_env(), create_bucket=True) as store:
         await store.put("k", b"v")
     async with open_object_store(url.replace("/prefix", "/p")) as store:
         assert await store.get("k") == b"v"
@@ -284,3 +287,90 @@ def test_url_parsing() -> None:
     assert parse_file_url("file:///var/x") == Path("/var/x")
     assert parse_file_url("file://localhost/var/x") == Path("/var/x")
     assert parse_file_url("./rel/dir") == Path.cwd() / "rel/dir"
+
+
+def _aws_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, profile: str) -> None:
+    """Only the AWS config and credentials files in ``tmp_path`` describe S3:
+    profile ``sw`` (``profile`` adds its settings), no AWS_* variable left."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    config = tmp_path / "aws-config"
+    config.write_text(f"[profile sw]\nregion = {REGION}\n{profile}")
+    credentials = tmp_path / "aws-credentials"
+    credentials.write_text(
+        f"[sw]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+    )
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("style", ["path", "virtual", None])
+async def test_s3_profile_endpoint_and_addressing_style(
+    s3_server: SeaweedS3Server,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    style: str | None,
+) -> None:
+    """A profile's endpoint_url and s3.addressing_style are honoured; without a
+    style a custom endpoint gets path style (an IP endpoint is always
+    addressed by path, so virtual still works against SeaweedFS)."""
+    s3 = f"s3 =\n    addressing_style = {style}\n" if style else ""
+    _aws_profile(tmp_path, monkeypatch, f"endpoint_url = {s3_server.endpoint}\n{s3}")
+    url = s3_server.bucket_url()
+    async with open_object_store(url, S3Config.from_env(profile="sw")) as store:
+        assert isinstance(store, S3ObjectStore)
+        assert store.endpoint == s3_server.endpoint
+        assert store.addressing_style == (style or "path")
+        await store.put("refs/a", b"1")
+        assert await store.get("refs/a") == b"1"
+
+
+@pytest.mark.s3
+async def test_s3_ignore_configured_endpoint_urls(
+    s3_server: SeaweedS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true: neither AWS_ENDPOINT_URL nor the
+    profile's endpoint_url counts, an explicit --endpoint-url still does."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    _aws_profile(tmp_path, monkeypatch, f"endpoint_url = {dead}\n")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
+    ignored = S3Config.from_env(profile="sw")
+    assert ignored.endpoint_url is None
+    resolved = await anyio.to_thread.run_sync(read_profile, ignored)
+    assert resolved.endpoint_url is None  # AWS itself, not the profile's
+    assert resolved.addressing_style == "auto"
+    explicit = S3Config.from_env(endpoint_url=s3_server.endpoint, profile="sw")
+    async with open_object_store(s3_server.bucket_url(), explicit) as store:
+        await store.put("refs/a", b"1")
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "false")
+    assert S3Config.from_env(profile="sw").endpoint_url == dead
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize(
+    ("profile", "settings", "match"),
+    [
+        ("addressing_style = sideways", {}, "s3.addressing_style 'sideways'"),
+        ("", {"profile": "nope"}, "nope"),
+        ("endpoint_url = localhost:9000", {}, "endpoint_url of AWS profile sw"),
+    ],
+)
+async def test_s3_bad_profile_is_one_config_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    profile: str,
+    settings: dict[str, str],
+    match: str,
+) -> None:
+    section = f"s3 =\n    {profile}\n" if profile.startswith("addressing") else f"{profile}\n"
+    _aws_profile(tmp_path, monkeypatch, section)
+    config = S3Config.from_env(**{"profile": "sw", **settings})
+    with pytest.raises(ConfigError, match=match) as info:
+        async with open_object_store("s3://bucket", config):
+            pass
+    assert "\n" not in str(info.value)

@@ -11,6 +11,7 @@ import pytest
 from s3proxy import CountingProxy
 from s3server import SeaweedS3Server
 
+from blobstore.config import S3Config
 from blobstore.s3store import S3ObjectStore
 from blobstore.stores import parse_s3_url
 
@@ -51,7 +52,9 @@ async def test_s3_egress_close_to_object_bytes(s3_env: SeaweedS3Server) -> None:
     bucket, prefix = parse_s3_url(s3_env.bucket_url())
     objects = {f"chunks/{i:02x}/c{i}": os.urandom(1 << 20) for i in range(8)}
     async with CountingProxy.to_endpoint(s3_env.endpoint) as proxy:
-        async with S3ObjectStore(bucket, prefix, endpoint_url=proxy.endpoint) as store:
+        async with S3ObjectStore(
+            bucket, prefix, S3Config.from_env(endpoint_url=proxy.endpoint)
+        ) as store:
             for key, data in objects.items():
                 await store.put(key, data)
             assert proxy.bytes_to_server >= 8 << 20

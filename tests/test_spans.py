@@ -17,6 +17,7 @@ from helpers import random_bytes
 from s3proxy import CountingProxy, Fault
 from s3server import SeaweedS3Server
 
+from blobstore.config import S3Config
 from blobstore.errors import (
     ChunkMissing,
     CorruptChunk,
@@ -348,7 +349,9 @@ async def test_s3_body_cut_short_is_resumed_from_the_first_undelivered_chunk(
     bucket, prefix = parse_s3_url(s3_env.bucket_url())
     async with CountingProxy.to_endpoint(s3_env.endpoint) as proxy:
         proxy.http = True
-        async with S3ObjectStore(bucket, prefix, endpoint_url=proxy.endpoint) as store:
+        async with S3ObjectStore(
+            bucket, prefix, S3Config.from_env(endpoint_url=proxy.endpoint)
+        ) as store:
             await store.put(pack_key(pack_id), data)
             cut = proxy.arm(Fault("truncate", "GET", pack_id, at=450 << 10, times=1))
             origin = OriginSource(store, tuning=SpanTuning(retry_delay=0))
@@ -394,7 +397,9 @@ async def test_s3_spans_trickling_end_at_their_deadline_and_a_proxy_uses_the_loo
     async with CountingProxy.to_endpoint(s3_env.endpoint) as proxy:
         proxy.http = True
         options = {"request_deadline": 1.0, "min_bytes_per_second": 1 << 20}
-        async with S3ObjectStore(bucket, prefix, endpoint_url=proxy.endpoint, **options) as store:
+        async with S3ObjectStore(
+            bucket, prefix, S3Config.from_env(endpoint_url=proxy.endpoint), **options
+        ) as store:
             await store.put(pack_key(pack_id), data)
             assert await store.threaded_ranges(pack_key(pack_id)) is not None
             proxy.arm(Fault("trickle", "GET", pack_id, rate=2048))
@@ -413,7 +418,7 @@ async def test_s3_spans_trickling_end_at_their_deadline_and_a_proxy_uses_the_loo
             assert sink.got == {r: data[r.offset : r.offset + r.size] for r in refs}
     monkeypatch.setenv("HTTP_PROXY", s3_env.endpoint)  # SeaweedFS is no proxy: unused
     monkeypatch.setenv("NO_PROXY", "")
-    async with S3ObjectStore(bucket, prefix, endpoint_url=s3_env.endpoint) as store:
+    async with S3ObjectStore(bucket, prefix, S3Config.from_env()) as store:
         assert await store.threaded_ranges(pack_key(pack_id)) is None
 
 

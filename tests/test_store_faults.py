@@ -21,9 +21,10 @@ from helpers import assert_one_line_error, cli_env, random_bytes, run_cli
 from s3proxy import CountingProxy, Fault
 from s3server import SeaweedS3Server
 
+from blobstore.config import S3Config
 from blobstore.errors import ConfigError, StoreUnavailable
 from blobstore.s3store import S3ObjectStore
-from blobstore.stores import parse_s3_url
+from blobstore.stores import open_object_store, parse_s3_url
 
 pytestmark = pytest.mark.anyio
 
@@ -37,7 +38,9 @@ async def proxied_store(
     bucket, prefix = parse_s3_url(s3.bucket_url())
     async with CountingProxy.to_endpoint(s3.endpoint) as proxy:
         proxy.http = True  # faults armed later apply to pooled connections too
-        async with S3ObjectStore(bucket, prefix, endpoint_url=proxy.endpoint, **options) as store:
+        async with S3ObjectStore(
+            bucket, prefix, S3Config.from_env(endpoint_url=proxy.endpoint), **options
+        ) as store:
             yield store, proxy
 
 
@@ -173,7 +176,7 @@ def test_cli_push_through_a_cut_connection_is_one_line(
         ("AWS_ENDPOINT_URL", "http://"),
     ],
 )
-async def test_bad_endpoint_variable_is_a_config_error(
+def test_bad_endpoint_variable_is_a_config_error(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:
     for var in list(os.environ):
@@ -181,8 +184,7 @@ async def test_bad_endpoint_variable_is_a_config_error(
             monkeypatch.delenv(var)
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name) as info:
-        async with S3ObjectStore("bucket"):
-            pass
+        open_object_store("s3://bucket")  # refused before anything is opened
     assert "http://" in str(info.value)  # says what is expected
     assert "\n" not in str(info.value)
 
