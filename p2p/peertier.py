@@ -16,6 +16,7 @@ its outstanding chunks asked of their next peers too.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import deque
@@ -54,6 +55,11 @@ class TierTuning:
     fetch_window: int = 32
     """Chunks one ``fetch`` keeps requested from one peer (memory: at most this
     many received chunks per peer wait for the sink)."""
+    peers_per_chunk: int = 3
+    """Peers asked for one chunk before it goes to the object store: its home, the
+    next one (home once the first is gone) and one more. Walking the whole ranking
+    cost one 'missing' round trip per peer in the region for every hedged or
+    missing chunk (1,000 nodes: ~1,000 requests per chunk; bench/sim_region.py)."""
 
 
 class PeerTier:
@@ -150,7 +156,7 @@ class PeerTier:
             holds = chunk_id in self._held.get(peer.node, ())
             return holds, placement.score(peer.node, chunk_id)
 
-        return sorted(peers, key=key, reverse=True)
+        return heapq.nlargest(self._tuning.peers_per_chunk, peers, key=key)
 
     def _hedge_delay(self) -> float:
         return min(self._tuning.hedge_max, max(self._tuning.hedge_min, 4 * self._latency))
