@@ -14,13 +14,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="" venv=.venv tag=""
+usage() { echo "build-image: $1 (see --help)" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
+    -o|--out|--venv|--tag) [ $# -ge 2 ] || usage "$1 needs a value" ;;&
     -o|--out) out=$2; shift 2 ;;
     --venv) venv=$2; shift 2 ;;
     --tag) tag=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "build-image: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
+    *) usage "unknown argument $1" ;;
   esac
 done
 command -v umoci >/dev/null || { echo "build-image: needs umoci (apt-get install umoci)" >&2; exit 1; }

@@ -519,6 +519,20 @@ def test_image_entrypoint_runs_the_daemon(bundle: Path, tmp_path: Path) -> None:
     assert any(p.stat().st_uid == 65532 for p in cache.rglob("*"))
 
 
+@pytest.mark.parametrize(
+    ("args", "needle"), [(["--bogus"], "unknown argument --bogus"), (["-o"], "-o needs a value")]
+)
+def test_build_image_usage_error(args: list[str], needle: str) -> None:
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "build-image.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"build-image: {needle} (see --help)"]
+
+
 def test_containerfile_matches_the_umoci_image() -> None:
     """The Containerfile (docker/podman) and build-image.sh promise the same image."""
     containerfile = (ROOT / "Containerfile").read_text()
