@@ -143,7 +143,7 @@ class Client:
                 index.add_pack(pack, refs)
                 await anyio.to_thread.run_sync(cache.write, pack, data)
 
-            async with PackWriter(self.object_store, self.packs, sealed) as writer:
+            async with PackWriter.open(self.object_store, self.packs, sealed) as writer:
                 yield Ingestor(writer, index, DEFAULT_PARAMS)
 
     @property

@@ -295,7 +295,7 @@ async def repack(
     moved: dict[tuple[ChunkId, int], ChunkRef] = {}
     moved_bytes = 0
     emptied: list[ChunkId] = []
-    async with PackWriter(store, config) as writer:
+    async with PackWriter.open(store, config) as writer:
         for pack in packs:
             refs = sorted(usage[pack].values(), key=lambda r: r.offset)
             got = await _read_live(origin, refs)  # verified; a bad chunk stays where it is

@@ -34,11 +34,10 @@ import logging
 import os
 import secrets
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import anyio
 import anyio.abc
@@ -161,7 +160,7 @@ Sealed = Callable[[ChunkId, tuple[ChunkRef, ...], bytes], Awaitable[None]]
 class PackWriter:
     """Appends chunks to packs and uploads each sealed pack, then its index.
 
-    ``async with PackWriter(...)``: uploads run in the writer's task group; an
+    ``async with PackWriter.open(...)``: uploads run in the writer's task group; an
     upload failure cancels the block and is raised from it. Chunks are placed
     in the order ``add_*`` calls are made (one call's chunks stay together).
     Nothing is stored until a pack is sealed: call ``flush`` before writing a
@@ -173,14 +172,19 @@ class PackWriter:
     """
 
     def __init__(
-        self, store: ObjectStore, config: PackConfig = PackConfig(), on_sealed: Sealed | None = None
+        self,
+        store: ObjectStore,
+        uploads: anyio.abc.TaskGroup,
+        config: PackConfig = PackConfig(),
+        on_sealed: Sealed | None = None,
     ) -> None:
+        """Use ``PackWriter.open``: it owns the task group ``uploads`` run in."""
         self.store = store
         self.config = config
         self._on_sealed = on_sealed
         self._lock = anyio.Lock()
         self._slots = anyio.Semaphore(config.uploads)
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._tg: anyio.abc.TaskGroup | None = uploads
         self._free: list[bytearray] = []
         self._pack = new_pack_id()
         self._buf = bytearray()
@@ -189,26 +193,24 @@ class PackWriter:
         self.packs = 0
         self.bytes = 0
 
-    async def __aenter__(self) -> Self:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        assert self._tg is not None
-        if exc is None:
-            try:
-                await self._seal()
-            except BaseException as err:  # handed to the task group like a body error
-                exc_type, exc, tb = type(err), err, err.__traceback__
-        tg, self._tg = self._tg, None
-        with single_errors():
-            return await tg.__aexit__(exc_type, exc, tb)
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, store: ObjectStore, config: PackConfig = PackConfig(), on_sealed: Sealed | None = None
+    ) -> AsyncIterator[PackWriter]:
+        """A writer for the block. Leaving it normally seals the last pack and waits
+        for every upload; an error (the block's or an upload's) cancels the uploads
+        and is raised (StoreUnavailable…)."""
+        writer: PackWriter | None = None
+        try:
+            with single_errors():
+                async with anyio.create_task_group() as uploads:
+                    writer = cls(store, uploads, config, on_sealed)
+                    yield writer
+                    await writer._seal()
+        finally:
+            if writer is not None:
+                writer._tg = None  # a late add raises instead of starting an orphan upload
 
     async def add_bytes(self, data: bytes | memoryview, spans: Sequence[Span]) -> list[ChunkRef]:
         """Place ``spans`` of ``data`` (their ids already computed from these bytes)."""
@@ -277,7 +279,7 @@ class PackWriter:
         if not self._refs:
             return
         if self._tg is None:
-            raise RuntimeError("PackWriter used outside 'async with'")
+            raise RuntimeError("PackWriter used outside 'async with PackWriter.open()'")
         pack, buf, refs = self._pack, self._buf, tuple(self._refs)
         del buf[self._used :]  # the pack is exactly its chunks
         self._pack, self._buf, self._used, self._refs = new_pack_id(), bytearray(), 0, []
