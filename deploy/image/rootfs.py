@@ -27,8 +27,12 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+try:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+except ImportError:  # a venv without the test extra: pip carries its own copy
+    from pip._vendor.packaging.requirements import Requirement  # type: ignore[assignment]
+    from pip._vendor.packaging.utils import canonicalize_name  # type: ignore[assignment]
 
 PREFIX = Path("/usr/local")
 VENV = Path("/opt/blobstore")
@@ -150,7 +154,9 @@ def copy_distributions(wanted: list[Requirement], site: Path) -> list[str]:
             dist = metadata.distribution(req.name)
         except metadata.PackageNotFoundError:
             sys.exit(f"build-image: {req.name} (needed by the image) is not installed here")
-        for file in dist.files or ():
+        if dist.files is None:
+            sys.exit(f"build-image: {req.name} has no RECORD of its files; reinstall it with pip")
+        for file in dist.files:
             if file.parts[0] == ".." or "__pycache__" in file.parts:
                 continue  # scripts of the source venv; bytecode is compiled afresh
             src = Path(str(dist.locate_file(file)))
