@@ -17,6 +17,7 @@ from helpers import random_bytes
 from s3server import SeaweedS3Server
 
 from blobstore import httpranges
+from blobstore.config import S3Config
 from blobstore.errors import StoreUnavailable
 from blobstore.ids import hash_bytes
 from blobstore.manifest import ChunkRef
@@ -75,7 +76,7 @@ async def test_spans_over_https_are_read_by_threads_and_checked_against_the_ca(
     monkeypatch.setenv("AWS_CA_BUNDLE", str(ca[0]))  # botocore and the threads trust it
     async with tls_front((host, int(port)), *leaf) as front:
         endpoint = f"https://127.0.0.1:{front}"
-        async with S3ObjectStore(bucket, prefix, endpoint_url=endpoint) as store:
+        async with S3ObjectStore(bucket, prefix, S3Config.from_env(endpoint_url=endpoint)) as store:
             await store.put(pack_key(pack_id), pack)
             ranges = await store.threaded_ranges(pack_key(pack_id))
             assert ranges is not None
