@@ -69,7 +69,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             tls: TlsContexts | None = None
             if config.peers.tls is not None:
                 tls = await asyncio.to_thread(load_contexts, config.peers.tls)
-            store = await stack.enter_async_context(open_object_store(config.store_url))
+            store = await stack.enter_async_context(open_object_store(config.store_url, config.s3))
             cache = await stack.enter_async_context(NodeStore(config.cache))
             # The port is only known after binding, and the node id defaults to it.
             server_tg = await stack.enter_async_context(asyncio.TaskGroup())

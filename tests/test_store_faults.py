@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ import anyio
 import pytest
 from helpers import assert_one_line_error, cli_env, random_bytes, run_cli
 from s3proxy import CountingProxy, Fault
-from s3server import SeaweedS3Server
+from s3server import ACCESS_KEY, REGION, SECRET_KEY, SeaweedS3Server
 
 from blobstore.config import S3Config
 from blobstore.errors import ConfigError, StoreUnavailable
@@ -200,3 +201,36 @@ def test_cli_bad_endpoint_variable_is_one_line(tmp_path: Path) -> None:
         },
     )
     assert_one_line_error(run_cli(["ls"], env), "AWS_ENDPOINT_URL", "localhost:9000")
+
+
+@pytest.mark.s3
+def test_cli_endpoint_url_and_profile(s3_server: SeaweedS3Server, tmp_path: Path) -> None:
+    """--profile picks the credentials and settings of a profile in a temp
+    AWS_CONFIG_FILE; --endpoint-url (before or after the command) wins over the
+    profile's dead endpoint_url; an unknown profile is one error line."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = tmp_path / "aws-config"
+    config.write_text(
+        f"[profile sw]\nregion = {REGION}\nendpoint_url = {dead}\n"
+        "s3 =\n    addressing_style = path\n"
+    )
+    credentials = tmp_path / "aws-credentials"
+    credentials.write_text(
+        f"[sw]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+    )
+    env = cli_env(s3_server.bucket_url(), tmp_path / "cache")
+    env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(config), AWS_SHARED_CREDENTIALS_FILE=str(credentials))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"through a profile")
+    endpoint = ["--endpoint-url", s3_server.endpoint]
+    pushed = run_cli(["--profile", "sw", *endpoint, "push", src, "t"], env)
+    assert pushed.returncode == 0, pushed.stderr
+    listed = run_cli(["ls", "--profile", "sw", *endpoint], env)
+    assert listed.returncode == 0, listed.stderr
+    assert "t" in listed.stdout.split()
+    assert_one_line_error(run_cli(["--profile", "nope", "ls"], env), "nope")
+    assert_one_line_error(run_cli(["--endpoint-url", "localhost:1", "ls"], env), "--endpoint-url")
