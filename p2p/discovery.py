@@ -17,12 +17,17 @@ import ifaddr
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from blobstore.errors import ConfigError
+from blobstore.resource import AsyncResource
+
 from .liveness import PeerDirectory
 from .messages import VERSION
 
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_blobstore._tcp.local."
+MAX_PENDING = 1024
+"""Service names waiting to be resolved, at most (a region's peers fit many times)."""
 
 
 def _txt(info: AsyncServiceInfo, key: str) -> str:
@@ -30,10 +35,21 @@ def _txt(info: AsyncServiceInfo, key: str) -> str:
     return raw.decode(errors="replace") if isinstance(raw, bytes) else ""
 
 
-def _addresses(host: str) -> list[str]:
-    """Addresses to announce: the listen address, or every non-loopback IPv4 one."""
+async def _addresses(host: str) -> list[str]:
+    """Addresses to announce: the listen address, or every non-loopback IPv4 one.
+    Raises ConfigError when the listen host does not resolve."""
     if host not in ("", "0.0.0.0", "::"):
-        return [socket.gethostbyname(host)]
+        try:  # the resolver blocks: asyncio runs it in a worker thread
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, None, family=socket.AF_INET, type=socket.SOCK_STREAM
+            )
+        except socket.gaierror as exc:
+            raise ConfigError(f"cannot resolve listen host {host!r}: {exc.strerror}") from exc
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+    return await asyncio.to_thread(_interface_addresses)  # (netlink: blocking too)
+
+
+def _interface_addresses() -> list[str]:
     found = []
     for adapter in ifaddr.get_adapters():
         for ip in adapter.ips:
@@ -59,7 +75,7 @@ async def zeroconf_session(
     info: AsyncServiceInfo | None = None
     try:
         if port is not None:
-            addresses = _addresses(host)
+            addresses = await _addresses(host)
             info = AsyncServiceInfo(
                 SERVICE_TYPE,
                 _service_name(node),
@@ -76,45 +92,83 @@ async def zeroconf_session(
             # Both calls return a task that must itself be awaited.
             await (await azc.async_register_service(info, allow_name_change=True))
             log.info("announced %s on %s port %d", node, ",".join(addresses), port)
-        async with asyncio.TaskGroup() as tg:
-            browser = None
-            if directory is not None:
-                browser = _Browser(azc, node, region, directory)
+        if directory is None:
+            yield azc
+        else:
+            async with (
+                _Browser(azc, node, region, directory) as browser,
+                asyncio.TaskGroup() as tg,
+            ):
                 tg.create_task(browser.resolve_loop())
-            try:
-                yield azc
-            finally:
-                if browser is not None:
-                    await browser.aclose()
+                try:
+                    yield azc
+                finally:
+                    browser.stop()
     finally:
         if info is not None:
             await (await azc.async_unregister_service(info))
         await azc.async_close()
 
 
-class _Browser:
-    """Feeds resolved same-region services into the directory."""
+class _Browser(AsyncResource):
+    """Feeds resolved same-region services into the directory.
+
+    Changes wait in a dict by service name, the latest per name: a flapping
+    announcement is resolved once, and at most ``MAX_PENDING`` names wait (more
+    are dropped with a warning: they come back with the next announcement)."""
 
     def __init__(self, azc: AsyncZeroconf, node: str, region: str, directory: PeerDirectory):
         self._azc = azc
         self._node = node
         self._region = region
         self._directory = directory
-        self._queue: asyncio.Queue[tuple[str, ServiceStateChange] | None] = asyncio.Queue()
+        self._pending: dict[str, ServiceStateChange] = {}
+        self._wake = asyncio.Event()
+        self._stopped = False
+        self._dropped = 0
         self._addresses: dict[str, list[str]] = {}
-        self._browser = AsyncServiceBrowser(azc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
+        self._browser: AsyncServiceBrowser | None = None
+
+    async def open(self) -> None:
+        self._browser = AsyncServiceBrowser(
+            self._azc.zeroconf, SERVICE_TYPE, handlers=[self._on_change]
+        )
+
+    async def aclose(self) -> None:
+        self.stop()
+        browser, self._browser = self._browser, None
+        if browser is not None:
+            await browser.async_cancel()
+
+    def stop(self) -> None:
+        """End ``resolve_loop`` (what is still pending is dropped)."""
+        self._stopped = True
+        self._wake.set()
 
     def _on_change(
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
-        self._queue.put_nowait((name, state_change))
+        if name not in self._pending and len(self._pending) >= MAX_PENDING:
+            self._dropped += 1
+            if self._dropped == 1 or self._dropped % 1000 == 0:
+                log.warning(
+                    "mDNS: %d announcements dropped (%d waiting)", self._dropped, MAX_PENDING
+                )
+            return
+        self._pending[name] = state_change
+        self._wake.set()
 
     async def resolve_loop(self) -> None:
-        while (item := await self._queue.get()) is not None:
-            try:
-                await self._handle(*item)
-            except Exception:  # one odd announcement must not stop discovery
-                log.exception("cannot handle mDNS record %s", item[0])
+        while not self._stopped:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending and not self._stopped:
+                name = next(iter(self._pending))
+                change = self._pending.pop(name)
+                try:
+                    await self._handle(name, change)
+                except Exception:  # one odd announcement must not stop discovery
+                    log.exception("cannot handle mDNS record %s", name)
 
     async def _handle(self, name: str, change: ServiceStateChange) -> None:
         if change is ServiceStateChange.Removed:
@@ -135,10 +189,6 @@ class _Browser:
         self._addresses[name] = addresses
         for address in addresses:
             self._directory.add(address, "mdns", node, region)
-
-    async def aclose(self) -> None:
-        await self._browser.async_cancel()
-        self._queue.put_nowait(None)
 
 
 _V4 = IPVersion.V4Only
