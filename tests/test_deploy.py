@@ -308,6 +308,59 @@ def test_systemd_unit_sets_only_known_variables() -> None:
     assert set(variables) <= all_env_names()
 
 
+_HARDENED_EXEC = """
+import ctypes, errno, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_NO_NEW_PRIVS, PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 38, 65, 1
+if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) or libc.prctl(
+    PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0
+):
+    sys.exit(f"prctl: {os.strerror(ctypes.get_errno())}")
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+"""Run a program as the unit's NoNewPrivileges= and MemoryDenyWriteExecute= would (the
+kernel's own W^X switch, PR_SET_MDWE, Linux 6.3+; inherited across exec)."""
+
+
+def test_daemon_runs_under_memory_deny_write_execute(tmp_path: Path) -> None:
+    """The unit sets MemoryDenyWriteExecute=yes: the daemon, with mDNS discovery (zeroconf,
+    ifaddr's ctypes calls, uvloop), must start and serve without W+X memory."""
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _HARDENED_EXEC,
+            sys.executable,
+            "-c",
+            "import mmap\n"
+            "mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "prctl:" in probe.stderr:
+        _missing(f"kernel without PR_SET_MDWE (Linux 6.3+): {probe.stderr.strip()}")
+    assert "PermissionError" in probe.stderr  # W+X memory is refused from here on
+    http = free_port()
+    env = cli_env(
+        f"file://{tmp_path / 'store'}",
+        tmp_path / "cache",
+        {
+            "BLOBSTORE_PEERS": "auto",
+            "BLOBSTORE_REGION": f"mdwe-{os.getpid()}",
+            "BLOBSTORE_LISTEN": "127.0.0.1:0",
+            "BLOBSTORE_HTTP": f"127.0.0.1:{http}",
+        },
+    )
+    cmd = [sys.executable, "-c", _HARDENED_EXEC, BLOBSTORE, "daemon"]
+    with running(cmd, env, tmp_path / "daemon.log") as (proc, _):
+        assert json.loads(http_get(f"http://127.0.0.1:{http}/healthz"))["ok"] is True
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        for module in ("_ctypes", "zeroconf", "uvloop"):  # the parts that could need W+X
+            assert module in maps, module
+
+
 def test_sysusers_and_tmpfiles_make_user_and_cache(tmp_path: Path) -> None:
     """The unit's user and the shared cache directory, made by systemd's own tools in a
     scratch root (ownership needs root)."""
