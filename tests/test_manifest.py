@@ -23,10 +23,11 @@ from helpers import (
 
 from blobstore.chunker import DEFAULT_PARAMS
 from blobstore.errors import BadInput, InvalidManifest, UnsafePath
-from blobstore.ids import hash_bytes, id_to_bytes
+from blobstore.ids import ChunkId, hash_bytes, id_to_bytes
 from blobstore.manifest import (
     MAX_PACK_BYTES,
     VERSION,
+    ChunkerInfo,
     ChunkRef,
     Entry,
     Image,
@@ -429,3 +430,173 @@ def test_corrupt_manifest_bytes_detected(object_store_url: str, tmp_path: Path) 
     proc = run_cli(["pull", "t", tmp_path / "dest"], cli_env(object_store_url, tmp_path / "c"))
     assert_one_line_error(proc, "corrupt")
     assert not (tmp_path / "dest").exists()
+
+
+# --------------------------------------------------------------------------- pinned bytes
+# The encoding is the storage format: a change to these bytes changes every
+# manifest id, so old refs stop matching new pushes. Change them only with a new
+# VERSION (and keep reading the old one).
+
+
+def unhex(text: str) -> bytes:
+    return bytes.fromhex("".join(text.split()))
+
+
+A, B, PINNED_PACK = ChunkId("a1" * 32), ChunkId("b2" * 32), ChunkId("c3" * 32)
+PINNED_CHUNKER = ChunkerInfo("fastcdc2020-pyfastcdc", 256, 1024, 4096)
+PINNED_CHUNKS = (ChunkRef(A, 100, PINNED_PACK, 0), ChunkRef(B, 200, PINNED_PACK, 100))
+PINNED_FILE_KEY = "4c96ee42cd08baf35db787fc71953c580091ff3dfb73bca05c54b93c51129a60"
+EMPTY_FILE_KEY = "84c399f0bd82fa866ef759a4b3c095c9eacf66d3ed3c33d327bcf82e57608d1c"
+
+PINNED_TREE_V2 = unhex(
+    """
+    84a76368756e6b657284a3617667cd0400a36d6178cd1000a36d696ecd0100a46e616d65b566617374636463
+    323032302d707966617374636463a7656e74726965739483a16dcd01eda170a464617461a174a364697286a1
+    6390a168c42084c399f0bd82fa866ef759a4b3c095c9eacf66d3ed3c33d327bcf82e57608d1ca16dcd0180a1
+    70aa646174612f656d707479a17300a174a466696c6586a1639294c420a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1
+    a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a164c420c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3
+    c3c3c3c3c3c3c3c30094c420b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2
+    ccc8c420c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c364a168c4204c96ee
+    42cd08baf35db787fc71953c580091ff3dfb73bca05c54b93c51129a60a16dcd01a4a170ad646174612f6669
+    6c652e62696ea173cd012ca174a466696c6584a16cad646174612f66696c652e62696ea16dcd01ffa170a46c
+    696e6ba174a773796d6c696e6ba46b696e64a474726565a17602
+    """
+)
+
+PINNED_LAYER_V2 = unhex(
+    """
+    87a76368756e6b657284a3617667cd0400a36d6178cd1000a36d696ecd0100a46e616d65b566617374636463
+    323032302d707966617374636463a66368756e6b739294c420a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1
+    a1a1a1a1a1a1a1a1a1a1a1a1a164c420c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3
+    c3c3c3c30094c420b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2ccc8c420
+    c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c364a6646967657374d9477368
+    613235363a643464346434643464346434643464346434643464346434643464346434643464346434643464
+    34643464346434643464346434643464346434643464346434a46b696e64a56c61796572aa6d656469615f74
+    797065d92b6170706c69636174696f6e2f766e642e6f63692e696d6167652e6c617965722e76312e7461722b
+    677a6970a473697a65cd012ca17602
+    """
+)
+
+PINNED_IMAGE_V2 = unhex(
+    """
+    87a6636f6e666967c40e7b226f73223a226c696e7578227da46b696e64a5696d616765a66c61796572739192
+    d9477368613235363a6434643464346434643464346434643464346434643464346434643464346434643464
+    3464346434643464346434643464346434643464346434643464346434c420e5e5e5e5e5e5e5e5e5e5e5e5e5
+    e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5a86d616e6966657374c4137b22736368656d6156657273696f
+    6e223a327daa6d656469615f74797065d92a6170706c69636174696f6e2f766e642e6f63692e696d6167652e
+    6d616e69666573742e76312b6a736f6ea47461677391a66c6174657374a17602
+    """
+)
+
+PINNED_TREE_V1 = unhex(
+    """
+    84a17601a46b696e64a474726565a76368756e6b657284a46e616d65b566617374636463323032302d707966
+    617374636463a36d696ecd0100a3617667cd0400a36d6178cd1000a7656e74726965739286a170a5612e7478
+    74a174a466696c65a16dcd01a4a173cd012ca168c420f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6f6
+    f6f6f6f6f6f6f6f6f6f6a1639292c420a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1
+    a1a1a1a16492c420b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2ccc883a1
+    70a164a174a3646972a16dcd01ed
+    """
+)
+
+PINNED_TREE_V1_AS_V2 = unhex(
+    """
+    84a76368756e6b657284a3617667cd0400a36d6178cd1000a36d696ecd0100a46e616d65b566617374636463
+    323032302d707966617374636463a7656e74726965739286a1639292c420a1a1a1a1a1a1a1a1a1a1a1a1a1a1
+    a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a16492c420b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2
+    b2b2b2b2b2b2b2b2b2b2ccc8a168c4204c96ee42cd08baf35db787fc71953c580091ff3dfb73bca05c54b93c
+    51129a60a16dcd01a4a170a5612e747874a173cd012ca174a466696c6583a16dcd01eda170a164a174a36469
+    72a46b696e64a474726565a17602
+    """
+)
+
+
+def pinned_tree() -> Tree:
+    return Tree(
+        PINNED_CHUNKER,
+        (  # not in path order: encode sorts
+            Entry("link", "symlink", 0o777, target="data/file.bin"),
+            Entry("data/file.bin", "file", 0o644, 300, None, PINNED_CHUNKS),
+            Entry("data", "dir", 0o755),
+            Entry("data/empty", "file", 0o600),
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("manifest", "data", "expected_id"),
+    [
+        pytest.param(
+            pinned_tree(),
+            PINNED_TREE_V2,
+            "10cd8e5794c0dc791f098bd85683f72f2b4ef5e452fc00d730e9539a6041fc3a",
+            id="tree",
+        ),
+        pytest.param(
+            Layer(
+                "sha256:" + "d4" * 32,
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+                300,
+                PINNED_CHUNKER,
+                PINNED_CHUNKS,
+            ),
+            PINNED_LAYER_V2,
+            "43903487ff29566df7b941b0edd887fda6edd63923ab8487aa79ac0a2070b911",
+            id="layer",
+        ),
+        pytest.param(
+            Image(
+                b'{"schemaVersion":2}',
+                "application/vnd.oci.image.manifest.v1+json",
+                b'{"os":"linux"}',
+                (ImageLayer("sha256:" + "d4" * 32, ChunkId("e5" * 32)),),
+                ("latest",),
+            ),
+            PINNED_IMAGE_V2,
+            "c7757fffbb144494cb5158f129d77a1d4c749245d2445c8390d0bfd96c043cdb",
+            id="image",
+        ),
+    ],
+)
+def test_v2_encoding_is_pinned(
+    manifest: Tree | Layer | Image, data: bytes, expected_id: str
+) -> None:
+    assert encode(manifest) == data
+    assert manifest_id(data) == expected_id
+    back = decode(data)
+    assert encode(back) == data
+    if isinstance(manifest, Tree):
+        assert isinstance(back, Tree)
+        by_path = {e.path: e for e in back.entries}
+        assert by_path["data/file.bin"].digest == PINNED_FILE_KEY
+        assert by_path["data/file.bin"].chunks == PINNED_CHUNKS
+        assert by_path["data/empty"].digest == EMPTY_FILE_KEY
+    else:
+        assert back == manifest
+
+
+def test_v1_bytes_still_decode_to_the_same_tree_and_re_encode_as_pinned_v2() -> None:
+    """A v1 manifest as an old build wrote it (keys unsorted; the file digest is the
+    BLAKE3 of its bytes; chunks without pack locations) keeps its id and contents."""
+    assert manifest_id(PINNED_TREE_V1) == (
+        "455e3f86fc2d579f1c976b74cac9907f5311c667c692910be5c5a94175eb945b"
+    )
+    tree = decode(PINNED_TREE_V1)
+    assert tree == Tree(
+        PINNED_CHUNKER,
+        (
+            Entry(
+                "a.txt",
+                "file",
+                0o644,
+                300,
+                ChunkId("f6" * 32),
+                (ChunkRef(A, 100), ChunkRef(B, 200)),
+            ),
+            Entry("d", "dir", 0o755),
+        ),
+    )
+    assert file_key(tree.entries[0]) == PINNED_FILE_KEY  # locations do not count
+    v2 = encode(tree)
+    assert v2 == PINNED_TREE_V1_AS_V2
+    assert manifest_id(v2) == "63bddb195d07b08df479e5c8718e12a8b15aa1a908e74df11f238d7b1eab0012"
