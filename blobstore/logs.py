@@ -10,6 +10,7 @@ Both also come from ``BLOBSTORE_LOG_LEVEL``/``BLOBSTORE_LOG_FORMAT``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -24,11 +25,6 @@ FORMATS: tuple[LogFormat, ...] = ("text", "json")
 LEVELS = ("debug", "info", "warning", "error", "critical")
 TEXT_FORMAT = "blobstore: %(levelname)s: %(message)s"
 
-# LogRecord attributes; anything else on a record came in through ``extra=``.
-_STANDARD = frozenset(
-    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
-)
-
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line; times in UTC."""
@@ -42,12 +38,20 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        standard = _standard_attributes()
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in standard and not key.startswith("_"):
                 doc[key] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)
+
+
+@functools.cache
+def _standard_attributes() -> frozenset[str]:
+    """LogRecord's own attributes; anything else on a record came in through ``extra=``."""
+    plain = logging.LogRecord("", 0, "", 0, "", None, None)
+    return frozenset(plain.__dict__) | {"message", "asctime"}
 
 
 def parse_level(text: str) -> int:

@@ -94,6 +94,31 @@ def test_the_whole_parser_loads_plugins_without_their_network_stacks() -> None:
     assert loaded & {*HEAVY, "importlib.metadata"} == set()
 
 
+def test_the_group_table_names_each_group_module_s_commands() -> None:
+    for names, load in cli.GROUPS:
+        assert tuple(c.name for c in load()) == names
+
+
+def test_a_command_loads_only_its_own_group_module() -> None:
+    probe = (
+        "import sys\nfrom blobstore import cli\n"
+        "argv = ['pull', 'r', 'd']\n"
+        "cli.build_parser(cli.named_command(argv)).parse_args(argv)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('blobstore.cli.')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == str(
+        [
+            "blobstore.cli.output",
+            "blobstore.cli.registry",
+            "blobstore.cli.transfer",
+            "blobstore.cli.version",
+        ]
+    )
+
+
 def test_parsing_any_builtin_command_loads_no_plugin_or_heavy_module() -> None:
     """Built-in commands beyond the core (image, sync, dedup-report) parse without
     the plugins or what their bodies import."""

@@ -1,8 +1,9 @@
 """The ``blobstore`` command line: the one place that wires config into objects.
 
 One module per command group (transfer, refs, store, image, sync, dedup,
-locality, leases) declares its commands; this module builds the parser, sets
-up logging and runs the command. Plugins add theirs through the same typed hook
+locality, leases) declares its commands; this module builds the parser
+(importing only the group a command names) and runs the command (running.py).
+Plugins add theirs through the same typed hook
 (:class:`~blobstore.cli.registry.Commands`).
 
 Exit status: 0 success, 1 a failure explained in one line on stderr, 2 usage.
@@ -12,25 +13,81 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..config import Config
 from ..logs import FORMATS, LEVELS
-from . import dedup, image, leases, locality, refs, store, sync, transfer
-from .registry import Command, Commands, GlobalOption, Group
+from .registry import Command, Commands, GlobalOption, Group, add_global_options
 from .version import VersionAction
 
-BUILTIN: tuple[Command | Group, ...] = (
-    *transfer.COMMANDS,
-    *refs.COMMANDS,
-    *store.COMMANDS,
-    *image.COMMANDS,
-    *sync.COMMANDS,
-    *dedup.COMMANDS,
-    *locality.COMMANDS,
-    *leases.COMMANDS,
+Builtins = tuple[Command | Group, ...]
+
+# Each command group's module is imported only when its commands are wanted:
+# ``blobstore pull`` loads cli/transfer.py, not the other groups (every ms of
+# start-up counts). tests/test_startup.py checks the names against the modules.
+
+
+def _transfer() -> Builtins:
+    from . import transfer
+
+    return transfer.COMMANDS
+
+
+def _refs() -> Builtins:
+    from . import refs
+
+    return refs.COMMANDS
+
+
+def _store() -> Builtins:
+    from . import store
+
+    return store.COMMANDS
+
+
+def _image() -> Builtins:
+    from . import image
+
+    return image.COMMANDS
+
+
+def _sync() -> Builtins:
+    from . import sync
+
+    return sync.COMMANDS
+
+
+def _dedup() -> Builtins:
+    from . import dedup
+
+    return dedup.COMMANDS
+
+
+def _locality() -> Builtins:
+    from . import locality
+
+    return locality.COMMANDS
+
+
+def _leases() -> Builtins:
+    from . import leases
+
+    return leases.COMMANDS
+
+
+GROUPS: tuple[tuple[tuple[str, ...], Callable[[], Builtins]], ...] = (
+    (("push", "pull"), _transfer),
+    (("ls", "show", "rm", "cp"), _refs),
+    (("verify", "migrate", "gc"), _store),
+    (("image",), _image),
+    (("sync",), _sync),
+    (("dedup-report",), _dedup),
+    (("locality",), _locality),
+    (("leases",), _leases),
 )
-_BY_NAME = {c.name: c for c in BUILTIN}
+"""The built-in commands, in --help order, with the group module declaring them."""
+_GROUP_OF = {name: load for names, load in GROUPS for name in names}
+
 
 GLOBAL_OPTIONS = (
     GlobalOption(
@@ -94,32 +151,25 @@ GLOBAL_OPTIONS = (
 _TAKES_VALUE = {flag: o.takes_value for o in GLOBAL_OPTIONS for flag in o.flags}
 
 
-def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    group = parser.add_argument_group("global options")
-    for option in GLOBAL_OPTIONS:
-        option.add_to(group, suppress=suppress)
-
-
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line, plugins included; for a built-in ``command`` (see
     named_command), only that command: its arguments parse the same, and neither
     the other commands' modules nor the plugins are loaded."""
     common = argparse.ArgumentParser(add_help=False)
-    _add_global_options(common, suppress=True)
+    add_global_options(common, GLOBAL_OPTIONS, suppress=True)
     parser = argparse.ArgumentParser(
         prog="blobstore",
         description="Content-addressed blob store with peer-to-peer fetching.",
     )
     parser.add_argument("--version", action=VersionAction)
-    _add_global_options(parser, suppress=False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands = Commands(sub, common)
-    only = _BY_NAME.get(command) if command is not None else None
-    if only is not None:
-        commands.add_builtin(only)
+    add_global_options(parser, GLOBAL_OPTIONS, suppress=False)
+    commands = Commands(parser, common, "command")
+    if command in _GROUP_OF:
+        commands.add_builtin(next(c for c in _GROUP_OF[command]() if c.name == command))
         return parser
-    for builtin in BUILTIN:
-        commands.add_builtin(builtin)
+    for _, load in GROUPS:
+        for builtin in load():
+            commands.add_builtin(builtin)
     from ..plugins import load_plugins
 
     for plugin in load_plugins():
@@ -134,7 +184,7 @@ def named_command(argv: Sequence[str]) -> str | None:
     for token in tokens:
         option, has_value, _ = token.partition("=")
         if option not in _TAKES_VALUE:
-            return token if token in _BY_NAME else None
+            return token if token in _GROUP_OF else None
         if _TAKES_VALUE[option] and not has_value:
             next(tokens, None)
     return None
@@ -170,4 +220,4 @@ def run() -> None:
     sys.exit(main())
 
 
-__all__ = ["BUILTIN", "build_parser", "main", "make_config", "named_command", "run"]
+__all__ = ["GROUPS", "build_parser", "main", "make_config", "named_command", "run"]

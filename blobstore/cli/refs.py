@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..catalog import check_ref
@@ -74,12 +73,16 @@ async def run_ls(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
-@dataclass(frozen=True, slots=True)
 class _Summary:
-    kind: str
-    bytes: int
-    files: int | None
-    layers: int | None
+    """What ``ls -l`` shows of a manifest (a plain class: ``ls`` imports it)."""
+
+    __slots__ = ("bytes", "files", "kind", "layers")
+
+    def __init__(self, kind: str, size: int, files: int | None, layers: int | None) -> None:
+        self.kind = kind
+        self.bytes = size
+        self.files = files
+        self.layers = layers
 
     def to_json(self) -> dict[str, str | int | None]:
         return {"kind": self.kind, "bytes": self.bytes, "files": self.files, "layers": self.layers}

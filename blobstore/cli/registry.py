@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -29,67 +28,122 @@ ClientRun = Callable[[argparse.Namespace, "Client"], Awaitable[int]]
 """A built-in command's body: it gets an open Client."""
 
 
-@dataclass(frozen=True, slots=True)
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    return None
+
+
+def _no_check(args: argparse.Namespace) -> None:
+    return None
+
+
+# Plain classes, not dataclasses: every command's start-up imports these, and a
+# dataclass costs ~0.3 ms to create.
+
+
 class Command:
-    """One built-in sub-command."""
+    """One built-in sub-command.
 
-    name: str
-    help: str
-    run: ClientRun
-    arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
-    """Adds the command's own arguments (imports what their defaults need)."""
-    peers: bool = False
-    """Whether the Client opens the peer tier (only commands that fetch chunks)."""
-    lazy_store: bool = False
-    """Open the object store when first used, not before the command runs."""
-    check: Callable[[argparse.Namespace], str | None] = lambda args: None
-    """A usage problem argparse cannot see (options that go together), or None:
-    reported like argparse's own, exit status 2."""
-    description: str | None = None
-    usage: str | None = None
-    log_level: int = logging.WARNING
-    """Logging level without --log-level/-v (a long-running service says more)."""
+    ``arguments`` adds the command's own arguments (importing what their defaults
+    need); ``peers``: whether the Client opens the peer tier (commands that fetch
+    chunks); ``lazy_store``: open the object store when first used, not before the
+    command runs; ``check`` returns a usage problem argparse cannot see (options
+    that go together), reported like argparse's own, exit status 2; ``log_level``
+    is the level without --log-level/-v (a long-running service says more).
+    """
+
+    __slots__ = (
+        "arguments",
+        "check",
+        "description",
+        "help",
+        "lazy_store",
+        "log_level",
+        "name",
+        "peers",
+        "run",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        run: ClientRun,
+        arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments,
+        *,
+        peers: bool = False,
+        lazy_store: bool = False,
+        check: Callable[[argparse.Namespace], str | None] = _no_check,
+        description: str | None = None,
+        usage: str | None = None,
+        log_level: int = logging.WARNING,
+    ) -> None:
+        self.name = name
+        self.help = help
+        self.run = run
+        self.arguments = arguments
+        self.peers = peers
+        self.lazy_store = lazy_store
+        self.check = check
+        self.description = description
+        self.usage = usage
+        self.log_level = log_level
 
 
-@dataclass(frozen=True, slots=True)
 class Group:
     """A command with sub-commands (``image import``)."""
 
-    name: str
-    help: str
-    commands: tuple[Command, ...]
-    description: str | None = None
+    __slots__ = ("commands", "description", "help", "name")
+
+    def __init__(
+        self, name: str, help: str, commands: tuple[Command, ...], *, description: str | None = None
+    ) -> None:
+        self.name = name
+        self.help = help
+        self.commands = commands
+        self.description = description
 
 
-@dataclass(frozen=True, slots=True)
 class GlobalOption:
     """An option accepted before the command and after it."""
 
-    flags: tuple[str, ...]
-    help: str
-    metavar: str | None = None
-    action: Literal["store", "count", "store_true"] = "store"
-    choices: tuple[str, ...] | None = None
+    __slots__ = ("action", "choices", "flags", "help", "metavar")
+
+    def __init__(
+        self,
+        flags: tuple[str, ...],
+        help: str,
+        metavar: str | None = None,
+        *,
+        action: Literal["store", "count", "store_true"] = "store",
+        choices: tuple[str, ...] | None = None,
+    ) -> None:
+        self.flags = flags
+        self.help = help
+        self.metavar = metavar
+        self.action = action
+        self.choices = choices
 
     @property
     def takes_value(self) -> bool:
         return self.action == "store"
 
-    def add_to(self, group: argparse._ArgumentGroup, *, suppress: bool) -> None:
-        """On a sub-command the default is SUPPRESS, so a value given before the
-        command is not overwritten."""
-        empty: object = {"store": None, "count": 0, "store_true": False}[self.action]
+
+def add_global_options(
+    parser: argparse.ArgumentParser, options: Sequence[GlobalOption], *, suppress: bool
+) -> None:
+    """``options`` in a "global options" group. With ``suppress`` (a sub-command's
+    copy) they default to SUPPRESS, so a value given before the command stays."""
+    group = parser.add_argument_group("global options")
+    for o in options:
+        empty: object = {"store": None, "count": 0, "store_true": False}[o.action]
         default = argparse.SUPPRESS if suppress else empty
-        if self.action == "store":
+        if o.action == "store":
             group.add_argument(
-                *self.flags,
-                metavar=self.metavar,
-                choices=self.choices,
-                default=default,
-                help=self.help,
+                *o.flags, metavar=o.metavar, choices=o.choices, default=default, help=o.help
             )
         else:
-            group.add_argument(*self.flags, action=self.action, default=default, help=self.help)
+            group.add_argument(*o.flags, action=o.action, default=default, help=o.help)
 
 
 class Commands:
@@ -100,11 +154,11 @@ class Commands:
     """
 
     def __init__(
-        self,
-        subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-        common: argparse.ArgumentParser,
+        self, parser: argparse.ArgumentParser, common: argparse.ArgumentParser, dest: str
     ) -> None:
-        self._subparsers = subparsers
+        """Sub-commands of ``parser`` (their name in ``args.<dest>``); ``common``
+        holds the global options each of them also accepts."""
+        self._subparsers = parser.add_subparsers(dest=dest, metavar="COMMAND", required=True)
         self._common = common
 
     def add(
@@ -137,8 +191,7 @@ class Commands:
         parser = self._subparsers.add_parser(
             name, help=help, description=description or help, parents=[self._common]
         )
-        sub = parser.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
-        return Commands(sub, self._common)
+        return Commands(parser, self._common, f"{name}_command")
 
     def add_builtin(self, command: Command | Group) -> None:
         if isinstance(command, Group):
@@ -158,17 +211,17 @@ class Commands:
         command.arguments(parser)
 
 
-def _no_check(args: argparse.Namespace) -> None:
-    return None
-
-
-@dataclass(frozen=True, slots=True, eq=False)
 class UsageCheck:
     """Runs a command's ``check`` after parsing; a problem exits 2 with the
     command's usage line, as argparse's own errors do."""
 
-    parser: argparse.ArgumentParser
-    check: Callable[[argparse.Namespace], str | None]
+    __slots__ = ("check", "parser")
+
+    def __init__(
+        self, parser: argparse.ArgumentParser, check: Callable[[argparse.Namespace], str | None]
+    ) -> None:
+        self.parser = parser
+        self.check = check
 
     def __call__(self, args: argparse.Namespace) -> None:
         problem = self.check(args)
@@ -176,13 +229,25 @@ class UsageCheck:
             self.parser.error(problem)
 
 
-@dataclass(frozen=True, slots=True)
 class WithClient:
     """A built-in command as a Run: opens the Client (with or without peers) for it."""
 
-    run: ClientRun
-    peers: bool
-    lazy_store: bool = False
+    __slots__ = ("lazy_store", "peers", "run")
+
+    def __init__(self, run: ClientRun, peers: bool, lazy_store: bool = False) -> None:
+        self.run = run
+        self.peers = peers
+        self.lazy_store = lazy_store
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WithClient) and (self.run, self.peers, self.lazy_store) == (
+            other.run,
+            other.peers,
+            other.lazy_store,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.run, self.peers, self.lazy_store))
 
     async def __call__(self, args: argparse.Namespace, config: Config) -> int:
         from ..client import Client
@@ -193,7 +258,3 @@ class WithClient:
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
-
-
-def find(commands: Sequence[Command | Group], name: str) -> Command | Group | None:
-    return next((c for c in commands if c.name == name), None)
