@@ -255,9 +255,6 @@ class Config:
             s3=s3,
         )
 
-    def with_peers(self, peers: PeerConfig) -> Config:
-        return replace(self, peers=peers)
-
 
 def default_store_url() -> str:
     return "file://" + str(Path(platformdirs.user_data_dir("blobstore")) / "store")

@@ -26,7 +26,6 @@ Kinds:
 from __future__ import annotations
 
 import re
-import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -440,7 +439,3 @@ def decode(data: bytes) -> Manifest:
             layout=layout,
         )
     raise InvalidManifest(f"unknown manifest kind {kind!r}")
-
-
-def file_mode(st_mode: int) -> int:
-    return stat.S_IMODE(st_mode)

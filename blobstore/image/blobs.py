@@ -93,7 +93,7 @@ async def write_layer_gunzipped(
 
     await copy_chunks(source, layer.chunks, sink)
     raw.check(f"layer {layer.digest}", layer.digest, layer.size)
-    gunzip.finish()
+    await anyio.to_thread.run_sync(gunzip.finish)  # writes the last block: off the loop
     plain.check(f"layer {layer.digest} uncompressed", diff_id)
     return plain.size
 
@@ -119,7 +119,3 @@ class _Gunzip:
 
     def finish(self) -> None:
         self.sink(self.dec.flush())
-
-
-def sha256_hex(digest: str) -> str:
-    return digest.split(":", 1)[1]

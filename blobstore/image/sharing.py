@@ -85,7 +85,6 @@ def compute_sharing(ref: str, images: dict[str, _Loaded]) -> ImageSharing:
                 users[layer.digest].append(name)
             other_chunks.update(c.id for c in layer.chunks)
     shares: list[LayerShare] = []
-    seen: set[str] = set()
     my_chunks: dict[ChunkId, int] = {}
     for layer in me.layers:
         shares.append(
@@ -93,7 +92,6 @@ def compute_sharing(ref: str, images: dict[str, _Loaded]) -> ImageSharing:
                 layer.digest, layer.media_type, layer.size, tuple(users.get(layer.digest, ()))
             )
         )
-        seen.add(layer.digest)
         my_chunks.update((c.id, c.size) for c in layer.chunks)
     distinct = {s.digest: s for s in shares}.values()
     return ImageSharing(
