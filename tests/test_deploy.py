@@ -361,6 +361,44 @@ def test_daemon_runs_under_memory_deny_write_execute(tmp_path: Path) -> None:
             assert module in maps, module
 
 
+_READ_ONLY_BUT = r"""
+set -e
+cache=$1 probe=$2; shift 2
+mount --bind "$cache" "$cache"
+findmnt -rno TARGET | while read -r m; do
+  case "$m" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*|"$cache") continue ;; esac
+  mount -o remount,bind,ro "$m"
+done
+if touch "$probe" 2>/dev/null; then echo "$probe is still writable" >&2; exit 3; fi
+exec "$@"
+"""
+"""In a private mount namespace, every mount read-only but the cache (what the unit's
+ProtectSystem=strict + ReadWritePaths= do, without PrivateTmp's fresh /tmp), then exec."""
+
+
+def test_daemon_needs_only_its_cache_writable(tmp_path: Path) -> None:
+    """ProtectSystem=strict leaves the daemon one writable directory, the cache: it must
+    start, open its node store there and serve with everything else read-only."""
+    unshare = require("unshare")
+    require("findmnt")
+    require_root("a private mount namespace with read-only remounts")
+    cache, store = tmp_path / "cache", tmp_path / "store"
+    cache.mkdir()
+    store.mkdir()
+    http = free_port()
+    env = cli_env(
+        f"file://{store}",
+        cache,
+        {"BLOBSTORE_LISTEN": "127.0.0.1:0", "BLOBSTORE_HTTP": f"127.0.0.1:{http}"},
+    )
+    cmd = [unshare, "--mount", "--propagation", "private", "sh", "-c", _READ_ONLY_BUT, "sh"]
+    cmd += [str(cache), str(store / "probe"), BLOBSTORE, "daemon"]
+    with running(cmd, env, tmp_path / "daemon.log"):
+        assert json.loads(http_get(f"http://127.0.0.1:{http}/healthz"))["ok"] is True
+    assert any(cache.iterdir())  # the node store was opened (and written) in the cache
+    assert not (store / "probe").exists()
+
+
 def test_sysusers_and_tmpfiles_make_user_and_cache(tmp_path: Path) -> None:
     """The unit's user and the shared cache directory, made by systemd's own tools in a
     scratch root (ownership needs root)."""
