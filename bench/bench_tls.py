@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import uvloop
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "p2p")]
 
@@ -33,7 +35,6 @@ from p2p.client import Identity, open_connection  # noqa: E402
 from p2p.metrics import Metrics  # noqa: E402
 from p2p.server import PeerServer, ServerIdentity  # noqa: E402
 from p2p.tls import client_context, load_contexts  # noqa: E402
-from p2p.wire import install_uvloop  # noqa: E402
 
 TOKEN = b"bench-token"
 WINDOW = 16
@@ -195,12 +196,11 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tls", nargs=3, metavar=("CERT", "KEY", "CA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    install_uvloop()
     if args.serve:
         files = TlsFiles(*map(Path, args.tls)) if args.tls else None
-        asyncio.run(serve(files, args.size, args.chunk))
+        uvloop.run(serve(files, args.size, args.chunk))
     else:
-        asyncio.run(bench(args))
+        uvloop.run(bench(args))
 
 
 if __name__ == "__main__":

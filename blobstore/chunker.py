@@ -61,16 +61,3 @@ class Chunker:
         """Cut ``buf`` and hash every chunk. Runs in a worker thread."""
         view = memoryview(buf)
         return [Span(off, ln, hash_bytes(view[off : off + ln])) for off, ln in self.cut(view)]
-
-    def cut_file(self, path: str) -> list[Span]:
-        """Cut and hash a file in bounded memory (streamed). Runs in a worker thread.
-
-        Raises OSError; the caller translates it.
-        """
-        spans = []
-        offset = 0
-        with open(path, "rb", buffering=0) as f:
-            for chunk in self._cdc.cut_stream(f):
-                spans.append(Span(offset, chunk.length, hash_bytes(chunk.data)))
-                offset += chunk.length
-        return spans

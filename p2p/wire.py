@@ -232,13 +232,3 @@ async def connect(
     except (OSError, TimeoutError) as exc:
         raise PeerUnavailable(f"cannot connect to {name}: {exc or 'timed out'}") from exc
     return proto
-
-
-def install_uvloop() -> bool:
-    """Use uvloop for loops created from now on, where it is available."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at runtime
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import blake3
-import pytest
 from helpers import random_bytes
 
 from blobstore.chunker import CHUNKER_NAME, DEFAULT_PARAMS, Chunker, ChunkerParams
@@ -83,21 +81,7 @@ def test_empty_and_tiny_inputs() -> None:
     assert (span.offset, span.length, span.id) == (0, 1, hash_bytes(b"x"))
 
 
-def test_cut_file_matches_cut_buffer(tmp_path: Path) -> None:
-    data = random_bytes(11 << 20, "file")
-    path = tmp_path / "f"
-    path.write_bytes(data)
-    assert Chunker().cut_file(str(path)) == Chunker().cut_and_hash(data)
-    (tmp_path / "empty").write_bytes(b"")
-    assert Chunker().cut_file(str(tmp_path / "empty")) == []
-
-
 def test_highly_repetitive_input_is_cut_at_max_size() -> None:
     spans = Chunker().cut_and_hash(bytes(13 << 20))
     assert all(s.length <= DEFAULT_PARAMS.max_size for s in spans)
     assert len({s.id for s in spans[:-1]}) == 1  # identical chunks dedupe to one id
-
-
-def test_cut_file_missing_raises_oserror(tmp_path: Path) -> None:
-    with pytest.raises(OSError, match="nothere"):
-        Chunker().cut_file(str(tmp_path / "nothere"))
