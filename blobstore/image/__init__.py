@@ -6,7 +6,8 @@
 - ``layout``   the record that makes re-export byte-identical
 - ``importer`` / ``exporter`` / ``blobs`` / ``stream``  moving bytes
 - ``sharing``  what an image shares with other images
-- ``commands`` the ``blobstore image`` CLI group
+
+The ``blobstore image`` commands live in ``blobstore/cli/image.py``.
 """
 
 from __future__ import annotations
