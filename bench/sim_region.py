@@ -312,9 +312,9 @@ class SimConnection:
 
 
 class SimNode:
-    def __init__(self, world: World, index: int, cfg: NetConfig) -> None:
+    def __init__(self, world: World, index: int, cfg: NetConfig, name: str = "") -> None:
         self.world = world
-        self.name = f"n{index:04d}"
+        self.name = name or f"n{index:04d}"
         self.address = f"10.{index // 250}.{index % 250}.1:7070"
         self.up, self.down = Link(cfg.nic), Link(cfg.nic)
         self.alive = False
@@ -451,7 +451,8 @@ async def _run(
     for ref in refs:
         world.sizes[ref.id] = ref.size
     total_nodes = scn.nodes + int(scn.nodes * scn.join_fraction)
-    nodes = [SimNode(world, i, cfg) for i in range(total_nodes)]
+    names = list(args.names or ()) + [""] * total_nodes
+    nodes = [SimNode(world, i, cfg, names[i]) for i in range(total_nodes)]
     for n in nodes:
         world.nodes[n.name] = n
         world.by_address[n.address] = n
@@ -479,8 +480,8 @@ async def _run(
     for slow in rng.sample([n for n in first if not n.liar], scn.slow_homes):
         slow.slow = 10.0
     if scn.split:
-        for n in nodes:
-            n.side = int(n.name[1:]) % 2
+        for i, n in enumerate(nodes):
+            n.side = i % 2
     if scn.gossip_seed:
         seeds = {n.name: [first[0].address] for n in nodes}
     else:
@@ -524,7 +525,12 @@ async def _run(
             await node.store.put(ref.id, data)
 
         for start in range(0, len(refs), args.window):
-            window = refs[start : start + args.window]
+            window = []
+            for ref in refs[start : start + args.window]:
+                if node.store.contains(ref.id):  # the tier list's local source answers first
+                    node.delivered += ref.size
+                else:
+                    window.append(ref)
             left = await tier.fetch(window, cast(Any, sink))
             for ref in left:  # the tier list's next source: the object store
                 await sink(ref, await world.origin_get(node, ref.id))
@@ -554,7 +560,10 @@ async def _run(
         for i, node in enumerate(first):
             if scn.start_rate:
                 await asyncio.sleep(max(0.0, i / scn.start_rate - loop.time()))
-            node.task = tg.create_task(node_main(node, True))
+            pulls = not args.pullers or i < args.pullers
+            node.task = tg.create_task(node_main(node, pulls))
+            if not pulls:
+                node.done_at = math.inf  # serves only
         all_started.set()
         if scn.kill_fraction or scn.join_fraction:
             goal = scn.churn_at * len(refs) and scn.churn_at * sum(r.size for r in refs)
@@ -569,6 +578,7 @@ async def _run(
             for node in joiners:
                 node.task = tg.create_task(node_main(node, True))
         pullers = [n for n in nodes if n not in killed]
+        serving = pullers
         deadline = loop.time() + args.max_time
         await world.until(lambda: all(n.done_at > 0 for n in pullers), deadline)
         convergence = None
@@ -597,8 +607,8 @@ async def _run(
         unit=refs[0].size,
         unique=unique,
         origin=sum(world.sizes[c] * k for c, k in world.origin_reads.items()),
-        uploads=[n.uploaded for n in pullers],
-        times=[n.done_at - n.started for n in pullers if n.done_at > 0],
+        uploads=[n.uploaded for n in serving],
+        times=[n.done_at - n.started for n in pullers if 0 < n.done_at < math.inf],
         incomplete=sum(1 for n in pullers if n.done_at <= 0),
         bad=sum(n.bad for n in pullers),
         dead_asked=dead_asked,
@@ -693,7 +703,35 @@ SCENARIOS: dict[str, Callable[[int], Scenario]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def simulate(
+    scn: Scenario, refs: list[ChunkRef], net: NetConfig | None = None, **overrides: Any
+) -> Result:
+    """Run ``scn`` over ``refs`` on a fresh virtual-clock loop; ``overrides`` set the
+    command line's options by their dest names (``names``: node ids to use)."""
+    args = _parser().parse_args([])
+    args.names = None
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    _finish_args(args)
+    loop = VirtualLoop()
+    fake_time = _virtual_time_module(loop)
+    saved = liveness.time, peertier.time, liveness.open_connection, PeerTier._ask
+    liveness.time = fake_time  # type: ignore[attr-defined]
+    peertier.time = fake_time  # type: ignore[attr-defined]
+    try:
+        return loop.run_until_complete(_run(scn, net or NetConfig(), refs, args))
+    finally:
+        liveness.time, peertier.time, liveness.open_connection, PeerTier._ask = saved  # type: ignore[misc]
+        loop.close()
+
+
+def _finish_args(args: argparse.Namespace) -> None:
+    args.tuning = {}
+    if args.peers_per_chunk:
+        args.tuning["peers_per_chunk"] = args.peers_per_chunk
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", type=int, default=1000)
     ap.add_argument("--size", default="20G")
@@ -710,28 +748,23 @@ def main(argv: list[str] | None = None) -> int:
         default=ServerLimits().max_connections,
         help="connections a daemon accepts (ServerLimits.max_connections)",
     )
+    ap.add_argument("--pullers", type=int, default=0, help="nodes that pull (0: all)")
     ap.add_argument("--placement-chunks", type=int, default=20480)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument(
         "--peers-per-chunk", type=int, default=0, help="TierTuning.peers_per_chunk (0: default)"
     )
-    args = ap.parse_args(argv)
-    args.tuning = {}
-    if args.peers_per_chunk:
-        args.tuning["peers_per_chunk"] = args.peers_per_chunk
-    cfg = NetConfig()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     refs = model_set(parse_size(args.size), parse_size(args.unit), args.seed)
     results = []
     for key in args.scenario:
         scn = SCENARIOS[key](args.nodes)
-        loop = VirtualLoop()
-        fake_time = _virtual_time_module(loop)
-        liveness.time = fake_time  # type: ignore[attr-defined]
-        peertier.time = fake_time  # type: ignore[attr-defined]
-        try:
-            result = loop.run_until_complete(_run(scn, cfg, refs, args))
-        finally:
-            loop.close()
+        options = {k: v for k, v in vars(args).items() if k not in ("scenario", "nodes")}
+        result = simulate(scn, refs, **options)
         results.append(result)
         print(table([result]), flush=True)
     figures = placement_figures(args.nodes, args.placement_chunks, args.seed)

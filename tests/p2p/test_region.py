@@ -1,0 +1,33 @@
+"""The real multi-process check behind bench/sim_region.py: real daemons and pulls on
+loopback against the simulation of the same region (same node ids, same chunks).
+
+Ten daemons, ten pulls of 64 MiB at once, each sharing its node's cache with that
+node's daemon. The simulation must predict the origin ratio, each daemon's upload and
+the balance of uploads within bench/bench_region.py's tolerances (stated there), and
+every pull must write the pushed bytes. bench/bench_region.py runs it larger.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from bench_region import agreement, agrees, real_region, simulated_region
+
+pytestmark = pytest.mark.slow
+
+NODES = 10
+SIZE = 64 << 20
+
+
+def test_real_region_agrees_with_the_simulation(tmp_path: Path) -> None:
+    real, names, refs = real_region(tmp_path, NODES, NODES, SIZE)  # raises if a pull's bytes differ
+    sim = simulated_region(names, refs, NODES, real)
+    distances = agreement(real, sim)
+    print(real.row("real"), sim.row("simulated"), distances, sep="\n")
+    assert real.origin_ratio <= 1.05, real
+    assert agrees(distances), (distances, real, sim)
