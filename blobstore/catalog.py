@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from .errors import BadInput, Conflict, InvalidManifest, InvalidRef, ObjectMissing, RefNotFound
 from .ids import ChunkId, hash_bytes, is_id, parse_id
-from .manifest import Image, Manifest, Tree, decode, encode
+from .manifest import Image, Manifest, Tree, decode, encode, expect_kind
 from .objectstore import MANIFESTS, REFS, ObjectInfo, ObjectStore, manifest_key, ref_key
 from .parallel import for_each
 
@@ -93,10 +93,8 @@ class Catalog:
         return None
 
     async def load_tree(self, manifest_id: ChunkId) -> Tree:
-        manifest = await self.load(manifest_id)
-        if not isinstance(manifest, Tree):
-            raise InvalidManifest(f"manifest {manifest_id} is a {manifest.kind}, not a tree")
-        return manifest
+        """Raises NotFound, InvalidManifest (also when it is not a tree)."""
+        return expect_kind(await self.load(manifest_id), Tree, f"manifest {manifest_id}")
 
     async def resolve(self, ref: str) -> ChunkId:
         """The manifest id a ref points at. Raises RefNotFound, InvalidRef."""

@@ -34,7 +34,7 @@ import blake3
 import msgpack
 
 from .errors import InvalidManifest, UnsafePath
-from .ids import ChunkId, hash_bytes, id_from_bytes, id_to_bytes
+from .ids import ChunkId, id_from_bytes, id_to_bytes
 
 VERSION = 2
 """The version ``encode`` writes."""
@@ -232,10 +232,6 @@ def _sorted(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_sorted(v) for v in obj]
     return obj
-
-
-def manifest_id(data: bytes) -> ChunkId:
-    return hash_bytes(data)
 
 
 def chunks_key(chunks: Iterable[ChunkRef]) -> ChunkId:

@@ -36,12 +36,9 @@ path, which uploads those chunks again).
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
 import os
-import secrets
 import stat
 import time
 from dataclasses import dataclass, field, replace
@@ -49,12 +46,13 @@ from pathlib import Path
 
 import anyio
 
+from .atomic import write_atomic
 from .catalog import Catalog, check_ref
 from .chunker import ChunkerParams
-from .errors import BadInput, Corrupt, DiskFull, InvalidManifest, NotFound, single_errors
+from .errors import BadInput, Corrupt, InvalidManifest, NotFound, os_error, single_errors
 from .ids import ChunkId, hash_bytes, is_id
 from .ingest import Ingestor
-from .manifest import ChunkerInfo, ChunkRef, Entry, Image, Tree, chunks_key, encode, manifest_id
+from .manifest import ChunkerInfo, ChunkRef, Entry, Image, Tree, chunks_key, encode
 from .materialize import TMP_MARK, Progress
 from .objectstore import ObjectStore
 from .packs import BadLocation, IndexCache, list_packs, relocate_refs
@@ -232,14 +230,9 @@ class PushIndex:
             },
         }
         self._loaded = None
-        tmp = self.path.parent / f".tmp-{secrets.token_hex(6)}"
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(doc, separators=(",", ":")))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(doc, separators=(",", ":")), parents=True)
         except OSError as exc:  # a full disk: the next push reads the files again
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             log.info("cannot write the push index %s: %s", self.path, exc.strerror)
 
 
@@ -272,7 +265,7 @@ async def push_unchanged(
     if len(hits) != len(scan.files):
         return None
     tree = _tree_of(scan, hits, chunker)
-    new_id = manifest_id(encode(tree))
+    new_id = hash_bytes(encode(tree))
     named: list[ChunkId | None] = [None]
     listed: list[set[ChunkId]] = [set()]
 
@@ -356,7 +349,7 @@ async def push_tree(
     )
     files = known | {e.path: e.chunks for e in entries}
     tree = _tree_of(scan, files, ingestor.params.info())
-    new_id = manifest_id(encode(tree))
+    new_id = hash_bytes(encode(tree))
     if new_id != previous:  # else the ref already names exactly this tree
         await catalog.save(tree)
         if ref is not None:
@@ -558,9 +551,7 @@ async def ingest_files(
             try:
                 got = await ingestor.ingest_file(str(root / path), on_bytes=advance)
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise DiskFull(f"no space left while reading {path}") from exc
-                raise BadInput(f"cannot read {path}: {exc.strerror}") from exc
+                raise os_error(exc, f"cannot read {path}", user_path=True) from exc
         entries.append(Entry(path, "file", mode, got.size, got.digest, got.chunks))
         if count_files is not None:
             count_files(len(entries), len(files))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import anyio
 
 from ..config import Config
-from ..errors import BlobstoreError, ConfigError, single_errors
+from ..errors import BlobstoreError, ConfigError, os_error, single_errors
 from ..logs import configure
 from .registry import Run
 
@@ -42,9 +42,9 @@ def run_command(
     except BlobstoreError as exc:
         print(f"blobstore: error: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"blobstore: error: {exc.strerror or exc}{where}", file=sys.stderr)
+    except OSError as exc:  # a bug: every module should have translated it
+        failed = f"{getattr(args, 'command', 'blobstore')} failed"
+        print(f"blobstore: error: {os_error(exc, failed)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("blobstore: interrupted", file=sys.stderr)
