@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -234,13 +233,14 @@ async def _cmd_peers(args: argparse.Namespace, config: Config) -> int:
         await settle(directory, args.wait if config.peers.mode == "auto" else 0, 5.0)
         peers = directory.all() if args.all else directory.live()
         rows = sorted((p.describe() for p in peers), key=lambda r: str(r["node"]))
-    if args.json:
-        print(json.dumps({"region": config.region, "peers": rows}, indent=2))
-    elif not rows:
-        print(f"no live peers in region {config.region!r}")
-    else:
-        for r in rows:
-            print(f"{r['node']}\t{r['address']}\t{r['status']}\t{r['source']}")
+    from blobstore.cli.output import emit
+
+    lines = [f"{r['node']}\t{r['address']}\t{r['status']}\t{r['source']}" for r in rows]
+    emit(
+        args,
+        {"region": config.region, "peers": rows},
+        "\n".join(lines) or f"no live peers in region {config.region!r}",
+    )
     return 0
 
 
