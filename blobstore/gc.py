@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from .catalog import Catalog
@@ -136,8 +136,13 @@ async def collect(
     dry_run: bool = False,
     repack_below: float = DEFAULT_REPACK_BELOW,
     packs: PackConfig | None = None,
+    before_sweep: Callable[[], Awaitable[None]] | None = None,
 ) -> GcResult:
-    """Run a full gc. Raises Unavailable, InvalidManifest (then nothing is swept)."""
+    """Run a full gc. Raises Unavailable, InvalidManifest (then nothing is swept).
+
+    ``before_sweep`` is awaited under the gc lease once the sweep is decided, just
+    before anything is deleted: tests start a writer there to force the race that
+    leases.py closes (a writer that starts then must wait for this gc)."""
     evicted = await cache.evict() if cache is not None and not dry_run else 0
     stale_temp = 0
     if isinstance(store, FileObjectStore) and not dry_run:
@@ -177,6 +182,8 @@ async def collect(
                 if k.rsplit("/", 1)[-1] not in live and pack_of(k) not in usage
             ]
             sparse = [p for p in sparse if p in usage]
+            if before_sweep is not None:
+                await before_sweep()
             if sparse and not dry_run:
                 repacked = await repack(store, sparse, usage, packs or PackConfig())
         if not dry_run:

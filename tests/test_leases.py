@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import anyio
@@ -23,6 +23,7 @@ from blobstore.filestore import FileObjectStore
 from blobstore.gc import collect
 from blobstore.leases import GC_KEY, WRITER_PREFIX, Leases, LeaseTiming
 from blobstore.objectstore import ObjectInfo
+from blobstore.push import PushResult
 
 pytestmark = pytest.mark.anyio
 
@@ -60,7 +61,9 @@ async def test_writer_waits_while_gc_runs(tmp_path: Path) -> None:
                 async with leases.collecting() as writers:
                     assert writers == 0
                     tg.start_soon(writer)
-                    await anyio.sleep(0.3)  # the writer polls and must still be waiting
+                    while not await keys(client.object_store, WRITER_PREFIX):  # noqa: ASYNC110
+                        await anyio.sleep(0.005)
+                    assert events == []  # it announced itself, and waits for this gc
                     events.append("gc done")
         assert events == ["gc done", "writer in"]
 
@@ -83,22 +86,79 @@ async def test_stale_leases_expire(tmp_path: Path) -> None:
             assert writers == 0
 
 
-async def test_reused_old_chunk_survives_a_concurrent_gc(
-    object_store_url: str, tmp_path: Path
+async def _orphan_and_its_twin(client: Client, tmp_path: Path) -> Path:
+    """Push a tree and drop its ref, so its chunks are old and unreferenced (grace < 0
+    below: everything unreferenced counts as old); return a tree of the same content,
+    which a push will reuse them for."""
+    data = random_bytes(3 << 20, "orphan")
+    write(tmp_path / "a" / "w.bin", data)
+    await client.push(tmp_path / "a", "a")
+    await client.catalog.delete_ref("a")
+    write(tmp_path / "b" / "w.bin", data)
+    return tmp_path / "b"
+
+
+async def test_gc_sweeps_nothing_while_a_writer_reuses_an_old_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The race itself: a push reuses an old unreferenced chunk while gc runs."""
-    async with Client.open(config_for(object_store_url, tmp_path / "c")) as client:
-        data = random_bytes(3 << 20, "orphan")
-        write(tmp_path / "a" / "w.bin", data)
-        await client.push(tmp_path / "a", "a")
-        await client.catalog.delete_ref("a")  # its chunks are now unreferenced
-        write(tmp_path / "b" / "w.bin", data)  # same content: a push of b reuses them
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(client.push, tmp_path / "b", "b")
-            # grace < 0: every unreferenced object counts as old
-            tg.start_soon(lambda: collect(client.object_store, None, grace_seconds=-HOUR))
+    """The race, forced: the writer has reused the orphan's chunks and is about to
+    write its ref when a whole gc runs. Its lease makes gc sweep nothing."""
+    async with Client.open(config_for(f"file://{tmp_path / 'store'}", tmp_path / "c")) as client:
+        twin = await _orphan_and_its_twin(client, tmp_path)
+        store = client.object_store
+        at_ref, go_on = anyio.Event(), anyio.Event()
+        put = store.put
+
+        async def pausing_put(key: str, data: bytes, *args: object, **kwargs: object) -> None:
+            if key.startswith("refs/b"):  # chunks reused, manifest written: the ref is next
+                at_ref.set()
+                await go_on.wait()
+            await put(key, data, *args, **kwargs)
+
+        monkeypatch.setattr(store, "put", pausing_put)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                pushes: list[PushResult] = []
+                tg.start_soon(lambda: _append(pushes, client.push(twin, "b")))
+                await at_ref.wait()
+                swept = await collect(store, None, grace_seconds=-HOUR)
+                go_on.set()
+        assert pushes[0].new_chunks == 0  # it did reuse them
+        assert swept.skipped_for_writers == 1
+        assert (swept.swept_packs, swept.swept_chunks) == (0, 0)
         verified = await client.verify("b")
         assert verified.ok, (verified.missing, verified.corrupt)
+
+
+async def test_a_writer_arriving_while_gc_sweeps_waits_then_uploads_again(tmp_path: Path) -> None:
+    """The race the other way round, forced: gc has found no writer and is about to
+    sweep the orphan's pack when a push of the same content starts. The push waits
+    for gc's lease to go, then finds the pack gone and uploads its chunks again."""
+    async with Client.open(config_for(f"file://{tmp_path / 'store'}", tmp_path / "c")) as client:
+        twin = await _orphan_and_its_twin(client, tmp_path)
+        store = client.object_store
+        pushes: list[PushResult] = []
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+
+                async def writer_arrives() -> None:
+                    tg.start_soon(lambda: _append(pushes, client.push(twin, "b")))
+                    while not await keys(store, WRITER_PREFIX):  # noqa: ASYNC110 - another task
+                        await anyio.sleep(0.01)
+                    # The writer has announced itself and waits: our lease is live.
+
+                swept = await collect(store, None, grace_seconds=-HOUR, before_sweep=writer_arrives)
+                assert not pushes  # it waited for the sweep
+        assert swept.skipped_for_writers == 0
+        assert swept.swept_packs == 1  # the orphan's pack went...
+        assert pushes[0].new_chunks > 0  # ...so the writer uploaded its chunks again
+        verified = await client.verify("b")
+        assert verified.ok, (verified.missing, verified.corrupt)
+
+
+async def _append(results: list[PushResult], push: Awaitable[PushResult]) -> None:
+    results.append(await push)
 
 
 HEARTBEAT = LeaseTiming(writer_ttl=1.0, writer_refresh=0.05, gc_ttl=5.0, gc_refresh=0.05, poll=0.01)
