@@ -145,7 +145,7 @@ async def scan_root(root: Path) -> _Scan:
     try:
         return await anyio.to_thread.run_sync(scan_tree, root)
     except OSError as exc:
-        raise BadInput(f"cannot read {exc.filename or root}: {exc.strerror}") from exc
+        raise os_error(exc, f"cannot read {root}", user_path=True) from exc
 
 
 RACY_WINDOW_NS = 2_000_000_000
@@ -428,7 +428,7 @@ async def repair_tree(
         try:
             scan = await anyio.to_thread.run_sync(scan_tree, source)
         except OSError as exc:
-            raise BadInput(f"cannot read {exc.filename or source}: {exc.strerror}") from exc
+            raise os_error(exc, f"cannot read {source}", user_path=True) from exc
         done = {p for p, _ in same_paths}
         await ingest_files(source, [(p, m) for p, m, _ in scan.files if p not in done], ingestor)
     entries = []

@@ -21,7 +21,6 @@ can serve should serve).
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import json
 import logging
@@ -41,7 +40,7 @@ from .atomic import write_atomic
 from .client import Client, PullResult
 from .config import Config
 from .dedup import as_tree
-from .errors import BadInput, DiskFull, StoreUnavailable, Unavailable
+from .errors import BadInput, StoreUnavailable, Unavailable, os_error
 from .ids import ChunkId, hash_bytes
 from .linking import LinkMode
 from .manifest import Entry, Tree, expect_kind
@@ -396,15 +395,14 @@ def _write_marker(
         write_atomic(dest / name, json.dumps(doc))
         (dest / MARKER).unlink(missing_ok=True)  # the old single marker: ours, stale
     except OSError as exc:
-        kind = DiskFull if exc.errno in (errno.ENOSPC, errno.EDQUOT) else Unavailable
-        raise kind(f"cannot write {dest / name}: {exc.strerror}") from exc
+        raise os_error(exc, f"cannot write {dest / name}") from exc
 
 
 def _remove_marker(marker: Path) -> None:
     try:
         marker.unlink(missing_ok=True)
     except OSError as exc:
-        raise Unavailable(f"cannot remove {marker}: {exc.strerror}") from exc
+        raise os_error(exc, f"cannot remove {marker}") from exc
 
 
 # --------------------------------------------------------------------------- locality

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .chunker import DEFAULT_PARAMS
-from .errors import BadInput, Conflict, RefNotFound
+from .errors import Conflict, RefNotFound, os_error
 from .ids import ChunkId
 from .ingest import Ingestor
 from .manifest import Entry, Tree
@@ -201,7 +201,7 @@ async def sync_pull(
         try:
             await anyio.to_thread.run_sync(lambda: path.mkdir(parents=True, exist_ok=True))
         except OSError as exc:
-            raise BadInput(f"cannot create {path}: {exc.strerror}") from exc
+            raise os_error(exc, f"cannot create {path}", user_path=True) from exc
     stamps = await anyio.to_thread.run_sync(_stamps, path, base)
     return SyncSession(ref, path, base_id, base, stamps)
 
@@ -277,7 +277,7 @@ async def _snapshot(
         scan = await anyio.to_thread.run_sync(scan_tree, root)
         stats = await anyio.to_thread.run_sync(_stat_all, root, [f[0] for f in scan.files])
     except OSError as exc:
-        raise BadInput(f"cannot read {exc.filename or root}: {exc.strerror}") from exc
+        raise os_error(exc, f"cannot read {root}", user_path=True) from exc
     base = _by_path(session.base)
     entries: list[Entry] = list(scan.entries)
     todo: list[tuple[str, int]] = []

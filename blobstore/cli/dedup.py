@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import BadInput, Unavailable
+from ..errors import BadInput, os_error
 from .registry import Command
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ async def run_dedup_report(args: argparse.Namespace, client: Client) -> int:
     try:
         await write_atomic_async(args.out, text)
     except OSError as exc:
-        raise Unavailable(f"cannot write {args.out}: {exc.strerror}") from exc
+        raise os_error(exc, f"cannot write {args.out}", user_path=True) from exc
     return 0
 
 
