@@ -20,7 +20,7 @@ import anyio
 from .catalog import Catalog
 from .chunker import DEFAULT_PARAMS
 from .config import Config
-from .errors import Corrupt, Unavailable
+from .errors import BadInput, Corrupt, Unavailable
 from .ids import ChunkId
 from .ingest import Ingestor
 from .leases import Leases
@@ -206,13 +206,16 @@ class Client:
         ``dest`` through the tiers (see pull_tree): only the paths ``include``
         selects (all when empty) and ``exclude`` does not (blobstore.patterns).
         With ``delete``, what ``dest`` holds beyond that is removed afterwards
-        (among the paths the patterns select: blobstore.prune)."""
+        (among the paths the patterns select: blobstore.prune). Raises what
+        pull_tree raises, and BadInput when the patterns select nothing."""
         manifest_id = await self.catalog.resolve_or_id(ref)
         tree = await self.catalog.load_tree(manifest_id)
         if include or exclude:
             from .patterns import select
 
-            tree = select(tree, include, exclude)
+            whole, tree = tree, select(tree, include, exclude)
+            if whole.entries and not tree.entries:
+                raise BadInput(f"no path of {ref} matches the include/exclude patterns")
         result = await self.pull_tree(
             ref,
             manifest_id,

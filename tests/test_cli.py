@@ -217,7 +217,8 @@ def test_unreachable_s3_endpoint_fails_in_bounded_time(src: Path, tmp_path: Path
             "AWS_REGION": "us-east-1",
         },
     )
-    for argv in (["push", src, "t"], ["pull", "t", tmp_path / "dst"], ["ls"]):
+    commands: list[list[str | Path]] = [["push", src, "t"], ["pull", "t", tmp_path / "dst"], ["ls"]]
+    for argv in commands:
         # the timeout is the bound: connect failures are retried once, not for a minute
         proc = run_cli(argv, env, timeout=60)
         assert_one_line_error(proc)

@@ -52,6 +52,15 @@ def test_include_and_exclude(env: dict[str, str], model: str, tmp_path: Path) ->
     assert files(only) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert not (only / "onnx").exists()
 
+    # A selection of nothing is a mistake worth one line, and writes nothing.
+    none = run_cli(["pull", model, tmp_path / "c", "--include", "*.gguf"], env)
+    assert none.returncode == 1
+    assert (
+        none.stderr
+        == f"blobstore: error: no path of {model} matches the include/exclude patterns\n"
+    )
+    assert not (tmp_path / "c").exists()
+
 
 def test_delete_mirrors_and_never_follows_symlinks(
     env: dict[str, str], model: str, tmp_path: Path

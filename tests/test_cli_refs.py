@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error, cli_env, put_objects, run_cli, write
 
+from blobstore.ids import ChunkId
 from blobstore.objectstore import manifest_key
 
 
@@ -124,7 +125,7 @@ def test_short_id_prefixes(object_store_url: str, tmp_path: Path) -> None:
 
     # Another manifest id sharing the first 8 digits (only its name matters here).
     twin = short + ("0" if manifest[8] != "0" else "1") + manifest[9:]
-    put_objects(object_store_url, {manifest_key(twin): b"not read"})
+    put_objects(object_store_url, {manifest_key(ChunkId(twin)): b"not read"})
     line = assert_one_line_error(run_cli(["show", short], env), "prefix of 2 manifest ids")
     assert manifest[:16] in line
     assert twin[:16] in line
