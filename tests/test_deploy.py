@@ -624,6 +624,82 @@ def test_build_image_usage_error(args: list[str], needle: str) -> None:
     assert proc.stderr.splitlines() == [f"build-image: {needle} (see --help)"]
 
 
+@pytest.mark.slow
+def test_daemonset_pod_runs_from_the_image(bundle: Path, tmp_path: Path) -> None:
+    """What kubelet does with deploy/kubernetes, done by hand on the built image: the
+    hostPath cache made as root 0755, the init container's command (as its user) handing
+    it over, the token Secret mounted with its defaultMode and the pod's fsGroup, then
+    the daemon container with the ConfigMap + env as its user, probed on /healthz."""
+    (ds,) = _load_yaml_documents(K8S / "daemonset.yaml")
+    (configmap,) = _load_yaml_documents(K8S / "configmap.yaml")
+    pod = ds["spec"]["template"]["spec"]
+    (init,), (container,) = pod["initContainers"], pod["containers"]
+    rootfs = bundle / "rootfs"
+    image = json.loads((bundle / "config.json").read_text())["process"]
+    image_env = dict(item.split("=", 1) for item in image["env"])
+    chroot = require("chroot")
+
+    def mount_path(name: str, spec: dict[str, Any]) -> Path:
+        (path,) = [m["mountPath"] for m in spec["volumeMounts"] if m["name"] == name]
+        return rootfs / str(path).lstrip("/")
+
+    cache = mount_path("cache", container)
+    assert mount_path("cache", init) == cache
+    shutil.rmtree(cache)
+    cache.mkdir(mode=0o755)  # hostPath DirectoryOrCreate: root, 0755
+    os.chown(cache, 0, 0)
+    as_init = f"--userspec={init['securityContext']['runAsUser']}:0"
+    done = subprocess.run(
+        [chroot, as_init, str(rootfs), *init["command"]],
+        env=image_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+    token_dir = mount_path("token", container)
+    token_dir.mkdir(parents=True, exist_ok=True)
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "token"]
+    token = token_dir / "token"
+    token.write_bytes(b"pod-token-0123456789abcdef")
+    token.chmod(volume["secret"]["defaultMode"])
+    os.chown(token, 0, pod["securityContext"].get("fsGroup", 0))
+
+    http = free_port()
+    env = {**image_env, **configmap["data"]}
+    for item in container["env"]:
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        elif item["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName":
+            env[item["name"]] = "gpu-node-7"
+    assert env["BLOBSTORE_HTTP"].endswith(":7421")
+    # This machine is not a cluster: a local store, no mDNS, free ports on loopback.
+    env.update(
+        BLOBSTORE_STORE="file:///tmp/store",
+        BLOBSTORE_PEERS="none",
+        BLOBSTORE_LISTEN="127.0.0.1:0",
+        BLOBSTORE_HTTP=f"127.0.0.1:{http}",
+    )
+    user = container["securityContext"]
+    groups = f"--groups={pod['securityContext'].get('fsGroup', user['runAsGroup'])}"
+    cmd = [
+        chroot,
+        f"--userspec={user['runAsUser']}:{user['runAsGroup']}",
+        groups,
+        str(rootfs),
+        *image["args"][:1],
+        *container["args"],
+    ]
+    with running(cmd, env, tmp_path / "daemon.log") as (_, ready):
+        assert ready["node"] == "gpu-node-7"
+        probe = container["readinessProbe"]["httpGet"]
+        health = json.loads(http_get(f"http://127.0.0.1:{http}{probe['path']}"))
+        assert health["ok"] is True
+    assert cache.stat().st_uid == user["runAsUser"]
+    assert any(p.stat().st_uid == user["runAsUser"] for p in cache.rglob("*"))
+
+
 def test_containerfile_matches_the_umoci_image() -> None:
     """The Containerfile (docker/podman) and build-image.sh promise the same image."""
     containerfile = (ROOT / "Containerfile").read_text()
