@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import anyio
 import pytest
+from fakes import Collect, FakeSource
 from helpers import random_bytes
 
 from blobstore.config import CacheConfig
@@ -23,7 +24,6 @@ from blobstore.manifest import ChunkRef
 from blobstore.nodestore import NodeStore
 from blobstore.objectstore import chunk_key, pack_key
 from blobstore.origin import OriginSource
-from blobstore.source import ChunkData, Sink, Undelivered
 from blobstore.stores import open_object_store
 from blobstore.tiers import TieredSource
 
@@ -33,51 +33,6 @@ pytestmark = pytest.mark.anyio
 def chunk(i: int, size: int = 4096) -> tuple[ChunkId, bytes]:
     data = random_bytes(size, f"tier-{i}")
     return hash_bytes(data), data
-
-
-class FakeSource:
-    """A ChunkStore in memory that can lie, fail, or stall."""
-
-    def __init__(self, name: str, chunks: dict[ChunkId, bytes] | None = None) -> None:
-        self.name = name
-        self.chunks = dict(chunks or {})
-        self.lies: set[ChunkId] = set()
-        self.down = False
-        self.full = False
-        self.gate: anyio.Event | None = None
-        self.gets: list[ChunkId] = []
-        self.fetches: list[list[ChunkId]] = []
-        self.whole_down = False
-        """fetch raises Unavailable for the whole batch."""
-
-    async def get(self, chunk_id: ChunkId) -> bytes:
-        self.gets.append(chunk_id)
-        return await self._read(chunk_id)
-
-    async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
-        self.fetches.append([r.id for r in refs])
-        if self.whole_down:
-            raise PeerUnavailable(f"{self.name} is down")
-        left = Undelivered()
-        for ref in refs:
-            try:
-                data = await self._read(ref.id)
-            except (ChunkMissing, CorruptChunk, PeerUnavailable) as exc:
-                left.add(ref, exc)
-                continue
-            await sink(ref, data)
-        return left
-
-    async def _read(self, chunk_id: ChunkId) -> bytes:
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.down:
-            raise PeerUnavailable(f"{self.name} is down")
-        if chunk_id not in self.chunks:
-            raise ChunkMissing(chunk_id, self.name)
-        if chunk_id in self.lies:
-            raise CorruptChunk(chunk_id, self.name)
-        return self.chunks[chunk_id]
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         return {c for c in chunk_ids if c in self.chunks}
@@ -235,14 +190,6 @@ async def test_unreachable_store_is_store_unavailable(tmp_path: Path) -> None:
 # -- fetch: many refs through the tiers, each chunk to the caller's sink -------------
 
 
-class Collect:
-    def __init__(self) -> None:
-        self.got: list[tuple[ChunkRef, bytes]] = []
-
-    async def __call__(self, ref: ChunkRef, data: ChunkData) -> None:
-        self.got.append((ref, bytes(data)))
-
-
 def refs_of(*chunks: tuple[ChunkId, bytes]) -> list[ChunkRef]:
     return [ChunkRef(cid, len(data)) for cid, data in chunks]
 
@@ -256,7 +203,9 @@ async def test_fetch_hands_each_tier_what_the_nearer_ones_could_not_deliver() ->
     ra, rb, rc = refs_of((a, da), (b, db), (c, dc))
     sink = Collect()
     assert await tiers.fetch([ra, rb, rc, ra], sink) == []
-    assert sorted(sink.got, key=str) == sorted([(ra, da), (rb, db), (rc, dc), (ra, da)], key=str)
+    assert sorted(sink.delivered, key=str) == sorted(
+        [(ra, da), (rb, db), (rc, dc), (ra, da)], key=str
+    )
     assert local.fetches == [[a, b, c]]  # a chunk wanted twice is asked for once
     assert peer.fetches == [[b, c]]
     assert origin.fetches == [[c]]
@@ -274,7 +223,7 @@ async def test_fetch_reports_what_get_would_when_no_tier_delivers() -> None:
     sink = Collect()
     with pytest.raises(ChunkMissing, match=f"{c} not found in any tier"):
         await tiers.fetch([ra, rc], sink)
-    assert sink.got == [(ra, da)]  # the rest is delivered before the error
+    assert sink.delivered == [(ra, da)]  # the rest is delivered before the error
     with pytest.raises(CorruptChunk, match=b):
         await tiers.fetch([rb], Collect())
     peer = FakeSource("peer")
@@ -286,7 +235,7 @@ async def test_fetch_reports_what_get_would_when_no_tier_delivers() -> None:
     sink = Collect()
     with pytest.raises(PeerUnavailable):
         await tiers.fetch([ra, rc], sink)
-    assert sink.got == [(ra, da)]  # the origin still delivered what it had
+    assert sink.delivered == [(ra, da)]  # the origin still delivered what it had
     assert origin.fetches[-1] == [a, c]
 
 
@@ -298,7 +247,7 @@ async def test_fetch_retries_a_chunk_of_the_wrong_size_farther_away() -> None:
     tiers = TieredSource([FakeSource("local"), liar, origin])
     sink = Collect()
     await tiers.fetch([ref], sink)
-    assert sink.got == [(ref, data)]
+    assert sink.delivered == [(ref, data)]
     assert origin.fetches == [[cid]]
     with pytest.raises(Corrupt, match="manifest says"):
         await TieredSource([liar]).fetch([ref], Collect())
@@ -327,7 +276,7 @@ async def test_fetch_and_get_share_one_flight_per_chunk() -> None:
     assert origin.gets == [a]
     assert origin.fetches == [[b]]
     assert sorted(got) == sorted([da, db])
-    assert sorted(sink.got, key=str) == sorted([(ra, da), (rb, db)], key=str)
+    assert sorted(sink.delivered, key=str) == sorted([(ra, da), (rb, db)], key=str)
     assert tiers.bytes_from["origin"] == len(da) + len(db)
     assert not tiers._flights
 
@@ -358,7 +307,7 @@ async def test_fetch_waiting_on_a_failed_get_fetches_itself() -> None:
         tg.start_soon(tiers.fetch, [ref], sink)
         await anyio.wait_all_tasks_blocked()
         flaky.gate.set()
-    assert sink.got == [(ref, data)]
+    assert sink.delivered == [(ref, data)]
     assert flaky.fetches == [[cid]]
 
 
@@ -382,7 +331,7 @@ async def test_fetch_through_real_tiers_reads_packs_and_skips_what_is_local(
         sink = Collect()
         assert await tiers.fetch(refs, sink) == []
         expected = zip(refs, (d for _, d in chunks), strict=True)
-        assert sorted(sink.got, key=str) == sorted(expected, key=str)
+        assert sorted(sink.delivered, key=str) == sorted(expected, key=str)
         assert tiers.bytes_from == {
             "local": len(chunks[2][1]),
             "origin": sum(len(d) for _, d in chunks) - len(chunks[2][1]),
