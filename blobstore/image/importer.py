@@ -160,8 +160,9 @@ async def _import_layer(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(ingest)
                 tg.start_soon(digest)
-    except (OSError, EOFError) as exc:
-        raise BadImage(f"cannot read layer {index} from {ext.path}: {exc}") from exc
+    except (OSError, BadImage) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise BadImage(f"cannot read layer {index} from {ext.path}: {reason}") from exc
     ingested: Ingested = result["ingested"]
     actual: str = result["sha256"]
     if ingested.size != ext.size:

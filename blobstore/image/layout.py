@@ -78,28 +78,35 @@ def decode_layout(data: bytes) -> SourceLayout:
         obj: Any = msgpack.unpackb(data, raw=False, strict_map_key=True)
         files = obj["files"]
         if not isinstance(obj["source"], str) or not isinstance(files, dict):
-            raise TypeError("source/files")
+            raise _malformed("source/files")
         if not all(isinstance(k, str) and isinstance(v, bytes) for k, v in files.items()):
-            raise TypeError("files")
+            raise _malformed("files")
         members = tuple(_member(item, files) for item in obj["members"])
         trailer = obj["trailer"]
         if not isinstance(trailer, int) or not 0 <= trailer <= MAX_TRAILER:
-            raise TypeError("trailer")
+            raise _malformed("trailer")
     except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
-        raise BadImage(f"image layout record is malformed ({exc})") from exc
+        # msgpack's own errors, a missing key, a member of the wrong shape
+        raise _malformed(f"{type(exc).__name__}: {exc}") from exc
     return SourceLayout(obj["source"], files, members, trailer)
 
 
 def _member(item: Any, files: dict[str, bytes]) -> Member:
+    if not isinstance(item, list) or len(item) != 5:
+        raise _malformed("member")
     header, size, kind, index, file_name = item
     if not isinstance(header, bytes) or not header or len(header) % 512:
-        raise TypeError("member header")
+        raise _malformed("member header")
     if not isinstance(size, int) or size < 0 or not isinstance(index, int) or index < 0:
-        raise TypeError("member size")
+        raise _malformed("member size")
     if kind not in ("none", "layer", "config", "manifest", "file"):
-        raise TypeError("member data kind")
+        raise _malformed("member data kind")
     if kind == "file" and (file_name not in files or len(files[file_name]) != size):
-        raise TypeError("member file")
+        raise _malformed("member file")
     if kind == "none" and size:
-        raise TypeError("member without data has a size")
+        raise _malformed("member without data has a size")
     return Member(header, size, (kind, index), file_name)
+
+
+def _malformed(what: str) -> BadImage:
+    return BadImage(f"image layout record is malformed ({what})")

@@ -17,7 +17,7 @@ import anyio
 
 from blobstore.source import ChunkData
 
-from ..errors import DigestMismatch
+from ..errors import BadImage, DigestMismatch
 from ..ids import ChunkId
 from ..manifest import ChunkRef
 from ..source import ChunkSource
@@ -114,7 +114,8 @@ class MeteredSource:
 
 def file_sha256(fd: int, offset: int, size: int) -> str:
     """sha256 of ``size`` bytes at ``offset`` of the open file ``fd``, streamed with
-    ``pread`` (the file offset is left alone). Raises OSError, EOFError."""
+    ``pread`` (the file offset is left alone). Raises OSError, BadImage (the file
+    ends first)."""
     sha = hashlib.sha256()
     buf = bytearray(1 << 20)
     view = memoryview(buf)
@@ -122,7 +123,7 @@ def file_sha256(fd: int, offset: int, size: int) -> str:
     while done < size:
         n = os.preadv(fd, [view[: min(size - done, len(buf))]], offset + done)
         if not n:
-            raise EOFError("truncated")
+            raise BadImage(f"truncated: {size - done} of {size} bytes missing")
         sha.update(view[:n])
         done += n
     return "sha256:" + sha.hexdigest()

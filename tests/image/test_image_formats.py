@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
+from pathlib import Path
 
+import msgpack
 import pytest
 
 from blobstore.errors import BadImage, UnsafeMember
@@ -12,7 +16,7 @@ from blobstore.image import oci
 from blobstore.image.archive import clean_name
 from blobstore.image.blobs import _Gunzip
 from blobstore.image.layout import Member, SourceLayout, decode_layout, encode_layout
-from blobstore.image.stream import HashingWriter
+from blobstore.image.stream import HashingWriter, file_sha256
 from blobstore.manifest import Image, ImageLayer, decode, encode
 
 D = "sha256:" + "a" * 64
@@ -88,6 +92,23 @@ def test_layout_record_round_trip_and_validation() -> None:
         decode_layout(encode_layout(broken))
     with pytest.raises(BadImage, match="malformed"):
         decode_layout(b"\x93garbage")
+    body = {"source": "x", "files": {}, "members": [[b"\0" * 512, 0]], "trailer": 0}
+    with pytest.raises(BadImage, match=r"malformed \(member\)"):
+        decode_layout(msgpack.packb(body, use_bin_type=True))
+    with pytest.raises(BadImage, match=r"malformed \(KeyError: 'trailer'\)"):
+        decode_layout(msgpack.packb({"source": "x", "files": {}, "members": []}))
+
+
+def test_file_sha256_of_a_short_file_is_bad_image(tmp_path: Path) -> None:
+    path = tmp_path / "layer"
+    path.write_bytes(b"abc")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert file_sha256(fd, 1, 2) == "sha256:" + hashlib.sha256(b"bc").hexdigest()
+        with pytest.raises(BadImage, match="truncated: 2 of 4 bytes missing"):
+            file_sha256(fd, 1, 4)
+    finally:
+        os.close(fd)
 
 
 def test_image_layout_field_is_optional_in_the_codec() -> None:
