@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import anyio
 
-from blobstore.errors import ChunkMissing, CorruptChunk, PeerUnavailable
+from blobstore.errors import ChunkMissing, CorruptChunk, DiskFull, PeerUnavailable
 from blobstore.ids import ChunkId
 from blobstore.manifest import ChunkRef
 from blobstore.source import ChunkData, Sink, Undelivered
@@ -22,7 +22,8 @@ class FakeSource:
     """A ChunkStore in memory that can lie, fail, or stall.
 
     ``lies``: ids answered with CorruptChunk; ``down``: every read raises
-    PeerUnavailable; ``whole_down``: ``fetch`` fails for the whole batch;
+    PeerUnavailable; ``full``: ``put`` raises DiskFull;
+    ``whole_down``: ``fetch`` fails for the whole batch;
     ``gate``: reads wait until it is set. ``gets`` and ``fetches`` record the
     calls, in order.
     """
@@ -35,6 +36,7 @@ class FakeSource:
         self.chunks = dict(chunks or {})
         self.lies: set[ChunkId] = set()
         self.down = False
+        self.full = False
         self.whole_down = False
         self.gate: anyio.Event | None = None
         self.gets: list[ChunkId] = []
@@ -47,6 +49,8 @@ class FakeSource:
         return {c for c in chunk_ids if c in self.chunks}
 
     async def put(self, chunk_id: ChunkId, data: bytes) -> None:
+        if self.full:
+            raise DiskFull(f"{self.name}: disk full")
         self.chunks[chunk_id] = data
 
     async def get(self, chunk_id: ChunkId) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import anyio
@@ -15,7 +14,6 @@ from blobstore.errors import (
     ChunkMissing,
     Corrupt,
     CorruptChunk,
-    DiskFull,
     PeerUnavailable,
     StoreUnavailable,
 )
@@ -33,14 +31,6 @@ pytestmark = pytest.mark.anyio
 def chunk(i: int, size: int = 4096) -> tuple[ChunkId, bytes]:
     data = random_bytes(size, f"tier-{i}")
     return hash_bytes(data), data
-
-    async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
-        return {c for c in chunk_ids if c in self.chunks}
-
-    async def put(self, chunk_id: ChunkId, data: bytes) -> None:
-        if self.full:
-            raise DiskFull("cache disk full")
-        self.chunks[chunk_id] = data
 
 
 async def test_order_and_write_back_to_cache() -> None:
