@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -306,6 +307,43 @@ def test_systemd_unit_sets_only_known_variables() -> None:
     variables = re.findall(r"^Environment=(BLOBSTORE_[A-Z_]+)=", UNIT.read_text(), re.M)
     assert {"BLOBSTORE_CACHE", "BLOBSTORE_LISTEN", "BLOBSTORE_HTTP"} <= set(variables)
     assert set(variables) <= all_env_names()
+
+
+def test_unit_environment_configures_the_daemon(tmp_path: Path) -> None:
+    """The unit's Environment= lines, its credential (%d) and an EnvironmentFile start
+    the daemon as ExecStart says; the token it was handed guards /chunks."""
+    text = UNIT.read_text()
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "token").write_text("unit-token-0123456789\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLOBSTORE_")}
+    for name, value in re.findall(r"^Environment=(\w+)=(.*)$", text, re.M):
+        env[name] = value.replace("%d", str(credentials))
+    assert env["BLOBSTORE_TOKEN_FILE"] == str(credentials / "token")
+    http = free_port()
+    # /etc/blobstore/daemon.env of this test; it overrides the unit's lines, as it would.
+    env.update(
+        BLOBSTORE_STORE=f"file://{tmp_path / 'store'}",
+        BLOBSTORE_CACHE=str(tmp_path / "cache"),
+        BLOBSTORE_PEERS="none",
+        BLOBSTORE_LISTEN="127.0.0.1:0",
+        BLOBSTORE_HTTP=f"127.0.0.1:{http}",
+    )
+    (exec_start,) = re.findall(r"^ExecStart=(.*)$", text, re.M)
+    program, *args = exec_start.split()
+    assert program == "/usr/local/bin/blobstore"
+    with running([BLOBSTORE, *args], env, tmp_path / "daemon.log"):
+        assert json.loads(http_get(f"http://127.0.0.1:{http}/healthz"))["ok"] is True
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            http_get(f"http://127.0.0.1:{http}/chunks/{'0' * 64}")
+        assert refused.value.code == 401
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http}/chunks/{'0' * 64}",
+            headers={"Authorization": "Bearer unit-token-0123456789"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(request, timeout=10)
+        assert missing.value.code == 404  # past the token check: no such chunk here
 
 
 _HARDENED_EXEC = """
