@@ -60,7 +60,7 @@ from p2p.client import Identity, SelfConnection  # noqa: E402
 from p2p.liveness import Peer, PeerDirectory, Timing  # noqa: E402
 from p2p.metrics import Metrics  # noqa: E402
 from p2p.peertier import PeerTier, TierTuning  # noqa: E402
-from p2p.provider import ChunkProvider  # noqa: E402
+from p2p.provider import ChunkProvider, HandoffSource  # noqa: E402
 from p2p.server import ServerLimits  # noqa: E402
 
 # ---------------------------------------------------------------------- virtual clock
@@ -495,8 +495,12 @@ async def _run(
         node.directory = directory
         async with directory, asyncio.TaskGroup() as tg:
             node.tg = tg
+            # As daemon.py wires it: a home reads through its next-ranked peers, then the store.
+            origin: Any = SimOrigin(node)
+            if args.handoff:
+                origin = HandoffSource(PeerTier(directory), origin)
             node.provider = ChunkProvider(
-                cast(Any, node.store), cast(Any, SimOrigin(node)), node.is_home, Metrics(), tg
+                cast(Any, node.store), origin, node.is_home, Metrics(), tg
             )
             for address in seeds[node.name]:
                 directory.add(address, "static")
@@ -544,7 +548,8 @@ async def _run(
     async def watched_ask(self: PeerTier, peer: Peer, chunk_id: ChunkId) -> Any:
         asks[0] += 1
         target = world.nodes.get(peer.node)
-        if target is not None and not target.alive and target.done_at < 0:
+        dead = target is not None and not target.alive and target.done_at < 0
+        if dead and peer.up and isinstance(self._directory, _PullView):  # a request is sent
             asker = cast(_PullView, self._directory)._local.node
             me = world.nodes[asker]
             me.first_asked_dead.setdefault(peer.node, loop.time())
@@ -747,6 +752,12 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=ServerLimits().max_connections,
         help="connections a daemon accepts (ServerLimits.max_connections)",
+    )
+    ap.add_argument(
+        "--no-handoff",
+        dest="handoff",
+        action="store_false",
+        help="homes read through from the store only (before HandoffSource)",
     )
     ap.add_argument("--pullers", type=int, default=0, help="nodes that pull (0: all)")
     ap.add_argument("--placement-chunks", type=int, default=20480)

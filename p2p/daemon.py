@@ -30,7 +30,8 @@ from .discovery import zeroconf_session
 from .http import http_serving, make_app
 from .liveness import PeerDirectory, Timing
 from .metrics import Metrics
-from .provider import ChunkProvider
+from .peertier import PeerTier
+from .provider import ChunkProvider, HandoffSource
 from .server import PeerServer, ServerIdentity, ServerLimits
 from .tls import TlsContexts, load_contexts
 
@@ -90,7 +91,9 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                     store, IndexCache.for_store(config.cache.dir, store.url)
                 ),
             )
-            provider = ChunkProvider(cache, origin, is_home, metrics, server_tg)
+            # A home reads through its next-ranked peers first (they may hold it), then the store.
+            handoff = HandoffSource(PeerTier(directory), origin)
+            provider = ChunkProvider(cache, handoff, is_home, metrics, server_tg)
             # Bind first to learn the port, so node id and handshakes agree from the start.
             try:
                 sock = socket.create_server((host, port))
