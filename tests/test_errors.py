@@ -60,7 +60,7 @@ def test_no_exception_class_outside_errors_py() -> None:
     ours = {c.__name__ for c in _classes()}
     found = set()
     for package in (blobstore, p2p):
-        root = Path(package.__file__).parent
+        root = Path(str(package.__file__)).parent
         for path in root.rglob("*.py"):
             rel = path.relative_to(root.parent).as_posix()
             if rel == "blobstore/errors.py" or rel in NOT_YET_MOVED:

@@ -369,7 +369,7 @@ async def test_s3_bad_profile_is_one_config_error(
 ) -> None:
     section = f"s3 =\n    {profile}\n" if profile.startswith("addressing") else f"{profile}\n"
     _aws_profile(tmp_path, monkeypatch, section)
-    config = S3Config.from_env(**{"profile": "sw", **settings})
+    config = S3Config.from_env(profile=settings.get("profile", "sw"))
     with pytest.raises(ConfigError, match=match) as info:
         async with open_object_store("s3://bucket", config):
             pass

@@ -57,7 +57,8 @@ def test_mistyped_store_is_refused_and_creates_nothing(
 ) -> None:
     src = make_tree(tmp_path / "src")
     env = cli_env(store, tmp_path / "cache")
-    for args in (["--store", store, "push", src, "t"], ["push", src, "t"]):  # flag, then env
+    runs: list[list[str | Path]] = [["--store", store, "push", src, "t"], ["push", src, "t"]]
+    for args in runs:  # flag, then env
         assert_one_line_error(run_in(work, args, env), hint)
     assert os.listdir(work) == []  # nothing was created where the typo pointed
 

@@ -333,7 +333,7 @@ def store_holds(store: Path, secret: bytes) -> bool:
     return False
 
 
-def swap_once(action: Callable[[], None]) -> Callable[[int, int], None]:
+def swap_once(action: Callable[[], object]) -> Callable[[int, int], None]:
     """A progress callback that runs ``action`` on its first call: after the image was
     read and checked, before the first layer is chunked."""
     done: list[bool] = []
