@@ -25,7 +25,6 @@ import fnmatch
 import json
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -45,7 +44,6 @@ from .ids import ChunkId, hash_bytes
 from .linking import LinkMode
 from .manifest import Entry, Tree, expect_kind
 from .materialize import boot_id
-from .objectstore import MANIFESTS, ref_key
 from .patterns import select
 from .progress import TqdmProgress
 from .push import COMPLETE_MARKER_PREFIX
@@ -125,26 +123,11 @@ def priority_order(first: Sequence[str] = DEFAULT_FIRST) -> Callable[[Entry], tu
 
 # --------------------------------------------------------------------------- resolving
 
-_SHORT_ID = re.compile(r"[0-9a-f]{6,63}")
-
 
 async def resolve(client: Client, ref_or_id: str) -> ChunkId:
     """The manifest id of a ref name, a manifest id, or a unique prefix of one
-    (at least 6 hex digits; a ref of that name wins, as with full ids).
-    Raises RefNotFound, BadInput (ambiguous prefix), Unavailable."""
-    if _SHORT_ID.fullmatch(ref_or_id):
-        found = [
-            info.key[len(MANIFESTS) :]
-            async for info in client.object_store.list(MANIFESTS + ref_or_id)
-        ]
-        if len(found) > 1:
-            shown = ", ".join(sorted(f[:12] for f in found)[:4])
-            raise BadInput(
-                f"manifest id prefix {ref_or_id} is ambiguous ({len(found)} manifests: "
-                f"{shown}...); give more digits"
-            )
-        if found and not await client.object_store.exists(ref_key(ref_or_id)):
-            return ChunkId(found[0])
+    (``Catalog.resolve_or_id``: at least 4 hex digits; a ref of that name wins).
+    Raises RefNotFound, BadInput (a prefix of several ids), Unavailable."""
     return await client.catalog.resolve_or_id(ref_or_id)
 
 

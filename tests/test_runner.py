@@ -58,7 +58,10 @@ def make_app(root: Path, seed: int = 1) -> int:
 
 
 def env_for(tmp_path: Path, node: str, store_url: str | None = None) -> dict[str, str]:
+    """A node's environment: ``env=`` stands for all of os.environ, so the AWS_*
+    settings (the SeaweedFS endpoint and keys) come along."""
     return {
+        **{k: v for k, v in os.environ.items() if k.startswith("AWS_")},
         "BLOBSTORE_STORE": store_url or (tmp_path / "store").as_uri(),
         "BLOBSTORE_CACHE": str(tmp_path / node / "cache"),
         "BLOBSTORE_PEERS": "none",
@@ -438,7 +441,7 @@ async def test_pinned_manifest_id_and_short_prefix(tmp_path: Path, app_ref: int)
         # two manifests under one prefix: refused in one line, never a guess
         twin = ChunkId(manifest[:8] + "0" * 56 if manifest[8] != "0" else manifest[:8] + "1" * 56)
         await client.object_store.put(f"manifests/{twin}", b"not read")
-        with pytest.raises(BadInput, match="ambiguous"):
+        with pytest.raises(BadInput, match="is a prefix of 2 manifest ids"):
             await download_model_weights(client, manifest[:8], tmp_path / "x")
         # the longer prefix still names one manifest, and its marker (keyed by the
         # id as given) still vouches for the copy
