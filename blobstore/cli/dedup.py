@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import BadInput, os_error
+from .output import document
 from .registry import Command
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ async def run_dedup_report(args: argparse.Namespace, client: Client) -> int:
     trees = await load_trees(client.catalog, args.refs, args.prefix)
     report = compute(trees, top_files=args.top)
     if fmt == "json":
-        text = json.dumps(report.to_json(), indent=2) + "\n"
+        text = json.dumps(document(report), indent=2) + "\n"
     elif fmt == "html":
         from ..report_html import render_html
 
