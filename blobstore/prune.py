@@ -40,7 +40,8 @@ def prune(dest: Path, tree: Tree, selection: Selection | None = None) -> Pruned:
     selection = selection or Selection()
     done = Pruned()
     try:
-        root = os.open(dest, _DIR_FLAGS)
+        # dest itself may be a symlink: the caller named it (as linking.DestDir)
+        root = os.open(dest, _DIR_FLAGS & ~os.O_NOFOLLOW)
     except OSError as exc:
         raise BadInput(f"cannot open {dest}: {exc.strerror}") from exc
     try:

@@ -91,6 +91,12 @@ def test_delete_mirrors_and_never_follows_symlinks(
     ]
     assert (outside / "precious").read_bytes() == b"keep me\n"  # links removed, not followed
 
+    # DIR itself may be a symlink (the user named it), as for the pull
+    os.symlink(out, tmp_path / "via-link")
+    write(out / "stale-again", b"old\n")
+    assert pull(env, model, tmp_path / "via-link", "--delete")["deleted"] == 1
+    assert not (out / "stale-again").exists()
+
 
 def test_delete_with_patterns_only_touches_what_they_select(
     env: dict[str, str], model: str, tmp_path: Path
