@@ -170,10 +170,11 @@ class Commands:
         description: str | None = None,
         usage: str | None = None,
         log_level: int = logging.WARNING,
+        check: Callable[[argparse.Namespace], str | None] = _no_check,
     ) -> argparse.ArgumentParser:
         """A new sub-command ``name`` calling ``run(args, config)``; add its arguments
         to the parser returned. ``log_level``: the level without --log-level/-v
-        (a service wants INFO: its start and stop)."""
+        (a service wants INFO: its start and stop); ``check``: see Command."""
         parser = self._subparsers.add_parser(
             name,
             help=help,
@@ -182,7 +183,7 @@ class Commands:
             parents=[self._common],
         )
         parser.set_defaults(
-            run=run, default_log_level=log_level, check_usage=UsageCheck(parser, _no_check)
+            run=run, default_log_level=log_level, check_usage=UsageCheck(parser, check)
         )
         return parser
 
@@ -194,6 +195,7 @@ class Commands:
         return Commands(parser, self._common, f"{name}_command")
 
     def add_builtin(self, command: Command | Group) -> None:
+        """A built-in command (or group): its run gets a Client."""
         if isinstance(command, Group):
             children = self.group(command.name, command.help, description=command.description)
             for child in command.commands:
@@ -206,8 +208,8 @@ class Commands:
             description=command.description,
             usage=command.usage,
             log_level=command.log_level,
+            check=command.check,
         )
-        parser.set_defaults(check_usage=UsageCheck(parser, command.check))
         command.arguments(parser)
 
 
