@@ -9,6 +9,7 @@ import pty
 import re
 import select
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import ClassVar
@@ -183,18 +184,11 @@ async def test_push_and_pull_report_within_a_big_file(client: Client, tmp_path: 
     assert pulled.file_counts[-1] == (2, 2)
 
 
-def test_cli_progress_line_advances_in_a_pty(tmp_path: Path) -> None:
-    """The real CLI on a pseudo-terminal draws several percentages before the push
-    ends (every report drawn: BLOBSTORE_PROGRESS_INTERVAL=0; no timing assumed)."""
-    src = tmp_path / "src"
-    write(src / "big.bin", random_bytes(64 * MIB, "pty"))
-    for i in range(4):
-        write(src / f"part{i}.bin", random_bytes(MIB, f"part{i}"))
-    env = cli_env((tmp_path / "store").as_uri(), tmp_path / "cache")
-    env.update(BLOBSTORE_PROGRESS_INTERVAL="0", COLUMNS="160", TERM="xterm")
+def _run_in_pty(args: list[str], env: dict[str, str]) -> tuple[int, bytes, str]:
+    """Run the CLI with stderr on a pseudo-terminal: (status, stdout, terminal text)."""
     main, child = pty.openpty()
     proc = subprocess.Popen(
-        [BLOBSTORE, "push", str(src), "apps/pty"],
+        [BLOBSTORE, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=child,
@@ -217,13 +211,51 @@ def test_cli_progress_line_advances_in_a_pty(tmp_path: Path) -> None:
     finally:
         os.close(main)
         stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, seen.decode(errors="replace")
+    return proc.returncode, stdout, seen.decode(errors="replace")
+
+
+def _pty_env(tmp_path: Path) -> dict[str, str]:
+    env = cli_env((tmp_path / "store").as_uri(), tmp_path / "cache")
+    env.update(BLOBSTORE_PROGRESS_INTERVAL="0", COLUMNS="160", TERM="xterm")
+    return env
+
+
+def _percents(text: str, label: str) -> list[float]:
+    return [float(p) for p in re.findall(rf"{label} [^\r\n%]*?(\d+\.\d)%", text)]
+
+
+def test_cli_progress_line_advances_in_a_pty(tmp_path: Path) -> None:
+    """The real CLI on a pseudo-terminal draws several percentages before the push
+    ends (every report drawn: BLOBSTORE_PROGRESS_INTERVAL=0; no timing assumed)."""
+    src = tmp_path / "src"
+    write(src / "big.bin", random_bytes(64 * MIB, "pty"))
+    for i in range(4):
+        write(src / f"part{i}.bin", random_bytes(MIB, f"part{i}"))
+    status, stdout, text = _run_in_pty(["push", str(src), "apps/pty"], _pty_env(tmp_path))
+    assert status == 0, text
     assert b"pushed apps/pty" in stdout
-    text = seen.decode(errors="replace")
-    percents = [float(p) for p in re.findall(r"(\d+\.\d)%", text)]
+    percents = _percents(text, "push")
     assert percents[-1] == 100.0
     assert len({p for p in percents if 0 < p < 100}) >= 3, text
     assert percents == sorted(percents)  # it only moves forward
     assert "/5 files" in text
     assert "/s" in text
     assert "ETA" in text
+
+
+def test_cli_sync_shows_pull_and_push_lines(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write(src / "cache.bin", random_bytes(24 * MIB, "sync"))
+    env = _pty_env(tmp_path)
+    assert _run_in_pty(["push", "--quiet", str(src), "caches/k"], env)[0] == 0
+    make = "import pathlib,sys; pathlib.Path(sys.argv[1], 'new.so').write_bytes(b'k' * 5000)"
+    work = str(tmp_path / "work")
+    status, _, text = _run_in_pty(
+        ["sync", "caches/k", work, "--", sys.executable, "-c", make, work], env
+    )
+    assert status == 0, text
+    pulls = _percents(text, "pull")
+    assert len({p for p in pulls if 0 < p < 100}) >= 2, text  # per chunk
+    assert pulls[-1] == 100.0
+    assert _percents(text, "push")[-1] == 100.0  # only new.so is read again
+    assert "1/1 files" in text

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from ..errors import BadInput
-from .output import document, emit, quiet
+from .output import document, emit, progress_line, quiet
 from .registry import Command, add_json_flag
 
 if TYPE_CHECKING:
@@ -38,7 +38,11 @@ async def run_sync(args: argparse.Namespace, client: Client) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
-    session = await sync_pull(client, args.ref, args.dir)
+    bar = progress_line(args, "pull", tiers=lambda: client.source.bytes_from)
+    try:
+        session = await sync_pull(client, args.ref, args.dir, progress=bar)
+    finally:
+        bar.close()
     status = 0
     if cmd:
         try:
@@ -49,7 +53,11 @@ async def run_sync(args: argparse.Namespace, client: Client) -> int:
     if status != 0 and not args.push_on_failure:
         print(f"blobstore: {cmd[0]} exited with {status}; not pushing", file=sys.stderr)
         return status
-    r = await sync_push(client, session)
+    bar = progress_line(args, "push")
+    try:
+        r = await sync_push(client, session, progress=bar)
+    finally:
+        bar.close()
     emit(args, document(r, status=status), "")
     if r.pushed and not args.json and not quiet(args):
         how = " (merged with another runner)" if r.merged else ""
