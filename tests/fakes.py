@@ -48,10 +48,10 @@ class FakeSource:
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         return {c for c in chunk_ids if c in self.chunks}
 
-    async def put(self, chunk_id: ChunkId, data: bytes) -> None:
+    async def put(self, chunk_id: ChunkId, data: ChunkData) -> None:
         if self.full:
             raise DiskFull(f"{self.name}: disk full")
-        self.chunks[chunk_id] = data
+        self.chunks[chunk_id] = bytes(data)
 
     async def get(self, chunk_id: ChunkId) -> bytes:
         self.gets.append(chunk_id)

@@ -245,7 +245,7 @@ CHUNKERS = st.builds(
     SIZES,
 )
 NAMES = st.text(
-    st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)),
+    st.characters(codec="utf-8", exclude_characters="/\x00"),
     min_size=1,
     max_size=12,
 ).filter(lambda n: n not in (".", ".."))
@@ -263,7 +263,7 @@ def entries(draw: st.DrawFn, path: str) -> Entry:
     if kind == "symlink":
         target = draw(
             st.text(
-                st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),
+                st.characters(codec="utf-8", exclude_characters="\x00"),
                 min_size=1,
             )
         )

@@ -165,7 +165,7 @@ def good_obj() -> dict[str, Any]:
     }
 
 
-def _with_entry(entry: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+def _with_entry(entry: object) -> Callable[[dict[str, Any]], None]:
     def mutate(obj: dict[str, Any]) -> None:
         obj["entries"].append(entry)
 

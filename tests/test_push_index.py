@@ -157,6 +157,7 @@ async def test_missing_pack_or_bad_location_is_not_reused(client: Client, tmp_pa
     assert again.read_bytes == sum(e.size for e in hit)  # only the files with lost chunks
     assert again.reused_files == 4 - len(hit)
     _, fixed = await client.load("t")
+    assert isinstance(fixed, Tree)
     assert packs[0] not in {c.pack for c in fixed.chunk_refs()}
     assert (await client.verify("t")).ok
 
@@ -166,6 +167,7 @@ async def test_missing_pack_or_bad_location_is_not_reused(client: Client, tmp_pa
     assert third.new_chunks >= 1
     assert third.read_bytes > 0
     _, moved = await client.load("t")
+    assert isinstance(moved, Tree)
     assert (bad.id, packs[1]) not in {(c.id, c.pack) for c in moved.chunk_refs()}
     pulled = await client.pull("t", tmp_path / "dst")
     assert pulled.files == 4

@@ -292,7 +292,7 @@ async def test_broken_stream_resumes_at_first_undelivered_chunk(tmp_path: Path) 
     async with open_object_store((tmp_path / "s").as_uri()) as real:
         await real.put(pack_key(pack_id), data)
         store = BreakingStore(real, after=2500, times=1)
-        origin = OriginSource(store, tuning=SpanTuning(retry_delay=0))  # type: ignore[arg-type]
+        origin = OriginSource(store, tuning=SpanTuning(retry_delay=0))
         sink = Collect()
         assert await origin.fetch(refs, sink) == []
         assert set(sink.got) == set(refs)
@@ -300,11 +300,11 @@ async def test_broken_stream_resumes_at_first_undelivered_chunk(tmp_path: Path) 
         assert store.reads == [(0, 5000), (2000, 3000)]
         # breaking after every 1.5 chunks still makes progress: resumed to the end
         store = BreakingStore(real, after=1500, times=99)
-        origin = OriginSource(store, tuning=SpanTuning(retry_delay=0, attempts=3))  # type: ignore[arg-type]
+        origin = OriginSource(store, tuning=SpanTuning(retry_delay=0, attempts=3))
         assert await origin.fetch(refs, Collect()) == []
         # breaking inside the first chunk, 3 times in a row: reported unavailable
         store = BreakingStore(real, after=500, times=99)
-        origin = OriginSource(store, tuning=SpanTuning(retry_delay=0, attempts=3))  # type: ignore[arg-type]
+        origin = OriginSource(store, tuning=SpanTuning(retry_delay=0, attempts=3))
         left = await origin.fetch(refs, Collect())
         assert isinstance(left, Undelivered)
         assert left == refs
@@ -396,9 +396,12 @@ async def test_s3_spans_trickling_end_at_their_deadline_and_a_proxy_uses_the_loo
     bucket, prefix = parse_s3_url(s3_env.bucket_url())
     async with CountingProxy.to_endpoint(s3_env.endpoint) as proxy:
         proxy.http = True
-        options = {"request_deadline": 1.0, "min_bytes_per_second": 1 << 20}
         async with S3ObjectStore(
-            bucket, prefix, S3Config.from_env(endpoint_url=proxy.endpoint), **options
+            bucket,
+            prefix,
+            S3Config.from_env(endpoint_url=proxy.endpoint),
+            request_deadline=1.0,
+            min_bytes_per_second=1 << 20,
         ) as store:
             await store.put(pack_key(pack_id), data)
             assert await store.threaded_ranges(pack_key(pack_id)) is not None

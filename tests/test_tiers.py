@@ -103,7 +103,7 @@ async def test_single_flight_one_origin_fetch_for_concurrent_requests() -> None:
     results: list[bytes] = []
 
     async def want() -> None:
-        results.append(await tiers.get(cid))
+        results.append(bytes(await tiers.get(cid)))
 
     async with anyio.create_task_group() as tg:
         for _ in range(20):

@@ -31,7 +31,7 @@ class Watched:
         self.after = after
         self.count = 0
 
-    async def get(self, chunk_id: ChunkId) -> bytes:
+    async def get(self, chunk_id: ChunkId) -> ChunkData:
         data = await self.tier.get(chunk_id)
         self.count += 1
         self.after(self.count)

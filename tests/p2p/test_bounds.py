@@ -119,7 +119,7 @@ def stop_reading(conn: PeerConnection) -> None:
 
 def frame(header: dict[str, object]) -> bytes:
     """A frame header exactly as an attacker writes it: any ``n`` it likes."""
-    packed = msgpack.packb(header)
+    packed: bytes = msgpack.packb(header)
     return PREFIX.pack(len(packed)) + packed
 
 
@@ -186,7 +186,9 @@ async def test_pipelined_pings_never_read_are_back_pressured(
 # ---------------------------------------------------------------------- item 5: fairness
 
 
-async def _stall(d: Daemon, ids: list[ChunkId], count: int, stack: ExitStack) -> list[object]:
+async def _stall(
+    d: Daemon, ids: list[ChunkId], count: int, stack: ExitStack
+) -> list[PeerConnection]:
     """``count`` clients that ask for ~4 GiB of chunks each and never read an answer."""
     conns = []
     for i in range(count):

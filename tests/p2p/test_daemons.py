@@ -44,7 +44,7 @@ def _peers(daemons: list) -> str:  # type: ignore[type-arg]
 
 
 def _total(daemons: list, metric: str) -> float:  # type: ignore[type-arg]
-    return sum(d.metrics()[f"blobstore_peer_{metric}"] for d in daemons)
+    return float(sum(d.metrics()[f"blobstore_peer_{metric}"] for d in daemons))
 
 
 async def _chunk_count(store: str, ref: str) -> int:

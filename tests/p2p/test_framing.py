@@ -168,10 +168,10 @@ def test_fuzzed_streams_end_in_frames_or_protocol_errors_with_bounded_memory() -
         if seed % 4 == 0:
             wire = rng.randbytes(rng.randrange(1, 3000))
         else:
-            wire = bytearray(valid)
+            mutated = bytearray(valid)
             for _ in range(rng.randrange(1, 8)):
-                wire[rng.randrange(len(wire))] = rng.randrange(256)
-            wire = bytes(wire[: rng.randrange(1, len(wire) + 1)])
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            wire = bytes(mutated[: rng.randrange(1, len(mutated) + 1)])
         decoder = FrameDecoder(limits)
         received = 0
         try:

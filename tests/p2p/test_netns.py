@@ -128,7 +128,7 @@ def test_mdns_discovery_and_region_filtering(lab: list[Node], tmp_path: Path) ->
         def east_daemon_sees_one_peer() -> bool:
             health = lab[0].http_json(f"http://{daemons[0].http}/healthz")
             assert isinstance(health, dict)
-            return health["peers"] == 1
+            return bool(health["peers"] == 1)
 
         wait_until(east_daemon_sees_one_peer, "east-0 to discover east-1 over mDNS")
 
