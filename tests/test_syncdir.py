@@ -14,7 +14,7 @@ import pytest
 
 from blobstore.cli.sync import run_sync
 from blobstore.client import Client
-from blobstore.config import CacheConfig, Config, PeerConfig
+from blobstore.config import CacheConfig, Config, PeerConfig, S3Config
 from blobstore.ids import hash_bytes
 from blobstore.manifest import ChunkerInfo, ChunkRef, Entry, Tree
 from blobstore.syncdir import (
@@ -137,6 +137,7 @@ async def _client(stack: AsyncExitStack, tmp_path: Path, store_url: str, name: s
         store_url=store_url,
         cache=CacheConfig(tmp_path / name / "cache"),
         peers=PeerConfig(mode="none"),
+        s3=S3Config.from_env(),  # the SeaweedFS endpoint the s3 fixture put in AWS_*
     )
     return await stack.enter_async_context(Client.open(config, peers=False))
 
