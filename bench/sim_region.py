@@ -422,6 +422,8 @@ class Result:
     hedges: int
     tier_errors: int
     asks_per_unit: float
+    dead_dropped: list[float]
+    """Per node: seconds from the kill until its directory had dropped every killed peer."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -558,6 +560,18 @@ async def _run(
 
     PeerTier._ask = watched_ask  # type: ignore[method-assign]
 
+    # When each node's directory drops a killed peer (the real mark_down still runs).
+    real_mark_down = PeerDirectory.mark_down
+    dropped: dict[tuple[str, str], float] = {}
+
+    def watched_mark_down(self: PeerDirectory, peer: Peer, reason: str) -> None:
+        target = world.nodes.get(peer.node)
+        if target is not None and target.done_at < 0 and peer.up:
+            dropped.setdefault((self.me.node, peer.node), loop.time())
+        real_mark_down(self, peer, reason)
+
+    PeerDirectory.mark_down = watched_mark_down  # type: ignore[method-assign]
+
     wall = time.perf_counter()
     killed: list[SimNode] = []
     kill_time = 0.0
@@ -603,7 +617,11 @@ async def _run(
         for node in nodes:
             if node.task is not None:
                 node.task.cancel()
+    PeerDirectory.mark_down = real_mark_down  # type: ignore[method-assign]
     unique = sum(r.size for r in refs)
+    by_node: dict[str, float] = {}
+    for (me, _dead), at in dropped.items():
+        by_node[me] = max(by_node.get(me, 0.0), at - kill_time)
     dead_asked = [
         max(n.last_asked_dead.values()) - kill_time for n in pullers if n.last_asked_dead
     ] + [0.0] * sum(1 for n in pullers if not n.last_asked_dead and killed)
@@ -625,6 +643,7 @@ async def _run(
         hedges=sum(getattr(n, "hedges", 0) for n in pullers),
         tier_errors=sum(getattr(n, "errors", 0) for n in pullers),
         asks_per_unit=asks[0] / (len(refs) * len(pullers)),
+        dead_dropped=list(by_node.values()),
     )
 
 
@@ -668,13 +687,18 @@ def placement_figures(nodes: int, chunks: int, seed: int) -> dict[str, float]:
 # ---------------------------------------------------------------------- report
 
 
+def _fmt(values: list[float]) -> str:
+    return f"{_pct(values, 0.99):.1f}" if values else "-"
+
+
 def table(results: list[Result]) -> str:
     head = (
         "| scenario | nodes | origin/unique | upload max/mean | p50 s | p99 s | max s "
-        "| incomplete | bad bytes | dead asked p99 s | gossip B/node/s | membership B "
+        "| incomplete | bad bytes | dead asked p99 s | dead dropped p99 s "
+        "| gossip B/node/s | membership B "
         "| asks/unit | hedges | wall s |"
     )
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * 16]
     for r in results:
         up = [u for u in r.uploads]
         mean = statistics.fmean(up) or 1
@@ -683,7 +707,7 @@ def table(results: list[Result]) -> str:
             f"| {r.origin / r.unique:.3f} | "
             f"{max(up) / mean:.2f} | {_pct(r.times, 0.5):.1f} | {_pct(r.times, 0.99):.1f} | "
             f"{max(r.times, default=float('nan')):.1f} | {r.incomplete} | {r.bad} | "
-            f"{_pct(r.dead_asked, 0.99) if r.dead_asked else '-'} | {r.gossip_rate:.0f} | "
+            f"{_fmt(r.dead_asked)} | {_fmt(r.dead_dropped)} | {r.gossip_rate:.0f} | "
             f"{r.membership_bytes} | {r.asks_per_unit:.2f} | {r.hedges} | {r.wall:.0f} |"
         )
     return "\n".join(lines)
