@@ -6,14 +6,17 @@ so a symlink in the destination is removed as a link, never followed: a
 symlink planted where a directory was cannot redirect the deletions outside
 the destination. With include/exclude patterns only what they select is
 removed (like rsync's filters protect excluded files): a pull of ``*.json``
-with ``--delete`` does not remove the weights it did not pull.
+with ``--delete`` does not remove the weights it did not pull. It holds the
+destination's pull lock, so another pull's files in flight are never removed.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from .manifest import Tree
 from .patterns import Selection
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LOCK_POLL = 0.05
 
 
 @dataclass(slots=True)
@@ -45,10 +49,24 @@ def prune(dest: Path, tree: Tree, selection: Selection | None = None) -> Pruned:
     except OSError as exc:
         raise BadInput(f"cannot open {dest}: {exc.strerror}") from exc
     try:
+        _lock(root)
         _prune_dir(root, "", wanted, selection, done)
     finally:
-        os.close(root)
+        os.close(root)  # drops the lock
     return done
+
+
+def _lock(fd: int) -> None:
+    """Wait for a pull writing into the destination (materialize takes the same
+    ``flock``): its temp files are not in our tree, and must not be removed."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(_LOCK_POLL)
+        except OSError:  # a filesystem without flock: as materialize, go on unlocked
+            return
 
 
 def _prune_dir(fd: int, rel: str, wanted: set[str], selection: Selection, done: Pruned) -> bool:

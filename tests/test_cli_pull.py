@@ -110,3 +110,30 @@ def test_delete_with_patterns_only_touches_what_they_select(
     # old.json and logs/run.json go; logs/ stays: it still holds run.txt
     assert doc["deleted"] == 2
     assert files(out) == ["config.json", "logs/run.txt", "mine.bin", "tokenizer.json"]
+
+
+def test_delete_waits_for_a_pull_writing_into_the_destination(tmp_path: Path) -> None:
+    """A pull in flight holds the destination's flock; its temp files are not in
+    our tree and must survive until it is done."""
+    import fcntl
+    import threading
+
+    from blobstore.manifest import ChunkerInfo, Tree
+    from blobstore.prune import prune
+
+    dest = tmp_path / "dest"
+    write(dest / ".in-flight.tmp", b"another pull's temp file")
+    holder = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    removed: list[str] = []
+    worker = threading.Thread(
+        target=lambda: removed.extend(prune(dest, Tree(ChunkerInfo("x", 1, 2, 4), ())).removed)
+    )
+    worker.start()
+    try:
+        worker.join(0.5)
+        assert (dest / ".in-flight.tmp").exists()  # not while the other pull runs
+    finally:
+        os.close(holder)  # that pull ends
+    worker.join(30)
+    assert removed == [".in-flight.tmp"]
