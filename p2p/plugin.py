@@ -105,6 +105,7 @@ class P2PPlugin:
         )
         p.add_argument(
             "--health-interval",
+            type=_seconds,
             metavar="SECONDS",
             help="ping quiet peers this often (env BLOBSTORE_HEALTH_INTERVAL; default 1)",
         )
@@ -190,36 +191,55 @@ def daemon_options(args: argparse.Namespace, env: Mapping[str, str]) -> DaemonOp
     variable).
     """
     from blobstore.errors import ConfigError
+    from blobstore.hostport import listen_address
 
     from .daemon import DaemonOptions
     from .liveness import Timing
     from .server import ServerLimits
 
-    def pick(name: str) -> str | None:
-        value: str | None = getattr(args, name)
-        if value is None:
-            value = env.get(DAEMON_ENV[name], "").strip() or None
-        return value
+    def pick(name: str) -> tuple[str | None, str]:
+        """The value and where it came from (the flag, or the variable)."""
+        value: object = getattr(args, name)
+        if value is not None:
+            return str(value), "--" + name.replace("_", "-")
+        return env.get(DAEMON_ENV[name], "").strip() or None, DAEMON_ENV[name]
 
-    interval_text = pick("health_interval") or "1"
+    listen, listen_from = pick("listen")
+    http, http_from = pick("http")
+    for address, source in ((listen, listen_from), (http, http_from)):
+        if address is not None:
+            listen_address(address, source)  # refused here, naming where it came from
+    interval_text, interval_from = pick("health_interval")
     try:
-        interval = float(interval_text)
+        interval = float(interval_text or "1")
     except ValueError:
         interval = -1.0
     if not interval > 0:  # also refuses nan
-        raise ConfigError(
-            f"bad health interval {interval_text!r} (--health-interval or "
-            f"{DAEMON_ENV['health_interval']}): expected seconds > 0"
-        )
+        raise ConfigError(f"bad {interval_from} {interval_text!r}: expected seconds > 0")
     env_limits = [item for item in env.get(DAEMON_ENV["limit"], "").split(",") if item.strip()]
+    try:
+        ServerLimits.parse(env_limits)
+    except ConfigError as exc:
+        raise ConfigError(f"{DAEMON_ENV['limit']}: {exc}") from None
     return DaemonOptions(
-        pick("listen") or DEFAULT_LISTEN,
-        pick("http"),
-        pick("node_id"),
+        listen or DEFAULT_LISTEN,
+        http,
+        pick("node_id")[0],
         Timing(interval=interval, timeout=max(1.0, 3 * interval)),
         args.corrupt_for_tests,
         limits=ServerLimits.parse([*env_limits, *args.limit]),
     )
+
+
+def _seconds(text: str) -> float:
+    """argparse type of --health-interval: a bad value is a usage error (exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
 
 
 async def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:

@@ -190,8 +190,13 @@ def test_daemon_runs_from_environment_alone(tmp_path: Path) -> None:
     [
         ("BLOBSTORE_HEALTH_INTERVAL", "soon", "BLOBSTORE_HEALTH_INTERVAL"),
         ("BLOBSTORE_HEALTH_INTERVAL", "0", "BLOBSTORE_HEALTH_INTERVAL"),
-        ("BLOBSTORE_LIMITS", "max_connections=1,bogus=2", "bogus=2"),
-        ("BLOBSTORE_LISTEN", "nowhere", "--listen"),
+        (
+            "BLOBSTORE_LIMITS",
+            "max_connections=1,bogus=2",
+            "BLOBSTORE_LIMITS: bad --limit 'bogus=2'",
+        ),
+        ("BLOBSTORE_LISTEN", "nowhere", "bad BLOBSTORE_LISTEN address 'nowhere'"),
+        ("BLOBSTORE_HTTP", "127.0.0.1:http", "bad BLOBSTORE_HTTP address"),
     ],
 )
 def test_bad_daemon_variable_is_one_line(
@@ -200,6 +205,15 @@ def test_bad_daemon_variable_is_one_line(
     env = cli_env(f"file://{tmp_path / 'store'}", tmp_path / "cache", {variable: value})
     proc = run_cli(["daemon"], env, timeout=60)
     assert_one_line_error(proc, needle)
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "nan"])
+def test_bad_health_interval_flag_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    env = cli_env(f"file://{tmp_path / 'store'}", tmp_path / "cache")
+    proc = run_cli(["daemon", "--health-interval", value], env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "--health-interval" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def _daemon_args(**given: object) -> argparse.Namespace:
@@ -218,7 +232,7 @@ def test_flags_win_over_environment() -> None:
         "BLOBSTORE_LIMITS": "max_connections=10,idle_timeout=5",
     }
     both = daemon_options(
-        _daemon_args(listen="0.0.0.0:7000", health_interval="2", limit=["max_connections=20"]),
+        _daemon_args(listen="0.0.0.0:7000", health_interval=2.0, limit=["max_connections=20"]),
         env,
     )
     assert both.listen == "0.0.0.0:7000"
@@ -232,6 +246,8 @@ def test_flags_win_over_environment() -> None:
     assert defaults.timing.interval == 1.0
     with pytest.raises(ConfigError, match="BLOBSTORE_HEALTH_INTERVAL"):
         daemon_options(_daemon_args(), {"BLOBSTORE_HEALTH_INTERVAL": "nan"})
+    with pytest.raises(ConfigError, match="bad --listen address"):
+        daemon_options(_daemon_args(listen="x"), {"BLOBSTORE_LISTEN": "0.0.0.0:1"})
 
 
 def test_every_daemon_flag_has_a_variable() -> None:
