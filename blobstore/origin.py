@@ -166,7 +166,7 @@ class OriginSource:
             if len(data) != ref.size:
                 undelivered.add(ref, CorruptChunk(ref.id, f"object store (size {len(data)})"))
                 return
-            await _sink_call(sink, ref, data)
+            await sink(ref, data)
 
         try:
             async with anyio.create_task_group() as tg:
@@ -199,27 +199,34 @@ class OriginSource:
         cutter = SpanCutter(span)
         failures = 0
         while (rest := cutter.remaining()) is not None:
-            try:
-                self.requests += 1
-                stream = self.store.get_range(key, rest.offset, rest.length)
-                async with aclosing(stream) as blocks:
-                    async for block in blocks:
-                        for piece, parts in cutter.feed_parts(block):
-                            await self._deliver(piece, parts, sink, undelivered)
-            except ObjectMissing:
-                for ref in _refs(cutter.pending):
-                    undelivered.add(ref, ChunkMissing(ref.id, "object store"))
+            self.requests += 1
+            stream = self.store.get_range(key, rest.offset, rest.length)
+            broke: StoreUnavailable | None = None
+            async with aclosing(stream) as blocks:
+                while True:
+                    # Only the store's own errors are caught: what the sink
+                    # raises (a full disk) goes up as it is.
+                    try:
+                        block = await anext(blocks)
+                    except StopAsyncIteration:
+                        break
+                    except ObjectMissing as missing:
+                        _undeliver(cutter.pending, missing, undelivered)
+                        return
+                    except StoreUnavailable as exc:
+                        broke = exc
+                        break
+                    for piece, parts in cutter.feed_parts(block):
+                        await self._deliver(piece, parts, sink, undelivered)
+            if broke is None:
+                if cutter.pending:  # the pack ended before the manifest said it would
+                    _shorter(span, cutter.pending, undelivered)
                 return
-            except StoreUnavailable as exc:
-                # Attempts in a row that delivered nothing: a body cut off after
-                # some chunks made progress and is simply resumed.
-                failures = 1 if len(cutter.pending) < len(rest.pieces) else failures + 1
-                if not await self._again(span, cutter.pending, failures, exc, undelivered):
-                    return
-                continue
-            if cutter.pending:  # the pack ended before the manifest said it would
-                _shorter(span, cutter.pending, undelivered)
-            return
+            # Attempts in a row that delivered nothing: a body cut off after
+            # some chunks made progress is simply resumed.
+            failures = 1 if len(cutter.pending) < len(rest.pieces) else failures + 1
+            if not await self._again(span, cutter.pending, failures, broke, undelivered):
+                return
 
     async def _read_span_in_threads(
         self,
@@ -244,25 +251,28 @@ class OriginSource:
             self.requests += 1
             try:
                 body = await anyio.to_thread.run_sync(opener.open, offset, length)
+            except ObjectMissing as missing:
+                _undeliver(pending, missing, undelivered)
+                return
+            except StoreUnavailable as unavailable:
+                body, error = None, unavailable
+                failures += 1
+            else:
                 if body is None:  # the range starts past the pack's end
                     _shorter(span, pending, undelivered)
                     return
                 try:
-                    pending = await self._read_body(
+                    left, broke = await self._read_body(
                         span, body, pending, deadlines, sink, undelivered
                     )
                 finally:
                     body.close()
-                if pending:  # the pack ended before the manifest said
-                    _shorter(span, pending, undelivered)
-                return
-            except ObjectMissing as missing:
-                _undeliver(pending, missing, undelivered)
-                return
-            except _Progress as progress:
-                pending, failures, error = progress.pending, 1, progress.error
-            except StoreUnavailable as unavailable:
-                failures, error = failures + 1, unavailable
+                if broke is None:
+                    if left:  # the pack ended before the manifest said
+                        _shorter(span, left, undelivered)
+                    return
+                failures = 1 if len(left) < len(pending) else failures + 1
+                pending, error = left, broke
             if deadlines is None:  # a local file: its errors are final
                 _undeliver(pending, error, undelivered)
                 return
@@ -277,13 +287,12 @@ class OriginSource:
         deadlines: ThreadedRangeStore | None,
         sink: Sink,
         undelivered: Undelivered,
-    ) -> tuple[Piece, ...]:
-        """Read ``pending`` from ``body`` batch by batch; return the pieces the
-        body ended before. Raises StoreUnavailable (nothing read yet) or
-        _Progress (some pieces read, then the body broke)."""
+    ) -> tuple[tuple[Piece, ...], StoreUnavailable | None]:
+        """Read ``pending`` from ``body`` batch by batch, sinking each verified
+        chunk: the pieces not read (where the body ended, or broke) and why it
+        broke (None: it ended). Raises what the sink raises."""
         budget = math.inf if deadlines is None else deadlines.read_budget(body.length)
         position = pending[0].offset
-        delivered = False
         while pending:
             batch = pending[: _batch_end(pending, 0)]
             started = anyio.current_time()
@@ -301,16 +310,13 @@ class OriginSource:
                     _undeliver((piece,), data, undelivered)
                     continue
                 for ref in piece.refs:
-                    await _sink_call(sink, ref, data)
+                    await sink(ref, data)
             if got:
-                delivered = True
                 position = batch[len(got) - 1].end
                 pending = pending[len(got) :]
-            if broke is not None:
-                raise _Progress(pending, broke) if delivered else broke
-            if len(got) < len(batch):
-                return pending
-        return pending
+            if broke is not None or len(got) < len(batch):
+                return pending, broke
+        return pending, None
 
     async def _again(
         self,
@@ -347,34 +353,16 @@ class OriginSource:
                 undelivered.add(ref, exc)
             return
         for ref in piece.refs:
-            await _sink_call(sink, ref, data)
+            await sink(ref, data)
 
     async def put(self, chunk_id: ChunkId, data: ChunkData) -> None:
         async with self._limit:
             await self.store.put(chunk_key(chunk_id), data)
 
 
-class _SinkFailed(Exception):
-    """Carries what the sink raised past the read loop, so that a sink's own
-    Unavailable (a full disk) is never mistaken for a broken S3 stream."""
-
-    def __init__(self, original: BaseException) -> None:
-        super().__init__(str(original))
-        self.original = original
-
-
-async def _sink_call(sink: Sink, ref: ChunkRef, data: ChunkData) -> None:
-    try:
-        await sink(ref, data)
-    except anyio.get_cancelled_exc_class():
-        raise
-    except Exception as exc:
-        raise _SinkFailed(exc) from exc
-
-
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The exception to raise for a failed task group: the sink's own error
-    first, then a blobstore error, then anything."""
+    """The exception to raise for a failed task group (what a sink raised: no
+    read error escapes a span): a blobstore error first, then anything."""
     leaves: list[BaseException] = []
     stack: list[BaseException] = [group]
     while stack:
@@ -383,9 +371,6 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
             stack.extend(reversed(exc.exceptions))
         else:
             leaves.append(exc)
-    for leaf in leaves:
-        if isinstance(leaf, _SinkFailed):
-            return leaf.original
     for kind in (BlobstoreError, Exception):
         for leaf in leaves:
             if isinstance(leaf, kind):
@@ -442,15 +427,6 @@ class ThreadedRangeStore(Protocol):
     def read_budget(self, length: int) -> float: ...
 
     def too_slow(self, op: str, key: str) -> StoreUnavailable: ...
-
-
-class _Progress(Exception):
-    """A body broke after some of its pieces were delivered: read the rest."""
-
-    def __init__(self, pending: tuple[Piece, ...], error: StoreUnavailable) -> None:
-        super().__init__(str(error))
-        self.pending = pending
-        self.error = error
 
 
 class _FileOpener:
