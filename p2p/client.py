@@ -23,6 +23,7 @@ from blobstore.errors import (
 )
 from blobstore.hostport import split_hostport
 from blobstore.ids import ChunkId, verify_off_loop
+from blobstore.resource import AsyncResource
 from blobstore.source import ChunkData
 
 from . import messages
@@ -41,8 +42,9 @@ class Identity:
     """Dial peers over mutual TLS with this context (p2p.tls); None: plain TCP."""
 
 
-class PeerConnection:
-    """A handshaken connection. Use ``open_connection``; run ``read_loop`` in a task group."""
+class PeerConnection(AsyncResource):
+    """A handshaken connection. Use ``open_connection``; run ``read_loop`` in a task
+    group; ``async with`` (or ``aclose``) closes it."""
 
     def __init__(self, stream: FrameStream, address: str, node: str, region: str) -> None:
         self.stream = stream

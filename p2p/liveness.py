@@ -29,6 +29,9 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Self
+
+from anyio import AsyncContextManagerMixin
 
 from blobstore.errors import (
     AuthError,
@@ -95,7 +98,7 @@ class Peer:
         }
 
 
-class PeerDirectory:
+class PeerDirectory(AsyncContextManagerMixin):
     """Known peers and their liveness. Use as an async context manager."""
 
     def __init__(
@@ -119,20 +122,28 @@ class PeerDirectory:
         self.peer_up = asyncio.Event()
         """Set once any peer has come up."""
 
-    async def __aenter__(self) -> PeerDirectory:
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
-        self._monitor = self._tg.create_task(self._monitor_loop())
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._tg is not None
-        self._monitor.cancel()
-        for task in self._checking.values():
-            task.cancel()
-        for peer in self._peers.values():
-            self._drop_connection(peer)
-        await self._tg.__aexit__(None, None, None)
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncIterator[Self]:
+        """Checks and connection readers run in a task group held for the block (a
+        bug in one cancels the block and is raised); the block's own error is raised
+        as it is, once they have stopped."""
+        raised: BaseException | None = None
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            monitor = tg.create_task(self._monitor_loop())
+            try:
+                yield self
+            except BaseException as exc:
+                raised = exc
+            finally:
+                monitor.cancel()
+                for task in self._checking.values():
+                    task.cancel()
+                for peer in self._peers.values():
+                    self._drop_connection(peer)  # ends its reader
+                self._tg = None
+        if raised is not None:
+            raise raised
 
     # ------------------------------------------------------------------ membership
 

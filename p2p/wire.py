@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from blobstore.errors import AuthError, PeerUnavailable, ProtocolError
+from blobstore.resource import AsyncResource
 
 from .framing import DEFAULT_LIMITS, Frame, FrameDecoder, Limits, encode
 
@@ -27,8 +28,9 @@ WRITE_HIGH_WATER = 8 << 20
 """Default bytes buffered for sending before ``drain()`` waits."""
 
 
-class FrameStream(asyncio.BufferedProtocol):
-    """One TCP connection: ``await recv()`` frames, ``send()`` + ``await drain()``."""
+class FrameStream(asyncio.BufferedProtocol, AsyncResource):
+    """One TCP connection: ``await recv()`` frames, ``send()`` + ``await drain()``;
+    ``aclose()`` sends what is buffered, then closes (``abort()``: at once)."""
 
     def __init__(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -162,22 +163,40 @@ async def test_one_seed_names_the_region_and_dead_names_are_forgotten() -> None:
         peers(FakeCache(), FakeCache(), FakeCache(), named=named) as addrs,
         PeerDirectory(Identity("client", "r"), FAST) as directory,
     ):
+        heard: list[tuple[str, str]] = []
+        add = directory.add
+
+        def recording_add(address: str, source: str, node: str = "", region: str = "") -> None:
+            heard.append((address, source))
+            add(address, source, node, region)
+
+        directory.add = recording_add  # type: ignore[method-assign]
+
+        def all_answered_since(moment: float) -> bool:
+            return all(p.last_ok > moment for p in directory.live())
+
         named[:] = [*addrs[1:], dead]
         directory.add(addrs[0], "static")
         await until(lambda: {p.node for p in directory.live()} == {"n0", "n1", "n2"})
-        sources = {p.address: p.source for p in directory.all()}
-        assert sources == {
-            addrs[0]: "static",
-            addrs[1]: "gossip",
-            addrs[2]: "gossip",
-            dead: "gossip",
-        }
+        sources = {p.address: p.source for p in directory.all() if p.address != dead}
+        assert sources == {addrs[0]: "static", addrs[1]: "gossip", addrs[2]: "gossip"}
+        # The dead address is hearsay that never answered: it is dropped at its first
+        # failed check and comes back with each pong that names it.
+        await until(lambda: (dead, "gossip") in heard)
         # Heard first-hand (mDNS, say), a gossiped peer is no longer forgettable.
         directory.add(addrs[1], "mdns")
         assert {p.address: p.source for p in directory.all()}[addrs[1]] == "mdns"
-        # Nobody names the dead address any more: after a few failed checks it is gone.
+        # Nobody names the dead address any more: once every peer has answered since,
+        # it is gone and stays gone.
         named.remove(dead)
+        since = time.monotonic()
+        await until(lambda: all_answered_since(since))
         await until(lambda: dead not in {p.address for p in directory.all()})
+        heard.clear()
+        since = time.monotonic()
+        await until(lambda: all_answered_since(since))
+        assert dead not in {p.address for p in directory.all()}
+        assert (dead, "gossip") not in heard
         assert {p.node for p in directory.live()} == {"n0", "n1", "n2"}
 
 
@@ -314,3 +333,16 @@ async def test_fetch_never_cancels_a_sink_that_is_writing() -> None:
         assert sorted(finished, key=str) == sorted((ref for ref, _ in wanted), key=str)
         assert t.stats["hedges"] >= 1
         stalled.release.set()
+
+
+async def test_directory_block_errors_come_out_as_they_are() -> None:
+    """The directory's task group spans the block, yet the block's own error is
+    raised unwrapped (a pull's one-line errors pass through it)."""
+    wrong = ChunkMissing("0" * 64, "test")
+    directory = PeerDirectory(Identity("client", "r"), FAST)
+    with pytest.raises(ChunkMissing) as caught:
+        async with directory:
+            raise wrong
+    assert caught.value is wrong
+    async with directory as again:  # closed cleanly: it can be used again
+        assert again is directory
