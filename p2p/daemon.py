@@ -96,7 +96,8 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             provider = ChunkProvider(cache, handoff, is_home, metrics, server_tg)
             # Bind first to learn the port, so node id and handshakes agree from the start.
             try:
-                sock = socket.create_server((host, port))
+                # (in a thread: a host name is resolved, which blocks)
+                sock = await asyncio.to_thread(socket.create_server, (host, port))
             except OSError as exc:
                 reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise PeerUnavailable(f"cannot listen on {host}:{port}: {reason}") from exc
