@@ -31,7 +31,11 @@ python="$venv/bin/python"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/blobstore-image.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-"$python" -m pip wheel -q --no-deps -w "$work/wheel" . >"$work/pip.log" 2>&1 \
+# Built from a copy: an in-tree build leaves build/lib behind, and files deleted from the
+# tree since would end up in the next wheel.
+mkdir "$work/src"
+tar --exclude=__pycache__ -cf - pyproject.toml README.md blobstore p2p | tar -C "$work/src" -xf -
+"$python" -m pip wheel -q --no-deps -w "$work/wheel" "$work/src" >"$work/pip.log" 2>&1 \
   || { cat "$work/pip.log" >&2; echo "build-image: building the wheel failed" >&2; exit 1; }
 wheel=$(echo "$work"/wheel/blobstore-*.whl)
 version=$(basename "$wheel" | cut -d- -f2)
