@@ -139,9 +139,11 @@ class PeerTier:
         ids = list(dict.fromkeys(chunk_ids))
         await self._discovered()
         peers = self._directory.live()
-        results = await asyncio.gather(*(self._probe(p, ids) for p in peers))
+        with single_errors():
+            async with asyncio.TaskGroup() as tg:
+                probes = [tg.create_task(self._probe(p, ids)) for p in peers]
         found: set[ChunkId] = set()
-        for peer, held in zip(peers, results, strict=True):
+        for peer, held in zip(peers, (probe.result() for probe in probes), strict=True):
             if len(held) <= _MAX_REMEMBERED_IDS:
                 self._held[peer.node] = held
             found |= held

@@ -346,3 +346,14 @@ async def test_directory_block_errors_come_out_as_they_are() -> None:
     assert caught.value is wrong
     async with directory as again:  # closed cleanly: it can be used again
         assert again is directory
+
+
+async def test_has_asks_every_peer_and_ranks_holders_first() -> None:
+    (x, data_x), (y, data_y), (z, _) = blob(11), blob(12), blob(13)
+    a, b = FakeCache(), FakeCache()
+    a.chunks[x], b.chunks[y] = data_x, data_y
+    async with peers(a, b) as addrs, tier(addrs) as t:
+        assert await t.has([x, y, z, x]) == {x, y}
+        live = t._directory.live()
+        assert t._order(x, live)[0].node == "n0"  # whatever rendezvous would say
+        assert t._order(y, live)[0].node == "n1"
