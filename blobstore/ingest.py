@@ -133,6 +133,12 @@ class Ingestor:
         """Store every pack written so far (and its index). Raises Unavailable."""
         await self.writer.flush()
 
+    @property
+    def unstored_bytes(self) -> int:
+        """Bytes of new chunks packed but not yet in the store (their pack is
+        filling or uploading): what a push's progress still owes."""
+        return max(self.stats.new_bytes - self.writer.bytes, 0)
+
     def locate(self, chunk_id: ChunkId) -> ChunkRef | None:
         """Where the store (or this run's packs) holds ``chunk_id``."""
         return self.index.locate(chunk_id) or self._placed.get(chunk_id)

@@ -41,6 +41,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -531,20 +532,29 @@ async def ingest_files(
     """Ingest ``(relpath, mode)`` files under ``root`` (a few at a time) and
     return their entries, once their packs are stored (manifest may follow).
     ``progress(bytes done, total)`` moves as each batch of chunks is packed,
-    and hears file counts if it is a ``FileProgress``.
+    but never past what the packs still uploading leave (so the line reaches
+    100% when the last pack is stored, and moves every ``_UPLOAD_POLL`` s
+    while it waits for them); it hears file counts if it is a ``FileProgress``.
 
     Raises BadInput (unreadable file), DiskFull, Unavailable.
     """
     entries: list[Entry] = []
     limit = anyio.Semaphore(file_concurrency)
-    done = 0
+    done = reported = 0
     count_files = progress.files if isinstance(progress, FileProgress) else None
+
+    def report() -> None:
+        nonlocal reported
+        if progress:
+            whole = max(total, done)
+            # never backwards: a new pack being sealed raises what is owed for a while
+            reported = max(min(done, whole - ingestor.unstored_bytes), reported)
+            progress(reported, whole)
 
     def advance(n: int) -> None:
         nonlocal done
         done += n
-        if progress:
-            progress(done, max(total, done))
+        report()
 
     async def one(path: str, mode: int) -> None:
         async with limit:
@@ -562,5 +572,22 @@ async def ingest_files(
         async with anyio.create_task_group() as tg:
             for path, mode in files:
                 tg.start_soon(one, path, mode)
-    await ingestor.flush()
+        if progress:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_report_every, _UPLOAD_POLL, report)
+                await ingestor.flush()
+                tg.cancel_scope.cancel()
+            report()
+        else:
+            await ingestor.flush()
     return entries
+
+
+_UPLOAD_POLL = 0.1
+"""Seconds between progress reports while a push waits for its last uploads."""
+
+
+async def _report_every(seconds: float, report: Callable[[], None]) -> None:
+    while True:
+        await anyio.sleep(seconds)
+        report()

@@ -184,6 +184,32 @@ async def test_push_and_pull_report_within_a_big_file(client: Client, tmp_path: 
     assert pulled.file_counts[-1] == (2, 2)
 
 
+class StoredAtFull:
+    """Counts the packs in a file:// store when the line first reads 100%."""
+
+    def __init__(self, packs: Path) -> None:
+        self.packs = packs
+        self.at_full: int | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if done >= total and self.at_full is None:
+            self.at_full = sum(1 for p in self.packs.rglob("*") if p.is_file())
+
+
+@pytest.mark.anyio
+async def test_push_reaches_100_only_once_its_packs_are_stored(
+    client: Client, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    write(src / "a.bin", random_bytes(60 * MIB, "a"))  # two packs of 48 MiB at most
+    write(src / "b.bin", random_bytes(30 * MIB, "b"))
+    line = StoredAtFull(tmp_path / "store" / "packs")
+    await client.push(src, "p", progress=line)
+    stored = sum(1 for p in line.packs.rglob("*") if p.is_file())
+    assert stored >= 4  # (packs and their indexes)
+    assert line.at_full == stored
+
+
 def _run_in_pty(args: list[str], env: dict[str, str]) -> tuple[int, bytes, str]:
     """Run the CLI with stderr on a pseudo-terminal: (status, stdout, terminal text)."""
     main, child = pty.openpty()
@@ -229,7 +255,7 @@ def test_cli_progress_line_advances_in_a_pty(tmp_path: Path) -> None:
     ends (every report drawn: BLOBSTORE_PROGRESS_INTERVAL=0; no timing assumed)."""
     src = tmp_path / "src"
     write(src / "big.bin", random_bytes(64 * MIB, "pty"))
-    for i in range(4):
+    for i in range(6):  # each lands below half the total: drawn as it is (see ingest_files)
         write(src / f"part{i}.bin", random_bytes(MIB, f"part{i}"))
     status, stdout, text = _run_in_pty(["push", str(src), "apps/pty"], _pty_env(tmp_path))
     assert status == 0, text
@@ -238,7 +264,7 @@ def test_cli_progress_line_advances_in_a_pty(tmp_path: Path) -> None:
     assert percents[-1] == 100.0
     assert len({p for p in percents if 0 < p < 100}) >= 3, text
     assert percents == sorted(percents)  # it only moves forward
-    assert "/5 files" in text
+    assert "/7 files" in text
     assert "/s" in text
     assert "ETA" in text
 
