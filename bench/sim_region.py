@@ -9,7 +9,7 @@ single-flight read-through), ``placement`` (rendezvous) and ``messages.pong``/``
 (what a pong lists and how it is checked). Only the sockets are simulated: ``open_connection``
 (liveness.py's dialler) is replaced by a ``SimConnection`` whose ``get``/``ping`` go through
 the simulated network to the target node's real ``ChunkProvider``; ``PeerServer``'s framing
-is not run (its per-connection and per-daemon lookup budgets are modelled as semaphores).
+is not run (its daemon-wide lookup budget and its connection cap are modelled).
 The node store and the object store are simulated (a set of ids and FIFO-served links).
 
 The clock is virtual: ``VirtualLoop`` is an asyncio event loop whose ``time()`` jumps to the

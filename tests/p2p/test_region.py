@@ -18,6 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from bench_region import agreement, agrees, real_region, simulated_region
 
+from p2p import messages
+
 pytestmark = pytest.mark.slow
 
 NODES = 10
@@ -31,3 +33,11 @@ def test_real_region_agrees_with_the_simulation(tmp_path: Path) -> None:
     print(real.row("real"), sim.row("simulated"), distances, sep="\n")
     assert real.origin_ratio <= 1.05, real
     assert agrees(distances), (distances, real, sim)
+
+
+def test_a_pong_names_a_bounded_sample_of_a_big_region() -> None:
+    peers = [f"10.0.{i // 250}.{i % 250}:7411" for i in range(1000)]
+    named = messages.peers_field(messages.pong("n", "r", peers))
+    assert len(named) == messages.GOSSIP_SAMPLE
+    assert set(named) <= set(peers)
+    assert messages.peers_field(messages.pong("n", "r", peers[:5])) == peers[:5]
