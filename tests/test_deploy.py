@@ -330,6 +330,19 @@ def test_systemd_unit_is_hardened(tmp_path: Path) -> None:
     assert "BLOBSTORE_TOKEN_FILE=%d/token" in text
 
 
+def test_stop_timeouts_outlast_the_drain() -> None:
+    """systemd and kubelet wait longer than the daemon drains its answers on SIGTERM, so a
+    stop is never a SIGKILL mid-answer."""
+    from p2p.server import ServerLimits
+
+    drain = ServerLimits().drain_timeout
+    stop = re.search(r"^TimeoutStopSec=(\d+)s$", UNIT.read_text(), re.M)
+    assert stop, "the unit bounds its stop"
+    assert int(stop.group(1)) > drain + 5
+    (ds,) = _load_yaml_documents(K8S / "daemonset.yaml")
+    assert ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain + 5
+
+
 def test_systemd_unit_sets_only_known_variables() -> None:
     variables = re.findall(r"^Environment=(BLOBSTORE_[A-Z_]+)=", UNIT.read_text(), re.M)
     assert {"BLOBSTORE_CACHE", "BLOBSTORE_LISTEN", "BLOBSTORE_HTTP"} <= set(variables)
