@@ -11,7 +11,6 @@ forwards them to a tqdm-compatible class (huggingface_hub's ``tqdm_class``).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -187,8 +186,20 @@ class ProgressLine:
         self._last = now
         self._draw()
 
+    def _width(self) -> int:
+        """Columns of the terminal the line is drawn on (stderr's, even when
+        stdout is piped); ``COLUMNS`` wins, as for shutil."""
+        try:
+            return int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            pass
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, ValueError, OSError):  # no fd, or not a terminal
+            return 100
+
     def _draw(self) -> None:
-        width = shutil.get_terminal_size((100, 24)).columns - 1
+        width = self._width() - 1
         self.stream.write("\r" + self.render(width) + "\x1b[K")
         self.stream.flush()
         self._drawn = True
