@@ -489,7 +489,22 @@ def read_profile(settings: S3Config) -> ResolvedS3:
             f"is not one of {'|'.join(ADDRESSING_STYLES)}"
         )
     region = settings.region or session.get_config_variable("region") or DEFAULT_REGION
+    _load_models(session)
     return ResolvedS3(session, region, endpoint, style)
+
+
+def _load_models(session: AioSession) -> None:
+    """Load the botocore data create_client and get_paginator read, into the
+    session's loader cache, here in the worker thread: on the loop it was ~450
+    stat/listdir calls and ~1 MB of JSON parsed per store opened."""
+    loader = session.get_component("data_loader")
+    for type_name in ("service-2", "endpoint-rule-set-1"):
+        loader.load_service_model("s3", type_name, api_version=None)
+    version = loader.determine_latest_version("s3", "service-2")
+    loader.load_service_model("s3", "paginators-1", version)
+    for name in ("partitions", "_retry", "sdk-default-configuration", "endpoints"):
+        loader.load_data(name)
+    session._get_internal_component("endpoint_resolver")
 
 
 def _fail_fast_on_connect(

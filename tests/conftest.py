@@ -4,6 +4,9 @@
 test runs against both back-ends; for ``s3`` it also points the AWS_* environment
 at the session's SeaweedFS server. Without the ``weed`` binary the S3 cases are
 skipped, except under CI (``CI`` set) where a missing server is a failure.
+
+``no_blocking_on_loop`` (autouse) fails a test whose event loop runs blocking
+I/O inside ``blobstore`` or ``p2p``: see ``blocking.py``.
 """
 
 from __future__ import annotations
@@ -13,12 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from blocking import blocking_guard
 from s3server import SeaweedS3Server, find_weed
 
 
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_on_loop() -> Iterator[None]:
+    """Blocking I/O reached from blobstore/p2p code on a running event loop raises
+    ``blockbuster.BlockingError`` in the test (worker threads are free to block)."""
+    with blocking_guard():
+        yield
 
 
 @pytest.fixture(scope="session")
