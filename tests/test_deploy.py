@@ -772,6 +772,23 @@ def test_daemonset_pod_runs_from_the_image(bundle: Path, tmp_path: Path) -> None
     assert any(p.stat().st_uid == user["runAsUser"] for p in cache.rglob("*"))
 
 
+def test_containerfile_passes_hadolint(tmp_path: Path) -> None:
+    hadolint = require("hadolint")
+    proc = subprocess.run(
+        [hadolint, "--no-color", str(ROOT / "Containerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sloppy = tmp_path / "Containerfile"
+    sloppy.write_text((ROOT / "Containerfile").read_text() + "RUN cd /opt && ls\n")
+    proc = subprocess.run(
+        [hadolint, "--no-color", str(sloppy)], capture_output=True, text=True, timeout=60
+    )
+    assert "DL3003" in proc.stdout  # "use WORKDIR to switch to a directory": it looks
+
+
 def test_containerfile_matches_the_umoci_image() -> None:
     """The Containerfile (docker/podman) and build-image.sh promise the same image."""
     containerfile = (ROOT / "Containerfile").read_text()
