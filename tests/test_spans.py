@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from fakes import Collect
 from helpers import random_bytes
 from s3proxy import CountingProxy, Fault
 from s3server import SeaweedS3Server
@@ -61,18 +62,6 @@ def build_pack(
         parts.append(data + b"\xee" * gap)
         offset += len(data) + gap
     return pack_id, b"".join(parts), refs
-
-
-class Collect:
-    """A sink that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.got: dict[ChunkRef, bytes] = {}
-        self.calls = 0
-
-    async def __call__(self, r: ChunkRef, data: ChunkData) -> None:
-        self.calls += 1
-        self.got[r] = bytes(data)
 
 
 # -- planning ---------------------------------------------------------------------

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
+from fakes import Collect
 from test_server import FakeCache, blob, until
 
 from blobstore.errors import ChunkMissing
@@ -222,14 +223,6 @@ async def test_first_request_waits_for_discovery_to_settle() -> None:
 
 
 # -- fetch: many refs, grouped by peer, many ids per request -------------------------
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.got: dict[ChunkRef, bytes] = {}
-
-    async def __call__(self, ref: ChunkRef, data: ChunkData) -> None:
-        self.got[ref] = bytes(data)
 
 
 def refs_for(count: int, size: int = 3000) -> list[tuple[ChunkRef, bytes]]:
