@@ -2,13 +2,15 @@
 
 ``FakeSource`` is a ChunkStore (get / has / put / fetch, plus the node store's
 ``contains``) that can lie, fail or stall on demand; ``Collect`` is a fetch sink
-that keeps what it is given. Integration tests use the real parts instead (file
+that keeps what it is given; ``FakeTqdm`` a progress bar class as
+huggingface_hub's ``tqdm_class`` passes them. Integration tests use the real parts instead (file
 and S3 stores, peer daemons).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import ClassVar
 
 import anyio
 
@@ -98,3 +100,28 @@ class Collect:
     async def __call__(self, ref: ChunkRef, data: ChunkData) -> None:
         self.delivered.append((ref, bytes(data)))
         self.got[ref] = bytes(data)
+
+
+class FakeTqdm:
+    """The tqdm surface huggingface_hub's ``tqdm_class`` convention uses."""
+
+    made: ClassVar[list[FakeTqdm]] = []
+
+    def __init__(self, *, total: int, unit: str, unit_scale: bool, desc: str) -> None:
+        self.total, self.unit, self.unit_scale, self.desc = total, unit, unit_scale, desc
+        self.n = 0
+        self.updates = 0
+        self.postfix = ""
+        self.closed = False
+        FakeTqdm.made.append(self)
+
+    def update(self, n: int) -> None:
+        assert not self.closed
+        self.n += n
+        self.updates += 1
+
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+        self.postfix = s
+
+    def close(self) -> None:
+        self.closed = True

@@ -12,9 +12,9 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
+from fakes import FakeTqdm
 from helpers import BLOBSTORE, cli_env, random_bytes, write
 
 from blobstore.client import Client
@@ -50,31 +50,6 @@ class Recorder:
 
     def files(self, done: int, total: int) -> None:
         self.file_counts.append((done, total))
-
-
-class FakeTqdm:
-    """The tqdm surface huggingface_hub's ``tqdm_class`` convention uses."""
-
-    made: ClassVar[list[FakeTqdm]] = []
-
-    def __init__(self, *, total: int, unit: str, unit_scale: bool, desc: str) -> None:
-        self.total, self.unit, self.unit_scale, self.desc = total, unit, unit_scale, desc
-        self.n = 0
-        self.updates = 0
-        self.postfix = ""
-        self.closed = False
-        FakeTqdm.made.append(self)
-
-    def update(self, n: int) -> None:
-        assert not self.closed
-        self.n += n
-        self.updates += 1
-
-    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
-        self.postfix = s
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def test_meter_smooths_speed_and_estimates_time_left() -> None:

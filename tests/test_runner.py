@@ -12,6 +12,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 import pytest
+from fakes import FakeTqdm
 from s3server import SeaweedS3Server, find_weed
 
 from blobstore.client import Client
@@ -355,24 +356,6 @@ async def test_store_down_at_open_fails_where_the_origin_is_needed(
 # ------------------------------------------------------------ issue 11 item 6
 
 
-class FakeTqdm:
-    """The surface of huggingface_hub's ``tqdm_class`` convention."""
-
-    def __init__(self, *, total: int, unit: str, unit_scale: bool, desc: str) -> None:
-        assert (unit, unit_scale) == ("B", True)
-        self.total, self.desc, self.n, self.closed = total, desc, 0, False
-        BARS.append(self)
-
-    def update(self, n: int) -> None:
-        self.n += n
-
-    def close(self) -> None:
-        self.closed = True
-
-
-BARS: list[FakeTqdm] = []
-
-
 @pytest.mark.anyio
 async def test_several_models_under_one_root_keep_their_own_markers(tmp_path: Path) -> None:
     env = env_for(tmp_path, "node-m")
@@ -452,10 +435,11 @@ async def test_pinned_manifest_id_and_short_prefix(tmp_path: Path, app_ref: int)
 
 @pytest.mark.anyio
 async def test_tqdm_class_gets_one_bar_per_ref(tmp_path: Path, app_ref: int) -> None:
-    BARS.clear()
+    FakeTqdm.made.clear()
     async with open_client(env=env_for(tmp_path, "node-t")) as client:
         await download_model_weights(client, REF, tmp_path / "data", tqdm_class=FakeTqdm)
-    (bar,) = BARS
+    (bar,) = FakeTqdm.made
+    assert (bar.unit, bar.unit_scale) == ("B", True)
     assert (bar.desc, bar.total, bar.n, bar.closed) == (REF, app_ref, app_ref, True)
 
 
