@@ -221,8 +221,15 @@ async def test_http_ops_side_and_clean_sigterm(pushed: tuple[str, Path], tmp_pat
         assert health["node"] == "default-node-0"
         text = d.get("/metrics").decode()
         assert "# TYPE blobstore_peer_bytes_served_total counter" in text
-        held = next(f.name for f in d.cache.rglob("*") if f.is_file() and len(f.name) == 64)
-        body = d.get(f"/chunks/{held}")
+        # (the cache holds other files named by id too: pack indexes)
+        chunk_ids = set(await _chunks(store, "apps/demo"))
+        holder, held = next(
+            (daemon, f.name)
+            for daemon in daemons
+            for f in daemon.cache.rglob("*")
+            if f.is_file() and f.name in chunk_ids
+        )
+        body = holder.get(f"/chunks/{held}")
         assert hash_bytes(body) == held
         with pytest.raises(urllib.error.HTTPError) as err:
             d.get("/chunks/" + "0" * 64)
