@@ -159,8 +159,13 @@ class Client:
         nothing to do makes two requests and takes no lease (push.py)."""
         root = Path(root)
         scan = await scan_root(root)
-        push_index = PushIndex.for_root(
-            self.config.cache.dir, self.object_store.url, root, DEFAULT_PARAMS, self.racy_window_ns
+        push_index = await anyio.to_thread.run_sync(  # realpath: lstat of each component
+            PushIndex.for_root,
+            self.config.cache.dir,
+            self.object_store.url,
+            root,
+            DEFAULT_PARAMS,
+            self.racy_window_ns,
         )
         if ref is not None:
             done = await push_unchanged(

@@ -83,12 +83,6 @@ KNOWN: list[tuple[str, set[str], str]] = [
         {"_store_room"},
         "lead: statvfs of the node store on the loop, once per pull",
     ),
-    ("blobstore/push.py", {"for_root"}, "lead: realpath of the pushed root on the loop"),
-    (
-        "blobstore/runner.py",
-        {"is_complete"},
-        "D: reads the completion marker and lstats its files on the loop",
-    ),
 ]
 
 _EXTRA = (
