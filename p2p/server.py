@@ -261,12 +261,12 @@ class PeerServer:
             async with asyncio.timeout_at(self._drain_deadline):
                 await self._drained.wait()
         except TimeoutError:
-            unsent = sum(session.pending for session in self._sessions)
+            pass
+        if self._streams:
             log.warning(
-                "closing %d connections after %g s with %d answers unsent",
+                "closing %d connections with %d answers unsent",
                 len(self._streams),
-                self._limits.drain_timeout,
-                unsent,
+                sum(session.pending for session in self._sessions),
             )
 
     async def _serve_connection(self, stream: FrameStream) -> None:
