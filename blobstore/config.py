@@ -212,8 +212,10 @@ class Config:
     peers: PeerConfig = field(default_factory=PeerConfig)
     concurrency: int = 16
     """Chunks in flight per pull/push (bounds memory: ~concurrency x 4 MiB)."""
-    s3: S3Config = field(default_factory=S3Config)
-    """Used when ``store_url`` is ``s3://``."""
+    s3: S3Config = field(default_factory=S3Config.from_env)
+    """Used when ``store_url`` is ``s3://``. By default from the AWS_* variables,
+    as boto3 and the AWS CLI do: a ``Config`` built in code reaches the same
+    endpoint the CLI would (resolved here, once; the store reads no variable)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: str | None) -> Config:

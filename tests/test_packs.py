@@ -329,7 +329,7 @@ def test_cli_verify_repair(object_store_url: str, tmp_path: Path, src: Path) -> 
     assert broken.returncode == 1
     assert "1 corrupt" in broken.stderr
     usage = run_cli(["verify", "t", "--repair"], env)
-    assert usage.returncode == 1
+    assert usage.returncode == 2  # a usage error
     assert "--from DIR" in usage.stderr
     fixed = run_cli(["verify", "t", "--repair", "--from", src], env)
     assert fixed.returncode == 0, fixed.stderr
