@@ -327,8 +327,14 @@ class _Pull:
 
     async def run(self) -> None:
         run = anyio.to_thread.run_sync
+        kept: dict[str, Record] = {}
         if self.marker_path is not None:
             self.old = await run(_load_marker, self.marker_path, self.boot)
+            # Records of files this tree does not name (another model under the
+            # same root, or paths a selection left out) stay: re-pulling that
+            # one is then a stat per file too, not a hash.
+            named = {e.path for e in self.tree.entries}
+            kept = {p: r for p, r in self.old.items() if p not in named}
         dirs = [e for e in self.tree.entries if e.kind == "dir"]
         await run(self._make_dirs, dirs)
         self.dest_abs = await run(os.path.abspath, self.root.path)
@@ -367,12 +373,13 @@ class _Pull:
                 self.store.adopt_seeds(self.seeds)
             await self.store.sync()  # the store's own durability (its index rows)
             if await run(_same_filesystem, self.store.root, self.root.fd):
-                for record in self.records.values():  # that syncfs covered DEST too
-                    record[6] = 1
+                for record in (*self.records.values(), *kept.values()):
+                    record[6] = 1  # that syncfs covered all of DEST too
                 self.changed = True
-        if self.marker_path is not None and (self.changed or self.old != self.records):
+        records = {**kept, **self.records}
+        if self.marker_path is not None and (self.changed or self.old != records):
             dest = await run(os.path.abspath, self.root.path)
-            await run(_write_marker, self.marker_path, dest, self.boot, self.records)
+            await run(_write_marker, self.marker_path, dest, self.boot, records)
 
     # ------------------------------------------------------------------ dirs
 

@@ -246,6 +246,39 @@ async def test_repull_trusts_marker_and_catches_changes_it_cannot_see_by_size_an
     assert list(state.iterdir())
 
 
+async def test_two_trees_under_one_root_each_repull_by_stat(client: Client, tmp_path: Path) -> None:
+    """Two models pulled into one root: pulling B keeps A's records, so
+    re-pulling A is a stat per file again, not a read of every file."""
+    a_src, b_src = tmp_path / "a", tmp_path / "b"
+    write(a_src / "model-a" / "weights.bin", random_bytes(300_000, "a"))
+    write(a_src / "model-a" / "config.json", b"{}")
+    write(b_src / "model-b" / "weights.bin", random_bytes(200_000, "b"))
+    await client.push(a_src, "a")
+    await client.push(b_src, "b")
+    trees = {}
+    for name in ("a", "b"):
+        _, tree = await client.load(name)
+        assert isinstance(tree, Tree)
+        trees[name] = tree
+    root, state = tmp_path / "data", client.pull_state_dir
+    await materialize(trees["a"], root, client.source, state_dir=state)
+    await materialize(trees["b"], root, client.source, state_dir=state)
+    again = await materialize(trees["a"], root, client.source, state_dir=state)
+    assert (again.kept_files, again.checked_files) == (2, 0)
+    b_again = await materialize(trees["b"], root, client.source, state_dir=state)
+    assert (b_again.kept_files, b_again.checked_files) == (1, 0)
+    # a changed file of A is still caught after B's pull carried A's record
+    weights = root / "model-a" / "weights.bin"
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    fixed = await materialize(trees["a"], root, client.source, state_dir=state)
+    assert fixed.kept_files == 1
+    assert (root / "model-a" / "weights.bin").read_bytes() == random_bytes(300_000, "a")
+
+
 async def test_without_marker_intact_files_are_checked_and_kept(
     client: Client, tmp_path: Path
 ) -> None:
