@@ -51,7 +51,13 @@ served too, and those duplicate bytes land on one or two daemons (seen: one daem
 
 def agreement(real: Figures, sim: Figures) -> dict[str, float]:
     """The three distances the tolerances above bound."""
-    errors = sorted(abs(r - s) / s for r, s in zip(real.uploads, sim.uploads, strict=True) if s)
+    # Daemons the simulation has serving a sliver (< 5% of the busiest: hedged asks) are
+    # left out: homes are placed by 32 MiB block, so a small region's uploads sit on a
+    # few homes, and a sliver the real run did not serve read as a 100% error.
+    serving = 0.05 * max(sim.uploads, default=0.0)
+    errors = sorted(
+        abs(r - s) / s for r, s in zip(real.uploads, sim.uploads, strict=True) if s > serving
+    )
     return {
         "origin": abs(real.origin_ratio - sim.origin_ratio),
         "per_node": errors[len(errors) // 2] if errors else 0.0,
@@ -143,10 +149,11 @@ def simulated_region(
     names: list[str], refs: list[ChunkRef], pullers: int, real: Figures
 ) -> Figures:
     """The simulation of the same region: same node ids, same chunks; ``pullers`` of the
-    nodes pull (the others only serve). Its links run at the rate one daemon served at in
-    the real run (loopback on a shared 2-core box is CPU-bound: a few MB/s per daemon), so
-    hedging sees the latencies the real pulls saw."""
-    rate = sum(real.uploads) / len(names) / real.seconds
+    nodes pull (the others only serve). Its links run at the rate the busiest daemon
+    served at in the real run (loopback on a shared 2-core box is CPU-bound: a few MB/s
+    per daemon; the busiest one sets the pace), so hedging sees the latencies the real
+    pulls saw."""
+    rate = max(real.uploads) / real.seconds  # the busiest daemon's rate: a floor of a link's
     net = NetConfig(nic=rate, rtt=0.001, disk=20 * rate, origin_latency=0.002, origin_bw=4 * rate)
     result = simulate(
         Scenario("real", "real check", len(names)), refs, net, names=names, pullers=pullers

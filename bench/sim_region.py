@@ -57,10 +57,11 @@ from blobstore.ids import ChunkId  # noqa: E402
 from blobstore.manifest import ChunkRef  # noqa: E402
 from p2p import liveness, messages, peertier, placement  # noqa: E402
 from p2p.client import Identity, SelfConnection  # noqa: E402
+from p2p.homeblocks import HomeBlocks  # noqa: E402
 from p2p.liveness import Peer, PeerDirectory, Timing  # noqa: E402
 from p2p.metrics import Metrics  # noqa: E402
 from p2p.peertier import PeerTier, TierTuning  # noqa: E402
-from p2p.provider import ChunkProvider, HandoffSource  # noqa: E402
+from p2p.provider import ChunkProvider  # noqa: E402
 from p2p.server import ServerLimits  # noqa: E402
 
 # ---------------------------------------------------------------------- virtual clock
@@ -170,6 +171,9 @@ class World:
         self.origin_link = Link(cfg.origin_bw)
         self.origin_reads: Counter[ChunkId] = Counter()
         self.sizes: dict[ChunkId, int] = {}
+        self.located: dict[ChunkId, ChunkRef] = {}
+        """Where the store holds each chunk, as a daemon's PackLocator finds it: a packed
+        chunk is placed by its block (placement.home_key) and read through by block."""
         self.gossip_bytes: Counter[str] = Counter()
 
     async def until(self, done: Callable[[], bool], deadline: float = math.inf) -> None:
@@ -225,9 +229,26 @@ class SimOrigin:
 
     def __init__(self, node: SimNode) -> None:
         self.node = node
+        self.locator = self
 
     async def get(self, chunk_id: ChunkId) -> SimData:
         return await self.node.world.origin_get(self.node, chunk_id)
+
+    async def fetch(self, refs: Sequence[ChunkRef], sink: Any) -> list[ChunkRef]:
+        """A home's block read (p2p/homeblocks.py): the chunks one after another."""
+        for ref in refs:
+            await sink(ref, await self.get(ref.id))
+        return []
+
+    # What HomeBlocks asks of OriginSource.locator (PackLocator), from the pulled refs.
+    async def locate(self, chunk_id: ChunkId) -> ChunkRef | None:
+        return self.node.world.located.get(chunk_id)
+
+    async def refs_between(self, pack: ChunkId, start: int, end: int) -> list[ChunkRef]:
+        refs = self.node.world.located.values()
+        return sorted(
+            (r for r in refs if r.pack == pack and start <= r.offset < end), key=lambda r: r.offset
+        )
 
 
 class _Stream:
@@ -368,7 +389,9 @@ class SimNode:
     def is_home(self, chunk_id: ChunkId) -> bool:
         assert self.directory is not None
         nodes = [p.node for p in self.directory.live()] + [self.name]
-        return placement.home(nodes, chunk_id) == self.name
+        where = self.world.located.get(chunk_id)
+        key = placement.home_key(where) if where is not None else chunk_id
+        return placement.home(nodes, key) == self.name
 
 
 class _PullView:
@@ -452,6 +475,7 @@ async def _run(
     world = World(cfg, loop)
     for ref in refs:
         world.sizes[ref.id] = ref.size
+        world.located.setdefault(ref.id, ref)
     total_nodes = scn.nodes + int(scn.nodes * scn.join_fraction)
     names = list(args.names or ()) + [""] * total_nodes
     nodes = [SimNode(world, i, cfg, names[i]) for i in range(total_nodes)]
@@ -497,10 +521,13 @@ async def _run(
         node.directory = directory
         async with directory, asyncio.TaskGroup() as tg:
             node.tg = tg
-            # As daemon.py wires it: a home reads through its next-ranked peers, then the store.
+            # As daemon.py wires it: a home reads through by block, its next-ranked peers
+            # first, then the store.
             origin: Any = SimOrigin(node)
             if args.handoff:
-                origin = HandoffSource(PeerTier(directory), origin)
+                origin = HomeBlocks(
+                    cast(Any, node.store), PeerTier(directory), origin, tg, Metrics()
+                )
             node.provider = ChunkProvider(
                 cast(Any, node.store), origin, node.is_home, Metrics(), tg
             )
@@ -602,12 +629,16 @@ async def _run(
         await world.until(lambda: all(n.done_at > 0 for n in pullers), deadline)
         convergence = None
         if scn.gossip_seed:
+            # Converged: every node sees every other one (up to the gossip cap); given
+            # 30 simulated seconds after the pulls at most.
             target = min(len(pullers) - 1, args.max_gossip)
-            while loop.time() < deadline:
-                if all(n.directory and len(n.directory.live()) >= target for n in pullers):
-                    convergence = loop.time()
-                    break
-                await asyncio.sleep(0.1)
+
+            def converged() -> bool:
+                return all(n.directory and len(n.directory.live()) >= target for n in pullers)
+
+            await world.until(converged, min(deadline, loop.time() + 30.0))
+            if converged():
+                convergence = loop.time()
         # Gossip rate: pong bytes over a quiet 5 s window after the pulls.
         world.gossip_bytes.clear()
         quiet_from = loop.time()
@@ -687,6 +718,13 @@ def placement_figures(nodes: int, chunks: int, seed: int) -> dict[str, float]:
 # ---------------------------------------------------------------------- report
 
 
+def _converged(r: Result) -> str:
+    """When every node's directory saw the region (gossip scenario only)."""
+    if not r.scenario.gossip_seed:
+        return "-"
+    return "never" if r.convergence is None else f"{r.convergence:.1f}"
+
+
 def _fmt(values: list[float]) -> str:
     return f"{_pct(values, 0.99):.1f}" if values else "-"
 
@@ -695,10 +733,10 @@ def table(results: list[Result]) -> str:
     head = (
         "| scenario | nodes | origin/unique | upload max/mean | p50 s | p99 s | max s "
         "| incomplete | bad bytes | dead asked p99 s | dead dropped p99 s "
-        "| gossip B/node/s | membership B "
+        "| converged s | gossip B/node/s | membership B "
         "| asks/unit | hedges | wall s |"
     )
-    lines = [head, "|" + "---|" * 16]
+    lines = [head, "|" + "---|" * 17]
     for r in results:
         up = [u for u in r.uploads]
         mean = statistics.fmean(up) or 1
@@ -707,7 +745,8 @@ def table(results: list[Result]) -> str:
             f"| {r.origin / r.unique:.3f} | "
             f"{max(up) / mean:.2f} | {_pct(r.times, 0.5):.1f} | {_pct(r.times, 0.99):.1f} | "
             f"{max(r.times, default=float('nan')):.1f} | {r.incomplete} | {r.bad} | "
-            f"{_fmt(r.dead_asked)} | {_fmt(r.dead_dropped)} | {r.gossip_rate:.0f} | "
+            f"{_fmt(r.dead_asked)} | {_fmt(r.dead_dropped)} | {_converged(r)} "
+            f"| {r.gossip_rate:.0f} | "
             f"{r.membership_bytes} | {r.asks_per_unit:.2f} | {r.hedges} | {r.wall:.0f} |"
         )
     return "\n".join(lines)
@@ -781,7 +820,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-handoff",
         dest="handoff",
         action="store_false",
-        help="homes read through from the store only (before HandoffSource)",
+        help="homes read through from the store only, chunk by chunk (before HomeBlocks)",
     )
     ap.add_argument("--pullers", type=int, default=0, help="nodes that pull (0: all)")
     ap.add_argument("--placement-chunks", type=int, default=20480)
