@@ -9,6 +9,7 @@ loaded on first use, and reloaded on an unknown id at most once per
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import time
 from collections.abc import Iterable
@@ -21,6 +22,9 @@ from .ids import ChunkId
 from .manifest import ChunkRef
 from .objectstore import ObjectStore
 from .packs import BadLocation, IndexCache, StoreIndex, decode_index
+
+_PACKS_KEPT = 1024
+"""Pack indexes ``refs_between`` keeps decoded (~100 bytes per chunk)."""
 
 
 class _MemoryIndexCache(IndexCache):
@@ -66,6 +70,8 @@ class PackLocator:
         self._index: StoreIndex | None = None
         self._loaded_at = 0.0
         self._lock = anyio.Lock()
+        self._packs: dict[ChunkId, tuple[ChunkRef, ...]] = {}
+        """Pack indexes ``refs_between`` read, by offset (forgotten at each reload)."""
         self.loads = 0
         self.index_fetches = 0
         """Index objects read from the store, over all loads."""
@@ -80,7 +86,25 @@ class PackLocator:
         async with self._lock:
             if self._index is index:  # nobody reloaded while we waited
                 self._index = await StoreIndex.load(self.store, self.cache)
+                self._packs = {}
                 self._loaded_at = time.monotonic()
                 self.loads += 1
                 self.index_fetches += self._index.index_fetches
         return self._index.locate(chunk_id) if self._index is not None else None
+
+    async def refs_between(self, pack_id: ChunkId, start: int, end: int) -> list[ChunkRef]:
+        """The chunks ``pack_id``'s index places at offsets in [start, end), by
+        offset (a home reading a block of a pack). Empty when the pack is not
+        among the indexes loaded."""
+        refs = self._packs.get(pack_id)
+        if refs is None:
+            if self._index is None or pack_id not in self._index.packs:
+                return []
+            read = await anyio.to_thread.run_sync(self.cache.read, pack_id)
+            refs = tuple(sorted(read or (), key=lambda ref: ref.offset))
+            if len(self._packs) >= _PACKS_KEPT:
+                self._packs.clear()
+            self._packs[pack_id] = refs
+        first = bisect.bisect_left(refs, start, key=lambda ref: ref.offset)
+        last = bisect.bisect_left(refs, end, key=lambda ref: ref.offset)
+        return list(refs[first:last])

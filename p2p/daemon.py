@@ -4,6 +4,7 @@ liveness and the HTTP ops side together, and runs until SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
 from blobstore.config import Config
-from blobstore.errors import PeerUnavailable
+from blobstore.errors import PeerUnavailable, Unavailable
 from blobstore.hostport import listen_address
 from blobstore.ids import ChunkId
 from blobstore.locator import PackLocator
@@ -27,11 +28,12 @@ from blobstore.stores import open_object_store
 from . import placement
 from .client import Identity
 from .discovery import zeroconf_session
+from .homeblocks import HomeBlocks
 from .http import http_serving, make_app
 from .liveness import PeerDirectory, Timing
 from .metrics import Metrics
 from .peertier import PeerTier
-from .provider import ChunkProvider, HandoffSource
+from .provider import ChunkProvider
 from .server import PeerServer, ServerIdentity, ServerLimits
 from .tls import TlsContexts, load_contexts
 
@@ -81,9 +83,15 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             me = Identity(node_box[0] or "pending", config.region, config.peers.token, client_tls)
             directory = PeerDirectory(me, opts.timing, opts.limits.max_gossip_peers)
 
-            def is_home(chunk_id: ChunkId) -> bool:
+            async def is_home(chunk_id: ChunkId) -> bool:
+                # Placed as requesters place it: by its block when a pack holds it.
+                key: str = chunk_id
+                with contextlib.suppress(Unavailable):
+                    where = await origin.locator.locate(chunk_id)
+                    if where is not None:
+                        key = placement.home_key(where)
                 nodes = [p.node for p in directory.live()] + [node_box[0]]
-                return placement.home(nodes, chunk_id) == node_box[0]
+                return placement.home(nodes, key) == node_box[0]
 
             origin = OriginSource(
                 store,
@@ -91,8 +99,9 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                     store, IndexCache.for_store(config.cache.dir, store.url)
                 ),
             )
-            # A home reads through its next-ranked peers first (they may hold it), then the store.
-            handoff = HandoffSource(PeerTier(directory), origin)
+            # A home reads through by block: its next-ranked peers first (they may hold
+            # it), then the store, one ranged GET per block.
+            handoff = HomeBlocks(cache, PeerTier(directory), origin, server_tg, metrics)
             provider = ChunkProvider(cache, handoff, is_home, metrics, server_tg)
             # Bind first to learn the port, so node id and handshakes agree from the start.
             try:

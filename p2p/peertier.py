@@ -131,7 +131,7 @@ class PeerTier:
             async with asyncio.TaskGroup() as tg:
                 batch.task_group = tg
                 for ref in refs:
-                    batch.route(_Want(ref, self._order(ref.id, live)))
+                    batch.route(_Want(ref, self._order(ref.id, live, placement.home_key(ref))))
         return batch.left
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
@@ -153,10 +153,14 @@ class PeerTier:
         if self._settled is not None and not self._settled.done():
             await asyncio.wait([self._settled])  # never raises, even if it was cancelled
 
-    def _order(self, chunk_id: ChunkId, peers: list[Peer]) -> list[Peer]:
+    def _order(self, chunk_id: ChunkId, peers: list[Peer], home_key: str = "") -> list[Peer]:
+        """Peers holding ``chunk_id`` first, then by rendezvous on ``home_key``
+        (placement.home_key: a packed chunk's block; default the chunk id)."""
+        placed_by = home_key or chunk_id
+
         def key(peer: Peer) -> tuple[bool, int]:
             holds = chunk_id in self._held.get(peer.node, ())
-            return holds, placement.score(peer.node, chunk_id)
+            return holds, placement.score(peer.node, placed_by)
 
         return heapq.nlargest(self._tuning.peers_per_chunk, peers, key=key)
 
@@ -251,7 +255,9 @@ class _BatchFetch:
             # chunk whose first peers died together went to the store from every node
             # (sim, 10% killed: 23 of 30 nodes read one chunk from the store).
             want.reranked = True
-            want.peers = self.tier._order(want.ref.id, self.tier._directory.live())
+            want.peers = self.tier._order(
+                want.ref.id, self.tier._directory.live(), placement.home_key(want.ref)
+            )
         if not want.peers:
             if want.asking == 0 and not want.done:
                 self.tier.stats["misses"] += 1

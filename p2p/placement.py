@@ -17,7 +17,15 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
+from blobstore.manifest import ChunkRef
+
 _MASK = (1 << 64) - 1
+
+HOME_BLOCK = 32 << 20
+"""Packed chunks are placed by block of their pack, not one by one: every chunk
+starting in one HOME_BLOCK-aligned block of a pack has the same home, so the home
+reads the block with one ranged GET (the origin's span size, SpanTuning.max_span).
+Per chunk, each of N homes got every N-th chunk and read each with a GET of its own."""
 
 
 @lru_cache(maxsize=1 << 16)
@@ -41,6 +49,15 @@ def _mix(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
     return x ^ (x >> 31)
+
+
+def home_key(ref: ChunkRef) -> str:
+    """The key a chunk is placed by: its block, ``<pack>/<offset // HOME_BLOCK>``
+    (hashed to 16 hex digits), for a packed ref; its id for an unpacked one."""
+    if ref.pack is None:
+        return ref.id
+    block = f"{ref.pack}/{ref.offset // HOME_BLOCK}".encode()
+    return hashlib.blake2b(block, digest_size=8, person=b"bs-block").hexdigest()
 
 
 def score(node_id: str, chunk_id: str) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from blobstore.errors import ChunkMissing, CorruptChunk, NotFound, Unavailable
@@ -32,7 +32,7 @@ class ChunkProvider:
         self,
         cache: NodeStore,
         origin: ChunkSource | None,
-        is_home: Callable[[ChunkId], bool],
+        is_home: Callable[[ChunkId], bool | Awaitable[bool]],
         metrics: Metrics,
         task_group: asyncio.TaskGroup,
     ) -> None:
@@ -63,7 +63,10 @@ class ChunkProvider:
                 log.warning("%s", exc)
             except NotFound:
                 pass  # evicted in between
-        if self._origin is None or not self._is_home(chunk_id):
+        if self._origin is None:
+            return None, ""
+        home = self._is_home(chunk_id)  # a daemon's check locates the chunk: awaitable
+        if not (home if isinstance(home, bool) else await home):
             return None, ""
         task = self._fetching.get(chunk_id)
         if task is None:

@@ -94,6 +94,8 @@ class CountingProxy(AsyncResource):
         self.connections = 0
         self.requests: Counter[str] = Counter()
         """HTTP requests by method (counted only in HTTP mode: ``http`` or a fault armed)."""
+        self.exchanges: list[tuple[str, str]] = []
+        """(method, target) of each HTTP request, in order (HTTP mode only)."""
         self.faults: list[Fault] = []
         self.http = False
         """Parse connections as HTTP/1.1 even with no fault armed (armed faults imply it)."""
@@ -116,6 +118,7 @@ class CountingProxy(AsyncResource):
         """Zero the counters (e.g. after uploading test data)."""
         self.bytes_to_client = self.bytes_to_server = self.connections = 0
         self.requests.clear()
+        self.exchanges.clear()
 
     def arm(self, fault: Fault) -> Fault:
         """Apply ``fault`` to matching exchanges on connections opened from now on."""
@@ -254,6 +257,7 @@ class CountingProxy(AsyncResource):
             method, target, _ = head.split(b" ", 2)
             requests.append((method.decode(), target.decode()))
             self.requests[method.decode()] += 1
+            self.exchanges.append((method.decode(), target.decode()))
             length = _content_length(head)
             fault = self._fault(
                 ("cut_upload", "reject_upload", "stall_upload"),

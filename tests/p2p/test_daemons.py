@@ -21,6 +21,7 @@ from blobstore.catalog import Catalog
 from blobstore.hostport import split_hostport
 from blobstore.ids import ChunkId, hash_bytes
 from blobstore.stores import open_object_store
+from p2p import placement
 from p2p.client import Identity, open_connection
 
 pytestmark = pytest.mark.anyio
@@ -55,6 +56,14 @@ async def _chunk_count(store: str, ref: str) -> int:
     return len({c.id for c in tree.chunk_refs()})
 
 
+async def _homes(store: str, ref: str, nodes: list[str]) -> set[str]:
+    """The nodes home for some chunk of ``ref`` (placed by block of their pack)."""
+    async with open_object_store(store) as objects:
+        catalog = Catalog(objects)
+        tree = await catalog.load_tree(await catalog.resolve(ref))
+    return {placement.home(nodes, placement.home_key(c)) or "" for c in tree.chunk_refs()}
+
+
 async def test_pull_comes_from_peers_and_origin_is_read_once(
     pushed: tuple[str, Path], tmp_path: Path
 ) -> None:
@@ -68,8 +77,9 @@ async def test_pull_comes_from_peers_and_origin_is_read_once(
         # Each chunk was read through by its home peer only.
         unique = await _chunk_count(store, "apps/demo")
         assert _total(daemons, "origin_fetches_total") == unique
-        # Every daemon served a share: chunks spread over the home peers.
-        assert all(d.metrics()["blobstore_peer_chunks_served_total"] > 0 for d in daemons)
+        # Chunks were served by their home peers, and only by them.
+        served = {d.node for d in daemons if d.metrics()["blobstore_peer_chunks_served_total"]}
+        assert served == await _homes(store, "apps/demo", [d.node for d in daemons])
 
         proc = run_cli(
             ["pull", "apps/demo", tmp_path / "o2", "--json"],
@@ -102,7 +112,8 @@ async def test_one_seed_address_finds_the_whole_region(
         assert json.loads(proc.stdout)["from"]["origin"] == 0
         assert snapshot(tmp_path / "o1") == snapshot(src)
         # Chunks went to their home peers, not all to the seed.
-        assert all(d.metrics()["blobstore_peer_chunks_served_total"] > 0 for d in daemons)
+        served = {d.node for d in daemons if d.metrics()["blobstore_peer_chunks_served_total"]}
+        assert served == await _homes(store, "apps/demo", [d.node for d in daemons])
 
 
 async def test_daemon_killed_mid_pull(pushed: tuple[str, Path], tmp_path: Path) -> None:
@@ -149,7 +160,9 @@ async def test_lying_peer_is_detected_and_pull_stays_correct(
     pushed: tuple[str, Path], tmp_path: Path
 ) -> None:
     store, src = pushed
-    with cluster(store, tmp_path, 3, args_for={0: ["--corrupt-for-tests"]}) as daemons:
+    homes = await _homes(store, "apps/demo", [f"default-node-{i}" for i in range(3)])
+    liar = next(i for i in range(3) if f"default-node-{i}" in homes)  # it must serve to lie
+    with cluster(store, tmp_path, 3, args_for={liar: ["--corrupt-for-tests"]}) as daemons:
         outcome = await pull(store, tmp_path / "c1", _peers(daemons), "apps/demo", tmp_path / "o")
         assert snapshot(tmp_path / "o") == snapshot(src)
         assert outcome.tier_stats["corrupt"] > 0
