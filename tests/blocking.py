@@ -79,6 +79,12 @@ KNOWN: list[tuple[str, set[str], str]] = [
     ),
     ("blobstore/seeds.py", {"still_there"}, "lead: lstat of a seed's file on the loop"),
     (
+        "aiobotocore/credentials.py",
+        {"load"},
+        "B: with a profile, aiobotocore's credential chain parses the shared credentials"
+        " file on the loop at each S3 store open (create_client); resolve it in a thread",
+    ),
+    (
         "blobstore/materialize.py",
         {"_store_room"},
         "lead: statvfs of the node store on the loop, once per pull",
