@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ REFS = model_set(192 << 20, 8 << 20, seed=3)
 UNIQUE = sum(r.size for r in REFS)
 
 
-def run(key: str, nodes: int, **options: object) -> Result:
+def run(key: str, nodes: int, **options: Any) -> Result:  # simulate's overrides
     result = simulate(SCENARIOS[key](nodes), REFS, max_time=120.0, **options)
     assert result.incomplete == 0, "a node did not finish its pull"
     assert result.bad == 0, "a node took bytes that were not the chunk's"
