@@ -53,11 +53,6 @@ ALLOWED: list[tuple[str, set[str], str]] = [
         " moving it to a thread would reorder lines",
     ),
     (
-        "blobstore/nodestore.py",
-        {"_boot_id"},
-        "reads /proc/sys/kernel/random/boot_id: procfs, in memory, no disk",
-    ),
-    (
         "blobstore/materialize.py",
         {"_boot"},
         "reads /proc/sys/kernel/random/boot_id: procfs, in memory, no disk",
