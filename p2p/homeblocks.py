@@ -70,10 +70,15 @@ class HomeBlocks:
         origin: OriginSource,
         task_group: asyncio.TaskGroup,
         metrics: Metrics,
+        handoff_timeout: float = 2.0,
     ) -> None:
         """``metrics``: chunks a block read brings from the store that nobody
         waits for are counted as origin fetches here (the provider counts the
-        ones it asked for), so the count stays one per chunk read."""
+        ones it asked for), so the count stays one per chunk read.
+        ``handoff_timeout``: how long a block read waits on the peers before it
+        reads what they have not delivered from the store (a peer busy with its
+        own block reads must not hold this one, nor the askers waiting on it)."""
+        self._handoff_timeout = handoff_timeout
         self._cache = cache
         self._metrics = metrics
         self._peers = peers
@@ -158,11 +163,11 @@ class HomeBlocks:
             # for the whole block in every case made homes wait on each other's lookup
             # budgets in a cold herd (4 daemons, 256 MiB: S3 sent 1.9x unique).
             rest = [r for r in wanted if r.id != asked.id]
-            left = await self._peers.fetch([r for r in wanted if r.id == asked.id], from_peer)
-            if not left:
-                left = await self._peers.fetch(rest, from_peer)
-            else:
-                left = [*left, *rest]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._handoff_timeout):
+                    if not await self._peers.fetch([asked], from_peer):
+                        await self._peers.fetch(rest, from_peer)
+            left = [r for r in wanted if r.id not in flight.arrived]
             await self._origin.fetch(left, from_store)
         except BlobstoreError as exc:
             log.warning("read-through of block %d of pack %s failed: %s", number, pack[:16], exc)

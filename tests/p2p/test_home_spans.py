@@ -70,7 +70,7 @@ class Home:
 
 @asynccontextmanager
 async def home(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, peers_hold: int = 0
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, peers_hold: int = 0, handoff: float = 10.0
 ) -> AsyncIterator[Home]:
     """A home over a store with one pack of 20 chunks of 8 KiB in blocks of 64 KiB
     (three blocks: 8, 8 and 4 chunks); its peers hold the first ``peers_hold``."""
@@ -88,9 +88,8 @@ async def home(
         await store.put(index_key(pack), encode_index(pack, refs))
         peers = FakeSource("peer", {r.id: chunks[r.id] for r in refs[:peers_hold]})
         origin = OriginSource(store)
-        yield Home(
-            HomeBlocks(cache, peers, origin, tg, Metrics()), origin, cache, peers, refs, chunks
-        )
+        blocks = HomeBlocks(cache, peers, origin, tg, Metrics(), handoff_timeout=handoff)
+        yield Home(blocks, origin, cache, peers, refs, chunks)
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -152,6 +151,19 @@ async def test_a_chunk_its_block_read_does_not_carry_is_read_by_id(
         assert h.origin.requests == 2  # the block without it, then it alone
 
 
+@pytest.mark.anyio
+async def test_a_block_read_does_not_wait_long_on_busy_peers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with home(tmp_path, monkeypatch, peers_hold=20, handoff=0.05) as h:
+        h.peers.gate = anyio.Event()  # the peers hold everything but never answer
+        async with asyncio.TaskGroup() as tg:
+            asks = [tg.create_task(h.blocks.get(r.id)) for r in h.refs[:8]]
+        assert [bytes(a.result()) for a in asks] == [h.chunks[r.id] for r in h.refs[:8]]
+        assert h.origin.requests == 1
+        assert all(h.cache.contains(r.id) for r in h.refs[:8])
+
+
 def test_packed_chunks_are_placed_by_block_of_their_pack() -> None:
     pack, other_pack = ChunkId("ab" * 32), ChunkId("cd" * 32)
     block = placement.HOME_BLOCK
@@ -204,6 +216,7 @@ def test_homes_read_blocks_with_one_get_each(s3_server: SeaweedS3Server, tmp_pat
             results = [p.communicate(timeout=600) for p in pulls]
             for p, (out, err) in zip(pulls, results, strict=True):
                 assert p.returncode == 0, err
+                print("pull from", json.loads(out)["from"], err[-2000:])
                 assert json.loads(out)["from"]["peer"] > 0
             sent = proxy.bytes_to_client
             kinds = [_kind(method, target) for method, target in list(proxy.exchanges)]
