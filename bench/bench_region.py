@@ -149,12 +149,14 @@ def simulated_region(
     names: list[str], refs: list[ChunkRef], pullers: int, real: Figures
 ) -> Figures:
     """The simulation of the same region: same node ids, same chunks; ``pullers`` of the
-    nodes pull (the others only serve). Its links run at the rate the busiest daemon
-    served at in the real run (loopback on a shared 2-core box is CPU-bound: a few MB/s
-    per daemon; the busiest one sets the pace), so hedging sees the latencies the real
-    pulls saw."""
-    rate = max(real.uploads) / real.seconds  # the busiest daemon's rate: a floor of a link's
-    net = NetConfig(nic=rate, rtt=0.001, disk=20 * rate, origin_latency=0.002, origin_bw=4 * rate)
+    nodes pull (the others only serve). Its links run at 200 MB/s, about what one daemon
+    moves over loopback on a quiet core. (Calibrating them from the real run's rate was
+    tried: on a loaded box that rate is a few MB/s, the simulated homes' queues then
+    outlast the 30 s request timeout and the simulation reads the store 1.6-1.75x --
+    which the real code would do on such links, but the real run's links were not that.)"""
+    del real
+    rate = 2e8
+    net = NetConfig(nic=rate, rtt=0.0002, disk=10 * rate, origin_latency=0.002, origin_bw=4 * rate)
     result = simulate(
         Scenario("real", "real check", len(names)), refs, net, names=names, pullers=pullers
     )

@@ -131,6 +131,8 @@ class Scenario:
     liars: int = 0
     split: bool = False
     gossip_seed: bool = False
+    warmup: float = 0.0
+    """Seconds a node's daemon runs before its pull starts."""
 
 
 # ---------------------------------------------------------------------- simulated world
@@ -325,8 +327,11 @@ class SimConnection:
             raise CorruptChunk(chunk_id, f"peer {self.address}", "0" * 64)
         return data
 
-    async def ping(self) -> dict[str, Any]:
-        return cast(dict[str, Any], await self._call(lambda fut: self.server.pong(self, fut)))
+    async def ping(self, port: int | None = None) -> dict[str, Any]:
+        header = messages.ping(port)
+        return cast(
+            dict[str, Any], await self._call(lambda fut: self.server.pong(self, header, fut))
+        )
 
     async def has(self, chunk_ids: list[ChunkId]) -> list[bool]:
         return [c in self.server.store.held for c in chunk_ids]
@@ -378,9 +383,14 @@ class SimNode:
         if not fut.done():
             fut.set_result(SimData(chunk_id, size, good=not self.liar))
 
-    async def pong(self, conn: SimConnection, fut: asyncio.Future[Any]) -> None:
+    async def pong(
+        self, conn: SimConnection, ping: dict[str, Any], fut: asyncio.Future[Any]
+    ) -> None:
         assert self.directory is not None
-        await asyncio.sleep(self.world.cfg.rtt)
+        await asyncio.sleep(self.world.cfg.rtt / 2)
+        if messages.port_field(ping) is not None:  # as PeerServer's learn -> daemon.py
+            self.directory.add(conn.client.address, "gossip")
+        await asyncio.sleep(self.world.cfg.rtt / 2)
         header = messages.pong(self.name, "sim", [p.address for p in self.directory.live()])
         self.world.gossip_bytes[self.name] += 24 + sum(len(a) + 1 for a in header["peers"])
         if not fut.done():
@@ -519,6 +529,7 @@ async def _run(
         node.alive = True
         directory = PeerDirectory(Identity(node.name, "sim"), timing, args.max_gossip)
         node.directory = directory
+        directory.serving_port = 7070  # as daemon.py sets it
         async with directory, asyncio.TaskGroup() as tg:
             node.tg = tg
             # As daemon.py wires it: a home reads through by block, its next-ranked peers
@@ -535,6 +546,7 @@ async def _run(
                 directory.add(address, "static")
             if not pull:
                 await asyncio.Event().wait()
+            await asyncio.sleep(scn.warmup)
             await settle(directory)
             node.started = loop.time()
             tier = PeerTier(cast(Any, _PullView(node)), replace(TierTuning(), **args.tuning))
@@ -762,11 +774,12 @@ SCENARIOS: dict[str, Callable[[int], Scenario]] = {
     "e": lambda n: Scenario("e", "split in two halves", n, split=True),
     "f": lambda n: Scenario(
         "f",
-        "gossip from one seed + churn",
+        "one seed, gossip, 5% churn, pulls 10 s after start",
         n,
         gossip_seed=True,
         kill_fraction=0.05,
         join_fraction=0.05,
+        warmup=10.0,
     ),
 }
 
@@ -781,6 +794,7 @@ def simulate(
     for key, value in overrides.items():
         setattr(args, key, value)
     _finish_args(args)
+    random.seed(args.seed)  # pong samples: the same run twice (set order still varies)
     loop = VirtualLoop()
     fake_time = _virtual_time_module(loop)
     saved = liveness.time, peertier.time, liveness.open_connection, PeerTier._ask

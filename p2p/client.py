@@ -103,8 +103,9 @@ class PeerConnection(AsyncResource):
         frame = await self._request(messages.has(chunk_ids))
         return messages.have_flags(frame, len(chunk_ids))
 
-    async def ping(self) -> dict[str, object]:
-        frame = await self._request(messages.PING)
+    async def ping(self, port: int | None = None) -> dict[str, object]:
+        """``port``: where this node's daemon serves (see messages.ping)."""
+        frame = await self._request(messages.ping(port))
         return messages.expect(frame, "pong")
 
     def _request(self, header: dict[str, object]) -> asyncio.Future[Frame]:

@@ -115,6 +115,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             node = opts.node or f"{socket.gethostname()}:{bound}"
             node_box[0] = node
             directory.me = Identity(node, config.region, config.peers.token, client_tls)
+            directory.serving_port = bound
             server = PeerServer(
                 ServerIdentity(
                     node,
@@ -127,6 +128,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                 metrics,
                 limits=opts.limits,
                 peers=lambda: [p.address for p in directory.live()],
+                learn=lambda address: directory.add(address, "gossip"),
             )
             await stack.enter_async_context(server.serving(host, bound, sock))
             on_second_signal.append(server.hurry)

@@ -114,6 +114,9 @@ class PeerDirectory(AsyncContextManagerMixin):
         self._shunned: dict[str, float] = {}
         """Gossiped addresses excluded lately (foreign, refusing): not re-added until then."""
         self._wake = asyncio.Event()
+        self.serving_port: int | None = None
+        """The port this node's daemon serves on (a daemon's directory): pings name it,
+        so the peers it checks learn it (messages.ping)."""
         self._checking: dict[Peer, asyncio.Task[None]] = {}
         """Checks under way, by peer."""
         self._tg: asyncio.TaskGroup | None = None
@@ -283,7 +286,7 @@ class PeerDirectory(AsyncContextManagerMixin):
         try:
             async with asyncio.timeout(self.timing.timeout):
                 conn = await self._connect(peer)
-                pong = await conn.ping()
+                pong = await conn.ping(self.serving_port)
         except SelfConnection:
             self._exclude(peer, "self", "it is this node")
             return

@@ -131,6 +131,26 @@ def has(ids: list[ChunkId]) -> dict[str, Any]:
 
 
 PING: dict[str, Any] = {"t": "ping"}
+
+
+def ping(port: int | None = None) -> dict[str, Any]:
+    """A liveness check. ``port``: where the pinging daemon serves, on the address it
+    pings from, so the pinged one can name it in its pongs (a pull serves nothing and
+    sends none). Without it a seed learnt nobody: pongs name only peers the seed
+    dialled itself, so a region that knew one seed address never found itself."""
+    return {"t": "ping", "port": port} if port else dict(PING)
+
+
+def port_field(header: dict[str, Any]) -> int | None:
+    """The serving port a ping names (None if it names none)."""
+    port = header.get("port")
+    if port is None:
+        return None
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ProtocolError("'port' must be a TCP port number")
+    return port
+
+
 MAX_GOSSIP_PEERS = 1024
 """Addresses a received pong may list (older daemons list every live peer)."""
 GOSSIP_SAMPLE = 32

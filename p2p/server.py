@@ -157,10 +157,14 @@ class PeerServer:
         metrics: Metrics,
         limits: ServerLimits | None = None,
         peers: Callable[[], list[str]] = list,
+        learn: Callable[[str], None] = lambda address: None,
     ) -> None:
-        """``peers`` gives the addresses of the live peers this daemon sees; pongs list them."""
+        """``peers`` gives the addresses of the live peers this daemon sees; pongs list them.
+        ``learn`` is told where an authenticated pinger serves (its address, the port its
+        ping names)."""
         self._me = me
         self._peers = peers
+        self._learn = learn
         self._provider = provider
         self._metrics = metrics
         self._limits = limits = limits or ServerLimits()
@@ -411,6 +415,9 @@ class PeerServer:
                     await session.slots.acquire()
                     self._answer(session, messages.have(self._provider.holds(ids)))
                 elif frame.kind == "ping":
+                    port = messages.port_field(frame.header)
+                    if port is not None:
+                        self._learn(messages.endpoint((_remote_host(stream), port)))
                     await session.slots.acquire()
                     self._answer(
                         session, messages.pong(self._me.node, self._me.region, self._peers())

@@ -10,6 +10,7 @@ every pull must write the pushed bytes. bench/bench_region.py runs it larger.
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from bench_region import agreement, agrees, real_region, simulated_region
+from daemons import daemon, wait_until
+from s3server import free_ports
 
 from p2p import messages
 
@@ -41,3 +44,23 @@ def test_a_pong_names_a_bounded_sample_of_a_big_region() -> None:
     assert len(named) == messages.GOSSIP_SAMPLE
     assert set(named) <= set(peers)
     assert messages.peers_field(messages.pong("n", "r", peers[:5])) == peers[:5]
+
+
+def test_daemons_that_know_only_a_seed_find_each_other(tmp_path: Path) -> None:
+    # Pings name the pinger's serving port, so the seed learns its callers and its
+    # pongs name them to the others (before, the seed's pongs named nobody).
+    store = f"file://{tmp_path / 'store'}"
+    (tmp_path / "store").mkdir()
+    seed_address, *others = [f"127.0.0.1:{p}" for p in free_ports(3)]
+    with ExitStack() as stack:
+        daemons = [
+            stack.enter_context(
+                daemon(store, tmp_path / f"cache-{i}", listen=address, peers=seed_address)
+            )
+            for i, address in enumerate([seed_address, *others])
+        ]
+        wait_until(
+            lambda: all(d.health()["peers"] == 2 for d in daemons),
+            "every daemon to see the two others",
+            timeout=30,
+        )
