@@ -113,15 +113,21 @@ class HandoffSource:
 
     name = "origin"
 
-    def __init__(self, peers: ChunkSource, origin: ChunkSource) -> None:
+    def __init__(self, peers: ChunkSource, origin: ChunkSource, timeout: float = 2.0) -> None:
+        """``timeout``: how long the peers may take before the store is read. In a cold
+        herd every peer's lookup budget is taken by askers whose homes are reading
+        through, and homes asking each other waited for the 30 s request timeout (sim,
+        100 nodes at once: 73 of 100 unfinished after 60 s, the store read 47x)."""
         self._peers = peers
         self._origin = origin
+        self._timeout = timeout
 
     async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Raises what ``origin.get`` raises."""
         try:
-            return await self._peers.get(chunk_id)
-        except (ChunkMissing, Unavailable):
+            async with asyncio.timeout(self._timeout):
+                return await self._peers.get(chunk_id)
+        except (ChunkMissing, Unavailable, TimeoutError):
             return await self._origin.get(chunk_id)
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
