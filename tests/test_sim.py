@@ -42,8 +42,9 @@ def test_a_rolling_start_reads_from_the_store_once() -> None:
 
 def test_killed_peers_are_dropped_fast_and_every_node_completes() -> None:
     result = run("c", 20)
-    # At most the killed homes' share (10%) is read once more, by the new homes.
-    assert result.origin <= 1.15 * UNIQUE
+    # The killed homes' share (10%) is read once more by the new homes, and a home
+    # whose hand-off asked a killed peer reads the store after 2 s (HandoffSource).
+    assert result.origin <= 1.2 * UNIQUE
     assert result.dead_dropped, "no node noticed the killed peers"
     interval, timeout = 1.0, 3.0
     assert max(result.dead_dropped) <= interval + timeout + 0.5
