@@ -112,7 +112,9 @@ def test_http_chunks_need_the_token(store: Store, tmp_path: Path, token_file: Pa
         # The token holder (on loopback) reads it: through from the store, then cached.
         bearer = {"Authorization": f"Bearer {TOKEN.decode()}"}
         assert _http_get(url, bearer) == (200, data)
-        assert d.metrics()["blobstore_peer_origin_fetches_total"] == 1
+        # The home reads the chunk's whole 32 MiB block of its pack (p2p/homeblocks.py):
+        # one fetch per chunk the block carries, so at least this one.
+        assert d.metrics()["blobstore_peer_origin_fetches_total"] >= 1
         status, _ = _http_get(url)  # cached now: still refused without the token
         assert status == 401
 
