@@ -559,7 +559,8 @@ class _Pull:
         straight into temp files in DEST."""
         done_before = self.done
         try:
-            await self._assemble_round(items, [] if self.seeding else self._store_room(items))
+            room = [] if self.seeding else await anyio.to_thread.run_sync(self._store_room, items)
+            await self._assemble_round(items, room)
         except DiskFull as exc:  # raised by the node store: its disk filled meanwhile
             self._store_full(exc)
             with self._done_lock:
@@ -567,7 +568,8 @@ class _Pull:
             await self._assemble_round(items, [])
 
     def _store_room(self, items: list[_Item]) -> list[_Item]:
-        """The items the node store's disk has room for (no store: none)."""
+        """The items the node store's disk has room for (no store: none). In a
+        worker thread: a statvfs."""
         if self.store is None or self.store_full:
             return []
         try:

@@ -89,11 +89,6 @@ KNOWN: list[tuple[str, set[str], str]] = [
         "B: with a profile, aiobotocore's credential chain parses the shared credentials"
         " file on the loop at each S3 store open (create_client); resolve it in a thread",
     ),
-    (
-        "blobstore/materialize.py",
-        {"_store_room"},
-        "lead: statvfs of the node store on the loop, once per pull",
-    ),
 ]
 
 _EXTRA = (
