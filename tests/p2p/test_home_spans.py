@@ -13,10 +13,7 @@ of that test (default 256 MiB).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,9 +22,10 @@ from urllib.parse import urlsplit
 
 import anyio
 import pytest
-from daemons import BLOBSTORE, cluster
+from daemons import cluster
 from fakes import FakeSource
-from helpers import cli_env, make_big_tree, random_bytes, run_cli, snapshot
+from helpers import random_bytes, snapshot
+from herd import pull_at_once, push_big_tree
 from s3proxy import CountingProxy
 from s3server import SeaweedS3Server
 
@@ -182,42 +180,17 @@ def test_packed_chunks_are_placed_by_block_of_their_pack() -> None:
 @pytest.mark.s3
 @pytest.mark.slow
 def test_homes_read_blocks_with_one_get_each(s3_server: SeaweedS3Server, tmp_path: Path) -> None:
-    store = s3_server.bucket_url("homespans")
-    src = tmp_path / "src"
-    make_big_tree(src, DATA_BYTES, seed=23)
-    direct = s3_server.client_env()
-    proc = run_cli(
-        ["push", src, "apps/big", "--json"], cli_env(store, tmp_path / "pc", direct), timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr
-    unique = json.loads(proc.stdout)["new_bytes"]
-    expected = snapshot(src)
-    shutil.rmtree(src)
-    shutil.rmtree(tmp_path / "pc", ignore_errors=True)
+    pushed = push_big_tree(s3_server, tmp_path, "homespans", DATA_BYTES, seed=23)
+    store, unique, expected = pushed.store, pushed.unique, pushed.expected
 
     with CountingProxy.to_endpoint(s3_server.endpoint).in_thread() as proxy:
         proxy.http = True
-        env = {**direct, "AWS_ENDPOINT_URL": proxy.endpoint}
+        env = {**pushed.env, "AWS_ENDPOINT_URL": proxy.endpoint}
         with cluster(store, tmp_path, NODES, env=env) as daemons:
-            peers = ",".join(d.listen for d in daemons)
             proxy.reset()
-            pulls = [
-                subprocess.Popen(
-                    [BLOBSTORE, "pull", "apps/big", str(tmp_path / f"out-{i}"), "--json"],
-                    env=cli_env(
-                        store, tmp_path / f"node-cache-{i}", {**env, "BLOBSTORE_PEERS": peers}
-                    ),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for i in range(NODES)
-            ]
-            results = [p.communicate(timeout=600) for p in pulls]
-            for p, (out, err) in zip(pulls, results, strict=True):
-                assert p.returncode == 0, err
-                print("pull from", json.loads(out)["from"], err[-2000:])
-                assert json.loads(out)["from"]["peer"] > 0
+            for doc, err in pull_at_once(store, tmp_path, daemons, env):
+                print("pull from", doc["from"], err[-2000:])
+                assert doc["from"]["peer"] > 0
             sent = proxy.bytes_to_client
             kinds = [_kind(method, target) for method, target in list(proxy.exchanges)]
 
