@@ -6,9 +6,9 @@ costs Python-level callbacks, a join into 1 MiB blocks and another join into
 chunks; profiled on a cold 1 GiB pull from SeaweedFS, the loop thread was the
 bottleneck. Streaming 1 GiB of 32 MiB ranges (bench_s3.py --clients, 3 runs):
 aiobotocore 0.41 CPU s, obstore 0.46, this 0.23, at the same speed. Here a
-worker thread sends one request (a pre-signed URL: botocore still does all the
-signing, credentials and endpoint resolution) and reads each chunk's bytes
-whole: one copy per byte, in C.
+worker thread sends one request (a pre-signed URL, sigv4.py) and reads each
+chunk's bytes whole: one copy per byte, in C. The same pool carries the
+store's other requests (s3http.py).
 
 A ``RangeBody`` is one response body, read in order by one thread at a time;
 ``abort`` may be called from any thread (the loop's deadline) and makes a
@@ -22,8 +22,8 @@ import re
 import socket
 import ssl
 import threading
-import urllib.request
-from urllib.parse import urlsplit
+from base64 import b64encode
+from urllib.parse import unquote, urlsplit
 
 from .errors import ObjectMissing, StoreUnavailable
 
@@ -46,11 +46,17 @@ class HttpRanges:
         connect_timeout: float,
         read_timeout: float,
         context: ssl.SSLContext | None = None,
+        proxy: str | None = None,
+        idle_connections: int = _IDLE_CONNECTIONS,
     ) -> None:
+        """``proxy``: ``http://[user:pass@]host:port`` every connection goes through
+        (http: absolute request targets; https: a CONNECT tunnel)."""
         self.where = where
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._context = context
+        self._proxy = urlsplit(proxy) if proxy else None
+        self._idle_limit = idle_connections
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -64,7 +70,7 @@ class HttpRanges:
         target = f"{parts.path}?{parts.query}" if parts.query else parts.path
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         for attempt in (1, 2):
-            conn = self._connection(parts.scheme, parts.hostname or "", parts.port)
+            _fresh, conn = self.connection(parts.scheme, parts.hostname or "", parts.port)
             try:
                 conn.request("GET", target, headers=headers)
                 response = conn.getresponse()
@@ -104,21 +110,56 @@ class HttpRanges:
         for conn in idle:
             conn.close()
 
-    def _connection(self, scheme: str, host: str, port: int | None) -> http.client.HTTPConnection:
+    def connection(
+        self, scheme: str, host: str, port: int | None
+    ) -> tuple[bool, http.client.HTTPConnection]:
+        """(fresh, connection): an idle kept-alive one to ``host:port`` if any
+        (``fresh`` False: the server may have closed it meanwhile), else a new one."""
+        key = (scheme, host, port)
         with self._lock:
             while self._idle:
                 conn = self._idle.pop()
-                if conn.host == host and conn.port == (port or conn.default_port):
-                    return conn
+                if getattr(conn, "pool_key", None) == key:
+                    return False, conn
                 conn.close()
+        conn = self._new_connection(scheme, host, port)
+        conn.pool_key = key  # type: ignore[attr-defined]
+        return True, conn
+
+    def _new_connection(
+        self, scheme: str, host: str, port: int | None
+    ) -> http.client.HTTPConnection:
+        proxy = self._proxy
+        if proxy is not None:
+            host_port = (proxy.hostname or "", proxy.port)
+            tunnel = {}
+            if proxy.username is not None:
+                userinfo = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
+                tunnel["Proxy-Authorization"] = "Basic " + b64encode(userinfo.encode()).decode()
+        else:
+            host_port = (host, port)
         if scheme == "https":
             context = self._context or ssl.create_default_context()
-            return _Https(host, port, self._connect_timeout, self._read_timeout, context)
-        return _Http(host, port, self._connect_timeout, self._read_timeout)
+            conn: http.client.HTTPConnection = _Https(
+                *host_port, self._connect_timeout, self._read_timeout, context
+            )
+            if proxy is not None:
+                conn.set_tunnel(host, port, headers=tunnel)
+            return conn
+        return _Http(*host_port, self._connect_timeout, self._read_timeout)
+
+    def release_if_clean(
+        self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse
+    ) -> None:
+        """Keep ``conn`` for reuse if its response was read to the end, else close it."""
+        if response.isclosed() and not response.will_close:
+            self._release(conn)
+        else:
+            conn.close()
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
-            if not self._closed and len(self._idle) < _IDLE_CONNECTIONS:
+            if not self._closed and len(self._idle) < self._idle_limit:
                 self._idle.append(conn)
                 return
         conn.close()
@@ -145,6 +186,11 @@ class RangeBody:
         self._aborted = False
         """Set by ``abort`` (the deadline): the connection is not reused."""
         self._broke = False
+
+    @property
+    def remaining(self) -> int:
+        """Bytes of the body not read yet."""
+        return self._response.length or 0
 
     def read(self, size: int) -> bytes:
         """The next ``size`` bytes; fewer only where the body ends as its
@@ -235,21 +281,37 @@ def for_endpoint(
     ca_bundle: str | bool | None = None,
 ) -> HttpRanges | None:
     """The pool for an S3 endpoint, or None where requests must go through a
-    proxy (botocore's path honours HTTP(S)_PROXY/NO_PROXY; this one does not)."""
-    parts = urlsplit(endpoint)
-    proxies = urllib.request.getproxies()
-    if parts.scheme in proxies and not urllib.request.proxy_bypass(parts.hostname or ""):
+    proxy (pre-signed ranges are read directly)."""
+    if proxy_for(endpoint) is not None:
         return None
-    context = None
-    if parts.scheme == "https":
-        if ca_bundle is False:  # verification turned off, as botocore's verify=False
-            context = ssl._create_unverified_context()
-        else:
-            cafile = ca_bundle if isinstance(ca_bundle, str) else None
-            context = ssl.create_default_context(cafile=cafile)
     return HttpRanges(
-        where, connect_timeout=connect_timeout, read_timeout=read_timeout, context=context
+        where,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        context=tls_context(endpoint, ca_bundle),
     )
+
+
+def proxy_for(endpoint: str) -> str | None:
+    """The proxy HTTP(S)_PROXY/NO_PROXY name for ``endpoint`` (as urllib and
+    botocore read them), or None."""
+    import urllib.request  # ~7 ms of imports: only when an S3 store is opened
+
+    parts = urlsplit(endpoint)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy is None or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
+
+
+def tls_context(endpoint: str, ca_bundle: str | bool | None) -> ssl.SSLContext | None:
+    """The TLS context for an https endpoint: ``ca_bundle`` a CA file to trust,
+    False for no verification (botocore's verify=False), None the system's."""
+    if urlsplit(endpoint).scheme != "https":
+        return None
+    if ca_bundle is False:
+        return ssl._create_unverified_context()
+    return ssl.create_default_context(cafile=ca_bundle if isinstance(ca_bundle, str) else None)
 
 
 class PresignedObject:

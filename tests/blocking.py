@@ -83,12 +83,6 @@ KNOWN: list[tuple[str, set[str], str]] = [
         "lead: lstat of a node-store file and sqlite queries (_refresh) on the loop",
     ),
     ("blobstore/seeds.py", {"still_there"}, "lead: lstat of a seed's file on the loop"),
-    (
-        "aiobotocore/credentials.py",
-        {"load"},
-        "B: with a profile, aiobotocore's credential chain parses the shared credentials"
-        " file on the loop at each S3 store open (create_client); resolve it in a thread",
-    ),
 ]
 
 _EXTRA = (

@@ -1,0 +1,329 @@
+"""Signed S3 requests sent from worker threads over http.client (blocking code:
+call it in a worker thread). The async side, deadlines and error messages are
+``s3store``'s.
+
+Why not botocore: importing aiobotocore (~0.23 s) and creating a client (~0.12 s,
+the S3 service model) cost more than a whole no-op push, and every request
+spent ~1.7 ms of Python in botocore. Here a request is a few dict entries, one
+HMAC chain (sigv4.py) and http.client.
+
+Retries follow botocore's "standard" mode: up to ``max_attempts`` for
+throttling codes, transient codes and HTTP 500/502/503/504, and for a
+connection dropped before the answer; a jittered exponential backoff
+(``rand() * min(scale * 2**(attempt-1), 20)`` s, scale 1 for throttling and
+0.05 otherwise). A refused or timed-out connect, or a server silent for
+``read_timeout``, is tried ``connect_attempts`` times only, so a dead endpoint
+fails in seconds. A connection kept alive that the server closed meanwhile is
+replaced at once, without counting an attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import random
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from urllib.parse import urlsplit
+
+from . import sigv4
+from .httpranges import HttpRanges, RangeBody
+from .s3profile import CredentialSource
+
+_THROTTLING = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "TransactionInProgressException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "LimitExceededException",
+        "RequestThrottled",
+        "SlowDown",
+        "PriorRequestNotComplete",
+        "EC2ThrottledException",
+    }
+)
+_TRANSIENT = frozenset({"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete"})
+_TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
+_MAX_BACKOFF = 20.0
+_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
+_MESSAGE = re.compile(rb"<Message>([^<]{0,1000})</Message>")
+_BUCKET_DNS = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+
+
+class S3Error(Exception):
+    """S3 answered with an error (after retries)."""
+
+    def __init__(self, status: int, code: str, message: str, region: str | None) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.status, self.code, self.message, self.region = status, code, message, region
+
+
+class NetworkError(Exception):
+    """The endpoint could not be reached or stopped answering (after retries)."""
+
+
+class CutShort(Exception):
+    """A response body ended before its Content-Length."""
+
+
+class Aborted(Exception):
+    """``Call.abort`` was called (the loop's deadline, or a cancellation)."""
+
+
+class Call:
+    """One request's handle for the event loop: ``abort`` (any thread) makes the
+    worker thread stop at once, its connection closed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._aborted = threading.Event()
+        self.on_length: Callable[[int], None] | None = None
+        """Told the body's length before it is read (the loop extends its deadline)."""
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted.is_set()
+
+    def abort(self) -> None:
+        self._aborted.set()
+        with self._lock:
+            sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def attach(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._sock = conn.sock
+        if self.aborted:
+            self.abort()
+
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds`` unless aborted. Raises Aborted."""
+        if self._aborted.wait(seconds):
+            raise Aborted
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes = b""
+    stream: RangeBody | None = field(default=None, repr=False)
+
+
+class S3Http:
+    """Requests to one bucket at one endpoint. Thread-safe."""
+
+    def __init__(
+        self,
+        pool: HttpRanges,
+        endpoint: str,
+        bucket: str,
+        region: str,
+        addressing_style: str,
+        credentials: CredentialSource,
+        *,
+        proxy: str | None = None,
+        sign_payload: bool = False,
+        max_attempts: int = 5,
+        connect_attempts: int = 2,
+    ) -> None:
+        self.pool = pool
+        self.bucket = bucket
+        self.region = region
+        self.credentials = credentials
+        self._sign_payload = sign_payload
+        self._max_attempts = max_attempts
+        self._connect_attempts = connect_attempts
+        self._proxy = proxy
+        parts = urlsplit(endpoint)
+        self.scheme = parts.scheme
+        host = parts.hostname or ""
+        self._path_prefix = parts.path.rstrip("/")
+        virtual = addressing_style == "virtual" or (
+            addressing_style == "auto" and _BUCKET_DNS.fullmatch(bucket) is not None
+        )
+        if virtual and not _is_ip(host):
+            self._host, self._base = f"{bucket}.{host}", self._path_prefix
+        else:
+            self._host, self._base = host, f"{self._path_prefix}/{bucket}"
+        self._port = parts.port
+        self.host_header = sigv4.host_header(self.scheme, self._host, self._port)
+        self.endpoint = endpoint
+
+    def path(self, key: str | None) -> str:
+        """The quoted request path of ``key`` (None: the bucket)."""
+        if key is None:
+            return sigv4.quote_path(self._base or "/")
+        return sigv4.quote_path(f"{self._base}/{key}")
+
+    def url(self, path: str, query: str = "") -> str:
+        url = f"{self.scheme}://{self.host_header}{path}"
+        return f"{url}?{query}" if query else url
+
+    def presigned_get(self, key: str, expires: int) -> str:
+        """A GET URL of ``key`` valid ``expires`` seconds (may block: credentials)."""
+        path = self.path(key)
+        query = sigv4.presign_query(
+            self.credentials.current(), self.region, "GET", path, self.host_header, expires
+        )
+        return self.url(path, query)
+
+    def request(
+        self,
+        call: Call,
+        method: str,
+        key: str | None,
+        *,
+        params: Iterable[tuple[str, str]] = (),
+        headers: Mapping[str, str] | None = None,
+        body: bytes | bytearray | memoryview = b"",
+        stream: bool = False,
+    ) -> Response:
+        """Send one request with retries; the body read whole (``stream``: left
+        to read as ``Response.stream``, for a successful answer). Raises S3Error,
+        NetworkError, CutShort, Aborted, ConfigError (credentials)."""
+        path = self.path(key)
+        query = sigv4.canonical_query(params)
+        target = path if not query else f"{path}?{query}"
+        if self._proxy is not None and self.scheme == "http":
+            target = self.url(path, query)  # absolute form, for the proxy
+        payload = sigv4.UNSIGNED_PAYLOAD
+        if self._sign_payload or (method == "PUT" and not body and key is None):
+            payload = hashlib.sha256(body).hexdigest()
+        connect_failures = 0
+        attempt = 0
+        while True:
+            attempt += 1
+            if call.aborted:
+                raise Aborted
+            signed = sigv4.sign_headers(
+                self.credentials.current(),
+                self.region,
+                method,
+                path,
+                query,
+                {"host": self.host_header, **(headers or {})},
+                payload,
+            )
+            signed["Content-Length"] = str(len(body))
+            fresh, conn = self.pool.connection(self.scheme, self._host, self._port)
+            try:
+                if conn.sock is None:
+                    conn.connect()
+                call.attach(conn)  # before sending: a stalled upload must be abortable
+                conn.request(method, target, body=body or None, headers=signed)
+                response = conn.getresponse()
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                if call.aborted:
+                    raise Aborted from exc
+                if not fresh and _closed_by_peer(exc):
+                    attempt -= 1  # a stale keep-alive connection: not the server's fault
+                    continue
+                if _connect_failure(exc, conn):
+                    connect_failures += 1
+                    if connect_failures >= self._connect_attempts:
+                        raise NetworkError(_reason(exc)) from exc
+                elif attempt >= self._max_attempts:
+                    raise NetworkError(_reason(exc)) from exc
+                call.wait(_backoff(attempt, throttled=False))
+                continue
+            status = response.status
+            if 200 <= status < 300 or status == 304:
+                if stream:
+                    return Response(
+                        status,
+                        _headers(response),
+                        stream=RangeBody(self.pool, conn, response, key or ""),
+                    )
+                if call.on_length is not None:
+                    call.on_length(response.length or 0)
+                data = _read_all(response, conn, call)
+                self.pool.release_if_clean(conn, response)
+                return Response(status, _headers(response), data)
+            detail = b""
+            if method != "HEAD":
+                try:
+                    detail = response.read(64 << 10)
+                except (OSError, http.client.HTTPException):
+                    detail = b""
+            conn.close()
+            code, message = _error(status, detail)
+            region = response.getheader("x-amz-bucket-region")
+            retry = code in _THROTTLING or code in _TRANSIENT or status in _TRANSIENT_STATUS
+            if not retry or attempt >= self._max_attempts:
+                raise S3Error(status, code, message, region)
+            call.wait(_backoff(attempt, throttled=code in _THROTTLING))
+
+
+def _read_all(
+    response: http.client.HTTPResponse, conn: http.client.HTTPConnection, call: Call
+) -> bytes:
+    try:
+        data = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        if call.aborted:
+            raise Aborted from exc
+        raise CutShort(_reason(exc)) from exc
+    return data
+
+
+def _headers(response: http.client.HTTPResponse) -> dict[str, str]:
+    return {k.lower(): v for k, v in response.getheaders()}
+
+
+def _error(status: int, detail: bytes) -> tuple[str, str]:
+    code = _CODE.search(detail)
+    message = _MESSAGE.search(detail)
+    name = code.group(1).decode("utf-8", "replace") if code else str(status)
+    text = message.group(1).decode("utf-8", "replace") if message else ""
+    if not code and not text:
+        text = http.client.responses.get(status, "")
+    return name, text
+
+
+def _backoff(attempt: int, *, throttled: bool) -> float:
+    scale = 1.0 if throttled else 0.05
+    return random.random() * min(scale * 2.0 ** (attempt - 1), _MAX_BACKOFF)
+
+
+def _closed_by_peer(exc: BaseException) -> bool:
+    return isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError)
+
+
+def _connect_failure(exc: BaseException, conn: http.client.HTTPConnection) -> bool:
+    """Refused, unresolvable, or silent (a timeout): the endpoint looks dead."""
+    return isinstance(exc, ConnectionRefusedError | TimeoutError | socket.gaierror) or (
+        conn.sock is None and isinstance(exc, OSError) and not _closed_by_peer(exc)
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())[:200]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return True
