@@ -96,7 +96,7 @@ from .nodestore import boot, pwrite_all
 from .parallel import for_each
 from .progress import FileProgress
 from .seeds import Seed
-from .source import ChunkData, ChunkSource
+from .source import ChunkData, ChunkSource, SplitSink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -695,31 +695,46 @@ class _Pull:
                     refs.append(ref)
                 at.append((target, offset, n))
                 offset += ref.size
-        pending = {ref.id for ref in refs}
+        writes = _Writes({ref.id for ref in refs})
 
-        async def sink(ref: ChunkRef, data: ChunkData) -> None:
+        def write(ref: ChunkRef, data: ChunkData) -> None:
+            # In a worker thread, often the one that verified the chunk.
+            if len(data) != ref.size or not writes.claim(ref.id):
+                return  # a wrong size is raised by ``report``; twice: written already
+            try:
+                at = places[ref.id]
+                _write_at(at, data)
+                self.changed = True
+                copies = sum(n for _, _, n in at)
+                self._advance(len(data))
+                # Every further copy (the chunk again in this file or another, or
+                # identical files) came from the node, not from the tier: count it local.
+                self._advance(len(data) * (copies - 1), placed=True)
+            except BaseException as exc:
+                writes.failed(exc)
+                raise
+            finally:
+                writes.done()
+
+        async def report(ref: ChunkRef, data: ChunkData) -> None:
             if len(data) != ref.size:
                 raise Corrupt(f"chunk {ref.id} has {len(data)} bytes, the manifest says {ref.size}")
-            if ref.id not in pending:
-                return  # delivered twice: written already
-            pending.discard(ref.id)
-            at = places[ref.id]
-            await anyio.to_thread.run_sync(_write_at, at, data)
-            self.changed = True
-            copies = sum(n for _, _, n in at)
-            self._advance(len(data))
-            # Every further copy (the chunk again in this file or another, or
-            # identical files) came from the node, not from the tier: count it local.
-            self._advance(len(data) * (copies - 1), placed=True)
             self._report()
 
-        undelivered = await self.source.fetch(refs, sink)
-        for ref in undelivered:
-            if ref.id in pending:  # ask once more, for the data or the precise error
-                data = await self.source.get(ref.id)
-                await sink(ref, data)
-        if pending:
-            raise ChunkMissing(next(iter(pending)), "any tier")
+        sink = SplitSink(write, report)
+        try:
+            undelivered = await self.source.fetch(refs, sink)
+            for ref in undelivered:
+                if ref.id in writes.pending:  # ask once more, for the data or the precise error
+                    data = await self.source.get(ref.id)
+                    await sink(ref, data)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await writes.settle(raising=False)
+            raise
+        await writes.settle()
+        if writes.pending:
+            raise ChunkMissing(next(iter(writes.pending)), "any tier")
 
     # ------------------------------------------------------------------ symlinks
 
@@ -739,6 +754,50 @@ class _Pull:
                 unlink_quietly(dfd, tmp)
                 raise
             self.changed = True
+
+
+class _Writes:
+    """The chunks a fetch still has to write, claimed by the worker threads
+    that write them (each exactly once). ``settle`` waits for claimed writes
+    still running -- a read abandoned at its deadline may write late -- and
+    raises the first error one of them hit."""
+
+    __slots__ = ("_error", "_lock", "_running", "pending")
+
+    def __init__(self, pending: set[ChunkId]) -> None:
+        self.pending = pending
+        self._lock = threading.Lock()
+        self._running = 0
+        self._error: BaseException | None = None
+
+    def claim(self, chunk_id: ChunkId) -> bool:
+        with self._lock:
+            if chunk_id not in self.pending:
+                return False
+            self.pending.discard(chunk_id)
+            self._running += 1
+            return True
+
+    def done(self) -> None:
+        with self._lock:
+            self._running -= 1
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = exc
+
+    async def settle(self, *, raising: bool = True) -> None:
+        # Polled: the writers are worker threads, and setting an anyio.Event
+        # from them would cost a hop to the loop per chunk. Rare: only after a
+        # read was abandoned mid-write.
+        while self._running:  # noqa: ASYNC110
+            await anyio.sleep(_SETTLE_POLL)
+        if raising and self._error is not None:
+            raise self._error
+
+
+_SETTLE_POLL = 0.005
 
 
 class _Target(Protocol):

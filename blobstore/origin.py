@@ -9,8 +9,10 @@ corrupt chunk is returned undelivered without failing its neighbours. Refs
 without a pack (v1 manifests) are read one object per chunk. Worker threads
 read the spans of a ``file://`` store (``pread``) and of S3 (httpranges.py:
 pre-signed ranged GETs read by http.client), each chunk into its own buffer and
-verified in the same hop, a batch of chunks per hop; the event loop only hands
-verified chunks to the sink. Other stores (and S3 behind a proxy) stream
+verified in the same hop, a batch of chunks per hop; a ``SplitSink``'s blocking
+half takes each verified chunk in that same thread (a pull writes it to its
+file there: no second hop per chunk), and the event loop only does the sink's
+bookkeeping. Other stores (and S3 behind a proxy) stream
 blocks through ``ObjectStore.get_range`` on the loop, cut by ``SpanCutter``.
 
 ``get`` (by id alone: a home peer's read-through, image export) finds a packed
@@ -25,7 +27,7 @@ import errno
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ from .locator import PackLocator
 from .manifest import ChunkRef
 from .objectstore import ObjectStore, chunk_key, pack_key
 from .parallel import for_each
-from .source import ChunkData, Sink, Undelivered
+from .source import ChunkData, Sink, Undelivered, early_half, late_half
 from .spans import Piece, Span, SpanCutter, join, plan_spans
 
 log = logging.getLogger(__name__)
@@ -293,12 +295,13 @@ class OriginSource:
         broke (None: it ended). Raises what the sink raises."""
         budget = math.inf if deadlines is None else deadlines.read_budget(body.length)
         position = pending[0].offset
+        early, late = early_half(sink), late_half(sink)
         while pending:
             batch = pending[: _batch_end(pending, 0)]
             started = anyio.current_time()
             with anyio.move_on_after(budget) as scope:
                 got, broke = await anyio.to_thread.run_sync(
-                    _read_verified, body, position, batch, abandon_on_cancel=True
+                    _read_verified, body, position, batch, early, abandon_on_cancel=True
                 )
             if scope.cancelled_caught:
                 body.abort()
@@ -310,7 +313,7 @@ class OriginSource:
                     _undeliver((piece,), data, undelivered)
                     continue
                 for ref in piece.refs:
-                    await sink(ref, data)
+                    await late(ref, data)
             if got:
                 position = batch[len(got) - 1].end
                 pending = pending[len(got) :]
@@ -342,18 +345,19 @@ class OriginSource:
     ) -> None:
         """Join the piece's slices and verify them, in one worker-thread hop for
         a big piece (the join's copy off the loop too), then sink it."""
-        chunk_id = piece.refs[0].id
+        early = early_half(sink)
         try:
-            if piece.size >= VERIFY_IN_THREAD_MIN:
-                data = await anyio.to_thread.run_sync(_join_verified, chunk_id, parts)
+            if piece.size >= VERIFY_IN_THREAD_MIN or early is not None:
+                data = await anyio.to_thread.run_sync(_join_verified, piece, parts, early)
             else:
-                data = _join_verified(chunk_id, parts)
+                data = _join_verified(piece, parts, None)
         except CorruptChunk as exc:  # reported by the caller (the tier list)
             for ref in piece.refs:
                 undelivered.add(ref, exc)
             return
+        late = late_half(sink)
         for ref in piece.refs:
-            await sink(ref, data)
+            await late(ref, data)
 
     async def put(self, chunk_id: ChunkId, data: ChunkData) -> None:
         async with self._limit:
@@ -474,11 +478,15 @@ class _FileBody:
 
 
 def _read_verified(
-    body: RangeBody, position: int, pieces: Sequence[Piece]
+    body: RangeBody,
+    position: int,
+    pieces: Sequence[Piece],
+    early: Callable[[ChunkRef, ChunkData], None] | None,
 ) -> tuple[list[bytes | bytearray | CorruptChunk], StoreUnavailable | None]:
     """Each piece's bytes read from ``body`` (now at pack offset ``position``)
     and verified (or why not), in order; the list stops short where the body
-    ends, or where it broke (and why)."""
+    ends, or where it broke (and why). Each verified piece goes to ``early``
+    (the sink's blocking half, source.SplitSink) at once, in this thread."""
     got: list[bytes | bytearray | CorruptChunk] = []
     for piece in pieces:
         try:
@@ -494,8 +502,11 @@ def _read_verified(
             verify(piece.refs[0].id, data, "object store")
         except CorruptChunk as exc:
             got.append(exc)
-        else:
-            got.append(data)
+            continue
+        if early is not None:
+            for ref in piece.refs:
+                early(ref, data)
+        got.append(data)
     return got, None
 
 
@@ -519,10 +530,16 @@ def _undeliver(pieces: Iterable[Piece], reason: BlobstoreError, undelivered: Und
             undelivered.add(ref, reason)
 
 
-def _join_verified(chunk_id: ChunkId, parts: list[memoryview]) -> bytes:
-    """The piece's bytes, verified. Raises CorruptChunk."""
+def _join_verified(
+    piece: Piece, parts: list[memoryview], early: Callable[[ChunkRef, ChunkData], None] | None
+) -> bytes:
+    """The piece's bytes, verified, and handed to ``early`` (source.SplitSink).
+    Raises CorruptChunk."""
     data = join(parts)
-    verify(chunk_id, data, "object store")
+    verify(piece.refs[0].id, data, "object store")
+    if early is not None:
+        for ref in piece.refs:
+            early(ref, data)
     return data
 
 

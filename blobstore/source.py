@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+import anyio.to_thread
+
 from .errors import BlobstoreError, Corrupt, NotFound, Unavailable
 from .ids import ChunkId
 from .parallel import for_each
@@ -35,6 +37,50 @@ Sink = Callable[["ChunkRef", ChunkData], Awaitable[None]]
 """Receives one verified chunk. May be awaited concurrently for different refs;
 its back-pressure (awaiting) bounds how many chunks a source holds in memory.
 An exception it raises aborts the whole fetch."""
+
+
+class SplitSink:
+    """A sink in two halves, so that a source which verifies chunks in worker
+    threads can hand each one on in the same thread (no second hop per chunk):
+
+    - ``early(ref, data)``: blocking and thread-safe; takes the verified chunk
+      in the worker thread that verified it (writes it to its place). It may
+      be called more than once for a chunk (a read resumed after a deadline),
+      from several threads at once, and — from a thread abandoned at a
+      deadline — even after the source's ``fetch`` returned: it must claim
+      each chunk once, and its owner must wait for claimed writes before
+      using them (materialize.py does).
+    - ``late(ref, data)``: on the event loop, afterwards, for every chunk the
+      source delivers (bookkeeping, progress).
+
+    A source that knows about it calls ``early`` then awaits ``late``; any
+    other source just awaits the sink, which runs both (``early`` in a worker
+    thread). Errors ``early`` raises abort the fetch like a
+    sink's."""
+
+    __slots__ = ("early", "late")
+
+    def __init__(
+        self,
+        early: Callable[[ChunkRef, ChunkData], None],
+        late: Callable[[ChunkRef, ChunkData], Awaitable[None]],
+    ) -> None:
+        self.early = early
+        self.late = late
+
+    async def __call__(self, ref: ChunkRef, data: ChunkData) -> None:
+        await anyio.to_thread.run_sync(self.early, ref, data)
+        await self.late(ref, data)
+
+
+def early_half(sink: Sink) -> Callable[[ChunkRef, ChunkData], None] | None:
+    """The blocking half of ``sink`` if it is a ``SplitSink`` (see there)."""
+    return sink.early if isinstance(sink, SplitSink) else None
+
+
+def late_half(sink: Sink) -> Sink:
+    """What to await after calling ``early_half(sink)``: the sink's late half."""
+    return sink.late if isinstance(sink, SplitSink) else sink
 
 
 class Undelivered(list["ChunkRef"]):

@@ -22,7 +22,16 @@ import anyio
 
 from .errors import BlobstoreError, ChunkMissing, Corrupt, NotFound, Unavailable
 from .ids import ChunkId
-from .source import ChunkData, ChunkSource, ChunkStore, Sink, Undelivered
+from .source import (
+    ChunkData,
+    ChunkSource,
+    ChunkStore,
+    Sink,
+    SplitSink,
+    Undelivered,
+    early_half,
+    late_half,
+)
 
 if TYPE_CHECKING:
     from .manifest import ChunkRef
@@ -269,7 +278,25 @@ class _TierPass:
             raise self._error_for(pending[0].id)
 
     def _sink_for(self, tier: str) -> Sink:
+        """The sink ``tier`` delivers to: counts, hands flights over, passes on
+        to ours (split in two halves when ours is: source.SplitSink)."""
+        late = self._late_for(tier)
+        early = early_half(self.sink)
+        if early is None:
+            return late
+
+        def early_for_tier(ref: ChunkRef, data: ChunkData) -> None:
+            # In a worker thread: the checks ``late`` makes first (it runs after).
+            chunk_id = ref.id
+            if chunk_id in self.ours and chunk_id not in self.delivered and len(data) == ref.size:
+                for each in self.wanted[chunk_id]:
+                    early(each, data)
+
+        return SplitSink(early_for_tier, late)
+
+    def _late_for(self, tier: str) -> Sink:
         previous = time.monotonic()  # when the tier was asked, then its last delivery
+        sink = late_half(self.sink)
 
         async def deliver(ref: ChunkRef, data: ChunkData) -> None:
             nonlocal previous
@@ -303,7 +330,7 @@ class _TierPass:
                 del self.tiers._flights[chunk_id]
                 flight.finish()
             for each in refs:
-                await self.sink(each, data)
+                await sink(each, data)
 
         return deliver
 

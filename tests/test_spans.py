@@ -33,7 +33,7 @@ from blobstore.objectstore import ObjectInfo, ObjectStore, index_key, pack_key
 from blobstore.origin import OriginSource, SpanTuning
 from blobstore.packs import encode_index
 from blobstore.s3store import S3ObjectStore
-from blobstore.source import ChunkData, Undelivered
+from blobstore.source import ChunkData, SplitSink, Undelivered
 from blobstore.spans import SpanCutter, plan_spans
 from blobstore.stores import open_object_store, parse_s3_url
 
@@ -430,6 +430,48 @@ async def test_sink_failure_aborts_the_fetch_and_is_not_retried(tmp_path: Path) 
             await origin.fetch(refs, full_disk)
         assert calls == 1
         assert origin.requests == 1
+
+
+async def test_split_sink_gets_each_chunk_in_the_verifying_thread_then_on_the_loop(
+    tmp_path: Path,
+) -> None:
+    """A SplitSink's blocking half takes each verified chunk in the worker thread
+    that read it (no second hop), its late half then runs on the loop, for
+    every delivered ref; a corrupt chunk reaches neither half; what the early
+    half raises aborts the fetch."""
+    import threading
+
+    pack_id, data, refs = build_pack([300 << 10] * 6, seed="split")
+    bad = bytearray(data)
+    bad[refs[3].offset] ^= 1
+    loop_thread = threading.get_ident()
+    early: dict[ChunkRef, tuple[bytes, int]] = {}
+    late: list[ChunkRef] = []
+
+    def write(r: ChunkRef, chunk: ChunkData) -> None:
+        early[r] = (bytes(chunk), threading.get_ident())
+
+    async def after(r: ChunkRef, chunk: ChunkData) -> None:
+        assert r in early, "the late half runs after the early half"
+        late.append(r)
+
+    async with open_object_store((tmp_path / "s").as_uri()) as store:
+        await store.put(pack_key(pack_id), bytes(bad))
+        origin = OriginSource(store)
+        left = await origin.fetch(refs, SplitSink(write, after))
+        assert left == [refs[3]]
+        good = [r for r in refs if r != refs[3]]
+        assert {r: chunk for r, (chunk, _) in early.items()} == {
+            r: data[r.offset : r.offset + r.size] for r in good
+        }
+        assert all(thread != loop_thread for _, thread in early.values())
+        assert sorted(late, key=lambda r: r.offset) == good
+
+        def full(r: ChunkRef, chunk: ChunkData) -> None:
+            raise DiskFull("no space left on the sink's disk")
+
+        with pytest.raises(DiskFull, match="sink's disk"):
+            await origin.fetch(good, SplitSink(full, after))
 
 
 # -- memory: a big pull holds a few chunks, never a span or the file ----------------
