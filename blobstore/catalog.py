@@ -62,13 +62,24 @@ class Catalog:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
 
-    async def save(self, manifest: Manifest) -> ChunkId:
-        """Store a manifest (idempotent) and return its id."""
+    async def save(self, manifest: Manifest, *, check: bool = True) -> ChunkId:
+        """Store a manifest (idempotent) and return its id. With ``check`` an
+        existing copy is not written again (a HEAD first); without, it is just
+        written (one PUT: what a writer that expects it new wants)."""
         data = encode(manifest)
         manifest_id = hash_bytes(data)
         key = manifest_key(manifest_id)
-        if not await self.store.exists(key):
+        if not check or not await self.store.exists(key):
             await self.store.put(key, data)
+        return manifest_id
+
+    async def publish(self, manifest: Manifest, ref: str) -> ChunkId:
+        """Store ``manifest``, then point ``ref`` at it: two PUTs, no existence
+        checks (the manifest is stored before the ref names it: ref last).
+        Returns the manifest id. Raises InvalidRef, Unavailable."""
+        check_ref(ref)
+        manifest_id = await self.save(manifest, check=False)
+        await self.store.put(ref_key(ref), manifest_id.encode() + b"\n")
         return manifest_id
 
     async def load(self, manifest_id: ChunkId) -> Manifest:

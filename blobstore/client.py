@@ -34,6 +34,7 @@ from .origin import OriginSource
 from .packs import IndexCache, PackConfig, PackWriter, StoreIndex
 from .plugins import load_plugins
 from .push import (
+    FRESH_NS,
     RACY_WINDOW_NS,
     MigrateResult,
     PushIndex,
@@ -100,6 +101,8 @@ class Client:
         """How pushes pack chunks (target size, uploads in flight)."""
         self.racy_window_ns = RACY_WINDOW_NS
         """Files changed this recently before a push are read by the next one too."""
+        self.push_index_fresh_ns = FRESH_NS
+        """A no-op push LISTs the packs its push index names once it is this old."""
         self.catalog = Catalog(object_store)
         tiers: list[ChunkSource] = [cache] + ([peer] if peer is not None else []) + [self.origin]
         self.source = TieredSource(tiers, cache)
@@ -156,7 +159,7 @@ class Client:
     ) -> PushResult:
         """Snapshot ``root`` into the store and point ``ref`` at it. Files whose
         stat matches the node's push index of ``root`` are not read; a push with
-        nothing to do makes two requests and takes no lease (push.py)."""
+        nothing to do makes one request and takes no lease (push.py)."""
         root = Path(root)
         scan = await scan_root(root)
         push_index = await anyio.to_thread.run_sync(  # realpath: lstat of each component
@@ -166,6 +169,7 @@ class Client:
             root,
             DEFAULT_PARAMS,
             self.racy_window_ns,
+            self.push_index_fresh_ns,
         )
         if ref is not None:
             done = await push_unchanged(

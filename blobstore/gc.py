@@ -37,6 +37,8 @@ from .packs import (
     PackConfig,
     PackListing,
     PackWriter,
+    group_of,
+    is_group_id,
     list_packs,
     relocate_refs,
     retired_key,
@@ -176,10 +178,13 @@ async def collect(
             _, again_manifests, again_chunks = await mark(catalog, [])
             live = again_manifests | again_chunks
             usage = await pack_usage(catalog, again_manifests)
+            named_groups = {group_of(p) for p in usage}
             candidates = [
                 (k, s)
                 for k, s in candidates
-                if k.rsplit("/", 1)[-1] not in live and pack_of(k) not in usage
+                if k.rsplit("/", 1)[-1] not in live
+                and pack_of(k) not in usage
+                and group_index_of(k) not in named_groups
             ]
             sparse = [p for p in sparse if p in usage]
             if before_sweep is not None:
@@ -222,7 +227,8 @@ async def collect(
 # pack is never offered to writers for dedup (packs.StoreIndex), and is swept by a
 # later gc, once no live manifest names it and the marker is older than the grace
 # period: a pull that loaded the old manifest just before the swap has that long
-# to finish. All of it runs under the gc lease with no writer active (leases.py),
+# to finish. A group index (packs.py) goes once no pack of its group is left.
+# All of it runs under the gc lease with no writer active (leases.py),
 # so no push can reuse a chunk from a pack being retired; every ref stays valid at
 # every moment: it names either the old manifest (old pack still there) or the new
 # one (new packs stored before the manifest was written).
@@ -262,16 +268,24 @@ async def pack_usage(catalog: Catalog, manifest_ids: Iterable[ChunkId]) -> PackU
 
 def pack_sweep_keys(listing: PackListing, usage: PackUsage, cutoff: float) -> list[ObjectInfo]:
     """Objects of packs no live manifest names, old enough: the pack (its own
-    age, or its retired marker's), its index and marker; lone indexes and markers."""
+    age, or its retired marker's), its index and marker; lone indexes and
+    markers; a group index once no pack of its group is left (or kept)."""
     out: list[ObjectInfo] = []
+    kept_groups: set[str] = set()
     for pack, info in listing.packs.items():
         retired = listing.retired.get(pack)
         if pack in usage or (retired or info).mtime >= cutoff:
+            kept_groups.add(group_of(pack))
             continue
         out.append(info)
         out += [x for x in (listing.indexes.get(pack), retired) if x is not None]
     for extra in (listing.indexes, listing.retired):
         out += [i for p, i in extra.items() if p not in listing.packs and i.mtime < cutoff]
+    out += [
+        info
+        for group, info in listing.groups.items()
+        if group not in kept_groups and info.mtime < cutoff
+    ]
     return out
 
 
@@ -336,6 +350,14 @@ async def _read_live(origin: OriginSource, refs: list[ChunkRef]) -> dict[int, Ch
 
     await origin.fetch(refs, keep)
     return got
+
+
+def group_index_of(key: str) -> str | None:
+    """The group whose index ``key`` is, if it is a group index."""
+    if not key.startswith(PACKS):
+        return None
+    stem = key.rsplit("/", 1)[-1].partition(".")[0]
+    return stem if is_group_id(stem) else None
 
 
 def pack_of(key: str) -> ChunkId | None:

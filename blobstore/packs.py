@@ -2,27 +2,40 @@
 
 A push writes its *new* chunks, in file order, into packs of about
 ``PackConfig.target_bytes``: a pack is the raw concatenation of its chunks
-(``packs/<id[0:2]>/<id>``), and beside it an index (``<id>.index``) lists
-``(chunk id, offset, length)`` for each chunk. Manifests (v2) name every
-chunk's pack and offset, so a pull needs no index; the indexes are for push
-dedup and gc, and are read in bulk.
+(``packs/<id[0:2]>/<id>``). Manifests (v2) name every chunk's pack and offset,
+so a pull needs no index; indexes are for push dedup and gc, read in bulk.
 
-Pack ids are 32 random bytes, not a hash of the content: two pushes never
-produce the same pack key, so a pack is written exactly once and never
-overwritten (nor deleted by a gc that listed an older pack of the same name).
-The index carries its pack id and a BLAKE3 of itself, so a damaged index is
-detected; chunk bytes are verified against their ids whenever they are read.
+Indexes come in two layouts, both read:
 
-Write order (the crash rule): a pack, then its index, then (after
-``PackWriter.flush``) the manifests naming it, then the ref. A crash leaves at
-worst a pack without an index or a pack nobody names; gc sweeps both.
+- a **group index** (written since; one per push): the packs a writer seals
+  between two ``flush`` calls (at most ``PackConfig.index_every`` of them) form
+  a *group*. Their ids share a random 56-hex-digit group id and differ in the
+  last 8 digits (the pack's number in the group), and one object
+  ``packs/<g[0:2]>/<g>.index`` lists ``(chunk id, pack number, offset,
+  length)`` for all of them. So a push costs one index PUT, not one per pack,
+  and the LIST alone still says which index covers a pack (its id's prefix).
+- a **pack index** (``<pack id>.index``, one per pack, written by earlier
+  versions): ``(chunk id, offset, length)`` of one pack.
+
+Pack ids are random, not a hash of the content: two writers never produce the
+same pack key, so a pack is written exactly once and never overwritten (nor
+deleted by a gc that listed an older pack of the same name). An index carries
+its pack (group) id and a BLAKE3 of itself, so a damaged index is detected;
+chunk bytes are verified against their ids whenever they are read.
+
+Write order (the crash rule): the packs of a group, then its index, then
+(after ``PackWriter.flush``) the manifests naming them, then the ref. A crash
+leaves at worst packs without an index or packs nobody names; gc sweeps both.
+A group is closed every ``index_every`` packs too, so a crash in a long push
+loses the dedup of at most that many packs (the retry uploads them again).
 
 Memory: one pack being filled plus ``uploads`` packs in flight, i.e. about
 ``(uploads + 1) x target_bytes``.
 
 Dedup without a HEAD per chunk: ``StoreIndex.load`` LISTs ``packs/`` once (one
-request per ~500 packs), fetches only the indexes not already in the local
-``IndexCache`` (under the cache dir), drops cached indexes of packs that are
+request per ~1,000 keys), fetches only the indexes not already in the local
+``IndexCache`` (under the cache dir; kept per pack whatever the layout, so a
+group index is read once and split), drops cached indexes of packs that are
 gone, and maps chunk id -> a location in a pack that exists. Chunks that
 ``verify`` found bad at a location are listed in the cache's ``bad`` file and
 never reused from there (they are uploaded again into a new pack).
@@ -36,7 +49,7 @@ import secrets
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
@@ -94,16 +107,49 @@ class PackConfig:
     """Sealed packs uploading at once (memory: (uploads + 1) x target_bytes)."""
     index_fetches: int = 16
     """Index GETs at once when the local index cache is cold."""
+    index_every: int = 32
+    """Packs per group index at most (a long push writes one every ~1.5 GiB, so
+    a crash loses the dedup of at most that much; see the module docstring)."""
 
     def __post_init__(self) -> None:
         if not 1 << 20 <= self.target_bytes <= MAX_PACK_BYTES // 2:
             raise BadInput("pack size must be between 1 MiB and 2 GiB")
         if self.uploads < 1 or self.index_fetches < 1:
             raise BadInput("pack upload and index fetch concurrency must be at least 1")
+        if not 1 <= self.index_every <= _MAX_GROUP_PACKS:
+            raise BadInput(f"packs per index must be between 1 and {_MAX_GROUP_PACKS}")
 
 
 def new_pack_id() -> ChunkId:
+    """A pack id outside any group (the pack-index layout)."""
     return ChunkId(secrets.token_hex(32))
+
+
+GROUP_HEX = 56
+"""Hex digits of a group id: the first 56 of each of its packs' ids."""
+_MAX_GROUP_PACKS = 1 << 16
+
+
+def new_group_id() -> str:
+    return secrets.token_hex(GROUP_HEX // 2)
+
+
+def group_pack_id(group: str, number: int) -> ChunkId:
+    """The id of pack ``number`` of ``group``."""
+    return ChunkId(f"{group}{number:08x}")
+
+
+def is_group_id(name: str) -> bool:
+    return len(name) == GROUP_HEX and all(c in "0123456789abcdef" for c in name)
+
+
+def group_of(pack_id: ChunkId) -> str:
+    """The group a pack would belong to (whether or not a group index covers it)."""
+    return pack_id[:GROUP_HEX]
+
+
+def group_index_key(group: str) -> str:
+    return f"{PACKS}{group[:2]}/{group}{INDEX_SUFFIX}"
 
 
 # --------------------------------------------------------------------------- index codec
@@ -151,14 +197,92 @@ def decode_index(pack_id: ChunkId, data: bytes) -> tuple[ChunkRef, ...]:
     return tuple(refs)
 
 
+_GROUP_FORMAT = 2
+_GROUP_HEADER = struct.Struct("<8sB28sI")  # magic, format, group id, count
+_GROUP_ENTRY = struct.Struct("<32sIQI")  # chunk id, pack number, offset, length
+
+
+def encode_group_index(group: str, refs: Sequence[ChunkRef]) -> bytes:
+    """The index object of ``group``: ``refs`` of its packs, each pack's chunks
+    in pack order (packs in any order; they are sorted by number)."""
+    numbered: list[tuple[int, ChunkRef]] = []
+    for ref in refs:
+        if ref.pack is None or group_of(ref.pack) != group:
+            raise ValueError("every chunk of a group index must be in a pack of the group")
+        numbered.append((int(ref.pack[GROUP_HEX:], 16), ref))
+    numbered.sort(key=lambda nr: (nr[0], nr[1].offset))
+    parts = [_GROUP_HEADER.pack(_MAGIC, _GROUP_FORMAT, bytes.fromhex(group), len(numbered))]
+    parts += [_GROUP_ENTRY.pack(id_to_bytes(r.id), n, r.offset, r.size) for n, r in numbered]
+    body = b"".join(parts)
+    return body + blake3.blake3(body).digest()
+
+
+def decode_group_index(group: str, data: bytes) -> dict[ChunkId, tuple[ChunkRef, ...]]:
+    """Decode and check a group index: checksum, group id, each pack's chunks
+    laid end to end from offset 0. Returns pack id -> its chunks in pack order.
+    Raises Corrupt (one line)."""
+    where = f"group index {group[:16]}…"
+    if len(data) < _GROUP_HEADER.size + _SUM:
+        raise Corrupt(f"{where} is truncated")
+    body, checksum = data[:-_SUM], data[-_SUM:]
+    if blake3.blake3(body).digest() != checksum:
+        raise Corrupt(f"{where} is corrupt (checksum mismatch)")
+    magic, fmt, raw_group, count = _GROUP_HEADER.unpack_from(body)
+    if magic != _MAGIC or fmt != _GROUP_FORMAT:
+        raise Corrupt(f"{where} has an unknown format")
+    if raw_group.hex() != group:
+        raise Corrupt(f"{where} belongs to another group")
+    if len(body) != _GROUP_HEADER.size + count * _GROUP_ENTRY.size:
+        raise Corrupt(f"{where} has the wrong length for {count} chunks")
+    packs: dict[ChunkId, list[ChunkRef]] = {}
+    last = -1
+    expected = 0
+    for raw_id, number, offset, length in _GROUP_ENTRY.iter_unpack(body[_GROUP_HEADER.size :]):
+        if number != last:
+            if number < last:
+                raise Corrupt(f"{where} lists its packs out of order")
+            last, expected = number, 0
+        if offset != expected or not 0 < length <= MAX_CHUNK_BYTES:
+            raise Corrupt(f"{where} has a bad chunk extent")
+        expected += length
+        if expected > MAX_PACK_BYTES:
+            raise Corrupt(f"{where} describes a pack that is too large")
+        pack_id = group_pack_id(group, number)
+        packs.setdefault(pack_id, []).append(
+            ChunkRef(id_from_bytes(raw_id), length, pack_id, offset)
+        )
+    return {pack_id: tuple(refs) for pack_id, refs in packs.items()}
+
+
 # --------------------------------------------------------------------------- writer
 
+
+class _Group:
+    """The packs a writer seals between two group indexes."""
+
+    __slots__ = ("closed", "done", "id", "pending", "sealed")
+
+    def __init__(self) -> None:
+        self.id = new_group_id()
+        self.sealed = 0
+        self.pending = 0
+        """Sealed packs still uploading."""
+        self.closed = False
+        """No more packs: the last upload (or ``flush``) writes the index."""
+        self.done: list[tuple[ChunkId, tuple[ChunkRef, ...]]] = []
+
+    def next_pack_id(self) -> ChunkId:
+        return group_pack_id(self.id, self.sealed)
+
+
 Sealed = Callable[[ChunkId, tuple[ChunkRef, ...], bytes], Awaitable[None]]
-"""Called after a pack and its index are stored: (pack id, its chunks, index bytes)."""
+"""Called per pack once the pack and its group's index are stored: (pack id,
+its chunks, the pack's own index in the pack-index layout, for caches)."""
 
 
 class PackWriter:
-    """Appends chunks to packs and uploads each sealed pack, then its index.
+    """Appends chunks to packs, uploads each sealed pack, and once a group of
+    packs is stored (at ``flush``, or every ``index_every`` packs) its index.
 
     ``async with PackWriter.open(...)``: uploads run in the writer's task group; an
     upload failure cancels the block and is raised from it. Chunks are placed
@@ -186,12 +310,15 @@ class PackWriter:
         self._slots = anyio.Semaphore(config.uploads)
         self._tg: anyio.abc.TaskGroup | None = uploads
         self._free: list[bytearray] = []
-        self._pack = new_pack_id()
+        self._group = _Group()
+        self._pack = self._group.next_pack_id()
         self._buf = bytearray()
         self._used = 0
         self._refs: list[ChunkRef] = []
         self.packs = 0
         self.bytes = 0
+        self.indexes = 0
+        """Index objects written (one per group)."""
 
     @classmethod
     @asynccontextmanager
@@ -207,7 +334,7 @@ class PackWriter:
                 async with anyio.create_task_group() as uploads:
                     writer = cls(store, uploads, config, on_sealed)
                     yield writer
-                    await writer._seal()
+                    await writer.flush()
         finally:
             if writer is not None:
                 writer._tg = None  # a late add raises instead of starting an orphan upload
@@ -244,10 +371,16 @@ class PackWriter:
         return out
 
     async def flush(self) -> None:
-        """Seal the pack being filled and wait until every sealed pack and its
-        index are stored. Raises what an upload raised (StoreUnavailable…)."""
+        """Seal the pack being filled and wait until every sealed pack and the
+        index of its group are stored. Raises what an upload raised
+        (StoreUnavailable…)."""
         async with self._lock:
             await self._seal()
+            group = self._group
+            if group.sealed:
+                self._close_group()
+                if group.pending == 0:  # else its last upload writes the index
+                    await self._write_index(group)
             for _ in range(self.config.uploads):
                 await self._slots.acquire()
             for _ in range(self.config.uploads):
@@ -280,25 +413,52 @@ class PackWriter:
             return
         if self._tg is None:
             raise RuntimeError("PackWriter used outside 'async with PackWriter.open()'")
-        pack, buf, refs = self._pack, self._buf, tuple(self._refs)
+        pack, buf, refs, group = self._pack, self._buf, tuple(self._refs), self._group
         del buf[self._used :]  # the pack is exactly its chunks
-        self._pack, self._buf, self._used, self._refs = new_pack_id(), bytearray(), 0, []
+        group.sealed += 1
+        group.pending += 1
+        if group.sealed >= self.config.index_every:
+            self._close_group()
+        self._pack, self._buf, self._used, self._refs = (
+            self._group.next_pack_id(),
+            bytearray(),
+            0,
+            [],
+        )
         await self._slots.acquire()  # back-pressure: at most `uploads` packs in memory
-        self._tg.start_soon(self._upload, pack, buf, refs)
+        self._tg.start_soon(self._upload, group, pack, buf, refs)
 
-    async def _upload(self, pack: ChunkId, buf: bytearray, refs: tuple[ChunkRef, ...]) -> None:
+    def _close_group(self) -> None:
+        """Seal no more packs into the current group; the next pack starts a new one."""
+        self._group.closed = True
+        self._group = _Group()
+        self._pack = self._group.next_pack_id()
+
+    async def _upload(
+        self, group: _Group, pack: ChunkId, buf: bytearray, refs: tuple[ChunkRef, ...]
+    ) -> None:
         try:
-            index = encode_index(pack, refs)
             await self.store.put(pack_key(pack), buf)
-            await self.store.put(index_key(pack), index)
             self.packs += 1
             self.bytes += len(buf)
-            if self._on_sealed is not None:
-                await self._on_sealed(pack, refs, index)
+            group.done.append((pack, refs))
+            group.pending -= 1
+            if group.closed and group.pending == 0:
+                await self._write_index(group)
             if len(self._free) <= self.config.uploads:
                 self._free.append(buf)
         finally:
             self._slots.release()
+
+    async def _write_index(self, group: _Group) -> None:
+        """Store the index of ``group`` (all its packs are stored), then tell ``on_sealed``."""
+        done = sorted(group.done)
+        index = encode_group_index(group.id, [r for _, refs in done for r in refs])
+        await self.store.put(group_index_key(group.id), index)
+        self.indexes += 1
+        if self._on_sealed is not None:
+            for pack, refs in done:
+                await self._on_sealed(pack, refs, encode_index(pack, refs))
 
 
 def _read_spans(src: str | int, base: int, spans: Sequence[Span], room: memoryview) -> int:
@@ -339,23 +499,34 @@ class PackListing:
 
     packs: dict[ChunkId, ObjectInfo]
     indexes: dict[ChunkId, ObjectInfo]
+    """Pack indexes (one per pack: the earlier layout), by pack id."""
     retired: dict[ChunkId, ObjectInfo]
+    groups: dict[str, ObjectInfo] = field(default_factory=dict)
+    """Group indexes, by group id (see the module docstring)."""
+
+    def indexed(self, pack_id: ChunkId) -> bool:
+        """Whether an index that may cover ``pack_id`` exists (a group index
+        covers a pack only if it lists it: StoreIndex.load checks)."""
+        return pack_id in self.indexes or group_of(pack_id) in self.groups
 
     @property
     def usable(self) -> set[ChunkId]:
         """Packs a writer may reuse: present, indexed, not retired."""
-        return (set(self.packs) & set(self.indexes)) - set(self.retired)
+        return {p for p in self.packs if self.indexed(p) and p not in self.retired}
 
 
 async def list_packs(store: ObjectStore) -> PackListing:
-    """LIST ``packs/`` (one request per ~300 packs). Raises StoreUnavailable."""
+    """LIST ``packs/`` (one request per ~1,000 keys). Raises StoreUnavailable."""
     found: dict[str, dict[ChunkId, ObjectInfo]] = {"": {}, INDEX_SUFFIX: {}, RETIRED_SUFFIX: {}}
+    groups: dict[str, ObjectInfo] = {}
     async for info in store.list(PACKS):
         name = info.key.rsplit("/", 1)[-1]
-        pack, dot, suffix = name.partition(".")
-        if is_id(pack) and dot + suffix in found:
-            found[dot + suffix][ChunkId(pack)] = info
-    return PackListing(found[""], found[INDEX_SUFFIX], found[RETIRED_SUFFIX])
+        stem, dot, suffix = name.partition(".")
+        if is_id(stem) and dot + suffix in found:
+            found[dot + suffix][ChunkId(stem)] = info
+        elif is_group_id(stem) and dot + suffix == INDEX_SUFFIX:
+            groups[stem] = info
+    return PackListing(found[""], found[INDEX_SUFFIX], found[RETIRED_SUFFIX], groups)
 
 
 BadLocation = tuple[ChunkId, ChunkId | None]
@@ -386,6 +557,11 @@ class IndexCache:
             write_atomic(self.root / pack_id, index, parents=True)
         except OSError as exc:  # only a cache: the next push fetches it again
             log.info("cannot cache pack index %s: %s", pack_id, exc.strerror)
+
+    def write_many(self, copies: Iterable[tuple[ChunkId, bytes]]) -> None:
+        """``write`` each (pack id, pack index) pair."""
+        for pack_id, index in copies:
+            self.write(pack_id, index)
 
     def prune(self, keep: Iterable[ChunkId]) -> None:
         """Drop copies of packs that no longer exist (and stray temp files)."""
@@ -450,9 +626,11 @@ class StoreIndex:
     async def load(
         cls, store: ObjectStore, cache: IndexCache | None, config: PackConfig = PackConfig()
     ) -> StoreIndex:
-        """LIST the packs, read the indexes not cached locally. A pack without
-        an index (a crashed push), a retired one (gc moved its chunks) and one
-        with an unreadable index (logged) are never offered. Raises StoreUnavailable."""
+        """LIST the packs, read the indexes not cached locally (a group index
+        once for all its packs). A pack without an index (a crashed push), one
+        its group's index does not list, a retired one (gc moved its chunks)
+        and one with an unreadable index (logged) are never offered.
+        Raises StoreUnavailable."""
         listing = await list_packs(store)
         live = sorted(listing.usable)
         bad: set[BadLocation] = set()
@@ -464,6 +642,10 @@ class StoreIndex:
             cached = await anyio.to_thread.run_sync(lambda: {p: cache.read(p) for p in live})
             await anyio.to_thread.run_sync(cache.prune, live)
         missing = [p for p in live if cached.get(p) is None]
+        by_group: dict[str, list[ChunkId]] = {}
+        for pack_id in missing:
+            if pack_id not in listing.indexes:
+                by_group.setdefault(group_of(pack_id), []).append(pack_id)
 
         async def fetch(pack_id: ChunkId) -> None:
             try:
@@ -478,7 +660,25 @@ class StoreIndex:
             if cache is not None:
                 await anyio.to_thread.run_sync(cache.write, pack_id, data)
 
-        await for_each(missing, fetch, config.index_fetches)
+        async def fetch_group(group: str) -> None:
+            wanted = by_group[group]
+            try:
+                found = decode_group_index(group, await store.get(group_index_key(group)))
+            except (ObjectMissing, Corrupt) as exc:
+                log.warning("ignoring %d packs of group %s: %s", len(wanted), group, exc)
+                index.packs.difference_update(wanted)
+                return
+            index.index_fetches += 1
+            for pack_id in wanted:  # a listed pack its index lacks is not ours to reuse
+                cached[pack_id] = found.get(pack_id)
+                if pack_id not in found:
+                    index.packs.discard(pack_id)
+            if cache is not None:
+                copies = [(p, encode_index(p, found[p])) for p in wanted if p in found]
+                await anyio.to_thread.run_sync(cache.write_many, copies)
+
+        await for_each([p for p in missing if p in listing.indexes], fetch, config.index_fetches)
+        await for_each(sorted(by_group), fetch_group, config.index_fetches)
         for pack_id in live:
             refs = cached.get(pack_id)
             if refs is not None:
@@ -574,8 +774,11 @@ __all__ = [
     "PackListing",
     "PackWriter",
     "StoreIndex",
+    "decode_group_index",
     "decode_index",
+    "encode_group_index",
     "encode_index",
+    "group_index_key",
     "list_packs",
     "relocate_refs",
     "retired_key",

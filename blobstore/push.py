@@ -5,8 +5,10 @@ manifest, then the ref. A crash at any point leaves at worst unreferenced
 objects (gc sweeps them), never a ref to something missing.
 
 Dedup needs no request per chunk: the writer's ``StoreIndex`` (pack indexes,
-cached locally) and the ref's previous manifest say where chunks already are.
-A push whose tree did not change rewrites nothing (the ref already names it).
+cached locally) says where chunks already are. The manifest and the ref are
+two PUTs: a push that uploaded a chunk made a tree no ref names yet (its pack
+is new); one that uploaded none first GETs the ref, and writes nothing if the
+ref already names the tree (and a HEAD finds the manifest).
 
 Files are not read again when nothing says they changed: ``PushIndex`` (git's
 index, for push) keeps, per pushed root in the node's cache dir, every file's
@@ -29,9 +31,17 @@ push reads those files (as git re-hashes racily clean entries).
 
 A push that finds every file in the push index and the ref already naming the
 resulting tree (``push_unchanged``) takes no lease and writes nothing: it costs
-two requests, a GET of the ref and a LIST of ``packs/`` (a pack of the tree
-missing from the LIST, or a location verify found bad, sends it down the full
-path, which uploads those chunks again).
+one request, a GET of the ref. Why the ref alone suffices: gc never sweeps a
+pack a live manifest names, and when it repacks one it moves the ref to a new
+manifest (so the ref no longer equals our tree and the push takes the full
+path, whose LIST shows the pack retired). A pack can only vanish under a ref
+that still names it by damage outside blobstore (a hand deletion, a bucket
+lifecycle rule), like a chunk that rots; two nets catch that: a location
+``verify`` found bad (the node's known-bad list, no request) sends the push down
+the full path, which uploads those chunks again; and the push index is trusted
+only while *fresh* (``FRESH_NS``, 1 h, after a LIST or a push last saw its
+packs): after that a no-op push LISTs ``packs/`` once, and a pack of the tree
+missing from the LIST sends it down the full path too.
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ from .ids import ChunkId, hash_bytes, is_id
 from .ingest import Ingestor
 from .manifest import ChunkerInfo, ChunkRef, Entry, Image, Tree, chunks_key, encode
 from .materialize import TMP_MARK, Progress
-from .objectstore import ObjectStore
+from .objectstore import ObjectStore, manifest_key
 from .packs import BadLocation, IndexCache, list_packs, relocate_refs
 from .parallel import for_each
 from .progress import FileProgress
@@ -151,6 +161,9 @@ async def scan_root(root: Path) -> _Scan:
 
 RACY_WINDOW_NS = 2_000_000_000
 """Files changed less than this before a push began are not recorded (see above)."""
+FRESH_NS = 3600 * 1_000_000_000
+"""How long after a LIST (or a push) last saw the packs a push index names a no-op
+push trusts that they still exist (see above)."""
 
 _PUSH_INDEX_FORMAT = 1
 
@@ -162,10 +175,15 @@ class PushIndex:
     does file I/O: call them in a worker thread. An unreadable or damaged
     index is just empty (every file is read)."""
 
-    def __init__(self, path: Path, window_ns: int = RACY_WINDOW_NS) -> None:
+    def __init__(
+        self, path: Path, window_ns: int = RACY_WINDOW_NS, fresh_ns: int = FRESH_NS
+    ) -> None:
         self.path = path
         self.window_ns = window_ns
+        self.fresh_ns = fresh_ns
         self._loaded: dict[str, tuple[StatKey, tuple[ChunkRef, ...]]] | None = None
+        self._checked_ns = 0
+        """When the packs it names were last seen in the store (wall clock, ns)."""
 
     @classmethod
     def for_root(
@@ -175,11 +193,12 @@ class PushIndex:
         root: Path,
         chunker: ChunkerParams,
         window_ns: int = RACY_WINDOW_NS,
+        fresh_ns: int = FRESH_NS,
     ) -> PushIndex:
         """The index of ``root`` pushed to ``store_url`` with ``chunker``."""
         what = json.dumps([store_url, os.path.realpath(root), repr(chunker.info())])
         name = hash_bytes(what.encode())[:24]
-        return cls(Path(cache_dir) / ".push-index" / name, window_ns)
+        return cls(Path(cache_dir) / ".push-index" / name, window_ns, fresh_ns)
 
     def load(self) -> dict[str, tuple[StatKey, tuple[ChunkRef, ...]]]:
         """What the file holds (read once per instance; ``save`` replaces it)."""
@@ -192,6 +211,8 @@ class PushIndex:
             doc = json.loads(self.path.read_bytes())
             if doc.get("format") != _PUSH_INDEX_FORMAT:
                 return {}
+            checked = doc.get("checked_ns", 0)  # absent in files of earlier versions
+            self._checked_ns = checked if isinstance(checked, int) else 0
             out: dict[str, tuple[StatKey, tuple[ChunkRef, ...]]] = {}
             for path, (size, mtime, ino, ctime, dev, chunks) in doc["files"].items():
                 refs = tuple(
@@ -206,6 +227,17 @@ class PushIndex:
                 log.info("ignoring the push index %s: %s", self.path, exc)
             return {}
 
+    def fresh(self) -> bool:
+        """Whether the packs it names were seen in the store less than
+        ``fresh_ns`` ago (by the push that wrote it or a no-op push's LIST)."""
+        self.load()
+        return 0 <= time.time_ns() - self._checked_ns < self.fresh_ns
+
+    def seen(self) -> None:
+        """Record that a LIST just showed every pack it names. Never raises."""
+        files = self.load()
+        self._write(files, time.time_ns())
+
     def hits(self, scan: _Scan) -> dict[str, tuple[ChunkRef, ...]]:
         """Files of ``scan`` whose stat matches their record exactly."""
         recorded = self.load()
@@ -217,17 +249,26 @@ class PushIndex:
         return out
 
     def save(self, scan: _Scan, files: dict[str, tuple[ChunkRef, ...]]) -> None:
-        """Record ``files`` (path -> chunk list, all in packs) as scanned, leaving
-        out racily clean ones. Never raises: it is only a cache."""
+        """Record ``files`` (path -> chunk list, all in packs that the push of
+        ``scan`` saw or wrote) as scanned, leaving out racily clean ones.
+        Never raises: it is only a cache."""
         limit = scan.started_ns - self.window_ns
+        kept = {
+            path: (key, refs)
+            for path, refs in files.items()
+            if (key := scan.stats.get(path)) is not None
+            and max(key[1], key[3]) < limit
+            and all(c.pack is not None for c in refs)
+        }
+        self._write(kept, scan.started_ns)  # its LIST came after the scan began
+
+    def _write(self, files: dict[str, tuple[StatKey, tuple[ChunkRef, ...]]], checked: int) -> None:
         doc = {
             "format": _PUSH_INDEX_FORMAT,
+            "checked_ns": checked,
             "files": {
                 path: [*key, [[c.id, c.size, c.pack, c.offset] for c in refs]]
-                for path, refs in files.items()
-                if (key := scan.stats.get(path)) is not None
-                and max(key[1], key[3]) < limit
-                and all(c.pack is not None for c in refs)
+                for path, (key, refs) in files.items()
             },
         }
         self._loaded = None
@@ -257,38 +298,31 @@ async def push_unchanged(
     chunker: ChunkerInfo,
 ) -> PushResult | None:
     """The push of ``scan`` if it has nothing to do: every file matches the push
-    index and ``ref`` already names the tree they make, whose packs all exist
-    (one LIST) with no location verify found bad. Two requests, no lease, no
-    writes. None if anything is different (push the full way).
-    Raises StoreUnavailable."""
+    index and ``ref`` already names the tree they make, with no location verify
+    found bad, and (unless the push index is fresh) every pack of it in one
+    LIST. One request (two when not fresh), no lease, no writes. None if
+    anything is different (push the full way). Raises StoreUnavailable."""
     check_ref(ref)
     hits = await anyio.to_thread.run_sync(push_index.hits, scan)
     if len(hits) != len(scan.files):
         return None
     tree = _tree_of(scan, hits, chunker)
     new_id = hash_bytes(encode(tree))
-    named: list[ChunkId | None] = [None]
-    listed: list[set[ChunkId]] = [set()]
-
-    async def resolve() -> None:
-        try:
-            named[0] = await catalog.resolve(ref)
-        except (NotFound, InvalidManifest):
-            pass
-
-    async def listing() -> None:
-        listed[0] = (await list_packs(store)).usable
-
-    with single_errors():
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(resolve)
-            tg.start_soon(listing)
-    if named[0] != new_id:
+    try:
+        if await catalog.resolve(ref) != new_id:
+            return None
+    except (NotFound, InvalidManifest):
         return None
     refs = list(tree.chunk_refs())
     bad = await anyio.to_thread.run_sync(index_cache.read_bad)
-    if any(r.pack not in listed[0] or (r.id, r.pack) in bad for r in refs):
+    if any((r.id, r.pack) in bad for r in refs):
         return None
+    if not await anyio.to_thread.run_sync(push_index.fresh):
+        with single_errors():
+            usable = (await list_packs(store)).usable
+        if any(r.pack not in usable for r in refs):
+            return None
+        await anyio.to_thread.run_sync(push_index.seen)
     return PushResult(
         ref=ref,
         manifest=new_id,
@@ -326,7 +360,7 @@ async def push_tree(
     if scan is None:
         scan = await scan_root(root)
 
-    previous = await _previous(catalog, ref, ingestor) if ref is not None else None
+    new_before = ingestor.stats.new_chunks
     known: dict[str, tuple[ChunkRef, ...]] = {}
     if push_index is not None:
         hits = await anyio.to_thread.run_sync(push_index.hits, scan)
@@ -351,10 +385,11 @@ async def push_tree(
     files = known | {e.path: e.chunks for e in entries}
     tree = _tree_of(scan, files, ingestor.params.info())
     new_id = hash_bytes(encode(tree))
-    if new_id != previous:  # else the ref already names exactly this tree
-        await catalog.save(tree)
-        if ref is not None:
-            await catalog.set_ref(ref, new_id)
+    if ref is None:
+        await catalog.save(tree, check=False)
+    elif ingestor.stats.new_chunks > new_before or not await _names(catalog, ref, new_id):
+        # A tree with a chunk just uploaded names a pack just written: no ref names it yet.
+        await catalog.publish(tree, ref)
     if push_index is not None:
         await anyio.to_thread.run_sync(push_index.save, scan, files)
     stats = ingestor.stats
@@ -506,18 +541,15 @@ _MIGRATE_WINDOW = 16
 """Per-chunk objects read at once by migrate (memory: 16 chunks)."""
 
 
-async def _previous(catalog: Catalog, ref: str, ingestor: Ingestor) -> ChunkId | None:
-    """The manifest ``ref`` names now, its chunks taught to the ingestor (those
-    in packs that exist); None if there is none or it cannot be read."""
+async def _names(catalog: Catalog, ref: str, manifest_id: ChunkId) -> bool:
+    """Whether ``ref`` names ``manifest_id`` already, and it is stored."""
     try:
-        previous = await catalog.resolve(ref)
-        async for _, manifest in catalog.walk(previous):
-            if isinstance(manifest, Tree):
-                ingestor.index.add(manifest.chunk_refs())
+        if await catalog.resolve(ref) != manifest_id:
+            return False
     except (NotFound, InvalidManifest) as exc:
         log.info("not reusing the previous manifest of %s: %s", ref, exc)
-        return None
-    return previous
+        return False
+    return await catalog.store.exists(manifest_key(manifest_id))
 
 
 async def ingest_files(

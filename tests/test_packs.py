@@ -37,9 +37,15 @@ from blobstore.manifest import ChunkRef, Layer, Tree
 from blobstore.objectstore import CHUNKS, ObjectStore, chunk_key, index_key, pack_key
 from blobstore.packs import (
     PackConfig,
+    decode_group_index,
     decode_index,
+    encode_group_index,
     encode_index,
+    group_index_key,
+    group_of,
+    group_pack_id,
     list_packs,
+    new_group_id,
     new_pack_id,
 )
 from blobstore.source import ChunkData
@@ -120,6 +126,37 @@ def test_index_round_trip_and_refusals() -> None:
         decode_index(pack_id, encode_index(pack_id, gap))
 
 
+def test_group_index_round_trip_and_refusals() -> None:
+    group = new_group_id()
+    first, second = group_pack_id(group, 0), group_pack_id(group, 1)
+    a, b, c = hash_bytes(b"a"), hash_bytes(b"bb"), hash_bytes(b"ccc")
+    packs = {
+        first: (ChunkRef(a, 1, first, 0), ChunkRef(b, 2, first, 1)),
+        second: (ChunkRef(c, 3, second, 0),),
+    }
+    data = encode_group_index(group, [*packs[second], *packs[first]])  # any order in
+    assert decode_group_index(group, data) == packs
+    head = struct.pack("<8sB28sI", b"BSPACKIX", 2, bytes.fromhex(group), 3)
+    entry = struct.pack("<32sIQI", id_to_bytes(a), 0, 0, 1)
+    assert data.startswith(head + entry)  # the layout is part of the store format
+    flipped = bytearray(data)
+    flipped[60] ^= 1
+    gap = (ChunkRef(a, 1, first, 0), ChunkRef(b, 2, first, 5))
+    for bad, why in [
+        (data[:-1], "checksum"),
+        (bytes(flipped), "checksum"),
+        (b"", "truncated"),
+        (encode_group_index(new_group_id()[:-2] + group[-2:], []), "another group"),
+        (encode_index(first, packs[first]), "format"),
+        (encode_group_index(group, gap), "bad chunk extent"),
+    ]:
+        with pytest.raises(Corrupt, match=why) as info:
+            decode_group_index(group, bad)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="pack of the group"):
+        encode_group_index(group, [ChunkRef(a, 1, new_pack_id(), 0)])
+
+
 def _resealed(index: bytes, change: object) -> bytes:
     body = change(index[:-32])  # type: ignore[operator]
     return bytes(body) + blake3.blake3(body).digest()
@@ -142,12 +179,16 @@ async def test_push_packs_new_chunks_in_file_order(client: Client, src: Path) ->
     pushed = await client.push(src, "t")
     tree = await load_tree(client, "t")
     listing = await list_packs(client.object_store)
-    assert set(listing.packs) == set(listing.indexes)  # every pack has its index
+    assert not listing.indexes  # no index per pack: one group index for the push
+    (group,) = listing.groups
+    assert {group_of(p) for p in listing.packs} == {group}
     assert len(listing.packs) >= 3  # ~5.3 MiB of new chunks in 2 MiB packs
+    indexed = decode_group_index(group, await client.object_store.get(group_index_key(group)))
+    assert set(indexed) == set(listing.packs)
     stored = 0
     for pack_id, info in listing.packs.items():
         data = await client.object_store.get(pack_key(pack_id))
-        refs = decode_index(pack_id, await client.object_store.get(index_key(pack_id)))
+        refs = indexed[pack_id]
         assert sum(r.size for r in refs) == len(data) == info.size  # raw concatenation
         assert len(refs) == 1 or len(data) <= client.packs.target_bytes
         for r in refs:
@@ -163,6 +204,76 @@ async def test_push_packs_new_chunks_in_file_order(client: Client, src: Path) ->
             assert ref.offset == prev.offset + prev.size
 
 
+async def test_a_long_push_writes_a_group_index_every_few_packs(client: Client, src: Path) -> None:
+    """A crash in a long push loses the dedup of at most ``index_every`` packs:
+    every group of that many packs gets its index as soon as they are stored."""
+    client.packs = PackConfig(target_bytes=MiB, index_every=2)
+    pushed = await client.push(src, "t")
+    listing = await list_packs(client.object_store)
+    assert len(listing.packs) >= 5
+    assert len(listing.groups) == (len(listing.packs) + 1) // 2
+    covered: dict[ChunkId, tuple[ChunkRef, ...]] = {}
+    for group in listing.groups:
+        found = decode_group_index(group, await client.object_store.get(group_index_key(group)))
+        assert 1 <= len(found) <= 2
+        covered |= found
+    assert set(covered) == set(listing.packs)
+    assert sum(r.size for refs in covered.values() for r in refs) == pushed.new_bytes
+    assert (await client.verify("t")).ok
+
+
+async def as_pack_indexes(store: ObjectStore) -> set[ChunkId]:
+    """Rewrite a store as earlier versions wrote it: an index per pack, no group
+    index. Returns the packs."""
+    listing = await list_packs(store)
+    for group in listing.groups:
+        key = group_index_key(group)
+        for pack_id, refs in decode_group_index(group, await store.get(key)).items():
+            await store.put(index_key(pack_id), encode_index(pack_id, refs))
+        await store.delete(key)
+    return set(listing.packs)
+
+
+async def test_stores_with_an_index_per_pack_still_dedup_verify_repack_and_gc(
+    client: Client, src: Path, tmp_path: Path
+) -> None:
+    """Stores written by earlier versions (an index object per pack) keep
+    working next to group indexes: dedup, verify, pull, gc, repack."""
+    client.packs = PackConfig(target_bytes=8 * MiB)
+    first = await client.push(src, "old")
+    old_packs = await as_pack_indexes(client.object_store)
+    assert len(old_packs) == 1
+    client.packs = PackConfig(target_bytes=MiB)
+    shutil.rmtree(client.index_cache.root)  # another node: nothing cached
+    again = await client.push(src, "again")
+    assert (again.manifest, again.new_chunks) == (first.manifest, 0)
+    extra = tree_of(tmp_path / "extra", {"new.bin": random_bytes(3 * MiB, "new")})
+    shutil.copy(src / "big.bin", extra / "big.bin")
+    mixed = await client.push(extra, "mixed")
+    assert mixed.new_chunks >= 3  # new.bin only: big.bin is in the old packs
+    listing = await list_packs(client.object_store)
+    assert set(listing.indexes) == old_packs
+    assert len(listing.groups) == 1
+    for ref in ("old", "mixed"):
+        assert (await client.verify(ref)).ok
+    await client.pull("mixed", tmp_path / "dst")
+    assert snapshot(tmp_path / "dst") == snapshot(extra)
+
+    for ref in ("old", "again"):
+        await client.catalog.delete_ref(ref)
+    gc = await collect(client.object_store, None, grace_seconds=0, repack_below=1.0)
+    assert gc.repacked_packs == 1  # "mixed" names only big.bin's part of the old pack
+    assert set((await list_packs(client.object_store)).retired) == old_packs
+    swept = await collect(client.object_store, None, grace_seconds=0)
+    after = await list_packs(client.object_store)
+    assert not old_packs & (set(after.packs) | set(after.indexes) | set(after.retired))
+    assert after.groups  # the new packs keep their group index
+    assert (await client.verify("mixed")).ok
+    assert swept.swept_packs == 1  # the retired one
+    await client.pull("mixed", tmp_path / "dst2")
+    assert snapshot(tmp_path / "dst2") == snapshot(extra)
+
+
 async def test_noop_push_reads_only_uncached_indexes(client: Client, src: Path) -> None:
     first = await client.push(src, "t")
     async with client.writing() as ingestor:
@@ -172,8 +283,10 @@ async def test_noop_push_reads_only_uncached_indexes(client: Client, src: Path) 
     assert (again.manifest, again.new_chunks, again.new_bytes) == (first.manifest, 0, 0)
     shutil.rmtree(client.index_cache.root)  # another node: nothing cached
     async with client.writing() as ingestor:
-        packs = len((await list_packs(client.object_store)).packs)
-        assert ingestor.index.index_fetches == packs
+        listing = await list_packs(client.object_store)
+        assert len(listing.packs) >= 3
+        assert ingestor.index.index_fetches == len(listing.groups) == 1  # one for the push
+        assert len(ingestor.index) == first.new_chunks
     cold = await client.push(src, "u")
     assert (cold.manifest, cold.new_chunks) == (first.manifest, 0)
 
@@ -183,16 +296,26 @@ async def test_missing_pack_or_index_is_uploaded_again(
 ) -> None:
     await client.push(src, "t")
     tree = await load_tree(client, "t")
-    gone, unindexed = sorted({c.pack for c in tree.chunk_refs() if c.pack is not None})[:2]
+    gone = sorted({c.pack for c in tree.chunk_refs() if c.pack is not None})[0]
     await client.object_store.delete(pack_key(gone))  # the local index cache still has it
-    await client.object_store.delete(index_key(unindexed))  # a pack nobody can dedup against
-    lost = {c.id for c in tree.chunk_refs() if c.pack in (gone, unindexed)}
+    lost = {c.id for c in tree.chunk_refs() if c.pack == gone}
     again = await client.push(src, "t")
     assert again.new_chunks == len(lost)
     fixed = await load_tree(client, "t")
-    assert not {c.pack for c in fixed.chunk_refs()} & {gone, unindexed}
+    assert gone not in {c.pack for c in fixed.chunk_refs()}
     assert (await client.verify("t")).ok
     assert not (client.index_cache.root / gone).exists()  # the stale copy was dropped
+
+    # the group index of the first push gone: none of its packs can be deduped against
+    first_group = group_of(gone)
+    await client.object_store.delete(group_index_key(first_group))
+    unindexed = {c.id for c in fixed.chunk_refs() if c.pack and group_of(c.pack) == first_group}
+    assert unindexed
+    third = await client.push(src, "t")
+    assert third.new_chunks == len(unindexed)
+    final = await load_tree(client, "t")
+    assert all(c.pack and group_of(c.pack) != first_group for c in final.chunk_refs())
+    assert (await client.verify("t")).ok
     pulled = await client.pull("t", tmp_path / "dst")
     assert pulled.files == 4
     assert snapshot(tmp_path / "dst") == snapshot(src)
@@ -500,6 +623,8 @@ async def test_gc_sweeps_packs_nobody_names(client: Client, tmp_path: Path) -> N
     assert swept.swept_packs == len(packs_a)
     listing = await list_packs(client.object_store)
     assert not packs_a & (set(listing.packs) | set(listing.indexes))
+    groups_a = {group_of(p) for p in packs_a if p is not None}
+    assert not groups_a & set(listing.groups)  # its group index went with its packs
     assert (await client.verify("b")).ok
 
 

@@ -1,8 +1,10 @@
 """The push index (git's index, for push): a file whose stat matches what the
 node recorded is not read again; a changed file (even with size and mtime
 restored), a racily clean one, a chunk in a pack that went missing or that
-verify found bad are. A push with nothing to do makes two requests. And a new
-process locating chunks by id reads only the pack indexes this node lacks."""
+verify found bad are. A push with nothing to do makes one request (two once its
+push index is stale); a pack gone under the ref it names is found by verify or
+by that LIST, and a ref moved by a gc's repack sends the push the full way. And
+a new process locating chunks by id reads only the pack indexes this node lacks."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from s3server import SeaweedS3Server
 
 from blobstore.client import Client
 from blobstore.config import CacheConfig, Config, PeerConfig
+from blobstore.gc import collect
 from blobstore.manifest import Tree
 from blobstore.objectstore import pack_key
 from blobstore.packs import PackConfig, list_packs
@@ -143,6 +146,7 @@ async def test_default_window_rereads_files_just_written(
 
 
 async def test_missing_pack_or_bad_location_is_not_reused(client: Client, tmp_path: Path) -> None:
+    client.push_index_fresh_ns = 0  # the push index is stale: a no-op push LISTs packs/
     src = clean_tree(tmp_path / "src")
     await client.push(src, "t")
     _, tree = await client.load("t")
@@ -178,7 +182,7 @@ async def test_missing_pack_or_bad_location_is_not_reused(client: Client, tmp_pa
 
 
 @pytest.mark.s3
-async def test_noop_push_makes_two_requests_and_new_processes_read_new_indexes_only(
+async def test_noop_push_makes_one_request_and_new_processes_read_new_indexes_only(
     s3_env: SeaweedS3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Counted at the wire by a proxy in front of SeaweedFS."""
@@ -194,11 +198,25 @@ async def test_noop_push_makes_two_requests_and_new_processes_read_new_indexes_o
             first = await c.push(src, "t")
             proxy.reset()
             again = await c.push(src, "t")
-            noop = dict(proxy.requests)
-            packs = len((await list_packs(c.object_store)).packs)
+            noop = list(proxy.exchanges)
+            c.push_index_fresh_ns = 0
+            proxy.reset()
+            stale = await c.push(src, "t")
+            listed = list(proxy.exchanges)
+            c.push_index_fresh_ns = 3600 * 10**9
+            proxy.reset()
+            await c.push(src, "t")  # the LIST refreshed the push index
+            refreshed = list(proxy.exchanges)
+            listing = await list_packs(c.object_store)
         assert (again.new_chunks, again.read_bytes) == (0, 0)
-        assert noop == {"GET": 2}, noop  # the ref, one LIST of packs/; no lease, no writes
-        assert first.chunks > 5 * sum(noop.values())
+        assert [m for m, _ in noop] == ["GET"], noop  # the ref; no lease, no LIST, no writes
+        assert noop[0][1].endswith("/refs/t")
+        assert (stale.new_chunks, stale.read_bytes, stale.manifest) == (0, 0, first.manifest)
+        assert [m for m, _ in listed] == ["GET", "GET"], listed  # the ref, a LIST of packs/
+        assert "list-type=2" in listed[1][1]
+        assert [m for m, _ in refreshed] == ["GET"], refreshed
+        assert first.chunks > 5 * len(listed)
+        packs = len(listing.packs)
 
         # A second process (a new client on the node's cache) locating by id:
         # the LIST, then only the chunk's ranged GET (every index is cached).
@@ -211,7 +229,7 @@ async def test_noop_push_makes_two_requests_and_new_processes_read_new_indexes_o
             assert len(data) == chunk.size
             assert c2.origin.locator.index_fetches == 0
             assert proxy.requests["GET"] == 2, proxy.requests
-        # New packs from elsewhere: the next process reads just their indexes.
+        # New packs from elsewhere: the next process reads just their (one) index.
         write(tmp_path / "more/new.bin", random_bytes(5 * MiB, "new"))
         async with Client.open(config_for(url, tmp_path / "other-cache"), peers=False) as c3:
             c3.packs = PackConfig(target_bytes=2 * MiB)
@@ -224,8 +242,77 @@ async def test_noop_push_makes_two_requests_and_new_processes_read_new_indexes_o
             proxy.reset()
             chunk = next(iter(more.chunk_refs()))
             assert len(await c4.origin.get(chunk.id)) == chunk.size
-            assert c4.origin.locator.index_fetches == new_packs
-            assert proxy.requests["GET"] == 2 + new_packs, proxy.requests
+            assert c4.origin.locator.index_fetches == 1  # one group index for the push
+            assert proxy.requests["GET"] == 3, proxy.requests
+
+
+async def test_pack_gone_under_an_unchanged_ref_is_repaired_after_verify_or_a_list(
+    client: Client, tmp_path: Path
+) -> None:
+    """Damage outside blobstore (a pack deleted by hand) under a ref that still
+    names the tree: a no-op push within the push index's freshness trusts the
+    ref (one GET, nothing written, nothing made worse); verify finds the pack
+    missing and the next push uploads its chunks again; so does a no-op push
+    once its push index is stale (its LIST shows the pack gone)."""
+    src = clean_tree(tmp_path / "src")
+    first = await client.push(src, "t")
+    _, tree = await client.load("t")
+    assert isinstance(tree, Tree)
+    packs = sorted({c.pack for c in tree.chunk_refs() if c.pack is not None})
+    await client.object_store.delete(pack_key(packs[0]))
+    trusted = await client.push(src, "t")
+    assert (trusted.manifest, trusted.new_chunks) == (first.manifest, 0)
+    checked = await client.verify("t")
+    assert not checked.ok
+    assert checked.missing
+    fixed = await client.push(src, "t")  # verify recorded the bad locations
+    assert fixed.new_chunks == len({c.id for c in tree.chunk_refs() if c.pack == packs[0]})
+    assert (await client.verify("t")).ok
+
+    _, tree = await client.load("t")
+    assert isinstance(tree, Tree)
+    await client.object_store.delete(pack_key(packs[1]))
+    client.push_index_fresh_ns = 0
+    again = await client.push(src, "t")
+    assert again.new_chunks == len({c.id for c in tree.chunk_refs() if c.pack == packs[1]})
+    assert (await client.verify("t")).ok
+    pulled = await client.pull("t", tmp_path / "dst")
+    assert snapshot(tmp_path / "dst") == snapshot(src)
+    assert pulled.files == 4
+
+
+async def test_fresh_push_index_after_another_writer_and_gc_never_names_a_gone_pack(
+    object_store_url: str, client: Client, tmp_path: Path
+) -> None:
+    """The push index names packs that another writer's push and a gc removed
+    (or a gc repacked): the ref no longer names that tree, so the push takes the
+    full path, whose LIST shows them gone, and uploads or relocates the chunks."""
+    src = clean_tree(tmp_path / "src")
+    first = await client.push(src, "t")
+    async with Client.open(config_for(object_store_url, tmp_path / "other"), peers=False) as b:
+        b.packs = PackConfig(target_bytes=2 * MiB)
+        write(tmp_path / "b/new.bin", random_bytes(MiB, "b"))
+        await b.push(tmp_path / "b", "t")  # another node moves the ref
+    swept = await collect(client.object_store, None, grace_seconds=0)
+    assert swept.swept_packs >= 3  # every pack of the first push
+    again = await client.push(src, "t")  # the push index still names them all
+    assert again.manifest != first.manifest
+    assert again.new_chunks == first.new_chunks
+    assert (await client.verify("t")).ok
+
+    # a gc repack moves the ref onto new packs: the next push follows it
+    write(tmp_path / "one/big.bin", random_bytes(8 * MiB, "big"))  # a part of src
+    await anyio.sleep(3 * WINDOW_NS / 1e9)
+    pushed = await client.push(tmp_path / "one", "one")
+    assert pushed.new_chunks == 0
+    await client.catalog.delete_ref("t")
+    gc = await collect(client.object_store, None, grace_seconds=0, repack_below=1.0)
+    assert gc.repacked_packs >= 1
+    moved = await client.catalog.resolve("one")
+    assert moved != pushed.manifest
+    same = await client.push(tmp_path / "one", "one")
+    assert (same.manifest, same.new_chunks, same.reused_files) == (moved, 0, 1)
+    assert (await client.verify("one")).ok
 
 
 def test_cli_noop_push_reports_nothing_read(object_store_url: str, tmp_path: Path) -> None:
