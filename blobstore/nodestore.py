@@ -308,7 +308,14 @@ class NodeStore(AsyncResource):
         db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False)
         self._db = db
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        # NORMAL: a commit does not fsync (checkpoints still do; WAL stays
+        # consistent). Losing the last commits to a power loss is safe: a files
+        # row is written only after the syncfs that made its file durable, and
+        # a file without its row is deleted at open; seeds rows vouch only
+        # within their boot anyway. Each fsync here forced an ext4 journal
+        # commit that waited for the write-back of whatever the pull (or a
+        # server beside it) had just written.
+        db.execute("PRAGMA synchronous=NORMAL")
         db.execute(_SCHEMA)
         db.execute(_SEED_SCHEMA)
         self._load_seeds()
