@@ -71,6 +71,7 @@ import os
 import stat
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,8 @@ Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total)."""
 
 MARKER_VERSION = 2
+_MARKER_LEVEL = 1
+"""zlib level of pull markers (level 1: 3.3x smaller, faster than 2-3 here)."""
 _HOP_FILES = 256
 """Files handled per worker-thread hop (check, place, finish): one hop per
 file cost more than the work itself for thousands of small files."""
@@ -1004,11 +1007,23 @@ def _marker_path(state_dir: Path, root: DestDir) -> Path:
     return state_dir / f"{st.st_dev:x}-{st.st_ino:x}.json"
 
 
+def read_marker(path: Path) -> Any:
+    """A marker's document: zlib-compressed JSON (a plain JSON marker, as
+    earlier versions wrote, still reads). Raises OSError, ValueError."""
+    raw = path.read_bytes()
+    if not raw.startswith(b"{"):
+        try:
+            raw = zlib.decompress(raw)
+        except zlib.error as exc:
+            raise ValueError(f"not a pull marker: {exc}") from exc
+    return json.loads(raw)
+
+
 def _load_marker(path: Path, boot: str) -> dict[str, Record]:
     """The records that still vouch: all of them in the boot that wrote the
     marker, only the durable ones after a reboot."""
     try:
-        doc = json.loads(path.read_bytes())
+        doc = read_marker(path)
         if doc.get("version") != MARKER_VERSION or not isinstance(doc["files"], dict):
             return {}
         same_boot = bool(boot) and doc.get("boot") == boot
@@ -1023,9 +1038,12 @@ def _load_marker(path: Path, boot: str) -> dict[str, Record]:
 
 def _write_marker(path: Path, dest: str, boot: str, records: dict[str, Record]) -> None:
     """Atomically replace the marker. Not fsynced: losing it only costs the
-    next pull a check of each file."""
+    next pull a check of each file. Compressed: the stdlib tree's marker is
+    1.35 MB of JSON, 0.41 MB at zlib level 1 (~9 ms; ~11 ms to read back) —
+    a cold pull of that tree wrote 5% of its own size in markers and index rows."""
     doc = {"version": MARKER_VERSION, "dest": dest, "boot": boot, "files": records}
     try:
-        write_atomic(path, json.dumps(doc, separators=(",", ":")), parents=True)
+        data = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), _MARKER_LEVEL)
+        write_atomic(path, data, parents=True)
     except OSError as exc:  # the pull itself succeeded: warn, do not fail it
         log.warning("cannot record the pull of %s in %s: %s", dest, path, exc.strerror)

@@ -32,7 +32,7 @@ from blobstore.client import Client
 from blobstore.config import CacheConfig, Config, PeerConfig
 from blobstore.ids import ChunkId, hash_bytes, id_to_bytes
 from blobstore.manifest import ChunkRef, Tree
-from blobstore.materialize import materialize
+from blobstore.materialize import materialize, read_marker
 from blobstore.objectstore import chunk_key, manifest_key, ref_key
 from blobstore.runner import download_model_weights, is_marker
 from blobstore.source import ChunkData, ChunkSource, Sink
@@ -279,6 +279,27 @@ async def test_two_trees_under_one_root_each_repull_by_stat(client: Client, tmp_
     assert (root / "model-a" / "weights.bin").read_bytes() == random_bytes(300_000, "a")
 
 
+async def test_marker_is_compressed_an_old_plain_one_still_vouches_garbage_never(
+    client: Client, tmp_path: Path
+) -> None:
+    src = make_tree(tmp_path / "src")
+    await client.push(src, "t")
+    _, tree = await client.load("t")
+    assert isinstance(tree, Tree)
+    dst, state = tmp_path / "dst", client.pull_state_dir
+    await materialize(tree, dst, client.source, state_dir=state)
+    (marker,) = state.iterdir()
+    doc = read_marker(marker)
+    assert not marker.read_bytes().startswith(b"{")  # zlib, not plain JSON
+    marker.write_text(json.dumps(doc))  # as earlier versions wrote it
+    again = await materialize(tree, dst, client.source, state_dir=state)
+    assert (again.kept_files, again.checked_files) == (6, 0)
+    marker.write_bytes(b"\x78\x01 not zlib at all")
+    checked = await materialize(tree, dst, client.source, state_dir=state)
+    assert (checked.kept_files, checked.checked_files) == (6, 6)
+    assert snapshot(dst) == snapshot(src)
+
+
 async def test_without_marker_intact_files_are_checked_and_kept(
     client: Client, tmp_path: Path
 ) -> None:
@@ -372,7 +393,7 @@ def reboot(monkeypatch: pytest.MonkeyPatch) -> None:
 def marker_of(client: Client, dest: Path) -> dict[str, list[object]]:
     st = dest.stat()
     marker = client.pull_state_dir / f"{st.st_dev:x}-{st.st_ino:x}.json"
-    files: dict[str, list[object]] = json.loads(marker.read_bytes())["files"]
+    files: dict[str, list[object]] = read_marker(marker)["files"]
     return files
 
 
