@@ -34,7 +34,10 @@ from blobstore.config import parse_size  # noqa: E402
 
 def timed(cmd: list[str], env: dict[str, str]) -> float:
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    # cwd: not a checkout, whose blobstore ``python -m`` would import before PYTHONPATH's
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, check=False, cwd=tempfile.gettempdir()
+    )
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
@@ -85,17 +88,18 @@ def main() -> None:
             for name, checkout in tools.items():
                 ours(name, checkout)
             bucket = s3.bucket_url("s5")
-            timed([S5CMD, "cp", f"{src}/*", f"{bucket}/"], base)
+            s5 = [S5CMD, "--endpoint-url", s3.endpoint, "--log", "error"]
+            timed([*s5, "cp", f"{src}/*", f"{bucket}/"], base)
 
             def s5pull() -> float:
                 out = work / f"s5-{next(counter)}"
                 try:
-                    return timed([S5CMD, "cp", f"{bucket}/*", f"{out}/"], base)
+                    return timed([*s5, "cp", f"{bucket}/*", f"{out}/"], base)
                 finally:
                     shutil.rmtree(out, ignore_errors=True)
 
             steps["no-op push"]["s5cmd"] = lambda: timed(
-                [S5CMD, "sync", f"{src}/", f"{bucket}/"], base
+                [*s5, "sync", f"{src}/", f"{bucket}/"], base
             )
             steps["cold pull"]["s5cmd"] = s5pull
             scale = {
@@ -111,10 +115,12 @@ def main() -> None:
                 for rep in range(args.reps):
                     for name in names[rep % len(names) :] + names[: rep % len(names)]:
                         times[name].append(runners[name]())
-                s5 = statistics.median(times["s5cmd"])
+                s5_median = statistics.median(times["s5cmd"])
                 for name in names:
                     median = statistics.median(times[name])
-                    print(f"{step:11} {name:10} {median:6.3f} s  s5cmd/this {s5 / median:5.2f}x")
+                    print(
+                        f"{step:11} {name:10} {median:6.3f} s  s5cmd/this {s5_median / median:5.2f}x"
+                    )
             for name, runner in scale.items():
                 print(f"{name:22} {statistics.median(runner() for _ in range(args.reps)):6.3f} s")
 
