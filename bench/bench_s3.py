@@ -18,7 +18,8 @@ counting proxy: it costs CPU, so timed runs go straight to the server).
 
 ``--clients`` instead measures the S3 client alone: CPU seconds per GiB of
 32 MiB ranged GETs (8 in flight, bodies streamed and dropped) through
-aiobotocore (``S3ObjectStore.get_range``, what pulls use) and through obstore
+the loop's streamed path (``S3ObjectStore.get_range``: aiobotocore until it was
+replaced by signed http.client requests in threads) and through obstore
 (Rust, ``obstore.get_async`` with a range), alternating, ``--reps`` times.
 
 The no-op push reuses the cache of the push (the node that pushed pushes again),
@@ -314,7 +315,7 @@ async def _client_pass(
 
 
 def clients(s3: SeaweedS3Server, reps: int) -> list[str]:
-    """CPU per GiB of ranged GETs: aiobotocore, obstore and http.client in worker
+    """CPU per GiB of ranged GETs: the loop's get_range, obstore and http.client in worker
     threads (httpranges.py, what pulls use), on 1 GiB in 8 objects."""
     from blobstore.stores import open_object_store
 
@@ -332,7 +333,7 @@ def clients(s3: SeaweedS3Server, reps: int) -> list[str]:
                 await store.put(key, blake3.blake3(str(i).encode()).digest(length=GIB // 8))
 
     asyncio.run(upload())
-    runs: dict[str, list[tuple[float, float]]] = {"aiobotocore": [], "obstore": [], "threads": []}
+    runs: dict[str, list[tuple[float, float]]] = {"get_range": [], "obstore": [], "threads": []}
     for rep in range(reps):
         order = list(runs) if rep % 2 == 0 else list(reversed(runs))
         for client in order:
@@ -357,7 +358,7 @@ def main() -> None:
     parser.add_argument(
         "--clients",
         action="store_true",
-        help="compare S3 client CPU (aiobotocore, obstore, http.client in threads) instead",
+        help="compare S3 client CPU (get_range, obstore, http.client in threads) instead",
     )
     args = parser.parse_args()
     if find_weed() is None:

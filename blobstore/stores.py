@@ -4,7 +4,7 @@ Accepted forms, and nothing else:
 
 - ``s3://bucket`` or ``s3://bucket/prefix``: endpoint, profile and region
   from a ``config.S3Config`` (by default ``S3Config.from_env()``: the AWS
-  conventions), credentials as botocore finds them;
+  conventions), credentials as the AWS CLI finds them (s3profile.py);
 - ``file:///abs/dir`` (also ``file://localhost/abs/dir``): a directory, created
   if missing;
 - an explicit path to a directory: ``/abs/dir``, ``./rel/dir``, ``../rel/dir``,
@@ -72,7 +72,7 @@ def open_object_store(
         raise ConfigError("empty object store URL (use s3://bucket/prefix, file:///dir or ./dir)")
     if url_scheme(text) == "s3":
         bucket, prefix = parse_s3_url(text)
-        from .s3store import S3ObjectStore  # aiobotocore is only imported when needed
+        from .s3store import S3ObjectStore  # http.client and ssl only when needed
 
         return S3ObjectStore(bucket, prefix, S3Config.from_env() if s3 is None else s3)
     from .filestore import FileObjectStore
