@@ -87,6 +87,7 @@ import anyio
 
 from .config import CacheConfig
 from .errors import (
+    BadInput,
     ChunkMissing,
     Corrupt,
     CorruptChunk,
@@ -98,8 +99,17 @@ from .ids import ChunkId, hash_bytes, is_id, verify
 from .manifest import ChunkRef
 from .resource import AsyncResource
 from .seeds import COLUMNS as _SEED_COLUMNS
+from .seeds import OLD_TABLE as _OLD_SEEDS
 from .seeds import SCHEMA as _SEED_SCHEMA
-from .seeds import Seed, decode_chunk_rows, encode_chunk_rows, read_chunk, still_there
+from .seeds import TABLE as _SEEDS
+from .seeds import (
+    Seed,
+    decode_chunk_rows,
+    encode_chunk_rows,
+    key_param,
+    read_chunk,
+    still_there,
+)
 from .source import ChunkData, Sink, fetch_each
 
 log = logging.getLogger(__name__)
@@ -120,6 +130,7 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS files (
     mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, nlink INTEGER NOT NULL,
     used REAL NOT NULL, chunks BLOB NOT NULL)"""
 _COLUMNS = "key, size, ino, mtime_ns, ctime_ns, nlink, used, chunks"
+_INSERT_SEED = f"INSERT OR {{how}} INTO {_SEEDS} ({_SEED_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
 
 
 @dataclass(slots=True)
@@ -318,24 +329,49 @@ class NodeStore(AsyncResource):
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(_SCHEMA)
         db.execute(_SEED_SCHEMA)
+        self._move_old_seeds()
         self._load_seeds()
         return self._load_files(alone)
+
+    def _move_old_seeds(self) -> None:
+        """Rows of the first seeds table (hex text) into the compact one."""
+        assert self._db is not None
+        db = self._db
+        if db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_OLD_SEEDS,)
+        ).fetchone():
+            rows = []
+            for row in db.execute(f"SELECT {_SEED_COLUMNS} FROM {_OLD_SEEDS}"):
+                try:
+                    rows.append(Seed.from_old_row(tuple(row)).row())
+                except (BadInput, ValueError, TypeError):
+                    continue  # not ours to read: forgotten
+            with self._db_lock, db:
+                db.executemany(
+                    _INSERT_SEED.format(how="IGNORE"),
+                    rows,
+                )
+                db.execute(f"DROP TABLE {_OLD_SEEDS}")
 
     def _load_seeds(self) -> None:
         """Seeds still there and unchanged; from another boot, only durable ones.
         The rest are forgotten (their rows deleted, their files left alone)."""
         assert self._db is not None
-        dead: list[tuple[str]] = []
-        for rowid, *row in self._db.execute(f"SELECT rowid, {_SEED_COLUMNS} FROM seeds"):
+        dead: list[tuple[int]] = []
+        for rowid, *row in self._db.execute(f"SELECT rowid, {_SEED_COLUMNS} FROM {_SEEDS}"):
             self._seen_seed_rowid = max(self._seen_seed_rowid, rowid)
-            seed = Seed.from_row(tuple(row))
+            try:
+                seed = Seed.from_row(tuple(row))
+            except (BadInput, ValueError, TypeError):
+                dead.append((rowid,))
+                continue
             if ((self.boot and seed.boot == self.boot) or seed.durable) and still_there(seed):
                 self._index_seed(seed)
             else:
-                dead.append((seed.key,))
+                dead.append((rowid,))
         if dead:
             with self._db_lock, self._db:
-                self._db.executemany("DELETE FROM seeds WHERE key = ?", dead)
+                self._db.executemany(f"DELETE FROM {_SEEDS} WHERE rowid = ?", dead)
 
     def _close_db(self) -> None:
         if self._db is not None:
@@ -440,7 +476,7 @@ class NodeStore(AsyncResource):
                 f"SELECT rowid, {_COLUMNS} FROM files WHERE rowid > ?", (self._seen_rowid,)
             ).fetchall()
             seed_rows = self._reader.execute(
-                f"SELECT rowid, {_SEED_COLUMNS} FROM seeds WHERE rowid > ?",
+                f"SELECT rowid, {_SEED_COLUMNS} FROM {_SEEDS} WHERE rowid > ?",
                 (self._seen_seed_rowid,),
             ).fetchall()
         except sqlite3.Error as exc:
@@ -448,7 +484,10 @@ class NodeStore(AsyncResource):
             return
         for rowid, *seed_row in seed_rows:
             self._seen_seed_rowid = max(self._seen_seed_rowid, rowid)
-            seed = Seed.from_row(tuple(seed_row))
+            try:
+                seed = Seed.from_row(tuple(seed_row))
+            except (BadInput, ValueError, TypeError):
+                continue
             if seed.key not in self._seeds and seed.key not in self._seeds_dead:
                 self._index_seed(seed)
         for rowid, *row in rows:
@@ -725,7 +764,7 @@ class NodeStore(AsyncResource):
         rows += [rec.row() for rec in pending]
         dead = [(str(k),) for k in self._rows_dead]
         seed_rows = [self._seeds[k].row() for k in self._seeds_unsynced if k in self._seeds]
-        dead_seeds = [(str(k),) for k in self._seeds_dead]
+        dead_seeds = [(key_param(k),) for k in self._seeds_dead]
         self._rows_dirty.clear()
         self._rows_dead.clear()
         self._seeds_unsynced.clear()
@@ -756,7 +795,7 @@ class NodeStore(AsyncResource):
         rows: list[tuple[str, int, int, int, int, int, float, bytes]],
         dead: list[tuple[str]],
         seed_rows: Sequence[tuple[object, ...]] = (),
-        dead_seeds: Sequence[tuple[str]] = (),
+        dead_seeds: Sequence[tuple[bytes]] = (),
     ) -> None:
         with self._db_lock:
             if self._db is None:
@@ -766,9 +805,9 @@ class NodeStore(AsyncResource):
                 self._db.executemany(
                     f"INSERT OR REPLACE INTO files ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", rows
                 )
-                self._db.executemany("DELETE FROM seeds WHERE key = ?", dead_seeds)
+                self._db.executemany(f"DELETE FROM {_SEEDS} WHERE key = ?", dead_seeds)
                 self._db.executemany(
-                    f"INSERT OR REPLACE INTO seeds ({_SEED_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    _INSERT_SEED.format(how="REPLACE"),
                     seed_rows,
                 )
 

@@ -34,19 +34,29 @@ from __future__ import annotations
 
 import os
 import stat
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import SeedChanged
-from .ids import ChunkId, id_from_bytes, id_to_bytes
+from .ids import ID_BYTES, ChunkId, id_from_bytes, id_to_bytes, parse_id
 
-SCHEMA = """CREATE TABLE IF NOT EXISTS seeds (
-    key TEXT PRIMARY KEY, path TEXT NOT NULL, dev INTEGER NOT NULL, ino INTEGER NOT NULL,
+TABLE = "seeds2"
+SCHEMA = f"""CREATE TABLE IF NOT EXISTS {TABLE} (
+    key BLOB PRIMARY KEY, path TEXT NOT NULL, dev INTEGER NOT NULL, ino INTEGER NOT NULL,
     size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
-    boot TEXT NOT NULL, durable INTEGER NOT NULL, chunks BLOB NOT NULL)"""
+    boot NOT NULL, durable INTEGER NOT NULL, chunks BLOB NOT NULL)"""
+"""Rows are compact: a cold pull of the stdlib tree adopts ~5,600 seeds and the
+index is written twice (WAL, then checkpoint). Keys are 32 raw bytes (in the
+table and again in its key index), a boot id that is a UUID is its 16 bytes, a
+one-chunk file's chunk list is that chunk's id: ~230 bytes a row where the
+first layout (table ``seeds``: hex text; still read, see ``from_old_row``) took
+~330."""
 COLUMNS = "key, path, dev, ino, size, mtime_ns, ctime_ns, boot, durable, chunks"
+OLD_TABLE = "seeds"
 
-SeedRow = tuple[str, str, int, int, int, int, int, str, int, bytes]
+SeedRow = tuple[bytes, str, int, int, int, int, int, bytes | str, int, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,25 +110,53 @@ class Seed:
         ) == (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
 
     def row(self) -> SeedRow:
-        blob = encode_chunk_rows(self.chunks)
+        if len(self.chunks) == 1:
+            blob = id_to_bytes(self.chunks[0][0])  # its size is the file's
+        else:
+            blob = encode_chunk_rows(self.chunks)
         return (
-            self.key,
+            key_param(self.key),
             self.path,
             self.dev,
             self.ino,
             self.size,
             self.mtime_ns,
             self.ctime_ns,
-            self.boot,
+            _boot_param(self.boot),
             int(self.durable),
             blob,
         )
 
     @classmethod
     def from_row(cls, row: SeedRow) -> Seed:
+        """A seed from a ``TABLE`` row. Raises BadInput, ValueError."""
+        key, path, dev, ino, size, mtime_ns, ctime_ns, boot, durable, blob = row
+        if not isinstance(key, bytes):
+            raise ValueError("seed key is not bytes")
+        if len(blob) == ID_BYTES:
+            chunks: tuple[tuple[ChunkId, int, int], ...] = ((id_from_bytes(blob), 0, size),)
+        else:
+            chunks = decode_chunk_rows(blob)
+        return cls(
+            id_from_bytes(key),
+            path,
+            dev,
+            ino,
+            size,
+            mtime_ns,
+            ctime_ns,
+            str(uuid.UUID(bytes=boot)) if isinstance(boot, bytes) else boot,
+            bool(durable),
+            chunks,
+        )
+
+    @classmethod
+    def from_old_row(cls, row: tuple[Any, ...]) -> Seed:
+        """A seed from a row of ``OLD_TABLE`` (hex key, text boot, 40 bytes per
+        chunk). Raises BadInput, ValueError."""
         key, path, dev, ino, size, mtime_ns, ctime_ns, boot, durable, blob = row
         return cls(
-            ChunkId(key),
+            parse_id(key),
             path,
             dev,
             ino,
@@ -129,6 +167,21 @@ class Seed:
             bool(durable),
             decode_chunk_rows(blob),
         )
+
+
+def key_param(key: ChunkId) -> bytes:
+    """How ``TABLE`` stores a seed's key (its primary key)."""
+    return id_to_bytes(key)
+
+
+def _boot_param(boot: str) -> bytes | str:
+    """A boot id that is a UUID (the kernel's) as its 16 bytes; anything else
+    (unknown: "", or a test's) as text. ``from_row`` tells them by type."""
+    try:
+        as_uuid = uuid.UUID(boot)
+    except ValueError:
+        return boot
+    return as_uuid.bytes if str(as_uuid) == boot else boot
 
 
 def encode_chunk_rows(chunks: Iterable[tuple[ChunkId, int, int]]) -> bytes:

@@ -648,3 +648,58 @@ async def test_seeds_are_read_never_owned_and_dropped_after_a_reboot_unless_dura
             await store.get(durable.chunks[0][0])
     assert (tmp_path / "fresh.bin").exists()  # never deleted by the store
     assert (tmp_path / "durable.bin").exists()
+
+
+def test_seed_rows_are_compact_and_read_back_whole() -> None:
+    """Keys and UUID boot ids as raw bytes, a one-chunk file's chunk list as its
+    chunk id; every row reads back as the seed it was."""
+    kernel_boot = "0f8fad5b-d9cb-469f-a165-70867728950e"
+    st = os.stat(__file__)
+    one_id = hash_bytes(b"one")
+    many = ((hash_bytes(b"a"), 0, 3), (hash_bytes(b"b"), 3, 4))
+    for boot, chunks in ((kernel_boot, ((one_id, 0, st.st_size),)), ("", many), ("x-1", many)):
+        seed = Seed.of(
+            file_key([ChunkRef(c, s) for c, _, s in chunks]), __file__, st, chunks, boot, False
+        )
+        row = seed.row()
+        assert len(row[0]) == 32
+        assert Seed.from_row(row) == seed
+    assert Seed.of(file_key([]), __file__, st, ((one_id, 0, st.st_size),), kernel_boot, True).row()[
+        7
+    ] == bytes.fromhex(kernel_boot.replace("-", ""))
+
+
+async def test_seeds_in_the_first_table_layout_are_moved_and_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node store written by an earlier version (table ``seeds``, hex text)
+    keeps its seeds: moved into the compact table at open, the old table dropped."""
+    config = CacheConfig(tmp_path / "cache", max_bytes=1 << 20)
+    seed = _seed_of(tmp_path / "seeded.bin", random_bytes(40 * KIB, "old"), "boot-1", False)
+    monkeypatch.setattr(nodestore, "boot", lambda: ("boot-1", 0))
+    async with NodeStore(config):
+        pass  # creates the index
+    db = sqlite3.connect(tmp_path / "cache" / "index.sqlite")
+    with db:
+        db.execute(
+            """CREATE TABLE seeds (key TEXT PRIMARY KEY, path TEXT NOT NULL, dev INTEGER NOT NULL,
+            ino INTEGER NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+            ctime_ns INTEGER NOT NULL, boot TEXT NOT NULL, durable INTEGER NOT NULL,
+            chunks BLOB NOT NULL)"""
+        )
+        blob = b"".join(bytes.fromhex(c) + s.to_bytes(8, "big") for c, _, s in seed.chunks)
+        row = (seed.key, seed.path, seed.dev, seed.ino, seed.size, seed.mtime_ns)
+        row += (seed.ctime_ns, seed.boot, 0, blob)
+        db.execute(
+            "INSERT INTO seeds VALUES (?,?,?,?,?,?,?,?,?,?)",
+            row,
+        )
+    db.close()
+    async with NodeStore(config) as store:
+        assert store.open_seed(seed.key) == seed
+        first = seed.chunks[0]
+        assert await store.get(first[0]) == (tmp_path / "seeded.bin").read_bytes()[: first[2]]
+    db = sqlite3.connect(tmp_path / "cache" / "index.sqlite")
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    db.close()
+    assert "seeds" not in tables
