@@ -325,5 +325,5 @@ def _is_ip(host: str) -> bool:
     try:
         ip_address(host)
     except ValueError:
-        return host == "localhost"
+        return False
     return True

@@ -109,8 +109,8 @@ class S3ObjectStore(AsyncResource):
         min_bytes_per_second: float = DEFAULT_MIN_BYTES_PER_SECOND,
     ) -> None:
         """``settings`` None: AWS defaults (``S3Config()``). ``max_pool_connections``
-        bounds the idle connections kept alive (requests in flight are bounded by
-        the worker threads)."""
+        bounds the requests in flight (each holds a worker thread) and the idle
+        connections kept alive."""
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -127,6 +127,9 @@ class S3ObjectStore(AsyncResource):
         self._idle_connections = max_pool_connections
         self._http: S3Http | None = None
         self._threaded = False
+        self._limiter: anyio.CapacityLimiter | None = None
+        """Worker threads this store's requests may hold at once: its own, so
+        that requests never wait behind other thread work (span reads, disk)."""
 
     def __repr__(self) -> str:
         return f"S3ObjectStore({self.url!r}, endpoint={self.endpoint!r})"
@@ -143,6 +146,7 @@ class S3ObjectStore(AsyncResource):
         Raises StoreUnavailable (endpoint unreachable, bucket missing, access
         denied) or ConfigError (unknown profile, no credentials).
         """
+        self._limiter = anyio.CapacityLimiter(self._idle_connections)
         profile = await anyio.to_thread.run_sync(read_profile, self.settings)
         endpoint, style = profile.endpoint_url, profile.addressing_style
         if endpoint is None and profile.botocore_endpoint:
@@ -296,7 +300,7 @@ class S3ObjectStore(AsyncResource):
                 started = anyio.current_time()
                 with anyio.move_on_after(budget) as scope:
                     block = await anyio.to_thread.run_sync(
-                        _read_block, body, abandon_on_cancel=True
+                        _read_block, body, abandon_on_cancel=True, limiter=self._limiter
                     )
                 if scope.cancelled_caught:
                     body.abort()
@@ -432,7 +436,9 @@ class S3ObjectStore(AsyncResource):
         finished = False
         try:
             with scope:
-                result = await anyio.to_thread.run_sync(work, call, abandon_on_cancel=True)
+                result = await anyio.to_thread.run_sync(
+                    work, call, abandon_on_cancel=True, limiter=self._limiter
+                )
                 finished = True
         finally:
             if not finished:
