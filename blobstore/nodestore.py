@@ -31,8 +31,8 @@ verified, and a scan at open rebuilds them (LRU order from mtimes).
 Crash safety with one fsync per pull, not per file: ``FileWriter.commit``
 renames the file into place and indexes it in memory only. ``sync()`` stats the
 files committed since the last sync, runs one ``syncfs`` on the store's
-filesystem, then writes their rows (recording those stats) in one fsynced
-transaction. On open, a file is trusted only if its row exists and it still
+filesystem, then writes their rows (recording those stats) in one transaction
+(not synced itself: losing it to a power loss only loses those rows). On open, a file is trusted only if its row exists and it still
 matches the row. A file without a row was committed by a process that died
 before syncing (its bytes may be torn by a power loss): it is deleted. A clean
 ``aclose`` syncs, so only crashes cost re-fetches.
