@@ -1,0 +1,75 @@
+"""Retries of the S3 request path (blobstore/s3http.py) as botocore's standard
+mode: a throttled (503 SlowDown) upload is repeated and succeeds, one that stays
+throttled ends in one line after ``max_attempts``; a kept-alive connection the
+server closed is replaced without an error. Real SeaweedFS behind tests/s3proxy.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from helpers import random_bytes
+from s3proxy import CountingProxy, Fault
+from s3server import SeaweedS3Server
+
+from blobstore.config import S3Config
+from blobstore.errors import StoreUnavailable
+from blobstore.s3store import S3ObjectStore
+from blobstore.stores import parse_s3_url
+
+pytestmark = [pytest.mark.anyio, pytest.mark.s3]
+
+KEY = "packs/ab/pack"
+
+
+@asynccontextmanager
+async def proxied(
+    s3: SeaweedS3Server, **options: Any
+) -> AsyncIterator[tuple[S3ObjectStore, CountingProxy]]:
+    bucket, prefix = parse_s3_url(s3.bucket_url())
+    async with CountingProxy.to_endpoint(s3.endpoint) as proxy:
+        proxy.http = True
+        settings = S3Config.from_env(endpoint_url=proxy.endpoint)
+        async with S3ObjectStore(bucket, prefix, settings, **options) as store:
+            yield store, proxy
+
+
+async def test_throttled_upload_is_retried(s3_env: SeaweedS3Server) -> None:
+    data = random_bytes(1 << 20, "throttled")
+    async with proxied(s3_env) as (store, proxy):
+        twice = proxy.arm(Fault("reject_upload", "PUT", KEY, at=64 << 10, times=2))
+        await store.put(KEY, data)
+        assert twice.hits == 2
+        assert await store.get(KEY) == data
+
+
+async def test_always_throttled_upload_is_one_line_after_max_attempts(
+    s3_env: SeaweedS3Server,
+) -> None:
+    data = random_bytes(1 << 20, "always")
+    async with proxied(s3_env, max_attempts=3) as (store, proxy):
+        always = proxy.arm(Fault("reject_upload", "PUT", KEY, at=64 << 10))
+        with anyio.fail_after(60), pytest.raises(StoreUnavailable) as info:
+            await store.put(KEY, data)
+        assert always.hits == 3
+        assert "\n" not in str(info.value)
+        assert KEY in str(info.value)
+        proxy.disarm()
+        await store.put(KEY, data)  # the store is still usable
+        assert await store.get(KEY) == data
+
+
+async def test_requests_reuse_connections(s3_env: SeaweedS3Server) -> None:
+    """Small requests one after another share one kept-alive connection."""
+    async with proxied(s3_env) as (store, proxy):
+        opened = proxy.connections
+        for i in range(20):
+            await store.put(f"refs/r{i}", b"x")
+            assert await store.exists(f"refs/r{i}")
+        assert len([info async for info in store.list("refs/")]) == 20
+        assert proxy.connections - opened <= 1
+        assert proxy.requests["PUT"] == 20
+        assert proxy.requests["HEAD"] == 20 + 1  # and the bucket check at open
