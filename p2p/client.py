@@ -103,9 +103,12 @@ class PeerConnection(AsyncResource):
         frame = await self._request(messages.has(chunk_ids))
         return messages.have_flags(frame, len(chunk_ids))
 
-    async def ping(self, port: int | None = None) -> dict[str, object]:
-        """``port``: where this node's daemon serves (see messages.ping)."""
-        frame = await self._request(messages.ping(port))
+    async def ping(
+        self, port: int | None = None, news: list[messages.News] | None = None
+    ) -> dict[str, object]:
+        """``port``: where this node's daemon serves; ``news``: membership news to pass
+        on (see messages.ping)."""
+        frame = await self._request(messages.ping(port, news or ()))
         return messages.expect(frame, "pong")
 
     def _request(self, header: dict[str, object]) -> asyncio.Future[Frame]:

@@ -127,8 +127,9 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                 provider,
                 metrics,
                 limits=opts.limits,
-                peers=lambda: [p.address for p in directory.live()],
+                peers=directory.gossip,  # a sample of live peers, and news
                 learn=lambda address: directory.add(address, "gossip"),
+                hear=directory.hear,  # deaths and joins, riding on pings
             )
             await stack.enter_async_context(server.serving(host, bound, sock))
             on_second_signal.append(server.hurry)

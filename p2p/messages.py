@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import random
 import secrets
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,12 +134,16 @@ def has(ids: list[ChunkId]) -> dict[str, Any]:
 PING: dict[str, Any] = {"t": "ping"}
 
 
-def ping(port: int | None = None) -> dict[str, Any]:
+def ping(port: int | None = None, news: Sequence[News] = ()) -> dict[str, Any]:
     """A liveness check. ``port``: where the pinging daemon serves, on the address it
     pings from, so the pinged one can name it in its pongs (a pull serves nothing and
     sends none). Without it a seed learnt nobody: pongs name only peers the seed
-    dialled itself, so a region that knew one seed address never found itself."""
-    return {"t": "ping", "port": port} if port else dict(PING)
+    dialled itself, so a region that knew one seed address never found itself.
+    ``news``: membership news, as pongs carry it (so news travels both ways)."""
+    header = {"t": "ping", "port": port} if port else dict(PING)
+    if news:
+        header["news"] = _news_entries(news)
+    return header
 
 
 def port_field(header: dict[str, Any]) -> int | None:
@@ -158,27 +163,114 @@ GOSSIP_SAMPLE = 32
 learns the whole region within a few rounds while a pong stays under ~1 KiB whatever the
 region's size. Listing every live peer made pongs ~20 KiB at 1,000 nodes, sent ~1,000
 times a second by each daemon (bench/sim_region.py, docs/scale.md)."""
+MAX_NEWS = 32
+"""Membership news a pong carries at most (and a received pong may carry)."""
 
 
-def pong(node: str, region: str, peers: list[str]) -> dict[str, Any]:
-    """A ping's answer; ``peers`` are the addresses of the live peers the daemon sees."""
-    if len(peers) > GOSSIP_SAMPLE:
-        peers = random.sample(peers, GOSSIP_SAMPLE)
-    return {"t": "pong", "node": node, "region": region, "peers": peers}
+@dataclass(frozen=True, slots=True)
+class News:
+    """A peer seen to come up or go down, first-hand by someone, ``age`` seconds ago.
+
+    Deaths and joins spread by riding on pongs (SWIM-style piggybacking): a receiver
+    applies news only when it is fresher than its own first-hand evidence."""
+
+    address: str
+    node: str
+    alive: bool
+    age: float
 
 
-def peers_field(header: dict[str, Any]) -> list[str]:
-    """The HOST:PORT addresses a pong lists (none if it lists none)."""
+@dataclass(frozen=True, slots=True)
+class Gossip:
+    """What a daemon's pongs say about the region: a sample of its live peers
+    (address, node id) and recent news."""
+
+    peers: list[tuple[str, str]]
+    news: list[News]
+
+
+def pong(node: str, region: str, peers: list[str] | Gossip) -> dict[str, Any]:
+    """A ping's answer. ``peers``: the addresses of the live peers the daemon sees, or
+    its ``Gossip`` (a sample with node ids, and news)."""
+    if not isinstance(peers, Gossip):
+        if len(peers) > GOSSIP_SAMPLE:
+            peers = random.sample(peers, GOSSIP_SAMPLE)
+        return {"t": "pong", "node": node, "region": region, "peers": peers}
+    members = peers.peers
+    if len(members) > GOSSIP_SAMPLE:
+        members = random.sample(members, GOSSIP_SAMPLE)
+    news = peers.news
+    header: dict[str, Any] = {
+        "t": "pong",
+        "node": node,
+        "region": region,
+        "peers": [address for address, _ in members],
+        "nodes": [member for _, member in members],
+    }
+    if news:
+        header["news"] = _news_entries(news)
+    return header
+
+
+def _news_entries(news: Sequence[News]) -> list[list[Any]]:
+    if len(news) > MAX_NEWS:
+        news = random.sample(list(news), MAX_NEWS)
+    return [[n.address, n.node, n.alive, round(n.age * 1000)] for n in news]
+
+
+def peers_field(header: dict[str, Any], known: Container[str] = ()) -> list[str]:
+    """The HOST:PORT addresses a pong lists (none if it lists none). Addresses in
+    ``known`` (checked when they were first heard) are not parsed again."""
     raw = header.get("peers", [])
     if not isinstance(raw, list) or len(raw) > MAX_GOSSIP_PEERS:
         raise ProtocolError("'peers' must be a list of at most 1024 addresses")
     for address in raw:
-        if not isinstance(address, str) or len(address) > 256:
-            raise ProtocolError("'peers' lists a malformed address")
-        parsed = split_hostport(address)
-        if parsed is None or not parsed[0]:
-            raise ProtocolError(f"'peers' lists a malformed address {address[:64]!r}")
+        if not (isinstance(address, str) and address in known):
+            _check_address(address, "peers")
     return list(dict.fromkeys(raw))  # each address once, in order
+
+
+def members_field(header: dict[str, Any], known: Container[str] = ()) -> list[tuple[str, str]]:
+    """The (address, node id) pairs a pong lists; the node id is empty when the pong
+    names none (a daemon of an older release lists addresses only)."""
+    raw = header.get("peers", [])
+    addresses = peers_field(header, known)
+    nodes = header.get("nodes")
+    if nodes is None or len(addresses) != len(raw):
+        return [(address, "") for address in addresses]
+    if not isinstance(nodes, list) or len(nodes) != len(raw):
+        raise ProtocolError("'nodes' must name one node per listed peer")
+    for node in nodes:
+        if not isinstance(node, str) or len(node) > 256:
+            raise ProtocolError("'nodes' lists a malformed node id")
+    return list(zip(addresses, nodes, strict=True))
+
+
+def news_field(header: dict[str, Any]) -> list[News]:
+    """The membership news a pong carries (none if it carries none)."""
+    raw = header.get("news", [])
+    if not isinstance(raw, list) or len(raw) > MAX_NEWS:
+        raise ProtocolError(f"'news' must be a list of at most {MAX_NEWS} entries")
+    news = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 4:
+            raise ProtocolError("'news' lists a malformed entry")
+        address, node, alive, age_ms = item
+        _check_address(address, "news")
+        if not isinstance(node, str) or len(node) > 256 or not isinstance(alive, bool):
+            raise ProtocolError("'news' lists a malformed entry")
+        if not isinstance(age_ms, int) or isinstance(age_ms, bool) or not 0 <= age_ms < 1 << 31:
+            raise ProtocolError("'news' lists a malformed age")
+        news.append(News(address, node, alive, age_ms / 1000))
+    return news
+
+
+def _check_address(address: Any, field_name: str) -> None:
+    if not isinstance(address, str) or len(address) > 256:
+        raise ProtocolError(f"'{field_name}' lists a malformed address")
+    parsed = split_hostport(address)
+    if parsed is None or not parsed[0]:
+        raise ProtocolError(f"'{field_name}' lists a malformed address {address[:64]!r}")
 
 
 MISSING: dict[str, Any] = {"t": "missing"}

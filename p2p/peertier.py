@@ -179,7 +179,7 @@ class PeerTier:
     async def _ask(self, peer: Peer, chunk_id: ChunkId) -> ChunkData:
         started = time.monotonic()
         try:
-            conn = self._directory.connection(peer)
+            conn = await self._directory.connect(peer)
             async with asyncio.timeout(self._tuning.request_timeout):
                 data = await conn.get(chunk_id)
         except ChunkMissing:
@@ -200,7 +200,7 @@ class PeerTier:
     async def _probe(self, peer: Peer, ids: list[ChunkId]) -> set[ChunkId]:
         held: set[ChunkId] = set()
         try:
-            conn = self._directory.connection(peer)
+            conn = await self._directory.connect(peer)
             for start in range(0, len(ids), MAX_IDS_PER_REQUEST):
                 part = ids[start : start + MAX_IDS_PER_REQUEST]
                 async with asyncio.timeout(self._tuning.request_timeout):

@@ -156,15 +156,19 @@ class PeerServer:
         provider: ChunkProvider,
         metrics: Metrics,
         limits: ServerLimits | None = None,
-        peers: Callable[[], list[str]] = list,
+        peers: Callable[[], list[str] | messages.Gossip] = list,
         learn: Callable[[str], None] = lambda address: None,
+        hear: Callable[[list[messages.News]], None] = lambda news: None,
     ) -> None:
-        """``peers`` gives the addresses of the live peers this daemon sees; pongs list them.
+        """``peers`` gives the addresses of the live peers this daemon sees (or its
+        directory's ``Gossip``: a sample with node ids, and news); pongs list them.
         ``learn`` is told where an authenticated pinger serves (its address, the port its
         ping names)."""
         self._me = me
         self._peers = peers
         self._learn = learn
+        self._hear = hear
+        """Told the membership news an authenticated ping carries (liveness.py)."""
         self._provider = provider
         self._metrics = metrics
         self._limits = limits = limits or ServerLimits()
@@ -418,6 +422,7 @@ class PeerServer:
                     port = messages.port_field(frame.header)
                     if port is not None:
                         self._learn(messages.endpoint((_remote_host(stream), port)))
+                    self._hear(messages.news_field(frame.header))
                     await session.slots.acquire()
                     self._answer(
                         session, messages.pong(self._me.node, self._me.region, self._peers())

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from p2p import liveness
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from sim_region import SCENARIOS, Result, Scenario, model_set, placement_figures, simulate
@@ -37,7 +39,12 @@ def test_a_herd_reads_each_chunk_from_the_store_once() -> None:
 def test_a_rolling_start_reads_from_the_store_once() -> None:
     # Each joining home reads through its next-ranked peers (HandoffSource) first.
     assert run("b", 16).origin <= 1.05 * UNIQUE
-    assert run("b", 16, handoff=False).origin > 2 * UNIQUE  # what it did before
+    # What it did before, where homes move under pulls: nodes now see a joiner at once
+    # (it names itself in its pings, peers name it in their pongs), so at 50 nodes a
+    # second the region is whole before the first pull; at one a second it is not.
+    slow = Scenario("b", "rolling start 1/s", 16, start_rate=1.0)
+    assert simulate(slow, REFS, max_time=120.0).origin <= 1.05 * UNIQUE
+    assert simulate(slow, REFS, max_time=120.0, handoff=False).origin > 2 * UNIQUE
 
 
 def test_killed_peers_are_dropped_fast_and_every_node_completes() -> None:
@@ -64,6 +71,25 @@ def test_split_halves_each_read_the_set_once() -> None:
 def test_gossip_from_one_seed_finds_the_region() -> None:
     result = run("f", 16)
     assert result.origin <= 1.1 * UNIQUE
+
+
+def test_liveness_costs_each_daemon_the_same_whatever_the_region_size() -> None:
+    # Idle peers are probed a few an interval, not all of them: pings (and the gossip
+    # they carry) per daemon stay flat as the region grows, and so do its connections.
+    small, large = run("a", 12), run("a", 48)
+    assert large.extra["pings_per_node_s"] <= 1.5 * small.extra["pings_per_node_s"]
+    assert large.extra["pings_per_node_s"] <= 2 * liveness.Timing().probes_per_interval
+    # A pong names at most GOSSIP_SAMPLE peers: ~1 KiB, whatever the region's size.
+    assert large.gossip_rate / large.extra["pings_per_node_s"] <= 2048
+    assert large.extra["max_pool"] <= liveness.MAX_CONNECTIONS
+
+
+def test_a_death_is_news_to_every_node_within_seconds() -> None:
+    # Nodes not asking a killed peer hear of it from those that were (news on pings and
+    # pongs) instead of each finding out with a check of its own.
+    result = run("c", 40)
+    assert len(result.dead_dropped) >= 40 - 4  # every node that saw them up dropped them
+    assert max(result.dead_asked) <= 5.0
 
 
 @pytest.mark.parametrize("nodes", [10, 100])

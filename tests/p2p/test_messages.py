@@ -99,3 +99,36 @@ def test_pong_names_peers_and_malformed_lists_are_refused() -> None:
     ):
         with pytest.raises(ProtocolError):
             messages.peers_field({"t": "pong", "peers": bad})
+
+
+def test_pongs_name_node_ids_and_pings_and_pongs_carry_news() -> None:
+    died = messages.News("10.0.0.3:7411", "n3", False, 1.5)
+    gossip = messages.Gossip([("10.0.0.2:7411", "n2")], [died])
+    pong = messages.pong("n", "r", gossip)
+    assert messages.members_field(pong) == [("10.0.0.2:7411", "n2")]
+    assert messages.news_field(pong) == [died]
+    ping = messages.ping(7411, [died])
+    assert messages.port_field(ping) == 7411
+    assert messages.news_field(ping) == [died]
+    assert messages.news_field(messages.ping()) == []  # a pull's ping, an older daemon's
+    # An older daemon's pong lists addresses only: no node ids to trust.
+    assert messages.members_field({"peers": ["10.0.0.2:7411"]}) == [("10.0.0.2:7411", "")]
+    many = [messages.News(f"10.0.1.{i}:7411", f"n{i}", True, 0.0) for i in range(100)]
+    assert len(messages.news_field(messages.ping(None, many))) == messages.MAX_NEWS
+    for bad in (
+        {"peers": ["10.0.0.2:7411"], "nodes": ["n2", "n3"]},
+        {"peers": ["10.0.0.2:7411"], "nodes": [7]},
+    ):
+        with pytest.raises(ProtocolError):
+            messages.members_field(bad)
+    for bad_news in (
+        "x",
+        [["10.0.0.2:7411", "n2", True]],
+        [["10.0.0.2", "n2", True, 0]],
+        [["10.0.0.2:7411", "n2", "yes", 0]],
+        [["10.0.0.2:7411", "n2", True, -1]],
+        [["10.0.0.2:7411", "n2", True, True]],
+        [["10.0.0.2:7411", "n2", True, 0]] * (messages.MAX_NEWS + 1),
+    ):
+        with pytest.raises(ProtocolError):
+            messages.news_field({"news": bad_news})
