@@ -203,7 +203,7 @@ class S3Http:
         if self._proxy is not None and self.scheme == "http":
             target = self.url(path, query)  # absolute form, for the proxy
         payload = sigv4.UNSIGNED_PAYLOAD
-        if self._sign_payload or (method == "PUT" and not body and key is None):
+        if self._sign_payload:  # hashed here, in the worker thread
             payload = hashlib.sha256(body).hexdigest()
         connect_failures = 0
         attempt = 0
