@@ -179,7 +179,7 @@ class Client:
                 self.object_store,
                 self.index_cache,
                 push_index,
-                DEFAULT_PARAMS.info(),
+                DEFAULT_PARAMS,
             )
             if done is not None:
                 return done

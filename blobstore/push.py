@@ -59,7 +59,7 @@ import anyio
 
 from .atomic import write_atomic
 from .catalog import Catalog, check_ref
-from .chunker import ChunkerParams
+from .chunker import Chunker, ChunkerParams
 from .errors import BadInput, Corrupt, InvalidManifest, NotFound, os_error, single_errors
 from .ids import ChunkId, hash_bytes, is_id
 from .ingest import Ingestor
@@ -113,6 +113,7 @@ class _Scan:
     stats: dict[str, StatKey] = field(default_factory=dict)
     started_ns: int = 0
     """Wall clock (ns) taken before the walk: the push index's racy reference."""
+    root: Path | None = None
 
 
 def scan_tree(root: Path) -> _Scan:
@@ -146,7 +147,7 @@ def scan_tree(root: Path) -> _Scan:
                     stats[path] = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev)
                 else:
                     skipped.append(path)
-    return _Scan(entries, files, skipped, stats, started_ns)
+    return _Scan(entries, files, skipped, stats, started_ns, root)
 
 
 async def scan_root(root: Path) -> _Scan:
@@ -227,6 +228,12 @@ class PushIndex:
                 log.info("ignoring the push index %s: %s", self.path, exc)
             return {}
 
+    @property
+    def checked_ns(self) -> int:
+        """When a LIST or a push last saw the packs it names (0: never)."""
+        self.load()
+        return self._checked_ns
+
     def fresh(self) -> bool:
         """Whether the packs it names were seen in the store less than
         ``fresh_ns`` ago (by the push that wrote it or a no-op push's LIST)."""
@@ -248,10 +255,12 @@ class PushIndex:
                 out[path] = got[1]
         return out
 
-    def save(self, scan: _Scan, files: dict[str, tuple[ChunkRef, ...]]) -> None:
-        """Record ``files`` (path -> chunk list, all in packs that the push of
-        ``scan`` saw or wrote) as scanned, leaving out racily clean ones.
-        Never raises: it is only a cache."""
+    def save(
+        self, scan: _Scan, files: dict[str, tuple[ChunkRef, ...]], checked_ns: int | None = None
+    ) -> None:
+        """Record ``files`` (path -> chunk list, all in packs seen in the store
+        at ``checked_ns``, by default when ``scan`` began) as scanned, leaving
+        out racily clean ones. Never raises: it is only a cache."""
         limit = scan.started_ns - self.window_ns
         kept = {
             path: (key, refs)
@@ -260,7 +269,7 @@ class PushIndex:
             and max(key[1], key[3]) < limit
             and all(c.pack is not None for c in refs)
         }
-        self._write(kept, scan.started_ns)  # its LIST came after the scan began
+        self._write(kept, scan.started_ns if checked_ns is None else checked_ns)
 
     def _write(self, files: dict[str, tuple[StatKey, tuple[ChunkRef, ...]]], checked: int) -> None:
         doc = {
@@ -288,6 +297,13 @@ def _tree_of(scan: _Scan, files: dict[str, tuple[ChunkRef, ...]], chunker: Chunk
     return Tree(chunker, tuple(sorted(entries, key=lambda e: e.path)))
 
 
+UNCHANGED_READ_MAX = 64 << 20
+"""Bytes of files the push index does not vouch for (changed stat, racily clean)
+that a push reads to find out whether it has anything to write at all; with
+more, it goes the full way at once."""
+_UNCHANGED_FILE_MAX = 16 << 20
+
+
 async def push_unchanged(
     scan: _Scan,
     ref: str,
@@ -295,34 +311,52 @@ async def push_unchanged(
     store: ObjectStore,
     index_cache: IndexCache,
     push_index: PushIndex,
-    chunker: ChunkerInfo,
+    chunker: ChunkerParams,
 ) -> PushResult | None:
-    """The push of ``scan`` if it has nothing to do: every file matches the push
-    index and ``ref`` already names the tree they make, with no location verify
-    found bad, and (unless the push index is fresh) every pack of it in one
-    LIST. One request (two when not fresh), no lease, no writes. None if
-    anything is different (push the full way). Raises StoreUnavailable."""
+    """The push of ``scan`` if it has nothing to write: ``ref`` already names
+    the tree its files make, with no location verify found bad, and (unless the
+    push index is fresh) every pack of it in one LIST. Files the push index
+    vouches for are not read; the others (at most ``UNCHANGED_READ_MAX`` bytes,
+    e.g. touched or rewritten with the same bytes) are read, cut and located
+    in the ref's manifest (one more GET). One request when every file matches
+    and the index is fresh; no lease, no writes. None if anything is different
+    (push the full way). Raises StoreUnavailable."""
     check_ref(ref)
-    hits = await anyio.to_thread.run_sync(push_index.hits, scan)
-    if len(hits) != len(scan.files):
+    files = await anyio.to_thread.run_sync(push_index.hits, scan)
+    misses = [(path, size) for path, _, size in scan.files if path not in files]
+    root = scan.root
+    if misses and (
+        root is None
+        or sum(size for _, size in misses) > UNCHANGED_READ_MAX
+        or any(size > _UNCHANGED_FILE_MAX for _, size in misses)
+    ):
         return None
-    tree = _tree_of(scan, hits, chunker)
-    new_id = hash_bytes(encode(tree))
     try:
-        if await catalog.resolve(ref) != new_id:
-            return None
+        named = await catalog.resolve(ref)
     except (NotFound, InvalidManifest):
+        return None
+    if misses and root is not None:
+        read = await _locate_in(catalog, named, root, misses, chunker)
+        if read is None:
+            return None
+        files |= read
+    tree = _tree_of(scan, files, chunker.info())
+    new_id = hash_bytes(encode(tree))
+    if named != new_id:
         return None
     refs = list(tree.chunk_refs())
     bad = await anyio.to_thread.run_sync(index_cache.read_bad)
     if any((r.id, r.pack) in bad for r in refs):
         return None
+    checked = await anyio.to_thread.run_sync(lambda: push_index.checked_ns)
     if not await anyio.to_thread.run_sync(push_index.fresh):
         with single_errors():
             usable = (await list_packs(store)).usable
         if any(r.pack not in usable for r in refs):
             return None
-        await anyio.to_thread.run_sync(push_index.seen)
+        checked = time.time_ns()
+    if misses or checked != push_index.checked_ns:
+        await anyio.to_thread.run_sync(push_index.save, scan, files, checked)
     return PushResult(
         ref=ref,
         manifest=new_id,
@@ -333,8 +367,46 @@ async def push_unchanged(
         new_bytes=0,
         seconds=(time.time_ns() - scan.started_ns) / 1e9,
         skipped=tuple(scan.skipped),
-        reused_files=len(scan.files),
+        reused_files=len(scan.files) - len(misses),
+        read_bytes=sum(size for _, size in misses),
     )
+
+
+async def _locate_in(
+    catalog: Catalog,
+    manifest_id: ChunkId,
+    root: Path,
+    files: list[tuple[str, int]],
+    chunker: ChunkerParams,
+) -> dict[str, tuple[ChunkRef, ...]] | None:
+    """Chunk lists of ``files`` (relpath, size as scanned) with every chunk
+    located where tree ``manifest_id`` holds it; None if a file has a chunk that
+    tree lacks, changed size, or cannot be read (the full way says why)."""
+    try:
+        manifest = await catalog.load(manifest_id)
+    except (NotFound, InvalidManifest):
+        return None
+    if not isinstance(manifest, Tree):
+        return None
+    where = {c.id: c for c in manifest.chunk_refs() if c.pack is not None}
+
+    def cut() -> dict[str, tuple[ChunkRef, ...]] | None:
+        cutter = Chunker(chunker)
+        out: dict[str, tuple[ChunkRef, ...]] = {}
+        for path, size in files:
+            try:
+                data = (root / path).read_bytes()
+            except OSError:
+                return None
+            if len(data) != size:
+                return None
+            refs = [where.get(span.id) for span in cutter.cut_and_hash(data)]
+            if any(r is None for r in refs):
+                return None
+            out[path] = tuple(r for r in refs if r is not None)
+        return out
+
+    return await anyio.to_thread.run_sync(cut)
 
 
 async def push_tree(

@@ -294,6 +294,7 @@ async def test_noop_push_reads_only_uncached_indexes(client: Client, src: Path) 
 async def test_missing_pack_or_index_is_uploaded_again(
     client: Client, src: Path, tmp_path: Path
 ) -> None:
+    client.push_index_fresh_ns = 0  # a while later: the push LISTs (push.py, damage nets)
     await client.push(src, "t")
     tree = await load_tree(client, "t")
     gone = sorted({c.pack for c in tree.chunk_refs() if c.pack is not None})[0]

@@ -207,6 +207,15 @@ async def test_noop_push_makes_one_request_and_new_processes_read_new_indexes_on
             proxy.reset()
             await c.push(src, "t")  # the LIST refreshed the push index
             refreshed = list(proxy.exchanges)
+            touched = src / "a/other.bin"
+            touched.write_bytes(touched.read_bytes())  # same bytes, new mtime and ctime
+            proxy.reset()
+            rewritten = await c.push(src, "t")
+            read_back = list(proxy.exchanges)
+            await anyio.sleep(3 * WINDOW_NS / 1e9)
+            proxy.reset()
+            await c.push(src, "t")
+            recorded = list(proxy.exchanges)
             listing = await list_packs(c.object_store)
         assert (again.new_chunks, again.read_bytes) == (0, 0)
         assert [m for m, _ in noop] == ["GET"], noop  # the ref; no lease, no LIST, no writes
@@ -216,6 +225,17 @@ async def test_noop_push_makes_one_request_and_new_processes_read_new_indexes_on
         assert "list-type=2" in listed[1][1]
         assert [m for m, _ in refreshed] == ["GET"], refreshed
         assert first.chunks > 5 * len(listed)
+        # a file rewritten with the same bytes: read, located in the ref's manifest,
+        # nothing written (no lease); once older than the racy window, recorded
+        assert (rewritten.manifest, rewritten.read_bytes) == (first.manifest, 300_000)
+        assert [m for m, _ in read_back] == ["GET", "GET"], read_back
+        assert read_back[1][1].endswith(f"/manifests/{first.manifest}")
+        assert [m for m, _ in recorded] == ["GET", "GET"], recorded  # racy when pushed
+        async with Client.open(config_for(url, cache), peers=False) as c:
+            c.racy_window_ns = WINDOW_NS
+            proxy.reset()
+            await c.push(src, "t")
+        assert [m for m, _ in proxy.exchanges] == ["GET"], proxy.exchanges
         packs = len(listing.packs)
 
         # A second process (a new client on the node's cache) locating by id:
