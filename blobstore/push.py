@@ -31,7 +31,10 @@ push reads those files (as git re-hashes racily clean entries).
 
 A push that finds every file in the push index and the ref already naming the
 resulting tree (``push_unchanged``) takes no lease and writes nothing: it costs
-one request, a GET of the ref. Why the ref alone suffices: gc never sweeps a
+one request, a GET of the ref. Files the index does not vouch for (touched,
+rewritten with the same bytes, racily clean; up to ``UNCHANGED_READ_MAX``) are
+read, cut and looked up in the ref's manifest (one more GET) before deciding:
+if the tree is still the ref's, nothing is written either. Why the ref alone suffices: gc never sweeps a
 pack a live manifest names, and when it repacks one it moves the ref to a new
 manifest (so the ref no longer equals our tree and the push takes the full
 path, whose LIST shows the pack retired). A pack can only vanish under a ref
