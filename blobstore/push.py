@@ -243,11 +243,6 @@ class PushIndex:
         self.load()
         return 0 <= time.time_ns() - self._checked_ns < self.fresh_ns
 
-    def seen(self) -> None:
-        """Record that a LIST just showed every pack it names. Never raises."""
-        files = self.load()
-        self._write(files, time.time_ns())
-
     def hits(self, scan: _Scan) -> dict[str, tuple[ChunkRef, ...]]:
         """Files of ``scan`` whose stat matches their record exactly."""
         recorded = self.load()
