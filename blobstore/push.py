@@ -34,10 +34,12 @@ resulting tree (``push_unchanged``) takes no lease and writes nothing: it costs
 one request, a GET of the ref. Files the index does not vouch for (touched,
 rewritten with the same bytes, racily clean; up to ``UNCHANGED_READ_MAX``) are
 read, cut and looked up in the ref's manifest (one more GET) before deciding:
-if the tree is still the ref's, nothing is written either. Why the ref alone suffices: gc never sweeps a
-pack a live manifest names, and when it repacks one it moves the ref to a new
-manifest (so the ref no longer equals our tree and the push takes the full
-path, whose LIST shows the pack retired). A pack can only vanish under a ref
+if the tree is still the ref's, nothing is written either.
+
+Why the ref alone suffices: gc never sweeps a pack a live manifest names, and
+when it repacks one it moves the ref to a new manifest (so the ref no longer
+equals our tree and the push takes the full path, whose LIST shows the pack
+retired). A pack can only vanish under a ref
 that still names it by damage outside blobstore (a hand deletion, a bucket
 lifecycle rule), like a chunk that rots; two nets catch that: a location
 ``verify`` found bad (the node's known-bad list, no request) sends the push down
