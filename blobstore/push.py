@@ -31,10 +31,12 @@ push reads those files (as git re-hashes racily clean entries).
 
 A push that finds every file in the push index and the ref already naming the
 resulting tree (``push_unchanged``) takes no lease and writes nothing: it costs
-one request, a GET of the ref. Files the index does not vouch for (touched,
-rewritten with the same bytes, racily clean; up to ``UNCHANGED_READ_MAX``) are
-read, cut and looked up in the ref's manifest (one more GET) before deciding:
-if the tree is still the ref's, nothing is written either.
+one request, a GET of the ref. Files the index does not vouch for but that the
+last push saw with the size they have now (touched, rewritten with the same
+bytes, racily clean; up to ``UNCHANGED_READ_MAX``) are read, cut and looked up
+in the ref's manifest (one more GET) before deciding: if the tree is still the
+ref's, nothing is written either. A new file or a changed size goes the full
+way at once (no extra request).
 
 Why the ref alone suffices: gc never sweeps a pack a live manifest names, and
 when it repacks one it moves the ref to a new manifest (so the ref no longer
@@ -190,6 +192,8 @@ class PushIndex:
         self._loaded: dict[str, tuple[StatKey, tuple[ChunkRef, ...]]] | None = None
         self._checked_ns = 0
         """When the packs it names were last seen in the store (wall clock, ns)."""
+        self._racy: dict[str, int] = {}
+        """Sizes of files pushed last time but not recorded (racily clean)."""
 
     @classmethod
     def for_root(
@@ -219,6 +223,8 @@ class PushIndex:
                 return {}
             checked = doc.get("checked_ns", 0)  # absent in files of earlier versions
             self._checked_ns = checked if isinstance(checked, int) else 0
+            racy = doc.get("racy", {})
+            self._racy = {str(p): int(n) for p, n in racy.items()} if isinstance(racy, dict) else {}
             out: dict[str, tuple[StatKey, tuple[ChunkRef, ...]]] = {}
             for path, (size, mtime, ino, ctime, dev, chunks) in doc["files"].items():
                 refs = tuple(
@@ -255,6 +261,19 @@ class PushIndex:
                 out[path] = got[1]
         return out
 
+    def may_be_unchanged(self, scan: _Scan, paths: list[str]) -> bool:
+        """Whether each of ``paths`` (files of ``scan`` it has no hit for) was
+        pushed last time with the size it has now (so it may hold the same
+        bytes: touched, rewritten the same, racily clean); False for a new file
+        or one whose size changed (it surely changed)."""
+        recorded = self.load()
+        for path in paths:
+            size = scan.stats[path][0]
+            got = recorded.get(path)
+            if (got[0][0] if got is not None else self._racy.get(path)) != size:
+                return False
+        return True
+
     def save(
         self, scan: _Scan, files: dict[str, tuple[ChunkRef, ...]], checked_ns: int | None = None
     ) -> None:
@@ -269,12 +288,23 @@ class PushIndex:
             and max(key[1], key[3]) < limit
             and all(c.pack is not None for c in refs)
         }
-        self._write(kept, scan.started_ns if checked_ns is None else checked_ns)
+        racy = {
+            path: key[0]
+            for path in files
+            if path not in kept and (key := scan.stats.get(path)) is not None
+        }
+        self._write(kept, racy, scan.started_ns if checked_ns is None else checked_ns)
 
-    def _write(self, files: dict[str, tuple[StatKey, tuple[ChunkRef, ...]]], checked: int) -> None:
+    def _write(
+        self,
+        files: dict[str, tuple[StatKey, tuple[ChunkRef, ...]]],
+        racy: dict[str, int],
+        checked: int,
+    ) -> None:
         doc = {
             "format": _PUSH_INDEX_FORMAT,
             "checked_ns": checked,
+            "racy": racy,
             "files": {
                 path: [*key, [[c.id, c.size, c.pack, c.offset] for c in refs]]
                 for path, (key, refs) in files.items()
@@ -316,9 +346,11 @@ async def push_unchanged(
     """The push of ``scan`` if it has nothing to write: ``ref`` already names
     the tree its files make, with no location verify found bad, and (unless the
     push index is fresh) every pack of it in one LIST. Files the push index
-    vouches for are not read; the others (at most ``UNCHANGED_READ_MAX`` bytes,
-    e.g. touched or rewritten with the same bytes) are read, cut and located
-    in the ref's manifest (one more GET). One request when every file matches
+    vouches for are not read; the others, if pushed last time with the size
+    they have now (at most ``UNCHANGED_READ_MAX`` bytes: touched, rewritten
+    with the same bytes, racily clean), are read, cut and located in the ref's
+    manifest (one more GET); a new file or a changed size goes the full way at
+    once. One request when every file matches
     and the index is fresh; no lease, no writes. None if anything is different
     (push the full way). Raises StoreUnavailable."""
     check_ref(ref)
@@ -329,6 +361,9 @@ async def push_unchanged(
         root is None
         or sum(size for _, size in misses) > UNCHANGED_READ_MAX
         or any(size > _UNCHANGED_FILE_MAX for _, size in misses)
+        or not await anyio.to_thread.run_sync(
+            push_index.may_be_unchanged, scan, [path for path, _ in misses]
+        )
     ):
         return None
     try:

@@ -236,6 +236,17 @@ async def test_noop_push_makes_one_request_and_new_processes_read_new_indexes_on
             proxy.reset()
             await c.push(src, "t")
         assert [m for m, _ in proxy.exchanges] == ["GET"], proxy.exchanges
+        # a new file: the full way at once (no GET of the ref or its manifest first)
+        write(src / "a/new.txt", b"new\n")
+        async with Client.open(config_for(url, cache), peers=False) as c:
+            c.racy_window_ns = WINDOW_NS
+            proxy.reset()
+            grown = await c.push(src, "t")
+            new_file = list(proxy.exchanges)
+        assert grown.new_chunks == 1
+        assert new_file[0][0] == "PUT", new_file
+        assert "/leases/write-" in new_file[0][1]
+        assert [m for m, t in new_file if "/refs/" in t] == ["PUT"], new_file
         packs = len(listing.packs)
 
         # A second process (a new client on the node's cache) locating by id:
