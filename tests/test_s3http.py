@@ -90,3 +90,27 @@ async def test_signed_payloads_are_accepted(s3_env: SeaweedS3Server) -> None:
         assert [i.key async for i in store.list("")] == [KEY, "refs/a"]
         await store.delete(KEY)
         assert not await store.exists(KEY)
+
+
+async def test_keys_with_reserved_and_non_ascii_characters(s3_env: SeaweedS3Server) -> None:
+    """Paths are quoted as signed and listed keys are URL-decoded (encoding-type=url)."""
+    keys = [
+        "refs/with space",
+        "refs/plus+sign",
+        "refs/pct%41",
+        "refs/amp&eq=semi;colon:at@",
+        "refs/tilde~star*quote'(paren)",
+        "refs/ünïcødé/漢字",
+        "refs/comma,dollar$bang!",
+    ]
+    bucket, prefix = parse_s3_url(s3_env.bucket_url())
+    async with S3ObjectStore(bucket, prefix, S3Config.from_env()) as store:
+        for i, key in enumerate(keys):
+            await store.put(key, str(i).encode())
+        for i, key in enumerate(keys):
+            assert await store.get(key) == str(i).encode()
+            assert await store.exists(key)
+        assert sorted([info.key async for info in store.list("refs/")]) == sorted(keys)
+        assert [info.key async for info in store.list("refs/plus+")] == ["refs/plus+sign"]
+        await store.delete(keys[0])
+        assert not await store.exists(keys[0])
