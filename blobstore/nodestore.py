@@ -32,10 +32,11 @@ Crash safety with one fsync per pull, not per file: ``FileWriter.commit``
 renames the file into place and indexes it in memory only. ``sync()`` stats the
 files committed since the last sync, runs one ``syncfs`` on the store's
 filesystem, then writes their rows (recording those stats) in one transaction
-(not synced itself: losing it to a power loss only loses those rows). On open, a file is trusted only if its row exists and it still
-matches the row. A file without a row was committed by a process that died
-before syncing (its bytes may be torn by a power loss): it is deleted. A clean
-``aclose`` syncs, so only crashes cost re-fetches.
+(not synced itself: losing it to a power loss only loses those rows). On open,
+a file is trusted only if its row exists and it still matches the row. A file
+without a row was committed by a process that died before syncing (its bytes
+may be torn by a power loss): it is deleted. A clean ``aclose`` syncs, so only
+crashes cost re-fetches.
 
 A file changed behind our back (a runner writing into a hardlinked copy) shows in
 its mtime, size, inode or ctime and is dropped on its next use: never served,
