@@ -55,6 +55,8 @@ _THROTTLING = frozenset(
 _TRANSIENT = frozenset({"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete"})
 _TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
 _MAX_BACKOFF = 20.0
+_ERROR_BODY = 64 << 10
+"""Bytes of an error response read for its code and message."""
 _CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{0,1000})</Message>")
 _BUCKET_DNS = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
@@ -256,13 +258,13 @@ class S3Http:
                 data = _read_all(response, conn, call)
                 self.pool.release_if_clean(conn, response)
                 return Response(status, _headers(response), data)
-            detail = b""
-            if method != "HEAD":
-                try:
-                    detail = response.read(64 << 10)
-                except (OSError, http.client.HTTPException):
-                    detail = b""
-            conn.close()
+            try:
+                detail = response.read(_ERROR_BODY)
+            except (OSError, http.client.HTTPException):
+                detail = b""
+            # A whole error body (a HEAD's 404 has none) leaves the connection
+            # reusable: exists() on absent keys must not reconnect every time.
+            self.pool.release_if_clean(conn, response)
             code, message = _error(status, detail)
             region = response.getheader("x-amz-bucket-region")
             retry = code in _THROTTLING or code in _TRANSIENT or status in _TRANSIENT_STATUS

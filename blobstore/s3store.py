@@ -440,10 +440,11 @@ class S3ObjectStore(AsyncResource):
                     work, call, abandon_on_cancel=True, limiter=self._limiter
                 )
                 finished = True
-        finally:
-            if not finished:
-                call.abort()
-        if not finished:
+        except anyio.get_cancelled_exc_class():
+            call.abort()  # cancelled from outside: the thread must not go on
+            raise
+        if not finished:  # the deadline (an error from the thread is no reason:
+            call.abort()  # its connection may be back in the pool, in use again)
             raise self._too_slow(op, key)
         return result
 

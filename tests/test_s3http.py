@@ -63,16 +63,17 @@ async def test_always_throttled_upload_is_one_line_after_max_attempts(
 
 
 async def test_requests_reuse_connections(s3_env: SeaweedS3Server) -> None:
-    """Small requests one after another share one kept-alive connection."""
+    """Small requests one after another, found or not, share one kept-alive connection."""
     async with proxied(s3_env) as (store, proxy):
         opened = proxy.connections
         for i in range(20):
             await store.put(f"refs/r{i}", b"x")
             assert await store.exists(f"refs/r{i}")
+            assert not await store.exists(f"refs/absent{i}")  # a 404 keeps it too
         assert len([info async for info in store.list("refs/")]) == 20
         assert proxy.connections - opened <= 1
         assert proxy.requests["PUT"] == 20
-        assert proxy.requests["HEAD"] == 20 + 1  # and the bucket check at open
+        assert proxy.requests["HEAD"] == 40 + 1  # and the bucket check at open
 
 
 async def test_signed_payloads_are_accepted(s3_env: SeaweedS3Server) -> None:
