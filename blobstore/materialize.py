@@ -719,9 +719,9 @@ class _Pull:
             finally:
                 writes.done()
 
-        async def report(ref: ChunkRef, data: ChunkData) -> None:
-            if len(data) != ref.size:
-                raise Corrupt(f"chunk {ref.id} has {len(data)} bytes, the manifest says {ref.size}")
+        async def report(ref: ChunkRef, size: int) -> None:
+            if size != ref.size:
+                raise Corrupt(f"chunk {ref.id} has {size} bytes, the manifest says {ref.size}")
             self._report()
 
         sink = SplitSink(write, report)

@@ -39,9 +39,16 @@ its back-pressure (awaiting) bounds how many chunks a source holds in memory.
 An exception it raises aborts the whole fetch."""
 
 
+Early = Callable[["ChunkRef", ChunkData], None]
+"""A ``SplitSink``'s blocking half."""
+Late = Callable[["ChunkRef", int], Awaitable[None]]
+"""A ``SplitSink``'s loop half: the ref and the size of the chunk ``early`` took."""
+
+
 class SplitSink:
     """A sink in two halves, so that a source which verifies chunks in worker
-    threads can hand each one on in the same thread (no second hop per chunk):
+    threads can hand each one on in the same thread (no second hop per chunk)
+    and drop its bytes there:
 
     - ``early(ref, data)``: blocking and thread-safe; takes the verified chunk
       in the worker thread that verified it (writes it to its place). It may
@@ -50,37 +57,23 @@ class SplitSink:
       deadline — even after the source's ``fetch`` returned: it must claim
       each chunk once, and its owner must wait for claimed writes before
       using them (materialize.py does).
-    - ``late(ref, data)``: on the event loop, afterwards, for every chunk the
-      source delivers (bookkeeping, progress).
+    - ``late(ref, size)``: on the event loop, afterwards, for every chunk the
+      source delivers (bookkeeping, progress); the bytes are not kept for it,
+      so a source holds one chunk per thread, not a batch.
 
     A source that knows about it calls ``early`` then awaits ``late``; any
     other source just awaits the sink, which runs both (``early`` in a worker
-    thread). Errors ``early`` raises abort the fetch like a
-    sink's."""
+    thread). Errors ``early`` raises abort the fetch like a sink's."""
 
     __slots__ = ("early", "late")
 
-    def __init__(
-        self,
-        early: Callable[[ChunkRef, ChunkData], None],
-        late: Callable[[ChunkRef, ChunkData], Awaitable[None]],
-    ) -> None:
+    def __init__(self, early: Early, late: Late) -> None:
         self.early = early
         self.late = late
 
     async def __call__(self, ref: ChunkRef, data: ChunkData) -> None:
         await anyio.to_thread.run_sync(self.early, ref, data)
-        await self.late(ref, data)
-
-
-def early_half(sink: Sink) -> Callable[[ChunkRef, ChunkData], None] | None:
-    """The blocking half of ``sink`` if it is a ``SplitSink`` (see there)."""
-    return sink.early if isinstance(sink, SplitSink) else None
-
-
-def late_half(sink: Sink) -> Sink:
-    """What to await after calling ``early_half(sink)``: the sink's late half."""
-    return sink.late if isinstance(sink, SplitSink) else sink
+        await self.late(ref, len(data))
 
 
 class Undelivered(list["ChunkRef"]):

@@ -29,8 +29,6 @@ from .source import (
     Sink,
     SplitSink,
     Undelivered,
-    early_half,
-    late_half,
 )
 
 if TYPE_CHECKING:
@@ -279,60 +277,81 @@ class _TierPass:
 
     def _sink_for(self, tier: str) -> Sink:
         """The sink ``tier`` delivers to: counts, hands flights over, passes on
-        to ours (split in two halves when ours is: source.SplitSink)."""
-        late = self._late_for(tier)
-        early = early_half(self.sink)
-        if early is None:
-            return late
-
-        def early_for_tier(ref: ChunkRef, data: ChunkData) -> None:
-            # In a worker thread: the checks ``late`` makes first (it runs after).
-            chunk_id = ref.id
-            if chunk_id in self.ours and chunk_id not in self.delivered and len(data) == ref.size:
-                for each in self.wanted[chunk_id]:
-                    early(each, data)
-
-        return SplitSink(early_for_tier, late)
-
-    def _late_for(self, tier: str) -> Sink:
+        to ours — in two halves when ours is split (source.SplitSink)."""
         previous = time.monotonic()  # when the tier was asked, then its last delivery
-        sink = late_half(self.sink)
+        sink = self.sink
 
-        async def deliver(ref: ChunkRef, data: ChunkData) -> None:
+        def accepted(ref: ChunkRef, size: int) -> list[ChunkRef] | None:
+            """The refs wanting ``ref``'s chunk, counted as delivered by
+            ``tier``; None when it was not asked for, delivered already or has
+            the wrong size (then marked corrupt)."""
             nonlocal previous
             chunk_id = ref.id
             if chunk_id in self.delivered or chunk_id not in self.ours:
-                return  # delivered twice, or never asked for
+                return None  # delivered twice, or never asked for
             refs = self.wanted[chunk_id]
-            if len(data) != ref.size:
+            if size != ref.size:
                 self.corrupt[chunk_id] = Corrupt(
-                    f"chunk {chunk_id} has {len(data)} bytes, the manifest says {ref.size}"
+                    f"chunk {chunk_id} has {size} bytes, the manifest says {ref.size}"
                 )
                 _tell_failed(tier, "corrupt")
-                return
+                return None
             self.delivered.add(chunk_id)
             bytes_from = self.tiers.bytes_from
-            bytes_from[tier] += len(data)
+            bytes_from[tier] += size
             if len(refs) > 1:
-                bytes_from[self.tiers.sources[0].name] += len(data) * (len(refs) - 1)
+                bytes_from[self.tiers.sources[0].name] += size * (len(refs) - 1)
             if _observer is not None:
                 now = time.monotonic()
-                _observer.delivered(tier, len(data), now - previous)
+                _observer.delivered(tier, size, now - previous)
                 previous = now
                 if len(refs) > 1:
-                    _observer.delivered(
-                        self.tiers.sources[0].name, len(data) * (len(refs) - 1), None
-                    )
+                    _observer.delivered(self.tiers.sources[0].name, size * (len(refs) - 1), None)
+            return refs
+
+        def land(chunk_id: ChunkId, data: ChunkData | None) -> None:
             flight = self.owned.pop(chunk_id, None)
             if flight is not None:
-                if flight.waited_on:  # a get waits for it: hand it the bytes
+                if flight.waited_on and data is not None:  # a get waits: hand it the bytes
                     flight.data = data
                 del self.tiers._flights[chunk_id]
                 flight.finish()
-            for each in refs:
-                await sink(each, data)
 
-        return deliver
+        if not isinstance(sink, SplitSink):
+
+            async def deliver(ref: ChunkRef, data: ChunkData) -> None:
+                refs = accepted(ref, len(data))
+                if refs is None:
+                    return
+                land(ref.id, data)
+                for each in refs:
+                    await sink(each, data)
+
+            return deliver
+
+        early, late = sink.early, sink.late
+
+        def early_for_tier(ref: ChunkRef, data: ChunkData) -> None:
+            # In a worker thread, before ``late_for_tier``: its checks first.
+            chunk_id = ref.id
+            if chunk_id in self.ours and chunk_id not in self.delivered and len(data) == ref.size:
+                flight = self.owned.get(chunk_id)
+                if flight is not None and flight.waited_on:
+                    # A get waits for it (rare). Set here, where the bytes still
+                    # are; a get that starts waiting after this fetches it itself.
+                    flight.data = data
+                for each in self.wanted[chunk_id]:
+                    early(each, data)
+
+        async def late_for_tier(ref: ChunkRef, size: int) -> None:
+            refs = accepted(ref, size)
+            if refs is None:
+                return
+            land(ref.id, None)
+            for each in refs:
+                await late(each, size)
+
+        return SplitSink(early_for_tier, late_for_tier)
 
     def _note_reasons(self, source: ChunkSource, left: list[ChunkRef], *, last: bool) -> None:
         reasons = left.reasons if isinstance(left, Undelivered) else {}

@@ -451,8 +451,9 @@ async def test_split_sink_gets_each_chunk_in_the_verifying_thread_then_on_the_lo
     def write(r: ChunkRef, chunk: ChunkData) -> None:
         early[r] = (bytes(chunk), threading.get_ident())
 
-    async def after(r: ChunkRef, chunk: ChunkData) -> None:
+    async def after(r: ChunkRef, size: int) -> None:
         assert r in early, "the late half runs after the early half"
+        assert size == r.size
         late.append(r)
 
     async with open_object_store((tmp_path / "s").as_uri()) as store:
