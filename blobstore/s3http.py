@@ -113,6 +113,12 @@ class Call:
         if self.aborted:
             self.abort()
 
+    def detach(self) -> None:
+        """The request is done with its connection (back in the pool): ``abort``
+        must not touch it any more."""
+        with self._lock:
+            self._sock = None
+
     def wait(self, seconds: float) -> None:
         """Sleep ``seconds`` unless aborted. Raises Aborted."""
         if self._aborted.wait(seconds):
@@ -256,6 +262,7 @@ class S3Http:
                 if call.on_length is not None:
                     call.on_length(response.length or 0)
                 data = _read_all(response, conn, call)
+                call.detach()
                 self.pool.release_if_clean(conn, response)
                 return Response(status, _headers(response), data)
             try:
@@ -264,6 +271,7 @@ class S3Http:
                 detail = b""
             # A whole error body (a HEAD's 404 has none) leaves the connection
             # reusable: exists() on absent keys must not reconnect every time.
+            call.detach()
             self.pool.release_if_clean(conn, response)
             code, message = _error(status, detail)
             region = response.getheader("x-amz-bucket-region")
