@@ -422,7 +422,7 @@ class SimNode:
         nodes = [p.node for p in self.directory.live()] + [self.name]
         where = self.world.located.get(chunk_id)
         key = placement.home_key(where) if where is not None else chunk_id
-        return placement.home(nodes, key) == self.name
+        return placement.reads_through(nodes, self.name, chunk_id, key)  # home or server
 
 
 class _PullView:
@@ -439,6 +439,13 @@ class _PullView:
 
     def live(self) -> list[Peer]:
         return [*self._directory.live(), self._local]
+
+    def all(self) -> list[Peer]:  # PeerTier.sees_region
+        return self._directory.all()
+
+    @property
+    def timing(self) -> Timing:
+        return self._directory.timing
 
     async def connect(self, peer: Peer) -> Any:
         if peer is self._local:
@@ -775,6 +782,36 @@ def placement_figures(nodes: int, chunks: int, seed: int) -> dict[str, float]:
     }
 
 
+def upload_figures(
+    nodes: int, chunks: int, seed: int, spread: int = placement.SPREAD, block: int = 32
+) -> dict[str, float]:
+    """Peer upload max/mean when all ``nodes`` pull ``chunks`` ~1 MiB chunks at once
+    (scenario a), at real granularity, with the real ``placement``: each block of
+    ``block`` chunks (HOME_BLOCK / 1 MiB) has one home, which uploads each chunk to
+    the chunk's servers (placement.servers); each node takes each chunk from the
+    server its salt picks (placement.pick, as PeerTier orders). Without servers
+    (``spread`` 1, or a region too small) the home uploads each chunk to every node."""
+    rng = random.Random(seed)
+    names = [f"n{i:04d}" for i in range(nodes)]
+    salts = [rng.getrandbits(64) for _ in names]
+    load: Counter[str] = Counter()
+    for start in range(0, chunks, block):
+        home = placement.home(names, rng.randbytes(8).hex())
+        assert home is not None
+        for _ in range(min(block, chunks - start)):
+            chunk = rng.randbytes(32).hex()
+            if not placement.spreads(nodes, spread):
+                load[home] += nodes
+                continue
+            servers = placement.servers(names, chunk, spread)
+            load[home] += sum(1 for s in servers if s != home)
+            picked = Counter(placement.pick(salt, chunk, len(servers)) for salt in salts)
+            for index, count in picked.items():
+                load[servers[index]] += count
+    values = [load[n] for n in names]
+    return {"upload_max_mean": max(values) / statistics.fmean(values)}
+
+
 # ---------------------------------------------------------------------- report
 
 
@@ -859,6 +896,8 @@ def _finish_args(args: argparse.Namespace) -> None:
     args.tuning = {}
     if args.peers_per_chunk:
         args.tuning["peers_per_chunk"] = args.peers_per_chunk
+    if args.spread:
+        args.tuning["spread"] = args.spread
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -888,6 +927,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--placement-chunks", type=int, default=20480)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument(
+        "--spread", type=int, default=0, help="TierTuning.spread, servers per chunk (0: default)"
+    )
+    ap.add_argument(
         "--peers-per-chunk", type=int, default=0, help="TierTuning.peers_per_chunk (0: default)"
     )
     return ap
@@ -911,6 +953,12 @@ def main(argv: list[str] | None = None) -> int:
         f"home bytes max/mean {figures['home_max_mean']:.2f}; one node leaving moves "
         f"{figures['moved_times_n']:.2f}/N of the homes (ideal 1/N)"
     )
+    for spread in (1, placement.SPREAD):
+        upload = upload_figures(args.nodes, args.placement_chunks, args.seed, spread)
+        print(
+            f"peer upload max/mean at ~1 MiB granularity, all nodes pulling at once, "
+            f"{spread} server(s) per chunk: {upload['upload_max_mean']:.2f}"
+        )
     return 0
 
 

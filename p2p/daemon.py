@@ -91,7 +91,8 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                     if where is not None:
                         key = placement.home_key(where)
                 nodes = [p.node for p in directory.live()] + [node_box[0]]
-                return placement.home(nodes, key) == node_box[0]
+                # Its home reads the store, its servers the home (HomeBlocks.read).
+                return placement.reads_through(nodes, node_box[0], chunk_id, key)
 
             origin = OriginSource(
                 store,

@@ -1,9 +1,12 @@
 """The peer tier: a ChunkSource ("peer") backed by the region's peer daemons.
 
-For each chunk, live peers are ranked by rendezvous hashing (peers known to
-hold it first); the first is asked, a slow answer is hedged by asking the next,
-and any miss, error or corrupt answer falls through to the next peer. When all
-fail, ChunkMissing sends the tier list on to the object store.
+For each chunk, live peers are ordered by rendezvous hashing (peers known to
+hold it first): one of the chunk's ``spread`` servers (placement.servers; which
+one is picked by this tier's salt), the next server, then the chunk's home (the
+one peer that reads it from the store, and that the servers read it through
+from). The first is asked, a slow answer is hedged by asking the next, and any
+miss, error or corrupt answer falls through to the next peer. When all fail,
+ChunkMissing sends the tier list on to the object store.
 
 ``fetch`` does the same for many refs at once: each ref goes to the queue of
 its first-ranked peer, and one worker per peer keeps up to ``fetch_window``
@@ -18,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from blobstore.errors import (
     AuthError,
@@ -43,6 +47,8 @@ from .liveness import Peer, PeerDirectory
 log = logging.getLogger(__name__)
 
 _MAX_REMEMBERED_IDS = 1 << 20
+_EXCLUDED = frozenset({"self", "foreign", "refused"})
+"""Statuses of directory entries that are not peers (liveness._exclude)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +66,18 @@ class TierTuning:
     next one (home once the first is gone) and one more. Walking the whole ranking
     cost one 'missing' round trip per peer in the region for every hedged or
     missing chunk (1,000 nodes: ~1,000 requests per chunk; bench/sim_region.py)."""
+    spread: int = placement.SPREAD
+    """Servers one chunk is asked of across the region (placement.SPREAD); 1: the
+    home first, then the peers ranked next for it (how a server asks the home, and
+    a home the peers that were home before it: ``homes_only``)."""
+    held_only: bool = False
+    """Ask a peer that is one of the chunk's servers for it only after it said it
+    holds it (one ``has`` first): how a home asks the peers that were home before
+    it. A server asked for a chunk it lacks reads it through from its home -- the
+    asking home, which waits on it (until the hand-off timeout: a 2 s stall per
+    block in a small region, where every peer serves every chunk). Other peers are
+    asked as before: one that is reading the chunk itself (its view of the region
+    made it home) answers once it has it, so the store is read once."""
 
 
 class PeerTier:
@@ -81,12 +99,20 @@ class PeerTier:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._held: dict[str, set[ChunkId]] = {}
         self._latency = 0.1
+        self._spreading = False
+        """Asking servers (``spread`` > 1 and the view has settled), set per call."""
+        self._salt = random.getrandbits(64)
+        """Picks this tier's server per chunk: requesters spread evenly over them."""
         self.stats = {"hits": 0, "misses": 0, "corrupt": 0, "errors": 0, "hedges": 0}
 
     async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Fetch a verified chunk from a peer. Raises ChunkMissing when no peer delivers it."""
         await self._discovered()
-        queue = deque(self._order(chunk_id, self._directory.live()))
+        self._spreading = False  # one chunk: its home (the bulk path is ``fetch``)
+        order = self._order(chunk_id, self._directory.live())
+        if self._tuning.held_only:
+            order = await self._holding(order, [chunk_id])
+        queue = deque(order)
         if not queue:
             raise ChunkMissing(chunk_id, "peers (none live)")
         data: ChunkData | None = None
@@ -130,9 +156,40 @@ class PeerTier:
         with single_errors():
             async with asyncio.TaskGroup() as tg:
                 batch.task_group = tg
-                for ref in refs:
-                    batch.route(_Want(ref, self._order(ref.id, live, placement.home_key(ref))))
+                self._spreading = placement.spreads(len(live), self._tuning.spread)
+                self._spreading = self._spreading and self.sees_region()
+                orders = [self._order(ref.id, live, placement.home_key(ref)) for ref in refs]
+                if self._tuning.held_only:
+                    orders = await self._holding_each(orders, [ref.id for ref in refs])
+                for ref, order in zip(refs, orders, strict=True):
+                    batch.route(_Want(ref, order))
         return batch.left
+
+    async def _holding(self, order: list[Peer], ids: list[ChunkId]) -> list[Peer]:
+        """``order`` without the servers of ``ids[0]`` that say they lack it."""
+        (kept,) = await self._holding_each([order], ids)
+        return kept
+
+    async def _holding_each(self, orders: list[list[Peer]], ids: list[ChunkId]) -> list[list[Peer]]:
+        """Each of ``orders`` (the peers ranked for ``ids[i]``) without the chunk's
+        servers that say they lack it: one ``has`` to each server named, for its ids."""
+        me = self._directory.me.node
+        nodes = [p.node for p in self._directory.live()] + [me]
+        serving = [set(placement.servers(nodes, chunk_id, placement.SPREAD)) for chunk_id in ids]
+        wanted: dict[Peer, list[ChunkId]] = {}
+        for order, chunk_id, servers in zip(orders, ids, serving, strict=True):
+            for peer in order:
+                if peer.node in servers:
+                    wanted.setdefault(peer, []).append(chunk_id)
+        async with asyncio.TaskGroup() as tg:
+            probes = {
+                peer: tg.create_task(self._probe(peer, asked)) for peer, asked in wanted.items()
+            }
+        held = {peer: probe.result() for peer, probe in probes.items()}
+        return [
+            [peer for peer in order if peer not in held or chunk_id in held[peer]]
+            for order, chunk_id in zip(orders, ids, strict=True)
+        ]
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         """Ask every live peer which of ``chunk_ids`` it holds; remember it for ranking."""
@@ -149,6 +206,37 @@ class PeerTier:
             found |= held
         return found
 
+    def homes_only(self, held_only: bool = False) -> PeerTier:
+        """This tier's peers, asked by home only (``spread`` 1): a server reads a
+        chunk through from its home with it (through servers, its ask would go to
+        other servers), and a home asks the peers that were home before it
+        (``held_only``: only those that hold the chunk)."""
+        tuning = replace(self._tuning, spread=1, held_only=held_only)
+        return PeerTier(self._directory, tuning, self._settled)
+
+    def is_home(self, key: str) -> bool:
+        """Whether this daemon (the directory's own node) is home for ``key``
+        (placement.home_key) among the peers it sees live."""
+        me = self._directory.me.node
+        return placement.home([p.node for p in self._directory.live()] + [me], key) == me
+
+    def sees_region(self) -> bool:
+        """Whether this directory's view of the region has settled: every peer it
+        knows of is up (checked, or named alive by a peer), answered a check once,
+        failed ``forget_after`` checks without ever answering (absent), or is
+        excluded. While a listed peer is not seen yet
+        (a rolling start), nodes see different regions and place chunks differently.
+        Then a server does not read through (it could take another peer for the
+        home than its askers do, and both homes read the store), and a requester
+        asks homes, not servers: a node asked as a server while its directory saw
+        no peer yet took itself for every chunk's home (sim, 16 nodes started 50/s:
+        4.5x unique; 1.00x with both rules)."""
+        absent = self._directory.timing.forget_after
+        return all(
+            p.up or p.verified or p.failures >= absent or p.status in _EXCLUDED
+            for p in self._directory.all()
+        )
+
     async def _discovered(self) -> None:
         if self._settled is not None and not self._settled.done():
             await asyncio.wait([self._settled])  # never raises, even if it was cancelled
@@ -156,13 +244,27 @@ class PeerTier:
     def _order(self, chunk_id: ChunkId, peers: list[Peer], home_key: str = "") -> list[Peer]:
         """Peers holding ``chunk_id`` first, then by rendezvous on ``home_key``
         (placement.home_key: a packed chunk's block; default the chunk id)."""
-        placed_by = home_key or chunk_id
+        count, spread = self._tuning.peers_per_chunk, self._tuning.spread
+        placed = placement.chunk_key(home_key or chunk_id)
 
         def key(peer: Peer) -> tuple[bool, int]:
             holds = chunk_id in self._held.get(peer.node, ())
-            return holds, placement.score(peer.node, placed_by)
+            return holds, placement.keyed_score(peer.node, placed)
 
-        return heapq.nlargest(self._tuning.peers_per_chunk, peers, key=key)
+        homes = heapq.nlargest(count, peers, key=key)
+        if not self._spreading or not peers:
+            return homes
+        by_chunk = placement.chunk_key(chunk_id)
+        servers = heapq.nlargest(
+            spread, peers, key=lambda peer: placement.keyed_score(peer.node, by_chunk)
+        )
+        first = placement.pick(self._salt, chunk_id, len(servers))
+        picked = [servers[first], servers[(first + 1) % len(servers)]]
+        holders = [p for p in homes if chunk_id in self._held.get(p.node, ())]
+        # The home stays in the list: a server that cannot reach it answers missing,
+        # and the chunk must still have one reader of the store.
+        order = list(dict.fromkeys([*holders, *picked, *homes]))
+        return order[:count]
 
     def _hedge_delay(self) -> float:
         return min(self._tuning.hedge_max, max(self._tuning.hedge_min, 4 * self._latency))

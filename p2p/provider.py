@@ -1,5 +1,6 @@
 """What a daemon answers for a chunk: its cache, or -- if it is the chunk's home
-peer -- a read-through to the object store, single-flight per chunk."""
+peer or one of its servers -- a read-through, single-flight per chunk (a home
+reads the store, a server the home: p2p/homeblocks.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from blobstore.errors import ChunkMissing, CorruptChunk, NotFound, Unavailable
 from blobstore.ids import ChunkId
@@ -23,6 +24,21 @@ if TYPE_CHECKING:
     from blobstore.source import ChunkSource, Sink
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class ReadThrough(Protocol):
+    """A read-through that says where each chunk came from and counts its own
+    store reads in the daemon's metrics (HomeBlocks)."""
+
+    async def read(self, chunk_id: ChunkId) -> tuple[ChunkData, str]:
+        """The chunk and its tier: "origin" (the store) or "peer" (its home).
+        Raises ChunkMissing, CorruptChunk, Unavailable."""
+        ...
+
+    def reading(self, chunk_id: ChunkId) -> bool:
+        """Whether it is reading ``chunk_id`` as its home right now."""
+        ...
 
 
 class ChunkProvider:
@@ -41,10 +57,14 @@ class ChunkProvider:
         self._is_home = is_home
         self._metrics = metrics
         self._tg = task_group
-        self._fetching: dict[ChunkId, asyncio.Task[ChunkData | None]] = {}
+        self._fetching: dict[ChunkId, asyncio.Task[tuple[ChunkData | None, str]]] = {}
 
     def holds(self, chunk_ids: list[ChunkId]) -> list[bool]:
-        return [self._cache.contains(c) for c in chunk_ids]
+        """Held, or being read from the store as its home: a home asking the peers
+        ranked next before it reads the store waits for such a read, not a second."""
+        origin = self._origin
+        reading = origin.reading if isinstance(origin, ReadThrough) else None
+        return [self._cache.contains(c) or (reading is not None and reading(c)) for c in chunk_ids]
 
     async def lookup(self, chunk_id: ChunkId) -> tuple[ChunkData | None, str]:
         """The chunk's bytes and the tier they came from, or (None, "") if we answer missing."""
@@ -73,31 +93,37 @@ class ChunkProvider:
             task = self._tg.create_task(self._read_through(chunk_id))
             self._fetching[chunk_id] = task
         # Shielded: a requester going away must not cancel the fetch others wait on.
-        data = await asyncio.shield(task)
-        return data, "origin"
+        return await asyncio.shield(task)
 
-    async def _read_through(self, chunk_id: ChunkId) -> ChunkData | None:
+    async def _read_through(self, chunk_id: ChunkId) -> tuple[ChunkData | None, str]:
         try:
             if self._cache.contains(chunk_id):  # another path cached it meanwhile
                 try:
-                    return await self._cache.get(chunk_id)
+                    return await self._cache.get(chunk_id), "local"
                 except (NotFound, CorruptChunk):
                     pass
-            assert self._origin is not None
-            self._metrics.origin_fetches += 1
+            origin = self._origin
+            assert origin is not None
+            counted = not isinstance(origin, ReadThrough)
+            if counted:
+                self._metrics.origin_fetches += 1
             try:
-                data = await self._origin.get(chunk_id)
-                self._metrics.origin_bytes += len(data)
+                if isinstance(origin, ReadThrough):
+                    data, tier = await origin.read(chunk_id)
+                else:
+                    data, tier = await origin.get(chunk_id), "origin"
+                if counted:
+                    self._metrics.origin_bytes += len(data)
             except ChunkMissing:
-                return None
+                return None, ""
             except (Unavailable, CorruptChunk) as exc:
                 log.warning("read-through of %s failed: %s", chunk_id[:16], exc)
-                return None
+                return None, ""
             try:
                 await self._cache.put(chunk_id, data)
             except Unavailable as exc:
                 log.warning("cannot keep chunk %s: %s", chunk_id[:16], exc)
-            return data
+            return data, tier
         finally:
             del self._fetching[chunk_id]
 
@@ -113,14 +139,22 @@ class HandoffSource:
 
     name = "origin"
 
-    def __init__(self, peers: ChunkSource, origin: ChunkSource, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        peers: ChunkSource,
+        origin: ChunkSource,
+        timeout: float = 2.0,
+        metrics: Metrics | None = None,
+    ) -> None:
         """``timeout``: how long the peers may take before the store is read. In a cold
         herd every peer's lookup budget is taken by askers whose homes are reading
         through, and homes asking each other waited for the 30 s request timeout (sim,
-        100 nodes at once: 73 of 100 unfinished after 60 s, the store read 47x)."""
+        100 nodes at once: 73 of 100 unfinished after 60 s, the store read 47x).
+        ``metrics``: where reads from the store are counted (None: the caller counts)."""
         self._peers = peers
         self._origin = origin
         self._timeout = timeout
+        self._metrics = metrics
 
     async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Raises what ``origin.get`` raises."""
@@ -128,7 +162,13 @@ class HandoffSource:
             async with asyncio.timeout(self._timeout):
                 return await self._peers.get(chunk_id)
         except (ChunkMissing, Unavailable, TimeoutError):
-            return await self._origin.get(chunk_id)
+            pass
+        if self._metrics is not None:
+            self._metrics.origin_fetches += 1
+        data = await self._origin.get(chunk_id)
+        if self._metrics is not None:
+            self._metrics.origin_bytes += len(data)
+        return data
 
     async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
         return await self._origin.has(chunk_ids)

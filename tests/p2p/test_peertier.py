@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import cast
 
 import pytest
 from fakes import Collect
@@ -19,7 +20,7 @@ from blobstore.manifest import ChunkRef
 from blobstore.source import ChunkData, Undelivered
 from p2p import client, messages, placement
 from p2p.client import Identity
-from p2p.liveness import PeerDirectory, Timing
+from p2p.liveness import Peer, PeerDirectory, Timing
 from p2p.metrics import Metrics
 from p2p.peertier import PeerTier, TierTuning
 from p2p.provider import ChunkProvider
@@ -350,3 +351,69 @@ async def test_has_asks_every_peer_and_ranks_holders_first() -> None:
         live = t._directory.live()
         assert t._order(x, live)[0].node == "n0"  # whatever rendezvous would say
         assert t._order(y, live)[0].node == "n1"
+
+
+class CountingCache(FakeCache):
+    """Counts the chunks it hands out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.served = 0
+
+    async def get(self, chunk_id: ChunkId) -> bytes:
+        self.served += 1
+        return await super().get(chunk_id)
+
+
+async def test_a_big_region_spreads_each_chunk_over_its_servers() -> None:
+    # 20 peers (more than placement.SPREAD): each chunk is asked of one of its 16
+    # servers, picked by the tier's salt, not always of its home.
+    wanted = refs_for(64)
+    caches = [CountingCache() for _ in range(placement.SPREAD + 4)]
+    for cache in caches:
+        cache.chunks.update({ref.id: data for ref, data in wanted})
+    async with peers(*caches) as addrs, tier(addrs, TierTuning(hedge_min=5.0)) as t:
+        live = t._directory.live()
+        nodes = [p.node for p in live]
+        tiers = [PeerTier(t._directory, TierTuning(hedge_min=5.0)) for _ in range(8)]
+        for each in tiers:
+            sink = Collect()
+            assert await each.fetch([ref for ref, _ in wanted], sink) == []
+            assert sink.got == dict(wanted)
+            for ref, _ in wanted:  # what it asked first: the server its salt picks
+                servers = placement.servers(nodes, ref.id)
+                first = servers[placement.pick(each._salt, ref.id, len(servers))]
+                assert each._order(ref.id, live)[0].node == first
+        served = [cache.served for cache in caches]
+        assert sum(served) == 8 * len(wanted)
+        homes = {placement.home(nodes, ref.id) for ref, _ in wanted}
+        assert sum(1 for s in served if s) > len(homes)  # not only the homes served
+        # Without servers (spread 1) only the homes serve.
+        for cache in caches:
+            cache.served = 0
+        assert (
+            await PeerTier(t._directory, TierTuning(spread=1)).fetch(
+                [ref for ref, _ in wanted], Collect()
+            )
+            == []
+        )
+        by_node = dict(zip([f"n{i}" for i in range(len(caches))], caches, strict=True))
+        assert {node for node, cache in by_node.items() if cache.served} == homes
+
+
+def test_a_chunks_order_is_a_picked_server_the_next_one_and_its_home() -> None:
+    live = [Peer(f"10.0.0.{i}:7070", "static", f"n{i}", up=True) for i in range(40)]
+    nodes = [p.node for p in live]
+    block = ChunkRef(ChunkId("ab" * 32), 1, ChunkId("cd" * 32), 0)
+    home = placement.home(nodes, placement.home_key(block))
+    for i in range(50):
+        chunk_id, _ = blob(i)
+        t = PeerTier(cast(PeerDirectory, None))
+        t._spreading = True
+        order = [p.node for p in t._order(chunk_id, live, placement.home_key(block))]
+        servers = placement.servers(nodes, chunk_id)
+        first = placement.pick(t._salt, chunk_id, len(servers))
+        homes = placement.rank(nodes, placement.home_key(block))  # the next home if needed
+        expected = [servers[first], servers[(first + 1) % len(servers)], *homes]
+        assert order == list(dict.fromkeys(expected))[:3]
+        assert home in order  # the store's one reader stays among the asked

@@ -26,3 +26,41 @@ def test_rank_starts_with_home() -> None:
     for c in CHUNKS[:50]:
         assert placement.rank(NODES, c)[0] == placement.home(NODES, c)
     assert placement.home([], CHUNKS[0]) is None
+
+
+REGION = [f"n{i:03d}" for i in range(40)]
+
+
+def test_servers_start_with_the_chunk_home_and_every_node_agrees() -> None:
+    for c in CHUNKS[:50]:
+        servers = placement.servers(REGION, c)
+        assert len(servers) == placement.SPREAD == len(set(servers))
+        assert servers[0] == placement.home(REGION, c)
+        assert servers == placement.servers(list(reversed(REGION)), c)
+        assert servers == placement.rank(REGION, c)[: placement.SPREAD]
+
+
+def test_requesters_spread_evenly_over_a_chunks_servers() -> None:
+    salts = range(0, 1 << 40, (1 << 40) // 1600)
+    for c in CHUNKS[:20]:
+        picks = [placement.pick(salt, c, placement.SPREAD) for salt in salts]
+        assert picks == [placement.pick(salt, c, placement.SPREAD) for salt in salts]
+        counts = [picks.count(i) for i in range(placement.SPREAD)]
+        assert min(counts) > len(picks) / placement.SPREAD / 2
+
+
+def test_a_chunks_home_and_its_servers_read_it_through_and_no_one_else() -> None:
+    block = "ab" * 8  # a packed chunk is placed by its block, served by its id
+    for c in CHUNKS[:50]:
+        readers = {n for n in REGION if placement.reads_through(REGION, n, c, block)}
+        assert readers == {placement.home(REGION, block), *placement.servers(REGION, c)}
+
+
+def test_a_small_region_has_no_servers() -> None:
+    # Every node would serve every chunk, and read it through from its home.
+    small = REGION[: placement.SPREAD]
+    assert not placement.spreads(len(small))
+    assert placement.spreads(len(small) + 1)
+    for c in CHUNKS[:50]:
+        readers = [n for n in small if placement.reads_through(small, n, c, c)]
+        assert readers == [placement.home(small, c)]
