@@ -22,6 +22,7 @@ from blobstore.manifest import ChunkRef
 from blobstore.nodestore import NodeStore
 from blobstore.objectstore import chunk_key, pack_key
 from blobstore.origin import OriginSource
+from blobstore.source import ChunkData, SplitSink
 from blobstore.stores import open_object_store
 from blobstore.tiers import TieredSource
 
@@ -327,3 +328,52 @@ async def test_fetch_through_real_tiers_reads_packs_and_skips_what_is_local(
             "origin": sum(len(d) for _, d in chunks) - len(chunks[2][1]),
         }
         assert origin.requests == 2  # two spans: the local chunk splits the pack
+
+
+async def test_split_sink_through_real_tiers_each_chunk_once_and_gets_still_served(
+    object_store_url: str, tmp_path: Path
+) -> None:
+    """Through the tier list, a SplitSink's early half takes each chunk once
+    (local ones in a worker thread too), its late half gets each ref with the
+    chunk's size; a get for a chunk the fetch is reading is served either way."""
+    import threading
+
+    chunks = [chunk(i, 300_000 + i) for i in range(6)]
+    pack_id = hash_bytes(b"split-pack")
+    refs, offset = [], 0
+    for cid, data in chunks:
+        refs.append(ChunkRef(cid, len(data), pack_id, offset))
+        offset += len(data)
+    early: list[tuple[ChunkRef, bytes]] = []
+    late: list[tuple[ChunkRef, int]] = []
+    loop_thread = threading.get_ident()
+    lock = threading.Lock()
+
+    def write(r: ChunkRef, data: ChunkData) -> None:
+        assert threading.get_ident() != loop_thread
+        with lock:
+            early.append((r, bytes(data)))
+
+    async def after(r: ChunkRef, size: int) -> None:
+        late.append((r, size))
+
+    async with (
+        open_object_store(object_store_url) as store,
+        NodeStore(CacheConfig(tmp_path / "cache")) as cache,
+    ):
+        await store.put(pack_key(pack_id), b"".join(d for _, d in chunks))
+        await cache.put(*chunks[2])
+        tiers = TieredSource([cache, OriginSource(store)], cache)
+        got: list[bytes] = []
+
+        async def get(chunk_id: ChunkId) -> None:
+            got.append(bytes(await tiers.get(chunk_id)))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tiers.fetch, refs, SplitSink(write, after))
+            tg.start_soon(get, chunks[4][0])
+        assert got == [chunks[4][1]]
+        expected = [(r, d) for r, (_, d) in zip(refs, chunks, strict=True)]
+        assert sorted(early, key=str) == sorted(expected, key=str)
+        assert sorted(late, key=str) == sorted(((r, r.size) for r in refs), key=str)
+        assert not tiers._flights
