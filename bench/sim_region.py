@@ -178,6 +178,7 @@ class World:
         chunk is placed by its block (placement.home_key) and read through by block."""
         self.gossip_bytes: Counter[str] = Counter()
         self.pings = 0
+        self.counting = False
 
     async def until(self, done: Callable[[], bool], deadline: float = math.inf) -> None:
         """Check ``done`` every 50 simulated ms until it holds or ``deadline`` passes."""
@@ -392,17 +393,19 @@ class SimNode:
         self, conn: SimConnection, ping: dict[str, Any], fut: asyncio.Future[Any]
     ) -> None:
         assert self.directory is not None
-        await asyncio.sleep(self.world.cfg.rtt / 2)
+        # Taken in before the half RTT, not after: frames on one connection arrive in
+        # the order they were sent, and a get sent after this ping (a re-ask after a
+        # death the ping brings news of) is looked up after its own half RTT.
         if messages.port_field(ping) is not None:  # as PeerServer's learn -> daemon.py
             self.directory.add(conn.client.address, "gossip")
         self.directory.hear(messages.news_field(ping))  # as PeerServer's hear
-        self.world.pings += 1
-        self.world.gossip_bytes[self.name] += _pong_bytes(ping)
         await asyncio.sleep(self.world.cfg.rtt / 2)
         header = messages.pong(self.name, "sim", self.directory.gossip())
-        self.world.gossip_bytes[self.name] += _pong_bytes(header)
-        if not fut.done():
-            fut.set_result(header)
+        world = self.world
+        if world.counting:  # (the quiet window after the pulls)
+            world.pings += 1
+            world.gossip_bytes[self.name] += _pong_bytes(ping) + _pong_bytes(header)
+        world.loop.call_later(world.cfg.rtt / 2, _answer, fut, header)  # on its way back
 
     def is_home(self, chunk_id: ChunkId) -> bool:
         """``daemon.py``'s check, kept until the directory's live peers change: it ranks
@@ -459,6 +462,11 @@ class _PullView:
     def mark_down(self, peer: Peer, reason: str) -> None:
         if peer is not self._local:
             self._directory.mark_down(peer, reason)
+
+
+def _answer(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 def _pong_bytes(header: dict[str, Any]) -> int:
@@ -704,8 +712,10 @@ async def _run(
         # Gossip rate: pong bytes over a quiet 5 s window after the pulls.
         world.gossip_bytes.clear()
         world.pings = 0
+        world.counting = True
         quiet_from = loop.time()
         await asyncio.sleep(5.0)
+        world.counting = False
         quiet = loop.time() - quiet_from
         gossip_rate = sum(world.gossip_bytes.values()) / len(pullers) / quiet
         ping_rate = world.pings / len(pullers) / quiet

@@ -162,7 +162,8 @@ class PeerDirectory(AsyncContextManagerMixin):
         over the live peers) can be kept until then."""
         self._pool: dict[Peer, None] = {}
         """Peers with an open connection, least recently used first."""
-        self._dials: dict[Peer, asyncio.Task[PeerConnection | Exception]] = {}
+        self._dials: dict[Peer, asyncio.Future[PeerConnection | Exception]] = {}
+        """Dials under way (run by the first task that asked), by peer."""
         self._rotation: list[Peer] = []
         self._rotation_at = 0
         self._news: dict[str, _News] = {}
@@ -194,7 +195,7 @@ class PeerDirectory(AsyncContextManagerMixin):
                 raised = exc
             finally:
                 monitor.cancel()
-                for task in [*self._checking.values(), *self._dials.values()]:
+                for task in self._checking.values():
                     task.cancel()
                 for peer in self._peers.values():
                     self._drop_connection(peer)  # ends its reader
@@ -401,9 +402,9 @@ class PeerDirectory(AsyncContextManagerMixin):
 
     def _call_off(self, peer: Peer) -> None:
         """Cancel the check and dial of a peer that is not up (news made them stale)."""
-        for task in (self._checking.get(peer), self._dials.get(peer)):
-            if task is not None:
-                task.cancel()
+        for pending in (self._checking.get(peer), self._dials.get(peer)):
+            if pending is not None:
+                pending.cancel()
 
     def _heard_up(self, peer: Peer, node: str, at: float = 0.0) -> None:
         """A peer another daemon sees alive (``at``: when, if the news says): up, without
@@ -490,6 +491,10 @@ class PeerDirectory(AsyncContextManagerMixin):
             # New peers and down ones whose backoff is over, at a bounded rate.
             if self._not_up and check_credit >= 1:
                 due = [p for p in self._not_up if now >= p.retry_at and p not in self._checking]
+                # New peers in random order: every node has the same static list, and
+                # checking it in list order, each learnt from its pongs only what it had
+                # checked itself (the same first peers as everyone); retries oldest first.
+                random.shuffle(due)
                 due.sort(key=lambda p: p.retry_at)
                 for peer in due[: int(check_credit)]:
                     self._start_check(peer)
@@ -591,24 +596,38 @@ class PeerDirectory(AsyncContextManagerMixin):
             self._pool.pop(peer, None)
             self._pool[peer] = None  # most recently used
             return conn
-        dial = self._dials.get(peer)
-        if dial is None:
-            assert self._tg is not None
-            dial = self._dials[peer] = self._tg.create_task(self._dial(peer))
-            dial.add_done_callback(lambda _: self._dials.pop(peer, None))
-        await asyncio.wait([dial])  # a waiter cancelled does not cancel the shared dial
-        if dial.cancelled():  # (by news that the peer is up: a fresh dial is worth it)
-            raise PeerUnavailable(f"dialling {peer.address} was called off")
-        result = dial.result()
+        shared = self._dials.get(peer)
+        if shared is not None:  # another task dials it: wait for that dial
+            try:
+                result = await asyncio.shield(shared)  # (a waiter cancelled leaves it be)
+            except asyncio.CancelledError:
+                if shared.cancelled():  # called off (news that it is up: dial afresh)
+                    raise PeerUnavailable(f"dialling {peer.address} was called off") from None
+                raise
+        else:
+            shared = self._dials[peer] = asyncio.get_running_loop().create_future()
+            outcome: PeerConnection | Exception | None = None
+            try:
+                outcome = result = await self._dial(peer)
+            finally:
+                if self._dials.get(peer) is shared:
+                    del self._dials[peer]
+                if not shared.done():
+                    if outcome is None:
+                        shared.cancel()
+                    else:
+                        shared.set_result(outcome)
         if isinstance(result, Exception):
             raise result
         return result
 
     async def _dial(self, peer: Peer) -> PeerConnection | Exception:
+        """A new connection (pooled), or the exception that stopped it (returned: waiters
+        on a shared dial raise it each)."""
         try:
             async with asyncio.timeout(self.timing.timeout):
                 conn = await open_connection(peer.address, self.me, self.timing.timeout)
-        except Exception as exc:  # returned: a dial task that raised would end the group
+        except Exception as exc:
             return exc
         if self._peers.get(peer.address) is not peer:
             conn.stream.abort()
