@@ -99,6 +99,8 @@ class PeerTier:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._held: dict[str, set[ChunkId]] = {}
         self._latency = 0.1
+        self._keyed: tuple[list[Peer], list[int], dict[int, list[Peer]]] | None = None
+        """The peers last ranked, their node keys, and homes per placement key."""
         self._spreading = False
         """Asking servers (``spread`` > 1 and the view has settled), set per call."""
         self._salt = random.getrandbits(64)
@@ -246,18 +248,24 @@ class PeerTier:
         (placement.home_key: a packed chunk's block; default the chunk id)."""
         count, spread = self._tuning.peers_per_chunk, self._tuning.spread
         placed = placement.chunk_key(home_key or chunk_id)
+        if self._keyed is None or self._keyed[0] is not peers:
+            self._keyed = (peers, [placement.node_key(p.node) for p in peers], {})
+        _, keys, homes_of = self._keyed
+        if any(chunk_id in held for held in self._held.values()):
 
-        def key(peer: Peer) -> tuple[bool, int]:
-            holds = chunk_id in self._held.get(peer.node, ())
-            return holds, placement.keyed_score(peer.node, placed)
+            def key(peer: Peer) -> tuple[bool, int]:
+                holds = chunk_id in self._held.get(peer.node, ())
+                return holds, placement.keyed_score(peer.node, placed)
 
-        homes = heapq.nlargest(count, peers, key=key)
+            homes = heapq.nlargest(count, peers, key=key)
+        else:  # the chunks of one block share their homes
+            homes = homes_of.get(placed) or placement.top_keyed(peers, keys, placed, count)
+            if len(homes_of) >= 4096:
+                homes_of.clear()
+            homes_of[placed] = homes
         if not self._spreading or not peers:
-            return homes
-        by_chunk = placement.chunk_key(chunk_id)
-        servers = heapq.nlargest(
-            spread, peers, key=lambda peer: placement.keyed_score(peer.node, by_chunk)
-        )
+            return list(homes)
+        servers = placement.top_keyed(peers, keys, placement.chunk_key(chunk_id), spread)
         first = placement.pick(self._salt, chunk_id, len(servers))
         picked = [servers[first], servers[(first + 1) % len(servers)]]
         holders = [p for p in homes if chunk_id in self._held.get(p.node, ())]

@@ -64,3 +64,10 @@ def test_a_small_region_has_no_servers() -> None:
     for c in CHUNKS[:50]:
         readers = [n for n in small if placement.reads_through(small, n, c, c)]
         assert readers == [placement.home(small, c)]
+
+
+def test_ranking_by_precomputed_keys_is_the_same_ranking() -> None:
+    keys = [placement.node_key(n) for n in REGION]
+    for c in CHUNKS[:50]:
+        top = placement.top_keyed(REGION, keys, placement.chunk_key(c), placement.SPREAD)
+        assert top == placement.servers(REGION, c)
