@@ -375,6 +375,8 @@ class PeerDirectory(AsyncContextManagerMixin):
 
     def _fresh_news(self) -> list[messages.News]:
         """The news to pass on, with its age."""
+        if not self._news:
+            return []
         now = time.monotonic()
         self._expire_news(now)
         return [
@@ -542,7 +544,8 @@ class PeerDirectory(AsyncContextManagerMixin):
     def _checked(self, peer: Peer, _task: asyncio.Task[None]) -> None:
         del self._checking[peer]
         del self._check_started[peer]
-        self._wake.set()
+        if not self.checked.is_set():
+            self._wake.set()  # (settling: ``checked`` at once; later, the next round will do)
 
     async def _check(self, peer: Peer) -> None:
         try:
