@@ -5,7 +5,8 @@ e.g. ``git archive HEAD~3 | tar -x -C /tmp/base``), side by side in one run.
     .venv/bin/python bench/bench_s3_startup.py [--size 1G] [--reps 3] [--baseline DIR]
 
 Each rep runs every tool once, the order rotating; the table shows medians and
-the ratio s5cmd time / tool time. ``import`` is ``python -c 'import blobstore.cli'``
+the ratio s5cmd time / tool time, and CPU seconds (user + sys) of the process,
+steadier than wall time on a loaded box. ``import`` is ``python -c 'import blobstore.cli'``
 and ``python -c pass`` for scale. SeaweedFS runs on the same cores as the clients.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -112,15 +114,22 @@ def main() -> None:
             for step, runners in steps.items():
                 names = list(runners)
                 times: dict[str, list[float]] = {n: [] for n in names}
+                cpus: dict[str, list[float]] = {n: [] for n in names}
                 for rep in range(args.reps):
                     for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                        before = resource.getrusage(resource.RUSAGE_CHILDREN)
                         times[name].append(runners[name]())
+                        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                        cpus[name].append(
+                            after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+                        )
                 s5_median = statistics.median(times["s5cmd"])
                 for name in names:
                     median = statistics.median(times[name])
-                    print(
-                        f"{step:11} {name:10} {median:6.3f} s  s5cmd/this {s5_median / median:5.2f}x"
-                    )
+                    cpu = statistics.median(cpus[name])
+                    ratio = s5_median / median
+                    print(f"{step:11} {name:10} {median:6.3f} s  s5cmd/this {ratio:5.2f}x", end="")
+                    print(f"  CPU {cpu:6.3f} s")
             for name, runner in scale.items():
                 print(f"{name:22} {statistics.median(runner() for _ in range(args.reps)):6.3f} s")
 
