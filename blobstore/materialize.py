@@ -973,12 +973,16 @@ def _can_clone(store_root: Path, dest_fd: int) -> bool:
     a, afd = open_tmp(dest_fd, "clone-probe")
     try:
         os.write(afd, b"x")
+        # FICLONE needs a readable source: a write-only one fails with EBADF,
+        # which made every probe say "no" (auto seeded on XFS too).
+        rfd = os.open(a, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dest_fd)
         b, bfd = open_tmp(dest_fd, "clone-probe")
         try:
-            return clone_fd(afd, bfd)
+            return clone_fd(rfd, bfd)
         except OSError:
             return False
         finally:
+            os.close(rfd)
             os.close(bfd)
             unlink_quietly(dest_fd, b)
     finally:

@@ -91,6 +91,14 @@ def test_reflink_on_xfs_shares_extents(tmp_path: Path, xfs: Path) -> None:
     assert third.returncode == 0, third.stderr
     assert snapshot(xfs / "c") == snapshot(src)
     assert shared_extents(xfs / "c" / "weights.bin")  # auto clones where it can
+    # a cold auto pull there too: assembled in the (new) node store, then cloned
+    cold_env = cli_env(store, xfs / "node2" / "cache")
+    cold = run_cli(["pull", "--link-mode", "auto", "t", xfs / "d"], cold_env)
+    assert cold.returncode == 0, cold.stderr
+    assert snapshot(xfs / "d") == snapshot(src)
+    assert shared_extents(xfs / "d" / "weights.bin")
+    assert list((xfs / "node2" / "cache" / "files").rglob("*.*")) == []  # no temp left
+    assert any(p.is_file() for p in (xfs / "node2" / "cache" / "files").rglob("*"))
 
 
 def test_explicit_reflink_where_the_filesystem_cannot(tmp_path: Path, xfs: Path) -> None:
