@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -30,9 +31,10 @@ from helpers import (
 from blobstore.chunker import DEFAULT_PARAMS, Chunker
 from blobstore.client import Client
 from blobstore.config import CacheConfig, Config, PeerConfig
+from blobstore.errors import DiskFull
 from blobstore.ids import ChunkId, hash_bytes, id_to_bytes
 from blobstore.manifest import ChunkRef, Tree
-from blobstore.materialize import materialize, read_marker
+from blobstore.materialize import _Writes, materialize, read_marker
 from blobstore.objectstore import chunk_key, manifest_key, ref_key
 from blobstore.runner import download_model_weights, is_marker
 from blobstore.source import ChunkData, ChunkSource, Sink
@@ -556,3 +558,35 @@ async def test_cold_pull_reads_each_pack_in_few_gets(tmp_path: Path) -> None:
         gets = puller.origin.requests
     assert snapshot(tmp_path / "dst") == snapshot(src)
     assert gets <= len(packs) + 2, (gets, len(packs))
+
+
+async def test_chunk_writes_are_claimed_once_and_settled_before_files_are_used() -> None:
+    """The bookkeeping behind SplitSink writes (materialize._Writes): a chunk is
+    claimed by one writer only; ``settle`` waits for a write still running in a
+    thread (a read abandoned at its deadline may write late) and raises what a
+    late write hit."""
+    a, b = hash_bytes(b"a"), hash_bytes(b"b")
+    writes = _Writes({a, b})
+    assert writes.claim(a) is True
+    assert writes.claim(a) is False  # delivered again: written already
+    release = threading.Event()
+
+    def late_writer() -> None:
+        release.wait()
+        writes.done()
+
+    thread = threading.Thread(target=late_writer)
+    thread.start()
+    with anyio.move_on_after(0.05) as scope:
+        await writes.settle()  # still running: waits
+    assert scope.cancelled_caught
+    release.set()
+    await writes.settle()
+    thread.join()
+    assert writes.pending == {b}
+    assert writes.claim(b) is True
+    writes.failed(DiskFull("no space left"))
+    writes.done()
+    await writes.settle(raising=False)
+    with pytest.raises(DiskFull):
+        await writes.settle()
