@@ -81,9 +81,9 @@ class HomeBlocks:
         handoff_timeout: float = 2.0,
         relay_timeout: float = 10.0,
     ) -> None:
-        """``metrics``: chunks a block read brings from the store that nobody
-        waits for are counted as origin fetches here (the provider counts the
-        ones it asked for), so the count stays one per chunk read.
+        """``metrics``: every chunk read from the store is counted here (the
+        provider counts none for a ReadThrough), one per chunk read; chunks read
+        through from the home are not.
         ``handoff_timeout``: how long a block read waits on the peers before it
         reads what they have not delivered from the store (a peer busy with its
         own block reads must not hold this one, nor the askers waiting on it).

@@ -177,6 +177,8 @@ class PeerTier:
         servers that say they lack it: one ``has`` to each server named, for its ids."""
         me = self._directory.me.node
         nodes = [p.node for p in self._directory.live()] + [me]
+        if not placement.spreads(len(nodes)):
+            return orders  # no servers: a peer asked answers from its cache or as home
         serving = [set(placement.servers(nodes, chunk_id, placement.SPREAD)) for chunk_id in ids]
         wanted: dict[Peer, list[ChunkId]] = {}
         for order, chunk_id, servers in zip(orders, ids, serving, strict=True):
