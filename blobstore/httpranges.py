@@ -87,13 +87,18 @@ class HttpRanges:
                         f"(read {key}): {_reason(exc)}"
                     ) from exc
         status = response.status
-        if status == 206 or (status == 200 and offset == 0):
-            return RangeBody(self, conn, response, key)
+        if status in (200, 206):
+            try:
+                check_range_start(status, dict(response.getheaders()), offset, key)
+                return RangeBody(self, conn, response, key)
+            except StoreUnavailable:
+                _close(conn, response)
+                raise
         try:
             detail = response.read(_ERROR_BODY)
         except (OSError, http.client.HTTPException):
             detail = b""
-        conn.close()
+        _close(conn, response)
         match = _CODE.search(detail)
         code = match.group(1).decode("ascii", "replace") if match else str(status)
         if status == 416 or code == "InvalidRange":
@@ -157,7 +162,7 @@ class HttpRanges:
         if response.isclosed() and not response.will_close:
             self._release(conn)
         else:
-            conn.close()
+            _close(conn, response)
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -183,8 +188,18 @@ class RangeBody:
         self._conn = conn
         self._response = response
         self._key = key
-        self.length = response.length or 0
-        """Bytes the body holds (Content-Length)."""
+        length = response.length
+        if length is None:  # chunked: the Content-Range says how much must come
+            length = _range_length(response.getheader("content-range"))
+        if length is None:  # a body that ends when the connection does: cut or not?
+            _close(conn, response)
+            raise StoreUnavailable(
+                f"S3 read {key} in {pool.where}: the response has neither a Content-Length "
+                "nor a Content-Range"
+            )
+        self.length = length
+        """Bytes the body holds (its Content-Length or Content-Range)."""
+        self._left = length
         self._aborted = False
         """Set by ``abort`` (the deadline): the connection is not reused."""
         self._broke = False
@@ -192,20 +207,24 @@ class RangeBody:
     @property
     def remaining(self) -> int:
         """Bytes of the body not read yet."""
-        return self._response.length or 0
+        return self._left
 
     def read(self, size: int) -> bytes:
         """The next ``size`` bytes; fewer only where the body ends as its
-        Content-Length says. Raises StoreUnavailable (cut short, timed out,
-        aborted)."""
+        Content-Length (or Content-Range) says. Raises StoreUnavailable (cut
+        short, timed out, aborted)."""
+        size = min(size, self._left)
+        if size <= 0:
+            return b""
         try:
             # One allocation, filled from the socket in C with the GIL released
             # (readinto would need a zero-filled buffer first: +0.1 s/GiB).
             data = self._response.read(size)
         except (OSError, ValueError, http.client.HTTPException) as exc:
             raise self._broken(exc) from exc
-        if len(data) < size and self._response.length:  # the server promised more
+        if len(data) < size:  # the server promised more
             raise self._broken(None)
+        self._left -= size
         return data
 
     def skip(self, size: int) -> None:
@@ -227,11 +246,11 @@ class RangeBody:
                 pass
 
     def close(self) -> None:
-        clean = not (self._aborted or self._broke)
+        clean = not (self._aborted or self._broke or self._left)
         if clean and self._response.isclosed() and not self._response.will_close:
             self._pool._release(self._conn)
         else:
-            self._conn.close()
+            _close(self._conn, self._response)
 
     def _broken(self, exc: BaseException | None) -> StoreUnavailable:
         self._broke = True
@@ -277,6 +296,36 @@ def _create_connection(
     host, port = address
     name: str | bytes = host.encode("ascii") if host.isascii() else host
     return socket.create_connection((name, port), timeout, source)  # type: ignore[arg-type]
+
+
+def _close(conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+    """Close both: a response marked ``will_close`` holds the socket itself."""
+    response.close()
+    conn.close()
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d{1,20})-(\d{1,20})/(?:\d{1,20}|\*)")
+
+
+def check_range_start(status: int, headers: Mapping[str, str], offset: int, key: str) -> None:
+    """A ranged GET's answer starts at ``offset``: a 206's Content-Range says so,
+    a 200 (the Range ignored: the whole object) only when ``offset`` is 0.
+    Raises StoreUnavailable."""
+    if status != 206:
+        if offset:
+            raise StoreUnavailable(f"S3 read {key}: the server ignored the Range (HTTP {status})")
+        return
+    value = next((v for k, v in headers.items() if k.lower() == "content-range"), "")
+    match = _CONTENT_RANGE.fullmatch(value.strip())
+    if match is None or int(match.group(1)) != offset or int(match.group(2)) < offset:
+        raise StoreUnavailable(
+            f"S3 read {key}: asked for bytes from {offset}, got Content-Range {value[:80]!r}"
+        )
+
+
+def _range_length(value: str | None) -> int | None:
+    match = _CONTENT_RANGE.fullmatch((value or "").strip())
+    return None if match is None else int(match.group(2)) - int(match.group(1)) + 1
 
 
 def _reason(exc: BaseException | None) -> str:

@@ -78,6 +78,10 @@ class CutShort(Exception):
     """A response body ended before its Content-Length."""
 
 
+class TooLarge(Exception):
+    """A response body is larger than the request allows (``max_body``)."""
+
+
 class Aborted(Exception):
     """``Call.abort`` was called (the loop's deadline, or a cancellation)."""
 
@@ -90,6 +94,8 @@ class Call:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._aborted = threading.Event()
+        self.resent = False
+        """A later attempt was sent after one that may have reached the server."""
         self.on_length: Callable[[int], None] | None = None
         """Told the body's length before it is read (the loop extends its deadline)."""
 
@@ -149,8 +155,11 @@ class S3Http:
         sign_payload: bool = False,
         max_attempts: int = 5,
         connect_attempts: int = 2,
+        max_body: int = 512 << 20,
     ) -> None:
+        """``max_body``: the largest body read whole (``request``'s default)."""
         self.pool = pool
+        self.max_body = max_body
         self.bucket = bucket
         self.region = region
         self.credentials = credentials
@@ -201,10 +210,15 @@ class S3Http:
         headers: Mapping[str, str] | None = None,
         body: bytes | bytearray | memoryview = b"",
         stream: bool = False,
+        max_body: int | None = None,
     ) -> Response:
-        """Send one request with retries; the body read whole (``stream``: left
-        to read as ``Response.stream``, for a successful answer). Raises S3Error,
-        NetworkError, CutShort, Aborted, ConfigError (credentials)."""
+        """Send one request with retries; the body read whole, at most ``max_body``
+        bytes (None: ``self.max_body``), or with ``stream`` left to read as
+        ``Response.stream`` for a successful answer. ``call.resent`` tells
+        afterwards whether the request may have reached the server more than
+        once. Raises S3Error, NetworkError, CutShort, TooLarge, Aborted,
+        ConfigError (credentials)."""
+        limit = self.max_body if max_body is None else max_body
         path = self.path(key)
         query = sigv4.canonical_query(params)
         target = path if not query else f"{path}?{query}"
@@ -215,10 +229,13 @@ class S3Http:
             payload = hashlib.sha256(body).hexdigest()
         connect_failures = 0
         attempt = 0
+        tried = False
         while True:
             attempt += 1
             if call.aborted:
                 raise Aborted
+            call.resent = tried
+            tried = True
             signed = sigv4.sign_headers(
                 self.credentials.current(),
                 self.region,
@@ -259,9 +276,13 @@ class S3Http:
                         _headers(response),
                         stream=RangeBody(self.pool, conn, response, key or ""),
                     )
+                if response.length is not None and response.length > limit:
+                    response.close()  # never read: a lying length must not cost memory or time
+                    conn.close()
+                    raise TooLarge(f"{response.length} bytes, more than {limit}")
                 if call.on_length is not None:
                     call.on_length(response.length or 0)
-                data = _read_all(response, conn, call)
+                data = _read_all(response, conn, call, limit)
                 call.detach()
                 self.pool.release_if_clean(conn, response)
                 return Response(status, _headers(response), data)
@@ -282,16 +303,32 @@ class S3Http:
 
 
 def _read_all(
-    response: http.client.HTTPResponse, conn: http.client.HTTPConnection, call: Call
+    response: http.client.HTTPResponse,
+    conn: http.client.HTTPConnection,
+    call: Call,
+    limit: int,
 ) -> bytes:
+    """The whole body (its Content-Length already checked against ``limit``); a
+    body without one (chunked, or up to the connection's end) is read in pieces
+    and refused once it passes ``limit``."""
     try:
-        data = response.read()
+        if response.length is not None:
+            return response.read()
+        pieces, total = [], 0
+        while piece := response.read(1 << 20):
+            total += len(piece)
+            if total > limit:
+                response.close()
+                conn.close()
+                raise TooLarge(f"more than {limit} bytes")
+            pieces.append(piece)
+        return b"".join(pieces)
     except (OSError, http.client.HTTPException) as exc:
+        response.close()
         conn.close()
         if call.aborted:
             raise Aborted from exc
         raise CutShort(_reason(exc)) from exc
-    return data
 
 
 def _headers(response: http.client.HTTPResponse) -> dict[str, str]:

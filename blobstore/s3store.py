@@ -39,6 +39,7 @@ Why the requests are made the way they are:
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -60,7 +61,7 @@ from .errors import (
 from .objectstore import ObjectInfo, validate_key, validate_prefix
 from .parallel import for_each
 from .resource import AsyncResource
-from .s3http import Aborted, Call, CutShort, NetworkError, Response, S3Error, S3Http
+from .s3http import Aborted, Call, CutShort, NetworkError, Response, S3Error, S3Http, TooLarge
 from .s3profile import DEFAULT_REGION, ResolvedS3, StaticCredentials, read_profile
 
 __all__ = ["DEFAULT_REGION", "ResolvedS3", "S3ObjectStore", "read_profile"]
@@ -84,6 +85,14 @@ _CONFLICT_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestCon
 _RANGE_PAST_END_CODES = frozenset({"InvalidRange", "416"})
 _RANGE_BLOCK = 1 << 20
 """Largest block ``get_range`` yields."""
+DEFAULT_MAX_OBJECT_SIZE = 512 << 20
+"""Largest object ``get`` reads (the largest manifest, manifest.MAX_MANIFEST_BYTES):
+a server must not make a ref's GET hold gigabytes, nor stretch its deadline
+with a Content-Length it never sends."""
+_MAX_LISTING_PAGE = 16 << 20
+"""A ListObjectsV2 page of 1,000 keys of 1 KiB, URL-encoded, is under 4 MiB."""
+_REGION = re.compile(r"[a-z]{2}(-[a-z0-9]{1,20}){1,4}")
+"""An AWS region name: a redirect's region becomes part of a host name."""
 
 
 class S3ObjectStore(AsyncResource):
@@ -107,10 +116,12 @@ class S3ObjectStore(AsyncResource):
         max_attempts: int = 5,
         request_deadline: float = DEFAULT_REQUEST_DEADLINE,
         min_bytes_per_second: float = DEFAULT_MIN_BYTES_PER_SECOND,
+        max_object_size: int = DEFAULT_MAX_OBJECT_SIZE,
     ) -> None:
         """``settings`` None: AWS defaults (``S3Config()``). ``max_pool_connections``
         bounds the requests in flight (each holds a worker thread) and the idle
-        connections kept alive."""
+        connections kept alive; ``max_object_size`` the bytes one ``get`` holds."""
+        self._max_object_size = max_object_size
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
@@ -157,11 +168,16 @@ class S3ObjectStore(AsyncResource):
         try:
             await self._ensure_bucket()
         except _WrongRegion as moved:
-            if endpoint is not None:  # a custom endpoint's region is the user's business
+            if endpoint is not None or not _REGION.fullmatch(moved.region):
+                # A custom endpoint's region is the user's business, and a region
+                # that is not one must not name the host the credentials go to.
                 raise moved.error from None
-            # As botocore's redirector: the bucket is elsewhere; ask there.
+            # As botocore's redirector: the bucket is elsewhere; ask there, once.
             self._connect(profile, moved.region, None, style)
-            await self._ensure_bucket()
+            try:
+                await self._ensure_bucket()
+            except _WrongRegion as again:
+                raise again.error from None
 
     def _connect(self, profile: ResolvedS3, region: str, endpoint: str | None, style: str) -> None:
         if self._http is not None:
@@ -171,11 +187,18 @@ class S3ObjectStore(AsyncResource):
         self.endpoint = endpoint or _aws_endpoint(region)
         proxy = httpranges.proxy_for(self.endpoint)
         connect, read = self._timeouts
+        try:
+            context = httpranges.tls_context(self.endpoint, profile.ca_bundle)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"CA bundle {profile.ca_bundle} (AWS_CA_BUNDLE or the profile's ca_bundle) "
+                f"cannot be used: {_one_line(getattr(exc, 'strerror', None) or str(exc))}"
+            ) from exc
         pool = httpranges.HttpRanges(
             self.url,
             connect_timeout=connect,
             read_timeout=read,
-            context=httpranges.tls_context(self.endpoint, profile.ca_bundle),
+            context=context,
             proxy=proxy,
             idle_connections=self._idle_connections,
         )
@@ -190,6 +213,7 @@ class S3ObjectStore(AsyncResource):
             sign_payload=self._sign_payload,
             max_attempts=self._max_attempts,
             connect_attempts=CONNECT_ATTEMPTS,
+            max_body=self._max_object_size,
         )
         # Spans read by threads skip proxies (a pre-signed URL, no proxy logic there).
         self._threaded = proxy is None
@@ -256,19 +280,31 @@ class S3ObjectStore(AsyncResource):
             if current != expected:
                 raise Conflict(f"object {key} changed in {self.url}; conditional write refused")
             conditions = {"If-Match": etag}
+        calls: list[Call] = []
+
+        def write(call: Call) -> Response:
+            calls.append(call)
+            return http.request(call, "PUT", full, body=data, headers=conditions)
+
         try:
             with self._translate("write", key):
-                await self._run(
-                    "write",
-                    key,
-                    lambda c: http.request(c, "PUT", full, body=data, headers=conditions),
-                    len(data),
-                )
+                await self._run("write", key, write, len(data))
         except Conflict:
+            # A repeated PUT (an answer lost, a 5xx) fails its condition on our
+            # own first write: the write is ours if the object holds our bytes.
+            if calls and calls[-1].resent and await self._holds(key, data):
+                return
             state = "exists" if expected is None else "changed"
             raise Conflict(
                 f"object {key} {state} in {self.url}; conditional write refused"
             ) from None
+
+    async def _holds(self, key: str, data: bytes) -> bool:
+        try:
+            current, _etag = await self._get(key)
+        except ObjectMissing:
+            return False
+        return current == data
 
     async def get_range(self, key: str, offset: int, length: int) -> AsyncGenerator[bytes, None]:
         """Stream ``length`` bytes from ``offset`` with one ranged GET, in blocks as
@@ -295,12 +331,14 @@ class S3ObjectStore(AsyncResource):
         # The body's deadline counts only time spent waiting for the server (a
         # cancel scope must not span a yield, and a slow consumer is not its fault).
         budget = self.read_budget(length)
+        left = length  # a 200 (the whole object) or a lying length: no more than asked
         try:
-            while True:
+            httpranges.check_range_start(response.status, response.headers, offset, key)
+            while left:
                 started = anyio.current_time()
                 with anyio.move_on_after(budget) as scope:
                     block = await anyio.to_thread.run_sync(
-                        _read_block, body, abandon_on_cancel=True, limiter=self._limiter
+                        _read_block, body, left, abandon_on_cancel=True, limiter=self._limiter
                     )
                 if scope.cancelled_caught:
                     body.abort()
@@ -308,6 +346,7 @@ class S3ObjectStore(AsyncResource):
                 budget -= anyio.current_time() - started
                 if not block:
                     break
+                left -= len(block)
                 yield block
         finally:
             body.close()
@@ -385,10 +424,18 @@ class S3ObjectStore(AsyncResource):
                 params.append(("continuation-token", token))
 
             def page(call: Call, params: list[tuple[str, str]] = params) -> _Page:
-                return _parse_listing(http.request(call, "GET", None, params=params))
+                response = http.request(
+                    call, "GET", None, params=params, max_body=_MAX_LISTING_PAGE
+                )
+                return _parse_listing(response)
 
             with self._translate("list", prefix):  # a deadline per page: never across a yield
-                infos, token = await self._run("list", prefix, page)
+                infos, following = await self._run("list", prefix, page)
+            if following is not None and following == token:
+                raise StoreUnavailable(
+                    f"S3 list {prefix} in {self.url}: the server repeats its continuation token"
+                )
+            token = following
             for key, size, mtime in infos:
                 key = key[strip:]
                 if _is_key(key):  # not "refs/apps/": a folder marker made by an S3 console
@@ -477,6 +524,11 @@ class S3ObjectStore(AsyncResource):
             if wrong_region and exc.region and exc.region != self._region:
                 raise _WrongRegion(exc.region, error) from exc
             raise error from exc
+        except TooLarge as exc:
+            raise StoreUnavailable(
+                f"S3 {what} in {self.url}: the response is too large ({exc}; "
+                "max_object_size bounds what one request may hold)"
+            ) from exc
         except CutShort as exc:
             raise TruncatedResponse(
                 f"S3 {what}: response body cut short by {self.endpoint}: {exc}"
@@ -504,6 +556,10 @@ def _parse_listing(response: Response) -> _Page:
     """(key, size, mtime) of a ListObjectsV2 page, and the next page's token."""
     from xml.etree import ElementTree
 
+    # S3 sends no DTD. Expat (2.4.1+) already bounds entity expansion and never
+    # loads external entities; refusing any DTD leaves nothing to expand at all.
+    if b"<!DOCTYPE" in response.body or b"<!ENTITY" in response.body:
+        raise S3Error(response.status, "MalformedListing", "a DTD in a listing", None)
     try:
         root = ElementTree.fromstring(response.body)
     except ElementTree.ParseError as exc:
@@ -511,16 +567,22 @@ def _parse_listing(response: Response) -> _Page:
     infos = []
     for entry in root.iterfind("{*}Contents"):
         name = unquote_plus(entry.findtext("{*}Key") or "")
-        size = int(entry.findtext("{*}Size") or 0)
-        modified = datetime.fromisoformat(entry.findtext("{*}LastModified") or "1970-01-01Z")
+        try:
+            size = int(entry.findtext("{*}Size") or 0)
+            modified = datetime.fromisoformat(
+                entry.findtext("{*}LastModified") or "1970-01-01T00:00:00+00:00"
+            )
+        except ValueError as exc:
+            raise S3Error(response.status, "MalformedListing", str(exc), None) from exc
         infos.append((name, size, modified.timestamp()))
     truncated = (root.findtext("{*}IsTruncated") or "").strip().lower() == "true"
     token = root.findtext("{*}NextContinuationToken") if truncated else None
     return infos, token or None
 
 
-def _read_block(body: httpranges.RangeBody) -> bytes:
-    return body.read(min(_RANGE_BLOCK, body.remaining)) if body.remaining else b""
+def _read_block(body: httpranges.RangeBody, left: int) -> bytes:
+    size = min(_RANGE_BLOCK, body.remaining, left)
+    return body.read(size) if size else b""
 
 
 def _aws_endpoint(region: str) -> str:

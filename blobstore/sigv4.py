@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import quote
+
+from .errors import ConfigError
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _ALGORITHM = "AWS4-HMAC-SHA256"
 _UNSIGNED_HEADERS = frozenset({"user-agent", "content-length", "expect", "connection"})
 """Headers sent but never signed (proxies and http.client may change them)."""
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,17 @@ class Credentials:
     access_key: str
     secret_key: str = ""
     token: str | None = None
+
+    def __post_init__(self) -> None:
+        # The key and the token travel in headers: a stray newline or space (a
+        # file read with its line end) would make http.client raise an error
+        # that quotes the whole value. Refused here, naming neither.
+        for name, value in (("access key id", self.access_key), ("session token", self.token)):
+            if value and not _HEADER_SAFE.fullmatch(value):
+                raise ConfigError(
+                    f"the AWS {name} holds a space, a control or a non-ASCII character"
+                    " (a line end copied with it?)"
+                )
 
     def __repr__(self) -> str:  # never print a secret
         return f"Credentials({self.access_key!r}, token={'yes' if self.token else 'no'})"

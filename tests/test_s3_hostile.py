@@ -1,0 +1,295 @@
+"""The S3 request path (s3store/s3http/httpranges/sigv4) against servers that
+misbehave as SeaweedFS never will (tests/rawhttp.py): bodies that lie about
+their length or never end, DTDs in listings, a Range ignored, slow answers,
+redirects to odd regions, writes whose answer is lost, untrusted or misnamed
+certificates. Each must end in one clear error line, with bounded memory,
+and without a credential in it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from rawhttp import RawServer, Request, answer
+
+from blobstore import httpranges
+from blobstore.config import S3Config
+from blobstore.errors import StoreUnavailable
+from blobstore.s3store import S3ObjectStore
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "SECRETmustNOTleak0123456789"
+TOKEN = "TOKENmustNOTleak+/=="
+REF = "refs/apps/model"
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_") or name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDHOSTILE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", TOKEN)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+Route = Callable[[Request, socket.socket], bool]
+
+
+def routes(**by_key: Route) -> Route:
+    """HEAD of the bucket answers 200; ``/bucket/p/<key>`` goes to its route
+    (``_`` for ``/`` in names: refs_apps_model is refs/apps/model), else 404."""
+
+    def handle(request: Request, sock: socket.socket) -> bool:
+        if request.path.rstrip("/") == "/bucket" and request.method == "HEAD":
+            return answer(sock, 200)
+        for name, route in by_key.items():
+            if request.path.split("?")[0] == "/bucket/p/" + name.replace("_", "/"):
+                return route(request, sock)
+        if request.path.startswith("/bucket?"):
+            return by_key["LIST"](request, sock)
+        return answer(sock, 404, b"<Error><Code>NoSuchKey</Code></Error>")
+
+    return handle
+
+
+@asynccontextmanager
+async def store_at(server: RawServer, **options: Any) -> AsyncIterator[S3ObjectStore]:
+    settings = S3Config(endpoint_url=server.endpoint, region="us-east-1", addressing_style="path")
+    async with S3ObjectStore("bucket", "p", settings, **options) as store:
+        yield store
+
+
+def one_clean_line(error: BaseException) -> str:
+    text = str(error)
+    assert "\n" not in text
+    assert SECRET not in text
+    assert TOKEN not in text
+    return text
+
+
+def headers_then(sock: socket.socket, head: str, body: bytes = b"") -> None:
+    """The status line and headers in ``head`` (CRLF-separated), then ``body``."""
+    sock.sendall(f"HTTP/1.1 {head.rstrip()}\r\n\r\n".encode() + body)
+
+
+async def test_a_lying_content_length_is_refused_before_reading(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ref answered with Content-Length 1 TB: refused at once (no allocation,
+    and no deadline stretched by 1 TB / min_bytes_per_second)."""
+
+    def huge(request: Request, sock: socket.socket) -> bool:
+        headers_then(sock, "200 OK\r\nContent-Length: 1000000000000\r\n", b"x" * 100)
+        return False
+
+    caplog.set_level(logging.DEBUG)
+    with RawServer(routes(refs_apps_model=huge)) as server:
+        async with store_at(server) as store:
+            with anyio.fail_after(30), pytest.raises(StoreUnavailable) as info:
+                await store.get(REF)
+    assert "too large" in one_clean_line(info.value)
+    assert SECRET not in caplog.text
+    assert TOKEN not in caplog.text
+
+
+async def test_an_endless_chunked_body_is_cut_at_max_object_size() -> None:
+    sent: list[int] = []
+
+    def endless(request: Request, sock: socket.socket) -> bool:
+        headers_then(sock, "200 OK\r\nTransfer-Encoding: chunked\r\n")
+        chunk = b"%x\r\n%s\r\n" % (64 << 10, b"y" * (64 << 10))
+        for _ in range(10_000):  # 640 MiB if nobody stops reading
+            sock.sendall(chunk)
+            sent.append(1)
+        return False
+
+    with RawServer(routes(refs_apps_model=endless)) as server:
+        async with store_at(server, max_object_size=1 << 20) as store:
+            with anyio.fail_after(30), pytest.raises(StoreUnavailable) as info:
+                await store.get(REF)
+    assert "too large" in one_clean_line(info.value)
+    assert len(sent) < 1000  # the client hung up long before 64 MiB
+
+
+async def test_a_chunked_body_within_bounds_is_read() -> None:
+    def chunked(request: Request, sock: socket.socket) -> bool:
+        headers_then(sock, "200 OK\r\nTransfer-Encoding: chunked\r\n", b"3\r\nabc\r\n0\r\n\r\n")
+        return True
+
+    with RawServer(routes(refs_apps_model=chunked)) as server:
+        async with store_at(server) as store:
+            assert await store.get(REF) == b"abc"
+
+
+async def test_a_body_shorter_than_its_length_is_an_error_after_retries() -> None:
+    def short(request: Request, sock: socket.socket) -> bool:
+        headers_then(sock, "200 OK\r\nContent-Length: 100\r\n", b"only ten..")
+        return False
+
+    with RawServer(routes(refs_apps_model=short)) as server:
+        async with store_at(server) as store:
+            with anyio.fail_after(30), pytest.raises(StoreUnavailable) as info:
+                await store.get(REF)
+        gets = [r for r in server.requests if r.method == "GET"]
+    assert "cut short" in one_clean_line(info.value)
+    assert len(gets) == 3  # _BODY_ATTEMPTS
+
+
+async def test_a_trickling_server_meets_the_deadline() -> None:
+    """Headers at once, then a byte every 0.1 s: read_timeout never fires, the
+    request's own deadline does (1 s + 1 KiB at 1 MiB/s)."""
+
+    def trickle(request: Request, sock: socket.socket) -> bool:
+        headers_then(sock, "200 OK\r\nContent-Length: 1024\r\n")
+        for _ in range(1024):
+            sock.sendall(b"z")
+            time.sleep(0.1)
+        return False
+
+    with RawServer(routes(refs_apps_model=trickle)) as server:
+        async with store_at(server, request_deadline=1.0, min_bytes_per_second=1 << 20) as store:
+            with anyio.fail_after(30), pytest.raises(StoreUnavailable) as info:
+                await store.get(REF)
+    assert "deadline" in one_clean_line(info.value)
+
+
+def listing(body: bytes) -> Route:
+    def route(request: Request, sock: socket.socket) -> bool:
+        return answer(sock, 200, body)
+
+    return route
+
+
+async def test_a_listing_with_a_dtd_is_refused() -> None:
+    laughs = (
+        b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa">'
+        b'<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;">]>'
+        b"<ListBucketResult><Contents><Key>&c;</Key><Size>1</Size></Contents>"
+        b"</ListBucketResult>"
+    )
+    with RawServer(routes(LIST=listing(laughs))) as server:
+        async with store_at(server) as store:
+            with pytest.raises(StoreUnavailable) as info:
+                _ = [i async for i in store.list("refs/")]
+    assert "MalformedListing" in one_clean_line(info.value)
+
+
+async def test_a_listing_with_garbage_fields_or_a_repeated_token_is_one_line() -> None:
+    garbage = (
+        b"<ListBucketResult><Contents><Key>p/refs/a</Key><Size>many</Size></Contents>"
+        b"</ListBucketResult>"
+    )
+    looping = (
+        b"<ListBucketResult><IsTruncated>true</IsTruncated>"
+        b"<NextContinuationToken>same</NextContinuationToken>"
+        b"<Contents><Key>p/refs/a</Key><Size>1</Size></Contents></ListBucketResult>"
+    )
+    for body, expected in ((garbage, "MalformedListing"), (looping, "continuation token")):
+        with RawServer(routes(LIST=listing(body))) as server:
+            async with store_at(server) as store:
+                with anyio.fail_after(30), pytest.raises(StoreUnavailable) as info:
+                    _ = [i async for i in store.list("refs/")]
+        assert expected in one_clean_line(info.value)
+        assert len(server.requests) <= 3  # the bucket check and at most two pages
+
+
+OBJECT = bytes(range(256)) * 16
+
+
+def ranged(kind: str) -> Route:
+    """Answers a Range GET of OBJECT the way ``kind`` says."""
+
+    def route(request: Request, sock: socket.socket) -> bool:
+        first, last = map(int, request.headers["range"].removeprefix("bytes=").split("-"))
+        part = OBJECT[first : last + 1]
+        content_range = f"Content-Range: bytes {first}-{last}/{len(OBJECT)}\r\n"
+        if kind == "ignore":  # the whole object, as if Range were not sent
+            headers_then(sock, f"200 OK\r\nContent-Length: {len(OBJECT)}\r\n", OBJECT)
+        elif kind == "shifted":  # a 206 for other bytes than asked
+            wrong = f"Content-Range: bytes {first + 1}-{last + 1}/{len(OBJECT)}\r\n"
+            headers_then(sock, f"206 P\r\nContent-Length: {len(part)}\r\n{wrong}", part)
+        elif kind == "chunked-cut":  # chunked, then the connection ends mid-way
+            chunk = part[: len(part) // 2]
+            headers_then(
+                sock,
+                f"206 P\r\nTransfer-Encoding: chunked\r\n{content_range}",
+                b"%x\r\n%s\r\n" % (len(chunk), chunk),
+            )
+            return False
+        elif kind in ("close-delimited", "close-cut"):  # ends with the connection
+            cut = part if kind == "close-delimited" else part[:10]
+            headers_then(sock, f"206 P\r\nConnection: close\r\n{content_range}", cut)
+            return False
+        elif kind == "bare":  # no length, no range: cannot tell a cut from the end
+            headers_then(sock, "200 OK\r\nConnection: close\r\n", OBJECT)
+            return False
+        else:
+            headers_then(sock, f"206 P\r\nContent-Length: {len(part)}\r\n{content_range}", part)
+        return True
+
+    return route
+
+
+async def test_ranges_are_checked_against_what_was_asked() -> None:
+    for kind, offset, outcome in [
+        ("good", 100, "ok"),
+        ("ignore", 0, "ok"),  # the whole object from 0: only the asked bytes come out
+        ("ignore", 100, "ignored the Range"),
+        ("shifted", 100, "Content-Range"),
+        ("chunked-cut", 100, "cut short"),
+        ("close-delimited", 100, "ok"),  # the Content-Range gives the length
+        ("close-cut", 100, "cut short"),
+        ("bare", 0, "neither a Content-Length"),
+    ]:
+        with RawServer(routes(packs_ab_pack=ranged(kind))) as server:
+            async with store_at(server) as store:
+                stream = store.get_range("packs/ab/pack", offset, 1000)
+                if outcome == "ok":
+                    got = b"".join([block async for block in stream])
+                    assert got == OBJECT[offset : offset + 1000], kind
+                    continue
+                with anyio.fail_after(30), pytest.raises(StoreUnavailable) as info:
+                    _ = [block async for block in stream]
+                assert outcome in one_clean_line(info.value), kind
+
+
+async def test_threaded_ranges_are_checked_too() -> None:
+    """The pre-signed path (worker threads read spans) refuses the same bodies."""
+    for kind, offset, outcome in [
+        ("good", 100, "ok"),
+        ("ignore", 100, "ignored the Range"),
+        ("shifted", 100, "Content-Range"),
+        ("chunked-cut", 100, "cut short"),
+    ]:
+        with RawServer(routes(packs_ab_pack=ranged(kind))) as server:
+            async with store_at(server) as store:
+                opener = await store.threaded_ranges("packs/ab/pack")
+                assert opener is not None
+
+                def read(
+                    opener: httpranges.PresignedObject = opener, offset: int = offset
+                ) -> bytes:
+                    body = opener.open(offset, 1000)
+                    assert body is not None
+                    try:
+                        return body.read(1000)
+                    finally:
+                        body.close()
+
+                if outcome == "ok":
+                    assert await anyio.to_thread.run_sync(read) == OBJECT[offset : offset + 1000]
+                    continue
+                with pytest.raises(StoreUnavailable) as info:
+                    await anyio.to_thread.run_sync(read)
+                assert outcome in one_clean_line(info.value), kind
