@@ -10,18 +10,21 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from certs import make_ca, make_leaf
 from rawhttp import RawServer, Request, answer
 
 from blobstore import httpranges
 from blobstore.config import S3Config
-from blobstore.errors import StoreUnavailable
+from blobstore.errors import ConfigError, Conflict, StoreUnavailable
 from blobstore.s3store import S3ObjectStore
 
 pytestmark = pytest.mark.anyio
@@ -293,3 +296,194 @@ async def test_threaded_ranges_are_checked_too() -> None:
                 with pytest.raises(StoreUnavailable) as info:
                     await anyio.to_thread.run_sync(read)
                 assert outcome in one_clean_line(info.value), kind
+
+
+async def test_a_key_or_token_with_a_line_end_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_SESSION_TOKEN", TOKEN + "\n")
+    with RawServer(routes()) as server:
+        with pytest.raises(ConfigError) as info:
+            async with store_at(server):
+                pass
+        assert server.requests == []
+    assert "session token" in one_clean_line(info.value)
+
+
+async def test_an_error_body_left_unread_never_reaches_the_next_request() -> None:
+    """A 403 with 1 MiB of body on a kept-alive connection: only 64 KiB are read,
+    so the connection is dropped, and the next request gets its own answer."""
+
+    def denied(request: Request, sock: socket.socket) -> bool:
+        body = b"<Error><Code>AccessDenied</Code></Error>" + b" " * (1 << 20)
+        return answer(sock, 403, body)
+
+    def small(request: Request, sock: socket.socket) -> bool:
+        return answer(sock, 200, b"small", ETag='"1"')
+
+    with RawServer(routes(refs_big=denied, refs_small=small)) as server:
+        async with store_at(server) as store:
+            with pytest.raises(StoreUnavailable) as info:
+                await store.get("refs/big")
+            assert "AccessDenied" in one_clean_line(info.value)
+            assert await store.get("refs/small") == b"small"
+            assert await store.get("refs/small") == b"small"
+        assert server.connections == 2  # the bucket check's, reused, dropped; then one
+
+
+class Bucket:
+    """Conditional PUTs and GETs of one object; the answer to the first PUT that
+    applies is lost (the connection closes), as on a network that fails after S3
+    committed the write."""
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.version = 0
+        self.lose_next = True
+
+    def route(self, request: Request, sock: socket.socket) -> bool:
+        if request.method == "GET":
+            if self.data is None:
+                return answer(sock, 404, b"<Error><Code>NoSuchKey</Code></Error>")
+            return answer(sock, 200, self.data, ETag=f'"{self.version}"')
+        match = request.headers.get("if-match")
+        absent_only = request.headers.get("if-none-match") == "*"
+        if (absent_only and self.data is not None) or (
+            match is not None and match != f'"{self.version}"'
+        ):
+            return answer(sock, 412, b"<Error><Code>PreconditionFailed</Code></Error>")
+        self.data, self.version = request.body, self.version + 1
+        if self.lose_next:
+            self.lose_next = False
+            return False  # applied, never answered
+        return answer(sock, 200, ETag=f'"{self.version}"')
+
+
+async def test_a_conditional_write_whose_answer_was_lost_is_not_a_conflict() -> None:
+    bucket = Bucket()
+    with RawServer(routes(refs_apps_model=bucket.route)) as server:
+        async with store_at(server) as store:
+            await store.put_if(REF, b"first\n", None)  # applied, answer lost, 412 on retry
+            assert bucket.data == b"first\n"
+            with pytest.raises(Conflict):  # a real conflict stays one
+                await store.put_if(REF, b"other\n", None)
+            bucket.lose_next = True
+            await store.put_if(REF, b"second\n", b"first\n")
+            assert bucket.data == b"second\n"
+            with pytest.raises(Conflict):
+                await store.put_if(REF, b"third\n", b"first\n")
+        puts = [r.method for r in server.requests if r.method == "PUT"]
+    assert len(puts) == 2 + 1 + 2  # each lost answer: one PUT repeated
+
+
+class _Moved:
+    """A bucket that always answers 301 with ``region`` (AWS stand-in)."""
+
+    def __init__(self, region: str) -> None:
+        self.region = region
+
+    def route(self, request: Request, sock: socket.socket) -> bool:
+        return answer(sock, 301, b"", **{"x-amz-bucket-region": self.region})
+
+
+@pytest.mark.parametrize("region", ["evil.example.com/x", "eu-west-1"])
+async def test_a_region_redirect_is_followed_once_and_only_to_a_region(
+    monkeypatch: pytest.MonkeyPatch, region: str
+) -> None:
+    """No endpoint configured: a 301's region names the next host. A region that
+    is not a region name is not followed; a second 301 ends in one line."""
+    hosts: list[str] = []
+    with RawServer(_Moved(region).route) as server:
+
+        def fake_aws(name: str) -> str:
+            hosts.append(name)
+            return server.endpoint
+
+        monkeypatch.setattr("blobstore.s3store._aws_endpoint", fake_aws)
+        settings = S3Config(region="us-east-1", addressing_style="path")
+        with pytest.raises(StoreUnavailable) as info:
+            async with S3ObjectStore("bucket", "p", settings):
+                pass
+    one_clean_line(info.value)
+    assert hosts == (["us-east-1"] if "." in region else ["us-east-1", "eu-west-1"])
+
+
+def connect_proxy(seen: list[str]) -> RawServer:
+    """An HTTP CONNECT proxy (HTTPS_PROXY): a tunnel to where it is asked."""
+
+    def tunnel(request: Request, sock: socket.socket) -> bool:
+        seen.append(f"{request.method} {request.path}")
+        host, _, port = request.path.rpartition(":")
+        upstream = socket.create_connection((host, int(port)))
+        sock.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while data := source.recv(1 << 16):
+                    sink.sendall(data)
+            except OSError:
+                pass
+            finally:
+                sink.close()
+                source.close()
+
+        threading.Thread(target=pump, args=(upstream, sock), daemon=True).start()
+        pump(sock, upstream)
+        return False
+
+    return RawServer(tunnel)
+
+
+def serve_ref(request: Request, sock: socket.socket) -> bool:
+    return answer(sock, 200, b"ref over tls")
+
+
+@pytest.mark.parametrize("via_proxy", [False, True])
+async def test_tls_is_verified_with_hostnames_also_through_a_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, via_proxy: bool
+) -> None:
+    """Untrusted CA: refused. Trusted CA (AWS_CA_BUNDLE) but a name the certificate
+    does not hold (localhost; it holds IP 127.0.0.1): refused. Both right: read.
+    Through a CONNECT proxy the same, the tunnel's host checked."""
+    ca = make_ca(tmp_path, "ca")
+    leaf = make_leaf(tmp_path, "s3", ca)
+    seen: list[str] = []
+    with RawServer(routes(refs_apps_model=serve_ref), tls=leaf) as server:
+        with connect_proxy(seen) as proxy:
+            if via_proxy:
+                monkeypatch.setenv("HTTPS_PROXY", proxy.endpoint)
+            ip_settings = S3Config(endpoint_url=server.endpoint, addressing_style="path")
+            name_settings = S3Config(
+                endpoint_url=f"https://localhost:{server.port}", addressing_style="path"
+            )
+            for settings, trusted, problem in [
+                (ip_settings, False, "certificate verify failed"),
+                (name_settings, True, "mismatch"),
+                (ip_settings, True, None),
+            ]:
+                if trusted:
+                    monkeypatch.setenv("AWS_CA_BUNDLE", str(ca[0]))
+                if problem is None:
+                    async with S3ObjectStore("bucket", "p", settings) as store:
+                        assert await store.get(REF) == b"ref over tls"
+                    continue
+                with pytest.raises(StoreUnavailable) as info:
+                    async with S3ObjectStore("bucket", "p", settings):
+                        pass
+                assert problem in one_clean_line(info.value)
+    assert bool(seen) == via_proxy
+    assert all(s.startswith("CONNECT ") for s in seen)
+
+
+async def test_an_unusable_ca_bundle_is_one_config_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    for bundle in (tmp_path / "missing.pem", garbage):
+        monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
+        settings = S3Config(endpoint_url="https://127.0.0.1:9", addressing_style="path")
+        with pytest.raises(ConfigError) as info:
+            async with S3ObjectStore("bucket", "p", settings):
+                pass
+        assert str(bundle) in one_clean_line(info.value)
