@@ -25,9 +25,9 @@ import ssl
 import threading
 from base64 import b64encode
 from collections.abc import Mapping
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
-from .errors import ObjectMissing, StoreUnavailable
+from .errors import ConfigError, ObjectMissing, StoreUnavailable
 
 _IDLE_CONNECTIONS = 32
 """Idle keep-alive connections kept per pool (above the spans in flight)."""
@@ -58,14 +58,28 @@ class HttpRanges:
         self._read_timeout = read_timeout
         self._context = context
         self._proxy = urlsplit(proxy) if proxy else None
+        self.proxy_headers: dict[str, str] = {}
+        """Sent with every request through an http proxy (its credentials)."""
+        if self._proxy is not None:
+            if self._proxy.scheme != "http":  # http.client would speak plain HTTP to it
+                raise ConfigError(
+                    f"proxy {self._proxy.hostname}: only http:// proxies are supported "
+                    "(an https:// endpoint is reached through a CONNECT tunnel all the same)"
+                )
+            if self._proxy.username is not None:
+                self.proxy_headers["Proxy-Authorization"] = _basic(self._proxy)
         self._idle_limit = idle_connections
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._closed = False
 
-    def open(self, url: str, key: str, offset: int, length: int) -> RangeBody | None:
+    def open(
+        self, url: str, key: str, offset: int, length: int, deadline: float | None = None
+    ) -> RangeBody | None:
         """Send ``GET url`` for bytes ``offset .. offset+length`` (blocking: call
         in a worker thread). None when the range starts past the object's end.
+        ``deadline``: seconds the server has to answer (its headers; a server
+        trickling them a byte per ``read_timeout`` must not hold a thread).
 
         Raises ObjectMissing, StoreUnavailable (unreachable, an S3 error, 5xx)."""
         parts = urlsplit(url)
@@ -73,12 +87,19 @@ class HttpRanges:
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         for attempt in (1, 2):
             _fresh, conn = self.connection(parts.scheme, parts.hostname or "", parts.port)
+            watchdog = _Watchdog(conn, deadline)
             try:
                 conn.request("GET", target, headers=headers)
                 response = conn.getresponse()
+                watchdog.cancel()
                 break
             except (OSError, http.client.HTTPException) as exc:
+                watchdog.cancel()
                 conn.close()
+                if watchdog.fired:
+                    raise StoreUnavailable(
+                        f"S3 read {key} in {self.where}: no answer within {deadline:.0f} s"
+                    ) from exc
                 # A kept-alive connection the server has closed meanwhile fails
                 # on first use: one fresh connection, then the error is real.
                 if attempt == 2 or isinstance(exc, ConnectionRefusedError | TimeoutError):
@@ -139,10 +160,7 @@ class HttpRanges:
         proxy = self._proxy
         if proxy is not None:
             host_port = (proxy.hostname or "", proxy.port)
-            tunnel = {}
-            if proxy.username is not None:
-                userinfo = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
-                tunnel["Proxy-Authorization"] = "Basic " + b64encode(userinfo.encode()).decode()
+            tunnel = self.proxy_headers
         else:
             host_port = (host, port)
         if scheme == "https":
@@ -389,10 +407,47 @@ def tls_context(endpoint: str, ca_bundle: str | bool | None) -> ssl.SSLContext |
 
 
 class PresignedObject:
-    """Ranges of one object through a pre-signed GET URL (origin.RangeOpener)."""
+    """Ranges of one object through a pre-signed GET URL (origin.RangeOpener);
+    each answer's headers due within ``deadline`` seconds."""
 
-    def __init__(self, ranges: HttpRanges, url: str, key: str) -> None:
-        self._ranges, self._url, self._key = ranges, url, key
+    def __init__(
+        self, ranges: HttpRanges, url: str, key: str, deadline: float | None = None
+    ) -> None:
+        self._ranges, self._url, self._key, self._deadline = ranges, url, key, deadline
+
+    def __repr__(self) -> str:  # the URL holds a signature and the session token
+        return f"PresignedObject({self._key!r})"
 
     def open(self, offset: int, length: int) -> RangeBody | None:
-        return self._ranges.open(self._url, self._key, offset, length)
+        return self._ranges.open(self._url, self._key, offset, length, self._deadline)
+
+
+class _Watchdog:
+    """Shuts ``conn``'s socket if not cancelled within ``seconds`` (None: never)."""
+
+    def __init__(self, conn: http.client.HTTPConnection, seconds: float | None) -> None:
+        self.fired = False
+        self._conn = conn
+        self._timer: threading.Timer | None = None
+        if seconds is not None:
+            self._timer = threading.Timer(seconds, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = self._conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _basic(proxy: SplitResult) -> str:
+    userinfo = f"{unquote(proxy.username or '')}:{unquote(proxy.password or '')}"
+    return "Basic " + b64encode(userinfo.encode()).decode()

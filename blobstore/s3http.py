@@ -246,6 +246,8 @@ class S3Http:
                 payload,
             )
             signed["Content-Length"] = str(len(body))
+            if self._proxy is not None and self.scheme == "http":
+                signed.update(self.pool.proxy_headers)  # unsigned: the proxy drops it
             fresh, conn = self.pool.connection(self.scheme, self._host, self._port)
             try:
                 if conn.sock is None:

@@ -366,7 +366,7 @@ class S3ObjectStore(AsyncResource):
                 url = http.presigned_get(full, _PRESIGNED_SECONDS)  # no I/O: HMACs only
             else:
                 url = await anyio.to_thread.run_sync(http.presigned_get, full, _PRESIGNED_SECONDS)
-        return httpranges.PresignedObject(http.pool, url, key)
+        return httpranges.PresignedObject(http.pool, url, key, self._request_deadline)
 
     def read_budget(self, length: int) -> float:
         """Seconds a read of ``length`` bytes may wait for S3 in all."""

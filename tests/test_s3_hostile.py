@@ -7,6 +7,7 @@ and without a credential in it."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import socket
@@ -487,3 +488,59 @@ async def test_an_unusable_ca_bundle_is_one_config_line(
             async with S3ObjectStore("bucket", "p", settings):
                 pass
         assert str(bundle) in one_clean_line(info.value)
+
+
+async def test_proxy_credentials_reach_an_http_proxy_unsigned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTP_PROXY with user:password: every request carries Proxy-Authorization
+    (it was dropped for http endpoints), outside the signed headers."""
+
+    def proxy_as_s3(request: Request, sock: socket.socket) -> bool:
+        return answer(sock, 200, b"" if request.method == "HEAD" else b"via proxy")
+
+    with RawServer(proxy_as_s3) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", f"http://user:p%40ss@127.0.0.1:{proxy.port}")
+        settings = S3Config(endpoint_url="http://s3.invalid:9000", addressing_style="path")
+        async with S3ObjectStore("bucket", "p", settings) as store:
+            assert await store.get(REF) == b"via proxy"
+    expected = "Basic " + base64.b64encode(b"user:p@ss").decode()
+    assert [r.path for r in proxy.requests] == [
+        "http://s3.invalid:9000/bucket",
+        "http://s3.invalid:9000/bucket/p/refs/apps/model",
+    ]
+    for request in proxy.requests:
+        assert request.headers["proxy-authorization"] == expected
+        assert "proxy-authorization" not in request.headers["authorization"]
+
+
+async def test_an_https_proxy_url_is_refused_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """http.client would speak plain HTTP to it, the password in clear."""
+    monkeypatch.setenv("HTTPS_PROXY", "https://user:hunter2@127.0.0.1:9")
+    settings = S3Config(endpoint_url="https://s3.invalid", addressing_style="path")
+    with pytest.raises(ConfigError) as info:
+        async with S3ObjectStore("bucket", "p", settings):
+            pass
+    assert "hunter2" not in one_clean_line(info.value)
+
+
+async def test_threaded_ranges_meet_their_deadline_on_trickled_headers() -> None:
+    """A server sending its headers a byte per 0.1 s (read_timeout never fires):
+    the pre-signed path gives up at the request deadline too."""
+
+    def trickle(request: Request, sock: socket.socket) -> bool:
+        for byte in b"HTTP/1.1 206 Partial\r\nX-Slow: " + b"z" * 1000:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.1)
+        return False
+
+    with RawServer(routes(packs_ab_pack=trickle)) as server:
+        async with store_at(server, request_deadline=1.0) as store:
+            opener = await store.threaded_ranges("packs/ab/pack")
+            assert opener is not None
+            with anyio.fail_after(30), pytest.raises(StoreUnavailable) as info:
+                await anyio.to_thread.run_sync(opener.open, 0, 1000)
+    assert "no answer within" in one_clean_line(info.value)
+    assert "X-Amz-Signature" not in repr(opener)
