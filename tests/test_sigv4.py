@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import random
 import string
+import time
 import types
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -146,3 +147,45 @@ def test_host_header_drops_default_ports() -> None:
 
 def test_credentials_repr_hides_the_secret() -> None:
     assert "s3cr3t" not in repr(sigv4.Credentials("AK", "s3cr3t", "tok"))
+
+
+def test_repeated_and_odd_query_parameters_match_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repeated names (sorted by value too), empty values, reserved and non-ASCII
+    characters, and header values with runs of spaces, against botocore."""
+    when = datetime.datetime(2026, 11, 27, 23, 59, 59, tzinfo=datetime.UTC)
+    _frozen_now(monkeypatch, when)
+    params = [("b", "2"), ("a", "z"), ("a", ""), ("a", "a b+c/é"), ("tag", "x=y&z"), ("b", "1")]
+    case_headers = {"x-amz-meta-note": "  two   spaces  inside ", "If-None-Match": "*"}
+    query = sigv4.canonical_query(params)
+    url = f"https://s3.example.com:8443{sigv4.quote_path('/b/k ü+%')}?{query}"
+    theirs = AWSRequest(method="PUT", url=url, headers=dict(case_headers), data=b"")
+    theirs.context["client_config"] = types.SimpleNamespace(s3={"payload_signing_enabled": True})
+    S3SigV4Auth(BotoCredentials("AK", SECRET, "tok/en+=="), "s3", "eu-west-1").add_auth(theirs)
+    parts = urlsplit(url)
+    ours = sigv4.sign_headers(
+        sigv4.Credentials("AK", SECRET, "tok/en+=="),
+        "eu-west-1",
+        "PUT",
+        parts.path,
+        query,
+        {"host": "s3.example.com:8443", **case_headers},
+        sigv4.EMPTY_SHA256,
+        amz_date=sigv4.timestamp(when),
+    )
+    assert ours["Authorization"] == theirs.headers["Authorization"]
+    assert query.startswith("a=&a=a%20b%2Bc%2F%C3%A9&a=z&b=1&b=2&")
+
+
+def test_the_signing_clock_is_utc_whatever_the_local_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")  # UTC+14: another date most of the day
+    time.tzset()
+    try:
+        before = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        stamp = sigv4.timestamp()
+        after = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert before <= stamp <= after
