@@ -121,7 +121,7 @@ class HttpRanges:
             detail = b""
         _close(conn, response)
         match = _CODE.search(detail)
-        code = match.group(1).decode("ascii", "replace") if match else str(status)
+        code = printable(match.group(1).decode("ascii", "replace")) if match else str(status)
         if status == 416 or code == "InvalidRange":
             return None
         if code == "NoSuchBucket":
@@ -314,6 +314,13 @@ def _create_connection(
     host, port = address
     name: str | bytes = host.encode("ascii") if host.isascii() else host
     return socket.create_connection((name, port), timeout, source)  # type: ignore[arg-type]
+
+
+def printable(text: str) -> str:
+    """``text`` from a server, fit for an error line: whitespace runs made one
+    space, other control characters (terminal escapes) made ``?``."""
+    text = " ".join(text.split())
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def _close(conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:

@@ -31,7 +31,7 @@ from ipaddress import ip_address
 from urllib.parse import urlsplit
 
 from . import sigv4
-from .httpranges import HttpRanges, RangeBody
+from .httpranges import HttpRanges, RangeBody, printable
 from .s3profile import CredentialSource
 
 _THROTTLING = frozenset(
@@ -340,8 +340,8 @@ def _headers(response: http.client.HTTPResponse) -> dict[str, str]:
 def _error(status: int, detail: bytes) -> tuple[str, str]:
     code = _CODE.search(detail)
     message = _MESSAGE.search(detail)
-    name = code.group(1).decode("utf-8", "replace") if code else str(status)
-    text = message.group(1).decode("utf-8", "replace") if message else ""
+    name = printable(code.group(1).decode("utf-8", "replace")) if code else str(status)
+    text = printable(message.group(1).decode("utf-8", "replace")) if message else ""
     if not code and not text:
         text = http.client.responses.get(status, "")
     return name, text

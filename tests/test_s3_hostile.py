@@ -544,3 +544,18 @@ async def test_threaded_ranges_meet_their_deadline_on_trickled_headers() -> None
                 await anyio.to_thread.run_sync(opener.open, 0, 1000)
     assert "no answer within" in one_clean_line(info.value)
     assert "X-Amz-Signature" not in repr(opener)
+
+
+async def test_an_error_message_cannot_write_terminal_escapes() -> None:
+    def hostile(request: Request, sock: socket.socket) -> bool:
+        body = b"<Error><Code>Acc\x1b[2Jess</Code><Message>a\x1b]0;pwned\x07\r\nb</Message></Error>"
+        return answer(sock, 403, body)
+
+    with RawServer(routes(refs_apps_model=hostile)) as server:
+        async with store_at(server) as store:
+            with pytest.raises(StoreUnavailable) as info:
+                await store.get(REF)
+    text = one_clean_line(info.value)
+    assert "\x1b" not in text
+    assert "\x07" not in text
+    assert "Acc?[2Jess" in text
