@@ -190,8 +190,19 @@ def _read_ini(path: str) -> dict[str, dict[str, str]]:
     parser = configparser.RawConfigParser(interpolation=None)
     try:
         parser.read([Path(path).expanduser()], encoding="utf-8")
-    except configparser.Error as exc:
+    except configparser.ParsingError as exc:
+        # Its text quotes the bad lines: in a credentials file, a secret.
+        if isinstance(exc, configparser.MissingSectionHeaderError):
+            lines = str(exc.lineno)
+        else:
+            lines = ", ".join(str(number) for number, _line in exc.errors)
+        raise ConfigError(
+            f"unreadable AWS config file {path}: line {lines} is not a [section] or name = value"
+        ) from None
+    except configparser.Error as exc:  # the others name sections and options only
         raise ConfigError(f"unreadable AWS config file {path}: {_one_line(str(exc))}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"unreadable AWS config file {path}: not UTF-8 text") from exc
     return {s: dict(parser.items(s)) for s in parser.sections()}
 
 

@@ -157,3 +157,26 @@ def test_unknown_profile_is_botocore_s_message(tmp_path: Path) -> None:
         CREDS + "[only]\naws_access_key_id = A\naws_secret_access_key = B\n"
     )
     assert read_profile(S3Config(profile="only"), env).credentials.current().access_key == "A"
+
+
+@pytest.mark.parametrize(
+    ("config", "creds", "where"),
+    [
+        ("", "[default]\naws_access_key_id = AK\naws_secret_access_key wJalrSECRET\n", "line 3"),
+        ("", "aws_secret_access_key = wJalrSECRET\n", "line 1"),
+        ("[default]\nregion = x\n\xff\n", "", "not UTF-8"),
+    ],
+)
+def test_a_broken_credentials_file_is_one_line_without_its_secret(
+    tmp_path: Path, config: str, creds: str, where: str
+) -> None:
+    """configparser's own message quotes the bad line: there, the secret."""
+    env = _files(tmp_path, config, creds)
+    if "\xff" in config:
+        Path(env["AWS_CONFIG_FILE"]).write_bytes(config.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        read_profile(S3Config(), env)
+    text = str(info.value)
+    assert where in text
+    assert "wJalrSECRET" not in text
+    assert "\n" not in text
