@@ -32,6 +32,14 @@ Why the requests are made the way they are:
   so the worker thread ends at once.
 - A response body cut short is a TruncatedResponse (a StoreUnavailable), and
   ``get`` repeats the request up to ``_BODY_ATTEMPTS`` times first.
+- Whatever the server sends, memory stays bounded: ``get`` refuses a body over
+  ``max_object_size`` (by its Content-Length before reading, or as it arrives
+  when chunked), a LIST page over 16 MiB or with a DTD is refused, and a ranged
+  answer must start where asked (Content-Range) and is never read past what was
+  asked. Nothing follows a redirect but ``open``'s region redirect (once, to a
+  region name, AWS only), so a signed request only goes to the endpoint.
+- A conditional PUT repeated (its answer lost, a 5xx) may find its own first
+  write: a refused condition is then checked against the object's bytes.
 
 ``put_if`` uses S3 conditional writes (``If-None-Match: *`` to create, ``If-Match:
 <etag>`` to replace); AWS S3 and SeaweedFS (tested, 4.x) honour both atomically.
