@@ -317,7 +317,10 @@ class SimConnection:
             and server.tg is not None
             and self.client.world.reachable(self.client, server)
         ):
-            server.tg.create_task(work(fut))
+            try:
+                server.tg.create_task(work(fut))
+            except RuntimeError:  # its node is stopping (killed): as a dead one, no answer
+                work(fut).close()
         try:
             return await fut
         finally:

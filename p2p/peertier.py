@@ -383,7 +383,10 @@ class _BatchFetch:
         else:
             assert self.task_group is not None
             self.wake[peer.node] = asyncio.Event()
-            self.task_group.create_task(self._worker(peer))
+            try:
+                self.task_group.create_task(self._worker(peer))
+            except RuntimeError:  # the fetch is being cancelled: nobody waits for it now
+                del self.wake[peer.node]  # (an ask that ended as it was, re-routed; 1,000-node sim)
 
     async def _worker(self, peer: Peer) -> None:
         node = peer.node
