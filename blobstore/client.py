@@ -13,42 +13,33 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from .catalog import Catalog
-from .chunker import DEFAULT_PARAMS
-from .config import Config
+from .config import FRESH_NS, RACY_WINDOW_NS, Config
 from .errors import BadInput, Corrupt, Unavailable
 from .ids import ChunkId
-from .ingest import Ingestor
-from .leases import Leases
 from .linking import LinkMode
 from .locator import PackLocator
 from .manifest import ChunkRef, Entry, Image, Manifest, Tree, file_key
-from .materialize import Progress, default_priority, materialize
 from .nodestore import NodeStore
 from .objectstore import ObjectStore
 from .origin import OriginSource
-from .packs import IndexCache, PackConfig, PackWriter, StoreIndex
+from .packs import IndexCache, PackConfig
 from .plugins import load_plugins
-from .push import (
-    FRESH_NS,
-    RACY_WINDOW_NS,
-    MigrateResult,
-    PushIndex,
-    PushResult,
-    RepairResult,
-    migrate_store,
-    push_tree,
-    push_unchanged,
-    repair_tree,
-    scan_root,
-)
 from .source import ChunkData, ChunkSource
 from .stores import LazyObjectStore, open_object_store
 from .tiers import TieredSource
+
+if TYPE_CHECKING:
+    # Only pushes need these (and only pulls materialize): each command imports
+    # its own half inside the method, so a pull does not load the chunker, the
+    # pack writer and the lease code, nor a push the materializer.
+    from .ingest import Ingestor
+    from .materialize import Progress
+    from .push import MigrateResult, PushResult, RepairResult
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +129,11 @@ class Client:
         the writer decided to reuse. What the store holds is learnt once, from
         the pack indexes (LIST + the local index cache, see packs.py); call
         ``ingestor.flush()`` before saving a manifest."""
+        from .chunker import DEFAULT_PARAMS
+        from .ingest import Ingestor
+        from .leases import Leases
+        from .packs import PackWriter, StoreIndex
+
         async with Leases(self.object_store).writing():
             cache = self.index_cache
             index = await StoreIndex.load(self.object_store, cache, self.packs)
@@ -160,6 +156,9 @@ class Client:
         """Snapshot ``root`` into the store and point ``ref`` at it. Files whose
         stat matches the node's push index of ``root`` are not read; a push with
         nothing to do makes one request and takes no lease (push.py)."""
+        from .chunker import DEFAULT_PARAMS
+        from .push import PushIndex, push_tree, push_unchanged, scan_root
+
         root = Path(root)
         scan = await scan_root(root)
         push_index = await anyio.to_thread.run_sync(  # realpath: lstat of each component
@@ -204,7 +203,7 @@ class Client:
         dest: Path,
         *,
         progress: Progress | None = None,
-        priority: Callable[[Entry], Any] = default_priority,
+        priority: Callable[[Entry], Any] | None = None,
         link_mode: LinkMode = "auto",
         keep_special_modes: bool = False,
         include: Sequence[str] = (),
@@ -255,7 +254,7 @@ class Client:
         dest: Path,
         *,
         progress: Progress | None = None,
-        priority: Callable[[Entry], Any] = default_priority,
+        priority: Callable[[Entry], Any] | None = None,
         link_mode: LinkMode = "auto",
         keep_special_modes: bool = False,
     ) -> PullResult:
@@ -264,7 +263,10 @@ class Client:
         from the node store by ``link_mode`` (auto|reflink|hardlink|copy) or
         fetched through the tiers. setuid/setgid/sticky bits are dropped unless
         ``keep_special_modes``. Raises BadInput/UnsafePath, NotFound, Corrupt,
-        Unavailable, DiskFull."""
+        Unavailable, DiskFull. ``priority`` orders the files (default:
+        materialize.default_priority)."""
+        from .materialize import default_priority, materialize
+
         before = dict(self.source.bytes_from)
         await self._probe_peers(tree)
         keys = [file_key(e) for e in tree.entries if e.kind == "file" and e.size]
@@ -276,7 +278,7 @@ class Client:
                 store=self.cache,
                 concurrency=self.config.concurrency,
                 progress=progress,
-                priority=priority,
+                priority=priority or default_priority,
                 link_mode=link_mode,
                 keep_special_modes=keep_special_modes,
                 state_dir=self.pull_state_dir,
@@ -349,6 +351,8 @@ class Client:
         ``source`` (a copy of the tree) and point ``ref`` (compare-and-swap) at a
         tree naming the new copies. Raises BadInput (an image, or not a
         directory), Conflict (the ref moved), NotFound, Unavailable."""
+        from .push import RepairResult, repair_tree
+
         checked = await self.verify(ref)
         if checked.ok:
             return RepairResult(ref, checked.manifest, checked.manifest, 0, ())
@@ -361,6 +365,8 @@ class Client:
     async def migrate(self) -> MigrateResult:
         """Move this (old) store's per-chunk objects into packs and its refs onto
         v2 manifests (push.migrate_store), under a writer lease. Raises Unavailable."""
+        from .push import migrate_store
+
         async with self.writing() as ingestor:
             return await migrate_store(self.catalog, self.origin, ingestor)
 
@@ -379,6 +385,15 @@ class VerifyResult:
     @property
     def ok(self) -> bool:
         return not self.missing and not self.corrupt
+
+
+def __getattr__(name: str) -> Any:
+    """``PushResult`` and ``RepairResult`` are push.py's, loaded when first asked for."""
+    if name in ("PushResult", "RepairResult"):
+        from . import push
+
+        return getattr(push, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Client", "PullResult", "PushResult", "RepairResult", "Unavailable", "VerifyResult"]

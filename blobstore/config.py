@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 from urllib.parse import urlsplit
 
-import platformdirs
-
 from .errors import ConfigError
 from .hostport import peer_address
 
+RACY_WINDOW_NS = 2_000_000_000
+"""Files changed less than this before a push began are not recorded in its push
+index (push.py explains why); here so a pull need not import push.py for it."""
+FRESH_NS = 3600 * 1_000_000_000
+"""How long after a LIST (or a push) last saw the packs a push index names a no-op
+push trusts that they still exist (see push.py)."""
 DEFAULT_CACHE_BYTES = 50 << 30
 MIN_CACHE_BYTES = 1 << 20
 """A smaller cache cannot hold even one chunk: ``--cache-size 50`` meant 50G, not 50 bytes."""
@@ -224,12 +228,16 @@ class Config:
         tls_ca, endpoint_url, profile). Raises ConfigError."""
         env = os.environ if env is None else env
 
-        def pick(key: str, var: str, default: str) -> str:
+        def pick(key: str, var: str, default: str | Callable[[], str]) -> str:
             val = overrides.get(key)
-            return val if val is not None else env.get(var, default)
+            if val is None:
+                val = env.get(var)
+            if val is None:  # a callable default is computed only when used
+                return default() if callable(default) else default
+            return val
 
-        store = pick("store", "BLOBSTORE_STORE", default_store_url())
-        cache_dir = Path(pick("cache", "BLOBSTORE_CACHE", default_cache_dir())).expanduser()
+        store = pick("store", "BLOBSTORE_STORE", default_store_url)
+        cache_dir = Path(pick("cache", "BLOBSTORE_CACHE", default_cache_dir)).expanduser()
         cache_size = parse_size(
             pick("cache_size", "BLOBSTORE_CACHE_SIZE", "").strip() or str(DEFAULT_CACHE_BYTES),
             minimum=MIN_CACHE_BYTES,
@@ -258,11 +266,17 @@ class Config:
         )
 
 
+# platformdirs is imported only when a default is needed: it loads tempfile,
+# shutil, random and lzma (~5 ms), and a configured node never asks.
 def default_store_url() -> str:
+    import platformdirs
+
     return "file://" + str(Path(platformdirs.user_data_dir("blobstore")) / "store")
 
 
 def default_cache_dir() -> str:
+    import platformdirs
+
     return str(Path(platformdirs.user_cache_dir("blobstore")) / "chunks")
 
 

@@ -67,7 +67,6 @@ except the single lstat of ``open_file`` (cheaper than the hop), and
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import functools
@@ -83,6 +82,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -112,6 +112,9 @@ from .seeds import (
     still_there,
 )
 from .source import ChunkData, Sink, fetch_each
+
+if TYPE_CHECKING:
+    import ctypes
 
 log = logging.getLogger(__name__)
 
@@ -1270,7 +1273,13 @@ def _remove_all(paths: list[tuple[Path, int | None]]) -> None:
         _remove_if_inode(path, ino)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, for syncfs; ctypes is imported only by a pull that writes
+    (it costs every command ~1-2 ms at start-up otherwise)."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 @functools.cache
@@ -1294,13 +1303,15 @@ boot()
 def _syncfs(path: Path) -> None:
     """Flush every dirty page of the filesystem holding ``path`` (one call per
     pull instead of one fsync per file)."""
-    syncfs = getattr(_libc, "syncfs", None)
+    syncfs = getattr(_libc(), "syncfs", None)
     if syncfs is None:
         os.sync()
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         if syncfs(fd) != 0:
+            import ctypes
+
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
     finally:

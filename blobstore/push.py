@@ -61,22 +61,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
-from .atomic import write_atomic
+from .atomic import TMP_MARK, write_atomic
 from .catalog import Catalog, check_ref
 from .chunker import Chunker, ChunkerParams
+from .config import FRESH_NS, RACY_WINDOW_NS
 from .errors import BadInput, Corrupt, InvalidManifest, NotFound, os_error, single_errors
 from .ids import ChunkId, hash_bytes, is_id
 from .ingest import Ingestor
 from .manifest import ChunkerInfo, ChunkRef, Entry, Image, Tree, chunks_key, encode
-from .materialize import TMP_MARK, Progress
 from .objectstore import ObjectStore, manifest_key
 from .packs import BadLocation, IndexCache, list_packs, relocate_refs
 from .parallel import for_each
 from .progress import FileProgress
 from .source import ChunkSource
+
+if TYPE_CHECKING:
+    from .materialize import Progress
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +170,6 @@ async def scan_root(root: Path) -> _Scan:
     except OSError as exc:
         raise os_error(exc, f"cannot read {root}", user_path=True) from exc
 
-
-RACY_WINDOW_NS = 2_000_000_000
-"""Files changed less than this before a push began are not recorded (see above)."""
-FRESH_NS = 3600 * 1_000_000_000
-"""How long after a LIST (or a push) last saw the packs a push index names a no-op
-push trusts that they still exist (see above)."""
 
 _PUSH_INDEX_FORMAT = 1
 

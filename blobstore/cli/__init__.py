@@ -12,13 +12,17 @@ Exit status: 0 success, 1 a failure explained in one line on stderr, 2 usage.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from ..config import Config
 from ..logs import FORMATS, LEVELS
 from .registry import Command, Commands, GlobalOption, Group, add_global_options
 from .version import VersionAction
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 Builtins = tuple[Command | Group, ...]
 
@@ -151,18 +155,44 @@ GLOBAL_OPTIONS = (
 _TAKES_VALUE = {flag: o.takes_value for o in GLOBAL_OPTIONS for flag in o.flags}
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, with the terminal width found without ``shutil``: argparse builds a
+    formatter for every add_argument, and shutil's import loads bz2 and lzma
+    (``blobstore --version`` would pay ~2 ms for them)."""
+
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        if kwargs.get("width") is None:
+            kwargs["width"] = _terminal_columns() - 2
+        super().__init__(prog, **kwargs)
+
+
+def _terminal_columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, else stdout's terminal, else 80."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line, plugins included; for a built-in ``command`` (see
     named_command), only that command: its arguments parse the same, and neither
     the other commands' modules nor the plugins are loaded."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=_HelpFormatter)
     add_global_options(common, GLOBAL_OPTIONS, suppress=True)
     parser = argparse.ArgumentParser(
         prog="blobstore",
         description="Content-addressed blob store with peer-to-peer fetching.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action=VersionAction)
     add_global_options(parser, GLOBAL_OPTIONS, suppress=False)
+    if command == "--version":  # it exits while parsing: no command needs to exist
+        return parser
     commands = Commands(parser, common, "command")
     if command in _GROUP_OF:
         commands.add_builtin(next(c for c in _GROUP_OF[command]() if c.name == command))
@@ -179,9 +209,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def named_command(argv: Sequence[str]) -> str | None:
     """The built-in command ``argv`` plainly names after global options, else None
-    (then the whole parser is built: --help, a plugin's command, a usage error)."""
+    (then the whole parser is built: --help, a plugin's command, a usage error);
+    ``--version`` when that comes first (argparse acts on it there and exits)."""
     tokens = iter(argv)
     for token in tokens:
+        if token == "--version":
+            return token
         option, has_value, _ = token.partition("=")
         if option not in _TAKES_VALUE:
             return token if token in _GROUP_OF else None
@@ -191,6 +224,8 @@ def named_command(argv: Sequence[str]) -> str | None:
 
 
 def make_config(args: argparse.Namespace) -> Config:
+    from ..config import Config
+
     return Config.from_env(
         store=getattr(args, "store", None),
         cache=getattr(args, "cache", None),
@@ -207,12 +242,12 @@ def make_config(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .running import run_command
-
     if argv is None:
         argv = sys.argv[1:]
     args = build_parser(named_command(argv)).parse_args(argv)
     args.check_usage(args)  # exits 2, as argparse does, on options that don't go together
+    from .running import run_command  # anyio and the event loop: not for --help/--version
+
     return run_command(args, make_config)
 
 

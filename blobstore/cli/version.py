@@ -1,5 +1,5 @@
-"""``blobstore --version``: the installed distribution's version, read only when asked
-(importlib.metadata costs ~10 ms, which no other command pays)."""
+"""``blobstore --version``: the release this package is, from ``blobstore.__version__``
+(importlib.metadata would cost ~10 ms: the email parser, zipfile, csv)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ from typing import Any
 
 
 def version() -> str:
-    """The installed blobstore's version, ``unknown`` when run from a bare source tree."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
+    """The blobstore release (tests/test_startup.py checks it is the installed one)."""
+    from .. import __version__
 
-    try:
-        return installed("blobstore")
-    except PackageNotFoundError:
-        return "unknown"
+    return __version__
 
 
 class VersionAction(argparse.Action):
@@ -35,7 +31,6 @@ class VersionAction(argparse.Action):
         values: str | Sequence[Any] | None,
         option_string: str | None = None,
     ) -> None:
-        import platform
-
-        sys.stdout.write(f"blobstore {version()} (Python {platform.python_version()})\n")
+        python = ".".join(map(str, sys.version_info[:3]))  # platform.python_version()
+        sys.stdout.write(f"blobstore {version()} (Python {python})\n")
         parser.exit()
