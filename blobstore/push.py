@@ -71,7 +71,6 @@ from .chunker import Chunker, ChunkerParams
 from .config import FRESH_NS, RACY_WINDOW_NS
 from .errors import BadInput, Corrupt, InvalidManifest, NotFound, os_error, single_errors
 from .ids import ChunkId, hash_bytes, is_id
-from .ingest import Ingestor
 from .manifest import ChunkerInfo, ChunkRef, Entry, Image, Tree, chunks_key, encode
 from .objectstore import ObjectStore, manifest_key
 from .packs import BadLocation, IndexCache, list_packs, relocate_refs
@@ -80,6 +79,7 @@ from .progress import FileProgress
 from .source import ChunkSource
 
 if TYPE_CHECKING:
+    from .ingest import Ingestor
     from .materialize import Progress
 
 log = logging.getLogger(__name__)

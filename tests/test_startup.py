@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib import metadata
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -191,3 +192,80 @@ def test_the_p2p_plugin_loads_once() -> None:
     first = plugins.load_plugins()
     assert [p.name for p in first] == ["p2p"]
     assert [id(p) for p in plugins.load_plugins()] == [id(p) for p in first]
+
+
+PULL_NEVER_NEEDS = (
+    *UNNEEDED_FOR_CORE,
+    "blobstore.push",  # push's half of the client (and ingest, leases under it)
+    "blobstore.ingest",
+    "blobstore.leases",
+    "platformdirs",  # only for a default store/cache dir (tempfile, random, lzma)
+    "ctypes",  # only when a pull syncs what it wrote (syncfs)
+)
+VERSION_NEVER_NEEDS = (
+    *PULL_NEVER_NEEDS,
+    "anyio",
+    "asyncio",
+    "uvloop",
+    "blobstore.config",
+    "blobstore.client",
+    "blobstore.cli.transfer",
+    "blobstore.cli.running",
+    "shutil",  # argparse's formatter measures the terminal without it (bz2, lzma)
+)
+
+
+def imported_by(argv: list[str], names: tuple[str, ...], env: dict[str, str]) -> list[str]:
+    """Which of ``names`` the real command ``blobstore ARGV`` imported, in a fresh
+    interpreter (the console script's ``run``: exits with the command's status)."""
+    probe = (
+        "import atexit, json, sys\n"
+        f"names = {list(names)!r}\n"
+        "atexit.register(lambda: print(json.dumps([n for n in names if n in sys.modules])))\n"
+        f"sys.argv = ['blobstore', *{argv!r}]\n"
+        "from blobstore.cli import run\n"
+        "run()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    loaded: list[str] = json.loads(done.stdout.splitlines()[-1])
+    return loaded
+
+
+def test_version_loads_no_command_and_no_event_loop(tmp_path: Path) -> None:
+    env = {**os.environ, "BLOBSTORE_STORE": f"file://{tmp_path}/store"}
+    assert imported_by(["--version"], VERSION_NEVER_NEEDS, env) == []
+    done = subprocess.run(
+        [sys.executable, "-m", "blobstore.cli", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    python = ".".join(map(str, sys.version_info[:3]))
+    assert done.stdout == f"blobstore {metadata.version('blobstore')} (Python {python})\n"
+
+
+def test_a_file_store_pull_loads_neither_push_nor_defaults(tmp_path: Path) -> None:
+    """The CLI's warm pull pays for what it uses only; a push does not load the
+    materializer either."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(100_000))
+    env = {
+        **os.environ,
+        "BLOBSTORE_STORE": f"file://{tmp_path}/store",
+        "BLOBSTORE_CACHE": str(tmp_path / "cache"),
+        "BLOBSTORE_PEERS": "none",
+    }
+    assert imported_by(["-q", "push", str(src), "w"], ("blobstore.materialize",), env) == []
+    writing = tuple(n for n in PULL_NEVER_NEEDS if n != "ctypes")  # it may syncfs
+    out = ["-q", "pull", "w", str(tmp_path / "out")]
+    assert imported_by(out, writing, env) == []
+    assert imported_by(out, PULL_NEVER_NEEDS, env) == []  # nothing to do: nothing synced
+    assert (tmp_path / "out" / "w.bin").read_bytes() == (src / "w.bin").read_bytes()
+    copy = ["-q", "pull", "--link-mode", "copy", "w", str(tmp_path / "copy")]
+    assert imported_by(copy, writing, env) == []
+    assert (tmp_path / "copy" / "w.bin").read_bytes() == (src / "w.bin").read_bytes()
