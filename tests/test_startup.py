@@ -269,3 +269,42 @@ def test_a_file_store_pull_loads_neither_push_nor_defaults(tmp_path: Path) -> No
     copy = ["-q", "pull", "--link-mode", "copy", "w", str(tmp_path / "copy")]
     assert imported_by(copy, writing, env) == []
     assert (tmp_path / "copy" / "w.bin").read_bytes() == (src / "w.bin").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-q", "ls"],  # a built-in command: resumes once its client is open
+        ["peers", "--json"],  # a plugin's own run (no client): resumes before it starts
+    ],
+)
+def test_the_collector_paused_for_start_up_runs_again(tmp_path: Path, argv: list[str]) -> None:
+    """cli.run pauses the cyclic collector while the command starts; a command that
+    ran has it back (a daemon must not run for days without it)."""
+    probe = (
+        "import atexit, gc, sys\n"
+        "seen = []\n"
+        "from blobstore.cli import registry\n"
+        "resume = registry.start_up_done\n"
+        "def spy():\n"
+        "    seen.append(gc.isenabled())\n"
+        "    resume()\n"
+        "    seen.append(gc.isenabled())\n"
+        "registry.start_up_done = spy\n"
+        "import blobstore.cli.running as running\n"
+        "running.start_up_done = spy\n"
+        "atexit.register(lambda: print(seen, gc.isenabled()))\n"
+        f"sys.argv = ['blobstore', *{argv!r}]\n"
+        "from blobstore.cli import run\n"
+        "run()\n"
+    )
+    env = {
+        **os.environ,
+        "BLOBSTORE_STORE": f"file://{tmp_path}/store",
+        "BLOBSTORE_CACHE": str(tmp_path / "cache"),
+        "BLOBSTORE_PEERS": "none",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.stdout.splitlines()[-1] == "[False, True] True", done.stderr

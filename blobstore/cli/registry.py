@@ -14,6 +14,7 @@ the image tooling, gc or the p2p plugin (tests/test_startup.py).
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Literal
@@ -255,7 +256,31 @@ class WithClient:
         from ..client import Client
 
         async with Client.open(config, peers=self.peers, lazy_store=self.lazy_store) as client:
+            start_up_done()
             return await self.run(args, client)
+
+
+_collector_paused: list[bool] = []
+"""Holds True while the collector is paused by pause_collector (one process-wide switch)."""
+
+
+def pause_collector() -> None:
+    """Pause the cyclic collector for a command's start-up (the console script's
+    run; not for callers of cli.main, whose collector is theirs)."""
+    if gc.isenabled():
+        gc.disable()
+        _collector_paused.append(True)
+
+
+def start_up_done() -> None:
+    """Resume the collector pause_collector paused, with every object so far frozen:
+    they are modules, classes and the opened client, which later collections need
+    not walk again. Running commands call it when their work begins (WithClient
+    once the client is open, every other one before it starts)."""
+    if _collector_paused:
+        _collector_paused.clear()
+        gc.freeze()
+        gc.enable()
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

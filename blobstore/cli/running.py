@@ -13,7 +13,7 @@ import anyio
 from ..config import Config
 from ..errors import BlobstoreError, ConfigError, os_error, single_errors
 from ..logs import configure
-from .registry import Run
+from .registry import Run, WithClient, start_up_done
 
 
 def run_command(
@@ -66,4 +66,6 @@ async def _run(
 ) -> int:
     config = make_config(args)
     run: Run = args.run
+    if not isinstance(run, WithClient):  # it resumes once its client is open
+        start_up_done()
     return await run(args, config)
