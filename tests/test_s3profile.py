@@ -180,3 +180,17 @@ def test_a_broken_credentials_file_is_one_line_without_its_secret(
     assert where in text
     assert "wJalrSECRET" not in text
     assert "\n" not in text
+
+
+def test_reprs_of_what_holds_credentials_show_no_secret(tmp_path: Path) -> None:
+    env = _files(tmp_path, "[default]\nregion = eu-west-1\n")
+    env |= {
+        "AWS_ACCESS_KEY_ID": "AKIDREPR",
+        "AWS_SECRET_ACCESS_KEY": "wJalrREPRsecret",
+        "AWS_SESSION_TOKEN": "FwoGZXREPRtoken",
+    }
+    resolved = read_profile(S3Config(), env)
+    for text in (repr(resolved), str(resolved), repr(resolved.credentials.current())):
+        assert "AKIDREPR" in repr(resolved)
+        assert "wJalrREPRsecret" not in text
+        assert "FwoGZXREPRtoken" not in text
