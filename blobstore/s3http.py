@@ -249,9 +249,11 @@ class S3Http:
             if self._proxy is not None and self.scheme == "http":
                 signed.update(self.pool.proxy_headers)  # unsigned: the proxy drops it
             fresh, conn = self.pool.connection(self.scheme, self._host, self._port)
+            connected = False
             try:
                 if conn.sock is None:
                     conn.connect()
+                connected = True
                 call.attach(conn)  # before sending: a stalled upload must be abortable
                 conn.request(method, target, body=body or None, headers=signed)
                 response = conn.getresponse()
@@ -262,7 +264,7 @@ class S3Http:
                 if not fresh and _closed_by_peer(exc):
                     attempt -= 1  # a stale keep-alive connection: not the server's fault
                     continue
-                if _connect_failure(exc, conn):
+                if _connect_failure(exc, connected):
                     connect_failures += 1
                     if connect_failures >= self._connect_attempts:
                         raise NetworkError(_reason(exc)) from exc
@@ -356,10 +358,12 @@ def _closed_by_peer(exc: BaseException) -> bool:
     return isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError)
 
 
-def _connect_failure(exc: BaseException, conn: http.client.HTTPConnection) -> bool:
-    """Refused, unresolvable, or silent (a timeout): the endpoint looks dead."""
+def _connect_failure(exc: BaseException, connected: bool) -> bool:
+    """Refused, unresolvable, or silent (a timeout): the endpoint looks dead.
+    (``connected`` is taken before the connection is closed: after, every
+    error looked like a failed connect and got ``connect_attempts`` only.)"""
     return isinstance(exc, ConnectionRefusedError | TimeoutError | socket.gaierror) or (
-        conn.sock is None and isinstance(exc, OSError) and not _closed_by_peer(exc)
+        not connected and isinstance(exc, OSError) and not _closed_by_peer(exc)
     )
 
 

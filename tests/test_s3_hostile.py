@@ -559,3 +559,24 @@ async def test_an_error_message_cannot_write_terminal_escapes() -> None:
     assert "\x1b" not in text
     assert "\x07" not in text
     assert "Acc?[2Jess" in text
+
+
+async def test_a_broken_tls_record_after_connecting_gets_every_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error mid-exchange (a TLS record that is not one) is not a dead endpoint:
+    max_attempts, not connect_attempts (every error counted as a failed connect)."""
+    ca = make_ca(tmp_path, "ca")
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(ca[0]))
+
+    def garbage(request: Request, sock: socket.socket) -> bool:
+        socket.socket.sendall(sock, b"\x17\x03\x03\x00\x05plain")  # not encrypted
+        return False
+
+    with RawServer(routes(refs_apps_model=garbage), tls=make_leaf(tmp_path, "s3", ca)) as server:
+        async with store_at(server, max_attempts=4) as store:
+            with anyio.fail_after(60), pytest.raises(StoreUnavailable) as info:
+                await store.get(REF)
+        gets = [r for r in server.requests if r.method == "GET"]
+    one_clean_line(info.value)
+    assert len(gets) == 4
