@@ -689,10 +689,10 @@ async def test_seeds_in_the_first_table_layout_are_moved_and_still_read(
         )
         blob = b"".join(bytes.fromhex(c) + s.to_bytes(8, "big") for c, _, s in seed.chunks)
         row = (seed.key, seed.path, seed.dev, seed.ino, seed.size, seed.mtime_ns)
-        row += (seed.ctime_ns, seed.boot, 0, blob)
+        row_rest = (seed.ctime_ns, seed.boot, 0, blob)
         db.execute(
             "INSERT INTO seeds VALUES (?,?,?,?,?,?,?,?,?,?)",
-            row,
+            row + row_rest,
         )
     db.close()
     async with NodeStore(config) as store:
