@@ -265,6 +265,44 @@ def os_errors(
         raise os_error(exc, doing, user_path=user_path, unavailable=unavailable) from exc
 
 
+# --- S3 transport signals ----------------------------------------------------------
+# Raised by the request path (s3http.py) and caught in s3store.py, which turns each into
+# the type a caller sees (ObjectMissing, Conflict, ConfigError, StoreUnavailable...). They
+# are StoreUnavailable themselves, so one that escaped would still read as one line.
+
+
+class S3Error(StoreUnavailable):
+    """S3 answered with an error (after retries)."""
+
+    def __init__(self, status: int, code: str, message: str, region: str | None) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.status, self.code, self.message, self.region = status, code, message, region
+
+
+class NetworkError(StoreUnavailable):
+    """The endpoint could not be reached or stopped answering (after retries)."""
+
+
+class CutShort(StoreUnavailable):
+    """A response body ended before its Content-Length."""
+
+
+class TooLarge(StoreUnavailable):
+    """A response body is larger than the request allows (``max_body``)."""
+
+
+class Aborted(StoreUnavailable):
+    """``Call.abort`` was called (the loop's deadline, or a cancellation)."""
+
+
+class BucketElsewhere(StoreUnavailable):
+    """The bucket answered from another region (its ``x-amz-bucket-region``)."""
+
+    def __init__(self, region: str, error: StoreUnavailable) -> None:
+        super().__init__(region)
+        self.region, self.error = region, error
+
+
 # --- task groups ------------------------------------------------------------------
 
 

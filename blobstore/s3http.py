@@ -31,6 +31,11 @@ from ipaddress import ip_address
 from urllib.parse import urlsplit
 
 from . import sigv4
+from .errors import Aborted as Aborted
+from .errors import CutShort as CutShort
+from .errors import NetworkError as NetworkError
+from .errors import S3Error as S3Error
+from .errors import TooLarge as TooLarge
 from .httpranges import HttpRanges, RangeBody, printable
 from .s3profile import CredentialSource
 
@@ -60,30 +65,6 @@ _ERROR_BODY = 64 << 10
 _CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{0,1000})</Message>")
 _BUCKET_DNS = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
-
-
-class S3Error(Exception):
-    """S3 answered with an error (after retries)."""
-
-    def __init__(self, status: int, code: str, message: str, region: str | None) -> None:
-        super().__init__(f"{code}: {message}" if message else code)
-        self.status, self.code, self.message, self.region = status, code, message, region
-
-
-class NetworkError(Exception):
-    """The endpoint could not be reached or stopped answering (after retries)."""
-
-
-class CutShort(Exception):
-    """A response body ended before its Content-Length."""
-
-
-class TooLarge(Exception):
-    """A response body is larger than the request allows (``max_body``)."""
-
-
-class Aborted(Exception):
-    """``Call.abort`` was called (the loop's deadline, or a cancellation)."""
 
 
 class Call:

@@ -59,17 +59,23 @@ import anyio
 from . import httpranges
 from .config import S3Config
 from .errors import (
+    Aborted,
     BadInput,
+    BucketElsewhere,
     ConfigError,
     Conflict,
+    CutShort,
+    NetworkError,
     ObjectMissing,
+    S3Error,
     StoreUnavailable,
+    TooLarge,
     TruncatedResponse,
 )
 from .objectstore import ObjectInfo, validate_key, validate_prefix
 from .parallel import for_each
 from .resource import AsyncResource
-from .s3http import Aborted, Call, CutShort, NetworkError, Response, S3Error, S3Http, TooLarge
+from .s3http import Call, Response, S3Http
 from .s3profile import DEFAULT_REGION, ResolvedS3, StaticCredentials, read_profile
 
 __all__ = ["DEFAULT_REGION", "ResolvedS3", "S3ObjectStore", "read_profile"]
@@ -175,7 +181,7 @@ class S3ObjectStore(AsyncResource):
         self._connect(profile, profile.region, endpoint, style)
         try:
             await self._ensure_bucket()
-        except _WrongRegion as moved:
+        except BucketElsewhere as moved:
             if endpoint is not None or not _REGION.fullmatch(moved.region):
                 # A custom endpoint's region is the user's business, and a region
                 # that is not one must not name the host the credentials go to.
@@ -184,7 +190,7 @@ class S3ObjectStore(AsyncResource):
             self._connect(profile, moved.region, None, style)
             try:
                 await self._ensure_bucket()
-            except _WrongRegion as again:
+            except BucketElsewhere as again:
                 raise again.error from None
 
     def _connect(self, profile: ResolvedS3, region: str, endpoint: str | None, style: str) -> None:
@@ -530,7 +536,7 @@ class S3ObjectStore(AsyncResource):
             )
             error.__cause__ = exc
             if wrong_region and exc.region and exc.region != self._region:
-                raise _WrongRegion(exc.region, error) from exc
+                raise BucketElsewhere(exc.region, error) from exc
             raise error from exc
         except TooLarge as exc:
             raise StoreUnavailable(
@@ -547,14 +553,6 @@ class S3ObjectStore(AsyncResource):
             ) from exc
         except Aborted as exc:
             raise self._too_slow(op, key) from exc
-
-
-class _WrongRegion(Exception):
-    """The bucket answered from another region (its ``x-amz-bucket-region``)."""
-
-    def __init__(self, region: str, error: StoreUnavailable) -> None:
-        super().__init__(region)
-        self.region, self.error = region, error
 
 
 _Page = tuple[list[tuple[str, int, float]], str | None]
