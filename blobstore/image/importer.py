@@ -130,8 +130,7 @@ async def _import_spec(
         tags=spec.tags,
         layout=encode_layout(spec.layout) if spec.layout else b"",
     )
-    image_id = await catalog.save(image)
-    await catalog.set_ref(ref, image_id)
+    image_id = await catalog.publish(image, ref)  # manifest, then the ref: two PUTs
     return ImportResult(
         ref,
         image_id,
