@@ -51,6 +51,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -171,18 +172,27 @@ def encode_index(pack_id: ChunkId, refs: Sequence[ChunkRef]) -> bytes:
     return body + blake3.blake3(body).digest()
 
 
-def decode_index(pack_id: ChunkId, data: bytes) -> tuple[ChunkRef, ...]:
-    """Decode and check an index: checksum, pack id, chunks laid end to end
-    from offset 0. Raises Corrupt (one line)."""
-    where = f"pack index {pack_id[:16]}…"
-    if len(data) < _HEADER.size + _SUM:
+def _checked_body(
+    where: str, data: bytes, header: struct.Struct, expected: int
+) -> tuple[bytes, tuple[Any, ...]]:
+    """An index's body (checksum stripped) and its header fields after magic and
+    format, once the length, checksum, magic and format hold. Raises Corrupt."""
+    if len(data) < header.size + _SUM:
         raise Corrupt(f"{where} is truncated")
     body, checksum = data[:-_SUM], data[-_SUM:]
     if blake3.blake3(body).digest() != checksum:
         raise Corrupt(f"{where} is corrupt (checksum mismatch)")
-    magic, fmt, raw_pack, count = _HEADER.unpack_from(body)
-    if magic != _MAGIC or fmt != _FORMAT:
+    magic, fmt, *fields = header.unpack_from(body)
+    if magic != _MAGIC or fmt != expected:
         raise Corrupt(f"{where} has an unknown format")
+    return body, tuple(fields)
+
+
+def decode_index(pack_id: ChunkId, data: bytes) -> tuple[ChunkRef, ...]:
+    """Decode and check an index: checksum, pack id, chunks laid end to end
+    from offset 0. Raises Corrupt (one line)."""
+    where = f"pack index {pack_id[:16]}…"
+    body, (raw_pack, count) = _checked_body(where, data, _HEADER, _FORMAT)
     if raw_pack != id_to_bytes(pack_id):
         raise Corrupt(f"{where} belongs to another pack")
     if len(body) != _HEADER.size + count * _ENTRY.size:
@@ -224,14 +234,7 @@ def decode_group_index(group: str, data: bytes) -> dict[ChunkId, tuple[ChunkRef,
     laid end to end from offset 0. Returns pack id -> its chunks in pack order.
     Raises Corrupt (one line)."""
     where = f"group index {group[:16]}…"
-    if len(data) < _GROUP_HEADER.size + _SUM:
-        raise Corrupt(f"{where} is truncated")
-    body, checksum = data[:-_SUM], data[-_SUM:]
-    if blake3.blake3(body).digest() != checksum:
-        raise Corrupt(f"{where} is corrupt (checksum mismatch)")
-    magic, fmt, raw_group, count = _GROUP_HEADER.unpack_from(body)
-    if magic != _MAGIC or fmt != _GROUP_FORMAT:
-        raise Corrupt(f"{where} has an unknown format")
+    body, (raw_group, count) = _checked_body(where, data, _GROUP_HEADER, _GROUP_FORMAT)
     if raw_group.hex() != group:
         raise Corrupt(f"{where} belongs to another group")
     if len(body) != _GROUP_HEADER.size + count * _GROUP_ENTRY.size:
