@@ -36,6 +36,7 @@ from blobstore.catalog import Catalog  # noqa: E402
 from blobstore.config import parse_size  # noqa: E402
 from blobstore.manifest import ChunkRef  # noqa: E402
 from blobstore.stores import open_object_store  # noqa: E402
+from p2p.server import ServerLimits  # noqa: E402
 
 TOLERANCE_ORIGIN = 0.05
 """|real - simulated| origin bytes / unique bytes."""
@@ -110,7 +111,12 @@ def real_region(
         raise RuntimeError(proc.stderr)
     refs = asyncio.run(_refs(store, "apps/region"))
     unique = sum(r.size for r in refs)
-    with cluster(store, root, nodes) as daemons:
+    # Every daemon and pull here connects from 127.0.0.1: the per-address cap (32, meant
+    # for one remote node) would refuse the 33rd and the refused peers be reported down
+    # region-wide (20 daemons + 16 pulls read the store ~20x unique). On loopback the
+    # address is not a node, so the cap is the total one.
+    loopback = ["--limit", f"max_connections_per_ip={ServerLimits().max_connections}"]
+    with cluster(store, root, nodes, args_for=dict.fromkeys(range(nodes), loopback)) as daemons:
         peers = ",".join(d.listen for d in daemons)
         started = time.monotonic()
         pulls = [

@@ -52,6 +52,9 @@ class PeerConnection(AsyncResource):
         self.node = node
         self.region = region
         self._waiting: deque[asyncio.Future[Frame]] = deque()
+        self._pings: deque[asyncio.Future[Frame]] = deque()
+        """Pings waiting for a pong, also in ``_waiting``: a server answers them early
+        (messages.EARLY), ahead of the chunks asked before them, or in order."""
         self._batch: list[ChunkId] = []
         self._batch_futures: list[asyncio.Future[Frame]] = []
         self._flush_scheduled = False
@@ -69,9 +72,17 @@ class PeerConnection(AsyncResource):
         try:
             while True:
                 frame = await self.stream.recv()
-                if not self._waiting:
-                    raise ProtocolError(f"{self.address} sent an unrequested {frame.kind!r}")
-                fut = self._waiting.popleft()
+                if frame.kind == "pong" and messages.early_field(frame.header):
+                    if not self._pings:
+                        raise ProtocolError(f"{self.address} sent an unrequested early pong")
+                    fut = self._pings.popleft()
+                    self._waiting.remove(fut)
+                else:
+                    if not self._waiting:
+                        raise ProtocolError(f"{self.address} sent an unrequested {frame.kind!r}")
+                    fut = self._waiting.popleft()
+                    if self._pings and fut is self._pings[0]:
+                        self._pings.popleft()  # answered in order (an older server)
                 if not fut.done():
                     fut.set_result(frame)
         except (PeerUnavailable, ProtocolError) as exc:
@@ -108,8 +119,11 @@ class PeerConnection(AsyncResource):
     ) -> dict[str, object]:
         """``port``: where this node's daemon serves; ``news``: membership news to pass
         on (see messages.ping)."""
-        frame = await self._request(messages.ping(port, news or ()))
-        return messages.expect(frame, "pong")
+        fut = self._request(messages.ping(port, news or (), early=True))
+        self._pings.append(fut)
+        pong = messages.expect(await fut, "pong")
+        pong.pop(messages.EARLY, None)  # how it travelled, not what it says
+        return pong
 
     def _request(self, header: dict[str, object]) -> asyncio.Future[Frame]:
         self._flush()
@@ -150,6 +164,7 @@ class PeerConnection(AsyncResource):
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: a cancelled caller must not leave a warning
         self._waiting.clear()
+        self._pings.clear()
         self._batch.clear()
         self._batch_futures.clear()
 

@@ -134,16 +134,29 @@ def has(ids: list[ChunkId]) -> dict[str, Any]:
 PING: dict[str, Any] = {"t": "ping"}
 
 
-def ping(port: int | None = None, news: Sequence[News] = ()) -> dict[str, Any]:
+def ping(port: int | None = None, news: Sequence[News] = (), early: bool = False) -> dict[str, Any]:
     """A liveness check. ``port``: where the pinging daemon serves, on the address it
     pings from, so the pinged one can name it in its pongs (a pull serves nothing and
     sends none). Without it a seed learnt nobody: pongs name only peers the seed
     dialled itself, so a region that knew one seed address never found itself.
-    ``news``: membership news, as pongs carry it (so news travels both ways)."""
+    ``news``: membership news, as pongs carry it (so news travels both ways).
+    ``early``: the pinger takes a pong marked ``EARLY`` ahead of the answers it still
+    waits for (a server that knows the flag sends it at once, not in request order)."""
     header = {"t": "ping", "port": port} if port else dict(PING)
     if news:
         header["news"] = _news_entries(news)
+    if early:
+        header[EARLY] = True
     return header
+
+
+EARLY = "early"
+"""On a ping: the pinger takes its pong out of order. On a pong: sent out of order."""
+
+
+def early_field(header: dict[str, Any]) -> bool:
+    """Whether a ping asks for, or a pong is, an early pong (absent: in order)."""
+    return header.get(EARLY) is True
 
 
 def port_field(header: dict[str, Any]) -> int | None:

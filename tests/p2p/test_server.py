@@ -11,6 +11,7 @@ import pytest
 
 from blobstore.errors import AuthError, ChunkMissing, CorruptChunk, WrongRegion
 from blobstore.ids import ChunkId, hash_bytes
+from p2p import messages
 from p2p.client import Identity, PeerConnection, open_connection
 from p2p.metrics import Metrics
 from p2p.provider import ChunkProvider
@@ -177,3 +178,38 @@ async def test_budget_is_returned_when_a_client_vanishes_mid_request() -> None:
             assert server._budget._value == full
             async with connected(port) as conn:  # still serving
                 assert await conn.get(next(iter(chunks))) == next(iter(chunks.values()))
+
+
+async def test_a_ping_is_answered_ahead_of_a_slow_read_through() -> None:
+    # A busy home's requesters ping it; in request order the pong waited for the
+    # read-throughs asked before it, and a ping timeout took the home for dead.
+    origin = SlowOrigin()
+    chunk_id, data = blob(5)
+    origin.chunks[chunk_id] = data
+    async with serving(FakeCache(), origin) as (port, _), connected(port) as conn:
+        slow = asyncio.ensure_future(conn.get(chunk_id))
+        await origin.started.wait()
+        assert (await conn.ping())["node"] == "srv"
+        assert not slow.done()
+        origin.gate.set()
+        assert await slow == data
+        assert not conn._pings
+        assert not conn._waiting
+
+
+async def test_an_older_clients_ping_is_answered_in_order() -> None:
+    # A client that does not ask for early pongs matches answers to requests by order.
+    origin = SlowOrigin()
+    chunk_id, data = blob(6)
+    origin.chunks[chunk_id] = data
+    async with serving(FakeCache(), origin) as (port, _), connected(port) as conn:
+        slow = asyncio.ensure_future(conn.get(chunk_id))
+        await origin.started.wait()
+        pong = asyncio.ensure_future(conn._request(messages.ping()))
+        await asyncio.sleep(0.05)  # the pong is not sent while the chunk before it waits
+        assert not pong.done()
+        origin.gate.set()
+        assert await slow == data
+        header = messages.expect(await pong, "pong")
+        assert header["node"] == "srv"
+        assert not messages.early_field(header)
