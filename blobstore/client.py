@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,16 +25,20 @@ from .ids import ChunkId
 from .linking import LinkMode
 from .locator import PackLocator
 from .manifest import ChunkRef, Entry, Image, Manifest, Tree, file_key
+from .marker import state_dir_of
 from .nodestore import NodeStore
 from .objectstore import ObjectStore
 from .origin import OriginSource
 from .packs import IndexCache, PackConfig
 from .plugins import load_plugins
+from .repull import PullResult
 from .source import ChunkData, ChunkSource
 from .stores import LazyObjectStore, open_object_store
-from .tiers import TieredSource
+from .tiers import OpenedOnUse, TieredSource
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
     # Only pushes need these (and only pulls materialize): each command imports
     # its own half inside the method, so a pull does not load the chunker, the
     # pack writer and the lease code, nor a push the materializer.
@@ -42,32 +47,6 @@ if TYPE_CHECKING:
     from .push import MigrateResult, PushResult, RepairResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class PullResult:
-    ref: str
-    manifest: ChunkId
-    files: int
-    bytes: int
-    kept_files: int
-    seconds: float
-    from_tier: dict[str, int]
-    """Bytes per tier: local, peer, origin."""
-    deleted: int = 0
-    """Paths ``pull --delete`` removed from the destination."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ref": self.ref,
-            "manifest": self.manifest,
-            "files": self.files,
-            "bytes": self.bytes,
-            "kept_files": self.kept_files,
-            "seconds": round(self.seconds, 3),
-            "from": {tier: self.from_tier.get(tier, 0) for tier in ("local", "peer", "origin")},
-            "deleted": self.deleted,
-        }
 
 
 class Client:
@@ -116,10 +95,12 @@ class Client:
             cache = await stack.enter_async_context(NodeStore(config.cache))
             peer: ChunkSource | None = None
             if peers and config.peers.mode != "none":
-                for plugin in load_plugins():
-                    peer = await stack.enter_async_context(plugin.peer_tier(config, cache))
-                    if peer is not None:
-                        break
+                # Opened on the first chunk the node lacks (tiers.OpenedOnUse): a
+                # pull that finds everything local loads neither p2p nor zeroconf.
+                task_group = await stack.enter_async_context(_task_group())
+                lazy = OpenedOnUse("peer", partial(_peer_tier, config, cache), task_group)
+                stack.callback(lazy.close)
+                peer = lazy
             yield cls(config, store, cache, peer)
 
     @asynccontextmanager
@@ -293,7 +274,7 @@ class Client:
     @property
     def pull_state_dir(self) -> Path:
         """Where pull markers live (beside the node store, not in destinations)."""
-        return Path(self.config.cache.dir).parent / "pulls"
+        return state_dir_of(self.config.cache.dir)
 
     async def _probe_peers(self, tree: Tree) -> None:
         """Ask the peers which of the chunks we lack they hold, so the peer tier
@@ -369,6 +350,38 @@ class Client:
 
         async with self.writing() as ingestor:
             return await migrate_store(self.catalog, self.origin, ingestor)
+
+
+@asynccontextmanager
+async def _task_group() -> AsyncIterator[TaskGroup]:
+    """A task group (holding the lazily opened peer tier) that lets an error of
+    the client's user out as itself: anyio wraps even a lone one in an
+    ExceptionGroup, and ``Client.open`` raised plain errors before it had one."""
+    thrown: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as task_group:
+            try:
+                yield task_group
+            except BaseException as exc:
+                thrown = exc
+                raise
+    except BaseExceptionGroup as group:
+        if thrown is None or list(group.exceptions) != [thrown]:
+            raise
+    if thrown is not None:
+        raise thrown
+
+
+@asynccontextmanager
+async def _peer_tier(config: Config, cache: NodeStore) -> AsyncIterator[ChunkSource | None]:
+    """The first peer tier a plugin offers (None: no plugin offers one)."""
+    async with AsyncExitStack() as stack:
+        for plugin in load_plugins():
+            peer = await stack.enter_async_context(plugin.peer_tier(config, cache))
+            if peer is not None:
+                yield peer
+                return
+        yield None
 
 
 @dataclass(frozen=True, slots=True)

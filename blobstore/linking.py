@@ -158,6 +158,12 @@ class DestDir:
         return removed
 
 
+def special_bits_dropped(mode: int, keep: bool) -> int:
+    """setuid, setgid and sticky are dropped unless asked for (as tar does
+    for a non-root user): a manifest must not make setuid binaries on a node."""
+    return mode & 0o7777 if keep else mode & 0o777
+
+
 def split(rel: str) -> tuple[str, str]:
     """(parent dir, name) of a manifest path."""
     parent, _, name = rel.rpartition("/")

@@ -65,13 +65,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import stat
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +77,7 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 
-from .atomic import TMP_MARK, tmp_name, write_atomic
+from .atomic import TMP_MARK, tmp_name
 from .errors import ChunkMissing, Corrupt, DiskFull, SourceGone, Unavailable, os_error
 from .ids import ChunkId, hash_bytes
 from .linking import (
@@ -89,11 +87,22 @@ from .linking import (
     clone_fd,
     open_tmp,
     replace_into,
+    special_bits_dropped,
     split,
     unlink_quietly,
 )
 from .manifest import ChunkRef, Entry, Tree, file_key
-from .nodestore import boot, pwrite_all
+from .marker import (
+    Record,
+    boot,
+    load_marker,
+    marker_path,
+    read_marker,
+    record,
+    vouched,
+    write_marker,
+)
+from .nodestore import pwrite_all
 from .parallel import for_each
 from .progress import FileProgress
 from .seeds import Seed
@@ -105,9 +114,6 @@ T = TypeVar("T")
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total)."""
 
-MARKER_VERSION = 2
-_MARKER_LEVEL = 1
-"""zlib level of pull markers (level 1: 3.3x smaller, faster than 2-3 here)."""
 _HOP_FILES = 256
 """Files handled per worker-thread hop (check, place, finish): one hop per
 file cost more than the work itself for thousands of small files."""
@@ -132,6 +138,7 @@ __all__ = [
     "boot_id",
     "default_priority",
     "materialize",
+    "read_marker",
 ]
 
 
@@ -174,12 +181,6 @@ def default_priority(entry: Entry) -> Any:
     return entry.size
 
 
-def special_bits_dropped(mode: int, keep: bool) -> int:
-    """setuid, setgid and sticky are dropped unless asked for (as tar does
-    for a non-root user): a manifest must not make setuid binaries on a node."""
-    return mode & 0o7777 if keep else mode & 0o777
-
-
 class _Item:
     """One manifest file and where it goes."""
 
@@ -190,28 +191,6 @@ class _Item:
         self.parent, self.name = split(entry.path)
         self.key = file_key(entry)
         self.mode = mode
-
-
-Record = list[Any]
-"""[size, mtime_ns, ino, ctime_ns, file key, nlink, durable] of a file the
-marker vouches for (durable: 1 if its bytes are known to be on disk)."""
-
-
-def _record(st: os.stat_result, key: ChunkId, durable: int = 0) -> Record:
-    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, key, st.st_nlink, durable]
-
-
-def _vouched(old: Record | None, st: os.stat_result, key: ChunkId) -> bool:
-    """Whether the marker's record still vouches for the file ``st`` describes.
-    A hardlinked (read-only) file's ctime also moves when another pull links
-    or unlinks the node's copy: accepted when only the link count changed,
-    as the node store does."""
-    if old is None:
-        return False
-    new = _record(st, key)
-    if old[:6] == new[:6]:
-        return True
-    return old[:3] == new[:3] and old[4] == key and old[5] != new[5] and st.st_mode & 0o222 == 0
 
 
 async def materialize(
@@ -294,7 +273,7 @@ class _Pull:
         self.items = [_Item(e, special_bits_dropped(e.mode, keep_special)) for e in files]
         self.stats = PullStats(files=len(files), bytes=sum(e.size for e in files))
         self.done = 0
-        self.marker_path = _marker_path(state_dir, root) if state_dir is not None else None
+        self.marker_path = None if state_dir is None else marker_path(state_dir, os.fstat(root.fd))
         self.old: dict[str, Record] = {}
         self.records: dict[str, Record] = {}
         self.changed = False
@@ -332,7 +311,7 @@ class _Pull:
         run = anyio.to_thread.run_sync
         kept: dict[str, Record] = {}
         if self.marker_path is not None:
-            self.old = await run(_load_marker, self.marker_path, self.boot)
+            self.old = await run(load_marker, self.marker_path, self.boot)
             # Records of files this tree does not name (another model under the
             # same root, or paths a selection left out) stay: re-pulling that
             # one is then a stat per file too, not a hash.
@@ -382,7 +361,7 @@ class _Pull:
         records = {**kept, **self.records}
         if self.marker_path is not None and (self.changed or self.old != records):
             dest = await run(os.path.abspath, self.root.path)
-            await run(_write_marker, self.marker_path, dest, self.boot, records)
+            await run(write_marker, self.marker_path, dest, self.boot, records)
 
     # ------------------------------------------------------------------ dirs
 
@@ -425,7 +404,7 @@ class _Pull:
                 continue
             old = self.old.get(item.entry.path)
             checked = False
-            if old is not None and _vouched(old, st, item.key):
+            if old is not None and vouched(old, st, item.key):
                 durable = old[6]
             else:
                 if not _chunks_match(dfd, item.name, item.entry):
@@ -436,7 +415,7 @@ class _Pull:
                 # unchanged since before this boot: the bytes just read came from disk
                 durable = int(st.st_ctime_ns < self.boot_time_ns)
             st = self._fix_mode(dfd, item, st)
-            self.records[item.entry.path] = _record(st, item.key, durable)
+            self.records[item.entry.path] = record(st, item.key, durable)
             if checked and self.seeding:  # verified just now (e.g. after a reboot)
                 self.seeds.append(
                     Seed.of(
@@ -484,7 +463,7 @@ class _Pull:
         finally:
             os.close(fd)
         self.changed = True
-        self.records[item.entry.path] = _record(st, item.key)
+        self.records[item.entry.path] = record(st, item.key)
 
     # ------------------------------------------------------------------ node store
 
@@ -548,7 +527,7 @@ class _Pull:
                     gone.append(item)
                     continue
                 self.changed = True
-                self.records[item.entry.path] = _record(st, item.key)
+                self.records[item.entry.path] = record(st, item.key)
                 if cached:
                     self._advance(item.entry.size, placed=True)
         finally:
@@ -676,7 +655,7 @@ class _Pull:
             finally:
                 os.close(dfd)
             self.changed = True
-            self.records[t.item.entry.path] = _record(st, t.item.key)
+            self.records[t.item.entry.path] = record(st, t.item.key)
             t.stat = st
 
     # ------------------------------------------------------------------ fetching
@@ -955,7 +934,7 @@ def _windows(items: list[_Item], packs: dict[ChunkId, int]) -> Iterable[list[_It
 
 
 def _boot() -> tuple[str, int]:
-    """nodestore.boot (tests replace this one to simulate a reboot)."""
+    """marker.boot (tests replace this one to simulate a reboot)."""
     return boot()
 
 
@@ -1004,50 +983,3 @@ def _same_filesystem(path: Path, fd: int) -> bool:
         return os.stat(path).st_dev == os.fstat(fd).st_dev
     except OSError:
         return False
-
-
-def _marker_path(state_dir: Path, root: DestDir) -> Path:
-    st = os.fstat(root.fd)
-    return state_dir / f"{st.st_dev:x}-{st.st_ino:x}.json"
-
-
-def read_marker(path: Path) -> Any:
-    """A marker's document: zlib-compressed JSON (a plain JSON marker, as
-    earlier versions wrote, still reads). Raises OSError, ValueError."""
-    raw = path.read_bytes()
-    if not raw.startswith(b"{"):
-        try:
-            raw = zlib.decompress(raw)
-        except zlib.error as exc:
-            raise ValueError(f"not a pull marker: {exc}") from exc
-    return json.loads(raw)
-
-
-def _load_marker(path: Path, boot: str) -> dict[str, Record]:
-    """The records that still vouch: all of them in the boot that wrote the
-    marker, only the durable ones after a reboot."""
-    try:
-        doc = read_marker(path)
-        if doc.get("version") != MARKER_VERSION or not isinstance(doc["files"], dict):
-            return {}
-        same_boot = bool(boot) and doc.get("boot") == boot
-        return {
-            p: r
-            for p, r in doc["files"].items()
-            if isinstance(r, list) and len(r) == 7 and (same_boot or r[6] == 1)
-        }
-    except (OSError, ValueError, KeyError, AttributeError):
-        return {}
-
-
-def _write_marker(path: Path, dest: str, boot: str, records: dict[str, Record]) -> None:
-    """Atomically replace the marker. Not fsynced: losing it only costs the
-    next pull a check of each file. Compressed: the stdlib tree's marker is
-    1.35 MB of JSON, 0.41 MB at zlib level 1 (~9 ms; ~11 ms to read back) —
-    a cold pull of that tree wrote 5% of its own size in markers and index rows."""
-    doc = {"version": MARKER_VERSION, "dest": dest, "boot": boot, "files": records}
-    try:
-        data = zlib.compress(json.dumps(doc, separators=(",", ":")).encode(), _MARKER_LEVEL)
-        write_atomic(path, data, parents=True)
-    except OSError as exc:  # the pull itself succeeded: warn, do not fail it
-        log.warning("cannot record the pull of %s in %s: %s", dest, path, exc.strerror)

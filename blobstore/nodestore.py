@@ -98,6 +98,7 @@ from .errors import (
 )
 from .ids import ChunkId, hash_bytes, is_id, verify
 from .manifest import ChunkRef
+from .marker import boot
 from .resource import AsyncResource
 from .seeds import COLUMNS as _SEED_COLUMNS
 from .seeds import OLD_TABLE as _OLD_SEEDS
@@ -1280,21 +1281,6 @@ def _libc() -> ctypes.CDLL:
     import ctypes
 
     return ctypes.CDLL(None, use_errno=True)
-
-
-@functools.cache
-def boot() -> tuple[str, int]:
-    """(this boot's id, when it began in ns since the epoch); ("", 0) if unknown,
-    which makes no record trusted across what might have been a reboot. Read
-    once per process, at import, so never on the event loop."""
-    try:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        for line in Path("/proc/stat").read_text().splitlines():
-            if line.startswith("btime "):
-                return boot_id, int(line.split()[1]) * 1_000_000_000
-    except (OSError, ValueError):
-        pass
-    return "", 0
 
 
 boot()

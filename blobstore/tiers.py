@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -32,6 +33,8 @@ from .source import (
 )
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
     from .manifest import ChunkRef
 
 log = logging.getLogger(__name__)
@@ -382,3 +385,84 @@ class _TierPass:
 def _tell_failed(tier: str, reason: str) -> None:
     if _observer is not None:
         _observer.failed(tier, reason)
+
+
+class OpenedOnUse:
+    """A ChunkSource opened when first asked for anything, not before: the
+    peer tier of a pull that finds every chunk on the node is never opened
+    (``--peers auto`` costs zeroconf's import, ~70 ms, and discovery).
+
+    ``opener`` is the tier's async context manager (yielding None: no tier,
+    then nothing is ever delivered). It is entered and exited by one task in
+    ``task_group``, whatever task first uses it, so a tier holding a task group
+    of its own is closed by the task that opened it; ``close()`` lets it go.
+    An error opening it is logged and the tier treated as unavailable, as a
+    tier that cannot answer would be.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        opener: Callable[[], AbstractAsyncContextManager[ChunkSource | None]],
+        task_group: TaskGroup,
+    ) -> None:
+        self.name = name
+        self._opener = opener
+        self._task_group = task_group
+        self._opened: anyio.Event | None = None
+        self._closing = anyio.Event()
+        self._source: ChunkSource | None = None
+        self._error: Unavailable | None = None
+
+    @property
+    def opened(self) -> bool:
+        """Whether anything asked for the tier yet (it is open or opening)."""
+        return self._opened is not None
+
+    async def _open(self) -> ChunkSource | None:
+        """The tier, opened by the first caller. Raises Unavailable."""
+        if self._opened is None:
+            self._opened = anyio.Event()
+            self._task_group.start_soon(self._hold, self._opened)
+        await self._opened.wait()
+        if self._error is not None:
+            raise self._error
+        return self._source
+
+    async def _hold(self, opened: anyio.Event) -> None:
+        try:
+            async with self._opener() as source:
+                self._source = source
+                opened.set()
+                await self._closing.wait()
+        except Exception as exc:
+            if opened.is_set():
+                raise  # closing it failed: as it would have at the client's close
+            log.warning("%s tier cannot be opened: %s", self.name, exc)
+            self._error = Unavailable(f"{self.name} tier cannot be opened: {exc}")
+        finally:
+            opened.set()
+
+    def close(self) -> None:
+        """Let the tier close (its task exits it)."""
+        self._closing.set()
+
+    async def get(self, chunk_id: ChunkId) -> ChunkData:
+        source = await self._open()
+        if source is None:
+            raise ChunkMissing(chunk_id, self.name)
+        return await source.get(chunk_id)
+
+    async def has(self, chunk_ids: Iterable[ChunkId]) -> set[ChunkId]:
+        source = await self._open()
+        return set() if source is None else await source.has(chunk_ids)
+
+    async def fetch(self, refs: Sequence[ChunkRef], sink: Sink) -> list[ChunkRef]:
+        try:
+            source = await self._open()
+        except Unavailable as exc:
+            left = Undelivered()
+            for ref in refs:
+                left.add(ref, exc)
+            return left
+        return list(refs) if source is None else await source.fetch(refs, sink)

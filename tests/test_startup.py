@@ -308,3 +308,56 @@ def test_the_collector_paused_for_start_up_runs_again(tmp_path: Path, argv: list
         [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60
     )
     assert done.stdout.splitlines()[-1] == "[False, True] True", done.stderr
+
+
+REPULL_NEVER_NEEDS = (
+    *PULL_NEVER_NEEDS,
+    "asyncio",  # the event loop, and all it loads (ssl, subprocess)
+    "uvloop",
+    "sqlite3",  # the node store's index
+    "blobstore.client",
+    "blobstore.materialize",
+    "blobstore.nodestore",
+)
+
+
+def test_an_up_to_date_re_pull_loads_no_event_loop_node_store_or_peers(tmp_path: Path) -> None:
+    """A re-pull into a DIR the last pull left complete is answered before the
+    event loop starts (repull.py), with peers on auto too: nothing to fetch."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(100_000))
+    env = {
+        **os.environ,
+        "BLOBSTORE_STORE": f"file://{tmp_path}/store",
+        "BLOBSTORE_CACHE": str(tmp_path / "cache"),
+        "BLOBSTORE_PEERS": "none",
+    }
+    out = ["-q", "pull", "w", str(tmp_path / "out")]
+    assert imported_by(["-q", "push", str(src), "w"], (), env) == []
+    assert "blobstore.materialize" in imported_by(out, REPULL_NEVER_NEEDS, env)
+    auto = {**env, "BLOBSTORE_PEERS": "auto"}
+    assert imported_by(out, REPULL_NEVER_NEEDS, auto) == []
+    (tmp_path / "out" / "w.bin").write_bytes(b"changed")  # now the full pull repairs it
+    assert "blobstore.materialize" in imported_by(out, REPULL_NEVER_NEEDS, env)
+    assert (tmp_path / "out" / "w.bin").read_bytes() == (src / "w.bin").read_bytes()
+
+
+def test_a_warm_pull_with_peers_auto_opens_no_peer_tier(tmp_path: Path) -> None:
+    """The peer tier opens on the first chunk the node lacks (tiers.OpenedOnUse):
+    a pull that finds every chunk on the node imports no discovery."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(300_000))
+    env = {
+        **os.environ,
+        "BLOBSTORE_STORE": f"file://{tmp_path}/store",
+        "BLOBSTORE_CACHE": str(tmp_path / "cache"),
+        "BLOBSTORE_PEERS": "none",
+    }
+    peers = ("p2p.peertier", "zeroconf")
+    assert imported_by(["-q", "push", str(src), "w"], (), env) == []
+    assert imported_by(["-q", "pull", "w", str(tmp_path / "a")], (), env) == []
+    auto = {**env, "BLOBSTORE_PEERS": "auto"}
+    assert imported_by(["-q", "pull", "w", str(tmp_path / "b")], peers, auto) == []
+    assert (tmp_path / "b" / "w.bin").read_bytes() == (src / "w.bin").read_bytes()

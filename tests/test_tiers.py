@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -16,6 +18,7 @@ from blobstore.errors import (
     CorruptChunk,
     PeerUnavailable,
     StoreUnavailable,
+    Unavailable,
 )
 from blobstore.ids import ChunkId, hash_bytes
 from blobstore.manifest import ChunkRef
@@ -24,7 +27,7 @@ from blobstore.objectstore import chunk_key, pack_key
 from blobstore.origin import OriginSource
 from blobstore.source import ChunkData, SplitSink
 from blobstore.stores import open_object_store
-from blobstore.tiers import TieredSource
+from blobstore.tiers import OpenedOnUse, TieredSource
 
 pytestmark = pytest.mark.anyio
 
@@ -377,3 +380,60 @@ async def test_split_sink_through_real_tiers_each_chunk_once_and_gets_still_serv
         assert sorted(early, key=str) == sorted(expected, key=str)
         assert sorted(late, key=str) == sorted(((r, r.size) for r in refs), key=str)
         assert not tiers._flights
+
+
+class Opener:
+    """A tier's context manager that records which task entered and exited it."""
+
+    def __init__(self, source: FakeSource | None, fail: bool = False) -> None:
+        self.source = source
+        self.fail = fail
+        self.tasks: list[object] = []
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[FakeSource | None]:
+        self.tasks.append(anyio.get_current_task().id)
+        if self.fail:
+            raise OSError("cannot reach the local daemon")
+        try:
+            yield self.source
+        finally:
+            self.tasks.append(anyio.get_current_task().id)
+
+
+async def test_a_tier_opened_on_use_is_opened_by_the_first_request_only() -> None:
+    (a, da), (b, db) = chunk(1), chunk(2)
+    opener = Opener(FakeSource("peer", {a: da}))
+    async with anyio.create_task_group() as tg:
+        peer = OpenedOnUse("peer", opener, tg)
+        tiers = TieredSource([FakeSource("local", {b: db}), peer, FakeSource("origin")])
+        assert await tiers.get(b) == db
+        sink = Collect()
+        assert await tiers.fetch([ChunkRef(b, len(db))], sink) == []
+        assert not peer.opened  # every chunk was local
+        assert opener.tasks == []
+        assert await tiers.get(a) == da
+        assert peer.opened
+        assert len(opener.tasks) == 1
+        assert await peer.has([a, b]) == {a}
+        peer.close()
+    assert len(opener.tasks) == 2
+    assert opener.tasks[0] == opener.tasks[1]  # opened and closed by one task
+
+
+async def test_a_tier_that_cannot_open_is_unavailable_and_one_with_none_holds_nothing() -> None:
+    (a, da) = chunk(1)
+    async with anyio.create_task_group() as tg:
+        broken = OpenedOnUse("peer", Opener(None, fail=True), tg)
+        tiers = TieredSource([FakeSource("local"), broken, FakeSource("origin", {a: da})])
+        sink = Collect()
+        assert await tiers.fetch([ChunkRef(a, len(da))], sink) == []
+        assert sink.got == {ChunkRef(a, len(da)): da}  # the origin had it
+        with pytest.raises(Unavailable, match="cannot reach the local daemon"):
+            await broken.get(a)
+        nothing = OpenedOnUse("peer", Opener(None), tg)
+        with pytest.raises(ChunkMissing):
+            await nothing.get(a)
+        assert await nothing.has([a]) == set()
+        assert await nothing.fetch([ChunkRef(a, len(da))], sink) == [ChunkRef(a, len(da))]
+        nothing.close()

@@ -253,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = sys.argv[1:]
     args = build_parser(named_command(argv)).parse_args(argv)
     args.check_usage(args)  # exits 2, as argparse does, on options that don't go together
+    before_loop = getattr(args, "before_loop", None)
+    if before_loop is not None:  # a command that may be done without the event loop
+        done: int | None = before_loop(args, make_config)
+        if done is not None:
+            return done
     from .running import run_command  # anyio and the event loop: not for --help/--version
 
     return run_command(args, make_config)

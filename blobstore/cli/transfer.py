@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import BlobstoreError
 from ..linking import LinkMode, parse_link_mode
 from ..progress import human_bytes
 from .output import document, emit, progress_line
@@ -15,6 +17,8 @@ from .registry import Command, add_json_flag
 
 if TYPE_CHECKING:
     from ..client import Client
+    from ..config import Config
+    from ..repull import PullResult
 
 log = logging.getLogger("blobstore")
 
@@ -93,6 +97,44 @@ def _pull_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_json_flag(p)
     add_pull_options(p)
+    p.set_defaults(before_loop=pull_up_to_date)
+
+
+def pull_up_to_date(
+    args: argparse.Namespace, make_config: Callable[[argparse.Namespace], Config]
+) -> int | None:
+    """A re-pull into a DIR that is already up to date, from a ``file://`` store,
+    answered before the event loop, the node store and the tiers are loaded
+    (repull.py: ~1/3 of the command's start-up). None: run the pull."""
+    if args.delete:
+        return None
+    try:
+        config = make_config(args)
+        link_mode = link_mode_of(args)
+        from ..stores import parse_file_url, url_scheme
+
+        if url_scheme(config.store_url) == "s3":
+            return None
+        store_root = parse_file_url(config.store_url)
+    except BlobstoreError:
+        return None  # the real pull reports it
+    from ..marker import state_dir_of
+    from ..repull import pull_in_place
+
+    r = pull_in_place(
+        store_root,
+        state_dir_of(config.cache.dir),
+        args.ref,
+        args.dir,
+        link_mode=link_mode,
+        keep_special_modes=args.keep_special_modes,
+        include=args.include,
+        exclude=args.exclude,
+    )
+    if r is None:
+        return None
+    _report_pull(args, r)
+    return 0
 
 
 async def run_pull(args: argparse.Namespace, client: Client) -> int:
@@ -110,6 +152,11 @@ async def run_pull(args: argparse.Namespace, client: Client) -> int:
         )
     finally:
         bar.close()
+    _report_pull(args, r)
+    return 0
+
+
+def _report_pull(args: argparse.Namespace, r: PullResult) -> None:
     doc = document(r)
     tiers = ", ".join(f"{k} {human_bytes(v)}" for k, v in doc["from"].items())
     emit(
@@ -119,7 +166,6 @@ async def run_pull(args: argparse.Namespace, client: Client) -> int:
         f"in {r.seconds:.2f}s ({r.kept_files} already up to date; from {tiers})"
         + (f"; deleted {r.deleted} paths" if r.deleted else ""),
     )
-    return 0
 
 
 PUSH = Command(
