@@ -12,6 +12,7 @@ Exit status: 0 success, 1 a failure explained in one line on stderr, 2 usage.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -268,9 +269,14 @@ def run() -> None:
     starts: importing ~270 modules allocates hundreds of thousands of objects (none
     of them garbage), which at the default threshold is ~60 collections, ~10% of a
     no-op pull's CPU. It resumes, with the start-up objects frozen out of later
-    collections, when the command's work begins (registry.start_up_done)."""
+    collections, when the command's work begins (registry.start_up_done).
+    Everything left is frozen before exiting: the interpreter's last collection
+    then walks nothing (it took ~30 ms of a ~160 ms re-pull at load ~15, whose
+    start-up objects were never frozen)."""
     pause_collector()
-    sys.exit(main())
+    code = main()
+    gc.freeze()
+    sys.exit(code)
 
 
 __all__ = ["GROUPS", "build_parser", "main", "make_config", "named_command", "run"]
