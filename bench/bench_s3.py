@@ -73,6 +73,13 @@ class Run:
     inner: float | None = None
     """Our own seconds from ``--json`` (the runner API's cost: no interpreter
     start-up, no S3 client set-up); None for s5cmd."""
+    user: float = 0.0
+    sys: float = 0.0
+    server_cpu: float = 0.0
+    """CPU seconds SeaweedFS spent meanwhile (it shares the cores)."""
+    reclaim: dict[str, int] = field(default_factory=dict)
+    """/proc/vmstat counters that moved meanwhile (direct reclaim, compaction):
+    the whole box's, so another process's pressure shows here too."""
 
 
 @dataclass
@@ -83,17 +90,60 @@ class Cell:
     """Requests by method, per tool, from the counting pass."""
 
 
-def run(cmd: list[str], env: dict[str, str]) -> Run:
+RECLAIM = ("allocstall_normal", "allocstall_movable", "pgscan_direct", "compact_stall")
+
+
+def vmstat() -> dict[str, int]:
+    try:
+        lines = Path("/proc/vmstat").read_text().splitlines()
+    except OSError:
+        return {}
+    values = dict(line.split() for line in lines)
+    return {key: int(values.get(key, 0)) for key in RECLAIM}
+
+
+class Server:
+    """CPU of the SeaweedFS process (``weed mini`` is one process)."""
+
+    def __init__(self, pid: int) -> None:
+        self.stat = Path(f"/proc/{pid}/stat")
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu(self) -> float:
+        try:
+            fields = self.stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / self.tick
+
+    def settle(self, idle: float = 0.05, window: float = 0.25, limit: float = 10.0) -> None:
+        """Wait (up to ``limit`` s) until the server is idle: less than ``idle``
+        of a core over ``window`` s. What a push leaves behind (the filer's
+        write-back, volume bookkeeping) must not fall on whichever pull comes next."""
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            before = self.cpu()
+            time.sleep(window)
+            if self.cpu() - before < idle * window:
+                return
+
+
+def run(cmd: list[str], env: dict[str, str], server: Server | None = None) -> Run:
+    reclaim = vmstat()
+    server_before = server.cpu() if server else 0.0
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_cpu = server.cpu() - server_before if server else 0.0
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    user = after.ru_utime - before.ru_utime
+    sys_ = after.ru_stime - before.ru_stime
     inner = json.loads(proc.stdout).get("seconds") if "--json" in cmd else None
-    return Run(seconds, cpu, inner)
+    moved = {k: v - reclaim[k] for k, v in vmstat().items() if v != reclaim.get(k, v)}
+    return Run(seconds, user + sys_, inner, user, sys_, server_cpu, moved)
 
 
 def make_big(path: Path, size: int) -> None:
@@ -118,6 +168,7 @@ class Bench:
         self.s3 = s3
         self.work = work
         self.counter = 0
+        self.server = Server(s3.process.pid)
 
     def fresh(self, name: str) -> Path:
         self.counter += 1
@@ -141,14 +192,14 @@ class Bench:
             dest = self.fresh("pulled")
             cold = self.env(endpoint, BLOBSTORE_STORE=url, BLOBSTORE_CACHE=str(self.fresh("cache")))
             try:
-                return run([BLOBSTORE, "pull", "--json", "bench", str(dest)], cold)
+                return run([BLOBSTORE, "pull", "--json", "bench", str(dest)], cold, self.server)
             finally:
                 shutil.rmtree(dest, ignore_errors=True)
                 shutil.rmtree(cold["BLOBSTORE_CACHE"], ignore_errors=True)
 
         return {
-            "push": lambda: run([BLOBSTORE, "push", str(src), "bench"], env),
-            "no-op push": lambda: run([BLOBSTORE, "push", str(src), "bench"], env),
+            "push": lambda: run([BLOBSTORE, "push", str(src), "bench"], env, self.server),
+            "no-op push": lambda: run([BLOBSTORE, "push", str(src), "bench"], env, self.server),
             "cold pull": pull,
         }
 
@@ -161,32 +212,54 @@ class Bench:
         def pull() -> Run:
             dest = self.fresh("s5pulled")
             try:
-                return run([*base, "cp", f"{remote}*", f"{dest}/"], env)
+                return run([*base, "cp", f"{remote}*", f"{dest}/"], env, self.server)
             finally:
                 shutil.rmtree(dest, ignore_errors=True)
 
         return {
-            "push": lambda: run([*base, "cp", f"{src}/*", remote], env),
-            "no-op push": lambda: run([*base, "sync", f"{src}/", remote], env),
+            "push": lambda: run([*base, "cp", f"{src}/*", remote], env, self.server),
+            "no-op push": lambda: run([*base, "sync", f"{src}/", remote], env, self.server),
             "cold pull": pull,
         }
 
     def timed(self, src: Path, reps: int, cells: dict[str, Cell]) -> None:
         endpoint = self.s3.endpoint
+        self.drop_buckets()  # an earlier data set's, and its counting pass's
         for rep in range(reps):
             tools = [("ours", self.ours(endpoint, src)), ("s5cmd", self.s5cmd(endpoint, src))]
             if rep % 2:
                 tools.reverse()
             for step in STEPS:
                 for name, steps in tools:
-                    os.sync()
+                    self.quiet()
                     result = steps[step]()
                     getattr(cells[step], name).append(result)
+                    reclaim = f" reclaim {result.reclaim}" if result.reclaim else ""
                     print(
                         f"  rep {rep + 1} {step:10} {name:6} {result.seconds:7.2f} s "
-                        f"cpu {result.cpu:6.2f} s",
+                        f"cpu {result.cpu:6.2f} s (user {result.user:.2f}, sys {result.sys:.2f}) "
+                        f"server {result.server_cpu:5.2f} s{reclaim}",
                         flush=True,
                     )
+            self.drop_buckets()
+
+    def quiet(self) -> None:
+        """The same starting state for every timed step: earlier steps' writes on
+        disk (their outputs are deleted already) and SeaweedFS idle."""
+        os.sync()
+        self.server.settle()
+
+    def drop_buckets(self) -> None:
+        """Delete every bucket made so far, objects and all (untimed), so that
+        repetitions do not pile up volume files: 2 GiB more per rep of the big
+        file otherwise, in the page cache beside every later step. Both tools'
+        buckets go, so later reps start where the first did."""
+        env = self.env(self.s3.endpoint)
+        base = [S5CMD, "--endpoint-url", self.s3.endpoint, "--log", "error"]
+        for bucket in self.s3.buckets:
+            subprocess.run([*base, "rm", f"s3://{bucket}/*"], env=env, capture_output=True)
+            subprocess.run([*base, "rb", f"s3://{bucket}"], env=env, capture_output=True)
+        self.s3.buckets.clear()
 
     def counted(self, src: Path, cells: dict[str, Cell]) -> None:
         with CountingProxy.to_endpoint(self.s3.endpoint).in_thread() as proxy:
