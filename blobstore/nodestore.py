@@ -1235,11 +1235,24 @@ def _pread_and_hash(path: Path, offset: int, size: int) -> tuple[bytes, os.stat_
     return data, st, hash_bytes(data)
 
 
+PWRITE_SLICE = 256 << 10
+"""Most bytes one ``pwrite`` call is given. The kernel sizes page-cache folios
+by the write (ext4 has large folios since Linux 6.16): a 1 MiB chunk written at
+once asks for order-7/8 pages, and when free memory is fragmented (a node's page
+cache full of other files) each such allocation compacts memory in the writer,
+holding the file's inode lock that the other writers of the file wait on.
+Measured on this box (1 GiB in 1 MiB pwrites vs 256 KiB ones, alternating):
+sys 0.47-0.81 s vs 0.16-0.20 s and wall 1.0-2.7 s vs 0.34-0.56 s while the box
+was fragmented (compact_stall counted only in the 1 MiB runs), the same when it
+was not; a cold 1 GiB pull from S3, 5 alternating runs: wall median 2.90 -> 2.29 s."""
+
+
 def pwrite_all(fd: int, data: ChunkData, offset: int) -> None:
-    """pwrite every byte of ``data`` at ``offset`` (pwrite may write less)."""
+    """pwrite every byte of ``data`` at ``offset`` (pwrite may write less), at
+    most ``PWRITE_SLICE`` bytes per call."""
     view = memoryview(data)
     while view:
-        n = os.pwrite(fd, view, offset)
+        n = os.pwrite(fd, view[:PWRITE_SLICE], offset)
         view = view[n:]
         offset += n
 
