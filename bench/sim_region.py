@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
+import os
 import random
 import selectors
 import statistics
@@ -256,10 +258,12 @@ class SimOrigin:
 
 
 class _Stream:
-    __slots__ = ("conn",)
+    __slots__ = ("conn", "received_at")
 
     def __init__(self, conn: SimConnection) -> None:
         self.conn = conn
+        self.received_at = 0.0
+        """When the last answer arrived (wire.FrameStream's: a busy peer is not dead)."""
 
     def abort(self) -> None:
         self.conn.close(PeerUnavailable(f"connection to {self.conn.address} closed"))
@@ -301,7 +305,8 @@ class SimConnection:
                 fut.set_exception(exc)
                 fut.exception()
         self._waiting.clear()
-        self._ended.set_result(None)
+        if not self._ended.done():  # (cancelled with its reader's task)
+            self._ended.set_result(None)
 
     def read_loop(self) -> asyncio.Future[None]:
         return self._ended  # awaited by liveness.py like the real coroutine
@@ -322,12 +327,20 @@ class SimConnection:
             except RuntimeError:  # its node is stopping (killed): as a dead one, no answer
                 work(fut).close()
         try:
-            return await fut
+            answer = await fut
+        except (ChunkMissing, CorruptChunk):
+            self.stream.received_at = self.client.world.loop.time()
+            raise
         finally:
             self._waiting.discard(fut)
+        self.stream.received_at = self.client.world.loop.time()
+        return answer
 
-    async def get(self, chunk_id: ChunkId) -> SimData:
-        data = cast(SimData, await self._call(lambda fut: self.server.serve(self, chunk_id, fut)))
+    async def get(self, chunk_id: ChunkId, as_server: bool = False) -> SimData:
+        data = cast(
+            SimData,
+            await self._call(lambda fut: self.server.serve(self, chunk_id, fut, as_server)),
+        )
         if not data.good:  # what the real client's BLAKE3 check finds
             raise CorruptChunk(chunk_id, f"peer {self.address}", "0" * 64)
         return data
@@ -371,14 +384,20 @@ class SimNode:
         self.first_asked_dead: dict[str, float] = {}
         self.last_asked_dead: dict[str, float] = {}
 
-    async def serve(self, conn: SimConnection, chunk_id: ChunkId, fut: asyncio.Future[Any]) -> None:
+    async def serve(
+        self,
+        conn: SimConnection,
+        chunk_id: ChunkId,
+        fut: asyncio.Future[Any],
+        as_server: bool = False,
+    ) -> None:
         world = self.world
         await asyncio.sleep(world.cfg.rtt / 2)
         if not conn.client.alive:
             return
         async with self.budget:
             assert self.provider is not None
-            data, _tier = await self.provider.lookup(chunk_id)
+            data, _tier = await self.provider.lookup(chunk_id, as_server)
         if data is None:
             await asyncio.sleep(world.cfg.rtt / 2)
             if not fut.done():
@@ -500,12 +519,14 @@ class Result:
     gossip_rate: float
     membership_bytes: int
     wall: float
+    """Seconds of wall time, and of this process's CPU time (``cpu``), for the run."""
     hedges: int
     tier_errors: int
     asks_per_unit: float
     dead_dropped: list[float]
     """Per node: seconds from the kill until its directory had dropped every killed peer."""
     extra: dict[str, Any] = field(default_factory=dict)
+    cpu: float = 0.0
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -634,7 +655,9 @@ async def _run(
     real_ask = PeerTier._ask
     asks = [0]
 
-    async def watched_ask(self: PeerTier, peer: Peer, chunk_id: ChunkId) -> Any:
+    async def watched_ask(
+        self: PeerTier, peer: Peer, chunk_id: ChunkId, as_server: bool = False
+    ) -> Any:
         asks[0] += 1
         target = world.nodes.get(peer.node)
         dead = target is not None and not target.alive and target.done_at < 0
@@ -643,7 +666,7 @@ async def _run(
             me = world.nodes[asker]
             me.first_asked_dead.setdefault(peer.node, loop.time())
             me.last_asked_dead[peer.node] = loop.time()
-        return await real_ask(self, peer, chunk_id)
+        return await real_ask(self, peer, chunk_id, as_server)
 
     PeerTier._ask = watched_ask  # type: ignore[method-assign]
 
@@ -664,14 +687,27 @@ async def _run(
     max_pool = [0]
 
     async def sample_pools() -> None:
-        # The largest connection pool any directory holds, once a simulated second.
+        # The largest connection pool any directory holds, once a simulated second;
+        # with --progress, where the run stands (stderr).
+        unique = sum(r.size for r in refs)
         while True:
             for node in nodes:
                 if node.directory is not None:
                     max_pool[0] = max(max_pool[0], len(node.directory._pool))
+            if args.progress:
+                share = statistics.fmean(n.delivered for n in nodes) / unique
+                print(
+                    f"  [{scn.key}] t={loop.time():.0f} s: delivered {share:.0%}, "
+                    f"{sum(1 for n in nodes if n.done_at > 0)} done; "
+                    f"wall {time.perf_counter() - wall:.0f} s, CPU {time.process_time():.0f} s, "
+                    f"gc {_GC_SECONDS[0]:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             await asyncio.sleep(1.0)
 
     wall = time.perf_counter()
+    cpu = time.process_time()
     killed: list[SimNode] = []
     kill_time = 0.0
     async with asyncio.TaskGroup() as tg:
@@ -750,6 +786,7 @@ async def _run(
         gossip_rate=gossip_rate,
         membership_bytes=membership,
         wall=time.perf_counter() - wall,
+        cpu=time.process_time() - cpu,
         hedges=sum(getattr(n, "hedges", 0) for n in pullers),
         tier_errors=sum(getattr(n, "errors", 0) for n in pullers),
         asks_per_unit=asks[0] / (len(refs) * len(pullers)),
@@ -844,9 +881,9 @@ def table(results: list[Result]) -> str:
         "| scenario | nodes | origin/unique | upload max/mean | p50 s | p99 s | max s "
         "| incomplete | bad bytes | dead asked p99 s | dead dropped p99 s "
         "| converged s | gossip B/node/s | membership B "
-        "| asks/unit | hedges | wall s |"
+        "| asks/unit | hedges | wall s | CPU s |"
     )
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 18]
     for r in results:
         up = [u for u in r.uploads]
         mean = statistics.fmean(up) or 1
@@ -857,7 +894,8 @@ def table(results: list[Result]) -> str:
             f"{max(r.times, default=float('nan')):.1f} | {r.incomplete} | {r.bad} | "
             f"{_fmt(r.dead_asked)} | {_fmt(r.dead_dropped)} | {_converged(r)} "
             f"| {r.gossip_rate:.0f} | "
-            f"{r.membership_bytes} | {r.asks_per_unit:.2f} | {r.hedges} | {r.wall:.0f} |"
+            f"{r.membership_bytes} | {r.asks_per_unit:.2f} | {r.hedges} | {r.wall:.0f} "
+            f"| {r.cpu:.0f} |"
         )
     return "\n".join(lines)
 
@@ -898,11 +936,37 @@ def simulate(
     saved = liveness.time, peertier.time, liveness.open_connection, PeerTier._ask
     liveness.time = fake_time  # type: ignore[attr-defined]
     peertier.time = fake_time  # type: ignore[attr-defined]
+    thresholds = gc.get_threshold()
+    if not os.environ.get("SIM_GC_DEFAULT"):
+        # The cyclic collector's full passes over ~10^7 live objects (1,000 directories,
+        # their peers and tasks) took ~80% of a 1,000-node run's CPU (py-spy: samples
+        # in allocations, Timeout.__init__ and asyncio.wait's set); young passes are
+        # enough for the run's short-lived cycles.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 1_000)
+    if args.progress:
+        gc.callbacks.append(_gc_timer)
     try:
         return loop.run_until_complete(_run(scn, net or NetConfig(), refs, args))
     finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+        if _gc_timer in gc.callbacks:
+            gc.callbacks.remove(_gc_timer)
         liveness.time, peertier.time, liveness.open_connection, PeerTier._ask = saved  # type: ignore[misc]
         loop.close()
+
+
+_GC_SECONDS = [0.0, 0.0]
+"""CPU seconds in the cyclic collector so far, and when the current pass started."""
+
+
+def _gc_timer(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _GC_SECONDS[1] = time.process_time()
+    else:
+        _GC_SECONDS[0] += time.process_time() - _GC_SECONDS[1]
 
 
 def _finish_args(args: argparse.Namespace) -> None:
@@ -937,6 +1001,7 @@ def _parser() -> argparse.ArgumentParser:
         help="homes read through from the store only, chunk by chunk (before HomeBlocks)",
     )
     ap.add_argument("--pullers", type=int, default=0, help="nodes that pull (0: all)")
+    ap.add_argument("--progress", action="store_true", help="a line per simulated second (stderr)")
     ap.add_argument("--placement-chunks", type=int, default=20480)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument(

@@ -56,6 +56,7 @@ class PeerConnection(AsyncResource):
         """Pings waiting for a pong, also in ``_waiting``: a server answers them early
         (messages.EARLY), ahead of the chunks asked before them, or in order."""
         self._batch: list[ChunkId] = []
+        self._batch_servers: list[bool] = []
         self._batch_futures: list[asyncio.Future[Frame]] = []
         self._flush_scheduled = False
 
@@ -93,12 +94,13 @@ class PeerConnection(AsyncResource):
             self.stream.abort()
             raise
 
-    async def get(self, chunk_id: ChunkId) -> ChunkData:
-        """Fetch and verify one chunk.
+    async def get(self, chunk_id: ChunkId, as_server: bool = False) -> ChunkData:
+        """Fetch and verify one chunk. ``as_server``: asked as one of the chunk's
+        servers, not as its home (messages.get).
 
         Raises ChunkMissing, CorruptChunk, PeerUnavailable, ProtocolError.
         """
-        fut = self._queue_get(chunk_id)
+        fut = self._queue_get(chunk_id, as_server)
         frame = await fut
         if frame.kind == "missing":
             raise ChunkMissing(chunk_id, f"peer {self.address}")
@@ -132,11 +134,12 @@ class PeerConnection(AsyncResource):
         self._waiting.append(fut)
         return fut
 
-    def _queue_get(self, chunk_id: ChunkId) -> asyncio.Future[Frame]:
+    def _queue_get(self, chunk_id: ChunkId, as_server: bool = False) -> asyncio.Future[Frame]:
         if self.stream.closed:
             self.stream.send({})  # raises the connection's error
         fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._batch.append(chunk_id)
+        self._batch_servers.append(as_server)
         self._batch_futures.append(fut)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -147,10 +150,10 @@ class PeerConnection(AsyncResource):
         self._flush_scheduled = False
         if not self._batch:
             return
-        ids, futures = self._batch, self._batch_futures
-        self._batch, self._batch_futures = [], []
+        ids, servers, futures = self._batch, self._batch_servers, self._batch_futures
+        self._batch, self._batch_servers, self._batch_futures = [], [], []
         try:
-            self.stream.send(messages.get(ids))
+            self.stream.send(messages.get(ids, servers))
         except PeerUnavailable as exc:
             for fut in futures:
                 if not fut.done():
@@ -166,6 +169,7 @@ class PeerConnection(AsyncResource):
         self._waiting.clear()
         self._pings.clear()
         self._batch.clear()
+        self._batch_servers.clear()
         self._batch_futures.clear()
 
     async def aclose(self) -> None:

@@ -132,6 +132,18 @@ class HomeBlocks:
             raise ChunkMissing(chunk_id, "this server (its view of the region is not settled)")
         return await self._relay(chunk_id, where), "peer"
 
+    async def homes(self, chunk_id: ChunkId) -> bool:
+        """Whether this daemon takes itself for the chunk's home (by its block when a
+        pack holds it)."""
+        return self._is_home(await self._placed_by(chunk_id))
+
+    async def _placed_by(self, chunk_id: ChunkId) -> str:
+        try:
+            where = await self._origin.locator.locate(chunk_id)
+        except Unavailable:
+            where = None
+        return home_key(where) if where is not None else chunk_id
+
     async def get(self, chunk_id: ChunkId) -> ChunkData:
         """The chunk (``read`` without the tier)."""
         data, _tier = await self.read(chunk_id)

@@ -123,8 +123,24 @@ def error(code: str, message: str) -> dict[str, Any]:
     return {"t": "error", "code": code, "msg": message}
 
 
-def get(ids: list[ChunkId]) -> dict[str, Any]:
-    return {"t": "get", "ids": [id_to_bytes(i) for i in ids]}
+def get(ids: list[ChunkId], as_server: list[bool] | None = None) -> dict[str, Any]:
+    """``as_server[i]``: ``ids[i]`` is asked of the peer as one of the chunk's servers,
+    not as the home the asker sees (sent only when one is; see ``as_server_field``)."""
+    header: dict[str, Any] = {"t": "get", "ids": [id_to_bytes(i) for i in ids]}
+    if as_server and any(as_server):
+        header["srv"] = as_server
+    return header
+
+
+def as_server_field(header: dict[str, Any], count: int) -> list[bool]:
+    """Per id of a get, whether it was asked as a server (False for all when absent:
+    older clients, and asks of a chunk's home)."""
+    raw = header.get("srv")
+    if raw is None:
+        return [False] * count
+    if not isinstance(raw, list) or len(raw) != count or not all(isinstance(b, bool) for b in raw):
+        raise ProtocolError("field 'srv' malformed")
+    return raw
 
 
 def has(ids: list[ChunkId]) -> dict[str, Any]:

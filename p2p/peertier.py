@@ -99,8 +99,8 @@ class PeerTier:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._held: dict[str, set[ChunkId]] = {}
         self._latency = 0.1
-        self._keyed: tuple[list[Peer], list[int], dict[int, list[Peer]]] | None = None
-        """The peers last ranked, their node keys, and homes per placement key."""
+        self._ranked: _Ranked | None = None
+        """The live peers last ranked (packed for ranking) and their homes per key."""
         self._spreading = False
         """Asking servers (``spread`` > 1 and the view has settled), set per call."""
         self._salt = random.getrandbits(64)
@@ -111,7 +111,7 @@ class PeerTier:
         """Fetch a verified chunk from a peer. Raises ChunkMissing when no peer delivers it."""
         await self._discovered()
         self._spreading = False  # one chunk: its home (the bulk path is ``fetch``)
-        order = self._order(chunk_id, self._directory.live())
+        order, _ = self._order(chunk_id, self._directory.live())
         if self._tuning.held_only:
             order = await self._holding(order, [chunk_id])
         queue = deque(order)
@@ -160,11 +160,12 @@ class PeerTier:
                 batch.task_group = tg
                 self._spreading = placement.spreads(len(live), self._tuning.spread)
                 self._spreading = self._spreading and self.sees_region()
-                orders = [self._order(ref.id, live, placement.home_key(ref)) for ref in refs]
+                ranked = [self._order(ref.id, live, placement.home_key(ref)) for ref in refs]
+                orders = [order for order, _ in ranked]
                 if self._tuning.held_only:
                     orders = await self._holding_each(orders, [ref.id for ref in refs])
-                for ref, order in zip(refs, orders, strict=True):
-                    batch.route(_Want(ref, order))
+                for ref, order, (_, serving) in zip(refs, orders, ranked, strict=True):
+                    batch.route(_Want(ref, order, serving))
         return batch.left
 
     async def _holding(self, order: list[Peer], ids: list[ChunkId]) -> list[Peer]:
@@ -245,14 +246,19 @@ class PeerTier:
         if self._settled is not None and not self._settled.done():
             await asyncio.wait([self._settled])  # never raises, even if it was cancelled
 
-    def _order(self, chunk_id: ChunkId, peers: list[Peer], home_key: str = "") -> list[Peer]:
+    def _order(
+        self, chunk_id: ChunkId, peers: list[Peer], home_key: str = ""
+    ) -> tuple[list[Peer], frozenset[Peer]]:
         """Peers holding ``chunk_id`` first, then by rendezvous on ``home_key``
-        (placement.home_key: a packed chunk's block; default the chunk id)."""
+        (placement.home_key: a packed chunk's block; default the chunk id); and those
+        of them asked as one of the chunk's servers, not as its home (``_ask``)."""
         count, spread = self._tuning.peers_per_chunk, self._tuning.spread
         placed = placement.chunk_key(home_key or chunk_id)
-        if self._keyed is None or self._keyed[0] is not peers:
-            self._keyed = (peers, [placement.node_key(p.node) for p in peers], {})
-        _, keys, homes_of = self._keyed
+        ranked = self._ranking(peers)
+        spreading = self._spreading and bool(peers)
+        keyed = placement.chunk_key(chunk_id)
+        servers: list[Peer] = []
+        homes: list[Peer] | None = None
         if any(chunk_id in held for held in self._held.values()):
 
             def key(peer: Peer) -> tuple[bool, int]:
@@ -261,20 +267,36 @@ class PeerTier:
 
             homes = heapq.nlargest(count, peers, key=key)
         else:  # the chunks of one block share their homes
-            homes = homes_of.get(placed) or placement.top_keyed(peers, keys, placed, count)
-            if len(homes_of) >= 4096:
-                homes_of.clear()
-            homes_of[placed] = homes
-        if not self._spreading or not peers:
-            return list(homes)
-        servers = placement.top_keyed(peers, keys, placement.chunk_key(chunk_id), spread)
+            homes = ranked.homes.get(placed)
+        if homes is None:
+            if spreading and keyed == placed:  # placed by its id: one ranking for both
+                servers = ranked.ranking.top(keyed, max(count, spread))
+                homes, servers = servers[:count], servers[:spread]
+            else:
+                homes = ranked.ranking.top(placed, count)
+            if len(ranked.homes) >= 4096:
+                ranked.homes.clear()
+            ranked.homes[placed] = homes
+        if not spreading:
+            return list(homes), _NONE
+        servers = servers or ranked.ranking.top(keyed, spread)
         first = placement.pick(self._salt, chunk_id, len(servers))
         picked = [servers[first], servers[(first + 1) % len(servers)]]
         holders = [p for p in homes if chunk_id in self._held.get(p.node, ())]
         # The home stays in the list: a server that cannot reach it answers missing,
         # and the chunk must still have one reader of the store.
         order = list(dict.fromkeys([*holders, *picked, *homes]))
-        return order[:count]
+        return order[:count], frozenset(picked).difference(homes[:1])
+
+    def _ranking(self, peers: list[Peer]) -> _Ranked:
+        """``peers`` packed for ranking, kept while the live peers stay the same
+        (``peers`` is a copy of ``live()``, a new list every call; peers compare by
+        identity, so comparing the lists is cheap)."""
+        ranked = self._ranked
+        if ranked is None or not (ranked.peers is peers or ranked.peers == peers):
+            keys = [placement.node_key(p.node) for p in peers]
+            ranked = self._ranked = _Ranked(peers, placement.Ranking(peers, keys))
+        return ranked
 
     def _hedge_delay(self) -> float:
         return min(self._tuning.hedge_max, max(self._tuning.hedge_min, 4 * self._latency))
@@ -284,16 +306,22 @@ class PeerTier:
         slots = self._slots.setdefault(peer.node, asyncio.Semaphore(self._tuning.per_peer))
         async with slots:
             try:
-                return await self._ask(peer, chunk_id)
+                return await self._ask(peer, chunk_id)  # (one chunk: asked as its home)
             except (ChunkMissing, CorruptChunk, PeerUnavailable):
                 return None
 
-    async def _ask(self, peer: Peer, chunk_id: ChunkId) -> ChunkData:
+    async def _ask(self, peer: Peer, chunk_id: ChunkId, as_server: bool = False) -> ChunkData:
+        """``as_server``: ``peer`` is asked as one of the chunk's servers, not as the home
+        this node sees (a peer whose view makes it the home then answers from its cache
+        only: its view lags this one's, and the home this node sees reads the store)."""
         started = time.monotonic()
         try:
             conn = await self._directory.connect(peer)
             async with asyncio.timeout(self._tuning.request_timeout):
-                data = await conn.get(chunk_id)
+                if as_server:
+                    data = await conn.get(chunk_id, as_server=True)
+                else:
+                    data = await conn.get(chunk_id)
         except ChunkMissing:
             raise
         except CorruptChunk as exc:
@@ -323,14 +351,41 @@ class PeerTier:
         return held
 
 
+_NONE: frozenset[Peer] = frozenset()
+
+
+class _Ranked:
+    """A membership packed for ranking (placement.Ranking), and homes found over it."""
+
+    __slots__ = ("homes", "peers", "ranking")
+
+    def __init__(self, peers: list[Peer], ranking: placement.Ranking[Peer]) -> None:
+        self.peers = peers
+        self.ranking = ranking
+        self.homes: dict[int, list[Peer]] = {}
+        """Homes per placement key (the chunks of one block share theirs)."""
+
+
 class _Want:
     """One ref on its way from the peers: the peers not asked yet, in rank order."""
 
-    __slots__ = ("asking", "done", "hedged", "peers", "reason", "ref", "reranked", "winner")
+    __slots__ = (
+        "asking",
+        "done",
+        "hedged",
+        "peers",
+        "reason",
+        "ref",
+        "reranked",
+        "serving",
+        "winner",
+    )
 
-    def __init__(self, ref: ChunkRef, peers: list[Peer]) -> None:
+    def __init__(self, ref: ChunkRef, peers: list[Peer], serving: frozenset[Peer]) -> None:
         self.ref = ref
         self.peers = peers
+        self.serving = serving
+        """The peers asked as the chunk's servers, not as its home."""
         self.asking = 0
         """Attempts queued or running (two while hedged)."""
         self.done = False
@@ -367,7 +422,7 @@ class _BatchFetch:
             # chunk whose first peers died together went to the store from every node
             # (sim, 10% killed: 23 of 30 nodes read one chunk from the store).
             want.reranked = True
-            want.peers = self.tier._order(
+            want.peers, want.serving = self.tier._order(
                 want.ref.id, self.tier._directory.live(), placement.home_key(want.ref)
             )
         if not want.peers:
@@ -436,7 +491,7 @@ class _BatchFetch:
             if want.done:  # a hedged twin delivered it meanwhile
                 return
             try:
-                data = await self.tier._ask(peer, ref.id)
+                data = await self.tier._ask(peer, ref.id, peer in want.serving)
             except (ChunkMissing, CorruptChunk, PeerUnavailable) as exc:
                 if not isinstance(exc, ChunkMissing) or want.reason is None:
                     want.reason = exc

@@ -25,11 +25,13 @@ per pair (bench/sim_region.py found it) and takes ~4 s this way.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import heapq
+import sys
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from blobstore.manifest import ChunkRef
 
@@ -70,10 +72,13 @@ def chunk_key(chunk_id: str) -> int:
         return int.from_bytes(hashlib.blake2b(chunk_id.encode(), digest_size=8).digest(), "big")
 
 
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
 def _mix(x: int) -> int:
     """splitmix64's finalizer: a bijection of 64 bits, each output bit depending on all input."""
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    x = ((x ^ (x >> 30)) * _MIX1) & _MASK
+    x = ((x ^ (x >> 27)) * _MIX2) & _MASK
     return x ^ (x >> 31)
 
 
@@ -119,6 +124,68 @@ def top_keyed(items: Sequence[T], keys: Sequence[int], key: int, count: int) -> 
     return [items[i] for _, i in scored]
 
 
+class Ranking(Generic[T]):
+    """``top_keyed`` for many chunks over one membership, about 4x cheaper per chunk.
+
+    The node keys are packed once into one integer, 128 bits a lane, so the 64-bit
+    mix of every node with a chunk's key is a dozen big-integer operations in C (a
+    lane's product of two 64-bit values fits its 128 bits, and the shifts' spill
+    into a neighbouring lane is masked off), not a Python call per node; then only
+    the scores above a threshold that ~``2 x count + 16`` pass are sorted. At 1,000
+    nodes a requester ranks every chunk of a pull over the whole region (its servers
+    by chunk id, its homes by block): 0.33 ms per chunk with ``top_keyed`` was ~70%
+    of the CPU of the 1,000-node simulation (and of a real daemon's ranking)."""
+
+    __slots__ = ("_items", "_masks", "_ones", "_packed")
+
+    def __init__(self, items: Sequence[T], keys: Sequence[int]) -> None:
+        """``keys[i]``: the ``node_key`` of ``items[i]``."""
+        count = len(items)
+        self._items = list(items)
+        self._ones = int.from_bytes((b"\x01" + bytes(15)) * count, "little")
+        self._masks = _MASK * self._ones
+        self._packed = int.from_bytes(
+            b"".join(key.to_bytes(8, "little") + bytes(8) for key in keys), "little"
+        )
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def scores(self, key: int) -> list[int]:
+        """Every item's score for ``key``, in item order (``_mix(node_key ^ key)``)."""
+        count, masks = len(self._items), self._masks
+        x = self._packed ^ (key * self._ones)
+        x = ((x ^ (x >> 30)) & masks) * _MIX1 & masks
+        x = ((x ^ (x >> 27)) & masks) * _MIX2 & masks
+        x = (x ^ (x >> 31)) & masks
+        lanes = array.array("Q", x.to_bytes(16 * count, "little"))
+        if sys.byteorder == "big":
+            lanes.byteswap()
+        return lanes[::2].tolist()
+
+    def top(self, key: int, count: int) -> list[T]:
+        """The ``count`` items ranked first for ``key``: ``top_keyed``'s answer."""
+        items = self._items
+        scores = self.scores(key)
+        want = 2 * count + 16
+        if want < len(items):
+            # Scores are uniform over 64 bits: ~``want`` pass; too few, rank them all.
+            floor = _MASK - (_MASK // len(items)) * want
+            passed = [(s, i) for i, s in enumerate(scores) if s > floor]
+            if len(passed) >= count:
+                passed.sort(reverse=True)
+                return [items[i] for _, i in passed[:count]]
+        best = heapq.nlargest(count, zip(scores, range(len(items)), strict=True))
+        return [items[i] for _, i in best]
+
+
+@lru_cache(maxsize=8)
+def ranking(node_ids: tuple[str, ...]) -> Ranking[str]:
+    """The ``Ranking`` of a membership, kept for the next lookups over it (a daemon
+    answers every chunk it is asked for over the same live peers until one changes)."""
+    return Ranking(node_ids, [node_key(node) for node in node_ids])
+
+
 def servers(node_ids: Iterable[str], chunk_id: str, spread: int = SPREAD) -> list[str]:
     """The ``spread`` peers that serve ``chunk_id`` to requesters, best first."""
     key = chunk_key(chunk_id)
@@ -136,10 +203,14 @@ def reads_through(
 ) -> bool:
     """Whether ``me`` answers a miss of ``chunk_id`` by reading it: as its home
     (by ``home_key``: from the store) or as one of its servers (from the home).
-    ``node_ids`` includes ``me``."""
-    return home(node_ids, home_key) == me or (
-        spreads(len(node_ids), spread) and me in servers(node_ids, chunk_id, spread)
-    )
+    ``node_ids`` includes ``me``. Ranked with the membership's ``ranking`` (kept
+    while the same ids are passed: a daemon checks this for every chunk it is asked)."""
+    if not node_ids:
+        return False
+    ranked = ranking(tuple(node_ids))
+    if ranked.top(chunk_key(home_key), 1) == [me]:
+        return True
+    return spreads(len(node_ids), spread) and me in ranked.top(chunk_key(chunk_id), spread)
 
 
 def spreads(region: int, spread: int = SPREAD) -> bool:

@@ -410,10 +410,13 @@ class PeerServer:
                 finally:
                     session.waiting = False
                 if frame.kind == "get":
-                    for chunk_id in messages.ids_field(frame.header, REQUEST_LIMITS):
+                    ids = messages.ids_field(frame.header, REQUEST_LIMITS)
+                    servers = messages.as_server_field(frame.header, len(ids))
+                    for chunk_id, as_server in zip(ids, servers, strict=True):
                         await session.slots.acquire()
                         await self._acquire_budget(session)
-                        self._answer(session, tg.create_task(self._lookup(chunk_id)))
+                        lookup = self._lookup(chunk_id, as_server)
+                        self._answer(session, tg.create_task(lookup))
                 elif frame.kind == "has":
                     ids = messages.ids_field(frame.header, REQUEST_LIMITS)
                     await session.slots.acquire()
@@ -513,9 +516,9 @@ class PeerServer:
         session.dropped = True
         session.stream.abort()
 
-    async def _lookup(self, chunk_id: ChunkId) -> tuple[ChunkData | None, str]:
+    async def _lookup(self, chunk_id: ChunkId, as_server: bool) -> tuple[ChunkData | None, str]:
         try:
-            return await self._provider.lookup(chunk_id)
+            return await self._provider.lookup(chunk_id, as_server)
         except BlobstoreError as exc:
             log.warning("cannot serve %s: %s", chunk_id[:16], exc)
             return None, ""

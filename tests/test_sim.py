@@ -47,6 +47,13 @@ def test_a_rolling_start_reads_from_the_store_once() -> None:
     assert simulate(slow, REFS, max_time=120.0, handoff=False).origin > 2 * UNIQUE
 
 
+def test_a_server_whose_view_lags_does_not_read_the_store() -> None:
+    # In a rolling start some nodes do not see the joiners yet; asked as one of a
+    # chunk's servers, such a node took itself for the home and read the store too
+    # (40 nodes at 50/s: 1.08x). Asks now say "as a server", and it answers missing.
+    assert run("b", 40).origin == UNIQUE
+
+
 def test_killed_peers_are_dropped_fast_and_every_node_completes() -> None:
     result = run("c", 20)
     # The killed homes' share (10%) is read once more by the new homes, and a home

@@ -240,9 +240,9 @@ async def test_fetch_batches_ids_per_peer_and_falls_through(
     requests: list[int] = []
     real_get = messages.get
 
-    def counting_get(ids: list[ChunkId]) -> dict[str, object]:
+    def counting_get(ids: list[ChunkId], as_server: list[bool] | None = None) -> dict[str, object]:
         requests.append(len(ids))
-        return real_get(ids)
+        return real_get(ids, as_server)
 
     monkeypatch.setattr(messages, "get", counting_get)
     wanted = refs_for(400)
@@ -349,8 +349,8 @@ async def test_has_asks_every_peer_and_ranks_holders_first() -> None:
     async with peers(a, b) as addrs, tier(addrs) as t:
         assert await t.has([x, y, z, x]) == {x, y}
         live = t._directory.live()
-        assert t._order(x, live)[0].node == "n0"  # whatever rendezvous would say
-        assert t._order(y, live)[0].node == "n1"
+        assert t._order(x, live)[0][0].node == "n0"  # whatever rendezvous would say
+        assert t._order(y, live)[0][0].node == "n1"
 
 
 class CountingCache(FakeCache):
@@ -383,7 +383,7 @@ async def test_a_big_region_spreads_each_chunk_over_its_servers() -> None:
             for ref, _ in wanted:  # what it asked first: the server its salt picks
                 servers = placement.servers(nodes, ref.id)
                 first = servers[placement.pick(each._salt, ref.id, len(servers))]
-                assert each._order(ref.id, live)[0].node == first
+                assert each._order(ref.id, live)[0][0].node == first
         served = [cache.served for cache in caches]
         assert sum(served) == 8 * len(wanted)
         homes = {placement.home(nodes, ref.id) for ref, _ in wanted}
@@ -410,10 +410,13 @@ def test_a_chunks_order_is_a_picked_server_the_next_one_and_its_home() -> None:
         chunk_id, _ = blob(i)
         t = PeerTier(cast(PeerDirectory, None))
         t._spreading = True
-        order = [p.node for p in t._order(chunk_id, live, placement.home_key(block))]
+        ranked, serving = t._order(chunk_id, live, placement.home_key(block))
+        order = [p.node for p in ranked]
         servers = placement.servers(nodes, chunk_id)
         first = placement.pick(t._salt, chunk_id, len(servers))
         homes = placement.rank(nodes, placement.home_key(block))  # the next home if needed
         expected = [servers[first], servers[(first + 1) % len(servers)], *homes]
         assert order == list(dict.fromkeys(expected))[:3]
         assert home in order  # the store's one reader stays among the asked
+        # The picked servers are asked as servers, the home as the home.
+        assert {p.node for p in serving} == set(expected[:2]) - {home}

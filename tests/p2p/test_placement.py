@@ -71,3 +71,18 @@ def test_ranking_by_precomputed_keys_is_the_same_ranking() -> None:
     for c in CHUNKS[:50]:
         top = placement.top_keyed(REGION, keys, placement.chunk_key(c), placement.SPREAD)
         assert top == placement.servers(REGION, c)
+
+
+def test_packed_ranking_is_the_same_ranking() -> None:
+    # Ranking mixes every node's key in one big-integer lane each; its answers must be
+    # top_keyed's, for the small path (every score sorted) and the thresholded one.
+    for size in (1, 3, 40, 1000):
+        nodes = [f"m{i:04d}" for i in range(size)]
+        keys = [placement.node_key(n) for n in nodes]
+        ranking = placement.Ranking(nodes, keys)
+        for c in CHUNKS[:40]:
+            key = placement.chunk_key(c)
+            assert ranking.scores(key) == [placement.keyed_score(n, key) for n in nodes]
+            for count in (1, 3, placement.SPREAD):
+                assert ranking.top(key, count) == placement.top_keyed(nodes, keys, key, count)
+    assert placement.Ranking([], []).top(1, 3) == []
