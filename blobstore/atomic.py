@@ -33,16 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import stat
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
 
-import anyio
-import anyio.to_thread
+# anyio is imported by the async helpers when they run: the CLI's re-pull
+# (repull.py) uses the sync ones without starting an event loop.
 
 Data = bytes | bytearray | memoryview | str
 """What the ``write_atomic`` functions take; text is written as UTF-8."""
@@ -61,7 +59,7 @@ def tmp_name(name: str) -> str:
     # The prefix is only a hint for humans: dropping a cut (or undecodable)
     # character is fine, a name over NAME_MAX is not.
     prefix = os.fsencode(name)[:_PREFIX_BYTES].decode("utf-8", "ignore")
-    return f".{prefix}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+    return f".{prefix}{TMP_MARK}{os.urandom(6).hex()}"  # (uuid4().hex[:12] loaded platform)
 
 
 def is_tmp_name(name: str) -> bool:
@@ -120,6 +118,8 @@ async def write_atomic_async(
 ) -> None:
     """``write_atomic`` in a worker thread (it runs to its end even if the
     caller is cancelled meanwhile: no half-done state). Raises OSError."""
+    import anyio.to_thread
+
     write = partial(write_atomic, path, data, fsync=fsync, mode=mode, parents=parents)
     await anyio.to_thread.run_sync(write)
 
@@ -160,6 +160,8 @@ async def areplacing(
     """``replacing`` for async code: creating, renaming and removing run in a
     worker thread; the removal runs even when the block is cancelled.
     Raises OSError."""
+    import anyio.to_thread
+
     tmp = await anyio.to_thread.run_sync(partial(_create, path, directory, mode, parents))
     try:
         yield tmp
@@ -211,6 +213,8 @@ def _discard(tmp: Path) -> None:
     except OSError:
         return
     if stat.S_ISDIR(st.st_mode):
+        import shutil  # here: bz2 and lzma come with it
+
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         with contextlib.suppress(OSError):

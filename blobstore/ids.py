@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import NewType
 
-import anyio.to_thread
 import blake3
 
 from .errors import BadInput, CorruptChunk
@@ -54,6 +53,8 @@ async def verify_off_loop(
     """``verify`` in a worker thread for buffers of ``VERIFY_IN_THREAD_MIN``
     bytes or more, on the loop below that. Raises CorruptChunk."""
     if len(data) >= VERIFY_IN_THREAD_MIN:
+        import anyio.to_thread  # here: the sync users of this module need no event loop
+
         await anyio.to_thread.run_sync(verify, chunk_id, data, where)
     else:
         verify(chunk_id, data, where)

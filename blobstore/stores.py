@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-import anyio
-
 from .config import S3Config
 from .errors import BadInput, ConfigError, StoreUnavailable
 from .objectstore import validate_key
@@ -168,6 +166,8 @@ class LazyObjectStore(AsyncResource):
         self._store: ObjectStore | None = None
         self._failure: StoreUnavailable | None = None
         self._next_try = 0.0
+        import anyio  # here: parse_file_url's users (the CLI's re-pull) need no event loop
+
         self._lock = anyio.Lock()
 
     async def open(self) -> None:

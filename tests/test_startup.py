@@ -312,6 +312,7 @@ def test_the_collector_paused_for_start_up_runs_again(tmp_path: Path, argv: list
 
 REPULL_NEVER_NEEDS = (
     *PULL_NEVER_NEEDS,
+    "anyio",  # atomic.py, ids.py and stores.py import it in their async functions
     "asyncio",  # the event loop, and all it loads (ssl, subprocess)
     "uvloop",
     "sqlite3",  # the node store's index
