@@ -1,8 +1,9 @@
 """The client: one node's view of blobstore, wiring config into objects.
 
-``async with Client.open(config) as client`` opens the object store, the local
-cache and (through plugins) the peer tier, and composes the tier list
-local -> peers -> origin. push/pull/verify are thin calls over it.
+``async with Client.open(config) as client`` opens the object store and the local
+cache, and composes the tier list local -> peers -> origin; the peer tier (a
+plugin's) is opened when a pull first lacks a chunk (tiers.OpenedOnUse).
+push/pull/verify are thin calls over it.
 """
 
 from __future__ import annotations
