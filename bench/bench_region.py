@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -82,6 +83,8 @@ class Figures:
     seconds: float
     uploads: list[float] = field(default_factory=list)
     """Bytes each daemon uploaded to peers, in node order."""
+    why: dict[str, float] = field(default_factory=dict)
+    """The real run's diagnostics (``_why``); empty for a simulation."""
 
     def row(self, what: str) -> str:
         return (
@@ -98,9 +101,14 @@ async def _refs(store: str, ref: str) -> list[ChunkRef]:
 
 
 def real_region(
-    root: Path, nodes: int, pullers: int, size: int
+    root: Path, nodes: int, pullers: int, size: int, *, interval: float | None = None
 ) -> tuple[Figures, list[str], list[ChunkRef]]:
-    """Push ``size`` random bytes, start ``nodes`` daemons, ``pullers`` pulls at once."""
+    """Push ``size`` random bytes, start ``nodes`` daemons, ``pullers`` pulls at once.
+
+    ``interval``: the liveness interval of daemons and pulls (``--health-interval``,
+    ``BLOBSTORE_HEALTH_INTERVAL``; their timeout is 3x it); None: the test helper's
+    0.3 s for daemons and the default 1 s for pulls. Give ``simulated_region`` the same.
+    ``Figures.why`` says what the real run did besides moving bytes (see ``_why``)."""
     store = f"file://{root / 'store'}"
     src = root / "src"
     src.mkdir()
@@ -116,13 +124,17 @@ def real_region(
     # region-wide (20 daemons + 16 pulls read the store ~20x unique). On loopback the
     # address is not a node, so the cap is the total one.
     loopback = ["--limit", f"max_connections_per_ip={ServerLimits().max_connections}"]
+    timing: dict[str, str] = {}
+    if interval is not None:
+        loopback += ["--health-interval", str(interval)]
+        timing["BLOBSTORE_HEALTH_INTERVAL"] = str(interval)
     with cluster(store, root, nodes, args_for=dict.fromkeys(range(nodes), loopback)) as daemons:
         peers = ",".join(d.listen for d in daemons)
         started = time.monotonic()
         pulls = [
             subprocess.Popen(
-                [BLOBSTORE, "pull", "apps/region", str(root / f"out-{i}"), "--json"],
-                env=cli_env(store, daemons[i].cache, {"BLOBSTORE_PEERS": peers}),
+                [BLOBSTORE, "pull", "apps/region", str(root / f"out-{i}"), "--json", "-v"],
+                env=cli_env(store, daemons[i].cache, {"BLOBSTORE_PEERS": peers, **timing}),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -136,6 +148,7 @@ def real_region(
                 raise RuntimeError(f"pull failed: {err}")
         metrics = [d.metrics() for d in daemons]
         names = [d.node for d in daemons]
+        logs = [d.log_text() for d in daemons]
     expected = snapshot(src)
     for i in range(pullers):
         if snapshot(root / f"out-{i}") != expected:
@@ -148,11 +161,55 @@ def real_region(
         origin / unique, max(served) / (statistics.fmean(served) or 1), len(refs), seconds
     )
     figures.uploads = served
+    froms = [json.loads(out)["from"] for out, _ in outputs]
+    figures.why = _why(froms, metrics, logs, [err for _, err in outputs], len(refs))
     return figures, names, refs
 
 
+def _why(
+    froms: list[dict[str, int]],
+    metrics: list[dict[str, float]],
+    daemon_logs: list[str],
+    pull_logs: list[str],
+    chunks: int,
+) -> dict[str, float]:
+    """Where a real run's origin bytes came from, and what its liveness did: the pulls'
+    bytes by tier, the daemons' store reads (chunks, and per chunk of the set), the
+    connections the daemons refused or timed out, and how often daemons and pulls took
+    a peer for dead, by why (a timed-out check or request: load; anything else)."""
+
+    def downs(texts: list[str], reason: str) -> int:
+        return sum(
+            text.count(f"is down: {reason}") if reason else text.count(" is down: ")
+            for text in texts
+        )
+
+    def metric(name: str) -> float:
+        return sum(m.get(name, 0.0) for m in metrics)
+
+    dropped = "blobstore_peer_connections_dropped_total"
+    return {
+        "pulls_local": sum(f.get("local", 0) for f in froms),
+        "pulls_peer": sum(f.get("peer", 0) for f in froms),
+        "pulls_origin": sum(f.get("origin", 0) for f in froms),
+        "daemon_store_reads_per_chunk": metric("blobstore_peer_origin_fetches_total") / chunks,
+        "refused_cap": metric(f'{dropped}{{reason="connection_cap"}}'),
+        "handshake_timeouts": metric(f'{dropped}{{reason="handshake_timeout"}}'),
+        "daemon_downs": downs(daemon_logs, ""),
+        "daemon_downs_timeout": downs(daemon_logs, "TimeoutError"),
+        "daemon_downs_reported": downs(daemon_logs, "reported down"),
+        "pull_downs": downs(pull_logs, ""),
+        "pull_downs_timeout": downs(pull_logs, "TimeoutError"),
+    }
+
+
 def simulated_region(
-    names: list[str], refs: list[ChunkRef], pullers: int, real: Figures
+    names: list[str],
+    refs: list[ChunkRef],
+    pullers: int,
+    real: Figures,
+    *,
+    interval: float | None = None,
 ) -> Figures:
     """The simulation of the same region: same node ids, same chunks; ``pullers`` of the
     nodes pull (the others only serve). Its links run at 200 MB/s, about what one daemon
@@ -163,8 +220,14 @@ def simulated_region(
     del real
     rate = 2e8
     net = NetConfig(nic=rate, rtt=0.0002, disk=10 * rate, origin_latency=0.002, origin_bw=4 * rate)
+    timing = {} if interval is None else {"interval": interval, "timeout": max(1.0, 3 * interval)}
     result = simulate(
-        Scenario("real", "real check", len(names)), refs, net, names=names, pullers=pullers
+        Scenario("real", "real check", len(names)),
+        refs,
+        net,
+        names=names,
+        pullers=pullers,
+        **timing,
     )
     up = result.uploads
     figures = Figures(
@@ -182,11 +245,25 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=24)
     ap.add_argument("--pullers", type=int, default=16)
     ap.add_argument("--size", default="256M")
+    ap.add_argument(
+        "--health-interval",
+        type=float,
+        default=2.0,
+        help="liveness interval of daemons and pulls, s (timeout 3x); the simulation "
+        "uses the same. 2 on this 2-core box: 40 processes starting at once cannot "
+        "answer a first check within the default 3 s",
+    )
     args = ap.parse_args()
+    interval = args.health_interval
     with tempfile.TemporaryDirectory(prefix="bench_region-") as tmp:
-        real, names, refs = real_region(Path(tmp), args.nodes, args.pullers, parse_size(args.size))
-    sim = simulated_region(names, refs, args.pullers, real)
-    print(f"{args.nodes} daemons, {args.pullers} pulling {args.size} at once")
+        real, names, refs = real_region(
+            Path(tmp), args.nodes, args.pullers, parse_size(args.size), interval=interval
+        )
+    sim = simulated_region(names, refs, args.pullers, real, interval=interval)
+    print(
+        f"{args.nodes} daemons, {args.pullers} pulling {args.size} at once, "
+        f"liveness interval {interval:g} s; load average {os.getloadavg()[0]:.1f}"
+    )
     print("| run | origin/unique | upload max/mean | chunks | pull s |")
     print("|---|---|---|---|---|")
     print(real.row("real processes (loopback)"))
@@ -197,6 +274,9 @@ def main() -> int:
         f"median per-daemon upload by {distances['per_node']:.0%} (<= {TOLERANCE_PER_NODE:.0%}); "
         f"max/mean by {distances['balance']:.0%} (<= {TOLERANCE_BALANCE:.0%})"
     )
+    print("real run:", ", ".join(f"{k} {v:g}" for k, v in real.why.items()))
+    print("MiB uploaded per daemon, real:", " ".join(f"{u / 2**20:.0f}" for u in real.uploads))
+    print("MiB uploaded per daemon, sim: ", " ".join(f"{u / 2**20:.0f}" for u in sim.uploads))
     return 0 if agrees(distances) else 1
 
 

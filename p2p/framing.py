@@ -54,8 +54,10 @@ DEFAULT_LIMITS = Limits()
 """The protocol's hard limits: what any frame may be, and what a client accepts."""
 HANDSHAKE_LIMITS = Limits(max_header=8 << 10, max_payload=0, max_ids=0, max_queued=16 << 10)
 """What a server accepts before the peer is authenticated: small headers, no payload."""
-REQUEST_LIMITS = Limits(max_payload=0, max_queued=256 << 10)
-"""What a server accepts from an authenticated client: requests carry no payload."""
+REQUEST_LIMITS = Limits(max_payload=0, max_queued=64 << 10)
+"""What a server accepts from an authenticated client: requests carry no payload, and
+64 KiB of them queue at most (a requester has at most 32 ids of ~1 KiB gets outstanding
+per peer; 256 KiB before, ~1.2 MiB decoded per connection, x 2,048 connections)."""
 
 
 @dataclass(slots=True)

@@ -44,6 +44,13 @@ from .wire import FrameStream
 log = logging.getLogger(__name__)
 
 _CAP_WARNING_INTERVAL = 10.0
+_MIN_WRITE_BUFFER = 64 << 10
+"""A connection's write buffer however many share ``write_buffers`` (a chunk is written
+whole anyway: its writer then waits for the buffer to drop below this)."""
+_RECEIVE_SIDE = REQUEST_LIMITS.max_header + 5 * REQUEST_LIMITS.max_queued + (64 << 10)
+"""An authenticated connection's receive side at worst: a request header arriving, the
+requests queued (decoded: ~5x their wire bytes, ids as Python objects) and its pending
+pongs (16 of ~1 KiB for a client that asks them in order; early ones are not held)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +60,13 @@ class ServerLimits:
     Set any field with ``blobstore daemon --limit NAME=VALUE`` (``ServerLimits.parse``).
     """
 
-    max_connections: int = 256
-    """Open peer connections, authenticated or not; more are closed as they are accepted."""
+    max_connections: int = 2048
+    """Open peer connections, authenticated or not; more are closed as they are accepted.
+    Inbound connections follow use: a directory keeps at most 64 (liveness.py), so a
+    daemon gets ~64 per directory (a node's daemon and its pulls) on average, but a seed
+    or a popular home is dialled by nearly every node's daemon and pull: ~2 per node in a
+    region of 1,000 (256 refused a full mesh above ~250 nodes). Memory, not the count, is
+    bounded: see ``write_buffers`` and ``memory_bound``."""
     max_connections_per_ip: int = 32
     """Of those, from one remote address."""
     handshake_timeout: float = 10.0
@@ -73,7 +85,12 @@ class ServerLimits:
     """Chunk lookups pending across all connections: x the largest chunk, the bound on
     chunk bytes held for sending."""
     write_buffer: int = 2 << 20
-    """Bytes queued on one connection's socket before its writer waits."""
+    """Bytes queued on one connection's socket before its writer waits (at most its
+    share of ``write_buffers``)."""
+    write_buffers: int = 512 << 20
+    """Bytes queued on sockets across all connections: each connection's share is
+    ``write_buffers / max_connections``, at most ``write_buffer`` and at least 64 KiB
+    (256 KiB at the defaults), so raising ``max_connections`` does not raise the bound."""
     max_gossip_peers: int = 256
     """Peers learned from gossip that the daemon keeps (first-hand ones are not capped)."""
     drain_timeout: float = 10.0
@@ -86,6 +103,22 @@ class ServerLimits:
                 raise ConfigError(f"limit {f.name} must be positive")
         if self.lookups_per_connection > self.lookups_per_daemon:
             raise ConfigError("limit lookups_per_connection exceeds lookups_per_daemon")
+
+    @property
+    def connection_write_buffer(self) -> int:
+        """One connection's share of ``write_buffers`` (see there)."""
+        share = self.write_buffers // self.max_connections
+        return min(self.write_buffer, max(_MIN_WRITE_BUFFER, share))
+
+    def memory_bound(self, chunk: int = 4 << 20) -> int:
+        """Bytes the server may hold above the process's base in the worst case, every
+        connection authenticated and misbehaving (docs/security.md, Memory bounds):
+        ``lookups_per_daemon`` chunks of ``chunk`` bytes, each connection's write buffer
+        (plus one chunk beyond it while its lookup holds the budget: counted above) and
+        its receive side (a request header arriving, the requests queued and decoded,
+        the answers it may have pending)."""
+        per_connection = self.connection_write_buffer + _RECEIVE_SIDE
+        return self.lookups_per_daemon * chunk + self.max_connections * per_connection
 
     @classmethod
     def parse(cls, overrides: Iterable[str]) -> ServerLimits:
@@ -197,7 +230,9 @@ class PeerServer:
 
             def factory() -> FrameStream:
                 # Until it authenticates, a client may send only small frames.
-                stream = FrameStream(HANDSHAKE_LIMITS, "client", self._limits.write_buffer)
+                stream = FrameStream(
+                    HANDSHAKE_LIMITS, "client", self._limits.connection_write_buffer
+                )
                 tg.create_task(self._serve_connection(stream))
                 return stream
 

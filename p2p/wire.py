@@ -47,6 +47,9 @@ class FrameStream(asyncio.BufferedProtocol, AsyncResource):
         self._write_high_water = write_high_water
         self.write_blocked_since: float | None = None
         """When sending last stopped (the peer is not reading), while it stays stopped."""
+        self.received_at = 0.0
+        """When bytes last arrived (time.monotonic): a peer whose answers are still
+        arriving is alive, however long its pong waits behind them (liveness)."""
         self._transport: asyncio.Transport | None = None
         self._error: Exception | None = None
         self._recv_waiter: asyncio.Future[None] | None = None
@@ -73,6 +76,7 @@ class FrameStream(asyncio.BufferedProtocol, AsyncResource):
         return self._decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.received_at = time.monotonic()
         try:
             frames = self._decoder.buffer_updated(nbytes)
         except ProtocolError as exc:
