@@ -25,6 +25,18 @@ replaced by signed http.client requests in threads) and through obstore
 The no-op push reuses the cache of the push (the node that pushed pushes again),
 so the store's pack indexes are cached locally. SeaweedFS runs on the same cores
 as the clients, so every number includes the server's CPU. JSON goes to bench/out/.
+
+Both tools start every step from the same state: the previous step's output is
+deleted, ``sync`` has written everything back, and SeaweedFS is idle (what a push
+leaves it doing would otherwise fall on whichever pull comes next); after each rep
+both tools' buckets are deleted, so reps do not pile up volume files (2 GiB more
+per rep of the 1 GiB file) in the page cache beside later steps. Neither tool
+syncs its output (s5cmd does not; a blobstore pull into ext4 seeds its files and
+runs no ``syncfs``); the writeback is the next step's ``sync``, untimed for both.
+Each run also records its user/sys split, SeaweedFS's CPU meanwhile, and the
+box's direct reclaim and compaction counters that moved (/proc/vmstat; the whole
+box's, so another process's memory pressure shows too): a slow run with
+``compact_stall`` is memory fragmentation, not the tool.
 """
 
 from __future__ import annotations
