@@ -107,11 +107,17 @@ def rank(node_ids: Iterable[str], chunk_id: str) -> list[str]:
     return sorted(node_ids, key=lambda node: (_mix(node_key(node) ^ key), node), reverse=True)
 
 
+_PACKED_FROM = 64
+"""Regions from this size rank with a cached ``ranking`` (a smaller one is cheap as is)."""
+
+
 def home(node_ids: Sequence[str], chunk_id: str) -> str | None:
     """The single home node of ``chunk_id`` among ``node_ids`` (None if empty)."""
     if not node_ids:
         return None
     key = chunk_key(chunk_id)
+    if len(node_ids) >= _PACKED_FROM:  # a daemon's check, once per chunk asked
+        return ranking(tuple(node_ids)).top(key, 1)[0]
     return max(node_ids, key=lambda node: (_mix(node_key(node) ^ key), node))
 
 
@@ -189,6 +195,8 @@ def ranking(node_ids: tuple[str, ...]) -> Ranking[str]:
 def servers(node_ids: Iterable[str], chunk_id: str, spread: int = SPREAD) -> list[str]:
     """The ``spread`` peers that serve ``chunk_id`` to requesters, best first."""
     key = chunk_key(chunk_id)
+    if isinstance(node_ids, Sequence) and len(node_ids) >= _PACKED_FROM:
+        return ranking(tuple(node_ids)).top(key, spread)
     return heapq.nlargest(spread, node_ids, key=lambda node: (_mix(node_key(node) ^ key), node))
 
 

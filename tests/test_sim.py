@@ -101,6 +101,7 @@ def test_a_death_is_news_to_every_node_within_seconds() -> None:
 
 @pytest.mark.parametrize("nodes", [10, 100])
 def test_placement_spreads_homes_and_a_leaving_node_moves_its_own(nodes: int) -> None:
+    # (placement_figures checks, by re-ranking, that a node leaving moves its own homes.)
     figures = placement_figures(nodes, 20000, seed=5)
-    assert figures["moved_times_n"] <= 1.5
-    assert figures["home_max_mean"] <= 1.3
+    assert figures["moved_times_n"] == pytest.approx(1.0)  # over every node leaving
+    assert figures["moved_worst_times_n"] == figures["home_max_mean"] <= 1.3
