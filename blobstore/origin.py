@@ -81,9 +81,9 @@ class SpanTuning:
     holds at least ``spans_in_flight`` such spans of packed bytes: a 48 MiB pack
     is then one GET, not a 32 MiB and a 16 MiB one (1 GiB: 22 GETs, was 44),
     while smaller fetches (a home's 32 MiB block, a tree of small files) keep
-    ``max_span`` and their spans in flight. SeaweedFS on the same 2 cores spent
-    0.85-0.90 CPU s serving a cold 1 GiB pull this way against 0.89-1.08 s
-    (4 alternating comparisons of 5 runs; s5cmd's 0.81-0.92 s)."""
+    ``max_span`` and their spans in flight. Half the requests (each one a round
+    trip, a signature and, on AWS, a bill); SeaweedFS's CPU serving a cold 1 GiB
+    pull and the pull's time did not move beyond this 2-core box's noise."""
     max_gap: int = 256 << 10
     """Unwanted bytes between two wanted chunks still read in one GET rather
     than split into two (costs at most 25% extra bytes at ~1 MiB chunks)."""
