@@ -195,6 +195,7 @@ def _why(
         "daemon_store_reads_per_chunk": metric("blobstore_peer_origin_fetches_total") / chunks,
         "refused_cap": metric(f'{dropped}{{reason="connection_cap"}}'),
         "handshake_timeouts": metric(f'{dropped}{{reason="handshake_timeout"}}'),
+        "stalled_drops": metric(f'{dropped}{{reason="stalled"}}'),
         "daemon_downs": downs(daemon_logs, ""),
         "daemon_downs_timeout": downs(daemon_logs, "TimeoutError"),
         "daemon_downs_reported": downs(daemon_logs, "reported down"),

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -149,7 +150,18 @@ class ServerLimits:
 class _Session:
     """One authenticated connection's answer queue and what it holds."""
 
-    __slots__ = ("answers", "dropped", "held", "pending", "reader", "slots", "stream", "waiting")
+    __slots__ = (
+        "answers",
+        "buffered",
+        "dropped",
+        "held",
+        "pending",
+        "read_at",
+        "reader",
+        "slots",
+        "stream",
+        "waiting",
+    )
 
     def __init__(self, stream: FrameStream, limits: ServerLimits) -> None:
         self.stream = stream
@@ -163,6 +175,10 @@ class _Session:
         self.reader: asyncio.Task[None] | None = None
         self.waiting = False
         """The reader waits for the next request (none is half answered)."""
+        self.buffered = sys.maxsize
+        """Bytes unsent at the last look for stallers (none yet: any count is less)."""
+        self.read_at = 0.0
+        """When a look for stallers last found fewer bytes unsent: the client reads."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -529,16 +545,26 @@ class PeerServer:
         self._budget.release()
 
     def _evict_stalled(self) -> None:
-        """Drop the client that has read nothing for longest, if that is ``stall_grace``."""
+        """Drop the client that has read nothing for longest, if that is ``stall_grace``.
+
+        Read nothing, not read slowly: a client whose unsent bytes dropped since the last
+        look reads. Its writer being stopped (bytes above ``write_buffer``) was taken for
+        a stall, and pulls on a loaded box, reading a few hundred KB/s per peer, were
+        dropped while reading (bench_region.py, 16 daemons: 18 drops, each pull's
+        chunks then read from the store)."""
         now = time.monotonic()
-        stalled = [
-            (since, session)
-            for session in self._sessions
-            if session.held
-            and not session.dropped
-            and (since := session.stream.write_blocked_since) is not None
-            and now - since >= self._limits.stall_grace
-        ]
+        stalled = []
+        for session in self._sessions:
+            since = session.stream.write_blocked_since
+            if not session.held or session.dropped or since is None:
+                continue
+            buffered = session.stream.write_buffer_size()
+            if buffered < session.buffered:
+                session.read_at = now
+            session.buffered = buffered
+            quiet_since = max(since, session.read_at)
+            if now - quiet_since >= self._limits.stall_grace:
+                stalled.append((quiet_since, session))
         if not stalled:
             return
         since, session = min(stalled, key=lambda pair: pair[0])

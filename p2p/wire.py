@@ -177,6 +177,10 @@ class FrameStream(asyncio.BufferedProtocol, AsyncResource):
         else:
             self._transport.write(head)
 
+    def write_buffer_size(self) -> int:
+        """Bytes sent but not yet taken by the socket (the peer has not read them)."""
+        return 0 if self._transport is None else self._transport.get_write_buffer_size()
+
     async def drain(self) -> None:
         """Wait while the send buffer is above its high-water mark."""
         if self._error is not None:
