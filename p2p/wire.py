@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
 import ssl
+import struct
+import sys
+import termios
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -24,6 +28,8 @@ from .framing import DEFAULT_LIMITS, Frame, FrameDecoder, Limits, encode
 _MAX_QUEUED_FRAMES = 64
 """Received frames not yet taken by ``recv()``: reading stops above this or above
 ``Limits.max_queued`` bytes."""
+_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
+"""ioctl: a TCP socket's bytes in its send queue, unsent or unacknowledged (Linux)."""
 WRITE_HIGH_WATER = 8 << 20
 """Default bytes buffered for sending before ``drain()`` waits."""
 
@@ -178,8 +184,18 @@ class FrameStream(asyncio.BufferedProtocol, AsyncResource):
             self._transport.write(head)
 
     def write_buffer_size(self) -> int:
-        """Bytes sent but not yet taken by the socket (the peer has not read them)."""
-        return 0 if self._transport is None else self._transport.get_write_buffer_size()
+        """Bytes sent but not yet delivered: in this process's buffer and, on Linux, in
+        the kernel's send queue. The kernel's share moves as the peer reads (its window
+        opens); this process's alone stood still for seconds while MBs of kernel
+        buffers drained to a slow reader."""
+        if self._transport is None:
+            return 0
+        size = self._transport.get_write_buffer_size()
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None and _SIOCOUTQ is not None:
+            with contextlib.suppress(OSError, ValueError):
+                size += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, bytes(4)))[0]
+        return size
 
     async def drain(self) -> None:
         """Wait while the send buffer is above its high-water mark."""
