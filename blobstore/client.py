@@ -24,13 +24,11 @@ from .config import FRESH_NS, RACY_WINDOW_NS, Config
 from .errors import BadInput, Corrupt, Unavailable
 from .ids import ChunkId
 from .linking import LinkMode
-from .locator import PackLocator
 from .manifest import ChunkRef, Entry, Image, Manifest, Tree, file_key
 from .marker import state_dir_of
 from .nodestore import NodeStore
 from .objectstore import ObjectStore
 from .origin import OriginSource
-from .packs import IndexCache, PackConfig
 from .plugins import load_plugins
 from .repull import PullResult
 from .source import ChunkData, ChunkSource
@@ -44,7 +42,9 @@ if TYPE_CHECKING:
     # its own half inside the method, so a pull does not load the chunker, the
     # pack writer and the lease code, nor a push the materializer.
     from .ingest import Ingestor
+    from .locator import PackLocator
     from .materialize import Progress
+    from .packs import IndexCache, PackConfig
     from .push import MigrateResult, PushResult, RepairResult
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,8 @@ class Client:
         self.cache = cache
         self.peer = peer
         # the node's cached pack indexes: a new process reads only indexes of new packs
-        self.origin = OriginSource(
-            object_store, locator=PackLocator(object_store, self.index_cache)
-        )
-        self.packs = PackConfig()
-        """How pushes pack chunks (target size, uploads in flight)."""
+        self.origin = OriginSource(object_store, make_locator=self._locator)
+        self._packs: PackConfig | None = None
         self.racy_window_ns = RACY_WINDOW_NS
         """Files changed this recently before a push are read by the next one too."""
         self.push_index_fresh_ns = FRESH_NS
@@ -128,8 +125,29 @@ class Client:
                 yield Ingestor(writer, index, DEFAULT_PARAMS)
 
     @property
+    def packs(self) -> PackConfig:
+        """How pushes pack chunks (target size, uploads in flight)."""
+        if self._packs is None:
+            from .packs import PackConfig
+
+            self._packs = PackConfig()
+        return self._packs
+
+    @packs.setter
+    def packs(self, packs: PackConfig) -> None:
+        self._packs = packs
+
+    def _locator(self) -> PackLocator:
+        """The origin's reads by id (made when first needed: pulls never are)."""
+        from .locator import PackLocator
+
+        return PackLocator(self.object_store, self.index_cache)
+
+    @property
     def index_cache(self) -> IndexCache:
         """This node's copies of the store's pack indexes and its known-bad list."""
+        from .packs import IndexCache
+
         return IndexCache.for_store(self.config.cache.dir, self.object_store.url)
 
     async def push(

@@ -27,11 +27,11 @@ import errno
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
 
@@ -47,12 +47,14 @@ from .errors import (
 )
 from .filestore import FileObjectStore, open_object_fd
 from .ids import VERIFY_IN_THREAD_MIN, ChunkId, verify, verify_off_loop
-from .locator import PackLocator
 from .manifest import ChunkRef
 from .objectstore import ObjectStore, chunk_key, pack_key
 from .parallel import for_each
 from .source import ChunkData, Early, Sink, SplitSink, Undelivered
 from .spans import Piece, Span, SpanCutter, join, plan_spans
+
+if TYPE_CHECKING:
+    from .locator import PackLocator
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +113,33 @@ class OriginSource:
         concurrency: int = 64,
         tuning: SpanTuning = SpanTuning(),
         locator: PackLocator | None = None,
+        *,
+        make_locator: Callable[[], PackLocator] | None = None,
     ) -> None:
+        """``locator``: how reads by id find packed chunks; or ``make_locator``,
+        called when one is first needed (default: a PackLocator of ``store``
+        without a node cache)."""
         self.store = store
         self.tuning = tuning
-        self.locator = locator if locator is not None else PackLocator(store)
+        self._locator = locator
+        self._make_locator = make_locator
         self._limit = anyio.Semaphore(concurrency)
         self.requests = 0
         """Ranged GETs issued by ``fetch`` (a resumed span counts again)."""
+
+    @property
+    def locator(self) -> PackLocator:
+        """Where packs hold chunks, for reads by id; made on first use: a pull
+        knows every chunk's place from its manifest, so it never loads the pack
+        index code (nor the chunker under it)."""
+        if self._locator is None:
+            if self._make_locator is not None:
+                self._locator = self._make_locator()
+            else:
+                from .locator import PackLocator
+
+                self._locator = PackLocator(self.store)
+        return self._locator
 
     async def get(self, chunk_id: ChunkId) -> ChunkData:
         """The chunk, from its pack (located by id) or its own object.
@@ -566,3 +588,12 @@ def _join_verified(piece: Piece, parts: list[memoryview], early: Early | None) -
 
 
 __all__ = ["OriginSource", "PackLocator", "SpanTuning", "Unavailable", "verify_off_loop"]
+
+
+def __getattr__(name: str) -> object:
+    """``PackLocator`` (exported here too) is locator.py's, loaded when asked for."""
+    if name == "PackLocator":
+        from .locator import PackLocator
+
+        return PackLocator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -201,6 +201,8 @@ PULL_NEVER_NEEDS = (
     "blobstore.leases",
     "platformdirs",  # only for a default store/cache dir (tempfile, random, lzma)
     "ctypes",  # only when a pull syncs what it wrote (syncfs)
+    "blobstore.packs",  # reads by id only (origin.locator): a pull has the manifest's places
+    "blobstore.chunker",
 )
 VERSION_NEVER_NEEDS = (
     *PULL_NEVER_NEEDS,
