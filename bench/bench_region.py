@@ -51,9 +51,15 @@ from p2p.server import ServerLimits  # noqa: E402
 
 TOLERANCE_ORIGIN = 0.05
 """|real - simulated| origin bytes / unique bytes."""
-TOLERANCE_PER_NODE = 0.2
-"""Median over daemons of |real - simulated| / simulated bytes uploaded: the simulation
-predicts each daemon's share, not only the spread."""
+TOLERANCE_SHARES = 0.2
+"""Total variation distance between the real and the simulated share of the upload each
+daemon served (half the sum over daemons of |real share - simulated share|: 0 when the
+same daemons serve the same fractions, 1 when disjoint daemons serve): the simulation
+predicts which daemons serve and how much, not only the spread. A distance of shares,
+not a median of per-daemon ratios: a daemon the simulation had serving a hedged sliver
+that the real run did not serve costs that sliver's share, where as a ratio it counted
+as a 100% error, and the median over a 10-daemon region's two to four serving daemons
+failed one run in three on a 2-core box with the homes right."""
 TOLERANCE_BALANCE = 0.5
 """|real - simulated| / simulated, for peer upload max/mean. Wide on purpose: on a
 CPU-starved box a real ask now and then outlasts the hedge delay, its hedged twin is
@@ -63,16 +69,13 @@ served too, and those duplicate bytes land on one or two daemons (seen: one daem
 
 def agreement(real: Figures, sim: Figures) -> dict[str, float]:
     """The three distances the tolerances above bound."""
-    # Daemons the simulation has serving a sliver (< 5% of the busiest: hedged asks) are
-    # left out: homes are placed by 32 MiB block, so a small region's uploads sit on a
-    # few homes, and a sliver the real run did not serve read as a 100% error.
-    serving = 0.05 * max(sim.uploads, default=0.0)
-    errors = sorted(
-        abs(r - s) / s for r, s in zip(real.uploads, sim.uploads, strict=True) if s > serving
+    real_total, sim_total = sum(real.uploads) or 1.0, sum(sim.uploads) or 1.0
+    shares = 0.5 * sum(
+        abs(r / real_total - s / sim_total) for r, s in zip(real.uploads, sim.uploads, strict=True)
     )
     return {
         "origin": abs(real.origin_ratio - sim.origin_ratio),
-        "per_node": errors[len(errors) // 2] if errors else 0.0,
+        "shares": shares,
         "balance": abs(real.upload_max_mean - sim.upload_max_mean) / sim.upload_max_mean,
     }
 
@@ -80,7 +83,7 @@ def agreement(real: Figures, sim: Figures) -> dict[str, float]:
 def agrees(distances: dict[str, float]) -> bool:
     return (
         distances["origin"] <= TOLERANCE_ORIGIN
-        and distances["per_node"] <= TOLERANCE_PER_NODE
+        and distances["shares"] <= TOLERANCE_SHARES
         and distances["balance"] <= TOLERANCE_BALANCE
     )
 
@@ -282,7 +285,7 @@ def main() -> int:
     distances = agreement(real, sim)
     print(
         f"origin ratio differs by {distances['origin']:.3f} (<= {TOLERANCE_ORIGIN}); "
-        f"median per-daemon upload by {distances['per_node']:.0%} (<= {TOLERANCE_PER_NODE:.0%}); "
+        f"upload shares by {distances['shares']:.2f} (<= {TOLERANCE_SHARES}); "
         f"max/mean by {distances['balance']:.0%} (<= {TOLERANCE_BALANCE:.0%})"
     )
     print("real run:", ", ".join(f"{k} {v:g}" for k, v in real.why.items()))

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from bench_region import agreement, agrees, real_region, simulated_region
+from bench_region import Figures, agreement, agrees, real_region, simulated_region
 from daemons import daemon, wait_until
 from s3server import free_ports
 
@@ -36,6 +36,20 @@ def test_real_region_agrees_with_the_simulation(tmp_path: Path) -> None:
     print(real.row("real"), sim.row("simulated"), distances, sep="\n")
     assert real.origin_ratio <= 1.05, real
     assert agrees(distances), (distances, real, sim)
+
+
+def test_agreement_tells_other_homes_from_a_hedged_sliver() -> None:
+    mib = float(1 << 20)
+    sim = Figures(1.0, 4.5, 64, 1.7, [0, 0, 21 * mib, 0, 320 * mib, 0, 0, 0, 48 * mib, 320 * mib])
+    same_homes = Figures(1.0, 5.0, 64, 2.6, [0, 0, 0, 0, 320 * mib, 0, 0, 0, 0, 320 * mib])
+    other_homes = Figures(1.0, 5.0, 64, 2.6, [320 * mib, 0, 0, 320 * mib, 0, 0, 0, 0, 0, 0])
+    near = agreement(same_homes, sim)
+    assert near["shares"] < 0.1
+    assert agrees(near)
+    far = agreement(other_homes, sim)
+    assert far["shares"] == pytest.approx(1.0)
+    assert not agrees(far)
+    assert not agrees(agreement(Figures(1.2, 5.0, 64, 2.6, same_homes.uploads), sim))
 
 
 def test_a_pong_names_a_bounded_sample_of_a_big_region() -> None:
