@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from blobstore import nodestore
 from blobstore.nodestore import PWRITE_SLICE, pwrite_all
 
 
@@ -22,7 +21,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         sizes.append(len(data))
         return real(fd, data, offset)
 
-    monkeypatch.setattr(nodestore.os, "pwrite", recorded)
+    monkeypatch.setattr(os, "pwrite", recorded)
     return sizes
 
 
@@ -45,7 +44,7 @@ def test_short_writes_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def short(fd: int, data: memoryview, offset: int) -> int:
         return real(fd, data[: max(1, len(data) // 3)], offset)  # pwrite may write less
 
-    monkeypatch.setattr(nodestore.os, "pwrite", short)
+    monkeypatch.setattr(os, "pwrite", short)
     data = os.urandom(PWRITE_SLICE + 999)
     path = tmp_path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
