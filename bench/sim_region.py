@@ -419,9 +419,10 @@ class SimNode:
         # Taken in before the half RTT, not after: frames on one connection arrive in
         # the order they were sent, and a get sent after this ping (a re-ask after a
         # death the ping brings news of) is looked up after its own half RTT.
-        if messages.port_field(ping) is not None:  # as PeerServer's learn -> daemon.py
+        member = messages.port_field(ping) is not None
+        if member:  # as PeerServer's learn -> daemon.py
             self.directory.add(conn.client.address, "gossip")
-        self.directory.hear(messages.news_field(ping))  # as PeerServer's hear
+        self.directory.hear(messages.news_field(ping), member)  # as PeerServer's hear
         await asyncio.sleep(self.world.cfg.rtt / 2)
         header = messages.pong(self.name, "sim", self.directory.gossip())
         world = self.world

@@ -207,7 +207,7 @@ class PeerServer:
         limits: ServerLimits | None = None,
         peers: Callable[[], list[str] | messages.Gossip] = list,
         learn: Callable[[str], None] = lambda address: None,
-        hear: Callable[[list[messages.News]], None] = lambda news: None,
+        hear: Callable[[list[messages.News], bool], None] = lambda news, member: None,
     ) -> None:
         """``peers`` gives the addresses of the live peers this daemon sees (or its
         directory's ``Gossip``: a sample with node ids, and news); pongs list them.
@@ -476,7 +476,7 @@ class PeerServer:
                     port = messages.port_field(frame.header)
                     if port is not None:
                         self._learn(messages.endpoint((_remote_host(stream), port)))
-                    self._hear(messages.news_field(frame.header))
+                    self._hear(messages.news_field(frame.header), port is not None)
                     pong = messages.pong(self._me.node, self._me.region, self._peers())
                     if messages.early_field(frame.header):
                         await self._send_early(stream, pong)

@@ -35,7 +35,10 @@ async def servers(count: int, heard: list[list[messages.News]]) -> AsyncIterator
         for i in range(count):
             provider = ChunkProvider(FakeCache(), None, lambda _: False, Metrics(), tg)  # type: ignore[arg-type]
             server = PeerServer(
-                ServerIdentity(f"n{i}", "r", None), provider, Metrics(), hear=heard.append
+                ServerIdentity(f"n{i}", "r", None),
+                provider,
+                Metrics(),
+                hear=lambda news, _member: heard.append(news),
             )
             port = await stack.enter_async_context(server.serving("127.0.0.1", 0))
             addresses.append(f"127.0.0.1:{port}")
@@ -71,10 +74,10 @@ def _peer(directory: PeerDirectory, address: str, node: str) -> Peer:
     return peer
 
 
-async def test_news_of_a_death_is_checked_and_only_a_failed_check_marks_down() -> None:
-    # SWIM's suspicion: news of a death makes the node check the peer at once; the peer
-    # that answers stays up (a pull that timed out at a busy peer must not take it out
-    # of every daemon's view), the dead one goes down and the death is passed on.
+async def test_a_pulls_news_of_a_death_is_checked_and_only_a_failed_check_marks_down() -> None:
+    # SWIM's suspicion: a pull's news of a death makes the node check the peer at once;
+    # the peer that answers stays up (a pull that timed out at a busy peer must not take
+    # it out of every daemon's view), the dead one goes down and the death is passed on.
     heard: list[list[messages.News]] = []
     quiet_timing = Timing(interval=60.0, timeout=1.0, backoff_min=0.05, backoff_max=0.5)
     with socket.socket() as closed:  # a port nobody listens on: connections refused
@@ -94,7 +97,8 @@ async def test_news_of_a_death_is_checked_and_only_a_failed_check_marks_down() -
                 messages.News(dead_address, "a", False, 2.0),
                 messages.News(alive_address, alive.node, False, 2.0),
                 messages.News("10.0.0.3:7411", "me", False, 0.0),  # about us: we know better
-            ]
+            ],
+            member=False,
         )
         assert dead.up  # not on hearsay alone: checked first
         assert alive.up
@@ -110,8 +114,40 @@ async def test_news_of_a_death_is_checked_and_only_a_failed_check_marks_down() -
         directory.hear([messages.News(dead_address, "a", True, 0.0)])
         assert dead.up
         # News older than news_ttl is not even checked.
-        directory.hear([messages.News(alive_address, alive.node, False, quiet_timing.news_ttl + 1)])
+        directory.hear(
+            [messages.News(alive_address, alive.node, False, quiet_timing.news_ttl + 1)],
+            member=False,
+        )
         assert alive not in directory._checking
+
+
+def test_a_daemons_news_of_a_death_applies_unless_the_peer_answered_since() -> None:
+    directory = PeerDirectory(Identity("me", "r"), FAST)
+    quiet = _peer(directory, "10.0.0.1:7411", "a")
+    answered = _peer(directory, "10.0.0.2:7411", "b")
+    directory.mark_ok(answered)  # it answered just now: fresher than news 2 s old
+    directory.hear(
+        [
+            messages.News("10.0.0.1:7411", "a", False, 2.0),
+            messages.News("10.0.0.2:7411", "b", False, 2.0),
+            messages.News("10.0.0.3:7411", "me", False, 0.0),  # about us: we know better
+        ]
+    )
+    assert not quiet.up
+    assert quiet.status == "down"
+    assert answered.up
+    # The death is passed on with its age (not restarted: news dies out after news_ttl).
+    (passed,) = directory._fresh_news()
+    assert (passed.address, passed.alive) == ("10.0.0.1:7411", False)
+    assert passed.age >= 2.0
+    # News of it coming back, from before it was seen down, changes nothing; after, it does.
+    directory.hear([messages.News("10.0.0.1:7411", "a", True, 3.0)])
+    assert not quiet.up
+    directory.hear([messages.News("10.0.0.1:7411", "a", True, 0.5)])
+    assert quiet.up
+    # News older than news_ttl is ignored.
+    directory.hear([messages.News("10.0.0.2:7411", "b", False, FAST.news_ttl + 1)])
+    assert answered.up
 
 
 def test_hearsay_names_peers_alive_and_is_bounded_by_the_gossip_cap() -> None:
