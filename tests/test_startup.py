@@ -65,18 +65,31 @@ def test_parsing_a_core_command_loads_no_plugin_or_heavy_module(tmp_path: Path) 
     assert loaded == set()
 
 
+def file_store_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a CLI on a file:// store under ``tmp_path``, peers off."""
+    return {
+        **os.environ,
+        "BLOBSTORE_STORE": f"file://{tmp_path}/store",
+        "BLOBSTORE_CACHE": str(tmp_path / "cache"),
+        "BLOBSTORE_PEERS": "none",
+    }
+
+
+def one_file_tree(tmp_path: Path, size: int) -> Path:
+    """A directory ``src`` holding ``w.bin`` of ``size`` random bytes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(os.urandom(size))
+    return src
+
+
 def test_push_and_pull_with_peers_off_import_nothing_heavy(tmp_path: Path) -> None:
     """The whole commands, in process: file store, peers none."""
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "a.txt").write_bytes(b"hello\n")
     (src / "sub" / "b.txt").write_bytes(b"world\n")
-    env = {
-        **os.environ,
-        "BLOBSTORE_STORE": f"file://{tmp_path}/store",
-        "BLOBSTORE_CACHE": str(tmp_path / "c"),
-        "BLOBSTORE_PEERS": "none",
-    }
+    env = file_store_env(tmp_path)
     loaded = loaded_after(
         "from blobstore import cli\n"
         f"assert cli.main(['push', '{src}', 'tiny']) == 0\n"
@@ -253,15 +266,8 @@ def test_version_loads_no_command_and_no_event_loop(tmp_path: Path) -> None:
 def test_a_file_store_pull_loads_neither_push_nor_defaults(tmp_path: Path) -> None:
     """The CLI's warm pull pays for what it uses only; a push does not load the
     materializer either."""
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "w.bin").write_bytes(os.urandom(100_000))
-    env = {
-        **os.environ,
-        "BLOBSTORE_STORE": f"file://{tmp_path}/store",
-        "BLOBSTORE_CACHE": str(tmp_path / "cache"),
-        "BLOBSTORE_PEERS": "none",
-    }
+    src = one_file_tree(tmp_path, 100_000)
+    env = file_store_env(tmp_path)
     assert imported_by(["-q", "push", str(src), "w"], ("blobstore.materialize",), env) == []
     writing = tuple(n for n in PULL_NEVER_NEEDS if n != "ctypes")  # it may syncfs
     out = ["-q", "pull", "w", str(tmp_path / "out")]
@@ -300,12 +306,7 @@ def test_the_collector_paused_for_start_up_runs_again(tmp_path: Path, argv: list
         "from blobstore.cli import run\n"
         "run()\n"
     )
-    env = {
-        **os.environ,
-        "BLOBSTORE_STORE": f"file://{tmp_path}/store",
-        "BLOBSTORE_CACHE": str(tmp_path / "cache"),
-        "BLOBSTORE_PEERS": "none",
-    }
+    env = file_store_env(tmp_path)
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60
     )
@@ -327,15 +328,8 @@ REPULL_NEVER_NEEDS = (
 def test_an_up_to_date_re_pull_loads_no_event_loop_node_store_or_peers(tmp_path: Path) -> None:
     """A re-pull into a DIR the last pull left complete is answered before the
     event loop starts (repull.py), with peers on auto too: nothing to fetch."""
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "w.bin").write_bytes(os.urandom(100_000))
-    env = {
-        **os.environ,
-        "BLOBSTORE_STORE": f"file://{tmp_path}/store",
-        "BLOBSTORE_CACHE": str(tmp_path / "cache"),
-        "BLOBSTORE_PEERS": "none",
-    }
+    src = one_file_tree(tmp_path, 100_000)
+    env = file_store_env(tmp_path)
     out = ["-q", "pull", "w", str(tmp_path / "out")]
     assert imported_by(["-q", "push", str(src), "w"], (), env) == []
     assert "blobstore.materialize" in imported_by(out, REPULL_NEVER_NEEDS, env)
@@ -349,15 +343,8 @@ def test_an_up_to_date_re_pull_loads_no_event_loop_node_store_or_peers(tmp_path:
 def test_a_warm_pull_with_peers_auto_opens_no_peer_tier(tmp_path: Path) -> None:
     """The peer tier opens on the first chunk the node lacks (tiers.OpenedOnUse):
     a pull that finds every chunk on the node imports no discovery."""
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "w.bin").write_bytes(os.urandom(300_000))
-    env = {
-        **os.environ,
-        "BLOBSTORE_STORE": f"file://{tmp_path}/store",
-        "BLOBSTORE_CACHE": str(tmp_path / "cache"),
-        "BLOBSTORE_PEERS": "none",
-    }
+    src = one_file_tree(tmp_path, 300_000)
+    env = file_store_env(tmp_path)
     peers = ("p2p.peertier", "zeroconf")
     assert imported_by(["-q", "push", str(src), "w"], (), env) == []
     assert imported_by(["-q", "pull", "w", str(tmp_path / "a")], (), env) == []
