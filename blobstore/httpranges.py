@@ -258,12 +258,7 @@ class RangeBody:
     def abort(self) -> None:
         """Make a read blocked in another thread fail now (any thread)."""
         self._aborted = True
-        sock = self._conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shut_down(self._conn)
 
     def close(self) -> None:
         clean = not (self._aborted or self._broke or self._left)
@@ -478,12 +473,17 @@ class _Watchdog:
                 self._watched.difference_update(overdue)
             for watch in overdue:
                 watch.fired = True
-                sock = watch.conn.sock
-                if sock is not None:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                _shut_down(watch.conn)
+
+
+def _shut_down(conn: http.client.HTTPConnection) -> None:
+    """Make a read blocked on ``conn`` in another thread fail now."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _basic(proxy: SplitResult) -> str:
