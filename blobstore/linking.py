@@ -164,6 +164,20 @@ def special_bits_dropped(mode: int, keep: bool) -> int:
     return mode & 0o7777 if keep else mode & 0o777
 
 
+def keepable(st: os.stat_result, size: int, mode: LinkMode) -> bool:
+    """A file already at a pull's path may be kept (if its content is right): a
+    regular file of the size wanted, and not the node's copy linked in unless this
+    pull links too (it wants its own copy)."""
+    return (
+        stat.S_ISREG(st.st_mode) and st.st_size == size and (st.st_nlink == 1 or mode == "hardlink")
+    )
+
+
+def file_mode(mode: int, st: os.stat_result) -> int:
+    """The mode a placed file gets: hardlinked ones (the node's copy) read-only."""
+    return mode & 0o555 if st.st_nlink > 1 else mode
+
+
 def split(rel: str) -> tuple[str, str]:
     """(parent dir, name) of a manifest path."""
     parent, _, name = rel.rpartition("/")

@@ -85,6 +85,8 @@ from .linking import (
     LinkMode,
     Placer,
     clone_fd,
+    file_mode,
+    keepable,
     open_tmp,
     replace_into,
     special_bits_dropped,
@@ -392,15 +394,8 @@ class _Pull:
             except FileNotFoundError:
                 need.append(item)
                 continue
-            if (
-                stat.S_ISDIR(st.st_mode)
-                or not stat.S_ISREG(st.st_mode)
-                or st.st_size != item.entry.size
-            ):
-                need.append(item)  # replace_into refuses to replace a directory
-                continue
-            if st.st_nlink > 1 and self.placer.mode != "hardlink":
-                need.append(item)  # linked to the node's copy: this pull wants its own
+            if not keepable(st, item.entry.size, self.placer.mode):
+                need.append(item)  # (replace_into refuses to replace a directory)
                 continue
             old = self.old.get(item.entry.path)
             checked = False
@@ -433,7 +428,7 @@ class _Pull:
 
     def _fix_mode(self, dfd: int, item: _Item, st: os.stat_result) -> os.stat_result:
         mode = stat.S_IMODE(st.st_mode)
-        want = item.mode & 0o555 if st.st_nlink > 1 else item.mode  # (hardlinks: read-only)
+        want = file_mode(item.mode, st)
         if mode == want:
             return st
         fd = os.open(item.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)

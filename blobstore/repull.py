@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import BlobstoreError
 from .ids import ChunkId, hash_bytes, parse_id
-from .linking import DestDir, LinkMode, special_bits_dropped, split
+from .linking import DestDir, LinkMode, file_mode, keepable, special_bits_dropped, split
 from .manifest import Tree, decode, file_key
 from .marker import Record, boot, load_marker, marker_path, record, vouched
 from .objectstore import manifest_key, ref_key, validate_key
@@ -162,16 +162,11 @@ def _up_to_date(
             return False
         key = file_key(entry)
         was = old.get(entry.path)
-        if (
-            was is None
-            or not stat.S_ISREG(st.st_mode)
-            or st.st_size != entry.size
-            or (st.st_nlink > 1 and link_mode != "hardlink")
-            or not vouched(was, st, key)
-        ):
+        if was is None or not keepable(st, entry.size, link_mode) or not vouched(was, st, key):
             return False
-        mode = special_bits_dropped(entry.mode, keep_special)
-        if stat.S_IMODE(st.st_mode) != (mode & 0o555 if st.st_nlink > 1 else mode):
+        if stat.S_IMODE(st.st_mode) != file_mode(
+            special_bits_dropped(entry.mode, keep_special), st
+        ):
             return False
         records[entry.path] = record(st, key, was[6])
     for entry in tree.entries:
