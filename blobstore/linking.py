@@ -15,8 +15,10 @@ directory, always through a temp name and an atomic rename:
 
 - ``reflink``: ``ioctl(FICLONE)`` — shares extents, microseconds per file
   (XFS with reflink=1, btrfs, bcachefs). Fails when the filesystem cannot.
-- ``copy``: ``copy_file_range`` in the kernel (no bytes through user space;
-  falls back to ``sendfile`` across filesystems where the kernel refuses).
+- ``copy``: small files by ``copy_file_range`` (one syscall; ``sendfile``
+  across filesystems where the kernel refuses), big ones by ``pread`` and
+  ``pwrite`` through a 256 KiB buffer, in two threads from 64 MiB: faster than
+  the kernel's page-by-page splice (``copy_fd``).
 - ``hardlink``: ``link()``: no bytes at all, but the destination file *is* the
   store's file. It is made read-only; a writer that ignores that (root does)
   changes the node's copy — the node store sees the changed ctime and never
@@ -230,8 +232,69 @@ def unlink_quietly(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
+_COPY_SLICE = 256 << 10
+"""Bytes per ``pread``/``pwrite`` of a copy: the buffer stays in the CPU's
+cache, and ext4 sizes the new file's page-cache folios by the write (bigger
+writes made the writer compact memory on a fragmented box, nodestore.py)."""
+_SPLIT_COPY = 64 << 20
+"""Files at least this big are copied by ``_COPY_THREADS`` threads, each its
+own range: the ``pread`` half of each copy runs in parallel (the ``pwrite``
+half takes the inode's lock)."""
+_COPY_THREADS = 2
+_KERNEL_COPY = 1 << 20
+"""Files smaller than this go through ``copy_file_range`` (one syscall, no
+user-space buffer); bigger ones through the buffer. Measured on ext4 (Linux
+6.18, 1 GiB, medians of 3): ``cp`` 0.289 s, ``copy_file_range`` 0.283 s
+(splice, page by page), ``pread``+``pwrite`` through 256 KiB 0.260 s, the
+same in two threads 0.181 s."""
+
+
 def copy_fd(src: int, dst: int, size: int) -> None:
-    """Copy ``size`` bytes from ``src`` to ``dst`` in the kernel."""
+    """Copy ``size`` bytes from ``src`` to ``dst`` (both at offset 0)."""
+    if size < _KERNEL_COPY:
+        _kernel_copy(src, dst, size)
+    elif size < _SPLIT_COPY:
+        _buffer_copy(src, dst, 0, size)
+    else:
+        os.ftruncate(dst, size)  # the threads' writes land past each other's ends
+        ranges = [
+            (i * size // _COPY_THREADS, (i + 1) * size // _COPY_THREADS)
+            for i in range(_COPY_THREADS)
+        ]
+        errors: list[BaseException] = []
+
+        def run(start: int, end: int) -> None:
+            try:
+                _buffer_copy(src, dst, start, end)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=r, daemon=True) for r in ranges[1:]]
+        for thread in threads:
+            thread.start()
+        run(*ranges[0])
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+
+def _buffer_copy(src: int, dst: int, start: int, end: int) -> None:
+    buf = memoryview(bytearray(min(_COPY_SLICE, end - start)))
+    offset = start
+    while offset < end:
+        n = os.preadv(src, [buf[: end - offset]], offset)
+        if n == 0:
+            raise OSError(errno.EIO, f"source ended at byte {offset}, before {end}")
+        view = buf[:n]
+        while view:
+            written = os.pwrite(dst, view, offset)
+            view = view[written:]
+            offset += written
+
+
+def _kernel_copy(src: int, dst: int, size: int) -> None:
+    """``copy_file_range``, or ``sendfile`` where the kernel refuses."""
     offset = 0
     use_sendfile = False
     while offset < size:

@@ -4,6 +4,7 @@ changes are caught, copies elsewhere, and the errors when a mode cannot work."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from helpers import (
     write,
 )
 
+from blobstore import linking
 from blobstore.client import Client
 from blobstore.config import CacheConfig, Config, PeerConfig
 from blobstore.errors import NotFound
@@ -319,3 +321,38 @@ async def test_after_a_reboot_seeds_are_rechecked_then_adopted_again(
         local = await client.pull("t", tmp_path / "b")
         assert local.from_tier["origin"] == 0  # a/ (or b/) seeds the node again
         assert snapshot(tmp_path / "b") == snapshot(src)
+
+
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, (1 << 20) + 7, (64 << 20) + 4093])
+def test_copy_fd_copies_every_size_exactly(tmp_path: Path, size: int) -> None:
+    """Kernel copy below 1 MiB, one buffer above, two threads from 64 MiB: the
+    same bytes whichever path a size takes (odd sizes end mid-buffer)."""
+    data = os.urandom(min(size, 1 << 20)) * (size // (1 << 20) + 1)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(data[:size])
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        linking.copy_fd(sfd, dfd, size)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    assert dst.stat().st_size == size
+    assert dst.read_bytes() == data[:size]
+
+
+@pytest.mark.parametrize("size", [1 << 19, 8 << 20, 80 << 20])
+def test_copy_fd_of_a_source_cut_short_is_an_error(tmp_path: Path, size: int) -> None:
+    """A node-store file shorter than its record (truncated under the pull) is
+    an EIO from every copy path, the split one's second thread included."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b"x" * (size // 2))
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        with pytest.raises(OSError, match="source ended") as info:
+            linking.copy_fd(sfd, dfd, size)
+        assert info.value.errno == errno.EIO
+    finally:
+        os.close(sfd)
+        os.close(dfd)
