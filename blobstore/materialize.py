@@ -271,6 +271,9 @@ class _Pull:
         self.placer = Placer(link_mode)
         self.keep_special = keep_special
         self.progress = progress
+        # A runtime-checkable Protocol's isinstance inspects every attribute:
+        # asked once here, not per report (~18 us a call, 1,000 calls per GiB).
+        self.progress_files = progress.files if isinstance(progress, FileProgress) else None
         files = sorted((e for e in tree.entries if e.kind == "file"), key=priority)
         self.items = [_Item(e, special_bits_dropped(e.mode, keep_special)) for e in files]
         self.stats = PullStats(files=len(files), bytes=sum(e.size for e in files))
@@ -305,8 +308,8 @@ class _Pull:
     def _report(self) -> None:
         """Call the progress callback — on the event loop only."""
         if self.progress is not None:
-            if isinstance(self.progress, FileProgress):  # every file recorded is in place
-                self.progress.files(len(self.records), len(self.items))
+            if self.progress_files is not None:  # every file recorded is in place
+                self.progress_files(len(self.records), len(self.items))
             self.progress(self.done, self.stats.bytes)
 
     async def run(self) -> None:
