@@ -790,7 +790,18 @@ class _DestFile:
     closed, the mode set, as soon as its last byte is written: a window of
     thousands of files holds fds only for the few partly written."""
 
-    __slots__ = ("busy", "dir_fd", "fd", "filled", "item", "lock", "root", "stat", "tmp")
+    __slots__ = (
+        "busy",
+        "dir_fd",
+        "fd",
+        "filled",
+        "item",
+        "lock",
+        "root",
+        "stat",
+        "tmp",
+        "write_lock",
+    )
 
     def __init__(self, root: DestDir, item: _Item) -> None:
         self.root = root
@@ -802,6 +813,7 @@ class _DestFile:
         self.filled = 0
         self.busy = 0
         self.lock = threading.Lock()
+        self.write_lock = threading.Lock()
         self.stat: os.stat_result | None = None
         """Its stat once renamed into place."""
 
@@ -814,7 +826,7 @@ class _DestFile:
             self.busy += 1
         done = False
         try:
-            pwrite_all(fd, data, offset)
+            pwrite_all(fd, data, offset, self.write_lock)
             done = True
         finally:
             with self.lock:

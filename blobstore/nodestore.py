@@ -992,6 +992,7 @@ class FileWriter:
         self.size = size
         self._store = store
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._fd = -1
         """-1: not created yet; -2: closed; _WHOLE: every byte written, closed."""
         self._written: dict[int, int] = {}  # offset -> bytes
@@ -1013,7 +1014,7 @@ class FileWriter:
                 fd = self._fd
                 self._busy += 1
             try:
-                pwrite_all(fd, data, offset)
+                pwrite_all(fd, data, offset, self._write_lock)
             finally:
                 with self._lock:
                     self._busy -= 1
@@ -1247,12 +1248,21 @@ was fragmented (compact_stall counted only in the 1 MiB runs), the same when it
 was not; a cold 1 GiB pull from S3, 5 alternating runs: wall median 2.90 -> 2.29 s."""
 
 
-def pwrite_all(fd: int, data: ChunkData, offset: int) -> None:
+def pwrite_all(fd: int, data: ChunkData, offset: int, lock: threading.Lock) -> None:
     """pwrite every byte of ``data`` at ``offset`` (pwrite may write less), at
-    most ``PWRITE_SLICE`` bytes per call."""
+    most ``PWRITE_SLICE`` bytes per call, each under ``lock``: one per file.
+
+    ext4 takes the inode's lock for every buffered write, so writers of one
+    file never copy in parallel; without a lock of our own the waiting threads
+    spin in the kernel while the holder copies (``rwsem_spin_on_owner``: a
+    third of a cold 1 GiB pull's CPU in a ``perf`` profile), taking the core
+    the readers and the hashing need. Waiting on a Python lock sleeps instead:
+    cold 1 GiB pull from a ``file://`` store, 6 alternating runs: system time
+    0.48-1.00 s -> 0.41-0.46 s, wall the same (median 0.49 s)."""
     view = memoryview(data)
     while view:
-        n = os.pwrite(fd, view[:PWRITE_SLICE], offset)
+        with lock:
+            n = os.pwrite(fd, view[:PWRITE_SLICE], offset)
         view = view[n:]
         offset += n
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def test_a_chunk_is_written_whole_in_slices(tmp_path: Path, calls: list[int]) ->
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
         os.write(fd, b"head")
-        pwrite_all(fd, data, 4)
+        pwrite_all(fd, data, 4, threading.Lock())
     finally:
         os.close(fd)
     assert path.read_bytes() == b"head" + data
@@ -49,8 +50,8 @@ def test_short_writes_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     path = tmp_path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
-        pwrite_all(fd, data, 0)
-        pwrite_all(fd, b"", 7)  # nothing to write: no call, no change
+        pwrite_all(fd, data, 0, threading.Lock())
+        pwrite_all(fd, b"", 7, threading.Lock())  # nothing to write: no call, no change
     finally:
         os.close(fd)
     assert path.read_bytes() == data
