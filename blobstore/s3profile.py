@@ -19,7 +19,6 @@ Reads files and the environment: call ``read_profile`` in a worker thread.
 
 from __future__ import annotations
 
-import configparser
 import os
 import threading
 from collections.abc import Mapping
@@ -187,6 +186,8 @@ def _credentials(
 def _read_ini(path: str) -> dict[str, dict[str, str]]:
     """Sections of an AWS ini file (missing or unreadable: none). Raises ConfigError
     for a file that is not ini."""
+    import configparser  # only where a profile file is read (~1 ms)
+
     parser = configparser.RawConfigParser(interpolation=None)
     try:
         parser.read([Path(path).expanduser()], encoding="utf-8")

@@ -214,6 +214,8 @@ PULL_NEVER_NEEDS = (
     "blobstore.leases",
     "platformdirs",  # only for a default store/cache dir (tempfile, random, lzma)
     "ctypes",  # only when a pull syncs what it wrote (syncfs)
+    "uuid",  # loads platform (~1.7 ms); boot ids and temp names need no uuid module
+    "configparser",  # only where an AWS profile file is read
     "blobstore.packs",  # reads by id only (origin.locator): a pull has the manifest's places
     "blobstore.chunker",
 )
