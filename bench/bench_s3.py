@@ -64,6 +64,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from machine import touch_free_memory  # noqa: E402
 from s3proxy import CountingProxy  # noqa: E402
 from s3server import SeaweedS3Server, find_weed  # noqa: E402
 
@@ -181,6 +182,8 @@ class Bench:
         self.work = work
         self.counter = 0
         self.server = Server(s3.process.pid)
+        self.touch = 0
+        """Bytes of free memory touched before each timed step (2x the data)."""
 
     def fresh(self, name: str) -> Path:
         self.counter += 1
@@ -257,9 +260,11 @@ class Bench:
 
     def quiet(self) -> None:
         """The same starting state for every timed step: earlier steps' writes on
-        disk (their outputs are deleted already) and SeaweedFS idle."""
+        disk (their outputs are deleted already), SeaweedFS idle, and free memory
+        the VM's host backs (``touch_free_memory``)."""
         os.sync()
         self.server.settle()
+        touch_free_memory(self.touch)
 
     def drop_buckets(self) -> None:
         """Delete every bucket made so far, objects and all (untimed), so that
@@ -441,6 +446,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--only", choices=("big", "tree"), default=None)
     parser.add_argument(
+        "--no-touch",
+        action="store_true",
+        help="do not touch free memory before each step (see touch_free_memory)",
+    )
+    parser.add_argument(
         "--clients",
         action="store_true",
         help="compare S3 client CPU (get_range, obstore, http.client in threads) instead",
@@ -472,6 +482,7 @@ def main() -> None:
             for name, src in data.items():
                 print(f"{name}:", flush=True)
                 cells = {step: Cell() for step in STEPS}
+                bench.touch = 0 if args.no_touch else 2 * tree_bytes(src)
                 bench.timed(src, args.reps, cells)
                 bench.counted(src, cells)
                 results[name] = (tree_bytes(src), cells)

@@ -1247,7 +1247,7 @@ def _pread_and_hash(path: Path, offset: int, size: int) -> tuple[bytes, os.stat_
     return data, st, hash_bytes(data)
 
 
-PWRITE_SLICE = 256 << 10
+PWRITE_SLICE = int(os.environ.get("XSLICE", "256")) << 10
 """Most bytes one ``pwrite`` call is given. The kernel sizes page-cache folios
 by the write (ext4 has large folios since Linux 6.16): a 1 MiB chunk written at
 once asks for order-7/8 pages, and when free memory is fragmented (a node's page
