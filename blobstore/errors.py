@@ -110,6 +110,11 @@ class PeerUnavailable(Unavailable):
     """A peer could not be reached, timed out or broke the protocol."""
 
 
+class PeerBusy(PeerUnavailable):
+    """The peer answered that it is at its connection cap: alive, just full. Ask
+    another; never take it for dead (nor tell the region it is)."""
+
+
 class WrongRegion(PeerUnavailable):
     """The peer serves another region; it must not be used."""
 

@@ -51,6 +51,7 @@ from anyio import AsyncContextManagerMixin
 
 from blobstore.errors import (
     AuthError,
+    PeerBusy,
     PeerUnavailable,
     ProtocolError,
     SelfConnection,
@@ -231,7 +232,7 @@ class PeerDirectory(AsyncContextManagerMixin):
             if peer.source == "gossip" and source != "gossip":
                 peer.source = source  # heard first-hand now: no longer forgettable
                 self._gossiped -= 1
-            if peer.status in ("new", "down"):
+            if peer.status in ("new", "down", "busy"):
                 # Re-announced (a pinger names itself, mDNS again): worth trying now. A
                 # check under way for a while began before this news -- a dial to a node
                 # still starting hangs for ``timeout`` -- so it is called off for a fresh one.
@@ -459,7 +460,7 @@ class PeerDirectory(AsyncContextManagerMixin):
                     peer = self._peers.get(item.address)
                     if peer is None:
                         continue
-                if not peer.up and peer.status in ("new", "down") and at > peer.last_failed:
+                if not peer.up and peer.status in ("new", "down", "busy") and at > peer.last_failed:
                     self._heard_up(peer, item.node, at)
                     self._remember(item.address, _News(item.node, True, at))
             elif peer is not None and peer.up and peer.node == item.node and at > peer.last_ok:
@@ -593,6 +594,14 @@ class PeerDirectory(AsyncContextManagerMixin):
             return
         except AuthError as exc:
             self._exclude(peer, "refused", str(exc))
+            return
+        except PeerBusy:
+            # It answered: alive, at its connection cap. Not down and no news of a
+            # death; a peer not yet up is "busy" (settled, like a down one, for
+            # ``checked``) and tried again after the shortest backoff.
+            if not peer.up:
+                peer.status = "busy"
+                peer.retry_at = time.monotonic() + self.timing.backoff_min
             return
         except (PeerUnavailable, ProtocolError, OSError) as exc:
             self.mark_down(peer, str(exc) or type(exc).__name__)

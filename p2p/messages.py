@@ -13,7 +13,7 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from blobstore.errors import AuthError, ProtocolError
+from blobstore.errors import AuthError, PeerBusy, ProtocolError
 from blobstore.hostport import split_hostport
 from blobstore.ids import ChunkId, id_from_bytes, id_to_bytes
 
@@ -330,6 +330,8 @@ def expect(frame: Frame, kind: str) -> dict[str, Any]:
         msg = "".join(c if c.isprintable() else " " for c in str(frame.header.get("msg", ""))[:200])
         if frame.header.get("code") == "auth":
             raise AuthError(f"peer refused us: {msg}")
+        if frame.header.get("code") == "busy":
+            raise PeerBusy(f"peer busy: {msg}")
         raise ProtocolError(f"peer error: {msg}")
     raise ProtocolError(f"expected a {kind!r} frame, got {frame.kind!r}")
 

@@ -32,6 +32,7 @@ from blobstore.errors import (
     BlobstoreError,
     ChunkMissing,
     CorruptChunk,
+    PeerBusy,
     PeerUnavailable,
     ProtocolError,
     single_errors,
@@ -105,7 +106,7 @@ class PeerTier:
         """Asking servers (``spread`` > 1 and the view has settled), set per call."""
         self._salt = random.getrandbits(64)
         """Picks this tier's server per chunk: requesters spread evenly over them."""
-        self.stats = {"hits": 0, "misses": 0, "corrupt": 0, "errors": 0, "hedges": 0}
+        self.stats = {"hits": 0, "misses": 0, "corrupt": 0, "errors": 0, "hedges": 0, "busy": 0}
 
     async def get(self, chunk_id: ChunkId) -> ChunkData:
         """Fetch a verified chunk from a peer. Raises ChunkMissing when no peer delivers it."""
@@ -329,6 +330,9 @@ class PeerTier:
             log.warning("%s; trying elsewhere", exc)
             self._directory.mark_down(peer, "served a corrupt chunk")
             raise
+        except PeerBusy:  # at its connection cap: another holder is asked, it stays up
+            self.stats["busy"] += 1
+            raise
         except (PeerUnavailable, ProtocolError, AuthError, TimeoutError) as exc:
             self.stats["errors"] += 1
             self._directory.mark_down(peer, str(exc) or type(exc).__name__)
@@ -346,6 +350,8 @@ class PeerTier:
                 async with asyncio.timeout(self._tuning.request_timeout):
                     flags = await conn.has(part)
                 held.update(i for i, flag in zip(part, flags, strict=True) if flag)
+        except PeerBusy:
+            self.stats["busy"] += 1
         except (PeerUnavailable, ProtocolError, TimeoutError) as exc:
             self._directory.mark_down(peer, str(exc) or type(exc).__name__)
         return held

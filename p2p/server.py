@@ -380,8 +380,16 @@ class PeerServer:
                 self._drained.set()
 
     def _refuse(self, stream: FrameStream, why: str) -> None:
-        """Close a connection over the caps at once; it never got a buffer."""
-        stream.abort()
+        """Close a connection over the caps at once; it never got a buffer. It is
+        told first, in one small frame (``error``, code ``busy``), so that its
+        node asks another peer instead of taking this one for dead (an older
+        client reads a protocol error, as it read the closed connection)."""
+        try:
+            stream.send(messages.error("busy", why))
+        except PeerUnavailable:
+            stream.abort()
+        else:
+            stream.close()
         self._metrics.dropped["connection_cap"] += 1
         now = time.monotonic()
         if now - self._cap_warned >= _CAP_WARNING_INTERVAL:  # a flood logs one line a while

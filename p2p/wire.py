@@ -215,6 +215,12 @@ class FrameStream(asyncio.BufferedProtocol, AsyncResource):
         if self._transport is not None:
             self._transport.abort()
 
+    def close(self) -> None:
+        """Close once what is queued is sent, without waiting for it (a frame or two
+        that fit the kernel's buffer: nothing stays behind in this process)."""
+        if self._transport is not None:
+            self._transport.close()
+
     async def aclose(self) -> None:
         if self._transport is not None:
             self._transport.close()

@@ -21,12 +21,12 @@ import pytest
 from daemons import Daemon, daemon, wait_until
 from helpers import assert_one_line_error, cli_env, put_objects, random_bytes, run_cli
 
-from blobstore.errors import ConfigError
+from blobstore.errors import ConfigError, PeerBusy
 from blobstore.ids import ChunkId, hash_bytes, id_to_bytes
 from blobstore.objectstore import chunk_key
 from p2p.client import Identity, PeerConnection, open_connection
 from p2p.framing import PREFIX, encode
-from p2p.liveness import PeerDirectory
+from p2p.liveness import PeerDirectory, Timing
 from p2p.metrics import Metrics
 from p2p.provider import ChunkProvider
 from p2p.server import PeerServer, ServerIdentity, ServerLimits
@@ -379,6 +379,29 @@ def test_connection_caps_total_and_per_address(
         with raw(d) as again:
             wait_until(lambda: metric(d, "connections") == 1, "a new connection")
             assert not closed_by_daemon(again, within=0.5)
+
+
+async def test_a_daemon_at_its_cap_says_busy_and_is_not_taken_for_dead(
+    pushed: tuple[str, list[ChunkId]], tmp_path: Path
+) -> None:
+    """Over its connection cap a daemon answers one ``busy`` frame before closing: a
+    client's node asks another peer, its checks never mark the daemon down (nor tell
+    the region it is), where a silent close used to read as a death."""
+    store, _ = pushed
+    caps = ("max_connections=1", "handshake_timeout=600")
+    with bounded_daemon(store, tmp_path, *caps) as d, raw(d):
+        wait_until(lambda: metric(d, "connections") == 1, "the first connection")
+        with pytest.raises(PeerBusy, match="1 connections open"):
+            await open_connection(d.listen, Identity("late", "default"))
+        timing = Timing(interval=0.1, timeout=1.0, backoff_min=0.05, backoff_max=0.5)
+        async with PeerDirectory(Identity("me", "default"), timing) as directory:
+            directory.add(d.listen, "static")
+            await directory.checked.wait()
+            await asyncio.sleep(0.5)  # a few more rounds of checks, all answered busy
+            peer = directory.all()[0]
+            assert (peer.status, peer.failures) == ("busy", 0)
+            assert not directory._fresh_news()  # no death passed on
+        assert metric(d, 'connections_dropped_total{reason="connection_cap"}') >= 2
 
 
 def test_handshake_timeout_closes_slow_or_silent_clients(
