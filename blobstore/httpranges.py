@@ -478,7 +478,11 @@ class _Watchdog:
 
 def _shut_down(conn: http.client.HTTPConnection) -> None:
     """Make a read blocked on ``conn`` in another thread fail now."""
-    sock = conn.sock
+    shut_down_socket(conn.sock)
+
+
+def shut_down_socket(sock: socket.socket | None) -> None:
+    """Make a read blocked on ``sock`` in another thread fail now (None: nothing)."""
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)

@@ -36,7 +36,7 @@ from .errors import CutShort as CutShort
 from .errors import NetworkError as NetworkError
 from .errors import S3Error as S3Error
 from .errors import TooLarge as TooLarge
-from .httpranges import HttpRanges, RangeBody, printable
+from .httpranges import HttpRanges, RangeBody, printable, shut_down_socket
 from .s3profile import CredentialSource
 
 _THROTTLING = frozenset(
@@ -88,11 +88,7 @@ class Call:
         self._aborted.set()
         with self._lock:
             sock = self._sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shut_down_socket(sock)
 
     def attach(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:

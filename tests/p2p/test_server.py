@@ -15,7 +15,7 @@ from p2p import messages
 from p2p.client import Identity, PeerConnection, open_connection
 from p2p.metrics import Metrics
 from p2p.provider import ChunkProvider
-from p2p.server import PeerServer, ServerIdentity
+from p2p.server import PeerServer, ServerIdentity, ServerLimits
 
 pytestmark = pytest.mark.anyio
 
@@ -70,18 +70,31 @@ def blob(i: int, size: int = 100_000) -> tuple[ChunkId, bytes]:
 
 
 @asynccontextmanager
+async def a_server(
+    cache: FakeCache,
+    origin: FakeCache | None,
+    home: bool = True,
+    token: bytes | None = None,
+    limits: ServerLimits | None = None,
+) -> AsyncIterator[tuple[PeerServer, int, Metrics]]:
+    """A real server on loopback over ``cache`` (``origin``: where a home reads through)."""
+    metrics = Metrics()
+    async with asyncio.TaskGroup() as tg:
+        provider = ChunkProvider(cache, origin, lambda _: home, metrics, tg)  # type: ignore[arg-type]
+        server = PeerServer(ServerIdentity("srv", "r1", token), provider, metrics, limits)
+        async with server.serving("127.0.0.1", 0) as port:
+            yield server, port, metrics
+
+
+@asynccontextmanager
 async def serving(
     cache: FakeCache,
     origin: FakeCache | None,
     home: bool = True,
     token: bytes | None = None,
 ) -> AsyncIterator[tuple[int, Metrics]]:
-    metrics = Metrics()
-    async with asyncio.TaskGroup() as tg:
-        provider = ChunkProvider(cache, origin, lambda _: home, metrics, tg)  # type: ignore[arg-type]
-        server = PeerServer(ServerIdentity("srv", "r1", token), provider, metrics)
-        async with server.serving("127.0.0.1", 0) as port:
-            yield port, metrics
+    async with a_server(cache, origin, home, token) as (_, port, metrics):
+        yield port, metrics
 
 
 @asynccontextmanager

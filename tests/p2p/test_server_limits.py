@@ -3,17 +3,13 @@ what they may cost (docs/security.md, Memory bounds)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from test_server import FakeCache, blob, until
+from test_server import FakeCache, a_server, blob, connected, serving, until
 
 from p2p.client import Identity, open_connection
 from p2p.liveness import Timing
-from p2p.metrics import Metrics
 from p2p.plugin import _pull_timing
-from p2p.provider import ChunkProvider
-from p2p.server import PeerServer, ServerIdentity, ServerLimits
+from p2p.server import ServerLimits
 
 pytestmark = pytest.mark.anyio
 
@@ -43,34 +39,29 @@ async def test_each_connection_buffers_only_its_share() -> None:
     cache = FakeCache()
     chunks = dict(blob(i, 100_000) for i in range(24))
     cache.chunks.update(chunks)
-    metrics = Metrics()
-    async with asyncio.TaskGroup() as tg:
-        provider = ChunkProvider(cache, None, lambda _: False, metrics, tg)  # type: ignore[arg-type]
-        server = PeerServer(ServerIdentity("srv", "r1", None), provider, metrics, limits)
-        async with server.serving("127.0.0.1", 0) as port:
-            clients = [
-                await open_connection(f"127.0.0.1:{port}", Identity(f"cli{i}", "r1"))
-                for i in range(3)
-            ]
-            for conn in clients:
-                conn.stream._transport.pause_reading()  # type: ignore[union-attr]
-                for chunk_id in list(chunks) * 20:  # ~48 MB: more than the kernel buffers
-                    conn._queue_get(chunk_id)
-            streams = list(server._streams)
-            # Each writer stops once its socket (kernel buffers full) and its buffer fill.
-            await until(
-                lambda: (
-                    all(s.write_blocked_since is not None for s in streams)
-                    and metrics.in_flight == len(streams)
-                )
+    async with a_server(cache, None, home=False, limits=limits) as (server, port, metrics):
+        clients = [
+            await open_connection(f"127.0.0.1:{port}", Identity(f"cli{i}", "r1")) for i in range(3)
+        ]
+        for conn in clients:
+            conn.stream._transport.pause_reading()  # type: ignore[union-attr]
+            for chunk_id in list(chunks) * 20:  # ~48 MB: more than the kernel buffers
+                conn._queue_get(chunk_id)
+        streams = list(server._streams)
+        # Each writer stops once its socket (kernel buffers full) and its buffer fill.
+        await until(
+            lambda: (
+                all(s.write_blocked_since is not None for s in streams)
+                and metrics.in_flight == len(streams)
             )
-            for stream in streams:
-                transport = stream._transport
-                assert transport is not None
-                assert transport.get_write_buffer_limits()[1] == share
-                assert transport.get_write_buffer_size() <= share + 100_100
-            for conn in clients:
-                conn.stream.abort()
+        )
+        for stream in streams:
+            transport = stream._transport
+            assert transport is not None
+            assert transport.get_write_buffer_limits()[1] == share
+            assert transport.get_write_buffer_size() <= share + 100_100
+        for conn in clients:
+            conn.stream.abort()
 
 
 async def test_a_connection_knows_when_bytes_last_arrived() -> None:
@@ -79,18 +70,10 @@ async def test_a_connection_knows_when_bytes_last_arrived() -> None:
     cache = FakeCache()
     chunk_id, data = blob(1)
     cache.chunks[chunk_id] = data
-    metrics = Metrics()
-    async with asyncio.TaskGroup() as tg:
-        provider = ChunkProvider(cache, None, lambda _: False, metrics, tg)  # type: ignore[arg-type]
-        server = PeerServer(ServerIdentity("srv", "r1", None), provider, metrics)
-        async with server.serving("127.0.0.1", 0) as port:
-            conn = await open_connection(f"127.0.0.1:{port}", Identity("cli", "r1"))
-            async with asyncio.TaskGroup() as readers:
-                reader = readers.create_task(conn.read_loop())
-                before = conn.stream.received_at
-                assert await conn.get(chunk_id) == data
-                assert conn.stream.received_at > before
-                reader.cancel()
+    async with serving(cache, None, home=False) as (port, _), connected(port) as conn:
+        before = conn.stream.received_at
+        assert await conn.get(chunk_id) == data
+        assert conn.stream.received_at > before
 
 
 def test_a_pull_takes_the_daemons_liveness_interval_from_the_environment() -> None:
