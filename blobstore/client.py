@@ -23,7 +23,7 @@ from .catalog import Catalog
 from .config import FRESH_NS, RACY_WINDOW_NS, Config
 from .errors import BadInput, Corrupt, Unavailable
 from .ids import ChunkId
-from .linking import LinkMode
+from .linking import DestDir, LinkMode
 from .manifest import ChunkRef, Entry, Image, Manifest, Tree, file_key
 from .marker import state_dir_of
 from .nodestore import NodeStore
@@ -200,7 +200,7 @@ class Client:
     async def pull(
         self,
         ref: str,
-        dest: Path,
+        dest: Path | DestDir,
         *,
         progress: Progress | None = None,
         priority: Callable[[Entry], Any] | None = None,
@@ -215,7 +215,10 @@ class Client:
         selects (all when empty) and ``exclude`` does not (blobstore.patterns).
         With ``delete``, what ``dest`` holds beyond that is removed afterwards
         (among the paths the patterns select: blobstore.prune). Raises what
-        pull_tree raises, and BadInput when the patterns select nothing."""
+        pull_tree raises, and BadInput when the patterns select nothing. ``dest``
+        may be a DestDir (then this owns it), except with ``delete``."""
+        if delete and isinstance(dest, DestDir):
+            raise BadInput("a pull with delete needs its destination as a path")
         manifest_id = await self.catalog.resolve_or_id(ref)
         tree = await self.catalog.load_tree(manifest_id)
         if include or exclude:
@@ -239,9 +242,8 @@ class Client:
         from .patterns import Selection
         from .prune import prune
 
-        pruned = await anyio.to_thread.run_sync(
-            prune, Path(dest), tree, Selection(include, exclude)
-        )
+        where = dest.path if isinstance(dest, DestDir) else Path(dest)  # (a path: see above)
+        pruned = await anyio.to_thread.run_sync(prune, where, tree, Selection(include, exclude))
         for path in pruned.removed:
             log.info("deleted %s", path)
         return replace(result, deleted=len(pruned.removed))
@@ -251,7 +253,7 @@ class Client:
         ref: str,
         manifest_id: ChunkId,
         tree: Tree,
-        dest: Path,
+        dest: Path | DestDir,
         *,
         progress: Progress | None = None,
         priority: Callable[[Entry], Any] | None = None,
@@ -273,7 +275,7 @@ class Client:
         with self.cache.pinned(c.id for c in tree.chunk_refs()), self.cache.pinned_files(keys):
             stats = await materialize(
                 tree,
-                Path(dest),
+                dest if isinstance(dest, DestDir) else Path(dest),
                 self.source,
                 store=self.cache,
                 concurrency=self.config.concurrency,

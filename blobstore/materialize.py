@@ -197,7 +197,7 @@ class _Item:
 
 async def materialize(
     tree: Tree,
-    dest: Path,
+    dest: Path | DestDir,
     source: ChunkSource,
     *,
     store: FileStore | None = None,
@@ -208,11 +208,16 @@ async def materialize(
     progress: Progress | None = None,
     priority: Callable[[Entry], Any] = default_priority,
 ) -> PullStats:
-    """Write ``tree`` into ``dest``. Raises BadInput/UnsafePath, Unavailable or
-    NotFound/Corrupt (a chunk could not be fetched), DiskFull."""
+    """Write ``tree`` into ``dest`` (a path, or a DestDir opened by the caller, which
+    this then owns and closes: the node agent's, opened by its client). Raises
+    BadInput/UnsafePath, Unavailable or NotFound/Corrupt (a chunk could not be
+    fetched), DiskFull."""
     del concurrency  # the sources bound their own concurrency
     started = time.monotonic()
-    root = await anyio.to_thread.run_sync(DestDir.open, Path(dest))
+    if isinstance(dest, DestDir):
+        root = dest
+    else:
+        root = await anyio.to_thread.run_sync(DestDir.open, Path(dest))
     try:
         await _lock(root)
         pull = _Pull(
@@ -221,7 +226,7 @@ async def materialize(
         try:
             await pull.run()
         except OSError as exc:
-            raise os_error(exc, f"cannot write into {dest}") from exc
+            raise os_error(exc, f"cannot write into {root.path}") from exc
     finally:
         await anyio.to_thread.run_sync(root.close)  # closing the fd drops the lock
     pull.stats.seconds = time.monotonic() - started
