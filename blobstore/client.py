@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -91,12 +91,29 @@ class Client:
                 else open_object_store(config.store_url, config.s3)
             )
             cache = await stack.enter_async_context(NodeStore(config.cache))
-            peer: ChunkSource | None = None
+            opener = None
             if peers and config.peers.mode != "none":
-                # Opened on the first chunk the node lacks (tiers.OpenedOnUse): a
-                # pull that finds everything local loads neither p2p nor zeroconf.
+                opener = partial(_peer_tier, config, cache)
+            yield await stack.enter_async_context(cls.sharing(config, store, cache, opener))
+
+    @classmethod
+    @asynccontextmanager
+    async def sharing(
+        cls,
+        config: Config,
+        store: ObjectStore,
+        cache: NodeStore,
+        peers: Callable[[], AbstractAsyncContextManager[ChunkSource | None]] | None,
+    ) -> AsyncIterator[Client]:
+        """A client over a store and a node store its caller opened and closes (a
+        daemon's, for the pulls of its node agent), with the peer tier ``peers``
+        opens, on the first chunk the node lacks (tiers.OpenedOnUse): a pull that
+        finds everything local loads neither p2p nor zeroconf."""
+        async with AsyncExitStack() as stack:
+            peer: ChunkSource | None = None
+            if peers is not None:
                 task_group = await stack.enter_async_context(_task_group())
-                lazy = OpenedOnUse("peer", partial(_peer_tier, config, cache), task_group)
+                lazy = OpenedOnUse("peer", peers, task_group)
                 stack.callback(lazy.close)
                 peer = lazy
             yield cls(config, store, cache, peer)

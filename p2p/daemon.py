@@ -12,10 +12,11 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from dataclasses import dataclass, field, replace
+from functools import partial
 
-from blobstore.config import Config
+from blobstore.config import Config, PeerConfig
 from blobstore.errors import PeerUnavailable, Unavailable
 from blobstore.hostport import listen_address
 from blobstore.ids import ChunkId
@@ -23,9 +24,11 @@ from blobstore.locator import PackLocator
 from blobstore.nodestore import NodeStore
 from blobstore.origin import OriginSource
 from blobstore.packs import IndexCache
+from blobstore.source import ChunkSource
 from blobstore.stores import open_object_store
 
 from . import placement
+from .agentserver import AgentServer
 from .client import Identity
 from .discovery import zeroconf_session
 from .homeblocks import HomeBlocks
@@ -135,6 +138,16 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             await stack.enter_async_context(server.serving(host, bound, sock))
             on_second_signal.append(server.hurry)
             await stack.enter_async_context(directory)
+            agent_server = AgentServer(
+                config,
+                store,
+                cache,
+                None
+                if config.peers.mode == "none"
+                else partial(_agent_peers, config, host, bound, directory),
+                opts.limits.agent_pulls,
+            )
+            await stack.enter_async_context(agent_server.serving())
             metrics.peers = lambda: len(directory.live())
             metrics.known_peers = lambda: len(directory.all())
             metrics.peer_statuses = lambda: [p.status for p in directory.all()]
@@ -171,6 +184,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                 "listen": f"{host}:{bound}",
                 "tls": tls is not None,
                 "http": f"{http_addr[0]}:{http_port}" if http_addr else None,
+                "agent": agent_server.path,
             }
             print(json.dumps(ready), flush=True)
             log.info("daemon %s serving region %r on %s:%d", node, config.region, host, bound)
@@ -184,3 +198,18 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
             loop.remove_signal_handler(sig)
     sys.stdout.flush()
     return 0
+
+
+def _agent_peers(
+    config: Config, host: str, port: int, directory: PeerDirectory
+) -> AbstractAsyncContextManager[ChunkSource | None]:
+    """The peer tier of a pull the node agent runs: as a CLI pull's on this node, with
+    this daemon (asked first for the chunks it is home for, so the region still reads
+    each block once) and the peers it sees live as its static list."""
+    from .pulltier import pull_peer_tier
+
+    me = "127.0.0.1" if host in ("", "0.0.0.0") else "[::1]" if host == "::" else host
+    here = f"[{me}]:{port}" if ":" in me and not me.startswith("[") else f"{me}:{port}"
+    static = (here, *(p.address for p in directory.live()))
+    peers = PeerConfig(mode="static", static=static, token=config.peers.token, tls=config.peers.tls)
+    return pull_peer_tier(replace(config, peers=peers))

@@ -6,9 +6,8 @@ import argparse
 import asyncio
 import logging
 import os
-import socket
-from collections.abc import AsyncIterator, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,50 +17,14 @@ if TYPE_CHECKING:
     from blobstore.source import ChunkSource
 
     from .daemon import DaemonOptions
-    from .liveness import PeerDirectory, Timing
+    from .liveness import PeerDirectory
+
+from .pulltier import DEFAULT_PORT, HEALTH_INTERVAL_ENV
 
 # The peer client, directory and discovery are imported where a command or a pull
 # uses them: the CLI loads this plugin to list its commands (``blobstore --help``).
 
-DEFAULT_PORT = 7411
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
-LOCAL_DAEMON = f"127.0.0.1:{DEFAULT_PORT}"
-"""Where ``--peers auto`` looks for this node's own daemon: it answers at once and
-names the region's live peers, so a pull need not wait for mDNS."""
-_FIRST_PEER_WAIT = 1.0
-"""How long a pull's first peer request waits for a first peer (local daemon or mDNS)."""
-_MDNS_SETTLE = 0.3
-
-
-@asynccontextmanager
-async def open_directory(
-    config: Config, timing: Timing | None = None
-) -> AsyncIterator[PeerDirectory]:
-    """A directory of this region's peers, fed by the static list or zeroconf."""
-    from .client import Identity
-    from .liveness import PeerDirectory, Timing
-
-    tls = None
-    if config.peers.tls is not None and config.peers.mode != "none":
-        from .tls import client_context
-
-        tls = await asyncio.to_thread(client_context, config.peers.tls)
-    me = Identity(
-        f"client-{socket.gethostname()}-{os.getpid()}", config.region, config.peers.token, tls
-    )
-    async with AsyncExitStack() as stack:
-        directory = await stack.enter_async_context(PeerDirectory(me, timing or Timing()))
-        if config.peers.mode == "static":
-            for address in config.peers.static:
-                directory.add(address, "static")
-        elif config.peers.mode == "auto":
-            from .discovery import zeroconf_session
-
-            directory.add(LOCAL_DAEMON, "local")
-            await stack.enter_async_context(
-                zeroconf_session(me.node, config.region, "", None, directory)
-            )
-        yield directory
 
 
 async def settle(directory: PeerDirectory, mdns_wait: float, deadline: float) -> None:
@@ -139,57 +102,16 @@ class P2PPlugin:
     def peer_tier(
         self, config: Config, cache: NodeStore
     ) -> AbstractAsyncContextManager[ChunkSource | None]:
-        return _peer_tier(config)
+        from .pulltier import pull_peer_tier
 
-
-@asynccontextmanager
-async def _peer_tier(config: Config) -> AsyncIterator[ChunkSource | None]:
-    if config.peers.mode == "none":
-        yield None
-        return
-    from .peertier import PeerTier
-
-    timing = _pull_timing(os.environ)
-    async with open_directory(config, timing) as directory, asyncio.TaskGroup() as tg:
-        # Discovery runs while the pull looks in the local cache; the tier waits for
-        # it only when a chunk is first asked of peers, so a warm pull never waits.
-        settled = tg.create_task(_settle_for_pull(directory, config.peers.mode, timing))
-        yield PeerTier(directory, settled=settled)
-        settled.cancel()
-
-
-def _pull_timing(env: Mapping[str, str]) -> Timing:
-    """A pull's liveness timing: the daemon's (``BLOBSTORE_HEALTH_INTERVAL``, timeout 3x
-    it) when that is set to seconds > 0, else the default. A host too busy to answer a
-    check within 3 s (bench/bench_region.py: 40 processes on 2 cores) sets it for both."""
-    from .liveness import Timing
-
-    try:
-        interval = float(env.get(DAEMON_ENV["health_interval"], ""))
-    except ValueError:
-        return Timing()
-    return Timing(interval=interval, timeout=max(1.0, 3 * interval)) if interval > 0 else Timing()
-
-
-async def _settle_for_pull(directory: PeerDirectory, mode: str, timing: Timing) -> None:
-    try:
-        async with asyncio.timeout(_FIRST_PEER_WAIT if mode == "auto" else timing.timeout):
-            if mode == "auto":
-                await directory.peer_up.wait()
-                if not any(p.source == "local" for p in directory.live()):
-                    # One mDNS answer usually brings every peer; give the rest a moment.
-                    await asyncio.sleep(_MDNS_SETTLE)
-            # Peers named in pongs (the local daemon's, a seed's) are checked too.
-            await directory.checked.wait()
-    except TimeoutError:
-        pass
+        return pull_peer_tier(config)
 
 
 DAEMON_ENV = {
     "listen": "BLOBSTORE_LISTEN",
     "http": "BLOBSTORE_HTTP",
     "node_id": "BLOBSTORE_NODE_ID",
-    "health_interval": "BLOBSTORE_HEALTH_INTERVAL",
+    "health_interval": HEALTH_INTERVAL_ENV,
     "limit": "BLOBSTORE_LIMITS",
 }
 """The environment variable behind each daemon flag (the global options have theirs
@@ -261,6 +183,8 @@ async def _cmd_daemon(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _cmd_peers(args: argparse.Namespace, config: Config) -> int:
+    from .pulltier import open_directory
+
     async with open_directory(config) as directory:
         await settle(directory, args.wait if config.peers.mode == "auto" else 0, 5.0)
         peers = directory.all() if args.all else directory.live()

@@ -94,6 +94,10 @@ class ServerLimits:
     (256 KiB at the defaults), so raising ``max_connections`` does not raise the bound."""
     max_gossip_peers: int = 256
     """Peers learned from gossip that the daemon keeps (first-hand ones are not capped)."""
+    agent_pulls: int = 4
+    """Pulls of this node's CLI the node agent runs at once (``<cache>/agent.sock``,
+    blobstore/agent.py); another is declined and runs in its own process. Each holds
+    what a pull holds (``concurrency`` chunks in flight)."""
     drain_timeout: float = 10.0
     """On SIGTERM: seconds the answers already asked for get to be sent (no new
     connections or requests are taken meanwhile); connections still busy then are closed."""

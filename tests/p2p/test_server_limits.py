@@ -8,7 +8,7 @@ from test_server import FakeCache, a_server, blob, connected, serving, until
 
 from p2p.client import Identity, open_connection
 from p2p.liveness import Timing
-from p2p.plugin import _pull_timing
+from p2p.pulltier import _pull_timing
 from p2p.server import ServerLimits
 
 pytestmark = pytest.mark.anyio

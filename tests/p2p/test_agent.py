@@ -1,0 +1,431 @@
+"""The node agent (blobstore/agent.py, p2p/agentserver.py): CLI pulls handed to a
+real daemon on the same node store, over its unix socket; what the daemon refuses
+(another store, region, user or view of the destination, malformed requests), and
+what happens when the daemon dies mid-pull or the CLI is interrupted."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import msgpack
+import pytest
+from daemons import BLOBSTORE, Daemon, daemon, wait_until
+from helpers import cli_env, make_tree, random_bytes, run_cli, snapshot, write
+from s3proxy import CountingProxy, Fault
+from s3server import SeaweedS3Server, free_ports
+
+from blobstore import agent
+from blobstore.agent import Declined, PullRequest
+from blobstore.config import Config
+
+REF = "apps/a"
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"CI requires it: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> tuple[str, dict[str, tuple[str, int, str]]]:
+    """A file:// store holding REF (make_tree), and the tree's snapshot."""
+    url = (tmp_path / "store").as_uri()
+    src = make_tree(tmp_path / "src")
+    proc = run_cli(["push", src, REF], cli_env(url, tmp_path / "push-cache"))
+    assert proc.returncode == 0, proc.stderr
+    return url, snapshot(src)
+
+
+@contextmanager
+def node_daemon(store: str, cache: Path, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+    with daemon(store, cache, listen=f"127.0.0.1:{free_ports(1)[0]}", peers="none", env=env) as d:
+        yield d
+
+
+def agent_pulls(d: Daemon) -> list[str]:
+    return [ln for ln in d.log_text().splitlines() if "agent pull of" in ln]
+
+
+def test_a_cli_pull_is_run_by_the_nodes_daemon(
+    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+) -> None:
+    url, expected = store
+    cache = tmp_path / "cache"
+    with node_daemon(url, cache) as d:
+        env = cli_env(url, cache)
+        cold = run_cli(["pull", REF, tmp_path / "out", "--json"], env)
+        assert cold.returncode == 0, cold.stderr
+        assert snapshot(tmp_path / "out") == expected
+        assert json.loads(cold.stdout)["from"]["origin"] > 0
+        warm = run_cli(["pull", REF, tmp_path / "deep" / "new" / "out2", "--json"], env)
+        assert warm.returncode == 0, warm.stderr
+        assert snapshot(tmp_path / "deep" / "new" / "out2") == expected
+        doc = json.loads(warm.stdout)
+        assert doc["from"]["origin"] == 0
+        assert doc["from"]["local"] == doc["bytes"]
+        # the daemon did both (its log names them), and the CLI said nothing else
+        assert len(agent_pulls(d)) == 2, d.log_text()
+        assert cold.stderr == warm.stderr == ""
+        # a pull error is the daemon's error, as one line, and makes no DIR
+        missing = run_cli(["pull", "apps/none", tmp_path / "none"], env)
+        assert missing.returncode == 1
+        assert missing.stderr.startswith("blobstore: error:")
+        assert "apps/none" in missing.stderr
+        assert len(missing.stderr.splitlines()) == 1
+        assert not (tmp_path / "none").exists()
+        assert len(agent_pulls(d)) == 3
+        assert d.proc.poll() is None
+
+
+def test_pulls_not_meant_for_the_daemon_run_in_their_own_process(
+    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+) -> None:
+    url, expected = store
+    cache = tmp_path / "cache"
+    with node_daemon(url, cache) as d:
+        for i, extra in enumerate(
+            [{"BLOBSTORE_REGION": "elsewhere"}, {"BLOBSTORE_AGENT": "off"}, {}]
+        ):
+            args: list[str | Path] = ["-v", "pull", REF, tmp_path / f"out-{i}"]
+            if not extra:
+                args.append("--delete")  # (prunes by path: never sent)
+            proc = run_cli(args, cli_env(url, cache, extra))
+            assert proc.returncode == 0, proc.stderr
+            assert snapshot(tmp_path / f"out-{i}") == expected
+        assert (
+            "pulling in this process: another region"
+            in run_cli(
+                ["-v", "pull", REF, tmp_path / "out-3"],
+                cli_env(url, cache, {"BLOBSTORE_REGION": "x"}),
+            ).stderr
+        )
+        assert agent_pulls(d) == []
+        # a store of the same bytes under another URL is another store
+        other = (tmp_path / "store-link").as_uri()
+        os.symlink(tmp_path / "store", tmp_path / "store-link")
+        proc = run_cli(["-v", "pull", REF, tmp_path / "out-9"], cli_env(other, cache))
+        assert proc.returncode == 0, proc.stderr
+        assert "another store" in proc.stderr
+        assert agent_pulls(d) == []
+
+
+def test_a_socket_left_by_a_killed_daemon_is_passed_over_and_replaced(
+    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+) -> None:
+    url, expected = store
+    cache = tmp_path / "cache"
+    with node_daemon(url, cache) as d:
+        d.stop(signal.SIGKILL)
+    assert agent.socket_path(cache).exists()  # nobody removed it
+    proc = run_cli(["-v", "pull", REF, tmp_path / "out"], cli_env(url, cache))
+    assert proc.returncode == 0, proc.stderr
+    assert "pulling in this process: no node agent" in proc.stderr
+    assert snapshot(tmp_path / "out") == expected
+    with node_daemon(url, cache) as d:
+        proc = run_cli(["pull", REF, tmp_path / "out-2"], cli_env(url, cache))
+        assert proc.returncode == 0, proc.stderr
+        assert len(agent_pulls(d)) == 1
+    assert not agent.socket_path(cache).exists()  # a clean stop removes it
+
+
+def _request(url: str, cache: Path, dest: Path) -> PullRequest:
+    config = Config.from_env(cli_env(url, cache))
+    return agent.request_for(
+        config,
+        REF,
+        dest,
+        link_mode="auto",
+        keep_special_modes=False,
+        include=(),
+        exclude=(),
+        progress=False,
+    )
+
+
+def _dir_fd(path: Path) -> int:
+    path.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def test_the_daemon_pulls_only_into_the_directory_the_path_names(
+    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+) -> None:
+    url, expected = store
+    cache = tmp_path / "cache"
+    with node_daemon(url, cache) as d:
+        elsewhere = _dir_fd(tmp_path / "b")
+        for dest, why in [
+            (tmp_path / "a", "another directory"),  # its path names another directory
+            (Path("relative"), "not an absolute path"),
+        ]:
+            (tmp_path / "a").mkdir(exist_ok=True)
+            conn = agent.connect(str(cache.resolve()))
+            assert not isinstance(conn, Declined), conn
+            req = replace(_request(url, cache, tmp_path / "a"), dest=str(dest))
+            with conn:
+                answer = agent.pull(conn, req, elsewhere)
+            assert isinstance(answer, Declined)
+            assert why in answer.reason
+        os.close(elsewhere)
+        assert os.listdir(tmp_path / "a") == os.listdir(tmp_path / "b") == []
+        # the real thing: the fd of the directory the path names
+        fd = _dir_fd(tmp_path / "a")
+        conn = agent.connect(str(cache.resolve()))
+        assert not isinstance(conn, Declined)
+        with conn:
+            answer = agent.pull(conn, _request(url, cache, tmp_path / "a"), fd)
+        os.close(fd)
+        assert not isinstance(answer, Declined), answer
+        assert answer.files == len([v for v in expected.values() if v[0] == "file"])
+        assert snapshot(tmp_path / "a") == expected
+        assert len(agent_pulls(d)) == 1
+
+
+def _fields(req: PullRequest) -> dict[str, object]:
+    return asdict(req)
+
+
+def _raw(cache: Path, data: bytes, fds: list[int]) -> bytes:
+    """Send one raw message (with ``fds``) to the agent; what comes back (b"": closed)."""
+    conn = agent.connect(str(cache.resolve()))
+    assert not isinstance(conn, Declined), conn
+    with conn:
+        rights = [
+            (
+                socket.SOL_SOCKET,
+                socket.SCM_RIGHTS,
+                b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds),
+            )
+        ]
+        conn.sendmsg([data], rights if fds else [])
+        conn.settimeout(10)
+        try:
+            return conn.recv(agent.MAX_MESSAGE)
+        except ConnectionResetError:
+            return b""
+
+
+def test_malformed_requests_are_dropped_and_the_daemon_serves_on(
+    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+) -> None:
+    url, expected = store
+    cache = tmp_path / "cache"
+    with node_daemon(url, cache) as d:
+        fd = _dir_fd(tmp_path / "a")
+        good = _request(url, cache, tmp_path / "a")
+        doc = {"t": "pull", "v": agent.VERSION, **_fields(good)}
+        for data, fds in [
+            (b"\xc1not msgpack", [fd]),
+            (msgpack.packb([1, 2, 3]), [fd]),
+            (msgpack.packb({**doc, "v": 99}), [fd]),
+            (msgpack.packb({**doc, "include": "x"}), [fd]),
+            (msgpack.packb({k: v for k, v in doc.items() if k != "ref"}), [fd]),
+            (msgpack.packb(doc), []),  # no destination fd
+            (msgpack.packb(doc), [fd, fd]),  # two
+            (msgpack.packb({**doc, "exclude": ["x" * 1000] * 100}), [fd]),  # too long
+        ]:
+            assert _raw(cache, data, fds) == b"", data[:40]
+        os.close(fd)
+        assert d.proc.poll() is None
+        assert os.listdir(tmp_path / "a") == []
+        proc = run_cli(["pull", REF, tmp_path / "out"], cli_env(url, cache))
+        assert proc.returncode == 0, proc.stderr
+        assert snapshot(tmp_path / "out") == expected
+        assert len(agent_pulls(d)) == 1
+        assert d.log_text().count("agent connection dropped") == 8
+
+
+def _as_nobody(work: Callable[[Callable[[str], None]], None]) -> Iterator[str]:
+    """Run ``work`` in a forked child that became uid/gid 65534; yields each line it
+    reports (through ``work``'s argument) as it comes, until the child exits."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest from here, only os._exit
+        os.close(r)
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+
+            def report(line: str) -> None:
+                os.write(w, line.encode() + b"\n")
+
+            work(report)
+            code = 0
+        except BaseException as exc:
+            os.write(w, f"error {exc!r}\n".encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        with os.fdopen(r) as reports:
+            yield from (line.rstrip("\n") for line in reports)
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_the_daemon_serves_only_its_own_user_and_the_cli_trusts_only_its_own(
+    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+) -> None:
+    if os.geteuid() != 0:
+        _missing("needs root: runs a client and a socket as another user")
+    url, _ = store
+    cache = tmp_path / "cache"
+    with node_daemon(url, cache) as d:
+        sock_path = agent.socket_path(cache)
+        assert sock_path.stat().st_mode & 0o777 == 0o600
+        os.chmod(sock_path, 0o666)  # so another user can even connect: the uid check must hold
+        os.chmod(cache, 0o755)
+        request = _request(url, cache, Path("/tmp")).encode()
+        # (reached through an fd: pytest's base directory is root's alone)
+        cache_fd = os.open(cache, os.O_PATH | os.O_DIRECTORY)
+
+        def client(report: Callable[[str], None]) -> None:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.connect(agent.short_path(cache_fd))
+                fd = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY)
+                with contextlib.suppress(BrokenPipeError):  # (it may have answered already)
+                    s.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fds(fd))])
+                report(repr(agent.unpack(s.recv(agent.MAX_MESSAGE))))
+
+        assert list(_as_nobody(client)) == [repr({"t": "decline", "reason": "another user"})]
+        os.close(cache_fd)
+        assert agent_pulls(d) == []
+
+    # a socket another user bound where the daemon's would be: nothing is sent to it
+    other = tmp_path / "other-cache"
+    other.mkdir()
+    os.chmod(other, 0o777)
+    other_fd = os.open(other, os.O_PATH | os.O_DIRECTORY)
+
+    def squatter(report: Callable[[str], None]) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.bind(agent.short_path(other_fd))
+            s.listen(1)
+            report("up")
+            conn, _ = s.accept()
+            conn.settimeout(5)
+            try:
+                report(f"got {len(conn.recv(65536))}")
+            except OSError:
+                report("nothing")
+
+    reports = _as_nobody(squatter)
+    assert next(reports) == "up"
+    conn = agent.connect(str(other))
+    assert isinstance(conn, Declined)
+    assert "another user" in conn.reason
+    assert list(reports) in (["nothing"], ["got 0"])
+    os.close(other_fd)
+
+
+def _fds(*fds: int) -> bytes:
+    return b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+
+
+@pytest.fixture
+def slow_s3(
+    s3_server: SeaweedS3Server, tmp_path: Path
+) -> Iterator[tuple[str, dict[str, str], CountingProxy, dict[str, tuple[str, int, str]]]]:
+    """An S3 store holding REF (one 6 MiB file) behind a counting proxy, pack reads
+    trickling at 256 KiB/s: store URL, env, proxy, the tree's snapshot."""
+    url = s3_server.bucket_url("agent")
+    src = tmp_path / "src"
+    write(src / "weights.bin", random_bytes(6 << 20, "agent"))
+    proc = run_cli(
+        ["push", src, REF], cli_env(url, tmp_path / "push-cache", s3_server.client_env())
+    )
+    assert proc.returncode == 0, proc.stderr
+    with CountingProxy.to_endpoint(s3_server.endpoint).in_thread() as proxy:
+        proxy.http = True
+        env = {**s3_server.client_env(), "AWS_ENDPOINT_URL": proxy.endpoint}
+        proxy.arm(Fault("trickle", "GET", "/packs/", rate=256 << 10))
+        yield url, env, proxy, snapshot(src)
+
+
+def _pull_reading_the_store(
+    url: str, cache: Path, env: dict[str, str], proxy: CountingProxy, out: Path
+) -> subprocess.Popen[str]:
+    """A CLI pull (--json) into ``out``, once the daemon's pull reads a pack."""
+    pull = subprocess.Popen(
+        [BLOBSTORE, "pull", REF, str(out), "--json"],
+        env=cli_env(url, cache, env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(
+        lambda: any(
+            m == "GET" and "/packs/" in t and not t.endswith(".index")
+            for m, t in list(proxy.exchanges)
+        ),
+        "the daemon's pull to read the store",
+    )
+    return pull
+
+
+@pytest.mark.s3
+def test_ctrl_c_on_the_cli_cancels_the_daemons_pull(
+    tmp_path: Path,
+    slow_s3: tuple[str, dict[str, str], CountingProxy, dict[str, tuple[str, int, str]]],
+) -> None:
+    url, env, proxy, expected = slow_s3
+    cache = tmp_path / "cache"
+    with node_daemon(url, cache, env) as d:
+        pull = _pull_reading_the_store(url, cache, env, proxy, tmp_path / "out")
+        pull.send_signal(signal.SIGINT)
+        _, err = pull.communicate(timeout=30)
+        assert pull.returncode == 130, err
+        assert "interrupted" in err
+        wait_until(lambda: "cancelled: its client left" in d.log_text(), "the pull cancelled")
+        assert not (tmp_path / "out" / "weights.bin").exists()
+        proxy.disarm()
+        proc = run_cli(["pull", REF, tmp_path / "out"], cli_env(url, cache, env), timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert snapshot(tmp_path / "out") == expected
+        assert d.proc.poll() is None
+
+
+@pytest.mark.s3
+def test_a_daemon_dying_mid_pull_leaves_the_cli_to_finish(
+    tmp_path: Path,
+    slow_s3: tuple[str, dict[str, str], CountingProxy, dict[str, tuple[str, int, str]]],
+) -> None:
+    url, env, proxy, expected = slow_s3
+    cache = tmp_path / "cache"
+    with node_daemon(url, cache, env) as d:
+        pull = _pull_reading_the_store(url, cache, env, proxy, tmp_path / "out")
+        proxy.disarm()
+        d.stop(signal.SIGKILL)
+        out, err = pull.communicate(timeout=60)
+    assert pull.returncode == 0, err
+    assert "the node agent went away" in err
+    assert "pulling in this process" in err
+    assert json.loads(out)["files"] == 1
+    assert snapshot(tmp_path / "out") == expected
+
+
+def test_a_node_store_whose_socket_path_is_too_long_for_unix_sockets_still_works(
+    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+) -> None:
+    url, expected = store
+    cache = tmp_path / ("long-" * 20) / "cache"
+    cache.parent.mkdir()
+    assert len(os.fsencode(agent.socket_path(cache))) > 108
+    with node_daemon(url, cache) as d:
+        proc = run_cli(["pull", REF, tmp_path / "out"], cli_env(url, cache))
+        assert proc.returncode == 0, proc.stderr
+        assert snapshot(tmp_path / "out") == expected
+        assert len(agent_pulls(d)) == 1
