@@ -429,3 +429,26 @@ def test_a_node_store_whose_socket_path_is_too_long_for_unix_sockets_still_works
         assert proc.returncode == 0, proc.stderr
         assert snapshot(tmp_path / "out") == expected
         assert len(agent_pulls(d)) == 1
+
+
+def test_the_daemons_pull_asks_its_peers_first(
+    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+) -> None:
+    url, expected = store
+    ports = free_ports(2)
+    listen = [f"127.0.0.1:{p}" for p in ports]
+    with (
+        daemon(url, tmp_path / "cache-0", listen=listen[0], peers=listen[1]) as a,
+        daemon(url, tmp_path / "cache-1", listen=listen[1], peers=listen[0]) as b,
+    ):
+        wait_until(lambda: a.health()["peers"] == b.health()["peers"] == 1, "peers to meet")
+        for i, d in enumerate((a, b)):
+            env = cli_env(url, d.cache, {"BLOBSTORE_PEERS": ",".join(listen)})
+            proc = run_cli(["pull", REF, tmp_path / f"out-{i}", "--json"], env)
+            assert proc.returncode == 0, proc.stderr
+            assert snapshot(tmp_path / f"out-{i}") == expected
+            assert len(agent_pulls(d)) == 1
+            tiers = json.loads(proc.stdout)["from"]
+            if d is b:  # a holds every chunk now: b's daemon got them from it
+                assert tiers["origin"] == 0
+                assert tiers["peer"] > 0
