@@ -9,6 +9,10 @@ each timed for blobstore (the CLI, as a user runs it, peers off) and for s5cmd:
 - ``push``:      into an empty bucket        vs ``s5cmd cp DIR/* s3://b/p/``
 - ``no-op push``: the same tree again         vs ``s5cmd sync DIR/ s3://b/p/``
 - ``cold pull``:  empty cache, empty dir      vs ``s5cmd cp s3://b/p/* DIR/``
+- ``cold pull, agent``: the same, with the node's ``blobstore daemon`` running on
+  that cache (started untimed before the step): the CLI hands the pull to it
+  (blobstore/agent.py); its CPU includes the daemon's for the step. s5cmd runs
+  its cold pull again beside it.
 
 Each step runs ``--reps`` times, the two tools alternating which goes first;
 the table shows medians, the ratio s5cmd time / our time (>= 1.0: we are at least
@@ -53,7 +57,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +80,7 @@ BLOBSTORE = str(BIN / "blobstore")
 S5CMD = str(BIN / "s5cmd") if (BIN / "s5cmd").exists() else (shutil.which("s5cmd") or "")
 STDLIB = Path(sys.base_prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}"
 GIB = 1 << 30
-STEPS = ("push", "no-op push", "cold pull")
+STEPS = ("push", "no-op push", "cold pull", "cold pull, agent")
 
 
 @dataclass
@@ -159,6 +164,29 @@ def run(cmd: list[str], env: dict[str, str], server: Server | None = None) -> Ru
     return Run(seconds, user + sys_, inner, user, sys_, server_cpu, moved)
 
 
+@contextmanager
+def node_daemon(env: dict[str, str]) -> Iterator[Server]:
+    """``blobstore daemon`` on the env's cache (peers off), ready and idle; its CPU."""
+    proc = subprocess.Popen(
+        [BLOBSTORE, "daemon", "--listen", "127.0.0.1:0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline() or "{}")
+        if not ready.get("agent"):
+            raise SystemExit(f"the daemon did not start its node agent: {ready}")
+        daemon = Server(proc.pid)
+        daemon.settle()
+        yield daemon
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def make_big(path: Path, size: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     step = 64 << 20
@@ -212,10 +240,27 @@ class Bench:
                 shutil.rmtree(dest, ignore_errors=True)
                 shutil.rmtree(cold["BLOBSTORE_CACHE"], ignore_errors=True)
 
+        def agent_pull() -> Run:
+            dest = self.fresh("pulled")
+            cache = self.fresh("cache")
+            node = self.env(endpoint, BLOBSTORE_STORE=url, BLOBSTORE_CACHE=str(cache))
+            try:
+                with node_daemon(node) as daemon:
+                    before = daemon.cpu()
+                    result = run(
+                        [BLOBSTORE, "pull", "--json", "bench", str(dest)], node, self.server
+                    )
+                    result.cpu += daemon.cpu() - before
+                    return result
+            finally:
+                shutil.rmtree(dest, ignore_errors=True)
+                shutil.rmtree(cache, ignore_errors=True)
+
         return {
             "push": lambda: run([BLOBSTORE, "push", str(src), "bench"], env, self.server),
             "no-op push": lambda: run([BLOBSTORE, "push", str(src), "bench"], env, self.server),
             "cold pull": pull,
+            "cold pull, agent": agent_pull,
         }
 
     def s5cmd(self, endpoint: str, src: Path) -> dict[str, Callable[[], Run]]:
@@ -235,6 +280,7 @@ class Bench:
             "push": lambda: run([*base, "cp", f"{src}/*", remote], env, self.server),
             "no-op push": lambda: run([*base, "sync", f"{src}/", remote], env, self.server),
             "cold pull": pull,
+            "cold pull, agent": pull,
         }
 
     def timed(self, src: Path, reps: int, cells: dict[str, Cell]) -> None:
