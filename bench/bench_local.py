@@ -3,6 +3,7 @@ disk bytes each pull writes.
 
     .venv/bin/python bench/bench_local.py [--size 1G] [--rounds 3] [--no-xfs]
                                           [--tree DIR] [--workdir DIR]
+                                          [--only cold] [--data file|tree]
 
 Two data sets: one big random file (``--size``) and a source tree (default: the
 Python stdlib of this interpreter, site-packages left out: ~7,700 files). Each
@@ -24,6 +25,8 @@ Disk bytes written come from ``/proc/self/io`` (``write_bytes`` minus
 ``cancelled_write_bytes``; a reaped child's counts are added to its parent's),
 for the cold pull and each warm pull: bytes written per byte pulled. Times are
 wall clock of the CLI process (interpreter start-up included, ~0.3 s).
+``--only cold`` runs just the first three rows of each data set (the cold pulls
+beside ``cp -r store objects``); ``--data`` keeps one data set.
 ``sync`` runs before each timed step. JSON goes to bench/out/.
 """
 
@@ -128,7 +131,7 @@ class Bench:
                 seconds, wrote, pull_seconds = timed(steps[name])
                 times[name].append(seconds)
                 written[name].append(wrote)
-                if pull_seconds is not None:
+                if isinstance(pull_seconds, float):  # cp's steps return its output
                     inner[name].append(pull_seconds)
                 cleanup()
         for name in names:
@@ -140,12 +143,13 @@ class Bench:
                     "seconds": statistics.median(times[name]),
                     "all_seconds": times[name],
                     "pull_seconds": statistics.median(inner[name]) if inner[name] else None,
+                    "all_pull_seconds": inner[name],
                     "written_per_byte": statistics.median(written[name]) / nbytes,
                 }
             )
 
 
-def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None) -> None:
+def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None, cold_only: bool) -> None:
     ref = f"bench/{data.replace(' ', '-')}"
     nbytes = tree_bytes(src)
     run([BLOBSTORE, "push", str(src), ref], b.env)
@@ -187,6 +191,9 @@ def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None) -> None:
         },
         cleanup,
     )
+    if cold_only:
+        shutil.rmtree(out)
+        return
     cold = out / "cold"
     b.pull(ref, cold)  # fills the node store for the warm steps (copy mode)
 
@@ -294,6 +301,15 @@ def report(rows: list[dict[str, Any]]) -> None:
             f"{r['data']:<7} {r['step']:<28} {r['seconds']:8.3f} {ratio} {ratio_sync} "
             f"{inner_s} {inner_r} {r['written_per_byte']:9.2f}"
         )
+    print("per run, in the order run (in-process seconds in brackets):")
+    for r in rows:
+        if len(r.get("all_seconds", ())) > 1:
+            runs = " ".join(f"{s:.3f}" for s in r["all_seconds"])
+            inner_runs = " ".join(f"{s:.3f}" for s in r.get("all_pull_seconds") or ())
+            print(
+                f"  {r['data']:<7} {r['step']:<28} {runs}"
+                + (f" [{inner_runs}]" if inner_runs else "")
+            )
 
 
 def main() -> None:
@@ -303,6 +319,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-xfs", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--only", choices=["cold"], help="only the cold pulls (no XFS)")
+    parser.add_argument("--data", choices=["file", "tree"], help="only this data set")
     args = parser.parse_args()
     size = parse_size(args.size)
     with tempfile.TemporaryDirectory(prefix="bench-local-", dir=args.workdir) as tmp:
@@ -316,13 +334,16 @@ def main() -> None:
         shutil.copytree(
             args.tree, tree, symlinks=True, ignore=shutil.ignore_patterns("site-packages")
         )
-        xfs = None if args.no_xfs else mount_xfs(work, 4 * size + (4 << 30))
+        cold_only = args.only == "cold"
+        xfs = None if args.no_xfs or cold_only else mount_xfs(work, 4 * size + (4 << 30))
         # One store per data set: "cp -r store objects" copies that data set's packs only.
         b = Bench(work, work / "store-big", work / "node" / "cache", args.rounds)
         tb = Bench(work, work / "store-tree", work / "node" / "cache", args.rounds)
         try:
-            bench_dataset(b, "1 file", big, xfs)
-            bench_dataset(tb, "tree", tree, xfs)
+            if args.data != "tree":
+                bench_dataset(b, "1 file", big, xfs, cold_only)
+            if args.data != "file":
+                bench_dataset(tb, "tree", tree, xfs, cold_only)
             b.rows += tb.rows
         finally:
             if xfs is not None:
