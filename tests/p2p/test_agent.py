@@ -139,8 +139,8 @@ def test_a_socket_left_by_a_killed_daemon_is_passed_over_and_replaced(
     assert not agent.socket_path(cache).exists()  # a clean stop removes it
 
 
-def _request(url: str, cache: Path, dest: Path) -> PullRequest:
-    config = Config.from_env(cli_env(url, cache))
+def _request(url: str, cache: Path, dest: Path, env: dict[str, str] | None = None) -> PullRequest:
+    config = Config.from_env(cli_env(url, cache, env))
     return agent.request_for(
         config,
         REF,
@@ -452,3 +452,32 @@ def test_the_daemons_pull_asks_its_peers_first(
             if d is b:  # a holds every chunk now: b's daemon got them from it
                 assert tiers["origin"] == 0
                 assert tiers["peer"] > 0
+
+
+@pytest.mark.s3
+def test_progress_comes_while_the_daemon_pulls_and_closing_cancels_it(
+    tmp_path: Path,
+    slow_s3: tuple[str, dict[str, str], CountingProxy, dict[str, tuple[str, int, str]]],
+) -> None:
+    url, env, _, expected = slow_s3
+    cache = tmp_path / "cache"
+    with node_daemon(url, cache, env) as d:
+        request = replace(_request(url, cache, tmp_path / "out", env), progress=True)
+        conn = agent.connect(os.path.realpath(cache))
+        assert not isinstance(conn, Declined), conn
+        fd = _dir_fd(tmp_path / "out")
+        seen: list[dict[str, object]] = []
+        with conn:
+            conn.sendmsg([request.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fds(fd))])
+            conn.settimeout(30)
+            while not seen:
+                doc = agent.unpack(conn.recv(agent.MAX_MESSAGE))
+                assert doc["t"] in ("start", "progress"), doc
+                if doc["t"] == "progress":
+                    seen.append(doc)
+        os.close(fd)
+        assert list(expected) == ["weights.bin"]
+        assert seen[0]["total"] == 6 << 20
+        assert seen[0]["files_total"] == 1
+        wait_until(lambda: "cancelled: its client left" in d.log_text(), "the pull cancelled")
+        assert os.listdir(tmp_path / "out") == []  # (its temp file is gone too)
