@@ -55,21 +55,24 @@ def test_a_closed_stdout_is_not_an_error(env: dict[str, str], tmp_path: Path) ->
     write(tmp_path / "src" / "f", b"x")
     for i in range(3):
         assert run_cli(["push", tmp_path / "src", f"r{i}"], env).returncode == 0
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # the reader is gone before we write a byte
-    try:
-        done = subprocess.run(
-            [BLOBSTORE, "ls", "-l"],
-            env=env,
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    finally:
-        os.close(write_end)
-    assert (done.returncode, done.stderr) == (0, "")
+    # ls (the event loop), a pull, and the same pull again (up to date: answered
+    # before the event loop, as are pulls the node's daemon runs)
+    for args in (["ls", "-l"], ["pull", "r0", tmp_path / "out"], ["pull", "r0", tmp_path / "out"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before we write a byte
+        try:
+            done = subprocess.run(
+                [BLOBSTORE, *map(str, args)],
+                env=env,
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            os.close(write_end)
+        assert (done.returncode, done.stderr) == (0, ""), args
 
 
 def test_quiet(env: dict[str, str], tmp_path: Path) -> None:

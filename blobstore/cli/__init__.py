@@ -256,7 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.check_usage(args)  # exits 2, as argparse does, on options that don't go together
     before_loop = getattr(args, "before_loop", None)
     if before_loop is not None:  # a command that may be done without the event loop
-        done: int | None = before_loop(args, make_config)
+        try:
+            done: int | None = before_loop(args, make_config)
+            sys.stdout.flush()  # here, so a closed pipe is caught below
+        except BrokenPipeError:  # as run_command: the reader has what it wanted
+            from .output import silence_stdout
+
+            silence_stdout()
+            return 0
         if done is not None:
             return done
     from .running import run_command  # anyio and the event loop: not for --help/--version

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import PurePath
@@ -76,3 +77,13 @@ def progress_line(
     from ..progress import ProgressLine
 
     return ProgressLine(label, enabled=False if quiet(args) else None, tiers=tiers)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again
+    (after a BrokenPipeError: ``blobstore ls | head`` is not an error)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable
 
@@ -13,6 +12,7 @@ import anyio
 from ..config import Config
 from ..errors import BlobstoreError, ConfigError, os_error, single_errors
 from ..logs import configure
+from .output import silence_stdout
 from .registry import Run, WithClient, start_up_done
 
 
@@ -37,7 +37,7 @@ def run_command(
         sys.stdout.flush()  # here, so a closed pipe is caught below
     except BrokenPipeError:
         # ``blobstore ls | head``: the reader has what it wanted; not an error.
-        _silence_stdout()
+        silence_stdout()
         return 0
     except BlobstoreError as exc:
         print(f"blobstore: error: {exc}", file=sys.stderr)
@@ -50,15 +50,6 @@ def run_command(
         print("blobstore: interrupted", file=sys.stderr)
         return 130
     return code
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, sys.stdout.fileno())
-    finally:
-        os.close(devnull)
 
 
 async def _run(
