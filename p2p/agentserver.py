@@ -31,6 +31,8 @@ from blobstore.nodestore import NodeStore
 from blobstore.objectstore import ObjectStore
 from blobstore.source import ChunkSource
 
+from .metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 _WAITING = 16
@@ -50,12 +52,14 @@ class AgentServer:
         cache: NodeStore,
         peers: PeerOpener | None,
         max_pulls: int,
+        metrics: Metrics,
     ) -> None:
         self._config = config
         self._store = store
         self._cache = cache
         self._peers = peers
         self._pulls = asyncio.Semaphore(max_pulls)
+        self._counts = metrics.agent_pulls
         self._waiting = 0
         self._connections: set[asyncio.Task[None]] = set()
         self._own = PullRequest(
@@ -68,8 +72,6 @@ class AgentServer:
         )
         self.path: str | None = None
         """The socket, while it serves."""
-        self.served = 0
-        """Pulls run to their end (done or failed)."""
 
     @asynccontextmanager
     async def serving(self) -> AsyncIterator[None]:
@@ -148,6 +150,7 @@ class AgentServer:
                     self._waiting -= 1
                 why = self._refusal(req, fd)
                 if why is not None or self._pulls.locked():
+                    self._counts["declined"] += 1
                     await _send(conn, {"t": "decline", "reason": why or "busy"})
                     return
                 async with self._pulls:
@@ -183,11 +186,12 @@ class AgentServer:
                 sender.cancel()
             if not pulling.done():
                 pulling.cancel()
+                self._counts["cancelled"] += 1
                 log.info("agent pull of %s into %s cancelled: its client left", req.ref, req.dest)
                 return
             gone.cancel()
-        self.served += 1
         answer = pulling.result()
+        self._counts["done" if answer["t"] == "done" else "failed"] += 1
         log.info(
             "agent pull of %s into %s: %s in %.2fs",
             req.ref,

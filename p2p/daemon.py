@@ -146,6 +146,7 @@ async def run_daemon(config: Config, opts: DaemonOptions) -> int:
                 if config.peers.mode == "none"
                 else partial(_agent_peers, config, host, bound, directory),
                 opts.limits.agent_pulls,
+                metrics,
             )
             await stack.enter_async_context(agent_server.serving())
             metrics.peers = lambda: len(directory.live())

@@ -63,6 +63,9 @@ class Metrics:
     dropped: Counter[str] = field(default_factory=Counter)
     """Connections the daemon closed to protect the others, by reason: "connection_cap",
     "handshake_timeout", "idle", "stalled"."""
+    agent_pulls: Counter[str] = field(default_factory=Counter)
+    """Pulls of this node's CLI the node agent took, by outcome: "done", "failed",
+    "cancelled" (its client left), "declined" (another setting, busy, another view)."""
     peers: Callable[[], int] = lambda: 0
     known_peers: Callable[[], int] = lambda: 0
     """Peers in the directory, live or not (gossip-learned ones are capped)."""
@@ -205,6 +208,15 @@ class DaemonCollector(Collector):
                 labels=["state"],
             ),
             {"up": 0, "down": 0, "new": 0} | by_state,
+        )
+        yield by(
+            CounterMetricFamily(
+                "blobstore_agent_pulls",
+                "Pulls of this node's CLI the node agent took, by outcome (done, failed, "
+                "cancelled: its client left, declined: the CLI pulled in its own process).",
+                labels=["result"],
+            ),
+            {"done": 0, "failed": 0, "cancelled": 0, "declined": 0} | m.agent_pulls,
         )
 
 

@@ -86,6 +86,9 @@ def test_a_cli_pull_is_run_by_the_nodes_daemon(
         assert not (tmp_path / "none").exists()
         assert len(agent_pulls(d)) == 3
         assert d.proc.poll() is None
+        counted = d.metrics()
+        assert counted['blobstore_agent_pulls_total{result="done"}'] == 2
+        assert counted['blobstore_agent_pulls_total{result="failed"}'] == 1
 
 
 def test_pulls_not_meant_for_the_daemon_run_in_their_own_process(
@@ -118,6 +121,8 @@ def test_pulls_not_meant_for_the_daemon_run_in_their_own_process(
         assert proc.returncode == 0, proc.stderr
         assert "another store" in proc.stderr
         assert agent_pulls(d) == []
+        # declined: the two regions and the other store (--delete and "off" never ask)
+        assert d.metrics()['blobstore_agent_pulls_total{result="declined"}'] == 3
 
 
 def test_a_socket_left_by_a_killed_daemon_is_passed_over_and_replaced(
@@ -448,10 +453,14 @@ def test_the_daemons_pull_asks_its_peers_first(
             assert proc.returncode == 0, proc.stderr
             assert snapshot(tmp_path / f"out-{i}") == expected
             assert len(agent_pulls(d)) == 1
-            tiers = json.loads(proc.stdout)["from"]
-            if d is b:  # a holds every chunk now: b's daemon got them from it
-                assert tiers["origin"] == 0
-                assert tiers["peer"] > 0
+            doc = json.loads(proc.stdout)
+            # Each pull asks the region (its own daemon too): the home daemon of the
+            # tree's one block reads it from the store for both, once.
+            assert doc["from"]["origin"] == 0
+            if d is a:  # cold everywhere: every byte came through a home daemon
+                assert doc["from"]["peer"] == doc["bytes"]
+        stores_reads = [x.metrics()["blobstore_peer_origin_bytes_total"] for x in (a, b)]
+        assert sorted(stores_reads)[0] == 0
 
 
 @pytest.mark.s3
@@ -481,3 +490,4 @@ def test_progress_comes_while_the_daemon_pulls_and_closing_cancels_it(
         assert seen[0]["files_total"] == 1
         wait_until(lambda: "cancelled: its client left" in d.log_text(), "the pull cancelled")
         assert os.listdir(tmp_path / "out") == []  # (its temp file is gone too)
+        assert d.metrics()['blobstore_agent_pulls_total{result="cancelled"}'] == 1
