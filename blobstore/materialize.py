@@ -104,7 +104,7 @@ from .marker import (
     vouched,
     write_marker,
 )
-from .nodestore import pwrite_all
+from .nodestore import PREALLOCATE_MIN, preallocate, pwrite_all
 from .parallel import for_each
 from .progress import FileProgress
 from .seeds import Seed
@@ -827,6 +827,8 @@ class _DestFile:
             if self.fd == -1:  # opened by the first write, in a worker thread
                 self.dir_fd = self.root.own_dir_fd(self.item.parent)
                 self.tmp, self.fd = open_tmp(self.dir_fd, self.item.name)
+                if self.item.entry.size >= PREALLOCATE_MIN:
+                    preallocate(self.fd, self.item.entry.size)
             fd = self.fd
             self.busy += 1
         done = False

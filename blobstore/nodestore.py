@@ -77,7 +77,7 @@ import stat
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -1009,6 +1009,8 @@ class FileWriter:
                     raise self._error
                 if self._fd == -1:
                     self._fd = os.open(self.tmp, _CREATE, 0o600)
+                    if self.size >= PREALLOCATE_MIN:
+                        preallocate(self._fd, self.size)
                 fd = self._fd
                 self._busy += 1
             try:
@@ -1248,7 +1250,7 @@ def _pread_and_hash(path: Path, offset: int, size: int) -> tuple[bytes, os.stat_
     return data, st, hash_bytes(data)
 
 
-PWRITE_SLICE = int(os.environ.get("XSLICE", "256")) << 10
+PWRITE_SLICE = 256 << 10
 """Most bytes one ``pwrite`` call is given. The kernel sizes page-cache folios
 by the write (ext4 has large folios since Linux 6.16): a 1 MiB chunk written at
 once asks for order-7/8 pages, and when free memory is fragmented (a node's page
@@ -1258,6 +1260,47 @@ Measured on this box (1 GiB in 1 MiB pwrites vs 256 KiB ones, alternating):
 sys 0.47-0.81 s vs 0.16-0.20 s and wall 1.0-2.7 s vs 0.34-0.56 s while the box
 was fragmented (compact_stall counted only in the 1 MiB runs), the same when it
 was not; a cold 1 GiB pull from S3, 5 alternating runs: wall median 2.90 -> 2.29 s."""
+
+
+PREALLOCATE_MIN = 1 << 20
+"""Files at least this big get their blocks before their first write
+(``preallocate``); smaller ones are a chunk or two, and a syscall each."""
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Best effort: reserve the blocks of a file about to be written whole (its
+    ``size`` bytes), without changing its size, so the writes find them
+    allocated. ext4 otherwise reserves and maps each 4 KiB block of a buffered
+    write beyond what is allocated (``ext4_da_get_block_prep``, extent-status
+    inserts, buffer heads) under the inode lock every writer of the file waits
+    on. Measured on this box: 1 GiB written by 3 threads in 1 MiB chunks of
+    256 KiB pwrites, 5 alternating runs: 0.41 -> 0.33 CPU s, wall median
+    0.27 -> 0.21 s (``cp`` 0.24 s). The size stays as written (a torn file
+    keeps looking short); the blocks are unwritten extents, so nothing is
+    written twice, and a temp file given up frees them with itself.
+
+    ``fallocate(2)`` itself, not ``posix_fallocate``: glibc emulates the
+    latter by writing every block where the filesystem cannot allocate
+    (NFS, some FUSE), which would double the bytes written. Errors (no
+    support, no space) are ignored: the writes then fail or succeed as they
+    would have."""
+    fallocate = _fallocate()
+    if fallocate is not None:
+        fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, size)
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    import ctypes
+
+    call = getattr(_libc(), "fallocate64", None) or getattr(_libc(), "fallocate", None)
+    if call is None:
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    fallocate: Callable[[int, int, int, int], int] = call
+    return fallocate
 
 
 def pwrite_all(fd: int, data: ChunkData, offset: int, lock: threading.Lock) -> None:

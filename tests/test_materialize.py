@@ -590,3 +590,70 @@ async def test_chunk_writes_are_claimed_once_and_settled_before_files_are_used()
     await writes.settle(raising=False)
     with pytest.raises(DiskFull):
         await writes.settle()
+
+
+# --------------------------------------------------------------------------- cold pulls
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        flipped = bytes([f.read(1)[0] ^ 1])
+        f.seek(offset)
+        f.write(flipped)
+
+
+async def test_cold_pull_of_a_corrupt_pack_refetches_the_chunk_or_leaves_no_file(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big file is assembled in DEST with its blocks reserved first
+    (nodestore.preallocate): a chunk whose pack bytes are wrong is fetched from
+    the next tier and the file comes out whole, each byte's block allocated
+    once; with no other tier the pull fails and leaves no file under the
+    final name, no temp file, no reserved blocks."""
+    import shutil
+
+    from blobstore import materialize as materialize_module
+    from blobstore.origin import OriginSource
+    from blobstore.stores import open_object_store
+    from blobstore.tiers import TieredSource
+
+    reserved: list[int] = []
+
+    def preallocate(fd: int, size: int) -> None:
+        reserved.append(size)
+        real_preallocate(fd, size)
+
+    real_preallocate = materialize_module.preallocate
+    monkeypatch.setattr(materialize_module, "preallocate", preallocate)
+
+    src = tmp_path / "src"
+    data = random_bytes(6 << 20, "cold-corrupt")
+    write(src / "weights.bin", data)
+    await client.push(src, "w")
+    _, tree = await client.load("w")
+    assert isinstance(tree, Tree)
+    refs = list(tree.chunk_refs())
+    assert len(refs) >= 3
+    good_store = tmp_path / "good-store"
+    shutil.copytree(tmp_path / "store", good_store)
+    bad = refs[len(refs) // 2]
+    assert bad.pack is not None
+    flip_bit(tmp_path / "store" / "packs" / bad.pack[:2] / bad.pack, bad.offset + 1000)
+    async with (
+        open_object_store((tmp_path / "store").as_uri()) as corrupt,
+        open_object_store(good_store.as_uri()) as good,
+    ):
+        dst = tmp_path / "dst"
+        two = TieredSource([OriginSource(corrupt), OriginSource(good)])
+        await materialize(tree, dst, two)
+        assert (dst / "weights.bin").read_bytes() == data
+        assert reserved == [len(data)]
+        assert two.bytes_from["origin"] == len(data)  # the one chunk again, from the good store
+        blocks = (dst / "weights.bin").stat().st_blocks * 512
+        assert len(data) <= blocks < len(data) * 1.1
+        lone = tmp_path / "lone"
+        with pytest.raises(Exception, match=bad.id[:16]) as failed:
+            await materialize(tree, lone, TieredSource([OriginSource(corrupt)]))
+        assert "corrupt" in str(failed.value).lower()
+        assert listing(lone) == []

@@ -1,5 +1,6 @@
 """nodestore.pwrite_all: every byte lands, in calls of at most PWRITE_SLICE bytes
-(big writes make the kernel allocate big page-cache folios: see its docstring)."""
+(big writes make the kernel allocate big page-cache folios: see its docstring);
+nodestore.preallocate: a file's blocks reserved before its writes, its size kept."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blobstore.nodestore import PWRITE_SLICE, pwrite_all
+from blobstore.nodestore import PWRITE_SLICE, preallocate, pwrite_all
 
 
 @pytest.fixture
@@ -55,3 +56,47 @@ def test_short_writes_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     finally:
         os.close(fd)
     assert path.read_bytes() == data
+
+
+def test_preallocate_reserves_the_blocks_keeps_the_size_and_writes_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    size = 3 * PWRITE_SLICE + 4321
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        preallocate(fd, size)
+        st = os.fstat(fd)
+        if st.st_blocks == 0 and not os.environ.get("CI"):
+            pytest.skip(f"{tmp_path} cannot allocate blocks ahead (fallocate)")
+        assert st.st_size == 0  # a file cut short still looks short
+        assert st.st_blocks * 512 >= size
+        assert path.read_bytes() == b""
+        data = os.urandom(size)
+        pwrite_all(fd, data, 0, threading.Lock())
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+    assert st.st_size == size
+    assert st.st_blocks * 512 < size + (64 << 10)  # the reserved blocks took the bytes
+
+
+def test_preallocate_where_it_cannot_is_a_no_op(tmp_path: Path) -> None:
+    """No support (a pipe here: ESPIPE), a bad fd, no space: the writes that
+    follow fail or succeed as they would have; nothing is raised."""
+    read, written = os.pipe()
+    try:
+        preallocate(written, 1 << 20)
+        os.write(written, b"still a pipe")
+        assert os.read(read, 100) == b"still a pipe"
+    finally:
+        os.close(read)
+        os.close(written)
+    preallocate(written, 1 << 20)  # closed: EBADF
+    fd = os.open(tmp_path / "huge", os.O_RDWR | os.O_CREAT)
+    try:
+        preallocate(fd, 1 << 62)  # far more than any disk: EFBIG or ENOSPC
+        assert os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
