@@ -93,6 +93,13 @@ class SpanTuning:
     """Ranged GETs streaming at once (4: 0.44-0.81 GB/s, 8: 0.82-0.90, 16: no
     faster, +30 MiB RSS). Memory is about spans_in_flight x 2 chunks (one being
     filled, one being verified and sunk)."""
+    file_spans_in_flight: int = 3
+    """The same for a ``file://`` store, whose spans are ``pread`` by threads
+    that also verify each chunk and write it (a pull's ``SplitSink``): the
+    writes of one file take turns (nodestore.pwrite_all), so more threads only
+    queue for that lock and take the core that reading and hashing need. Cold
+    1 GiB pull, in-process, alternating: 8 in flight 0.354 s, 4 0.326 s, 3
+    0.311 s, 2 0.317 s (``cp -r`` of the packs 0.23 s)."""
     loose_in_flight: int = 32
     """Per-chunk GETs at once for refs without a pack (v1 manifests)."""
     attempts: int = 3
@@ -187,9 +194,11 @@ class OriginSource:
         tuning = self.tuning
         packed = [r for r in refs if r.pack is not None]
         max_span = tuning.max_span
-        if not isinstance(self.store, FileObjectStore):  # requests cost; preads do not
-            if sum(r.size for r in packed) >= tuning.spans_in_flight * tuning.big_span:
-                max_span = max(max_span, tuning.big_span)
+        in_flight = tuning.spans_in_flight
+        if isinstance(self.store, FileObjectStore):
+            in_flight = tuning.file_spans_in_flight
+        elif sum(r.size for r in packed) >= in_flight * tuning.big_span:
+            max_span = max(max_span, tuning.big_span)  # requests cost; preads do not
         spans = plan_spans(packed, max_gap=tuning.max_gap, max_span=max_span)
 
         async def read_span(span: Span) -> None:
@@ -209,7 +218,7 @@ class OriginSource:
         try:
             async with anyio.create_task_group() as tg:
                 if spans:
-                    tg.start_soon(for_each, spans, read_span, tuning.spans_in_flight)
+                    tg.start_soon(for_each, spans, read_span, in_flight)
                 if loose:
                     tg.start_soon(for_each, loose, read_loose, tuning.loose_in_flight)
         except BaseExceptionGroup as group:

@@ -475,6 +475,43 @@ async def test_split_sink_gets_each_chunk_in_the_verifying_thread_then_on_the_lo
             await origin.fetch(good, SplitSink(full, after))
 
 
+async def test_a_file_store_reads_file_spans_in_flight_spans_at_once(tmp_path: Path) -> None:
+    """The threads that read, verify and write a file:// store's spans number
+    ``file_spans_in_flight`` (their writes to one file take turns: more would
+    only queue), whatever ``spans_in_flight`` says for S3. The first chunks
+    to arrive are held until a third thread joins them, or for a second."""
+    import threading
+
+    pack_id, data, refs = build_pack([64 << 10] * 12, seed="inflight")
+    tuning = SpanTuning(max_span=128 << 10, spans_in_flight=8, file_spans_in_flight=2)
+    changed = threading.Condition()
+    inside, most, held = 0, 0, True
+    got: dict[ChunkRef, bytes] = {}
+
+    def write(r: ChunkRef, chunk: ChunkData) -> None:
+        nonlocal inside, most, held
+        with changed:
+            got[r] = bytes(chunk)
+            inside += 1
+            most = max(most, inside)
+            changed.notify_all()
+            if held and not changed.wait_for(lambda: inside > 2 or not held, timeout=1.0):
+                held = False  # nobody else came: let them all go
+                changed.notify_all()
+            inside -= 1
+
+    async def after(r: ChunkRef, size: int) -> None:
+        pass
+
+    async with open_object_store((tmp_path / "s").as_uri()) as store:
+        await store.put(pack_key(pack_id), data)
+        origin = OriginSource(store, tuning=tuning)
+        assert await origin.fetch(refs, SplitSink(write, after)) == []
+    assert got == {r: data[r.offset : r.offset + r.size] for r in refs}
+    assert origin.requests == 6  # 6 spans of 2 chunks
+    assert most == 2
+
+
 # -- memory: a big pull holds a few chunks, never a span or the file ----------------
 
 _RSS_CHUNK = 1 << 20
