@@ -339,15 +339,22 @@ async def test_sigterm_is_not_held_up_by_a_client_that_never_reads(
     args = ["--limit", f"drain_timeout={drain_timeout}"]
     with daemon(store, tmp_path / "d", listen="127.0.0.1:0", peers="none", args=args) as d:
         conn = await open_connection(d.listen, Identity("probe", "default"))
-        for chunk_id in sizes:  # asked, never read (no read loop)
-            conn._queue_get(chunk_id)
-        await _eventually(lambda: _answering(d), "answers under way")
-        d.proc.send_signal(signal.SIGTERM)
-        if signals == 2:
-            await _eventually(
-                lambda: asyncio.to_thread(lambda: "finishing" in d.log_text()), "the drain"
-            )
+        # Asked, never read (no read loop): the biggest chunk, 16 times (the answers a
+        # connection may have pending), more than loopback's socket buffers take even
+        # when they grew (~10 MiB: the tree's 9 MiB once all went out on a slow CI box).
+        biggest = max(sizes, key=lambda c: sizes[c])
+        assert 16 * sizes[biggest] > 24 << 20
+        try:
+            for _ in range(16):
+                conn._queue_get(biggest)
+            await _eventually(lambda: _answering(d), "answers under way")
             d.proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(d.proc.wait, 30) == 0
-        assert "answers unsent" in d.log_text()
-        conn.stream.abort()
+            if signals == 2:
+                await _eventually(
+                    lambda: asyncio.to_thread(lambda: "finishing" in d.log_text()), "the drain"
+                )
+                d.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(d.proc.wait, 30) == 0
+            assert "answers unsent" in d.log_text()
+        finally:
+            conn.stream.abort()
