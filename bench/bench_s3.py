@@ -57,8 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +69,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from machine import touch_free_memory  # noqa: E402
+from nodeagent import node_daemon  # noqa: E402
 from s3proxy import CountingProxy  # noqa: E402
 from s3server import SeaweedS3Server, find_weed  # noqa: E402
 
@@ -164,29 +164,6 @@ def run(cmd: list[str], env: dict[str, str], server: Server | None = None) -> Ru
     return Run(seconds, user + sys_, inner, user, sys_, server_cpu, moved)
 
 
-@contextmanager
-def node_daemon(env: dict[str, str]) -> Iterator[Server]:
-    """``blobstore daemon`` on the env's cache (peers off), ready and idle; its CPU."""
-    proc = subprocess.Popen(
-        [BLOBSTORE, "daemon", "--listen", "127.0.0.1:0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        ready = json.loads(proc.stdout.readline() or "{}")
-        if not ready.get("agent"):
-            raise SystemExit(f"the daemon did not start its node agent: {ready}")
-        daemon = Server(proc.pid)
-        daemon.settle()
-        yield daemon
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
 def make_big(path: Path, size: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     step = 64 << 20
@@ -245,7 +222,9 @@ class Bench:
             cache = self.fresh("cache")
             node = self.env(endpoint, BLOBSTORE_STORE=url, BLOBSTORE_CACHE=str(cache))
             try:
-                with node_daemon(node) as daemon:
+                with node_daemon(node) as proc:
+                    daemon = Server(proc.pid)
+                    daemon.settle()
                     before = daemon.cpu()
                     result = run(
                         [BLOBSTORE, "pull", "--json", "bench", str(dest)], node, self.server
