@@ -31,10 +31,13 @@ beside ``cp -r store objects``); ``--data`` keeps one data set.
 
 A tree's outputs are moved aside between steps and deleted at the end, not
 deleted at once: on ext4 without a journal (this VM's root filesystem) creating
-an inode within 30 s of deleting many others scans every recently freed inode of
-its group (``recently_deleted``: 49% of a cold tree pull's samples under
-``perf``), and each step would pay for the 15,000 inodes the one before freed
-(cold tree pull 0.69 s in a round's first step, 2.8-3.4 s in the others).
+an inode within 60 s (up to 360 s) of deleting many others scans every recently
+freed inode of its group (``recently_deleted``: 49% of a cold tree pull's
+samples under ``perf``), and each step would pay for the 15,000 inodes the one
+before freed (cold tree pull 0.69 s in a round's first step, 2.8-3.4 s in the
+others). Deletions by anything else in the minutes before still slow the tree's
+rows: run it a few minutes after the last big deletion, and read the per-run
+numbers.
 """
 
 from __future__ import annotations
