@@ -250,10 +250,17 @@ same in two threads 0.181 s."""
 
 
 def copy_fd(src: int, dst: int, size: int) -> None:
-    """Copy ``size`` bytes from ``src`` to ``dst`` (both at offset 0)."""
+    """Copy ``size`` bytes from ``src`` to ``dst`` (both at offset 0; ``dst``
+    new and empty). Copies through the buffer reserve ``dst``'s blocks first
+    (nodestore.preallocate): 1 GiB from the page cache on ext4, 7 alternating
+    runs, 0.168 -> 0.106 s (``cp`` 0.260 s)."""
     if size < _KERNEL_COPY:
         _kernel_copy(src, dst, size)
-    elif size < _SPLIT_COPY:
+        return
+    from .nodestore import preallocate  # loaded already: a copy comes from a node store
+
+    preallocate(dst, size)
+    if size < _SPLIT_COPY:
         _buffer_copy(src, dst, 0, size)
     else:
         os.ftruncate(dst, size)  # the threads' writes land past each other's ends

@@ -324,9 +324,22 @@ async def test_after_a_reboot_seeds_are_rechecked_then_adopted_again(
 
 
 @pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, (1 << 20) + 7, (64 << 20) + 4093])
-def test_copy_fd_copies_every_size_exactly(tmp_path: Path, size: int) -> None:
+def test_copy_fd_copies_every_size_exactly(
+    tmp_path: Path, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Kernel copy below 1 MiB, one buffer above, two threads from 64 MiB: the
-    same bytes whichever path a size takes (odd sizes end mid-buffer)."""
+    same bytes whichever path a size takes (odd sizes end mid-buffer); the
+    buffered copies reserve the file's blocks first, and allocate each once."""
+    from blobstore import nodestore
+
+    reserved: list[int] = []
+    real_preallocate = nodestore.preallocate
+
+    def preallocate(fd: int, size: int) -> None:
+        reserved.append(size)
+        real_preallocate(fd, size)
+
+    monkeypatch.setattr(nodestore, "preallocate", preallocate)
     data = os.urandom(min(size, 1 << 20)) * (size // (1 << 20) + 1)
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.write_bytes(data[:size])
@@ -339,6 +352,8 @@ def test_copy_fd_copies_every_size_exactly(tmp_path: Path, size: int) -> None:
         os.close(dfd)
     assert dst.stat().st_size == size
     assert dst.read_bytes() == data[:size]
+    assert reserved == ([size] if size >= 1 << 20 else [])
+    assert dst.stat().st_blocks * 512 < size + (64 << 10)
 
 
 @pytest.mark.parametrize("size", [1 << 19, 8 << 20, 80 << 20])
