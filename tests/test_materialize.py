@@ -614,6 +614,7 @@ async def test_cold_pull_of_a_corrupt_pack_refetches_the_chunk_or_leaves_no_file
     import shutil
 
     from blobstore import materialize as materialize_module
+    from blobstore import nodestore
     from blobstore.origin import OriginSource
     from blobstore.stores import open_object_store
     from blobstore.tiers import TieredSource
@@ -624,7 +625,7 @@ async def test_cold_pull_of_a_corrupt_pack_refetches_the_chunk_or_leaves_no_file
         reserved.append(size)
         real_preallocate(fd, size)
 
-    real_preallocate = materialize_module.preallocate
+    real_preallocate = nodestore.preallocate  # (materialize's own name for it is patched)
     monkeypatch.setattr(materialize_module, "preallocate", preallocate)
 
     src = tmp_path / "src"
