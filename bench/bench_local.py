@@ -21,6 +21,12 @@ and then measured, medians of ``--rounds`` rounds in alternating order:
   vs ``pull --link-mode reflink`` and ``cp -al`` vs ``pull --link-mode hardlink``,
   with the node store on the same XFS.
 
+Rows marked ``agent`` run the same CLI pull with the node's ``blobstore daemon``
+running on that node store (started untimed; a fresh one per cold run): the CLI
+hands the pull to it (blobstore/agent.py), so the row has no import or set-up
+cost beyond the interpreter and argparse. Every other row sets
+``BLOBSTORE_AGENT=off``: the CLI pulls in its own process.
+
 Disk bytes written come from ``/proc/self/io`` (``write_bytes`` minus
 ``cancelled_write_bytes``; a reaped child's counts are added to its parent's),
 for the cold pull and each warm pull: bytes written per byte pulled. Times are
@@ -52,6 +58,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +67,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from helpers import random_bytes  # noqa: E402
+from nodeagent import node_daemon  # noqa: E402
 
 from blobstore.config import parse_size  # noqa: E402
 
@@ -67,10 +75,19 @@ BLOBSTORE = str(Path(sys.executable).parent / "blobstore")
 STDLIB = Path(os.__file__).parent
 
 
+DAEMONS: list[int] = []
+"""Pids of the node daemons running for the agent rows (their writes are the pull's)."""
+
+
 def disk_written() -> int:
-    """Bytes this process and its reaped children caused to be written to storage."""
-    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
-    return int(fields["write_bytes"]) - int(fields["cancelled_write_bytes"])
+    """Bytes this process, its reaped children and the running node daemons caused
+    to be written to storage."""
+    total = 0
+    for proc in ["self", *map(str, DAEMONS)]:
+        io = Path(f"/proc/{proc}/io").read_text().splitlines()
+        fields = dict(line.split(": ") for line in io)
+        total += int(fields["write_bytes"]) - int(fields["cancelled_write_bytes"])
+    return total
 
 
 def run(args: list[str], env: dict[str, str] | None = None) -> str:
@@ -110,6 +127,7 @@ class Bench:
             BLOBSTORE_STORE=store_dir.as_uri(),
             BLOBSTORE_CACHE=str(cache),
             BLOBSTORE_PEERS="none",
+            BLOBSTORE_AGENT="off",  # (the agent rows turn it on)
         )
         self.rounds = rounds
         self.rows: list[dict[str, Any]] = []
@@ -119,15 +137,33 @@ class Bench:
         bench_dataset), emptied at the end."""
         self.trash.mkdir(exist_ok=True)
 
+    def daemon(self, stack: ExitStack, cache: Path | None = None) -> None:
+        """The node's daemon on ``cache`` (default: this bench's node store) until
+        ``stack`` closes, for the agent rows."""
+        env = self.env if cache is None else dict(self.env, BLOBSTORE_CACHE=str(cache))
+        pid = stack.enter_context(node_daemon(env)).pid
+        DAEMONS.append(pid)
+        stack.callback(DAEMONS.remove, pid)
+
     def fresh(self, base: Path) -> Path:
         self._n += 1
         return base / f"out-{self._n}"
 
-    def pull(self, ref: str, dst: Path, mode: str = "copy", cache: Path | None = None) -> float:
+    def pull(
+        self,
+        ref: str,
+        dst: Path,
+        mode: str = "copy",
+        cache: Path | None = None,
+        agent: bool = False,
+    ) -> float:
         """Pull through the CLI; returns the pull's own seconds (``--json``: the
         materialize step, without interpreter start-up and manifest loading).
-        ``cache``: another node store (a cold one)."""
+        ``cache``: another node store (a cold one). ``agent``: the CLI hands the
+        pull to the daemon running on that node store (``daemon``)."""
         env = self.env if cache is None else dict(self.env, BLOBSTORE_CACHE=str(cache))
+        if agent:
+            env = dict(env, BLOBSTORE_AGENT="auto")
         out = run([BLOBSTORE, "pull", "--json", "--link-mode", mode, ref, str(dst)], env)
         seconds: float = json.loads(out)["seconds"]
         return seconds
@@ -191,28 +227,34 @@ def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None, cold_only: b
             else:
                 shutil.rmtree(gone, ignore_errors=True)
 
-    def cold_pull(mode: str) -> Callable[[], Any]:
-        """A pull into a new DEST with a new (empty) node store."""
+    def cold_pull(mode: str, agents: list[Path] | None = None) -> Callable[[], Any]:
+        """A pull into a new DEST with a new (empty) node store; ``agents``: node
+        stores with their daemon started (untimed), one taken per run."""
 
         def step() -> Any:
             dst = b.fresh(out)
-            cache = dst.with_name(dst.name + "-cache")
+            cache = agents.pop() if agents else dst.with_name(dst.name + "-cache")
             made.extend([dst, cache])
-            return b.pull(ref, dst, mode, cache=cache)
+            return b.pull(ref, dst, mode, cache=cache, agent=agents is not None)
 
         return step
 
     store = Path(b.env["BLOBSTORE_STORE"].removeprefix("file://"))
-    b.measure(
-        data,
-        nbytes,
-        {
-            "cp -r store objects": into(lambda d: run(["cp", "-r", str(store), str(d)])),
-            "pull auto (cold)": cold_pull("auto"),
-            "pull copy (cold)": cold_pull("copy"),
-        },
-        cleanup,
-    )
+    with ExitStack() as daemons:
+        agents = [b.work / f"agent-cache-{data}-{i}" for i in range(b.rounds)]
+        for cache in agents:
+            b.daemon(daemons, cache)
+        b.measure(
+            data,
+            nbytes,
+            {
+                "cp -r store objects": into(lambda d: run(["cp", "-r", str(store), str(d)])),
+                "pull auto (cold)": cold_pull("auto"),
+                "pull auto (cold, agent)": cold_pull("auto", agents),
+                "pull copy (cold)": cold_pull("copy"),
+            },
+            cleanup,
+        )
     if cold_only:
         shutil.rmtree(out)
         return
@@ -223,17 +265,20 @@ def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None, cold_only: b
         run(["cp", "-r", str(src), str(dst)])
         os.sync()
 
-    b.measure(
-        data,
-        nbytes,
-        {
-            "cp -r": into(lambda d: run(["cp", "-r", str(src), str(d)])),
-            "cp -r && sync": into(cp_sync),
-            "pull copy (warm)": into(lambda d: b.pull(ref, d)),
-            "re-pull (up to date)": lambda: b.pull(ref, cold),
-        },
-        cleanup,
-    )
+    with ExitStack() as daemons:
+        b.daemon(daemons)
+        b.measure(
+            data,
+            nbytes,
+            {
+                "cp -r": into(lambda d: run(["cp", "-r", str(src), str(d)])),
+                "cp -r && sync": into(cp_sync),
+                "pull copy (warm)": into(lambda d: b.pull(ref, d)),
+                "pull copy (warm, agent)": into(lambda d: b.pull(ref, d, agent=True)),
+                "re-pull (up to date)": lambda: b.pull(ref, cold),
+            },
+            cleanup,
+        )
     shutil.rmtree(out)
     if xfs is None:
         return
@@ -268,20 +313,27 @@ def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None, cold_only: b
 
         return step
 
-    xb.measure(
-        data,
-        nbytes,
-        {
-            "xfs: cp -r": xinto(lambda d: run(["cp", "-r", "--reflink=never", str(xsrc), str(d)])),
-            "xfs: cp -r --reflink=always": xinto(
-                lambda d: run(["cp", "-r", "--reflink=always", str(xsrc), str(d)])
-            ),
-            "xfs: pull reflink (warm)": xinto(lambda d: xb.pull(ref, d, "reflink")),
-            "xfs: cp -al": xinto(lambda d: run(["cp", "-al", str(xsrc), str(d)])),
-            "xfs: pull hardlink (warm)": xinto(lambda d: xb.pull(ref, d, "hardlink")),
-        },
-        cleanup,
-    )
+    with ExitStack() as daemons:
+        xb.daemon(daemons)
+        xb.measure(
+            data,
+            nbytes,
+            {
+                "xfs: cp -r": xinto(
+                    lambda d: run(["cp", "-r", "--reflink=never", str(xsrc), str(d)])
+                ),
+                "xfs: cp -r --reflink=always": xinto(
+                    lambda d: run(["cp", "-r", "--reflink=always", str(xsrc), str(d)])
+                ),
+                "xfs: pull reflink (warm)": xinto(lambda d: xb.pull(ref, d, "reflink")),
+                "xfs: pull reflink (warm, agent)": xinto(
+                    lambda d: xb.pull(ref, d, "reflink", agent=True)
+                ),
+                "xfs: cp -al": xinto(lambda d: run(["cp", "-al", str(xsrc), str(d)])),
+                "xfs: pull hardlink (warm)": xinto(lambda d: xb.pull(ref, d, "hardlink")),
+            },
+            cleanup,
+        )
     b.rows += xb.rows
     shutil.rmtree(xout)
     shutil.rmtree(xsrc)
@@ -312,7 +364,7 @@ def report(rows: list[dict[str, Any]]) -> None:
         xfs = r["step"].startswith("xfs:")
         cp = floors.get((r["data"], "xfs: cp -r" if xfs else "cp -r"))
         cps = floors.get((r["data"], "cp -r && sync"))
-        if "(cold)" in r["step"] and not xfs:  # cold pulls: against copying the store
+        if "(cold" in r["step"] and not xfs:  # cold pulls: against copying the store
             cp = floors.get((r["data"], "cp -r store objects"))
         ratio = f"{cp / r['seconds']:7.2f}" if cp else " " * 7
         ratio_sync = f"{cps / r['seconds']:8.2f}" if cps and not xfs else " " * 8
