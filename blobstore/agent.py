@@ -41,15 +41,18 @@ import socket
 import stat
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from . import errors
 from .errors import BlobstoreError, ProtocolError
 from .repull import PullResult
+
+if TYPE_CHECKING:
+    from .config import Config
 
 SOCKET_NAME = "agent.sock"
 VERSION = 1
@@ -70,8 +73,7 @@ class PullRequest:
     """The node store's directory, resolved (realpath)."""
     region: str
     s3: tuple[str, ...]
-    """The S3 settings (``s3_settings``): the same store through another endpoint is
-    not the same store."""
+    """The S3 settings, as ``node_settings`` writes them."""
     ref: str
     dest: str
     """The destination's absolute path (the fd sent with the request is what is used)."""
@@ -93,28 +95,32 @@ class PullRequest:
         if doc.get("t") != "pull" or doc.get("v") != VERSION:
             raise ProtocolError(f"not a pull request of version {VERSION}")
         values: dict[str, Any] = {}
-        for f in fields(cls):
+        for f in fields(cls):  # (their types are strings: annotations are not evaluated)
             if f.name not in doc:
-                if f.name in ("store", "cache", "region", "s3", "ref", "dest"):
+                if f.default is MISSING:
                     raise ProtocolError(f"agent request lacks {f.name!r}")
                 continue
             value = doc[f.name]
-            if f.name in ("s3", "include", "exclude"):
+            if f.type == "tuple[str, ...]":
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     raise ProtocolError(f"agent request: {f.name} is not a list of strings")
                 value = tuple(value)
-            elif f.name in ("keep_special_modes", "progress", "peers"):
-                if not isinstance(value, bool):
-                    raise ProtocolError(f"agent request: {f.name} is not a boolean")
-            elif not isinstance(value, str):
-                raise ProtocolError(f"agent request: {f.name} is not a string")
+            elif not isinstance(value, bool if f.type == "bool" else str):
+                raise ProtocolError(f"agent request: {f.name} is not a {f.type}")
             values[f.name] = value
         return cls(**values)
 
 
-def s3_settings(s3: object) -> tuple[str, ...]:
-    """A config's S3 settings as strings (``Config.s3``, a frozen dataclass)."""
-    return tuple(f"{f.name}={getattr(s3, f.name)!r}" for f in fields(s3))  # type: ignore[arg-type]
+def node_settings(config: Config) -> dict[str, Any]:
+    """What a request must share with the daemon's own config (PullRequest's fields):
+    the store, the node store (resolved), the region and the S3 settings (the same
+    bucket through another endpoint is another store)."""
+    return {
+        "store": config.store_url,
+        "cache": os.path.realpath(config.cache.dir),
+        "region": config.region,
+        "s3": tuple(f"{f.name}={getattr(config.s3, f.name)!r}" for f in fields(config.s3)),
+    }
 
 
 def socket_path(cache_dir: Path) -> Path:
@@ -259,7 +265,7 @@ def _answers(sock: socket.socket, on_progress: Progress | None) -> PullResult | 
 
 
 def request_for(
-    config: Any,
+    config: Config,
     ref: str,
     dest: Path,
     *,
@@ -269,12 +275,9 @@ def request_for(
     exclude: Sequence[str],
     progress: bool,
 ) -> PullRequest:
-    """The request a pull with ``config`` (blobstore.config.Config) makes."""
+    """The request a pull with ``config`` makes."""
     return PullRequest(
-        store=config.store_url,
-        cache=os.path.realpath(config.cache.dir),
-        region=config.region,
-        s3=s3_settings(config.s3),
+        **node_settings(config),
         ref=ref,
         dest=os.path.abspath(dest),
         link_mode=link_mode,

@@ -26,7 +26,7 @@ from blobstore.agent import PullRequest
 from blobstore.client import Client
 from blobstore.config import Config
 from blobstore.errors import BlobstoreError, ProtocolError, os_error
-from blobstore.linking import DestDir, parse_link_mode
+from blobstore.linking import LINK_MODES, DestDir, parse_link_mode
 from blobstore.nodestore import NodeStore
 from blobstore.objectstore import ObjectStore
 from blobstore.source import ChunkSource
@@ -62,14 +62,7 @@ class AgentServer:
         self._counts = metrics.agent_pulls
         self._waiting = 0
         self._connections: set[asyncio.Task[None]] = set()
-        self._own = PullRequest(
-            store=config.store_url,
-            cache=os.path.realpath(config.cache.dir),
-            region=config.region,
-            s3=agent.s3_settings(config.s3),
-            ref="",
-            dest="",
-        )
+        self._own = agent.node_settings(config)
         self.path: str | None = None
         """The socket, while it serves."""
 
@@ -140,15 +133,14 @@ class AgentServer:
         try:
             with conn:
                 try:
-                    if agent.peer_uid(conn) != os.geteuid():
-                        await _send(conn, {"t": "decline", "reason": "another user"})
-                        return
+                    # Read first, whoever it is: a socket closed with a message unread
+                    # resets, and the client would never see why it was declined.
                     async with asyncio.timeout(_REQUEST_TIMEOUT):
                         req, fd = await _request(conn)
-                    root = DestDir(Path(req.dest), fd)
+                    root = DestDir(Path(req.dest), fd)  # (closes the fd however this ends)
                 finally:
                     self._waiting -= 1
-                why = self._refusal(req, fd)
+                why = self._refusal(conn, req, fd)
                 if why is not None or self._pulls.locked():
                     self._counts["declined"] += 1
                     await _send(conn, {"t": "decline", "reason": why or "busy"})
@@ -164,12 +156,13 @@ class AgentServer:
             if root is not None:
                 root.close()
 
-    def _refusal(self, req: PullRequest, fd: int) -> str | None:
-        own = self._own
-        for name in ("store", "cache", "region", "s3"):
-            if getattr(req, name) != getattr(own, name):
+    def _refusal(self, conn: socket.socket, req: PullRequest, fd: int) -> str | None:
+        if agent.peer_uid(conn) != os.geteuid():
+            return "another user"  # (before anything is done with what it sent)
+        for name, own in self._own.items():
+            if getattr(req, name) != own:
                 return f"another {name} than the daemon's"
-        if req.link_mode not in ("auto", "reflink", "hardlink", "copy"):
+        if req.link_mode not in LINK_MODES:
             return f"not a link mode: {req.link_mode!r}"
         return agent.check_dest(req.dest, fd)
 

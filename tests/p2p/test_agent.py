@@ -5,7 +5,6 @@ what happens when the daemon dies mid-pull or the CLI is interrupted."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -29,6 +28,9 @@ from blobstore.agent import Declined, PullRequest
 from blobstore.config import Config
 
 REF = "apps/a"
+Snapshot = dict[str, tuple[str, int, str]]
+SlowS3 = tuple[str, dict[str, str], CountingProxy, Snapshot]
+"""The ``slow_s3`` fixture: store URL, env, proxy, the tree's snapshot."""
 
 
 def _missing(reason: str) -> None:
@@ -38,7 +40,7 @@ def _missing(reason: str) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> tuple[str, dict[str, tuple[str, int, str]]]:
+def store(tmp_path: Path) -> tuple[str, Snapshot]:
     """A file:// store holding REF (make_tree), and the tree's snapshot."""
     url = (tmp_path / "store").as_uri()
     src = make_tree(tmp_path / "src")
@@ -57,9 +59,7 @@ def agent_pulls(d: Daemon) -> list[str]:
     return [ln for ln in d.log_text().splitlines() if "agent pull of" in ln]
 
 
-def test_a_cli_pull_is_run_by_the_nodes_daemon(
-    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
-) -> None:
+def test_a_cli_pull_is_run_by_the_nodes_daemon(tmp_path: Path, store: tuple[str, Snapshot]) -> None:
     url, expected = store
     cache = tmp_path / "cache"
     with node_daemon(url, cache) as d:
@@ -92,7 +92,7 @@ def test_a_cli_pull_is_run_by_the_nodes_daemon(
 
 
 def test_pulls_not_meant_for_the_daemon_run_in_their_own_process(
-    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+    tmp_path: Path, store: tuple[str, Snapshot]
 ) -> None:
     url, expected = store
     cache = tmp_path / "cache"
@@ -126,7 +126,7 @@ def test_pulls_not_meant_for_the_daemon_run_in_their_own_process(
 
 
 def test_a_socket_left_by_a_killed_daemon_is_passed_over_and_replaced(
-    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+    tmp_path: Path, store: tuple[str, Snapshot]
 ) -> None:
     url, expected = store
     cache = tmp_path / "cache"
@@ -164,7 +164,7 @@ def _dir_fd(path: Path) -> int:
 
 
 def test_the_daemon_pulls_only_into_the_directory_the_path_names(
-    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+    tmp_path: Path, store: tuple[str, Snapshot]
 ) -> None:
     url, expected = store
     cache = tmp_path / "cache"
@@ -222,7 +222,7 @@ def _raw(cache: Path, data: bytes, fds: list[int]) -> bytes:
 
 
 def test_malformed_requests_are_dropped_and_the_daemon_serves_on(
-    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+    tmp_path: Path, store: tuple[str, Snapshot]
 ) -> None:
     url, expected = store
     cache = tmp_path / "cache"
@@ -282,7 +282,7 @@ def _as_nobody(work: Callable[[Callable[[str], None]], None]) -> Iterator[str]:
 
 
 def test_the_daemon_serves_only_its_own_user_and_the_cli_trusts_only_its_own(
-    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+    tmp_path: Path, store: tuple[str, Snapshot]
 ) -> None:
     if os.geteuid() != 0:
         _missing("needs root: runs a client and a socket as another user")
@@ -301,8 +301,7 @@ def test_the_daemon_serves_only_its_own_user_and_the_cli_trusts_only_its_own(
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
                 s.connect(agent.short_path(cache_fd))
                 fd = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY)
-                with contextlib.suppress(BrokenPipeError):  # (it may have answered already)
-                    s.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fds(fd))])
+                s.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fds(fd))])
                 report(repr(agent.unpack(s.recv(agent.MAX_MESSAGE))))
 
         assert list(_as_nobody(client)) == [repr({"t": "decline", "reason": "another user"})]
@@ -341,9 +340,7 @@ def _fds(*fds: int) -> bytes:
 
 
 @pytest.fixture
-def slow_s3(
-    s3_server: SeaweedS3Server, tmp_path: Path
-) -> Iterator[tuple[str, dict[str, str], CountingProxy, dict[str, tuple[str, int, str]]]]:
+def slow_s3(s3_server: SeaweedS3Server, tmp_path: Path) -> Iterator[SlowS3]:
     """An S3 store holding REF (one 6 MiB file) behind a counting proxy, pack reads
     trickling at 256 KiB/s: store URL, env, proxy, the tree's snapshot."""
     url = s3_server.bucket_url("agent")
@@ -384,7 +381,7 @@ def _pull_reading_the_store(
 @pytest.mark.s3
 def test_ctrl_c_on_the_cli_cancels_the_daemons_pull(
     tmp_path: Path,
-    slow_s3: tuple[str, dict[str, str], CountingProxy, dict[str, tuple[str, int, str]]],
+    slow_s3: SlowS3,
 ) -> None:
     url, env, proxy, expected = slow_s3
     cache = tmp_path / "cache"
@@ -406,7 +403,7 @@ def test_ctrl_c_on_the_cli_cancels_the_daemons_pull(
 @pytest.mark.s3
 def test_a_daemon_dying_mid_pull_leaves_the_cli_to_finish(
     tmp_path: Path,
-    slow_s3: tuple[str, dict[str, str], CountingProxy, dict[str, tuple[str, int, str]]],
+    slow_s3: SlowS3,
 ) -> None:
     url, env, proxy, expected = slow_s3
     cache = tmp_path / "cache"
@@ -423,7 +420,7 @@ def test_a_daemon_dying_mid_pull_leaves_the_cli_to_finish(
 
 
 def test_a_node_store_whose_socket_path_is_too_long_for_unix_sockets_still_works(
-    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
+    tmp_path: Path, store: tuple[str, Snapshot]
 ) -> None:
     url, expected = store
     cache = tmp_path / ("long-" * 20) / "cache"
@@ -436,9 +433,7 @@ def test_a_node_store_whose_socket_path_is_too_long_for_unix_sockets_still_works
         assert len(agent_pulls(d)) == 1
 
 
-def test_the_daemons_pull_asks_its_peers_first(
-    tmp_path: Path, store: tuple[str, dict[str, tuple[str, int, str]]]
-) -> None:
+def test_the_daemons_pull_asks_its_peers_first(tmp_path: Path, store: tuple[str, Snapshot]) -> None:
     url, expected = store
     ports = free_ports(2)
     listen = [f"127.0.0.1:{p}" for p in ports]
@@ -466,7 +461,7 @@ def test_the_daemons_pull_asks_its_peers_first(
 @pytest.mark.s3
 def test_progress_comes_while_the_daemon_pulls_and_closing_cancels_it(
     tmp_path: Path,
-    slow_s3: tuple[str, dict[str, str], CountingProxy, dict[str, tuple[str, int, str]]],
+    slow_s3: SlowS3,
 ) -> None:
     url, env, _, expected = slow_s3
     cache = tmp_path / "cache"
