@@ -167,11 +167,6 @@ def _through_agent(
     from .. import agent
     from ..linking import DestDir
 
-    cache = os.path.realpath(config.cache.dir)
-    conn = agent.connect(cache)
-    if isinstance(conn, agent.Declined):
-        args.agent_declined = conn
-        return None
     tiers: dict[str, int] = {}
     bar = progress_line(args, "pull", tiers=lambda: tiers)
 
@@ -191,6 +186,11 @@ def _through_agent(
         exclude=args.exclude,
         progress=bar.enabled,
     )
+    conn = agent.connect(request.cache)
+    if isinstance(conn, agent.Declined):
+        bar.close()
+        args.agent_declined = conn
+        return None
     answer: PullResult | agent.Declined | None = None
     with conn:
         created = not dest.exists()
