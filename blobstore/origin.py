@@ -52,6 +52,7 @@ from .objectstore import ObjectStore, chunk_key, pack_key
 from .parallel import for_each
 from .source import ChunkData, Early, Sink, SplitSink, Undelivered
 from .spans import Piece, Span, SpanCutter, join, plan_spans
+from .stores import LazyObjectStore
 
 if TYPE_CHECKING:
     from .locator import PackLocator
@@ -193,16 +194,17 @@ class OriginSource:
         loose = [r for r in refs if r.pack is None]
         tuning = self.tuning
         packed = [r for r in refs if r.pack is not None]
+        store = await self._backing() if packed else self.store
         max_span = tuning.max_span
         in_flight = tuning.spans_in_flight
-        if isinstance(self.store, FileObjectStore):
+        if isinstance(store, FileObjectStore):
             in_flight = tuning.file_spans_in_flight
         elif sum(r.size for r in packed) >= in_flight * tuning.big_span:
             max_span = max(max_span, tuning.big_span)  # requests cost; preads do not
         spans = plan_spans(packed, max_gap=tuning.max_gap, max_span=max_span)
 
         async def read_span(span: Span) -> None:
-            await self._read_span(span, sink, undelivered)
+            await self._read_span(store, span, sink, undelivered)
 
         async def read_loose(ref: ChunkRef) -> None:
             try:
@@ -225,9 +227,22 @@ class OriginSource:
             raise _first_leaf(group) from None
         return undelivered
 
-    async def _read_span(self, span: Span, sink: Sink, undelivered: Undelivered) -> None:
-        key = pack_key(span.pack)
+    async def _backing(self) -> ObjectStore:
+        """The store whose packs are read: a lazily opened one (the runner API's)
+        once open, so its ``file://`` or S3 fast path is taken; while it cannot be
+        opened, the wrapper itself (each read then fails as the store does)."""
         store = self.store
+        if isinstance(store, LazyObjectStore):
+            try:
+                return await store.opened()
+            except StoreUnavailable:
+                pass
+        return store
+
+    async def _read_span(
+        self, store: ObjectStore, span: Span, sink: Sink, undelivered: Undelivered
+    ) -> None:
+        key = pack_key(span.pack)
         if isinstance(store, FileObjectStore):
             opener: RangeOpener = _FileOpener(store.root / key, key, store.url)
             await self._read_span_in_threads(span, opener, None, sink, undelivered)

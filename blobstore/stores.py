@@ -180,6 +180,12 @@ class LazyObjectStore(AsyncResource):
         self._store = None
         await self._stack.aclose()
 
+    async def opened(self) -> ObjectStore:
+        """The open store itself (the origin reads a ``file://`` or S3 store's packs
+        by its own fast paths, which a wrapper would hide). Raises StoreUnavailable
+        (from this attempt or a recent one)."""
+        return await self._ready()
+
     async def _ready(self) -> ObjectStore:
         """The open store. Raises StoreUnavailable (from this attempt or a recent one)."""
         if self._store is not None:
