@@ -1,130 +1,181 @@
-"""The node agent: a CLI pull handed to this node's daemon over a unix socket.
+"""The node agent: a ``blobstore pull`` command handed to this node's daemon.
 
-A ``blobstore pull`` spends ~0.09 s starting: the interpreter, ~240 modules
-(asyncio with ssl, anyio, the S3 client), the node store's sqlite and the S3
-connections. The node's ``blobstore daemon`` has all of that open already, so
-a pull that finds the daemon's socket sends it the request and prints what
-comes back (as ``dfget`` does with dfdaemon and the docker CLI with dockerd).
-The CLI then costs the interpreter and argparse; the pull itself is the same
-``Client.pull``, run by the daemon with its node store, store connections and
-view of the region.
+A ``blobstore pull`` run in its own process spends ~0.05-0.09 s starting: the
+interpreter, ~240 modules (argparse, asyncio, anyio, the S3 client), the node
+store's sqlite and the store connections. The node's ``blobstore daemon`` has
+all of that loaded and open, so the console script (``blobstore/__main__.py``)
+first looks for the daemon's socket and, when one answers, hands it the
+command line and prints what comes back, as ``dfget`` does with dfdaemon and
+the docker CLI with dockerd. This module is that client, so it imports only
+what it uses (``os``, ``sys``, ``_socket``, msgpack: ~3 ms, where ``socket``
+alone costs ~6 ms of enums and selectors): the pull costs the interpreter's
+start and one round trip.
 
-The wire (this module: the client, which imports nothing asynchronous, and the
-messages; ``p2p/agentserver.py`` is the daemon's side):
+The wire (this module: the client and the messages; ``p2p/agentserver.py`` is
+the daemon's side, which parses the command line with the CLI's own parser):
 
 - ``<cache>/agent.sock``, an ``AF_UNIX`` ``SOCK_SEQPACKET`` socket (one
   message per send, so no framing), mode 0600, bound by the daemon.
 - Each side checks the other's uid (``SO_PEERCRED``) is its own: the daemon
   writes the destination with its own uid, so it serves only that uid, and a
-  client sends its destination to no one else (a socket left by another user).
-- The client sends one request, a msgpack map, with the destination's
-  directory fd (``SCM_RIGHTS``), opened by the client in its own mount
-  namespace. The daemon works only through that fd (``DestDir``) and takes the
-  request only if the path names the same directory in its view too (pull
-  markers and seeds record paths), and if store, node store, region and S3
-  settings are its own.
-- The daemon answers ``start`` or ``decline`` (then the CLI pulls in its own
+  client sends its command line and environment to no one else.
+- The client sends one request, a msgpack map ``{t: "pull", v, argv, env, cwd,
+  tty}`` (its arguments after the program name, its environment, working
+  directory and whether stderr is a terminal), with the destination
+  directory's fd (``SCM_RIGHTS``), created and opened by the client in its own
+  mount namespace. The daemon works only through that fd and takes the
+  request only if DIR names that same directory in its view too (pull markers
+  and seeds record paths), and if the store, node store, region and S3
+  settings the command line and environment give are its own.
+- The daemon answers ``start`` or ``decline`` (then the CLI runs in its own
   process, as without a daemon), then ``progress`` messages at most every
-  0.1 s (only when asked for, never queued: one the socket cannot take at once
-  is dropped), then ``done`` with the result or ``error`` with its class and
-  line. The client closing the socket (Ctrl-C) cancels the pull.
+  0.1 s (only to a terminal, never queued: one the socket cannot take at once
+  is dropped), then ``exit`` with the status and the text the CLI prints on
+  stdout and stderr. The client closing the socket (Ctrl-C) cancels the pull.
 
-What a pull through the agent cannot do (``--delete``: the prune works by
-path) it never asks; a daemon that dies mid-pull leaves the CLI to finish in
-its own process (the files already placed are kept by the next pull's checks).
+Only a plain ``pull REF DIR`` with the options in ``_PULL_OPTIONS`` and
+``_GLOBAL_OPTIONS`` is handed over (``--delete`` prunes by path, ``--help``
+prints): anything else runs in the CLI's own process. A daemon that dies
+mid-pull leaves the CLI to finish in its own process (the files already placed
+are kept by the next pull's checks).
 """
 
 from __future__ import annotations
 
+import _socket  # (not socket: see above)
 import os
-import socket
-import stat
-import struct
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import sys
 
 import msgpack
 
-from . import errors
-from .errors import BlobstoreError, ProtocolError
-from .repull import PullResult
-
+TYPE_CHECKING = False  # (not typing's: its import costs ~2 ms; mypy knows the name)
 if TYPE_CHECKING:
-    from .config import Config
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import Any
 
 SOCKET_NAME = "agent.sock"
-VERSION = 1
+VERSION = 2
 MAX_MESSAGE = 64 << 10
-"""Largest message either side takes (a request with its patterns, a result):
+"""Largest message either side takes (a request with its environment, an answer):
 SOCK_SEQPACKET cuts a longer one, which is then refused."""
 PROGRESS_INTERVAL = 0.1
-_UCRED = struct.Struct("3i")  # pid, uid, gid
+AGENT_ENV = "BLOBSTORE_AGENT"
+"""``off``: pulls never go to the node's daemon."""
 _SUN_PATH = 108
 
+_GLOBAL_OPTIONS = {
+    **dict.fromkeys(
+        (
+            "--store",
+            "--endpoint-url",
+            "--profile",
+            "--cache",
+            "--cache-size",
+            "--region",
+            "--peers",
+            "--token-file",
+            "--tls-cert",
+            "--tls-key",
+            "--tls-ca",
+            "--log-level",
+            "--log-format",
+        ),
+        True,
+    ),
+    **dict.fromkeys(("-v", "--verbose", "-q", "--quiet"), False),
+}
+"""The CLI's global options, by whether they take a value (tests/test_agent.py
+checks them against the parser)."""
+_PULL_OPTIONS = {
+    **dict.fromkeys(("--include", "--exclude", "--link-mode"), True),
+    **dict.fromkeys(("--json", "--keep-special-modes"), False),
+}
+"""The ``pull`` options a handed-over pull may use (not ``--delete``, ``--help``)."""
 
-@dataclass(frozen=True, slots=True)
-class PullRequest:
-    """What the CLI asks the daemon to pull, and the settings that must be the daemon's."""
 
-    store: str
-    cache: str
-    """The node store's directory, resolved (realpath)."""
-    region: str
-    s3: tuple[str, ...]
-    """The S3 settings, as ``node_settings`` writes them."""
-    ref: str
-    dest: str
-    """The destination's absolute path (the fd sent with the request is what is used)."""
-    link_mode: str = "auto"
-    keep_special_modes: bool = False
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    progress: bool = False
-    """Send progress messages."""
-    peers: bool = True
-    """False (``--peers none``): the daemon's peers are not asked either."""
+class Declined:
+    """The command was not run by the daemon: run it here. ``started``: the daemon
+    had begun the pull (and then went away)."""
 
-    def encode(self) -> bytes:
-        return pack({"t": "pull", "v": VERSION, **asdict(self)})
+    __slots__ = ("reason", "started")
 
-    @classmethod
-    def decode(cls, doc: Mapping[str, Any]) -> PullRequest:
-        """Raises ProtocolError on anything but a well-formed request of this version."""
-        if doc.get("t") != "pull" or doc.get("v") != VERSION:
-            raise ProtocolError(f"not a pull request of version {VERSION}")
-        values: dict[str, Any] = {}
-        for f in fields(cls):  # (their types are strings: annotations are not evaluated)
-            if f.name not in doc:
-                if f.default is MISSING:
-                    raise ProtocolError(f"agent request lacks {f.name!r}")
+    def __init__(self, reason: str, started: bool = False) -> None:
+        self.reason, self.started = reason, started
+
+    def __repr__(self) -> str:
+        return f"Declined({self.reason!r}, started={self.started})"
+
+
+class Exit:
+    """What the daemon's run of the command printed, and its exit status."""
+
+    __slots__ = ("code", "err", "out")
+
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+
+class AgentProtocolError(ValueError):
+    """A message that is not the wire's (the CLI then runs the pull itself)."""
+
+
+def pull_words(argv: Sequence[str]) -> tuple[str | None, str] | None:
+    """``--cache``'s value (None: not given) and DIR of a plain ``pull REF DIR``
+    command line (``argv`` without the program name), else None: a command this
+    client leaves to the CLI. The daemon parses ``argv`` again with the CLI's own
+    parser; these words only find its socket and the directory to open."""
+    cache: str | None = None
+    positional: list[str] = []
+    pulling = False
+    words = iter(argv)
+    for word in words:
+        if word.startswith("-") and word != "-":
+            name, has_value, value = word.partition("=")
+            takes_value = _GLOBAL_OPTIONS.get(name)
+            if takes_value is None and pulling:
+                takes_value = _PULL_OPTIONS.get(name)
+            if takes_value is None:
+                if has_value or not _repeated_v(name):
+                    return None  # --delete, --help, --, an abbreviation, a typo
                 continue
-            value = doc[f.name]
-            if f.type == "tuple[str, ...]":
-                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise ProtocolError(f"agent request: {f.name} is not a list of strings")
-                value = tuple(value)
-            elif not isinstance(value, bool if f.type == "bool" else str):
-                raise ProtocolError(f"agent request: {f.name} is not a {f.type}")
-            values[f.name] = value
-        return cls(**values)
+            if not takes_value:
+                if has_value:
+                    return None
+                continue
+            if not has_value:
+                value = next(words, "-")
+                if value.startswith("-"):
+                    return None  # argparse would take it for an option
+            if name == "--cache":
+                cache = value
+        elif not pulling:
+            if word != "pull":
+                return None
+            pulling = True
+        else:
+            positional.append(word)
+    if not pulling or len(positional) != 2:
+        return None
+    return cache, positional[1]
 
 
-def node_settings(config: Config) -> dict[str, Any]:
-    """What a request must share with the daemon's own config (PullRequest's fields):
-    the store, the node store (resolved), the region and the S3 settings (the same
-    bucket through another endpoint is another store)."""
-    return {
-        "store": config.store_url,
-        "cache": os.path.realpath(config.cache.dir),
-        "region": config.region,
-        "s3": tuple(f"{f.name}={getattr(config.s3, f.name)!r}" for f in fields(config.s3)),
-    }
+def _repeated_v(name: str) -> bool:
+    return len(name) > 2 and name[0] == "-" and set(name[1:]) == {"v"}
 
 
-def socket_path(cache_dir: Path) -> Path:
-    return cache_dir / SOCKET_NAME
+def node_store_dir(cache: str | None, env: Mapping[str, str]) -> str:
+    """The node store a command with ``--cache cache`` and ``env`` uses (as
+    config.Config.from_env finds it), resolved."""
+    where = cache if cache is not None else env.get("BLOBSTORE_CACHE")
+    if where is None:
+        from .config import default_cache_dir  # (platformdirs: only on unset nodes)
+
+        where = default_cache_dir()
+    return os.path.realpath(os.path.expanduser(where))
+
+
+def socket_path(cache_dir: str | os.PathLike[str]) -> str:
+    return os.path.join(cache_dir, SOCKET_NAME)
 
 
 def short_path(dir_fd: int, name: str = SOCKET_NAME, path: str = "") -> str:
@@ -142,63 +193,23 @@ def pack(doc: Mapping[str, Any]) -> bytes:
 
 
 def unpack(data: bytes) -> dict[str, Any]:
-    """Raises ProtocolError."""
+    """Raises AgentProtocolError."""
     try:
         doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise ProtocolError(f"malformed agent message: {exc}") from None
+        raise AgentProtocolError(f"malformed agent message: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("t"), str):
-        raise ProtocolError("malformed agent message: not a map with a type")
+        raise AgentProtocolError("malformed agent message: not a map with a type")
     return doc
 
 
-def peer_uid(sock: socket.socket) -> int:
+def peer_uid(sock: _socket.socket) -> int:
     """The uid of the process at the other end of a unix socket."""
-    _, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    return int(uid)
+    ucred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # pid, uid, gid
+    return int.from_bytes(ucred[4:8], sys.byteorder)
 
 
-def result_doc(r: PullResult) -> dict[str, Any]:
-    return {**asdict(r), "from_tier": dict(r.from_tier)}
-
-
-def result_of(doc: Mapping[str, Any]) -> PullResult:
-    """Raises ProtocolError."""
-    try:
-        r = PullResult(**doc)
-    except TypeError as exc:
-        raise ProtocolError(f"malformed agent result: {exc}") from None
-    if not isinstance(r.from_tier, dict):
-        raise ProtocolError("malformed agent result: from_tier is not a map")
-    return r
-
-
-def error_of(doc: Mapping[str, Any]) -> BlobstoreError:
-    """The daemon's error as the class it raised (BlobstoreError when unknown here)."""
-    message = str(doc.get("message", "the node's daemon failed the pull"))
-    cls = getattr(errors, str(doc.get("kind", "")), None)
-    if isinstance(cls, type) and issubclass(cls, BlobstoreError):
-        try:
-            return cls(message)
-        except TypeError:  # a class that takes more than a message
-            pass
-    return BlobstoreError(message)
-
-
-@dataclass(frozen=True, slots=True)
-class Declined:
-    """The pull was not done by the daemon: run it here. ``started``: the daemon had
-    begun it (and then went away)."""
-
-    reason: str
-    started: bool = False
-
-
-Progress = Callable[[Mapping[str, Any]], None]
-"""Called with each progress message: done, total, files_done, files_total, tiers."""
-
-
-def connect(cache: str) -> socket.socket | Declined:
+def connect(cache: str) -> _socket.socket | Declined:
     """A connection to the daemon of the node store ``cache`` (a realpath) that runs
     as this process's user, or a Declined: no daemon (the usual case, one failed
     ``connect``), a socket left by a dead one, or another user's."""
@@ -207,7 +218,7 @@ def connect(cache: str) -> socket.socket | Declined:
     except OSError as exc:
         return Declined(f"no node store at {cache}: {exc.strerror}")
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
         try:
             sock.connect(short_path(dir_fd, path=cache))
         except OSError as exc:
@@ -223,84 +234,121 @@ def connect(cache: str) -> socket.socket | Declined:
     return sock
 
 
-def pull(
-    sock: socket.socket, request: PullRequest, dest_fd: int, on_progress: Progress | None = None
-) -> PullResult | Declined:
-    """Hand ``request`` to the daemon at ``sock`` (``connect``), sending ``dest_fd``
-    (the caller keeps its own). A daemon that declines or goes away is a Declined.
-    Raises what the daemon's pull raised (the class by name, from blobstore.errors),
-    ProtocolError."""
-    try:
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", dest_fd))]
-        sock.sendmsg([request.encode()], rights)
-        return _answers(sock, on_progress)
-    except OSError as exc:  # (connection reset: the daemon died)
-        return Declined(f"the node agent went away: {exc.strerror}", started=True)
-
-
-def _answers(sock: socket.socket, on_progress: Progress | None) -> PullResult | Declined:
-    started = False
-    while True:
-        data = sock.recv(MAX_MESSAGE)
-        if not data:
-            return Declined("the node agent went away", started=started)
-        doc = unpack(data)
-        kind = doc["t"]
-        if kind == "start":
-            started = True
-        elif kind == "decline":
-            return Declined(str(doc.get("reason", "declined")))
-        elif kind == "progress":
-            if on_progress is not None:
-                on_progress(doc)
-        elif kind == "done":
-            result = doc.get("result")
-            if not isinstance(result, dict):
-                raise ProtocolError("malformed agent message: done without a result")
-            return result_of(result)
-        elif kind == "error":
-            raise error_of(doc)
-        else:
-            raise ProtocolError(f"unknown agent message {kind!r}")
-
-
-def request_for(
-    config: Config,
-    ref: str,
-    dest: Path,
-    *,
-    link_mode: str,
-    keep_special_modes: bool,
-    include: Sequence[str],
-    exclude: Sequence[str],
-    progress: bool,
-) -> PullRequest:
-    """The request a pull with ``config`` makes."""
-    return PullRequest(
-        **node_settings(config),
-        ref=ref,
-        dest=os.path.abspath(dest),
-        link_mode=link_mode,
-        keep_special_modes=keep_special_modes,
-        include=tuple(include),
-        exclude=tuple(exclude),
-        progress=progress,
-        peers=config.peers.mode != "none",
+def request(argv: Sequence[str], env: Mapping[str, str], cwd: str, tty: bool) -> bytes:
+    """The request for the command line ``argv`` run in ``env`` and ``cwd``."""
+    return pack(
+        {"t": "pull", "v": VERSION, "argv": list(argv), "env": dict(env), "cwd": cwd, "tty": tty}
     )
 
 
-def check_dest(path: str, fd: int) -> str | None:
-    """Why the daemon cannot pull into ``fd`` as ``path`` (None: it can): the fd must
-    be a directory that ``path`` names in this process's view as well."""
-    if not os.path.isabs(path):
-        return f"not an absolute path: {path}"
+def hand_over(
+    sock: _socket.socket,
+    message: bytes,
+    dest_fd: int,
+    on_progress: Callable[[Mapping[str, Any]], None] | None = None,
+) -> Exit | Declined:
+    """Send ``message`` (``request``) to the daemon at ``sock`` (``connect``) with
+    ``dest_fd`` (the caller keeps its own); the command's Exit, or a Declined when
+    the daemon declines, goes away or answers what is not the wire's."""
+    started = False
     try:
-        st_fd = os.fstat(fd)
-        st_path = os.stat(path)
-    except OSError as exc:
-        return f"destination not visible to the node agent: {exc.strerror}"
-    if not stat.S_ISDIR(st_fd.st_mode):
-        return "the destination sent is not a directory"
-    if (st_fd.st_dev, st_fd.st_ino) != (st_path.st_dev, st_path.st_ino):
-        return "the destination is another directory in the node agent's view"
-    return None
+        sock.sendmsg(
+            [message],
+            [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, dest_fd.to_bytes(4, sys.byteorder))],
+        )
+        while True:
+            data = sock.recv(MAX_MESSAGE)
+            if not data:
+                return Declined("the node agent went away", started=started)
+            doc = unpack(data)
+            kind = doc["t"]
+            if kind == "start":
+                started = True
+            elif kind == "decline":
+                return Declined(str(doc.get("reason", "declined")))
+            elif kind == "progress":
+                if on_progress is not None:
+                    on_progress(doc)
+            elif kind == "exit":
+                code, out, err = doc.get("code"), doc.get("out", ""), doc.get("err", "")
+                if (
+                    not isinstance(code, int)
+                    or not isinstance(out, str)
+                    or not isinstance(err, str)
+                ):
+                    raise AgentProtocolError("malformed agent message: exit")
+                return Exit(code, out, err)
+            else:
+                raise AgentProtocolError(f"unknown agent message {kind!r}")
+    except OSError as exc:  # (connection reset: the daemon died)
+        return Declined(f"the node agent went away: {exc.strerror}", started=started)
+    except AgentProtocolError as exc:
+        return Declined(str(exc), started=started)
+
+
+def run_pull(argv: Sequence[str]) -> int | Declined:
+    """The console script's first step: the pull ``argv`` names, run by this node's
+    daemon, with what it printed printed here; its exit status, or a Declined
+    (then the CLI runs in this process): not a plain pull, no daemon on its node
+    store, BLOBSTORE_AGENT=off, a daemon that declined or went away."""
+    env = os.environ
+    if env.get(AGENT_ENV) == "off":
+        return Declined(f"{AGENT_ENV}=off")
+    words = pull_words(argv)
+    if words is None:
+        return Declined("not a pull the node agent runs")
+    cache, dest = words
+    sock = connect(node_store_dir(cache, env))
+    if isinstance(sock, Declined):
+        return sock
+    try:
+        created = not os.path.isdir(dest)
+        try:
+            os.makedirs(dest, exist_ok=True)
+            dest_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:  # (the CLI reports it in its own words)
+            return Declined(f"cannot open {dest}: {exc.strerror}")
+        bar = _ProgressBar() if sys.stderr.isatty() else None
+        answer: Exit | Declined = Declined("interrupted", started=True)
+        try:
+            message = request(argv, env, os.getcwd(), bar is not None)
+            if len(message) > MAX_MESSAGE:
+                return Declined("the command line and environment exceed an agent message")
+            answer = hand_over(sock, message, dest_fd, bar)
+        finally:
+            os.close(dest_fd)
+            if bar is not None:
+                bar.close()
+            if created and (isinstance(answer, Declined) or answer.code != 0):
+                try:  # as a pull here would leave it (when nothing was placed)
+                    os.rmdir(dest)
+                except OSError:
+                    pass
+    finally:
+        sock.close()
+    if isinstance(answer, Declined):
+        return answer
+    if answer.out:
+        sys.stdout.write(answer.out)
+    if answer.err:
+        sys.stderr.write(answer.err)
+    return answer.code
+
+
+class _ProgressBar:
+    """The CLI's status line (blobstore.progress, imported only for a terminal),
+    fed by the daemon's progress messages."""
+
+    def __init__(self) -> None:
+        from .progress import ProgressLine
+
+        self.tiers: dict[str, int] = {}
+        self.line = ProgressLine("pull", tiers=lambda: self.tiers)
+
+    def __call__(self, doc: Mapping[str, Any]) -> None:
+        self.tiers.update(doc.get("tiers") or {})
+        self.line(int(doc.get("done", 0)), int(doc.get("total", 0)))
+        self.line.files(int(doc.get("files_done", 0)), int(doc.get("files_total", 0)))
+
+    def close(self) -> None:
+        self.line.close()

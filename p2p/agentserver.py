@@ -1,5 +1,7 @@
 """The daemon's side of the node agent (blobstore/agent.py): CLI pulls of this
 node, run in the daemon's process with its node store and store connections.
+The command line is parsed by the CLI's own parser (cli/transfer.AgentPull), in
+the client's environment and directory; what it prints is sent back as text.
 
 Bounds: ``agent_pulls`` pulls at once (another is declined, and its CLI pulls
 in its own process); at most ``_WAITING`` connections that have not sent their
@@ -15,18 +17,20 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from blobstore import agent
-from blobstore.agent import PullRequest
+from blobstore.cli.transfer import AgentPull
 from blobstore.client import Client
 from blobstore.config import Config
 from blobstore.errors import BlobstoreError, ProtocolError, os_error
-from blobstore.linking import LINK_MODES, DestDir, parse_link_mode
+from blobstore.linking import DestDir
 from blobstore.nodestore import NodeStore
 from blobstore.objectstore import ObjectStore
 from blobstore.source import ChunkSource
@@ -62,7 +66,7 @@ class AgentServer:
         self._counts = metrics.agent_pulls
         self._waiting = 0
         self._connections: set[asyncio.Task[None]] = set()
-        self._own = agent.node_settings(config)
+        self._own = node_settings(config)
         self.path: str | None = None
         """The socket, while it serves."""
 
@@ -75,7 +79,7 @@ class AgentServer:
             log.warning("no node agent: cannot bind %s: %s", agent.SOCKET_NAME, exc)
             yield
             return
-        self.path = str(agent.socket_path(self._config.cache.dir))
+        self.path = agent.socket_path(self._config.cache.dir)
         try:
             async with asyncio.TaskGroup() as tg:
                 accepting = tg.create_task(self._accept(sock, tg))
@@ -129,7 +133,7 @@ class AgentServer:
             task.add_done_callback(self._connections.discard)
 
     async def _serve(self, conn: socket.socket) -> None:
-        root: DestDir | None = None
+        fd = -1
         try:
             with conn:
                 try:
@@ -137,90 +141,161 @@ class AgentServer:
                     # resets, and the client would never see why it was declined.
                     async with asyncio.timeout(_REQUEST_TIMEOUT):
                         req, fd = await _request(conn)
-                    root = DestDir(Path(req.dest), fd)  # (closes the fd however this ends)
                 finally:
                     self._waiting -= 1
-                why = self._refusal(conn, req, fd)
-                if why is not None or self._pulls.locked():
+                job, why = self._job(conn, req, fd)
+                if job is None or self._pulls.locked():
                     self._counts["declined"] += 1
                     await _send(conn, {"t": "decline", "reason": why or "busy"})
                     return
-                async with self._pulls:
-                    await _send(conn, {"t": "start"})
-                    await self._run(conn, req, root)
+                root, fd = DestDir(Path(job.dest), fd), -1  # (it closes the fd now)
+                try:
+                    async with self._pulls:
+                        await _send(conn, {"t": "start"})
+                        await self._run(conn, job, root, progress=req.tty and job.progress)
+                finally:
+                    root.close()
         except (ProtocolError, TimeoutError, OSError) as exc:
             log.info("agent connection dropped: %s", exc or type(exc).__name__)
         except Exception:  # one client's pull never takes the daemon down
             log.exception("agent connection failed")
         finally:
-            if root is not None:
-                root.close()
+            if fd >= 0:
+                os.close(fd)
 
-    def _refusal(self, conn: socket.socket, req: PullRequest, fd: int) -> str | None:
+    def _job(self, conn: socket.socket, req: Request, fd: int) -> tuple[AgentPull | None, str]:
+        """The pull ``req`` asks for, or None and why the daemon declines it."""
         if agent.peer_uid(conn) != os.geteuid():
-            return "another user"  # (before anything is done with what it sent)
+            return None, "another user"  # (before anything is done with what it sent)
+        try:
+            job = AgentPull.parse(req.argv, req.env, req.cwd)
+        except BlobstoreError as exc:
+            return None, str(exc)
+        theirs = node_settings(job.config)
         for name, own in self._own.items():
-            if getattr(req, name) != own:
-                return f"another {name} than the daemon's"
-        if req.link_mode not in LINK_MODES:
-            return f"not a link mode: {req.link_mode!r}"
-        return agent.check_dest(req.dest, fd)
+            if theirs[name] != own:
+                return None, f"another {name} than the daemon's"
+        why = check_dest(job.dest, fd)
+        return (None, why) if why is not None else (job, "")
 
-    async def _run(self, conn: socket.socket, req: PullRequest, root: DestDir) -> None:
+    async def _run(
+        self, conn: socket.socket, job: AgentPull, root: DestDir, progress: bool
+    ) -> None:
         """The pull, cancelled when the client goes away; its answer sent."""
         started = time.monotonic()
-        progress = _Progress()
+        counter = _Progress()
+        ref = job.args.ref
         async with asyncio.TaskGroup() as tg:
-            pulling = tg.create_task(self._pull(req, root, progress))
+            pulling = tg.create_task(self._pull(job, root, counter))
             gone = tg.create_task(_gone(conn))
-            sender = tg.create_task(progress.send(conn)) if req.progress else None
+            sender = tg.create_task(counter.send(conn)) if progress else None
             await asyncio.wait([pulling, gone], return_when=asyncio.FIRST_COMPLETED)
             if sender is not None:
                 sender.cancel()
             if not pulling.done():
                 pulling.cancel()
                 self._counts["cancelled"] += 1
-                log.info("agent pull of %s into %s cancelled: its client left", req.ref, req.dest)
+                log.info("agent pull of %s into %s cancelled: its client left", ref, job.dest)
                 return
             gone.cancel()
         answer = pulling.result()
-        self._counts["done" if answer["t"] == "done" else "failed"] += 1
+        self._counts["done" if answer["code"] == 0 else "failed"] += 1
         log.info(
             "agent pull of %s into %s: %s in %.2fs",
-            req.ref,
-            req.dest,
-            "done" if answer["t"] == "done" else answer["message"],
+            ref,
+            job.dest,
+            "done" if answer["code"] == 0 else answer["err"].strip(),
             time.monotonic() - started,
         )
         await _send(conn, answer)
 
-    async def _pull(self, req: PullRequest, root: DestDir, progress: _Progress) -> dict[str, Any]:
+    async def _pull(self, job: AgentPull, root: DestDir, progress: _Progress) -> dict[str, Any]:
+        """The pull's ``exit`` message: what the CLI prints, and its status."""
+        args = job.args
         try:
-            peers = self._peers if req.peers else None
+            peers = self._peers if job.config.peers.mode != "none" else None
             async with Client.sharing(self._config, self._store, self._cache, peers) as c:
                 progress.tiers = c.source.bytes_from
                 r = await c.pull(
-                    req.ref,
+                    args.ref,
                     root,
                     progress=progress,
-                    link_mode=parse_link_mode(req.link_mode),
-                    keep_special_modes=req.keep_special_modes,
-                    include=req.include,
-                    exclude=req.exclude,
+                    link_mode=job.link_mode,
+                    keep_special_modes=args.keep_special_modes,
+                    include=args.include,
+                    exclude=args.exclude,
                 )
         except BlobstoreError as exc:
-            return {"t": "error", "kind": type(exc).__name__, "message": str(exc)}
+            return _failed(str(exc))
         except OSError as exc:
-            err = os_error(exc, f"pull of {req.ref} failed")
-            return {"t": "error", "kind": type(err).__name__, "message": str(err)}
+            return _failed(str(os_error(exc, f"pull of {args.ref} failed")))
         except Exception as exc:  # a bug: the client still gets one line, the log the rest
-            log.exception("agent pull of %s failed", req.ref)
-            return {
-                "t": "error",
-                "kind": "BlobstoreError",
-                "message": f"the node agent failed: {exc!r}",
-            }
-        return {"t": "done", "result": agent.result_doc(r)}
+            log.exception("agent pull of %s failed", args.ref)
+            return _failed(f"the node agent failed: {exc!r}")
+        return {"t": "exit", "code": 0, "out": job.report(r), "err": ""}
+
+
+def _failed(message: str) -> dict[str, Any]:
+    """The ``exit`` message of a failed pull: the CLI's one error line."""
+    return {"t": "exit", "code": 1, "out": "", "err": f"blobstore: error: {message}\n"}
+
+
+def node_settings(config: Config) -> dict[str, Any]:
+    """What a request's config must share with the daemon's own: the store, the node
+    store (resolved), the region and the S3 settings (the same bucket through
+    another endpoint is another store)."""
+    return {
+        "store": config.store_url,
+        "cache": os.path.realpath(config.cache.dir),
+        "region": config.region,
+        "s3": tuple(f"{f.name}={getattr(config.s3, f.name)!r}" for f in fields(config.s3)),
+    }
+
+
+def check_dest(path: str, fd: int) -> str | None:
+    """Why the daemon cannot pull into ``fd`` as ``path`` (None: it can): the fd must
+    be a directory that ``path`` names in this process's view as well."""
+    if not os.path.isabs(path):
+        return f"not an absolute path: {path}"
+    try:
+        st_fd = os.fstat(fd)
+        st_path = os.stat(path)
+    except OSError as exc:
+        return f"destination not visible to the node agent: {exc.strerror}"
+    if not stat.S_ISDIR(st_fd.st_mode):
+        return "the destination sent is not a directory"
+    if (st_fd.st_dev, st_fd.st_ino) != (st_path.st_dev, st_path.st_ino):
+        return "the destination is another directory in the node agent's view"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A client's request (agent.request): its command line, environment, working
+    directory, and whether its stderr is a terminal."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: str
+    tty: bool
+
+    @classmethod
+    def decode(cls, doc: Mapping[str, Any]) -> Request:
+        """Raises ProtocolError on anything but a well-formed request of this version."""
+        if doc.get("t") != "pull" or doc.get("v") != agent.VERSION:
+            raise ProtocolError(f"not a pull request of version {agent.VERSION}")
+        argv, env, cwd, tty = (doc.get(k) for k in ("argv", "env", "cwd", "tty"))
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise ProtocolError("agent request: argv is not a list of strings")
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ProtocolError("agent request: env is not a map of strings")
+        if not isinstance(cwd, str) or not os.path.isabs(cwd):
+            raise ProtocolError("agent request: cwd is not an absolute path")
+        if not isinstance(tty, bool):
+            raise ProtocolError("agent request: tty is not a bool")
+        return cls(tuple(argv), env, cwd, tty)
 
 
 class _Progress:
@@ -267,7 +342,7 @@ async def _gone(conn: socket.socket) -> None:
         await asyncio.get_running_loop().sock_recv(conn, 1)
 
 
-async def _request(conn: socket.socket) -> tuple[PullRequest, int]:
+async def _request(conn: socket.socket) -> tuple[Request, int]:
     """The request and the fd sent with it. Raises ProtocolError."""
     loop = asyncio.get_running_loop()
     while True:
@@ -287,7 +362,10 @@ async def _request(conn: socket.socket) -> tuple[PullRequest, int]:
             raise ProtocolError(f"agent request came with {len(fds)} fds, not 1")
         if not data:
             raise ProtocolError("agent client closed before its request")
-        req = PullRequest.decode(agent.unpack(data))
+        try:
+            req = Request.decode(agent.unpack(data))
+        except agent.AgentProtocolError as exc:
+            raise ProtocolError(str(exc)) from None
     except BaseException:
         for fd in fds:
             os.close(fd)

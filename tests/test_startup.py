@@ -240,7 +240,7 @@ def imported_by(argv: list[str], names: tuple[str, ...], env: dict[str, str]) ->
         f"names = {list(names)!r}\n"
         "atexit.register(lambda: print(json.dumps([n for n in names if n in sys.modules])))\n"
         f"sys.argv = ['blobstore', *{argv!r}]\n"
-        "from blobstore.cli import run\n"
+        "from blobstore.__main__ import run\n"
         "run()\n"
     )
     done = subprocess.run(
@@ -305,7 +305,7 @@ def test_the_collector_paused_for_start_up_runs_again(tmp_path: Path, argv: list
         "running.start_up_done = spy\n"
         "atexit.register(lambda: print(seen, gc.isenabled()))\n"
         f"sys.argv = ['blobstore', *{argv!r}]\n"
-        "from blobstore.cli import run\n"
+        "from blobstore.__main__ import run\n"
         "run()\n"
     )
     env = file_store_env(tmp_path)

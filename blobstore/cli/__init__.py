@@ -15,7 +15,7 @@ import argparse
 import gc
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..logs import FORMATS, LEVELS
@@ -30,6 +30,7 @@ from .registry import (
 from .version import VersionAction
 
 if TYPE_CHECKING:
+    from ..agent import Declined
     from ..config import Config
 
 Builtins = tuple[Command | Group, ...]
@@ -231,10 +232,12 @@ def named_command(argv: Sequence[str]) -> str | None:
     return None
 
 
-def make_config(args: argparse.Namespace) -> Config:
+def make_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Config:
+    """The config the options ``args`` and ``env`` (default os.environ) give."""
     from ..config import Config
 
     return Config.from_env(
+        env,
         store=getattr(args, "store", None),
         cache=getattr(args, "cache", None),
         cache_size=getattr(args, "cache_size", None),
@@ -249,11 +252,14 @@ def make_config(args: argparse.Namespace) -> Config:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, declined: Declined | None = None) -> int:
+    """Run the command line ``argv``; ``declined``: why the node agent did not run it
+    (agent.run_pull, logged by a pull)."""
     if argv is None:
         argv = sys.argv[1:]
     args = build_parser(named_command(argv)).parse_args(argv)
     args.check_usage(args)  # exits 2, as argparse does, on options that don't go together
+    args.agent_declined = declined
     before_loop = getattr(args, "before_loop", None)
     if before_loop is not None:  # a command that may be done without the event loop
         try:
@@ -271,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(args, make_config)
 
 
-def run() -> None:
+def run(declined: Declined | None = None) -> None:
     """The console script. Python's cyclic collector is paused while the command
     starts: importing ~270 modules allocates hundreds of thousands of objects (none
     of them garbage), which at the default threshold is ~60 collections, ~10% of a
@@ -281,7 +287,7 @@ def run() -> None:
     then walks nothing (it took ~30 ms of a ~160 ms re-pull at load ~15, whose
     start-up objects were never frozen)."""
     pause_collector()
-    code = main()
+    code = main(declined=declined)
     gc.freeze()
     sys.exit(code)
 

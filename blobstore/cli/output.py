@@ -51,10 +51,16 @@ def quiet(args: argparse.Namespace) -> bool:
 
 def emit(args: argparse.Namespace, doc: Any, text: str) -> None:
     """The JSON document with --json, else ``text`` (nothing with --quiet)."""
+    sys.stdout.write(emitted(args, doc, text))
+
+
+def emitted(args: argparse.Namespace, doc: Any, text: str) -> str:
+    """What ``emit`` prints."""
     if wants_json(args):
-        print(json.dumps(doc, indent=2))
-    elif text and not quiet(args):
-        print(text)
+        return json.dumps(doc, indent=2) + "\n"
+    if text and not quiet(args):
+        return text + "\n"
+    return ""
 
 
 def fail(args: argparse.Namespace, doc: Any, message: str) -> int:

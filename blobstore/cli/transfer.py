@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import logging
 import os
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..errors import BlobstoreError
+from ..errors import BlobstoreError, ConfigError
 from ..linking import LinkMode, parse_link_mode
 from ..progress import human_bytes
-from .output import document, emit, error, progress_line
+from .output import document, emit, emitted, progress_line, quiet
 from .registry import Command, add_json_flag
 
 if TYPE_CHECKING:
+    from ..agent import Declined
     from ..client import Client
     from ..config import Config
     from ..repull import PullResult
 
 log = logging.getLogger("blobstore")
-AGENT_ENV = "BLOBSTORE_AGENT"
-"""``off``: pulls never go to the node's daemon."""
 
 
 def _push_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,10 +68,12 @@ def add_pull_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def link_mode_of(args: argparse.Namespace) -> LinkMode:
-    """The --link-mode option, else BLOBSTORE_LINK_MODE, else auto. Raises ConfigError."""
+def link_mode_of(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> LinkMode:
+    """The --link-mode option, else BLOBSTORE_LINK_MODE (of ``env``, default
+    os.environ), else auto. Raises ConfigError."""
+    env = os.environ if env is None else env
     return parse_link_mode(
-        getattr(args, "link_mode", None) or os.environ.get("BLOBSTORE_LINK_MODE") or "auto"
+        getattr(args, "link_mode", None) or env.get("BLOBSTORE_LINK_MODE") or "auto"
     )
 
 
@@ -107,31 +109,17 @@ def _pull_arguments(p: argparse.ArgumentParser) -> None:
 def pull_before_loop(
     args: argparse.Namespace, make_config: Callable[[argparse.Namespace], Config]
 ) -> int | None:
-    """A pull done without this process's event loop, node store and tiers: a re-pull
-    into a DIR that is already up to date, from a ``file://`` store (repull.py:
-    ~1/3 of the command's start-up), or a pull handed to the node's daemon
-    (agent.py: ~0.07 s of imports and connections). None: run the pull here."""
+    """A re-pull into a DIR that is already up to date, from a ``file://`` store,
+    done without this process's event loop, node store and tiers (repull.py: ~1/3
+    of the command's start-up). None: run the pull here. (A pull the node's
+    daemon can run never gets here: agent.py hands it over first.)"""
+    if args.delete:
+        return None
     try:
         config = make_config(args)
         link_mode = link_mode_of(args)
     except BlobstoreError:
         return None  # the real pull reports it
-    r = None if args.delete else _up_to_date(args, config, link_mode)
-    if r is None:
-        try:
-            r = _through_agent(args, config, link_mode)
-        except BlobstoreError as exc:
-            return error(str(exc))
-        except KeyboardInterrupt:  # (the daemon sees the socket close and stops)
-            print("blobstore: interrupted", file=sys.stderr)
-            return 130
-    if r is None:
-        return None
-    _report_pull(args, r)
-    return 0
-
-
-def _up_to_date(args: argparse.Namespace, config: Config, link_mode: LinkMode) -> PullResult | None:
     from ..stores import parse_file_url, url_scheme
 
     if url_scheme(config.store_url) == "s3":
@@ -143,7 +131,7 @@ def _up_to_date(args: argparse.Namespace, config: Config, link_mode: LinkMode) -
     from ..marker import state_dir_of
     from ..repull import pull_in_place
 
-    return pull_in_place(
+    r = pull_in_place(
         store_root,
         state_dir_of(config.cache.dir),
         args.ref,
@@ -153,64 +141,68 @@ def _up_to_date(args: argparse.Namespace, config: Config, link_mode: LinkMode) -
         include=args.include,
         exclude=args.exclude,
     )
-
-
-def _through_agent(
-    args: argparse.Namespace, config: Config, link_mode: LinkMode
-) -> PullResult | None:
-    """The pull done by this node's daemon (agent.py), or None: no daemon runs on
-    this node store, it declined, or it went away (``args.agent_declined`` says
-    why). Not for ``--delete``, nor with BLOBSTORE_AGENT=off.
-    Raises what the daemon's pull raised."""
-    if args.delete or os.environ.get(AGENT_ENV) == "off":
+    if r is None:
         return None
-    from .. import agent
-    from ..linking import DestDir
+    _report_pull(args, r)
+    return 0
 
-    tiers: dict[str, int] = {}
-    bar = progress_line(args, "pull", tiers=lambda: tiers)
 
-    def on_progress(doc: Mapping[str, Any]) -> None:
-        tiers.update(doc.get("tiers") or {})
-        bar(int(doc.get("done", 0)), int(doc.get("total", 0)))
-        bar.files(int(doc.get("files_done", 0)), int(doc.get("files_total", 0)))
+_PATH_SETTINGS = (
+    ("cache", "BLOBSTORE_CACHE"),
+    ("token_file", "BLOBSTORE_TOKEN_FILE"),
+    ("tls_cert", "BLOBSTORE_TLS_CERT"),
+    ("tls_key", "BLOBSTORE_TLS_KEY"),
+    ("tls_ca", "BLOBSTORE_TLS_CA"),
+)
+"""Settings that name files, which the node agent finds from the client's directory."""
 
-    dest = Path(args.dir)
-    request = agent.request_for(
-        config,
-        args.ref,
-        dest,
-        link_mode=link_mode,
-        keep_special_modes=args.keep_special_modes,
-        include=args.include,
-        exclude=args.exclude,
-        progress=bar.enabled,
-    )
-    conn = agent.connect(request.cache)
-    if isinstance(conn, agent.Declined):
-        bar.close()
-        args.agent_declined = conn
-        return None
-    answer: PullResult | agent.Declined | None = None
-    with conn:
-        created = not dest.exists()
-        root = DestDir.open(dest)
-        try:
-            answer = agent.pull(conn, request, root.fd, on_progress)
-        finally:
-            bar.close()
-            root.close()
-            if created and (answer is None or isinstance(answer, agent.Declined)):
-                with contextlib.suppress(OSError):  # as a pull here would leave it
-                    dest.rmdir()
-    if isinstance(answer, agent.Declined):
-        args.agent_declined = answer
-        return None
-    return answer
+
+@dataclass(frozen=True, slots=True)
+class AgentPull:
+    """A ``blobstore pull`` command line the node agent runs for a client on this
+    node (agent.py): parsed by this CLI's own parser, with the client's
+    environment and working directory."""
+
+    args: argparse.Namespace
+    config: Config
+    link_mode: LinkMode
+    dest: str
+    """DIR, absolute (in the client's view)."""
+
+    @classmethod
+    def parse(cls, argv: Sequence[str], env: Mapping[str, str], cwd: str) -> AgentPull:
+        """Raises ConfigError: not a pull this CLI would run as given (the client
+        then runs it itself, and says why in its own words)."""
+        from . import build_parser, make_config
+
+        text = io.StringIO()
+        try:  # (argparse prints and exits on a usage error)
+            with contextlib.redirect_stderr(text), contextlib.redirect_stdout(text):
+                args = build_parser("pull").parse_args(argv)
+                args.check_usage(args)
+        except SystemExit:
+            raise ConfigError(f"not a pull command: {text.getvalue().strip()}") from None
+        if getattr(args, "command", None) != "pull" or args.delete:
+            raise ConfigError("not a pull the node agent runs")
+        for name, var in _PATH_SETTINGS:
+            value = getattr(args, name, None) or env.get(var)
+            if value:
+                setattr(args, name, os.path.join(cwd, os.path.expanduser(value)))
+        config = make_config(args, env)
+        return cls(args, config, link_mode_of(args, env), os.path.join(cwd, args.dir))
+
+    @property
+    def progress(self) -> bool:
+        """Whether the client's status line is wanted (when stderr is a terminal)."""
+        return not quiet(self.args)
+
+    def report(self, r: PullResult) -> str:
+        """What the CLI prints on stdout for ``r``."""
+        return emitted(self.args, document(r), _pull_line(self.args, r))
 
 
 async def run_pull(args: argparse.Namespace, client: Client) -> int:
-    declined = getattr(args, "agent_declined", None)
+    declined: Declined | None = getattr(args, "agent_declined", None)
     if declined is not None:
         if declined.started:
             log.warning("%s; pulling in this process", declined.reason)
@@ -235,14 +227,15 @@ async def run_pull(args: argparse.Namespace, client: Client) -> int:
 
 
 def _report_pull(args: argparse.Namespace, r: PullResult) -> None:
-    doc = document(r)
-    tiers = ", ".join(f"{k} {human_bytes(v)}" for k, v in doc["from"].items())
-    emit(
-        args,
-        doc,
+    emit(args, document(r), _pull_line(args, r))
+
+
+def _pull_line(args: argparse.Namespace, r: PullResult) -> str:
+    tiers = ", ".join(f"{k} {human_bytes(v)}" for k, v in document(r)["from"].items())
+    return (
         f"pulled {r.ref} -> {args.dir}: {r.files} files, {human_bytes(r.bytes)} "
         f"in {r.seconds:.2f}s ({r.kept_files} already up to date; from {tiers})"
-        + (f"; deleted {r.deleted} paths" if r.deleted else ""),
+        + (f"; deleted {r.deleted} paths" if r.deleted else "")
     )
 
 

@@ -12,8 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, replace
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import msgpack
@@ -24,8 +23,7 @@ from s3proxy import CountingProxy, Fault
 from s3server import SeaweedS3Server, free_ports
 
 from blobstore import agent
-from blobstore.agent import Declined, PullRequest
-from blobstore.config import Config
+from blobstore.agent import Declined, Exit
 
 REF = "apps/a"
 Snapshot = dict[str, tuple[str, int, str]]
@@ -91,6 +89,70 @@ def test_a_cli_pull_is_run_by_the_nodes_daemon(tmp_path: Path, store: tuple[str,
         assert counted['blobstore_agent_pulls_total{result="failed"}'] == 1
 
 
+def test_a_pull_from_the_clients_directory_prints_what_the_cli_prints(
+    tmp_path: Path, store: tuple[str, Snapshot]
+) -> None:
+    """DIR and --cache relative to the client's directory; the same summary line as
+    a pull in the CLI's own process, nothing with --quiet."""
+    url, expected = store
+    with node_daemon(url, tmp_path / "cache") as d:
+        env = cli_env(url, tmp_path / "elsewhere")  # (--cache wins)
+
+        def pull(*argv: str, **extra: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [BLOBSTORE, "--cache", "cache", "pull", REF, *argv],
+                cwd=tmp_path,
+                env={**env, **extra},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+
+        handed = pull("out")
+        assert handed.returncode == 0, handed.stderr
+        assert snapshot(tmp_path / "out") == expected
+        assert len(agent_pulls(d)) == 1
+        here = pull("out-2", BLOBSTORE_AGENT="off")
+        assert here.returncode == 0, here.stderr
+        assert len(agent_pulls(d)) == 1
+        # the same words, but for DIR, the time and the sources
+        assert handed.stdout.split(" in ")[0] == here.stdout.split(" in ")[0].replace("-2", "")
+        quiet = pull("out-3", "-q")
+        assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
+        assert len(agent_pulls(d)) == 2
+
+
+def test_a_pull_handed_over_loads_neither_the_cli_nor_an_event_loop(
+    tmp_path: Path, store: tuple[str, Snapshot]
+) -> None:
+    """The console script's client of the agent imports only what it uses."""
+    url, expected = store
+    cache = tmp_path / "cache"
+    heavy = ["argparse", "asyncio", "blobstore.cli", "blobstore.config", "socket", "typing"]
+    probe = (
+        "import atexit, json, sys\n"
+        f"names = {heavy!r}\n"
+        "atexit.register(lambda: print(json.dumps([n for n in names if n in sys.modules])))\n"
+        f"sys.argv = ['blobstore', 'pull', {REF!r}, {str(tmp_path / 'out')!r}, '-q']\n"
+        "from blobstore.__main__ import run\n"
+        "run()\n"
+    )
+    with node_daemon(url, cache) as d:
+        done = subprocess.run(
+            [sys.executable, "-c", probe],
+            env=cli_env(url, cache),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.splitlines()[-1]) == []
+        assert len(agent_pulls(d)) == 1
+    assert snapshot(tmp_path / "out") == expected
+
+
 def test_pulls_not_meant_for_the_daemon_run_in_their_own_process(
     tmp_path: Path, store: tuple[str, Snapshot]
 ) -> None:
@@ -132,7 +194,7 @@ def test_a_socket_left_by_a_killed_daemon_is_passed_over_and_replaced(
     cache = tmp_path / "cache"
     with node_daemon(url, cache) as d:
         d.stop(signal.SIGKILL)
-    assert agent.socket_path(cache).exists()  # nobody removed it
+    assert os.path.exists(agent.socket_path(cache))  # nobody removed it
     proc = run_cli(["-v", "pull", REF, tmp_path / "out"], cli_env(url, cache))
     assert proc.returncode == 0, proc.stderr
     assert "pulling in this process: no node agent" in proc.stderr
@@ -141,21 +203,20 @@ def test_a_socket_left_by_a_killed_daemon_is_passed_over_and_replaced(
         proc = run_cli(["pull", REF, tmp_path / "out-2"], cli_env(url, cache))
         assert proc.returncode == 0, proc.stderr
         assert len(agent_pulls(d)) == 1
-    assert not agent.socket_path(cache).exists()  # a clean stop removes it
+    assert not os.path.exists(agent.socket_path(cache))  # a clean stop removes it
 
 
-def _request(url: str, cache: Path, dest: Path, env: dict[str, str] | None = None) -> PullRequest:
-    config = Config.from_env(cli_env(url, cache, env))
-    return agent.request_for(
-        config,
-        REF,
-        dest,
-        link_mode="auto",
-        keep_special_modes=False,
-        include=(),
-        exclude=(),
-        progress=False,
-    )
+def _request(
+    url: str,
+    cache: Path,
+    dest: Path | str,
+    env: dict[str, str] | None = None,
+    *,
+    cwd: Path | str = "/",
+    tty: bool = False,
+) -> bytes:
+    """The request of ``blobstore pull REF dest`` run in ``cwd``."""
+    return agent.request(["pull", REF, str(dest)], cli_env(url, cache, env), str(cwd), tty)
 
 
 def _dir_fd(path: Path) -> int:
@@ -168,44 +229,45 @@ def test_the_daemon_pulls_only_into_the_directory_the_path_names(
 ) -> None:
     url, expected = store
     cache = tmp_path / "cache"
+    (tmp_path / "a").mkdir()
     with node_daemon(url, cache) as d:
         elsewhere = _dir_fd(tmp_path / "b")
-        for dest, why in [
-            (tmp_path / "a", "another directory"),  # its path names another directory
-            (Path("relative"), "not an absolute path"),
+        for dest, cwd in [
+            (tmp_path / "a", Path("/")),  # its path names another directory
+            (Path("a"), tmp_path),  # so does DIR in the client's directory
         ]:
-            (tmp_path / "a").mkdir(exist_ok=True)
             conn = agent.connect(str(cache.resolve()))
             assert not isinstance(conn, Declined), conn
-            req = replace(_request(url, cache, tmp_path / "a"), dest=str(dest))
-            with conn:
-                answer = agent.pull(conn, req, elsewhere)
+            try:
+                answer = agent.hand_over(conn, _request(url, cache, dest, cwd=cwd), elsewhere)
+            finally:
+                conn.close()
             assert isinstance(answer, Declined)
-            assert why in answer.reason
+            assert "another directory" in answer.reason
         os.close(elsewhere)
         assert os.listdir(tmp_path / "a") == os.listdir(tmp_path / "b") == []
-        # the real thing: the fd of the directory the path names
+        # the real thing: the fd of the directory DIR names, relative to the client's
         fd = _dir_fd(tmp_path / "a")
         conn = agent.connect(str(cache.resolve()))
         assert not isinstance(conn, Declined)
-        with conn:
-            answer = agent.pull(conn, _request(url, cache, tmp_path / "a"), fd)
+        try:
+            answer = agent.hand_over(conn, _request(url, cache, "a", cwd=tmp_path), fd)
+        finally:
+            conn.close()
         os.close(fd)
-        assert not isinstance(answer, Declined), answer
-        assert answer.files == len([v for v in expected.values() if v[0] == "file"])
+        assert isinstance(answer, Exit), answer
+        assert answer.code == 0
+        files = sum(1 for kind, _, _ in expected.values() if kind == "file")
+        assert answer.out.startswith(f"pulled {REF} -> a: {files} files")
         assert snapshot(tmp_path / "a") == expected
         assert len(agent_pulls(d)) == 1
-
-
-def _fields(req: PullRequest) -> dict[str, object]:
-    return asdict(req)
 
 
 def _raw(cache: Path, data: bytes, fds: list[int]) -> bytes:
     """Send one raw message (with ``fds``) to the agent; what comes back (b"": closed)."""
     conn = agent.connect(str(cache.resolve()))
     assert not isinstance(conn, Declined), conn
-    with conn:
+    with closing(conn):
         rights = [
             (
                 socket.SOL_SOCKET,
@@ -228,17 +290,18 @@ def test_malformed_requests_are_dropped_and_the_daemon_serves_on(
     cache = tmp_path / "cache"
     with node_daemon(url, cache) as d:
         fd = _dir_fd(tmp_path / "a")
-        good = _request(url, cache, tmp_path / "a")
-        doc = {"t": "pull", "v": agent.VERSION, **_fields(good)}
+        doc = agent.unpack(_request(url, cache, tmp_path / "a"))
         for data, fds in [
             (b"\xc1not msgpack", [fd]),
             (msgpack.packb([1, 2, 3]), [fd]),
             (msgpack.packb({**doc, "v": 99}), [fd]),
-            (msgpack.packb({**doc, "include": "x"}), [fd]),
-            (msgpack.packb({k: v for k, v in doc.items() if k != "ref"}), [fd]),
+            (msgpack.packb({**doc, "argv": "pull x y"}), [fd]),
+            (msgpack.packb({**doc, "env": {"A": 1}}), [fd]),
+            (msgpack.packb({**doc, "cwd": "relative"}), [fd]),
+            (msgpack.packb({k: v for k, v in doc.items() if k != "tty"}), [fd]),
             (msgpack.packb(doc), []),  # no destination fd
             (msgpack.packb(doc), [fd, fd]),  # two
-            (msgpack.packb({**doc, "exclude": ["x" * 1000] * 100}), [fd]),  # too long
+            (msgpack.packb({**doc, "env": {"X": "x" * (64 << 10)}}), [fd]),  # too long
         ]:
             assert _raw(cache, data, fds) == b"", data[:40]
         os.close(fd)
@@ -248,7 +311,7 @@ def test_malformed_requests_are_dropped_and_the_daemon_serves_on(
         assert proc.returncode == 0, proc.stderr
         assert snapshot(tmp_path / "out") == expected
         assert len(agent_pulls(d)) == 1
-        assert d.log_text().count("agent connection dropped") == 8
+        assert d.log_text().count("agent connection dropped") == 10
 
 
 def _as_nobody(work: Callable[[Callable[[str], None]], None]) -> Iterator[str]:
@@ -290,10 +353,10 @@ def test_the_daemon_serves_only_its_own_user_and_the_cli_trusts_only_its_own(
     cache = tmp_path / "cache"
     with node_daemon(url, cache) as d:
         sock_path = agent.socket_path(cache)
-        assert sock_path.stat().st_mode & 0o777 == 0o600
+        assert os.stat(sock_path).st_mode & 0o777 == 0o600
         os.chmod(sock_path, 0o666)  # so another user can even connect: the uid check must hold
         os.chmod(cache, 0o755)
-        request = _request(url, cache, Path("/tmp")).encode()
+        request = _request(url, cache, Path("/tmp"))
         # (reached through an fd: pytest's base directory is root's alone)
         cache_fd = os.open(cache, os.O_PATH | os.O_DIRECTORY)
 
@@ -466,13 +529,13 @@ def test_progress_comes_while_the_daemon_pulls_and_closing_cancels_it(
     url, env, _, expected = slow_s3
     cache = tmp_path / "cache"
     with node_daemon(url, cache, env) as d:
-        request = replace(_request(url, cache, tmp_path / "out", env), progress=True)
+        request = _request(url, cache, tmp_path / "out", env, tty=True)
         conn = agent.connect(os.path.realpath(cache))
         assert not isinstance(conn, Declined), conn
         fd = _dir_fd(tmp_path / "out")
         seen: list[dict[str, object]] = []
-        with conn:
-            conn.sendmsg([request.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fds(fd))])
+        with closing(conn):
+            conn.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fds(fd))])
             conn.settimeout(30)
             while not seen:
                 doc = agent.unpack(conn.recv(agent.MAX_MESSAGE))
