@@ -168,6 +168,22 @@ class Bench:
         seconds: float = json.loads(out)["seconds"]
         return seconds
 
+    def runner_pull(self, ref: str, dst: Path, cache: Path) -> float:
+        """A cold pull through the runner API (``download_model_weights`` in a new
+        interpreter, node store ``cache``); returns the call's own seconds."""
+        script = (
+            "import asyncio, sys, time\n"
+            "from blobstore.runner import download_model_weights, open_client\n"
+            "async def main():\n"
+            "    async with open_client() as client:\n"
+            "        t = time.perf_counter()\n"
+            "        await download_model_weights(client, sys.argv[1], sys.argv[2])\n"
+            "        print(time.perf_counter() - t)\n"
+            "asyncio.run(main())\n"
+        )
+        env = dict(self.env, BLOBSTORE_CACHE=str(cache))
+        return float(run([sys.executable, "-c", script, ref, str(dst)], env))
+
     def measure(
         self,
         data: str,
@@ -227,6 +243,12 @@ def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None, cold_only: b
             else:
                 shutil.rmtree(gone, ignore_errors=True)
 
+    def cold_runner() -> Any:
+        dst = b.fresh(out)
+        cache = dst.with_name(dst.name + "-cache")
+        made.extend([dst, cache])
+        return b.runner_pull(ref, dst, cache)
+
     def cold_pull(mode: str, agents: list[Path] | None = None) -> Callable[[], Any]:
         """A pull into a new DEST with a new (empty) node store; ``agents``: node
         stores with their daemon started (untimed), one taken per run."""
@@ -251,6 +273,7 @@ def bench_dataset(b: Bench, data: str, src: Path, xfs: Path | None, cold_only: b
                 "cp -r store objects": into(lambda d: run(["cp", "-r", str(store), str(d)])),
                 "pull auto (cold)": cold_pull("auto"),
                 "pull auto (cold, agent)": cold_pull("auto", agents),
+                "runner API (cold)": cold_runner,
                 "pull copy (cold)": cold_pull("copy"),
             },
             cleanup,

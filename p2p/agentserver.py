@@ -364,7 +364,7 @@ async def _request(conn: socket.socket) -> tuple[Request, int]:
             raise ProtocolError("agent client closed before its request")
         try:
             req = Request.decode(agent.unpack(data))
-        except agent.AgentProtocolError as exc:
+        except ValueError as exc:
             raise ProtocolError(str(exc)) from None
     except BaseException:
         for fd in fds:
