@@ -12,7 +12,9 @@ and then measured, medians of ``--rounds`` rounds in alternating order:
 
 - ``cp -r store objects`` vs ``pull auto (cold)`` and ``pull copy (cold)``: a
   pull into a new directory with a new, empty node store (auto seeds on
-  ext4/tmpfs: each byte written once; copy writes the store's copy too);
+  ext4/tmpfs: each byte written once; copy writes the store's copy too), and
+  ``runner API (cold)``: the same auto pull by ``download_model_weights`` in a
+  new interpreter (in-process: the call alone);
 - ``cp -r`` and ``cp -r && sync``: the copy floors;
 - ``pull copy (warm)``: ``blobstore pull --link-mode copy`` into a new directory,
   every file in the node store (ends with its one syncfs);
@@ -24,14 +26,14 @@ and then measured, medians of ``--rounds`` rounds in alternating order:
 Rows marked ``agent`` run the same CLI pull with the node's ``blobstore daemon``
 running on that node store (started untimed; a fresh one per cold run): the CLI
 hands the pull to it (blobstore/agent.py), so the row has no import or set-up
-cost beyond the interpreter and argparse. Every other row sets
+cost beyond the interpreter's (~10 ms) and the client's (~4 ms). Every other row sets
 ``BLOBSTORE_AGENT=off``: the CLI pulls in its own process.
 
 Disk bytes written come from ``/proc/self/io`` (``write_bytes`` minus
 ``cancelled_write_bytes``; a reaped child's counts are added to its parent's),
 for the cold pull and each warm pull: bytes written per byte pulled. Times are
 wall clock of the CLI process (interpreter start-up included, ~0.3 s).
-``--only cold`` runs just the first three rows of each data set (the cold pulls
+``--only cold`` runs just the cold rows of each data set (the cold pulls
 beside ``cp -r store objects``); ``--data`` keeps one data set.
 ``sync`` runs before each timed step. JSON goes to bench/out/.
 
