@@ -104,9 +104,9 @@ from .marker import (
     vouched,
     write_marker,
 )
-from .nodestore import PREALLOCATE_MIN, preallocate, pwrite_all
 from .parallel import for_each
 from .progress import FileProgress
+from .pwrite import PREALLOCATE_MIN, preallocate, pwrite_all
 from .seeds import Seed
 from .source import ChunkData, ChunkSource, SplitSink
 

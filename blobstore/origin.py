@@ -97,7 +97,7 @@ class SpanTuning:
     file_spans_in_flight: int = 3
     """The same for a ``file://`` store, whose spans are ``pread`` by threads
     that also verify each chunk and write it (a pull's ``SplitSink``): the
-    writes of one file take turns (nodestore.pwrite_all), so more threads only
+    writes of one file take turns (pwrite.pwrite_all), so more threads only
     queue for that lock and take the core that reading and hashing need. Cold
     1 GiB pull, in-process, alternating: 8 in flight 0.354 s, 4 0.326 s, 3
     0.311 s, 2 0.317 s (``cp -r`` of the packs 0.23 s)."""

@@ -330,16 +330,16 @@ def test_copy_fd_copies_every_size_exactly(
     """Kernel copy below 1 MiB, one buffer above, two threads from 64 MiB: the
     same bytes whichever path a size takes (odd sizes end mid-buffer); the
     buffered copies reserve the file's blocks first, and allocate each once."""
-    from blobstore import nodestore
+    from blobstore import pwrite
 
     reserved: list[int] = []
-    real_preallocate = nodestore.preallocate
+    real_preallocate = pwrite.preallocate
 
     def preallocate(fd: int, size: int) -> None:
         reserved.append(size)
         real_preallocate(fd, size)
 
-    monkeypatch.setattr(nodestore, "preallocate", preallocate)
+    monkeypatch.setattr(pwrite, "preallocate", preallocate)
     data = os.urandom(min(size, 1 << 20)) * (size // (1 << 20) + 1)
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.write_bytes(data[:size])

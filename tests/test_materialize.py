@@ -607,14 +607,14 @@ async def test_cold_pull_of_a_corrupt_pack_refetches_the_chunk_or_leaves_no_file
     client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A big file is assembled in DEST with its blocks reserved first
-    (nodestore.preallocate): a chunk whose pack bytes are wrong is fetched from
+    (pwrite.preallocate): a chunk whose pack bytes are wrong is fetched from
     the next tier and the file comes out whole, each byte's block allocated
     once; with no other tier the pull fails and leaves no file under the
     final name, no temp file, no reserved blocks."""
     import shutil
 
     from blobstore import materialize as materialize_module
-    from blobstore import nodestore
+    from blobstore import pwrite
     from blobstore.origin import OriginSource
     from blobstore.stores import open_object_store
     from blobstore.tiers import TieredSource
@@ -625,7 +625,7 @@ async def test_cold_pull_of_a_corrupt_pack_refetches_the_chunk_or_leaves_no_file
         reserved.append(size)
         real_preallocate(fd, size)
 
-    real_preallocate = nodestore.preallocate  # (materialize's own name for it is patched)
+    real_preallocate = pwrite.preallocate  # (materialize's own name for it is patched)
     monkeypatch.setattr(materialize_module, "preallocate", preallocate)
 
     src = tmp_path / "src"

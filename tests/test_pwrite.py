@@ -1,6 +1,6 @@
-"""nodestore.pwrite_all: every byte lands, in calls of at most PWRITE_SLICE bytes
+"""pwrite.pwrite_all: every byte lands, in calls of at most PWRITE_SLICE bytes
 (big writes make the kernel allocate big page-cache folios: see its docstring);
-nodestore.preallocate: a file's blocks reserved before its writes, its size kept."""
+pwrite.preallocate: a file's blocks reserved before its writes, its size kept."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from blobstore.nodestore import PWRITE_SLICE, preallocate, pwrite_all
+from blobstore.pwrite import PWRITE_SLICE, preallocate, pwrite_all
 
 
 @pytest.fixture
