@@ -308,7 +308,10 @@ def run_pull(argv: Sequence[str]) -> int | Declined:
         bar = _ProgressBar() if sys.stderr.isatty() else None
         answer: Exit | Declined = Declined("interrupted", started=True)
         try:
-            message = request(argv, env, os.getcwd(), bar is not None)
+            try:
+                message = request(argv, env, os.getcwd(), bar is not None)
+            except ValueError:  # (msgpack: a name or value that is not UTF-8)
+                return Declined("the command line or environment is not all UTF-8")
             if len(message) > MAX_MESSAGE:
                 return Declined("the command line and environment exceed an agent message")
             answer = hand_over(sock, message, dest_fd, bar)

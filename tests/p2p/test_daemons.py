@@ -9,6 +9,7 @@ import signal
 import socket
 import urllib.error
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -340,8 +341,14 @@ async def test_sigterm_is_not_held_up_by_a_client_that_never_reads(
     with daemon(store, tmp_path / "d", listen="127.0.0.1:0", peers="none", args=args) as d:
         conn = await open_connection(d.listen, Identity("probe", "default"))
         # Asked, never read (no read loop): the biggest chunk, 16 times (the answers a
-        # connection may have pending), more than loopback's socket buffers take even
-        # when they grew (~10 MiB: the tree's 9 MiB once all went out on a slow CI box).
+        # connection may have pending). What can leave the daemon meanwhile is kept
+        # well below that: the client stops reading after 64 KiB (and one frame), and
+        # its kernel buffer is fixed small (loopback's grows to tcp_rmem's 32 MiB here:
+        # CI once took all 16 answers within the drain's 0.5 s). That leaves the
+        # daemon's send buffer (tcp_wmem, 4 MiB) and one chunk in flight.
+        conn.stream.set_limits(replace(conn.stream.limits, max_queued=64 << 10))
+        raw = conn.stream.extra_info("socket")
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
         biggest = max(sizes, key=lambda c: sizes[c])
         assert 16 * sizes[biggest] > 24 << 20
         try:
