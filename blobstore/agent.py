@@ -20,8 +20,9 @@ the daemon's side, which parses the command line with the CLI's own parser):
   writes the destination with its own uid, so it serves only that uid, and a
   client sends its command line and environment to no one else.
 - The client sends one request, a msgpack map ``{t: "pull", v, argv, env, cwd,
-  tty}`` (its arguments after the program name, its environment, working
-  directory and whether stderr is a terminal), with the destination
+  tty}`` (its arguments after the program name, the ``BLOBSTORE_*`` and S3
+  settings of its environment, its working directory and whether stderr is a
+  terminal), with the destination
   directory's fd (``SCM_RIGHTS``), created and opened by the client in its own
   mount namespace. The daemon works only through that fd and takes the
   request only if DIR names that same directory in its view too (pull markers
@@ -231,11 +232,29 @@ def connect(cache: str) -> _socket.socket | Declined:
     return sock
 
 
+_S3_ENV = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",
+    "AWS_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+"""The AWS variables a command's config reads (config.S3Config.from_env): with every
+``BLOBSTORE_*`` one, all of the environment a request carries (no credentials, no
+PATH: the daemon needs only what decides the settings; tests/p2p/test_agent.py
+checks the config comes out the same)."""
+
+
+def settings_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The part of ``env`` a command's config and link mode come from."""
+    return {k: v for k, v in env.items() if k.startswith("BLOBSTORE_") or k in _S3_ENV}
+
+
 def request(argv: Sequence[str], env: Mapping[str, str], cwd: str, tty: bool) -> bytes:
     """The request for the command line ``argv`` run in ``env`` and ``cwd``."""
-    return pack(
-        {"t": "pull", "v": VERSION, "argv": list(argv), "env": dict(env), "cwd": cwd, "tty": tty}
-    )
+    doc = {"argv": list(argv), "env": settings_env(env), "cwd": cwd, "tty": tty}
+    return pack({"t": "pull", "v": VERSION, **doc})
 
 
 def hand_over(

@@ -5,11 +5,14 @@ whatever it hands over the CLI's own parser must read the same way."""
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 
 import pytest
 
-from blobstore import agent
+from blobstore import agent, config
 from blobstore.cli import GLOBAL_OPTIONS, build_parser
+from blobstore.config import Config
 
 
 def _pull_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -71,3 +74,25 @@ def test_what_is_handed_over_parses_the_same(argv: list[str]) -> None:
 )
 def test_anything_else_is_left_to_the_cli(argv: list[str]) -> None:
     assert agent.pull_words(argv) is None
+
+
+def test_a_request_carries_the_settings_of_the_environment_and_nothing_else() -> None:
+    """The environment a request carries (agent.settings_env) gives the same config
+    as the whole of it, and holds no credentials."""
+    read = set(re.findall(r'"(AWS_[A-Z0-9_]+)"', inspect.getsource(config)))
+    assert read <= set(agent._S3_ENV)
+    env = {
+        **{var: "true" if "IGNORE" in var else "x" for var in agent._S3_ENV},
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9001",
+        "BLOBSTORE_STORE": "s3://bucket/prefix",
+        "BLOBSTORE_CACHE": "/var/cache/blobstore",
+        "BLOBSTORE_REGION": "eu",
+        "BLOBSTORE_PEERS": "none",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_SESSION_TOKEN": "token",
+        "PATH": "/usr/bin",
+    }
+    sent = agent.settings_env(env)
+    assert Config.from_env(sent) == Config.from_env(env)
+    assert set(sent) == set(env) - {"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PATH"}

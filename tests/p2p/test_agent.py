@@ -183,26 +183,29 @@ def test_pulls_not_meant_for_the_daemon_run_in_their_own_process(
         assert proc.returncode == 0, proc.stderr
         assert "another store" in proc.stderr
         assert agent_pulls(d) == []
-        # an environment too big for one message is never sent either
-        big = {"BIG": "x" * agent.MAX_MESSAGE}
+        # settings too big for one message are never sent either
+        big = {"BLOBSTORE_NOTE": "x" * agent.MAX_MESSAGE}
         proc = run_cli(["-v", "pull", REF, tmp_path / "out-10"], cli_env(url, cache, big))
         assert proc.returncode == 0, proc.stderr
         assert "exceed an agent message" in proc.stderr
         assert snapshot(tmp_path / "out-10") == expected
         assert agent_pulls(d) == []
-        # nor one that is not all UTF-8 (msgpack strings are)
-        undecodable = subprocess.run(
-            [BLOBSTORE, "-v", "pull", REF, str(tmp_path / "out-11")],
-            env={**cli_env(url, cache), "ODD": b"\xff".decode(errors="surrogateescape")},
+        # nor a command line that is not all UTF-8 (msgpack strings are): a DIR named so
+        odd = tmp_path / b"out-\xff".decode(errors="surrogateescape")
+        proc = subprocess.run(
+            [BLOBSTORE, "-v", "pull", REF, str(odd)],
+            env=cli_env(url, cache),
             capture_output=True,
             text=True,
+            errors="surrogateescape",  # (the summary line names DIR)
             timeout=60,
             check=False,
         )
-        assert undecodable.returncode == 0, undecodable.stderr
-        assert "not all UTF-8" in undecodable.stderr
-        assert snapshot(tmp_path / "out-11") == expected
-        # declined: the two regions and the other store (--delete, "off" and BIG never ask)
+        assert proc.returncode == 0, proc.stderr
+        assert "not all UTF-8" in proc.stderr
+        assert snapshot(odd) == expected
+        assert agent_pulls(d) == []
+        # declined: the two regions and the other store (the rest never asked)
         assert d.metrics()['blobstore_agent_pulls_total{result="declined"}'] == 3
 
 
