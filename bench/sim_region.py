@@ -270,6 +270,16 @@ class _Stream:
         self.conn.close(PeerUnavailable(f"connection to {self.conn.address} closed"))
 
 
+def _sim_verify(chunk_id: ChunkId, data: Any, where: str = "") -> None:
+    """What the real BLAKE3 check finds for a SimData (the peer tier's ``verify``)."""
+    if not data.good:
+        raise CorruptChunk(chunk_id, where, "0" * 64)
+
+
+async def _sim_verify_off_loop(chunk_id: ChunkId, data: Any, where: str = "") -> None:
+    _sim_verify(chunk_id, data, where)
+
+
 class SimConnection:
     """What liveness.py and peertier.py use of a ``PeerConnection``, over the simulated net."""
 
@@ -338,13 +348,15 @@ class SimConnection:
         return answer
 
     async def get(self, chunk_id: ChunkId, as_server: bool = False) -> SimData:
-        data = cast(
+        data = await self.get_unverified(chunk_id, as_server)
+        _sim_verify(chunk_id, data, f"peer {self.address}")
+        return data
+
+    async def get_unverified(self, chunk_id: ChunkId, as_server: bool = False) -> SimData:
+        return cast(
             SimData,
             await self._call(lambda fut: self.server.serve(self, chunk_id, fut, as_server)),
         )
-        if not data.good:  # what the real client's BLAKE3 check finds
-            raise CorruptChunk(chunk_id, f"peer {self.address}", "0" * 64)
-        return data
 
     async def ping(
         self, port: int | None = None, news: list[messages.News] | None = None
@@ -658,7 +670,7 @@ async def _run(
     asks = [0]
 
     async def watched_ask(
-        self: PeerTier, peer: Peer, chunk_id: ChunkId, as_server: bool = False
+        self: PeerTier, peer: Peer, chunk_id: ChunkId, as_server: bool = False, early: Any = None
     ) -> Any:
         asks[0] += 1
         target = world.nodes.get(peer.node)
@@ -668,7 +680,7 @@ async def _run(
             me = world.nodes[asker]
             me.first_asked_dead.setdefault(peer.node, loop.time())
             me.last_asked_dead[peer.node] = loop.time()
-        return await real_ask(self, peer, chunk_id, as_server)
+        return await real_ask(self, peer, chunk_id, as_server, early)
 
     PeerTier._ask = watched_ask  # type: ignore[method-assign]
 
@@ -956,6 +968,9 @@ def simulate(
     loop = VirtualLoop()
     fake_time = _virtual_time_module(loop)
     saved = liveness.time, peertier.time, liveness.open_connection, PeerTier._ask
+    saved_checks = peertier.verify, peertier.verify_off_loop
+    # The tier checks what peers send (SimData: its ``good`` flag, no BLAKE3, no thread).
+    peertier.verify, peertier.verify_off_loop = _sim_verify, _sim_verify_off_loop  # type: ignore[assignment]
     liveness.time = fake_time  # type: ignore[attr-defined]
     peertier.time = fake_time  # type: ignore[attr-defined]
     # One cached ranking per daemon's view (a daemon keeps 8: one region, one view).
@@ -983,6 +998,7 @@ def simulate(
         if _gc_timer in gc.callbacks:
             gc.callbacks.remove(_gc_timer)
         liveness.time, peertier.time, liveness.open_connection, PeerTier._ask = saved  # type: ignore[misc]
+        peertier.verify, peertier.verify_off_loop = saved_checks
         loop.close()
 
 

@@ -100,14 +100,19 @@ class PeerConnection(AsyncResource):
 
         Raises ChunkMissing, CorruptChunk, PeerUnavailable, ProtocolError.
         """
-        fut = self._queue_get(chunk_id, as_server)
-        frame = await fut
+        payload = await self.get_unverified(chunk_id, as_server)
+        await verify_off_loop(chunk_id, payload, f"peer {self.address}")
+        return payload
+
+    async def get_unverified(self, chunk_id: ChunkId, as_server: bool = False) -> ChunkData:
+        """``get`` without the check of the bytes against ``chunk_id``, for a caller
+        that verifies them before any use (PeerTier: in the worker thread that also
+        writes them). Raises ChunkMissing, PeerUnavailable, ProtocolError."""
+        frame = await self._queue_get(chunk_id, as_server)
         if frame.kind == "missing":
             raise ChunkMissing(chunk_id, f"peer {self.address}")
         messages.expect(frame, "chunk")
-        payload = frame.payload
-        await verify_off_loop(chunk_id, payload, f"peer {self.address}")
-        return payload
+        return frame.payload
 
     async def has(self, chunk_ids: list[ChunkId]) -> list[bool]:
         """Which of ``chunk_ids`` the peer holds. Raises PeerUnavailable, ProtocolError."""

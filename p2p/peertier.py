@@ -24,8 +24,10 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+
+import anyio.to_thread
 
 from blobstore.errors import (
     AuthError,
@@ -37,15 +39,17 @@ from blobstore.errors import (
     ProtocolError,
     single_errors,
 )
-from blobstore.ids import ChunkId
+from blobstore.ids import ChunkId, verify, verify_off_loop
 from blobstore.manifest import ChunkRef
-from blobstore.source import ChunkData, Sink, Undelivered
+from blobstore.source import ChunkData, Sink, SplitSink, Undelivered
 
 from . import placement
 from .framing import MAX_IDS_PER_REQUEST
 from .liveness import Peer, PeerDirectory
 
 log = logging.getLogger(__name__)
+Then = Callable[[ChunkData], None]
+"""Takes a chunk's verified bytes in the worker thread that verified them."""
 
 _MAX_REMEMBERED_IDS = 1 << 20
 _EXCLUDED = frozenset({"self", "foreign", "refused"})
@@ -311,18 +315,30 @@ class PeerTier:
             except (ChunkMissing, CorruptChunk, PeerUnavailable):
                 return None
 
-    async def _ask(self, peer: Peer, chunk_id: ChunkId, as_server: bool = False) -> ChunkData:
-        """``as_server``: ``peer`` is asked as one of the chunk's servers, not as the home
-        this node sees (a peer whose view makes it the home then answers from its cache
-        only: its view lags this one's, and the home this node sees reads the store)."""
+    async def _ask(
+        self, peer: Peer, chunk_id: ChunkId, as_server: bool = False, early: Then | None = None
+    ) -> ChunkData:
+        """The chunk from ``peer``, verified. ``as_server``: ``peer`` is asked as one of
+        the chunk's servers, not as the home this node sees (a peer whose view makes it
+        the home then answers from its cache only: its view lags this one's, and the home
+        this node sees reads the store). ``early``: called with the verified bytes in
+        the worker thread that verified them (a SplitSink's early half: one hop per
+        chunk, not two); what it raises is raised."""
         started = time.monotonic()
         try:
             conn = await self._directory.connect(peer)
             async with asyncio.timeout(self._tuning.request_timeout):
                 if as_server:
-                    data = await conn.get(chunk_id, as_server=True)
+                    data = await conn.get_unverified(chunk_id, as_server=True)
                 else:
-                    data = await conn.get(chunk_id)
+                    data = await conn.get_unverified(chunk_id)
+            answered = time.monotonic()
+            # Outside the request's timeout: writing the bytes is this node's time.
+            where = f"peer {peer.address}"
+            if early is None:
+                await verify_off_loop(chunk_id, data, where)
+            else:
+                await anyio.to_thread.run_sync(_verified, chunk_id, data, where, early)
         except ChunkMissing:
             raise
         except CorruptChunk as exc:
@@ -338,7 +354,7 @@ class PeerTier:
             self._directory.mark_down(peer, str(exc) or type(exc).__name__)
             raise PeerUnavailable(f"peer {peer.address}: {exc}") from exc
         self._directory.mark_ok(peer)
-        self._latency = 0.9 * self._latency + 0.1 * (time.monotonic() - started)
+        self._latency = 0.9 * self._latency + 0.1 * (answered - started)
         return data
 
     async def _probe(self, peer: Peer, ids: list[ChunkId]) -> set[ChunkId]:
@@ -496,8 +512,17 @@ class _BatchFetch:
         try:
             if want.done:  # a hedged twin delivered it meanwhile
                 return
+            sink = self.sink
+            early = None
+            if isinstance(sink, SplitSink):
+                split = sink
+
+                def early(data: ChunkData) -> None:
+                    if len(data) == ref.size:  # (a second delivery is the sink's to drop)
+                        split.early(ref, data)
+
             try:
-                data = await self.tier._ask(peer, ref.id, peer in want.serving)
+                data = await self.tier._ask(peer, ref.id, peer in want.serving, early)
             except (ChunkMissing, CorruptChunk, PeerUnavailable) as exc:
                 if not isinstance(exc, ChunkMissing) or want.reason is None:
                     want.reason = exc
@@ -506,7 +531,10 @@ class _BatchFetch:
                     want.done = True
                     want.winner = asyncio.current_task()
                     self.tier.stats["hits"] += 1
-                    await self.sink(ref, data)
+                    if isinstance(sink, SplitSink):
+                        await sink.late(ref, len(data))
+                    else:
+                        await sink(ref, data)
                 elif len(data) != ref.size:
                     want.reason = CorruptChunk(ref.id, f"peer {peer.address} (wrong size)")
         finally:
@@ -515,3 +543,10 @@ class _BatchFetch:
         # already found slow (hedged): keep going down the list meanwhile.
         if not want.done and (want.asking == 0 or (want.hedged and want.peers)):
             self.route(want)
+
+
+def _verified(chunk_id: ChunkId, data: ChunkData, where: str, early: Then) -> None:
+    """Check ``data`` is ``chunk_id``'s bytes, then hand them to ``early`` (in this
+    worker thread). Raises CorruptChunk, and what ``early`` raises."""
+    verify(chunk_id, data, where)
+    early(data)

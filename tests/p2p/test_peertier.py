@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -15,10 +16,10 @@ from fakes import Collect
 from test_server import FakeCache, blob, until
 
 from blobstore.errors import ChunkMissing
-from blobstore.ids import ChunkId, hash_bytes, verify_off_loop
+from blobstore.ids import ChunkId, hash_bytes, verify, verify_off_loop
 from blobstore.manifest import ChunkRef
-from blobstore.source import ChunkData, Undelivered
-from p2p import client, messages, placement
+from blobstore.source import ChunkData, Sink, SplitSink, Undelivered
+from p2p import client, messages, peertier, placement
 from p2p.client import Identity
 from p2p.liveness import Peer, PeerDirectory, Timing
 from p2p.metrics import Metrics
@@ -96,13 +97,22 @@ def without_verification(monkeypatch: pytest.MonkeyPatch, genuine: dict[ChunkId,
     lies = {hash_bytes(flipped(data)): chunk_id for chunk_id, data in genuine.items()}
     check = verify_off_loop
 
+    check_now = verify
+
     async def trusting(
         chunk_id: str, data: bytes | bytearray | memoryview, where: str = ""
     ) -> None:
         if lies.get(hash_bytes(data)) != chunk_id:
             await check(chunk_id, data, where)
 
+    def trusting_now(chunk_id: str, data: bytes | bytearray | memoryview, where: str = "") -> None:
+        if lies.get(hash_bytes(data)) != chunk_id:
+            check_now(chunk_id, data, where)
+
+    # (wherever the bytes are checked: the connection's get, the tier's own hop)
     monkeypatch.setattr(client, "verify_off_loop", trusting)
+    monkeypatch.setattr(peertier, "verify_off_loop", trusting)
+    monkeypatch.setattr(peertier, "verify", trusting_now)
 
 
 @pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
@@ -265,10 +275,13 @@ async def test_fetch_batches_ids_per_peer_and_falls_through(
         assert len(requests) * 8 <= sum(requests)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["sink", "split-sink"])
 @pytest.mark.parametrize("verify", [True, False], ids=["verified", "unverified"])
 async def test_fetch_survives_a_lying_peer_and_hedges_a_stalled_one(
-    verify: bool, monkeypatch: pytest.MonkeyPatch
+    verify: bool, split: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Into a plain sink, and into a SplitSink whose early half takes each chunk in
+    the worker thread that verified it (its late half once per chunk)."""
     wanted = refs_for(60)
     homes = {ref: placement.rank(["n0", "n1", "n2"], ref.id)[0] for ref, _ in wanted}
     lied_to = {ref for ref, home in homes.items() if home == "n0"}
@@ -283,13 +296,32 @@ async def test_fetch_survives_a_lying_peer_and_hedges_a_stalled_one(
         peers(liar, stalled, good, corrupt=0) as addrs,
         tier(addrs, TierTuning(hedge_min=0.05, hedge_max=0.2)) as t,
     ):
-        sink = Collect()
+        collect = Collect()
+        got: dict[ChunkRef, bytes] = collect.got
+        late: list[ChunkRef] = []
+        sink: Sink = collect
+        if split:
+            claim = threading.Lock()
+
+            def early(ref: ChunkRef, data: ChunkData) -> None:
+                assert threading.current_thread() is not threading.main_thread()
+                with claim:  # the first delivery is kept, as materialize claims it
+                    got.setdefault(ref, bytes(data))
+
+            async def counted(ref: ChunkRef, size: int) -> None:
+                assert size == ref.size
+                late.append(ref)
+
+            sink = SplitSink(early, counted)
         assert await t.fetch([ref for ref, _ in wanted], sink) == []
         stalled.release.set()
+        if split:
+            assert sorted(late, key=lambda r: r.id) == sorted(got, key=lambda r: r.id)
+            assert len(late) == len(wanted)
         if not verify:  # the liar, asked first for its chunks, gets its bytes through
-            assert any(sink.got[ref] == flipped(data) for ref, data in wanted if ref in lied_to)
+            assert any(got[ref] == flipped(data) for ref, data in wanted if ref in lied_to)
             return
-        assert sink.got == dict(wanted)  # every byte verified: the liar's never got through
+        assert got == dict(wanted)  # every byte verified: the liar's never got through
         assert t.stats["corrupt"] >= 1
         assert t.stats["hedges"] >= 1
 
