@@ -68,11 +68,6 @@ _EARLY_BATCH = 8 << 20
 the thread (memory per span: one chunk). A hop costs the loop and the GIL
 handoffs ~0.1 ms: 1 MiB hops with 8 spans in flight cost ~0.13 CPU s per GiB
 more than 64 MiB hops (pread + BLAKE3 + pwrite driven by anyio, measured)."""
-_LOCAL_EARLY_BATCH = 32 << 20
-"""The same for a ``file://`` pack (no deadline to keep per hop): a quarter of the
-hops, each of which left its thread idle until the loop sent the next batch. Cold
-1 GiB pull in-process, 6 alternating rounds, twice: 8 MiB 0.317/0.292 s, 32 MiB
-0.298/0.283 s (64 MiB 0.284 s). Memory is the same: one chunk per span."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,10 +356,7 @@ class OriginSource:
         budget = math.inf if deadlines is None else deadlines.read_budget(body.length)
         position = pending[0].offset
         early = sink.early if isinstance(sink, SplitSink) else None
-        if early is None:
-            batch_bytes = _FILE_BATCH
-        else:
-            batch_bytes = _EARLY_BATCH if deadlines is not None else _LOCAL_EARLY_BATCH
+        batch_bytes = _EARLY_BATCH if early is not None else _FILE_BATCH
         while pending:
             batch = pending[: _batch_end(pending, 0, batch_bytes)]
             started = anyio.current_time()
