@@ -12,7 +12,8 @@ def run() -> None:
     if "pull" not in argv:  # (not even agent.py's imports for other commands)
         from .cli import run as run_cli
 
-        run_cli()
+        run_cli()  # (exits)
+        return
     from . import agent
 
     try:

@@ -85,7 +85,7 @@ _GLOBAL_OPTIONS = {
     ),
     **dict.fromkeys(("-v", "--verbose", "-q", "--quiet"), False),
 }
-"""The CLI's global options, by whether they take a value (tests/test_agent.py
+"""The CLI's global options, by whether they take a value (tests/test_agent_words.py
 checks them against the parser)."""
 _PULL_OPTIONS = {
     **dict.fromkeys(("--include", "--exclude", "--link-mode"), True),
