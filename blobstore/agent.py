@@ -242,7 +242,7 @@ _S3_ENV = (
 )
 """The AWS variables a command's config reads (config.S3Config.from_env): with every
 ``BLOBSTORE_*`` one, all of the environment a request carries (no credentials, no
-PATH: the daemon needs only what decides the settings; tests/p2p/test_agent.py
+PATH: the daemon needs only what decides the settings; tests/test_agent_words.py
 checks the config comes out the same)."""
 
 

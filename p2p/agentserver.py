@@ -143,7 +143,8 @@ class AgentServer:
                         req, fd = await _request(conn)
                 finally:
                     self._waiting -= 1
-                job, why = self._job(conn, req, fd)
+                # In a thread: parsing may read a token file, and resolving paths stats.
+                job, why = await asyncio.to_thread(self._job, conn, req, fd)
                 if job is None or self._pulls.locked():
                     self._counts["declined"] += 1
                     await _send(conn, {"t": "decline", "reason": why or "busy"})

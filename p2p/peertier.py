@@ -512,10 +512,9 @@ class _BatchFetch:
         try:
             if want.done:  # a hedged twin delivered it meanwhile
                 return
-            sink = self.sink
+            split = self.sink if isinstance(self.sink, SplitSink) else None
             early = None
-            if isinstance(sink, SplitSink):
-                split = sink
+            if split is not None:
 
                 def early(data: ChunkData) -> None:
                     if len(data) == ref.size:  # (a second delivery is the sink's to drop)
@@ -531,10 +530,10 @@ class _BatchFetch:
                     want.done = True
                     want.winner = asyncio.current_task()
                     self.tier.stats["hits"] += 1
-                    if isinstance(sink, SplitSink):
-                        await sink.late(ref, len(data))
+                    if split is not None:
+                        await split.late(ref, len(data))
                     else:
-                        await sink(ref, data)
+                        await self.sink(ref, data)
                 elif len(data) != ref.size:
                     want.reason = CorruptChunk(ref.id, f"peer {peer.address} (wrong size)")
         finally:
